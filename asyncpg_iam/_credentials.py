@@ -1,0 +1,674 @@
+"""The credential cache: frozen AWS credentials, refreshed ahead of expiry, one fetch at a time.
+
+Sources are static `Credentials`, the aiobotocore default chain, a named profile, or an
+explicitly assumed role (AssumeRole through aiobotocore's STS client, with source credentials
+from the chain or a profile).
+
+aiobotocore's own refreshable credentials are not used for the steady state: credentials issued
+with less than ten minutes to live (an assumed role with a 900 s duration, short container
+credentials) make them refetch on every call. The cache fetches frozen credentials itself and
+applies its own policy, a pure function of its clock:
+
+- a read is served from memory while the credentials have more than a margin left;
+- a refresh starts in the background once less than min(`refresh_ahead`, half the issued
+  lifetime) is left, never sooner than `min_refresh_interval` after the previous fetch; readers
+  keep the old credentials meanwhile; only one fetch is ever in flight and concurrent readers
+  with nothing valid share it;
+- a failed refresh while the old credentials are valid logs a WARNING and is retried with
+  exponential backoff; with nothing valid, `CredentialsError` says which source failed and what
+  to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import math
+import os
+import re
+from typing import Any, Protocol
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import ConfigurationError, CredentialsError
+from ._signing import Credentials, mask_access_key
+
+__all__ = ["CredentialCache", "configured_region", "credential_cache_for"]
+
+logger = logging.getLogger("asyncpg_iam.credentials")
+
+_IMDS_ADDRESS = "169.254.169.254"
+_CONTAINER_ADDRESS = "169.254.170.2"
+
+#: botocore's provider METHOD names, as a person would say them.
+_METHODS = {
+    "env": "environment",
+    "explicit": "explicit keys",
+    "shared-credentials-file": "shared credentials file",
+    "config-file": "config file",
+    "custom-process": "credential_process",
+    "assume-role": "assume-role profile",
+    "assume-role-with-web-identity": "web identity",
+    "sso": "SSO",
+    "container-role": "container",
+    "iam-role": "instance metadata",
+    "boto-config": "boto config",
+}
+
+
+class _Source(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    async def fetch(self) -> Credentials: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CredentialCache:
+    """Serve frozen AWS credentials from memory and keep them fresh.
+
+    Create one with `credential_cache_for`. `fetches` counts every fetch from the source,
+    successful or not.
+    """
+
+    def __init__(
+        self,
+        source: _Source,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        refresh_ahead: float = 900.0,
+        expiry_margin: float = 60.0,
+        min_refresh_interval: float = 5.0,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        fetch_timeout: float = 30.0,
+    ) -> None:
+        for name, value in (
+            ("refresh_ahead", refresh_ahead),
+            ("expiry_margin", expiry_margin),
+            ("min_refresh_interval", min_refresh_interval),
+            ("retry_delay", retry_delay),
+            ("max_retry_delay", max_retry_delay),
+        ):
+            if not value >= 0:
+                raise ConfigurationError(f"{name} must be >= 0 seconds, not {value!r}")
+        if not fetch_timeout > 0:
+            raise ConfigurationError(f"fetch_timeout must be > 0 seconds, not {fetch_timeout!r}")
+        self._source = source
+        self._clock = clock
+        self._refresh_ahead = refresh_ahead
+        self._expiry_margin = expiry_margin
+        self._min_refresh_interval = min_refresh_interval
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._fetch_timeout = fetch_timeout
+        self.fetches = 0
+        self._current: Credentials | None = None
+        self._margin = expiry_margin
+        self._refresh_due = -math.inf  # monotonic time of the next background refresh
+        self._retry_at = -math.inf  # after a failure: no fetch for waiting readers before this
+        self._failures = 0
+        self._last_error: CredentialsError | None = None
+        self._lifetimes: collections.deque[float] = collections.deque(maxlen=3)
+        self._task: asyncio.Task[Credentials] | None = None
+        self._closed = False
+
+    @property
+    def source(self) -> str:
+        """Where the credentials come from, for messages; never a secret."""
+        return self._source.description
+
+    def peek(self) -> Credentials | None:
+        """Return the last credentials fetched successfully, without I/O (even if expired)."""
+        return self._current
+
+    async def get(self) -> Credentials:
+        """Return credentials valid for at least a safety margin (a minute by default).
+
+        Waits only when nothing valid is cached; raises `CredentialsError` when none can be had.
+        """
+        current = self._current
+        if current is not None:
+            expiry = current.expiry
+            if expiry is None:
+                return current
+            if (expiry - self._clock.now()).total_seconds() > self._margin:
+                if self._task is None and self._clock.monotonic() >= self._refresh_due:
+                    self._start_fetch()
+                return current
+        return await self._get_slow()
+
+    async def aclose(self) -> None:
+        """Cancel a refresh in flight and close the source's clients."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._source.aclose()
+
+    def __repr__(self) -> str:
+        current = "None" if self._current is None else repr(self._current)
+        return f"<CredentialCache source={self.source!r} current={current} fetches={self.fetches}>"
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _get_slow(self) -> Credentials:
+        if self._closed:
+            raise CredentialsError(
+                f"the credential cache for {self.source} is closed", source=self.source
+            )
+        while True:
+            current = self._current
+            left = None if current is None else current.expires_in(self._clock.now())
+            if current is not None and (left is None or left > self._margin):
+                return current
+            task = self._task
+            if task is None:
+                mono = self._clock.monotonic()
+                if left is not None and left > 0 and mono < self._refresh_due:
+                    # Within the margin but not expired, and a fetch was just made or just
+                    # failed: serve these rather than fetch at the caller's pace.
+                    return current  # type: ignore[return-value]
+                if mono < self._retry_at and self._last_error is not None:
+                    raise self._unavailable(self._last_error)
+                task = self._start_fetch()
+            return await asyncio.shield(task)
+
+    def _start_fetch(self) -> asyncio.Task[Credentials]:
+        task = asyncio.get_running_loop().create_task(self._fetch())
+        self._task = task
+        task.add_done_callback(self._fetch_done)
+        return task
+
+    def _fetch_done(self, task: asyncio.Task[Credentials]) -> None:
+        if self._task is task:
+            self._task = None
+        if not task.cancelled():
+            task.exception()  # retrieved: a background refresh has no awaiter
+
+    async def _fetch(self) -> Credentials:
+        self.fetches += 1
+        source = self.source
+        error: CredentialsError
+        try:
+            credentials = await self._fetch_with_timeout()
+        except CredentialsError as exc:
+            error = exc
+        except Exception as exc:
+            error = CredentialsError(
+                f"fetching AWS credentials from {source} failed: {type(exc).__name__}: {exc}",
+                source=source,
+            )
+            error.__cause__ = exc
+        else:
+            now = self._clock.now()
+            left = credentials.expires_in(now)
+            if left is None or left > 0:
+                self._accept(credentials, left)
+                return credentials
+            error = CredentialsError(_expired_message(self.source, credentials, now), source=source)
+        return self._fetch_failed(error)
+
+    async def _fetch_with_timeout(self) -> Credentials:
+        fetch = asyncio.ensure_future(self._source.fetch())
+        timer = asyncio.ensure_future(self._clock.sleep(self._fetch_timeout))
+        try:
+            await asyncio.wait({fetch, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+        if fetch.cancelled():
+            raise CredentialsError(
+                f"fetching AWS credentials from {self.source} timed out after "
+                f"{self._fetch_timeout:g} s; check that the credential endpoint is reachable "
+                "(proxies, firewalls, NO_PROXY)" + _proxy_hint(),
+                source=self.source,
+            )
+        return fetch.result()
+
+    def _accept(self, credentials: Credentials, left: float | None) -> None:
+        mono = self._clock.monotonic()
+        previous = self._current
+        self._current = credentials
+        self._failures = 0
+        self._last_error = None
+        self._retry_at = -math.inf
+        if left is None:
+            self._refresh_due = math.inf
+            self._margin = self._expiry_margin
+        else:
+            self._lifetimes.append(left)
+            lifetime = max(self._lifetimes)
+            ahead = min(self._refresh_ahead, lifetime / 2)
+            self._margin = min(self._expiry_margin, lifetime / 4)
+            self._refresh_due = mono + max(left - ahead, self._min_refresh_interval)
+        if previous is None or previous.access_key != credentials.access_key:
+            logger.debug(
+                "fetched AWS credentials %s from %s (expires in %s s)",
+                mask_access_key(credentials.access_key),
+                self.source,
+                "never" if left is None else f"{left:.0f}",
+            )
+
+    def _fetch_failed(self, error: CredentialsError) -> Credentials:
+        self._failures += 1
+        delay = min(self._retry_delay * 2 ** (self._failures - 1), self._max_retry_delay)
+        mono = self._clock.monotonic()
+        self._refresh_due = mono + max(delay, self._min_refresh_interval)
+        self._retry_at = mono + delay
+        self._last_error = error
+        current = self._current
+        left = None if current is None else current.expires_in(self._clock.now())
+        if current is not None and (left is None or left > 0):
+            logger.warning(
+                "refreshing AWS credentials from %s failed; still serving %s (%s s left), "
+                "retrying in %.0f s: %s",
+                self.source,
+                mask_access_key(current.access_key),
+                "unlimited" if left is None else f"{left:.0f}",
+                delay,
+                error,
+            )
+            return current
+        raise self._unavailable(error)
+
+    def _unavailable(self, error: CredentialsError) -> CredentialsError:
+        current = self._current
+        if current is None or current.expiry is None:
+            fresh = CredentialsError(str(error), source=error.source)
+        else:
+            fresh = CredentialsError(
+                f"{_expired_message(self.source, current, self._clock.now())} Refreshing them "
+                f"failed: {error}",
+                source=error.source,
+            )
+        fresh.__cause__ = error.__cause__ or error
+        return fresh
+
+
+def _expired_message(source: str, credentials: Credentials, now: dt.datetime) -> str:
+    expiry = credentials.expiry
+    assert expiry is not None
+    ago = (now - expiry).total_seconds()
+    return (
+        f"the AWS credentials from {source} (access key {mask_access_key(credentials.access_key)})"
+        f" expired at {expiry.isoformat()}, {ago:.0f} s ago. Renew them (`aws sso login` for "
+        "SSO, new keys for static ones, check the role's session duration) and check that this "
+        "host's clock is right."
+    )
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name) or os.environ.get(name.lower()) or ""
+
+
+def _proxy_hint(address: str | None = None) -> str:
+    """Explain a proxy that captures a metadata address, when the environment shows one.
+
+    `address` is the endpoint that failed; None means instance metadata, if it was tried.
+    """
+    proxies = [name for name in ("HTTP_PROXY", "HTTPS_PROXY") if _env(name)]
+    if not proxies:
+        return ""
+    no_proxy = {entry.strip() for entry in _env("NO_PROXY").split(",") if entry.strip()}
+    if address is None:
+        if _env("AWS_EC2_METADATA_DISABLED").lower() == "true":
+            return ""
+        address = _IMDS_ADDRESS
+    if "*" in no_proxy or address in no_proxy:
+        return ""
+    what = "instance metadata" if address == _IMDS_ADDRESS else "container credentials"
+    return (
+        f". {' and '.join(proxies)} is set and NO_PROXY does not include {address}: the "
+        f"{what} request probably went to the proxy and failed; add {address} to NO_PROXY "
+        f"(NO_PROXY={_IMDS_ADDRESS},{_CONTAINER_ADDRESS} covers instances and containers)"
+    )
+
+
+def _no_credentials_message(description: str, profile: str | None) -> str:
+    if profile is not None:
+        where = (
+            f"no AWS credentials found for profile {profile!r}: give it aws_access_key_id and "
+            "aws_secret_access_key, role_arn with a source_profile or credential_source, "
+            "sso_session, or credential_process"
+        )
+    else:
+        where = (
+            "no AWS credentials found by the default chain (it looked at AWS_ACCESS_KEY_ID, "
+            "AWS_PROFILE, the shared credentials and config files, SSO, web identity, the "
+            "container credentials endpoint and instance metadata); set AWS_PROFILE or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, run `aws sso login`, or run with an IAM "
+            "role attached"
+        )
+    return where + _proxy_hint()
+
+
+async def _freeze(loaded: Any) -> Credentials:
+    """Take frozen credentials from an aiobotocore credentials object without refetching.
+
+    Refreshable credentials would refresh inside aiobotocore's own windows (and, when issued
+    with less than ten minutes left, on every call); zeroing the windows on this one object
+    makes it fetch only when it has nothing (deferred sources: SSO, assume-role profiles, web
+    identity) or when what it has is expired. tests/test_credentials.py pins these internals.
+    """
+    refreshable = hasattr(loaded, "_expiry_time")
+    if refreshable:
+        loaded._advisory_refresh_timeout = 0
+        loaded._mandatory_refresh_timeout = 0
+    frozen = await loaded.get_frozen_credentials()
+    expiry = getattr(loaded, "_expiry_time", None) if refreshable else None
+    if isinstance(expiry, dt.datetime):
+        expiry = (
+            expiry.replace(tzinfo=dt.timezone.utc) if expiry.tzinfo is None else expiry
+        ).astimezone(dt.timezone.utc)
+    else:
+        expiry = None
+    return Credentials(frozen.access_key, frozen.secret_key, frozen.token or None, expiry)
+
+
+class _StaticSource:
+    description = "static"
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def fetch(self) -> Credentials:
+        return self._credentials
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _ChainSource:
+    """The aiobotocore credential chain of a session (and so of its profile)."""
+
+    def __init__(self, session: Any, profile: str | None) -> None:
+        self._session = session
+        self._profile = profile
+        self._base = "default chain" if profile is None else f"profile {profile!r}"
+        self._method: str | None = None
+        self._resolver: Any = None
+
+    @property
+    def description(self) -> str:
+        if self._method is None:
+            return self._base
+        return f"{self._base} ({_METHODS.get(self._method, self._method)})"
+
+    async def fetch(self) -> Credentials:
+        import botocore.exceptions
+
+        if self._resolver is None:
+            self._resolver = self._session.get_component("credential_provider")
+        try:
+            loaded = await self._resolver.load_credentials()
+            if loaded is not None:
+                self._method = getattr(loaded, "method", None)
+                return await _freeze(loaded)
+        except botocore.exceptions.CredentialRetrievalError as exc:
+            provider = getattr(exc, "kwargs", {}).get("provider")
+            if isinstance(provider, str):
+                self._method = provider
+            address = _CONTAINER_ADDRESS if provider == "container-role" else None
+            raise CredentialsError(
+                f"{self.description} could not provide AWS credentials: {exc}"
+                + _proxy_hint(address),
+                source=self.description,
+            ) from exc
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise CredentialsError(
+                f"{self.description} could not provide AWS credentials: {exc}",
+                source=self.description,
+            ) from exc
+        raise CredentialsError(
+            _no_credentials_message(self._base, self._profile), source=self.description
+        )
+
+    async def aclose(self) -> None:
+        pass
+
+
+_ARN_IN_MESSAGE = re.compile(r"(arn:aws[\w-]*:(?:iam|sts)::\d*:[^\s,]+?)(?:\s|,|$)")
+
+
+class _AssumeRoleSource:
+    """AssumeRole with aiobotocore's STS client, signing with credentials from another cache."""
+
+    def __init__(
+        self,
+        inner: CredentialCache,
+        session: Any,
+        *,
+        role_arn: str,
+        role_session_name: str,
+        external_id: str | None,
+        duration: int | None,
+        region: str,
+    ) -> None:
+        self._inner = inner
+        self._session = session
+        self._role_arn = role_arn
+        self._role_session_name = role_session_name
+        self._external_id = external_id
+        self._duration = duration
+        self._region = region
+        self._client: Any = None
+        self._client_key: tuple[str, str | None] | None = None
+
+    @property
+    def description(self) -> str:
+        return f"assume-role {self._role_arn} via {self._inner.source}"
+
+    async def _client_for(self, source: Credentials) -> Any:
+        key = (source.access_key, source.token)
+        if self._client is None or self._client_key != key:
+            await self._close_client()
+            context = self._session.create_client(
+                "sts",
+                region_name=self._region,
+                aws_access_key_id=source.access_key,
+                aws_secret_access_key=source.secret_key,
+                aws_session_token=source.token,
+            )
+            self._client = await context.__aenter__()
+            self._client_key = key
+        return self._client
+
+    async def fetch(self) -> Credentials:
+        import botocore.exceptions
+
+        source = await self._inner.get()
+        client = await self._client_for(source)
+        params: dict[str, Any] = {
+            "RoleArn": self._role_arn,
+            "RoleSessionName": self._role_session_name,
+        }
+        if self._external_id is not None:
+            params["ExternalId"] = self._external_id
+        if self._duration is not None:
+            params["DurationSeconds"] = self._duration
+        try:
+            response = await client.assume_role(**params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            message = error.get("Message", "")
+            if code in ("AccessDenied", "AccessDeniedException"):
+                identity = await self._identity(client, message)
+                raise CredentialsError(
+                    f"AssumeRole denied for role {self._role_arn} by identity {identity} "
+                    f"(source credentials from {self._inner.source}): {message}. Allow "
+                    f"sts:AssumeRole on {self._role_arn} in that identity's IAM policy and name "
+                    "the identity as a principal in the role's trust policy"
+                    + (" (check the ExternalId too)" if self._external_id else ""),
+                    source=self.description,
+                ) from exc
+            raise CredentialsError(
+                f"AssumeRole for role {self._role_arn} failed with {code} (source credentials "
+                f"from {self._inner.source}, access key {mask_access_key(source.access_key)}): "
+                f"{message}",
+                source=self.description,
+            ) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise CredentialsError(
+                f"AssumeRole for role {self._role_arn} could not reach STS: {exc}. Check "
+                "network access to the STS endpoint (AWS_ENDPOINT_URL_STS, proxies, NO_PROXY)",
+                source=self.description,
+            ) from exc
+        issued = response["Credentials"]
+        expiry = issued["Expiration"]
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return Credentials(
+            issued["AccessKeyId"],
+            issued["SecretAccessKey"],
+            issued.get("SessionToken"),
+            expiry.astimezone(dt.timezone.utc),
+        )
+
+    async def _identity(self, client: Any, message: str) -> str:
+        match = _ARN_IN_MESSAGE.search(message)
+        if match is not None and match.group(1) != self._role_arn:
+            return match.group(1)
+        try:
+            caller = await client.get_caller_identity()
+        except Exception:
+            return "(unknown: GetCallerIdentity failed too)"
+        return str(caller.get("Arn", "(unknown)"))
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        self._client_key = None
+        if client is not None:
+            await client.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        await self._close_client()
+        await self._inner.aclose()
+
+
+def _new_session(profile: str | None) -> Any:
+    from aiobotocore.session import AioSession
+
+    return AioSession(profile=profile)
+
+
+def _check_profile(session: Any, profile: str) -> None:
+    available = session.available_profiles
+    if profile not in available:
+        raise ConfigurationError(
+            f"AWS profile {profile!r} is not defined in the config or credentials files "
+            f"(AWS_CONFIG_FILE={os.environ.get('AWS_CONFIG_FILE', '~/.aws/config')}); "
+            f"defined: {', '.join(sorted(available)) or 'none'}"
+        )
+
+
+def configured_region(*, profile: str | None = None, session: Any = None) -> str | None:
+    """Return the region the AWS CLI would use: AWS_REGION, AWS_DEFAULT_REGION, the profile's.
+
+    Reads config files synchronously (once, at configuration time).
+    """
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        value = os.environ.get(name)
+        if value:
+            return value
+    if session is None:
+        session = _new_session(profile)
+    if profile is not None:
+        _check_profile(session, profile)
+    region = session.get_config_variable("region")
+    return str(region) if region else None
+
+
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}")
+
+
+def credential_cache_for(
+    *,
+    profile: str | None = None,
+    role_arn: str | None = None,
+    role_session_name: str | None = None,
+    external_id: str | None = None,
+    role_duration: float | None = None,
+    credentials: Credentials | None = None,
+    session: Any = None,
+    clock: Clock = SYSTEM_CLOCK,
+    refresh_ahead: float = 900.0,
+    expiry_margin: float = 60.0,
+    min_refresh_interval: float = 5.0,
+    retry_delay: float = 1.0,
+    max_retry_delay: float = 60.0,
+    fetch_timeout: float = 30.0,
+) -> CredentialCache:
+    """Return a credential cache for a source: static, default chain, profile, or assume-role.
+
+    `credentials` (static) and `profile` are exclusive; either may be the source credentials
+    of an assumed `role_arn`. `session` is an aiobotocore ``AioSession`` to take configuration
+    and the credential chain from. `role_duration` is in seconds (900 to 43200). The tuning
+    knobs are described in the module docstring. Raises `ConfigurationError` on bad arguments.
+    """
+    if credentials is not None and profile is not None:
+        raise ConfigurationError("pass either credentials or profile, not both")
+    if role_arn is None:
+        for name, value in (
+            ("role_session_name", role_session_name),
+            ("external_id", external_id),
+            ("role_duration", role_duration),
+        ):
+            if value is not None:
+                raise ConfigurationError(f"{name} is only used with role_arn")
+    elif not role_arn.startswith("arn:"):
+        raise ConfigurationError(
+            f"role_arn must be a role ARN like 'arn:aws:iam::123456789012:role/app', not "
+            f"{role_arn!r}"
+        )
+    if role_duration is not None and not 900 <= role_duration <= 43200:
+        raise ConfigurationError(
+            f"role_duration must be between 900 and 43200 seconds, not {role_duration!r}"
+        )
+    if role_session_name is not None and not _SESSION_NAME.fullmatch(role_session_name):
+        raise ConfigurationError(
+            "role_session_name must be 2-64 characters of letters, digits and +=,.@_-"
+        )
+    tuning: dict[str, Any] = {
+        "clock": clock,
+        "refresh_ahead": refresh_ahead,
+        "expiry_margin": expiry_margin,
+        "min_refresh_interval": min_refresh_interval,
+        "retry_delay": retry_delay,
+        "max_retry_delay": max_retry_delay,
+        "fetch_timeout": fetch_timeout,
+    }
+    if session is None and (credentials is None or role_arn is not None):
+        session = _new_session(profile)
+    elif session is not None and profile is not None and session.profile != profile:
+        raise ConfigurationError(
+            f"session is for profile {session.profile!r} but profile={profile!r} was given: "
+            "pass one or the other"
+        )
+    if profile is not None:
+        _check_profile(session, profile)
+
+    base: _Source
+    base = _StaticSource(credentials) if credentials is not None else _ChainSource(session, profile)
+    if role_arn is None:
+        return CredentialCache(base, **tuning)
+    inner = CredentialCache(base, **tuning)
+    region = configured_region(profile=profile, session=session) or "us-east-1"
+    return CredentialCache(
+        _AssumeRoleSource(
+            inner,
+            session,
+            role_arn=role_arn,
+            role_session_name=role_session_name or f"asyncpg-iam-{os.getpid()}",
+            external_id=external_id,
+            duration=None if role_duration is None else int(role_duration),
+            region=region,
+        ),
+        **tuning,
+    )
