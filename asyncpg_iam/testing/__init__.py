@@ -1,0 +1,25 @@
+"""Test helpers: a throwaway PostgreSQL, a local RDS IAM emulator, and a pytest plugin.
+
+Enable the fixtures in a test suite with ``pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]``.
+Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certificates.
+"""
+
+from __future__ import annotations
+
+from ._aws import CredentialServer, MotoSTS
+from ._emulator import DEFAULT_ENDPOINT, AccessKey, LoginRecord, RDSIAMEmulator, RelayedConnection
+from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "AccessKey",
+    "CredentialServer",
+    "LoginRecord",
+    "MotoSTS",
+    "PostgresCluster",
+    "PostgresNotFoundError",
+    "PostgresServer",
+    "RDSIAMEmulator",
+    "RelayedConnection",
+    "find_postgres_bin",
+]

@@ -1,0 +1,212 @@
+"""pytest fixtures for code that talks to RDS with IAM authentication.
+
+Enable in a test suite's ``conftest.py``::
+
+    pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]
+
+Fixtures:
+
+- ``postgres_server`` (session): a `PostgresServer`. The backend is the first that answers of:
+  a DSN in ``ASYNCPG_IAM_TEST_DSN``; a throwaway cluster from the local PostgreSQL binaries;
+  testcontainers' PostgreSQL when a Docker engine answers. Otherwise the tests that need it
+  are skipped with a message saying how to get one. ``ASYNCPG_IAM_TEST_BACKEND=dsn|local|container``
+  forces one.
+- ``rds_access_key``: the `AccessKey` the emulator trusts (fresh secret each session).
+- ``rds_emulator``: a started `RDSIAMEmulator` in front of ``postgres_server``, with the
+  backend's user enabled for IAM and ``rds_access_key`` registered.
+- ``credential_server`` and ``moto_sts``: see `asyncpg_iam.testing.CredentialServer`.
+
+The pytest header names the backend that will be used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import pytest_asyncio
+
+from ._aws_fixtures import credential_server, moto_sts  # noqa: F401
+from ._emulator import AccessKey, RDSIAMEmulator
+from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
+
+__all__ = [
+    "BACKEND_PROVIDERS",
+    "BACKEND_VARIABLE",
+    "DSN_VARIABLE",
+    "BackendUnavailable",
+    "postgres_server",
+    "rds_access_key",
+    "rds_emulator",
+    "select_backend",
+]
+
+DSN_VARIABLE = "ASYNCPG_IAM_TEST_DSN"
+BACKEND_VARIABLE = "ASYNCPG_IAM_TEST_BACKEND"
+_HOW_TO_GET_ONE = (
+    "no PostgreSQL for the asyncpg-iam tests: install the server binaries "
+    "(apt-get install -y postgresql), or set ASYNCPG_IAM_TEST_DSN=postgresql://user@host:port/db "
+    "(trust or password auth over plain TCP), or start a Docker engine for testcontainers"
+)
+
+
+class BackendUnavailable(Exception):
+    """A backend provider cannot give a server here; the message says why."""
+
+
+BackendProvider = Callable[[contextlib.ExitStack], PostgresServer]
+
+
+def dsn_backend(stack: contextlib.ExitStack) -> PostgresServer:
+    """Use the server named by ``ASYNCPG_IAM_TEST_DSN``."""
+    dsn = os.environ.get(DSN_VARIABLE)
+    if not dsn:
+        raise BackendUnavailable(f"{DSN_VARIABLE} is not set")
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
+        raise BackendUnavailable(
+            f"{DSN_VARIABLE} must be postgresql://user[:password]@host:port/db"
+        )
+    user = unquote(parts.username or "postgres")
+    return PostgresServer(
+        host=parts.hostname,
+        port=parts.port or 5432,
+        user=user,
+        database=unquote(parts.path.lstrip("/")) or user,
+        kind="dsn",
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def local_backend(stack: contextlib.ExitStack) -> PostgresServer:
+    """Start a throwaway cluster from the local PostgreSQL binaries."""
+    try:
+        find_postgres_bin()
+    except PostgresNotFoundError as exc:
+        raise BackendUnavailable(str(exc)) from exc
+    cluster = stack.enter_context(PostgresCluster())
+    return cluster.server
+
+
+def container_backend(stack: contextlib.ExitStack) -> PostgresServer:
+    """Start testcontainers' PostgreSQL when a Docker engine answers."""
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:
+        try:  # testcontainers < 4.14 has no `community` namespace
+            from testcontainers.postgres import PostgresContainer
+        except ImportError as exc:
+            raise BackendUnavailable("testcontainers is not installed") from exc
+    try:
+        container = PostgresContainer("postgres:16-alpine")
+    except Exception as exc:  # docker.errors.DockerException and kin: no engine
+        raise BackendUnavailable(f"no Docker engine answers ({type(exc).__name__})") from exc
+    try:
+        stack.enter_context(container)
+    except Exception as exc:
+        raise BackendUnavailable(f"the PostgreSQL container did not start: {exc}") from exc
+    return PostgresServer(
+        host=container.get_container_host_ip(),
+        port=int(container.get_exposed_port(5432)),
+        user=container.username,
+        database=container.dbname,
+        kind="container",
+        password=container.password,
+    )
+
+
+BACKEND_PROVIDERS: dict[str, BackendProvider] = {
+    "dsn": dsn_backend,
+    "local": local_backend,
+    "container": container_backend,
+}
+"""Backend providers in the order they are tried; replace or extend to plug in another."""
+
+
+def select_backend(stack: contextlib.ExitStack) -> PostgresServer:
+    """Return the first backend that answers, honouring ``ASYNCPG_IAM_TEST_BACKEND``."""
+    forced = os.environ.get(BACKEND_VARIABLE)
+    if forced and forced not in BACKEND_PROVIDERS:
+        raise BackendUnavailable(
+            f"{BACKEND_VARIABLE}={forced!r}: choose one of {', '.join(BACKEND_PROVIDERS)}"
+        )
+    names = [forced] if forced else list(BACKEND_PROVIDERS)
+    reasons: list[str] = []
+    for name in names:
+        try:
+            return BACKEND_PROVIDERS[name](stack)
+        except BackendUnavailable as exc:
+            reasons.append(f"{name}: {exc}")
+    raise BackendUnavailable(f"{_HOW_TO_GET_ONE} ({'; '.join(reasons)})")
+
+
+def _planned_backend() -> str:
+    forced = os.environ.get(BACKEND_VARIABLE)
+    if forced:
+        return f"{forced} (forced by {BACKEND_VARIABLE})"
+    dsn = os.environ.get(DSN_VARIABLE)
+    if dsn:
+        parts = urlsplit(dsn)
+        return f"dsn from {DSN_VARIABLE} ({parts.hostname}:{parts.port or 5432})"
+    try:
+        return f"local PostgreSQL binaries in {find_postgres_bin()}"
+    except PostgresNotFoundError:
+        return "testcontainers PostgreSQL if a Docker engine answers, else skipped"
+
+
+_chosen: list[PostgresServer] = []
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Name the PostgreSQL backend the asyncpg-iam fixtures will use."""
+    return f"asyncpg-iam test backend: {_planned_backend()}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the PostgreSQL backend that was used, if any."""
+    for server in _chosen:
+        terminalreporter.write_line(f"asyncpg-iam test backend used: {server!r}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Provide a PostgreSQL server for the whole session (skip when there is none)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = select_backend(stack)
+        except BackendUnavailable as exc:
+            pytest.skip(str(exc))
+        _chosen.append(server)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rds_access_key() -> AccessKey:
+    """Provide the access key that ``rds_emulator`` trusts (a fresh secret per session)."""
+    return AccessKey(access_key="AKIAEMULATORTESTKEY1", secret_key=secrets.token_urlsafe(30))
+
+
+@pytest_asyncio.fixture
+async def rds_emulator(
+    postgres_server: PostgresServer, rds_access_key: AccessKey
+) -> AsyncIterator[RDSIAMEmulator]:
+    """Provide a started RDS IAM emulator in front of ``postgres_server``.
+
+    The backend's user is enabled for IAM and ``rds_access_key`` is registered.
+    """
+    emulator = RDSIAMEmulator(
+        backend_host=postgres_server.host,
+        backend_port=postgres_server.port,
+        backend_user=postgres_server.user,
+        backend_password=postgres_server.password,
+        iam_users=[postgres_server.user],
+    )
+    emulator.register_key(
+        rds_access_key.access_key, rds_access_key.secret_key, rds_access_key.session_token
+    )
+    async with emulator:
+        yield emulator
