@@ -1,12 +1,27 @@
-"""asyncpg pools for Amazon RDS, Aurora PostgreSQL and RDS Proxy with IAM authentication."""
+"""asyncpg pools for Amazon RDS, Aurora PostgreSQL and RDS Proxy with IAM authentication.
 
-from __future__ import annotations
+    pool = await asyncpg_iam.create_pool(host="app.cluster-abc.us-east-1.rds.amazonaws.com",
+                                         user="app", database="app", iam=True)
 
+Every new connection gets a freshly signed token as its password, no connection lives past
+`max_lifetime`, and AWS credentials come from the standard chain through aiobotocore, cached.
+"""
+
+from ._auth import IAMAuth
 from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
+from ._pool import Pool, PoolStats, create_pool
+from ._signing import Credentials, build_auth_token, region_from_host
 
 __all__ = [
     "ConfigurationError",
+    "Credentials",
     "CredentialsError",
+    "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",
+    "Pool",
+    "PoolStats",
+    "build_auth_token",
+    "create_pool",
+    "region_from_host",
 ]

@@ -12,9 +12,13 @@ session token.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
+    "AuthFailureContext",
     "ConfigurationError",
     "CredentialsError",
     "IAMAuthenticationError",
@@ -42,9 +46,171 @@ class CredentialsError(IAMError):
         self.source = source
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuthFailureContext:
+    """What the library knew about a refused login; no secrets."""
+
+    host: str
+    port: int
+    user: str
+    database: str | None
+    signing_host: str
+    signing_port: int
+    region: str
+    region_source: str
+    endpoint_region: str | None
+    credential_source: str
+    credentials_expiry: dt.datetime | None
+    signed_at: dt.datetime | None
+    token_reused: bool
+    now: dt.datetime
+    server_message: str
+
+    @property
+    def token_age(self) -> float | None:
+        """Seconds between signing the token and the refusal, if a token was signed."""
+        if self.signed_at is None:
+            return None
+        return (self.now - self.signed_at).total_seconds()
+
+
+# A token signed with credentials that expire within this window may be refused by the time
+# RDS checks it; the hint fires for expiries this close.
+_EXPIRY_WARNING = dt.timedelta(seconds=60)
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _resource_arn(ctx: AuthFailureContext) -> str:
+    host = ctx.signing_host.lower()
+    if ".proxy-" in host:
+        resource = "prx-<proxy resource id>"
+    elif ".cluster-" in host:
+        resource = "cluster-<cluster resource id>"
+    else:
+        resource = "<DbiResourceId, like db-ABCDEFGHIJKL01234>"
+    partition = (
+        "aws-cn"
+        if ctx.region.startswith("cn-")
+        else ("aws-us-gov" if ctx.region.startswith("us-gov-") else "aws")
+    )
+    return f"arn:{partition}:rds-db:{ctx.region}:<account-id>:dbuser:{resource}/{ctx.user}"
+
+
+def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
+    """Rank the likely causes of a refused IAM login, most likely first, each with its fix."""
+    hints: list[str] = []
+    message = ctx.server_message.lower()
+    if "ssl off" in message or "no encryption" in message:
+        hints.append(
+            "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
+            "with ssl='verify-full' (the default) or 'require'."
+        )
+    if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
+        hints.append(
+            f"Region mismatch: the token was signed for region {ctx.region!r} "
+            f"(from {ctx.region_source}) but the endpoint {ctx.signing_host!r} is in "
+            f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
+            f"{ctx.endpoint_region!r}."
+        )
+    if ctx.endpoint_region is None:
+        what = "an IP address" if _is_ip(ctx.signing_host) else "not an RDS endpoint name"
+        hints.append(
+            f"The token was signed for {ctx.signing_host!r}, which is {what}: RDS checks the "
+            "token against its own endpoint name. If you connect through a CNAME, tunnel, "
+            "proxy or IP, pass IAMAuth(signing_host='<name>.<id>.<region>.rds.amazonaws.com', "
+            "signing_port=<its port>)."
+        )
+    if ctx.credentials_expiry is not None:
+        left = ctx.credentials_expiry - ctx.now
+        if left <= _EXPIRY_WARNING:
+            state = "had expired" if left.total_seconds() <= 0 else "were about to expire"
+            hints.append(
+                f"The signing credentials (from {ctx.credential_source}) {state} at "
+                f"{ctx.credentials_expiry.isoformat()}: a token dies with its credentials. "
+                "Check that the credential source refreshes them."
+            )
+    if ctx.token_reused and ctx.token_age is not None:
+        hints.append(
+            f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
+            "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts."
+        )
+    hints.append(
+        f"The database user {ctx.user!r} may lack the rds_iam role: run "
+        f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
+    )
+    hints.append(
+        "The AWS identity (from "
+        f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
+        f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on the "
+        "user that assumes it."
+    )
+    hints.append(
+        f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
+        f"(it read {ctx.now.isoformat(timespec='seconds')}). If it is more than a few minutes "
+        "off, RDS sees the token as expired or not yet valid: sync the clock (NTP)."
+    )
+    return hints
+
+
 class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError):  # type: ignore[misc]
     """The database refused an IAM login ("PAM authentication failed").
 
-    Chained to asyncpg's error. Carries what the library could see about the attempt and
-    `hints`, the likely causes ranked most likely first, each with its fix.
+    Chained to asyncpg's error. `context` holds what the library could see about the attempt
+    (host, port, user, region, signing host, credential source and expiry, token age) and
+    `hints` the likely causes, most likely first, each with its fix. Never the token.
     """
+
+    def __init__(self, context: AuthFailureContext, hints: list[str]) -> None:
+        self.context = context
+        self.hints = tuple(hints)
+        expiry = (
+            context.credentials_expiry.isoformat(timespec="seconds")
+            if context.credentials_expiry is not None
+            else "none"
+        )
+        age = context.token_age
+        lines = [
+            f"IAM authentication failed for user {context.user!r} at "
+            f"{context.host}:{context.port}: {context.server_message}",
+            f"  signed for {context.signing_host}:{context.signing_port} in region "
+            f"{context.region} (from {context.region_source}); credentials from "
+            f"{context.credential_source}, expiring {expiry}; token age "
+            + (f"{age:.1f} s" if age is not None else "unknown")
+            + (" (reused)" if context.token_reused else ""),
+            "Likely causes, most likely first:",
+        ]
+        lines += [f"  {i}. {hint}" for i, hint in enumerate(self.hints, 1)]
+        super().__init__("\n".join(lines))
+        # asyncpg's PostgresMessage fields, so handlers that read them keep working.
+        self.message = lines[0]
+        self.sqlstate = "28000"
+        self.severity = "FATAL"
+
+    @property
+    def host(self) -> str:
+        """The host that was dialled."""
+        return self.context.host
+
+    @property
+    def port(self) -> int:
+        """The port that was dialled."""
+        return self.context.port
+
+    @property
+    def user(self) -> str:
+        """The database user."""
+        return self.context.user
+
+    @property
+    def region(self) -> str:
+        """The region the token was signed for."""
+        return self.context.region

@@ -1,0 +1,292 @@
+"""IAM settings (`IAMAuth`) and the token provider that turns them into a token per connect.
+
+The provider resolves, once, where to sign for (the endpoint name, the region and where that
+region came from) and then, per connect, takes frozen credentials from the cache and signs. With
+``token_reuse`` it may hand out a token it signed a moment ago for the same endpoint, port, user
+and access key, never past the signing credentials' expiry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._credentials import CredentialCache, configured_region, credential_cache_for
+from ._errors import ConfigurationError
+from ._signing import Credentials, build_auth_token, region_from_host
+
+if TYPE_CHECKING:
+    from aiobotocore.session import AioSession
+
+__all__ = ["IAMAuth", "SigningTarget", "TokenProvider"]
+
+_REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+_SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+# RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
+# connect that presents it.
+MAX_TOKEN_REUSE = 840.0
+# A reused token must outlive its signing credentials by at least this much.
+_REUSE_EXPIRY_MARGIN = dt.timedelta(seconds=30)
+_REUSE_CACHE_SIZE = 64
+
+
+def _check_region(region: str, what: str) -> None:
+    if not _REGION_RE.match(region):
+        raise ConfigurationError(
+            f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class IAMAuth:
+    """How to obtain credentials and sign tokens; pass as ``create_pool(iam=IAMAuth(...))``.
+
+    Credentials come from `credentials` (static), else `profile`, else the default chain
+    (environment, SSO, web identity, container, instance metadata). With `role_arn` those
+    credentials assume the role first (STS AssumeRole, refreshed before it expires).
+
+    `region` defaults to the one in the RDS endpoint name, then the AWS configuration
+    (``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile). `signing_host` / `signing_port` name
+    the RDS endpoint to sign for when you connect through a CNAME, a tunnel or an IP address.
+    `token_reuse` (seconds, at most 840) lets connects within that age share a token, for fleets
+    close to RDS's IAM connection throttle; 0 signs a new token for every connect.
+    """
+
+    region: str | None = None
+    profile: str | None = None
+    role_arn: str | None = None
+    role_session_name: str | None = None
+    external_id: str | None = None
+    role_duration: int | None = None
+    credentials: Credentials | None = None
+    session: AioSession | None = dataclasses.field(default=None, compare=False)
+    signing_host: str | None = None
+    signing_port: int | None = None
+    token_reuse: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.region is not None:
+            _check_region(self.region, "region")
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise ConfigurationError("profile must be a non-empty profile name from ~/.aws/config")
+        if self.credentials is not None and not isinstance(self.credentials, Credentials):
+            raise ConfigurationError(
+                "credentials must be an asyncpg_iam.Credentials(access_key=..., secret_key=...)"
+            )
+        if self.credentials is not None and self.profile is not None:
+            raise ConfigurationError(
+                "pass either credentials or profile, not both: static credentials do not read "
+                "a profile"
+            )
+        self._check_role()
+        if self.signing_host is not None and (
+            not isinstance(self.signing_host, str)
+            or not self.signing_host.strip()
+            or any(c.isspace() or c in "/?#@" for c in self.signing_host)
+        ):
+            raise ConfigurationError(
+                "signing_host must be the RDS endpoint name to sign for, like "
+                "'mydb.abc123.us-east-1.rds.amazonaws.com'"
+            )
+        if self.signing_port is not None and (
+            isinstance(self.signing_port, bool)
+            or not isinstance(self.signing_port, int)
+            or not 1 <= self.signing_port <= 65535
+        ):
+            raise ConfigurationError(
+                f"signing_port must be a TCP port from 1 to 65535, not {self.signing_port!r}"
+            )
+        reuse = self.token_reuse
+        if (
+            isinstance(reuse, bool)
+            or not isinstance(reuse, (int, float))
+            or not 0 <= reuse <= MAX_TOKEN_REUSE
+        ):
+            raise ConfigurationError(
+                f"token_reuse must be seconds from 0 (a new token per connect) to "
+                f"{MAX_TOKEN_REUSE:g} (RDS accepts a token for 900 s), not {reuse!r}"
+            )
+
+    def _check_role(self) -> None:
+        role_only = {
+            "role_session_name": self.role_session_name,
+            "external_id": self.external_id,
+            "role_duration": self.role_duration,
+        }
+        if self.role_arn is None:
+            given = [name for name, value in role_only.items() if value is not None]
+            if given:
+                raise ConfigurationError(
+                    f"{', '.join(given)} only apply with role_arn: pass role_arn='arn:aws:iam::"
+                    "<account>:role/<name>' or drop them"
+                )
+            return
+        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.match(self.role_arn):
+            raise ConfigurationError(
+                f"role_arn {self.role_arn!r} is not an IAM role ARN like "
+                "'arn:aws:iam::123456789012:role/app'"
+            )
+        if self.role_session_name is not None and (
+            not isinstance(self.role_session_name, str)
+            or not _SESSION_NAME_RE.match(self.role_session_name)
+        ):
+            raise ConfigurationError(
+                "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"
+            )
+        if self.external_id is not None and (
+            not isinstance(self.external_id, str) or not 2 <= len(self.external_id) <= 1224
+        ):
+            raise ConfigurationError("external_id must be a string of 2 to 1224 characters")
+        duration = self.role_duration
+        if duration is not None and (
+            isinstance(duration, bool)
+            or not isinstance(duration, int)
+            or not 900 <= duration <= 43200
+        ):
+            raise ConfigurationError(
+                f"role_duration must be whole seconds from 900 to 43200 (STS's limits), "
+                f"not {duration!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SigningTarget:
+    """What a token is signed for: the endpoint RDS knows, the user and the region."""
+
+    host: str
+    port: int
+    signing_host: str
+    signing_port: int
+    user: str
+    region: str
+    region_source: str
+    endpoint_region: str | None
+
+
+@dataclasses.dataclass(slots=True)
+class TokenRecord:
+    """What the provider did for one connect attempt (for diagnosing a refused login)."""
+
+    signed_at: dt.datetime | None = None
+    credentials_expiry: dt.datetime | None = None
+    reused: bool = False
+
+
+class TokenProvider:
+    """Sign a token per connect from cached credentials; no I/O in the steady state."""
+
+    def __init__(
+        self,
+        auth: IAMAuth,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        credentials: CredentialCache | None = None,
+    ) -> None:
+        self.auth = auth
+        self._clock = clock
+        self.credentials = credentials or credential_cache_for(
+            profile=auth.profile,
+            role_arn=auth.role_arn,
+            role_session_name=auth.role_session_name,
+            external_id=auth.external_id,
+            role_duration=auth.role_duration,
+            credentials=auth.credentials,
+            session=auth.session,
+            clock=clock,
+        )
+        self.tokens_signed = 0
+        self.token_reuses = 0
+        self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
+        self._reusable = OrderedDict()
+        self._configured_region: str | bool | None = False  # False: not looked up yet
+
+    def target(self, host: str, port: int, user: str) -> SigningTarget:
+        """Resolve what to sign for when dialling `host`:`port` as `user`.
+
+        Raises ConfigurationError when no region can be found.
+        """
+        signing_host = self.auth.signing_host or host
+        signing_port = self.auth.signing_port or port
+        endpoint_region = region_from_host(signing_host)
+        if self.auth.region is not None:
+            region, source = self.auth.region, "IAMAuth(region=...)"
+        elif endpoint_region is not None:
+            region, source = endpoint_region, "the RDS endpoint name"
+        else:
+            if self._configured_region is False:
+                self._configured_region = configured_region(
+                    profile=self.auth.profile, session=self.auth.session
+                )
+            found = self._configured_region
+            if not isinstance(found, str):
+                raise ConfigurationError(
+                    f"no AWS region for {signing_host!r}: it is not an RDS endpoint name and no "
+                    "region is configured. Pass IAMAuth(region='us-east-1') or set AWS_REGION; "
+                    "if you connect through a CNAME, tunnel or IP, also pass "
+                    "IAMAuth(signing_host='<the RDS endpoint name>')"
+                )
+            _check_region(found, "the configured AWS region")
+            region, source = found, "the AWS configuration"
+        return SigningTarget(
+            host=host,
+            port=port,
+            signing_host=signing_host,
+            signing_port=signing_port,
+            user=user,
+            region=region,
+            region_source=source,
+            endpoint_region=endpoint_region,
+        )
+
+    async def token(self, target: SigningTarget, record: TokenRecord | None = None) -> str:
+        """Return a token for `target`, signed now or (with token_reuse) recently."""
+        credentials = await self.credentials.get()
+        now = self._clock.now()
+        if record is not None:
+            record.credentials_expiry = credentials.expiry
+        key = (
+            target.signing_host.lower(),
+            target.signing_port,
+            target.user,
+            target.region,
+            credentials.access_key,
+        )
+        if self.auth.token_reuse > 0:
+            cached = self._reusable.get(key)
+            if cached is not None:
+                token, signed_at, expiry = cached
+                age = (now - signed_at).total_seconds()
+                if 0 <= age < self.auth.token_reuse and (
+                    expiry is None or now + _REUSE_EXPIRY_MARGIN < expiry
+                ):
+                    self.token_reuses += 1
+                    if record is not None:
+                        record.signed_at, record.reused = signed_at, True
+                    return token
+        token = build_auth_token(
+            host=target.signing_host,
+            port=target.signing_port,
+            user=target.user,
+            region=target.region,
+            credentials=credentials,
+            now=now,
+        )
+        self.tokens_signed += 1
+        if record is not None:
+            record.signed_at, record.reused = now, False
+        if self.auth.token_reuse > 0:
+            self._reusable[key] = (token, now, credentials.expiry)
+            self._reusable.move_to_end(key)
+            while len(self._reusable) > _REUSE_CACHE_SIZE:
+                self._reusable.popitem(last=False)
+        return token
+
+    async def aclose(self) -> None:
+        """Release the credential cache's resources (background refresh, STS clients)."""
+        self._reusable.clear()
+        await self.credentials.aclose()

@@ -1,0 +1,200 @@
+"""Max-lifetime recycling and the new-connection rate limit.
+
+RDS checks an IAM token only when a connection opens, so a connection opened with a role that
+has since been revoked keeps working for as long as it lives. The recycler bounds that: every
+connection gets a deadline drawn from ``[max_lifetime * (1 - jitter), max_lifetime]`` (so none
+outlives the configured maximum and reconnects spread out instead of arriving together), and
+
+* a connection in use is never interrupted: at its deadline its holder is marked stale, and
+  asyncpg closes it when it is released;
+* an idle connection is taken out of the pool's queue at its deadline (so no acquirer can get it
+  meanwhile), closed gracefully, and its holder put back empty;
+* a connection that is due is never handed out (the pool checks on acquire and retries);
+* the pool is refilled to ``min_size`` in the background.
+
+This module touches asyncpg's private pool internals (holders, their queue and generation);
+``tests/test_asyncpg_internals.py`` pins each of them, so an asyncpg release that changes them
+fails loudly rather than silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._clock import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from asyncpg import Connection
+
+__all__ = ["Recycler", "TokenBucket", "draw_lifetime"]
+
+logger = logging.getLogger("asyncpg_iam.pool")
+
+# A holder whose generation differs from its pool's is closed by asyncpg on release and replaced
+# on acquire; pool generations start at 0 and only grow, so -1 never matches.
+_STALE_GENERATION = -1
+# How long a graceful close of a retired idle connection may take before it is terminated.
+_CLOSE_TIMEOUT = 5.0
+
+
+def draw_lifetime(max_lifetime: float, jitter: float, rng: random.Random) -> float:
+    """Return a lifetime in ``[max_lifetime * (1 - jitter), max_lifetime]``."""
+    return max_lifetime * (1.0 - jitter * rng.random())
+
+
+class TokenBucket:
+    """Allow at most `rate` events a second, in bursts of at most `burst`.
+
+    A generic cell rate algorithm: each event books the next free slot, so waiters are served
+    in arrival order without holding a lock while they wait. A waiter that is cancelled keeps
+    its slot booked, which only ever errs on the side of fewer events.
+    """
+
+    def __init__(self, rate: float, *, burst: int = 1, clock: Clock = SYSTEM_CLOCK) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self._interval = 1.0 / rate
+        self._tolerance = (max(1, burst) - 1) * self._interval
+        self._clock = clock
+        self._theoretical_arrival = clock.monotonic()
+
+    @property
+    def rate(self) -> float:
+        """Events allowed per second."""
+        return 1.0 / self._interval
+
+    def book(self) -> float:
+        """Book the next slot; return how many seconds from now it starts (0.0: now)."""
+        now = self._clock.monotonic()
+        start = max(self._theoretical_arrival - self._tolerance, now)
+        self._theoretical_arrival = max(self._theoretical_arrival, now) + self._interval
+        return start - now
+
+    async def acquire(self) -> float:
+        """Wait for a slot; return the seconds waited (0.0 when one was free)."""
+        wait = self.book()
+        if wait > 0:
+            await self._clock.sleep(wait)
+        return wait
+
+
+class _Tracked:
+    """The lifetime state of one connection; its termination listener holds it strongly."""
+
+    __slots__ = ("deadline", "reason", "timer")
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reason: str | None = None
+
+
+class Recycler:
+    """Keep every connection of one asyncpg pool within its lifetime.
+
+    Holds its pool weakly, so scheduled deadlines never keep an abandoned pool alive.
+    `on_closed` is called with the reason each connection closed: ``"max_lifetime"``, the
+    reason given to `retire_on_release()`, or ``"other"``.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        max_lifetime: float | None,
+        jitter: float,
+        on_closed: Callable[[str], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
+        self._max_lifetime = max_lifetime
+        self._jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
+        self._on_closed = on_closed
+        self._tracked: weakref.WeakKeyDictionary[Connection, _Tracked] = weakref.WeakKeyDictionary()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, con: Connection) -> None:
+        """Start the lifetime of a newly opened connection."""
+        state = _Tracked()
+        self._tracked[con] = state
+        con.add_termination_listener(functools.partial(self._closed, state))
+        if self._max_lifetime is None:
+            return
+        loop = asyncio.get_running_loop()
+        lifetime = draw_lifetime(self._max_lifetime, self._jitter, self._rng)
+        state.deadline = loop.time() + lifetime
+        state.timer = loop.call_later(lifetime, self._on_deadline, weakref.ref(con))
+
+    def deadline(self, con: Connection) -> float | None:
+        """Return the loop time at which `con` is due, or None if it has no lifetime."""
+        state = self._tracked.get(con)
+        return state.deadline if state is not None else None
+
+    def is_due(self, con: Connection | None) -> bool:
+        """Tell whether `con` has reached its deadline."""
+        deadline = self.deadline(con) if con is not None else None
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+    def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
+        """Make asyncpg close the holder's connection when it is released."""
+        holder._generation = _STALE_GENERATION
+        state = self._tracked.get(holder._con) if holder._con is not None else None
+        if state is not None and state.reason is None:
+            state.reason = reason
+
+    def cancel(self) -> None:
+        """Cancel every scheduled deadline and pending retirement (the pool is closing)."""
+        for state in list(self._tracked.values()):
+            if state.timer is not None:
+                state.timer.cancel()
+                state.timer = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _closed(self, state: _Tracked, _con: Any) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        self._on_closed(state.reason or "other")
+
+    def _on_deadline(self, con_ref: weakref.ref[Connection]) -> None:
+        con = con_ref()
+        pool = self._pool_ref()
+        if con is None or pool is None or pool.is_closing() or con.is_closed():
+            return
+        holder = next((h for h in pool._holders if h._con is con), None)
+        if holder is None:
+            return
+        queue = pool._queue._queue
+        if holder._in_use is not None or holder not in queue:
+            # In use, or being handed out right now (setup is running): asyncpg closes it on
+            # release, and the pool's acquire check discards it if it got through.
+            self.retire_on_release(holder)
+            logger.debug("retiring a connection in use at its max lifetime: closes on release")
+            return
+        queue.remove(holder)
+        holder._maybe_cancel_inactive_callback()
+        task = asyncio.get_running_loop().create_task(self._close_idle(pool, holder, con))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_idle(self, pool: Any, holder: Any, con: Connection) -> None:
+        state = self._tracked.get(con)
+        if state is not None:
+            state.reason = "max_lifetime"
+        logger.debug("retiring an idle connection at its max lifetime")
+        try:
+            await con.close(timeout=_CLOSE_TIMEOUT)
+        except (Exception, asyncio.CancelledError):
+            con.terminate()
+        finally:
+            if holder._con is con:
+                holder._con = None
+            pool._queue.put_nowait(holder)

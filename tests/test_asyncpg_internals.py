@@ -1,0 +1,63 @@
+"""Pin the private asyncpg internals the pool relies on, so an asyncpg change fails here first."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import asyncpg
+import asyncpg.connect_utils
+import asyncpg.pool
+
+from asyncpg_iam import _pool
+
+
+def test_supported_version() -> None:
+    """The installed asyncpg is inside the range the pool states it supports."""
+    low, high = _pool.SUPPORTED_ASYNCPG
+    assert low <= _pool._asyncpg_version() <= high
+
+
+def test_pool_methods_we_override_exist() -> None:
+    """Pool._get_new_connection, _acquire, release and close keep their shapes."""
+    pool_cls = asyncpg.pool.Pool
+    assert list(inspect.signature(pool_cls._acquire).parameters) == ["self", "timeout"]
+    assert list(inspect.signature(pool_cls._get_new_connection).parameters) == ["self"]
+    assert "timeout" in inspect.signature(pool_cls.release).parameters
+    for name in ("_holders", "_queue", "_generation", "_initialized", "_minsize"):
+        assert name in pool_cls.__slots__ or name in inspect.getsource(pool_cls.__init__)
+
+
+def test_holder_attributes_and_generation_check() -> None:
+    """Holders keep _con, _in_use, _generation, and close on release when generations differ."""
+    holder = asyncpg.pool.PoolConnectionHolder
+    for name in ("_con", "_in_use", "_generation", "_pool"):
+        assert name in holder.__slots__
+    assert callable(holder._maybe_cancel_inactive_callback)
+    release_source = inspect.getsource(holder.release)
+    assert "self._generation != self._pool._generation" in release_source
+    acquire_source = inspect.getsource(holder.acquire)
+    assert "self._generation != self._pool._generation" in acquire_source
+
+
+def test_pool_queue_is_a_lifo_queue_of_holders() -> None:
+    """The pool's free-holder queue is an asyncio.LifoQueue whose items live in a list."""
+    source = inspect.getsource(asyncpg.pool.Pool._initialize)
+    assert "Queue(maxsize=self._maxsize)" in source
+    queue = asyncio.LifoQueue()
+    assert isinstance(queue._queue, list)  # type: ignore[attr-defined]
+
+
+def test_connection_supports_weakrefs_and_termination_listeners() -> None:
+    """Connections accept weak references and termination listeners."""
+    assert "__weakref__" in dir(asyncpg.Connection)
+    assert callable(asyncpg.Connection.add_termination_listener)
+
+
+def test_parse_connect_arguments_takes_connect_keywords() -> None:
+    """_parse_connect_arguments's parameters are all keywords that asyncpg.connect takes."""
+    parse = inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
+    connect = inspect.signature(asyncpg.connect).parameters
+    assert set(parse) - set(connect) <= {"dsn"}
+    assert "target_session_attrs" in parse
+    assert "ssl" in parse

@@ -1,0 +1,406 @@
+"""The IAM pool through the emulator, real PostgreSQL and the local credential endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpg_iam
+from asyncpg_iam import IAMAuth
+from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
+
+
+@pytest.fixture
+async def emulator(
+    rds_emulator: RDSIAMEmulator, credential_server: CredentialServer
+) -> AsyncIterator[RDSIAMEmulator]:
+    """An emulator that trusts every key the credential server issues."""
+    credential_server.add_emulator(rds_emulator)
+    return rds_emulator
+
+
+def pool_kwargs(
+    emulator: RDSIAMEmulator, server: PostgresServer, **overrides: Any
+) -> dict[str, Any]:
+    """Return create_pool arguments that dial the emulator and sign for its endpoint."""
+    kwargs: dict[str, Any] = {
+        "host": emulator.host,
+        "port": emulator.port,
+        "user": server.user,
+        "database": server.database,
+        "ssl": emulator.client_ssl_context(),
+        "iam": IAMAuth(signing_host=emulator.endpoint),
+        "min_size": 1,
+        "max_size": 4,
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def test_pool_is_an_asyncpg_pool(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """create_pool returns an asyncpg.Pool that runs queries with a token-authenticated login."""
+    async with asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server)) as pool:
+        assert isinstance(pool, asyncpg.Pool)
+        assert await pool.fetchval("SELECT 41 + 1") == 42
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT current_user") == postgres_server.user
+        stats = pool.stats()
+    assert stats.tokens_signed >= 1
+    assert stats.credential_fetches == 1
+    assert emulator.logins_rejected == 0
+    assert emulator.logins_accepted == stats.connections_opened
+
+
+async def test_default_chain_across_rotations_and_lifetimes(
+    rds_emulator: RDSIAMEmulator,
+    postgres_server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """20 workers for 30 s with max_lifetime=3 and credentials rotating every 10 s never fail."""
+    from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
+
+    isolate_aws_environment(monkeypatch, tmp_path_factory)
+    max_lifetime = 3.0
+    with CredentialServer(lifetime=20.0, rotate_every=10.0) as creds:
+        creds.add_emulator(rds_emulator)
+        for name, value in creds.env().items():
+            monkeypatch.setenv(name, value)
+        uses: list[tuple[int, dt.datetime]] = []
+        failures: list[BaseException] = []
+        stop_at = time.monotonic() + 30.0
+
+        async def worker(pool: asyncpg_iam.Pool, n: int) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    async with pool.acquire(timeout=10) as con:
+                        acquired = dt.datetime.now(dt.timezone.utc)
+                        pid, value = await con.fetchrow("SELECT pg_backend_pid(), $1::int", n)
+                        assert value == n
+                        uses.append((pid, acquired))
+                except Exception as exc:
+                    failures.append(exc)
+                await asyncio.sleep(0.01)
+
+        kwargs = pool_kwargs(
+            rds_emulator, postgres_server, max_size=10, min_size=2, max_lifetime=max_lifetime
+        )
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await asyncio.gather(*(worker(pool, n) for n in range(20)))
+            stats = pool.stats()
+        issued = len(creds.issued)
+
+    assert failures == []
+    assert len(uses) > 1000
+    assert issued >= 3, "credentials rotated at least twice during the run"
+    assert rds_emulator.logins_rejected == 0
+    accepted = [r for r in rds_emulator.records if r.accepted]
+    assert len(accepted) == stats.connections_opened
+    assert len({r.access_key for r in accepted}) >= 3, "logins used the rotated keys"
+    assert all(r.token_age is not None and r.token_age < 5 for r in accepted)
+    opened = {r.backend_pid: r.at for r in accepted}
+    # Every query ran on a connection younger than its lifetime (plus the connect itself).
+    oldest_use = max((used - opened[pid]).total_seconds() for pid, used in uses)
+    assert oldest_use <= max_lifetime + 0.25
+    assert stats.connections_closed.get("max_lifetime", 0) >= 10
+
+
+async def test_in_use_connection_outlives_deadline_then_closes_on_release(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connection held across its deadline keeps working and is closed when released."""
+    kwargs = pool_kwargs(
+        emulator, postgres_server, min_size=0, max_size=1, max_lifetime=0.5, max_lifetime_jitter=0
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        async with pool.acquire() as con:
+            pid = await con.fetchval("SELECT pg_backend_pid()")
+            await asyncio.sleep(0.8)
+            assert await con.fetchval("SELECT pg_backend_pid()") == pid
+            assert pid in {c.backend_pid for c in emulator.relayed_connections()}
+        await wait_for(lambda: pid not in {c.backend_pid for c in emulator.relayed_connections()})
+        assert pool.stats().connections_closed["max_lifetime"] == 1
+        assert await pool.fetchval("SELECT pg_backend_pid()") != pid
+
+
+async def test_idle_due_connection_closed_without_acquire_and_min_size_restored(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """Idle connections close at their deadline with no acquire, and min_size is refilled."""
+    kwargs = pool_kwargs(
+        emulator, postgres_server, min_size=2, max_size=4, max_lifetime=0.5, max_lifetime_jitter=0
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        first = {c.backend_pid for c in emulator.relayed_connections()}
+        assert len(first) == 2
+
+        def replaced() -> bool:
+            now = {c.backend_pid for c in emulator.relayed_connections()}
+            return len(now) == 2 and not (now & first)
+
+        await wait_for(replaced)
+        assert pool.get_size() == 2
+        assert pool.stats().connections_closed["max_lifetime"] >= 2
+
+
+async def test_due_connection_is_never_handed_out(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connection past its deadline whose timer has not fired yet is replaced on acquire."""
+    kwargs = pool_kwargs(
+        emulator, postgres_server, min_size=1, max_size=1, max_lifetime=0.3, max_lifetime_jitter=0
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        old = await pool.fetchval("SELECT pg_backend_pid()")
+        # Block the loop so the deadline timer cannot run before the acquire.
+        time.sleep(0.4)  # noqa: ASYNC251
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT pg_backend_pid()") != old
+        assert pool.stats().connections_closed == {"discarded_on_acquire": 1}, pool.stats()
+
+
+async def test_multi_host_signs_for_each_host(
+    postgres_server: PostgresServer, credential_server: CredentialServer
+) -> None:
+    """Two endpoints in one host list each receive a token signed for themselves."""
+    a = RDSIAMEmulator(
+        backend_host=postgres_server.host,
+        backend_port=postgres_server.port,
+        backend_password=postgres_server.password,
+        endpoint="127.0.0.1",
+        region="us-east-1",
+        iam_users=[postgres_server.user],
+    )
+    b = RDSIAMEmulator(
+        backend_host=postgres_server.host,
+        backend_port=postgres_server.port,
+        backend_password=postgres_server.password,
+        endpoint="localhost",
+        region="us-east-1",
+        iam_users=[postgres_server.user],
+        ca=None,
+    )
+    credential_server.add_emulator(a)
+    credential_server.add_emulator(b)
+    async with a, b:
+        ssl_a = a.client_ssl_context()
+        ssl_a.load_verify_locations(cadata=b.ca_pem)
+        kwargs = {
+            "host": ["127.0.0.1", "localhost"],
+            "port": [a.port, b.port],
+            "user": postgres_server.user,
+            "database": postgres_server.database,
+            "ssl": ssl_a,
+            "min_size": 0,
+            "max_size": 2,
+            "iam": IAMAuth(region="us-east-1"),
+        }
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+        await a.stop()  # the first host refuses connections: the pool moves on to the second
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            assert await pool.fetchval("SELECT 2") == 2
+    assert a.logins_accepted == 1
+    assert a.logins_rejected == 0
+    assert b.logins_accepted == 1
+    assert b.logins_rejected == 0
+
+
+@pytest.mark.parametrize(
+    "tls",
+    [
+        {"ssl": "prefer"},
+        {"ssl": "disable"},
+        {"ssl": "allow"},
+        {"ssl": False},
+        {"dsn_query": "sslmode=prefer"},
+    ],
+)
+async def test_plaintext_capable_tls_is_refused_before_any_byte(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer, tls: dict[str, Any]
+) -> None:
+    """sslmode prefer/allow/disable is refused at creation: the emulator sees no connection."""
+    kwargs = pool_kwargs(emulator, postgres_server)
+    del kwargs["ssl"]
+    if "dsn_query" in tls:
+        dsn = f"postgresql://{postgres_server.user}@{emulator.host}:{emulator.port}/x?{tls['dsn_query']}"
+        for key in ("host", "port", "user"):
+            del kwargs[key]
+        args: tuple[Any, ...] = (dsn,)
+    else:
+        kwargs.update(tls)
+        args = ()
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="unencrypted"):
+        await asyncpg_iam.create_pool(*args, **kwargs)
+    assert emulator.connections_total == 0
+    assert emulator.password_messages == 0
+
+
+async def test_disabled_user_gets_diagnosed_error_and_connections_retire(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """After the user loses IAM, connects raise IAMAuthenticationError and old ones retire."""
+    kwargs = pool_kwargs(emulator, postgres_server, min_size=2, max_size=2, max_lifetime=1.0)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        assert emulator.open_connections == 2
+        emulator.disable_iam_user(postgres_server.user)
+        await wait_for(lambda: emulator.open_connections == 0, timeout=5)
+        with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
+            await pool.fetchval("SELECT 1")
+    error = caught.value
+    assert isinstance(error, asyncpg.InvalidAuthorizationSpecificationError)
+    assert isinstance(error, asyncpg_iam.IAMError)
+    assert isinstance(error.__cause__, asyncpg.InvalidAuthorizationSpecificationError)
+    text = str(error)
+    assert f'PAM authentication failed for user "{postgres_server.user}"' in text
+    assert f'GRANT rds_iam TO "{postgres_server.user}"' in text
+    assert "rds-db:connect on arn:aws:rds-db:us-east-1:<account-id>:dbuser:" in text
+    assert error.context.signing_host == emulator.endpoint
+    assert error.context.credential_source
+    assert error.user == postgres_server.user
+    assert all(r.reason == "user_not_iam_enabled" for r in emulator.records if not r.accepted)
+
+
+async def test_region_mismatch_is_named_first(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A token signed for another region than the endpoint's fails with that as the top hint."""
+    auth = IAMAuth(signing_host=emulator.endpoint, region="eu-west-1")
+    with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
+        await asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server, iam=auth))
+    assert caught.value.hints[0].startswith("Region mismatch")
+    assert "'us-east-1'" in caught.value.hints[0]
+    assert emulator.records[-1].reason == "wrong_region"
+
+
+async def test_ip_without_signing_host_is_explained(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """Signing for the dialled IP instead of the endpoint name names signing_host as the fix."""
+    auth = IAMAuth(region="us-east-1")
+    with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
+        await asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server, iam=auth))
+    assert "which is an IP address" in caught.value.hints[0]
+    assert "signing_host" in caught.value.hints[0]
+    assert emulator.records[-1].reason == "wrong_host"
+
+
+async def test_max_connect_rate_caps_logins_per_second(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """With max_connect_rate=5, 50 concurrent acquires never exceed 5 logins in a second."""
+    kwargs = pool_kwargs(emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+
+        async def hold() -> None:
+            async with pool.acquire(timeout=30) as con:
+                await con.fetchval("SELECT 1")
+                await asyncio.sleep(12)
+
+        await asyncio.gather(*(hold() for _ in range(50)))
+        stats = pool.stats()
+    assert emulator.logins_accepted == 50
+    assert emulator.max_login_attempts_in_one_second <= 5
+    assert stats.connects_rate_limited >= 45
+
+
+async def test_token_reuse_shares_a_token_within_its_age(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """With token_reuse, consecutive connects present one token until it ages out."""
+    auth = IAMAuth(signing_host=emulator.endpoint, token_reuse=600)
+    kwargs = pool_kwargs(emulator, postgres_server, iam=auth, min_size=5, max_size=5)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        stats = pool.stats()
+    assert stats.connections_opened == 5
+    assert stats.tokens_signed == 1
+    assert stats.token_reuses == 4
+    assert emulator.logins_accepted == 5
+
+
+async def test_plain_pool_without_iam_still_recycles(postgres_server: PostgresServer) -> None:
+    """iam=False gives a static-password pool whose connections still retire at max_lifetime."""
+    async with asyncpg_iam.create_pool(
+        host=postgres_server.host,
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        database=postgres_server.database,
+        iam=False,
+        min_size=1,
+        max_size=1,
+        max_lifetime=0.3,
+        max_lifetime_jitter=0,
+    ) as pool:
+        first = await pool.fetchval("SELECT pg_backend_pid()")
+        await wait_for(lambda: pool.stats().connections_closed.get("max_lifetime", 0) >= 1)
+        assert await pool.fetchval("SELECT pg_backend_pid()") != first
+        assert pool.stats().tokens_signed == 0
+
+
+async def test_setup_init_reset_and_record_class_pass_through(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """asyncpg's pool hooks and connect arguments work unchanged on the IAM pool."""
+    calls: list[str] = []
+
+    class Row(asyncpg.Record):
+        pass
+
+    async def init(con: asyncpg.Connection) -> None:
+        calls.append("init")
+
+    async def setup(con: Any) -> None:
+        calls.append("setup")
+
+    async def reset(con: asyncpg.Connection) -> None:
+        calls.append("reset")
+
+    kwargs = pool_kwargs(
+        emulator,
+        postgres_server,
+        init=init,
+        setup=setup,
+        reset=reset,
+        record_class=Row,
+        server_settings={"application_name": "iam-test"},
+        command_timeout=5,
+        min_size=1,
+        max_size=1,
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        row = await pool.fetchrow("SELECT current_setting('application_name') AS app")
+        assert isinstance(row, Row)
+        assert row["app"] == "iam-test"
+    assert calls == ["init", "setup", "reset"]
+
+
+async def test_pool_logs_name_the_pool_and_never_the_token(
+    emulator: RDSIAMEmulator, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pool log lines carry the pool's name; no token appears in logs or the repr."""
+    caplog.set_level(logging.DEBUG)
+    async with asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server)) as pool:
+        await pool.fetchval("SELECT 1")
+        text = repr(pool) + caplog.text
+    assert pool.name in caplog.text
+    assert "X-Amz-Signature" not in text
+    assert "X-Amz-Credential" not in text
