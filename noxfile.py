@@ -1,0 +1,51 @@
+"""Development sessions: tests, lint, typecheck, bench, and the asyncpg version matrix."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+# Every asyncpg minor version the pool supports (see asyncpg_iam/_pool.py SUPPORTED_ASYNCPG).
+ASYNCPG_VERSIONS = ["0.30", "0.31", "0.32"]
+# The tests that exercise the pool's use of asyncpg internals.
+POOL_TESTS = ["tests/test_pool.py", "tests/test_asyncpg_internals.py", "tests/test_config.py"]
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (local PostgreSQL binaries, the emulator, moto)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("asyncpg", ASYNCPG_VERSIONS)
+def pool(session: nox.Session, asyncpg: str) -> None:
+    """Run the pool's tests against one asyncpg minor version."""
+    session.install("-e", ".[test]", f"asyncpg=={asyncpg}.*")
+    session.run("pytest", *POOL_TESTS, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style with ruff."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package with mypy --strict."""
+    session.install("-e", ".[test]", "mypy>=1.11")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks; figures go to benchmarks/results/."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)
