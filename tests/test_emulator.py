@@ -15,7 +15,13 @@ import pytest
 from conftest import TokenFactory, botocore_token, presigned_token
 
 from asyncpg_iam._clock import ManualClock
-from asyncpg_iam.testing import DEFAULT_ENDPOINT, AccessKey, PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import (
+    DEFAULT_ENDPOINT,
+    AccessKey,
+    PostgresCluster,
+    PostgresServer,
+    RDSIAMEmulator,
+)
 
 PAM = 'PAM authentication failed for user "{}"'
 
@@ -573,3 +579,54 @@ async def test_no_secret_reaches_logs_reprs_or_records(
 async def assert_closed_rejection(attempt: Callable[[], Awaitable[Any]]) -> None:
     with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
         await attempt()
+
+
+async def test_ensure_role_lets_a_new_iam_user_log_in(
+    rds_emulator: RDSIAMEmulator, make_token: TokenFactory
+) -> None:
+    """ensure_role() creates the backend role, so an IAM-enabled new user can log in."""
+    await rds_emulator.ensure_role("app_iam_user")
+    await rds_emulator.ensure_role("app_iam_user")  # idempotent
+    rds_emulator.enable_iam_user("app_iam_user")
+    conn = await connect(rds_emulator, make_token(user="app_iam_user"), user="app_iam_user")
+    try:
+        assert await conn.fetchval("SELECT current_user") == "app_iam_user"
+    finally:
+        await conn.close()
+    assert rds_emulator.records[-1].user == "app_iam_user"
+
+
+@pytest.mark.parametrize("method", ["scram-sha-256", "md5", "password"])
+async def test_backend_password_answers_the_backends_auth_request(method: str) -> None:
+    """backend_password logs the relay in to a password backend; a wrong one relays its error."""
+    with PostgresCluster() as cluster:
+        admin = await asyncpg.connect(cluster.dsn, ssl=False)
+        encryption = "md5" if method == "md5" else "scram-sha-256"
+        await admin.execute(
+            f"SET password_encryption = '{encryption}'; CREATE ROLE app LOGIN PASSWORD 'pw'"
+        )
+        (cluster.data_dir / "pg_hba.conf").write_text(
+            f"local all all trust\nhost all postgres 127.0.0.1/32 trust\n"
+            f"host all app 127.0.0.1/32 {method}\n"
+        )
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+        outcomes = []
+        for password in ("pw", "wrong"):
+            async with RDSIAMEmulator(
+                backend_host=cluster.host,
+                backend_port=cluster.port,
+                backend_password=password,
+                accept_any_password=True,
+            ) as emulator:
+                try:
+                    conn = await connect(emulator, "static", user="app")
+                except asyncpg.InvalidPasswordError as exc:
+                    outcomes.append((str(exc), emulator.records[-1].reason))
+                else:
+                    outcomes.append((await conn.fetchval("SELECT current_user"), "ok"))
+                    await conn.close()
+    assert outcomes == [
+        ("app", "ok"),
+        ('password authentication failed for user "app"', "backend_error"),
+    ]
