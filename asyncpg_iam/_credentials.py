@@ -10,7 +10,7 @@ credentials) make them refetch on every call. The cache fetches frozen credentia
 applies its own policy, a pure function of its clock:
 
 - a read is served from memory while the credentials have more than a margin left;
-- a refresh starts in the background once less than min(`refresh_ahead`, half the issued
+- a refresh starts in the background once less than min(`refresh_ahead`, 45 % of the issued
   lifetime) is left, never sooner than `min_refresh_interval` after the previous fetch; readers
   keep the old credentials meanwhile; only one fetch is ever in flight and concurrent readers
   with nothing valid share it;
@@ -38,6 +38,8 @@ __all__ = ["CredentialCache", "configured_region", "credential_cache_for"]
 
 logger = logging.getLogger("asyncpg_iam.credentials")
 
+#: Refresh once less than this fraction of the issued lifetime is left (or refresh_ahead).
+_REFRESH_FRACTION = 0.45
 _IMDS_ADDRESS = "169.254.169.254"
 _CONTAINER_ADDRESS = "169.254.170.2"
 
@@ -179,6 +181,7 @@ class CredentialCache:
 
     def _start_fetch(self) -> asyncio.Task[Credentials]:
         task = asyncio.get_running_loop().create_task(self._fetch())
+        self.fetches += 1
         self._task = task
         task.add_done_callback(self._fetch_done)
         return task
@@ -190,7 +193,6 @@ class CredentialCache:
             task.exception()  # retrieved: a background refresh has no awaiter
 
     async def _fetch(self) -> Credentials:
-        self.fetches += 1
         source = self.source
         error: CredentialsError
         try:
@@ -244,9 +246,15 @@ class CredentialCache:
         else:
             self._lifetimes.append(left)
             lifetime = max(self._lifetimes)
-            ahead = min(self._refresh_ahead, lifetime / 2)
+            # Sources make new credentials available when about half the lifetime is gone:
+            # asking a little after that gets the new ones, not the old ones a second time.
+            ahead = min(self._refresh_ahead, lifetime * _REFRESH_FRACTION)
             self._margin = min(self._expiry_margin, lifetime / 4)
-            self._refresh_due = mono + max(left - ahead, self._min_refresh_interval)
+            wait = left - ahead
+            if previous is not None and previous.access_key == credentials.access_key:
+                # The source has not rotated yet: ask again halfway to the margin.
+                wait = max(wait, (left - self._margin) / 2)
+            self._refresh_due = mono + max(wait, self._min_refresh_interval)
         if previous is None or previous.access_key != credentials.access_key:
             logger.debug(
                 "fetched AWS credentials %s from %s (expires in %s s)",
@@ -360,7 +368,11 @@ async def _freeze(loaded: Any) -> Credentials:
     if refreshable:
         loaded._advisory_refresh_timeout = 0
         loaded._mandatory_refresh_timeout = 0
-    frozen = await loaded.get_frozen_credentials()
+    # Credentials a provider fetched on load are used as they came, even if already expired
+    # (aiobotocore would fetch again, then raise a RuntimeError).
+    frozen = getattr(loaded, "_frozen_credentials", None) if refreshable else None
+    if frozen is None:
+        frozen = await loaded.get_frozen_credentials()
     expiry = getattr(loaded, "_expiry_time", None) if refreshable else None
     if isinstance(expiry, dt.datetime):
         expiry = (

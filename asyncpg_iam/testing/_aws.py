@@ -137,7 +137,11 @@ class CredentialServer:
                 access_key = "ASIA" + secrets.token_hex(8).upper()
                 secret_key = secrets.token_urlsafe(30)
                 token = secrets.token_urlsafe(96)
+                # Expiration has whole seconds: round up, so a key never expires before its
+                # lifetime is over (and the next key is out when half of it is).
                 expiry = now + dt.timedelta(seconds=self.lifetime)
+                if expiry.microsecond:
+                    expiry = expiry.replace(microsecond=0) + dt.timedelta(seconds=1)
                 current = (access_key, secret_key, token, expiry, mono)
                 self._current = current
                 self.issued.append(access_key)
@@ -269,7 +273,12 @@ class MotoSTS:
 
     def _post(self, path: str, data: bytes = b"") -> bytes:
         # Loopback http only: the URL is built from our own port.
-        req = urllib.request.Request(self.endpoint_url + path, data=data, method="POST")  # noqa: S310
+        req = urllib.request.Request(  # noqa: S310
+            self.endpoint_url + path,
+            data=data,
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # a form body would hide the data from moto
+        )
         with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310
             return bytes(response.read())
 
