@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import functools
 import inspect
 import logging
@@ -19,7 +20,7 @@ import ssl as ssl_module
 import urllib.parse
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -245,6 +246,92 @@ def _plan(dsn: str | None, connect_kwargs: dict[str, Any], *, iam: bool) -> _Con
     )
 
 
+async def open_any_host(
+    targets: Sequence[SigningTarget],
+    open_target: Callable[[SigningTarget, dict[str, Any]], Awaitable[Any]],
+    kwargs: dict[str, Any],
+    target_session_attrs: str,
+) -> Any:
+    """Open a connection to the first of `targets` that answers and has the wanted role.
+
+    asyncpg calls the password callable without saying which host it dials, so each host
+    gets its own connect call (``open_target(target, per_host_kwargs)``) with its own token;
+    `target_session_attrs` is applied the way asyncpg applies it across hosts.
+    """
+    loop = asyncio.get_running_loop()
+    timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+    deadline = None if timeout is None else loop.time() + float(timeout)
+    passes = (
+        ["standby", "any"] if target_session_attrs == "prefer-standby" else [target_session_attrs]
+    )
+    last_error: BaseException | None = None
+    for attrs in passes:
+        for target in targets:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise asyncio.TimeoutError("connect timed out trying every host")
+            per_host = {**kwargs, "target_session_attrs": attrs}
+            if remaining is not None:
+                per_host["timeout"] = remaining
+            try:
+                return await open_target(target, per_host)
+            except (
+                OSError,
+                asyncio.TimeoutError,
+                CannotConnectNowError,
+                TargetServerAttributeNotMatched,
+            ) as exc:
+                last_error = exc
+    assert last_error is not None
+    raise last_error
+
+
+def explain_auth_failure(
+    exc: InvalidAuthorizationSpecificationError,
+    target: SigningTarget,
+    record: TokenRecord,
+    *,
+    provider: TokenProvider,
+    database: str | None,
+    now: dt.datetime,
+    owner: str,
+) -> IAMAuthenticationError:
+    """Turn a refused login into an `IAMAuthenticationError` with ranked hints, and log it.
+
+    `owner` names what was connecting (``"pool app@host:5432"``) in the log line.
+    """
+    cached = provider.credentials.peek()
+    context = AuthFailureContext(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        database=database,
+        signing_host=target.signing_host,
+        signing_port=target.signing_port,
+        region=target.region,
+        region_source=target.region_source,
+        endpoint_region=target.endpoint_region,
+        credential_source=provider.credentials.source,
+        credentials_expiry=record.credentials_expiry
+        or (cached.expiry if cached is not None else None),
+        signed_at=record.signed_at,
+        token_reused=record.reused,
+        now=now,
+        server_message=str(getattr(exc, "message", None) or exc),
+    )
+    error = IAMAuthenticationError(context, diagnose_auth_failure(context))
+    logger.warning(
+        "%s: IAM login refused for %s at %s:%s (region %s): %s",
+        owner,
+        target.user,
+        target.host,
+        target.port,
+        target.region,
+        error.hints[0],
+    )
+    return error
+
+
 class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
@@ -366,34 +453,12 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             raise
 
     async def _open_multi_host(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # asyncpg calls the password callable without saying which host it dials, so each host
-        # gets its own connect call with its own token; target_session_attrs is applied the way
-        # asyncpg applies it across hosts.
-        loop = asyncio.get_running_loop()
-        timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
-        deadline = None if timeout is None else loop.time() + float(timeout)
-        wanted = self._plan.target_session_attrs
-        passes = ["standby", "any"] if wanted == "prefer-standby" else [wanted]
-        last_error: BaseException | None = None
-        for attrs in passes:
-            for target in self._targets:
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise asyncio.TimeoutError("connect timed out trying every host")
-                per_host = {**kwargs, "target_session_attrs": attrs}
-                if remaining is not None:
-                    per_host["timeout"] = remaining
-                try:
-                    return await self._open_target(target, args, per_host, override=True)
-                except (
-                    OSError,
-                    asyncio.TimeoutError,
-                    CannotConnectNowError,
-                    TargetServerAttributeNotMatched,
-                ) as exc:
-                    last_error = exc
-        assert last_error is not None
-        raise last_error
+        return await open_any_host(
+            self._targets,
+            lambda target, per_host: self._open_target(target, args, per_host, override=True),
+            kwargs,
+            self._plan.target_session_attrs,
+        )
 
     async def _open_target(
         self,
@@ -424,36 +489,15 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         record: TokenRecord,
     ) -> IAMAuthenticationError:
         assert self._provider is not None
-        cached = self._provider.credentials.peek()
-        context = AuthFailureContext(
-            host=target.host,
-            port=target.port,
-            user=target.user,
+        return explain_auth_failure(
+            exc,
+            target,
+            record,
+            provider=self._provider,
             database=self._plan.database,
-            signing_host=target.signing_host,
-            signing_port=target.signing_port,
-            region=target.region,
-            region_source=target.region_source,
-            endpoint_region=target.endpoint_region,
-            credential_source=self._provider.credentials.source,
-            credentials_expiry=record.credentials_expiry
-            or (cached.expiry if cached is not None else None),
-            signed_at=record.signed_at,
-            token_reused=record.reused,
             now=self._clock.now(),
-            server_message=str(getattr(exc, "message", None) or exc),
+            owner=f"pool {self._name}",
         )
-        error = IAMAuthenticationError(context, diagnose_auth_failure(context))
-        logger.warning(
-            "pool %s: IAM login refused for %s at %s:%s (region %s): %s",
-            self._name,
-            target.user,
-            target.host,
-            target.port,
-            target.region,
-            error.hints[0],
-        )
-        return error
 
     # -- lifetime --------------------------------------------------------------------------
 
