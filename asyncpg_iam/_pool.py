@@ -229,7 +229,9 @@ def _plan(dsn: str | None, connect_kwargs: dict[str, Any], *, iam: bool) -> _Con
     if iam:
         sslmode = getattr(params, "sslmode", None)
         mode = getattr(sslmode, "name", str(sslmode)).replace("_", "-")
-        if not params.ssl or mode in _INSECURE_SSLMODES:
+        # asyncpg < 0.32 labels an explicit SSLContext "disable"; it still insists on TLS.
+        explicit_context = isinstance(connect_kwargs.get("ssl"), ssl_module.SSLContext)
+        if not explicit_context and (not params.ssl or mode in _INSECURE_SSLMODES):
             raise ConfigurationError(
                 f"sslmode {mode!r} could send the IAM token over an unencrypted connection, "
                 "where anyone on the path could use it for 15 minutes. Use ssl='verify-full' "

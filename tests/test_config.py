@@ -27,7 +27,7 @@ RDS = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
         ({"host": "/var/run/postgresql"}, "is a Unix socket"),
     ],
 )
-def test_pool_arguments_are_validated(kwargs: dict[str, Any], message: str) -> None:
+async def test_pool_arguments_are_validated(kwargs: dict[str, Any], message: str) -> None:
     """Each invalid pool argument raises ConfigurationError (also a ValueError) naming it."""
     arguments: dict[str, Any] = {"host": RDS, "user": "app", "ssl": "require"}
     arguments.update(kwargs)
@@ -67,7 +67,7 @@ def test_iam_auth_arguments_are_validated(kwargs: dict[str, Any], message: str) 
         IAMAuth(**kwargs)
 
 
-def test_no_region_from_any_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+async def test_no_region_from_any_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """A non-RDS host with no region configured anywhere says how to give one."""
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
@@ -76,7 +76,7 @@ def test_no_region_from_any_source(monkeypatch: pytest.MonkeyPatch, tmp_path: An
         asyncpg_iam.create_pool(host="db.internal", user="app", ssl="require")
 
 
-def test_region_comes_from_endpoint_then_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_region_comes_from_endpoint_then_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     """The endpoint name's region wins over AWS_REGION; AWS_REGION serves other names."""
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     pool = asyncpg_iam.create_pool(host=RDS, user="app", ssl="require")
@@ -88,7 +88,7 @@ def test_region_comes_from_endpoint_then_configuration(monkeypatch: pytest.Monke
     )
 
 
-def test_default_tls_is_verify_full() -> None:
+async def test_default_tls_is_verify_full() -> None:
     """Without ssl options an IAM pool verifies the certificate and the host name."""
     pool = asyncpg_iam.create_pool(host=RDS, user="app")
     context = pool._plan.connect_kwargs["ssl"]
