@@ -1,0 +1,107 @@
+"""``asyncpg-iam ca-bundle``: download the RDS global CA bundle into the cache directory.
+
+What is downloaded must be PEM certificates (and nothing else) that OpenSSL loads; only then
+does it replace the cached file, atomically, so a captive portal or a proxy's error page can
+never become the trust store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import ssl
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ._errors import ConfigurationError, IAMError
+from ._tls import CA_BUNDLE_FILENAME, cache_dir
+
+__all__ = ["DEFAULT_CA_BUNDLE_URL", "CABundleError", "download_ca_bundle", "run_ca_bundle"]
+
+DEFAULT_CA_BUNDLE_URL = "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem"
+#: Environment variable naming another URL to download the bundle from.
+CA_BUNDLE_URL_ENV = "ASYNCPG_IAM_CA_BUNDLE_URL"
+# The global bundle is ~160 KB; anything far larger is not it.
+_MAX_BYTES = 4 * 1024 * 1024
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----"
+)
+
+
+class CABundleError(IAMError):
+    """The CA bundle could not be downloaded, or what came is not PEM certificates."""
+
+
+def validate_pem_bundle(data: bytes) -> int:
+    """Return how many certificates `data` holds; raise CABundleError unless only PEM certs."""
+    blocks = _PEM_BLOCK.findall(data)
+    if not blocks:
+        raise CABundleError("the download holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    rest = _PEM_BLOCK.sub(b"", data)
+    if rest.strip():
+        raise CABundleError("the download holds something besides PEM certificates")
+    try:
+        context = ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        raise CABundleError(f"the certificates in the download do not load: {exc}") from exc
+    del context
+    return len(blocks)
+
+
+def _fetch(url: str, *, cafile: str | None, timeout: float) -> bytes:
+    if not url.lower().startswith("https://"):
+        raise ConfigurationError(f"the CA bundle URL must be https://, not {url!r}")
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"cannot load --cafile {cafile}: {exc}") from exc
+    request = urllib.request.Request(url, headers={"User-Agent": "asyncpg-iam"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
+            data = response.read(_MAX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise CABundleError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CABundleError(
+            f"downloading {url} failed: {reason}. Behind a proxy, set HTTPS_PROXY; to trust a "
+            "TLS-inspecting proxy pass --cafile"
+        ) from exc
+    if len(data) > _MAX_BYTES:
+        raise CABundleError(f"the download from {url} is larger than {_MAX_BYTES} bytes")
+    return bytes(data)
+
+
+def download_ca_bundle(
+    output: Path, *, url: str, cafile: str | None = None, timeout: float = 30.0
+) -> int:
+    """Download the bundle at `url` to `output` (replaced only if valid); return the cert count."""
+    data = _fetch(url, cafile=cafile, timeout=timeout)
+    count = validate_pem_bundle(data)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ca-bundle-", suffix=".pem", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+def run_ca_bundle(args: argparse.Namespace) -> int:
+    """Run ``asyncpg-iam ca-bundle``."""
+    url = args.url or os.environ.get(CA_BUNDLE_URL_ENV) or DEFAULT_CA_BUNDLE_URL
+    output = Path(args.output) if args.output else cache_dir() / CA_BUNDLE_FILENAME
+    count = download_ca_bundle(output, url=url, cafile=args.cafile, timeout=args.timeout)
+    sys.stderr.write(f"{count} certificates from {url}\n")
+    sys.stdout.write(f"{output.resolve()}\n")
+    return 0

@@ -1,0 +1,346 @@
+"""``asyncpg-iam emulate`` and ``asyncpg-iam demo``: a local RDS with IAM, and a pool under load.
+
+Both start the same sandbox on loopback: a throwaway PostgreSQL, the RDS IAM emulator in front
+of it, and a container-credentials endpoint that issues rotating keys the emulator trusts.
+`emulate` prints how to reach it and waits for Ctrl-C; `demo` points an IAM pool at it, runs a
+concurrent workload with short connection lifetimes and shows what the pool does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Sandbox", "run_demo", "run_emulate"]
+
+#: Variables that would make the default chain find other credentials before the sandbox's.
+_AWS_OVERRIDES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
+
+
+def _require_testing() -> Any:
+    try:
+        from . import testing
+    except ImportError as exc:  # trustme missing
+        raise SystemExit(
+            f"asyncpg-iam: this command needs the cli extra ({exc.name} is missing): "
+            "pip install 'asyncpg-iam[cli]'"
+        ) from exc
+    return testing
+
+
+class Sandbox:
+    """A throwaway PostgreSQL, the RDS IAM emulator and a credential endpoint, on loopback."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        endpoint: str | None = None,
+        credential_lifetime: float = 3600.0,
+        sts: bool = False,
+    ) -> None:
+        self._port = port or 0
+        self._endpoint = endpoint
+        self._lifetime = credential_lifetime
+        self._want_sts = sts
+        self.cluster: Any = None
+        self.emulator: Any = None
+        self.credentials: Any = None
+        self.sts: Any = None
+        self.sts_error: str | None = None
+        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    async def __aenter__(self) -> Sandbox:
+        testing = _require_testing()
+        try:
+            self.cluster = await asyncio.to_thread(testing.PostgresCluster().start)
+            self.emulator = testing.RDSIAMEmulator(
+                backend_host=self.cluster.host,
+                backend_port=self.cluster.port,
+                backend_user=self.cluster.user,
+                endpoint=self._endpoint or testing.DEFAULT_ENDPOINT,
+                listen_port=self._port,
+                iam_users=[self.cluster.user],
+            )
+            await self.emulator.start()
+            self.credentials = testing.CredentialServer(lifetime=self._lifetime)
+            self.credentials.add_emulator(self.emulator)
+            self.credentials.start()
+            if self._want_sts:
+                try:
+                    self.sts = await asyncio.to_thread(testing.MotoSTS().start)
+                except ImportError:
+                    self.sts_error = "moto is not installed (pip install 'moto[server]')"
+            self._config_dir = tempfile.TemporaryDirectory(prefix="asyncpg-iam-aws-")
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop everything and remove the PostgreSQL data directory; safe to call twice."""
+        if self.sts is not None:
+            await asyncio.to_thread(self.sts.stop)
+            self.sts = None
+        if self.credentials is not None:
+            await asyncio.to_thread(self.credentials.stop)
+            self.credentials = None
+        if self.emulator is not None:
+            await self.emulator.stop()
+            self.emulator = None
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
+            self.cluster = None
+        if self._config_dir is not None:
+            self._config_dir.cleanup()
+            self._config_dir = None
+
+    def environment(self) -> dict[str, str]:
+        """Return the variables that point the AWS chain and TLS at the sandbox."""
+        assert self._config_dir is not None
+        env = {
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.credentials.url,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_REGION": self.emulator.region,
+            "AWS_CONFIG_FILE": os.path.join(self._config_dir.name, "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self._config_dir.name, "credentials"),
+            "ASYNCPG_IAM_CA_BUNDLE": self.emulator.ca_path,
+            "PGSSLROOTCERT": self.emulator.ca_path,
+        }
+        if self.sts is not None:
+            env["AWS_ENDPOINT_URL_STS"] = self.sts.endpoint_url
+        return env
+
+    def apply_environment(self) -> None:
+        """Point this process's default credential chain at the sandbox."""
+        for name in _AWS_OVERRIDES:
+            os.environ.pop(name, None)
+        os.environ.update(self.environment())
+
+
+# -- emulate ------------------------------------------------------------------------------------
+
+
+def _emulate_banner(sandbox: Sandbox) -> str:
+    emu, cluster = sandbox.emulator, sandbox.cluster
+    user, database = cluster.user, cluster.database
+    host, port, endpoint = emu.host, emu.port, emu.endpoint
+    lines = [
+        "asyncpg-iam emulate: an RDS endpoint with IAM authentication is running on loopback.",
+        "",
+        "Environment for another shell:",
+        f"unset {' '.join(_AWS_OVERRIDES[:6])}",
+    ]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sandbox.environment().items()]
+    lines += [
+        "",
+        "Connection settings:",
+        f"  host={host} port={port} user={user} database={database} sslmode=verify-full",
+        f"  sign tokens for: {endpoint}:{emu.endpoint_port} in {emu.region} "
+        "(IAMAuth(signing_host=...), --signing-host)",
+        f"  CA bundle: {emu.ca_path}",
+        f"  IAM-enabled users: {', '.join(sorted(emu.iam_users))}",
+        f"  credentials: {sandbox.credentials.url} (keys live {sandbox._lifetime:g} s)",
+        f"  PostgreSQL data: {cluster.data_dir} (removed on exit)",
+    ]
+    if sandbox.sts is not None:
+        lines.append(f"  STS (moto): {sandbox.sts.endpoint_url}")
+    elif sandbox.sts_error:
+        lines.append(f"  STS: not started: {sandbox.sts_error}")
+    target = f"--host {host} --port {port} --user {user} --signing-host {endpoint}"
+    lines += [
+        "",
+        "Try:",
+        f"  asyncpg-iam psql {target} -- -c 'SELECT current_user'",
+        f"  asyncpg-iam doctor {target}",
+        f"  python: await asyncpg_iam.create_pool(host={host!r}, port={port}, user={user!r}, "
+        f"database={database!r}, iam=asyncpg_iam.IAMAuth(signing_host={endpoint!r}))",
+        "",
+        "Running until Ctrl-C (SIGINT) or SIGTERM.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def _emulate(args: argparse.Namespace) -> int:
+    stop = _stop_event()
+    sandbox = Sandbox(
+        port=args.port,
+        endpoint=args.endpoint,
+        credential_lifetime=args.credential_lifetime,
+        sts=not args.no_sts,
+    )
+    async with sandbox:
+        data_dir = sandbox.cluster.data_dir
+        sys.stdout.write(_emulate_banner(sandbox))
+        sys.stdout.flush()
+        await stop.wait()
+        sys.stdout.write("stopping...\n")
+        sys.stdout.flush()
+    sys.stdout.write(f"stopped; removed {data_dir.parent}\n")
+    return 0
+
+
+def run_emulate(args: argparse.Namespace) -> int:
+    """Run ``asyncpg-iam emulate``."""
+    return asyncio.run(_emulate(args))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+class _Workload:
+    def __init__(self) -> None:
+        self.queries = 0
+        self.failures = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+
+
+async def _worker(pool: Any, load: _Workload, stop: asyncio.Event, seed: int) -> None:
+    i = seed * 1_000_000
+    while not stop.is_set():
+        i += 1
+        try:
+            async with pool.acquire(timeout=10) as con:
+                got = await con.fetchval("SELECT $1::int + 1", i)
+            if got != i + 1:
+                raise AssertionError(f"SELECT returned {got!r}, expected {i + 1}")
+            load.queries += 1
+        except Exception as exc:
+            load.failures += 1
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            load.errors[f"{type(exc).__name__}: {first}"[:200]] += 1
+            await asyncio.sleep(0.05)
+
+
+def _recycled(stats: Any) -> int:
+    closed = stats.connections_closed
+    return int(closed.get("max_lifetime", 0) + closed.get("discarded_on_acquire", 0))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    import asyncpg_iam
+
+    out = sys.stdout
+    tty = out.isatty()
+    out.write(
+        "asyncpg-iam demo: starting PostgreSQL, the RDS IAM emulator and a credential "
+        "endpoint on loopback...\n"
+    )
+    out.flush()
+    async with Sandbox(credential_lifetime=args.credential_lifetime) as sandbox:
+        sandbox.apply_environment()
+        emu, cluster, creds = sandbox.emulator, sandbox.cluster, sandbox.credentials
+        out.write(
+            f"IAM pool -> {emu.host}:{emu.port} signing for {emu.endpoint} ({emu.region}); "
+            f"{args.workers} workers, max_size {args.max_size}, max_lifetime "
+            f"{args.max_lifetime:g} s, AWS keys rotating every {creds.rotate_every:g} s, "
+            f"{args.duration:g} s\n"
+        )
+        out.flush()
+        load = _Workload()
+        stop = asyncio.Event()
+        started = time.monotonic()
+        pool = await asyncpg_iam.create_pool(
+            host=emu.host,
+            port=emu.port,
+            user=cluster.user,
+            database=cluster.database,
+            ssl=emu.client_ssl_context(),
+            iam=asyncpg_iam.IAMAuth(signing_host=emu.endpoint),
+            min_size=2,
+            max_size=args.max_size,
+            max_lifetime=args.max_lifetime,
+            max_lifetime_jitter=0.3,
+        )
+        try:
+            workers = [
+                asyncio.create_task(_worker(pool, load, stop, n)) for n in range(args.workers)
+            ]
+            last_queries, last_at = 0, time.monotonic()
+            deadline = started + args.duration
+            while (now := time.monotonic()) < deadline:
+                await asyncio.sleep(min(0.5 if tty else 1.0, max(0.0, deadline - now)))
+                now = time.monotonic()
+                rate = (load.queries - last_queries) / max(now - last_at, 1e-6)
+                last_queries, last_at = load.queries, now
+                stats = pool.stats()
+                line = (
+                    f"{now - started:5.1f} s  {rate:7.0f} queries/s  "
+                    f"open {stats.open_connections:2d}  tokens signed {stats.tokens_signed:4d}  "
+                    f"recycled {_recycled(stats):4d}  credential fetches "
+                    f"{stats.credential_fetches} (endpoint: {creds.requests} requests, "
+                    f"{len(creds.issued)} keys)  failed {load.failures}"
+                )
+                out.write(("\r" + line) if tty else (line + "\n"))
+                out.flush()
+            stop.set()
+            await asyncio.gather(*workers)
+            elapsed = time.monotonic() - started
+            stats = pool.stats()
+        finally:
+            stop.set()
+            await pool.close()
+        if tty:
+            out.write("\n")
+        out.write(
+            f"\nSummary: {load.queries} queries in {elapsed:.1f} s "
+            f"({load.queries / elapsed:.0f}/s), {load.failures} failed\n"
+            f"  connections: {stats.connections_opened} opened, {_recycled(stats)} recycled at "
+            f"max_lifetime, {stats.connect_failures} connect failures\n"
+            f"  tokens signed: {stats.tokens_signed}; emulator logins accepted "
+            f"{emu.logins_accepted}, rejected {emu.logins_rejected}\n"
+            f"  credentials: {stats.credential_fetches} fetches by the pool, "
+            f"{len(creds.issued)} keys issued by the endpoint\n"
+        )
+        for error, count in load.errors.most_common(5):
+            out.write(f"  error x{count}: {error}\n")
+    ok = load.failures == 0 and load.queries > 0
+    out.write("demo: OK\n" if ok else "demo: FAILED (see the errors above)\n")
+    return 0 if ok else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run ``asyncpg-iam demo``; exit status 1 if any query failed."""
+    if args.workers < 1 or args.max_size < 1:
+        raise SystemExit("asyncpg-iam demo: --workers and --max-size must be at least 1")
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(_demo(args))
+    return 130

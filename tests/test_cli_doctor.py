@@ -1,0 +1,287 @@
+"""`asyncpg-iam doctor`, run as the installed console script against the emulator, per fault."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from asyncpg_iam._cli_doctor import FAIL, PASS, dns_verdict
+from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
+
+CHECKS = [
+    "proxy",
+    "credentials",
+    "identity",
+    "region",
+    "dns",
+    "tcp",
+    "tls",
+    "clock",
+    "token",
+    "login",
+    "select",
+]
+
+
+def console_script() -> str:
+    """Return the installed `asyncpg-iam` script, or skip the test when it is not installed."""
+    candidate = Path(sys.executable).parent / "asyncpg-iam"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("asyncpg-iam")
+    if found is None:
+        pytest.skip("the asyncpg-iam console script is not installed: run `pip install -e .`")
+    return found
+
+
+async def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
+    """Run the console script without blocking the loop that serves the emulator."""
+    proc = await asyncio.create_subprocess_exec(
+        console_script(),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Setup:
+    """An emulator trusting the credential server's keys, moto for STS, and doctor arguments."""
+
+    def __init__(
+        self,
+        emulator: RDSIAMEmulator,
+        server: PostgresServer,
+        credentials: CredentialServer,
+        sts: MotoSTS,
+    ) -> None:
+        self.emulator = emulator
+        self.server = server
+        self.credentials = credentials
+        self.env = {**os.environ, **sts.env()}
+
+    def args(self, **overrides: str | None) -> list[str]:
+        options: dict[str, str | None] = {
+            "--host": self.emulator.host,
+            "--port": str(self.emulator.port),
+            "--user": self.server.user,
+            "--dbname": self.server.database,
+            "--signing-host": self.emulator.endpoint,
+            "--ca": self.emulator.ca_path,
+            "--timeout": "3",
+        }
+        options.update(
+            {
+                k if k.startswith("-") else "--" + k.replace("_", "-"): v
+                for k, v in overrides.items()
+            }
+        )
+        argv = ["doctor"]
+        for name, value in options.items():
+            if value is not None:
+                argv += [name, value]
+        return argv
+
+    async def doctor(
+        self, *extra: str, env: dict[str, str] | None = None, **overrides: str | None
+    ) -> tuple[int, dict[str, dict[str, Any]], str]:
+        """Run doctor --json; return (exit status, checks by name, all output)."""
+        code, out, err = await run_cli(
+            *self.args(**overrides), "--json", *extra, env=env or self.env
+        )
+        document = json.loads(out)
+        checks = {check["name"]: check for check in document["checks"]}
+        assert [check["name"] for check in document["checks"]] == CHECKS
+        assert document["ok"] is (code == 0)
+        self.assert_no_secrets(out + err)
+        return code, checks, out + err
+
+    def assert_no_secrets(self, text: str) -> None:
+        issued = self.credentials.current_credentials()
+        assert issued["SecretAccessKey"] not in text
+        assert issued["Token"] not in text
+        assert "X-Amz-Signature" not in text
+
+
+@pytest.fixture
+async def setup(
+    rds_emulator: RDSIAMEmulator,
+    postgres_server: PostgresServer,
+    credential_server: CredentialServer,
+    moto_sts: MotoSTS,
+) -> Setup:
+    """A healthy IAM set-up for the doctor to examine."""
+    credential_server.add_emulator(rds_emulator)
+    return Setup(rds_emulator, postgres_server, credential_server, moto_sts)
+
+
+def failing(checks: dict[str, dict[str, Any]]) -> list[str]:
+    return [name for name, check in checks.items() if check["status"] == FAIL]
+
+
+async def test_healthy_setup_passes_every_check(setup: Setup) -> None:
+    """Against a working endpoint every check passes, in the documented order, exit status 0."""
+    code, out, err = await run_cli(*setup.args(), env=setup.env)
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert [line[7:].split()[0] for line in lines[: len(CHECKS)]] == CHECKS
+    assert all(line.startswith("[ OK ]") for line in lines[: len(CHECKS)])
+    assert "default chain (container)" in out
+    assert "arn:aws:sts::" in out
+    assert setup.emulator.logins_accepted == 1
+    setup.assert_no_secrets(out + err)
+    code, checks, _ = await setup.doctor()
+    assert code == 0
+    assert all(check["status"] == PASS for check in checks.values())
+
+
+async def test_wrong_region(setup: Setup) -> None:
+    """A --region that disagrees with the endpoint fails the region check and the login."""
+    code, checks, _ = await setup.doctor(region="eu-west-1")
+    assert code == 1
+    assert failing(checks) == ["region", "login"]
+    assert "us-east-1" in checks["region"]["detail"]
+    assert checks["region"]["fix"] == "drop --region or pass --region us-east-1"
+    assert "PAM authentication failed" in checks["login"]["detail"]
+    assert "Region mismatch" in checks["login"]["fix"]
+    assert setup.emulator.records[-1].reason != "ok"
+
+
+async def test_alias_without_the_real_rds_name(setup: Setup) -> None:
+    """Dialling 'localhost' without --signing-host fails DNS with the fix, and the login."""
+    code, checks, _ = await setup.doctor(host="localhost", signing_host=None)
+    assert code == 1
+    assert failing(checks) == ["dns", "login"]
+    assert "not an RDS endpoint name" in checks["dns"]["detail"]
+    assert "--signing-host" in checks["dns"]["fix"]
+    assert "signing_host" in checks["login"]["fix"]
+
+
+def test_cname_names_the_rds_endpoint_to_sign_for() -> None:
+    """A CNAME to an RDS endpoint: the DNS verdict tells to sign for the canonical RDS name."""
+    rds = "prod.cluster-abc123.eu-west-1.rds.amazonaws.com"
+    check = dns_verdict("db.example.com", ["10.0.0.5"], rds + ".", None)
+    assert check.status == FAIL
+    assert f"CNAME for {rds}" in check.detail
+    assert check.fix is not None
+    assert f"--signing-host {rds}" in check.fix
+    assert dns_verdict("db.example.com", ["10.0.0.5"], rds, rds).status == PASS
+    other = "other.cluster-abc123.eu-west-1.rds.amazonaws.com"
+    assert dns_verdict("db.example.com", ["10.0.0.5"], rds, other).status == FAIL
+
+
+async def test_expired_credentials(setup: Setup) -> None:
+    """Credentials that already expired fail the credentials check; nothing is signed."""
+    setup.credentials.expired = True
+    code, checks, _ = await setup.doctor()
+    assert code == 1
+    assert checks["credentials"]["status"] == FAIL
+    assert "expired" in checks["credentials"]["detail"]
+    assert "renew" in checks["credentials"]["fix"]
+    for name in ("identity", "clock", "token", "login", "select"):
+        assert checks[name]["status"] == "skip", name
+    assert setup.emulator.password_messages == 0
+
+
+async def test_clock_skew(setup: Setup) -> None:
+    """A clock 20 minutes behind fails the clock check, and the login names the skew first."""
+    code, checks, _ = await setup.doctor("--clock-offset", "-1200")
+    assert code == 1
+    assert failing(checks) == ["clock", "login"]
+    assert "1200 s behind" in checks["clock"]["detail"]
+    assert "NTP" in checks["clock"]["fix"]
+    assert checks["login"]["fix"].startswith("(1) Clock skew")
+    assert setup.emulator.records[-1].reason == "expired"
+
+
+async def test_user_not_enabled_for_iam(setup: Setup) -> None:
+    """A user without rds_iam fails only the login, whose fix gives the GRANT and the policy."""
+    setup.emulator.disable_iam_user(setup.server.user)
+    code, checks, _ = await setup.doctor()
+    assert code == 1
+    assert failing(checks) == ["login"]
+    assert checks["select"]["status"] == "skip"
+    assert f'GRANT rds_iam TO "{setup.server.user}";' in checks["login"]["fix"]
+    assert "rds-db:connect on arn:aws:rds-db:us-east-1:" in checks["login"]["fix"]
+    assert setup.emulator.records[-1].reason == "user_not_iam_enabled"
+
+
+async def test_plaintext_server(setup: Setup) -> None:
+    """A server that refuses TLS fails the TLS check, and no token is sent to it."""
+    received = bytearray()
+
+    async def refuse_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(8)
+        received.extend(data)
+        writer.write(b"N")
+        await writer.drain()
+        received.extend(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(refuse_tls, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        code, checks, _ = await setup.doctor(port=str(port))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert code == 1
+    assert failing(checks) == ["tls"]
+    assert "refuses TLS" in checks["tls"]["detail"]
+    assert "never use sslmode" in checks["tls"]["fix"]
+    assert checks["login"]["status"] == "skip"
+    assert b"rds.amazonaws.com" not in received  # no token reached it
+
+
+async def test_bad_ca(setup: Setup, tmp_path: Path) -> None:
+    """A CA bundle that did not sign the server's certificate fails TLS; no token is sent."""
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    code, checks, _ = await setup.doctor(ca=str(other))
+    assert code == 1
+    assert failing(checks) == ["tls"]
+    assert "certificate verification failed" in checks["tls"]["detail"]
+    assert "asyncpg-iam ca-bundle" in checks["tls"]["fix"]
+    assert checks["login"]["status"] == "skip"
+    assert setup.emulator.password_messages == 0
+
+
+async def test_proxy_capturing_the_metadata_address(setup: Setup) -> None:
+    """HTTP_PROXY with a NO_PROXY lacking 169.254.169.254 fails the proxy check with the fix."""
+    env = {
+        **setup.env,
+        "HTTP_PROXY": "http://proxyuser:proxy-password-123@127.0.0.1:9",
+        "NO_PROXY": "localhost,127.0.0.1",
+    }
+    code, checks, output = await setup.doctor(env=env)
+    assert code == 1
+    assert checks["proxy"]["status"] == FAIL
+    assert "169.254.169.254 (instance metadata)" in checks["proxy"]["detail"]
+    assert checks["proxy"]["fix"].startswith("export NO_PROXY=localhost,127.0.0.1,169.254.169.254")
+    assert "proxy-password-123" not in output
+    env["NO_PROXY"] = "localhost,127.0.0.1,169.254.169.254,169.254.170.2"
+    code, checks, _ = await setup.doctor(env=env)
+    assert checks["proxy"]["status"] == PASS, checks["proxy"]
+
+
+async def test_no_credentials_at_all(setup: Setup) -> None:
+    """With no credential source the credentials check fails with where to get some."""
+    env = {k: v for k, v in setup.env.items() if k != "AWS_CONTAINER_CREDENTIALS_FULL_URI"}
+    code, checks, _ = await setup.doctor(env=env)
+    assert code == 1
+    assert failing(checks) == ["credentials"]
+    assert "no AWS credentials found" in checks["credentials"]["detail"]
+    assert "AWS_PROFILE" in checks["credentials"]["fix"]
+    for name in ("identity", "clock", "token", "login", "select"):
+        assert checks[name]["status"] == "skip", name
