@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,23 @@ MAX_TOKEN_REUSE = 840.0
 # A reused token must outlive its signing credentials by at least this much.
 _REUSE_EXPIRY_MARGIN = dt.timedelta(seconds=30)
 _REUSE_CACHE_SIZE = 64
+
+
+_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def _is_host_name(value: object) -> bool:
+    """Tell whether `value` is a DNS name or an IP address (IPv6 optionally in brackets)."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        return False
+    try:
+        ipaddress.ip_address(value[1:-1] if value.startswith("[") else value)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    return all(_HOST_LABEL_RE.match(label) for label in labels)
 
 
 def _check_region(region: str, what: str) -> None:
@@ -84,11 +102,7 @@ class IAMAuth:
                 "a profile"
             )
         self._check_role()
-        if self.signing_host is not None and (
-            not isinstance(self.signing_host, str)
-            or not self.signing_host.strip()
-            or any(c.isspace() or c in "/?#@" for c in self.signing_host)
-        ):
+        if self.signing_host is not None and not _is_host_name(self.signing_host):
             raise ConfigurationError(
                 "signing_host must be the RDS endpoint name to sign for, like "
                 "'mydb.abc123.us-east-1.rds.amazonaws.com'"

@@ -44,6 +44,8 @@ async def test_pool_arguments_are_validated(kwargs: dict[str, Any], message: str
         ({"signing_port": 0}, "signing_port must be a TCP port from 1 to 65535"),
         ({"signing_port": 70000}, "signing_port must be a TCP port from 1 to 65535"),
         ({"signing_host": "db.example.com:5432/x"}, "signing_host must be the RDS endpoint"),
+        ({"signing_host": "mydb.rds.amazonaws.com)"}, "signing_host must be the RDS endpoint"),
+        ({"signing_host": "a..b"}, "signing_host must be the RDS endpoint"),
         ({"token_reuse": 841}, "token_reuse must be seconds from 0"),
         ({"token_reuse": -1}, "token_reuse must be seconds from 0"),
         ({"role_arn": "arn:aws:iam::123:user/x"}, "is not an IAM role ARN"),
@@ -76,7 +78,9 @@ async def test_no_region_from_any_source(monkeypatch: pytest.MonkeyPatch, tmp_pa
         asyncpg_iam.create_pool(host="db.internal", user="app", ssl="require")
 
 
-async def test_region_comes_from_endpoint_then_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_region_comes_from_endpoint_then_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The endpoint name's region wins over AWS_REGION; AWS_REGION serves other names."""
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     pool = asyncpg_iam.create_pool(host=RDS, user="app", ssl="require")

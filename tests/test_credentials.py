@@ -1,5 +1,4 @@
 """The credential cache: fetch counts, refresh ahead, backoff, error messages, assume-role."""
-# ruff: noqa: F811  (pytest fixtures are imported, then named as parameters)
 
 from __future__ import annotations
 
@@ -18,11 +17,7 @@ from asyncpg_iam._credentials import CredentialCache, configured_region, credent
 from asyncpg_iam._errors import ConfigurationError, CredentialsError
 from asyncpg_iam._signing import Credentials, build_auth_token
 from asyncpg_iam.testing._aws import CredentialServer, MotoSTS
-from asyncpg_iam.testing._aws_fixtures import (  # noqa: F401 - fixtures, until a conftest
-    credential_server,
-    isolate_aws_environment,
-    moto_sts,
-)
+from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
 
 UTC = dt.timezone.utc
 

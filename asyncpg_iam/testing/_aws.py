@@ -80,11 +80,11 @@ class CredentialServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._listeners: list[IssueCallback] = []
+        self._current: tuple[str, str, str, dt.datetime, float] | None = None
         for emulator in emulators or ():
             self.add_emulator(emulator)
         if on_issue is not None:
             self._listeners.append(on_issue)
-        self._current: tuple[str, str, str, dt.datetime, float] | None = None
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
