@@ -1,0 +1,269 @@
+"""SQLAlchemy's `AsyncEngine` with IAM tokens and max-lifetime recycling.
+
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    engine = create_async_engine(
+        "postgresql+asyncpg://app@app.cluster-abc.us-east-1.rds.amazonaws.com:5432/app",
+        max_lifetime=900,
+    )
+
+Each new DBAPI connection is opened through SQLAlchemy's ``async_creator`` with a token signed
+from the engine's credential cache, with the same TLS policy as `asyncpg_iam.create_pool`
+(verify-full by default; sslmodes that could send the token in clear are refused) and the same
+diagnosis of refused logins (`IAMAuthenticationError`). Lifetimes work as in the pool, within
+what SQLAlchemy's pool allows:
+
+* each connection gets a deadline drawn from ``[max_lifetime * (1 - jitter), max_lifetime]``;
+* a connection that is due is never handed out: the ``checkout`` hook raises SQLAlchemy's
+  `DisconnectionError`, which makes the pool discard it and connect anew;
+* a connection in use is never interrupted; it is closed when it is checked in past its deadline;
+* ``pool_recycle`` defaults to `max_lifetime`, as a backstop for anything the hooks miss.
+
+SQLAlchemy's pool has no background reaper, so an idle connection past its deadline stays open
+until it is next checked out (and then closed, not used). Pass ``pool_pre_ping=True`` to test
+each connection on checkout as well. Needs the ``sqlalchemy`` extra.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from typing import Any
+
+try:
+    from sqlalchemy import event
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import DisconnectionError
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import create_async_engine as _sa_create_async_engine
+    from sqlalchemy.util import await_only
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "asyncpg_iam.sqlalchemy needs SQLAlchemy 2: pip install asyncpg-iam[sqlalchemy]"
+    ) from exc
+
+import asyncpg
+from asyncpg.exceptions import InvalidAuthorizationSpecificationError
+
+from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord
+from ._clock import SYSTEM_CLOCK
+from ._errors import ConfigurationError, IAMAuthenticationError
+from ._lifetime import TokenBucket, draw_lifetime
+from ._pool import _plan, _validate_pool_options, explain_auth_failure, open_any_host
+
+__all__ = ["create_async_engine"]
+
+logger = logging.getLogger("asyncpg_iam.sqlalchemy")
+
+# Where a connection's deadline (time.monotonic()) is kept in its pool record's `info`.
+_DEADLINE = "asyncpg_iam.deadline"
+# URL options of SQLAlchemy's asyncpg dialect that only its own creator applies.
+_DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
+
+
+class _Connector:
+    """Open one asyncpg connection per call: rate limit, then a token per host tried."""
+
+    def __init__(
+        self,
+        connect_kwargs: dict[str, Any],
+        *,
+        auth: IAMAuth | None,
+        max_connect_rate: float | None,
+        name: str | None,
+    ) -> None:
+        self._plan = _plan(None, connect_kwargs, iam=auth is not None)
+        self._auth = auth
+        self._provider = TokenProvider(auth) if auth is not None else None
+        self._targets: tuple[SigningTarget, ...] = ()
+        if self._provider is not None:
+            self._targets = tuple(
+                self._provider.target(host, port, self._plan.user)
+                for host, port in self._plan.addrs
+            )
+        self._bucket = TokenBucket(max_connect_rate) if max_connect_rate else None
+        first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
+        self.name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
+
+    async def connect(self) -> asyncpg.Connection:
+        """Open a new connection (SQLAlchemy's ``async_creator``)."""
+        if self._bucket is not None:
+            await self._bucket.acquire()
+        kwargs = dict(self._plan.connect_kwargs)
+        if self._provider is None:
+            return await asyncpg.connect(**kwargs)
+        if len(self._targets) == 1:
+            return await self._open_target(self._targets[0], kwargs, override=False)
+        return await open_any_host(
+            self._targets,
+            functools.partial(self._open_target, override=True),
+            kwargs,
+            self._plan.target_session_attrs,
+        )
+
+    async def _open_target(
+        self, target: SigningTarget, kwargs: dict[str, Any], *, override: bool
+    ) -> asyncpg.Connection:
+        provider = self._provider
+        assert provider is not None
+        record = TokenRecord()
+        kwargs = {**kwargs, "password": functools.partial(provider.token, target, record)}
+        if override:
+            kwargs.update(host=target.host, port=target.port)
+        try:
+            return await asyncpg.connect(**kwargs)
+        except InvalidAuthorizationSpecificationError as exc:
+            if isinstance(exc, IAMAuthenticationError):
+                raise
+            raise explain_auth_failure(
+                exc,
+                target,
+                record,
+                provider=provider,
+                database=self._plan.database,
+                now=SYSTEM_CLOCK.now(),
+                owner=f"engine {self.name}",
+            ) from exc
+
+    async def reset(self) -> None:
+        """Close the credential cache's resources and start a fresh one for later connects."""
+        if self._provider is None or self._auth is None:
+            return
+        old, self._provider = self._provider, TokenProvider(self._auth)
+        await old.aclose()
+
+
+def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
+    _args, params = engine.sync_engine.dialect.create_connect_args(engine.url)
+    for name in _DIALECT_ONLY:
+        if name in params:
+            raise ConfigurationError(
+                f"{name} in the URL is applied by SQLAlchemy's own connect, which IAM replaces: "
+                "drop it from the URL (asyncpg's statement_cache_size can go in connect_args)"
+            )
+    return {**params, **(connect_args or {})}
+
+
+def _install_lifetime(
+    engine: AsyncEngine, max_lifetime: float | None, jitter: float, connector: _Connector
+) -> None:
+    sync_engine = engine.sync_engine
+    rng = random.Random()
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        # AsyncEngine.dispose() runs this in SQLAlchemy's greenlet, where awaiting works.
+        reset = connector.reset()
+        try:
+            await_only(reset)
+        except Exception:
+            reset.close()
+            logger.warning(
+                "engine %s: could not close the credential cache on dispose (dispose the "
+                "AsyncEngine, not its sync_engine)",
+                connector.name,
+                exc_info=True,
+            )
+
+    @event.listens_for(sync_engine, "handle_error")
+    def _refused(context: Any) -> BaseException | None:
+        # SQLAlchemy wraps the driver's error; a refused IAM login surfaces as the pool's
+        # IAMAuthenticationError instead, with the same hints. Re-chain the wrapper to
+        # asyncpg's own error so the chain has no cycle.
+        original = context.original_exception
+        cause = getattr(original, "__cause__", None)
+        if isinstance(cause, IAMAuthenticationError):
+            original.__cause__ = cause.__cause__
+            return cause
+        return None
+
+    if max_lifetime is None:
+        return
+
+    def due(record: Any) -> bool:
+        deadline = record.info.get(_DEADLINE)
+        return deadline is not None and time.monotonic() >= deadline
+
+    @event.listens_for(sync_engine, "connect")
+    def _connected(_dbapi_connection: Any, record: Any) -> None:
+        lifetime = draw_lifetime(max_lifetime, jitter, rng)
+        record.info[_DEADLINE] = time.monotonic() + lifetime
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if due(record):
+            logger.debug("engine %s: discarding a connection past its max lifetime", connector.name)
+            # SQLAlchemy closes this connection and checks out a freshly opened one.
+            raise DisconnectionError("connection reached its max lifetime")
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None and due(record):
+            logger.debug("engine %s: closing a connection past its max lifetime", connector.name)
+            record.invalidate()
+
+
+def create_async_engine(
+    url: str | URL = "postgresql+asyncpg://",
+    *,
+    iam: bool | IAMAuth = True,
+    max_lifetime: float | None = 900.0,
+    max_lifetime_jitter: float = 0.1,
+    max_connect_rate: float | None = None,
+    connect_args: dict[str, Any] | None = None,
+    name: str | None = None,
+    **engine_kwargs: Any,
+) -> AsyncEngine:
+    """Create an `AsyncEngine` that signs an IAM token for every new connection.
+
+    `url` is a ``postgresql+asyncpg://user@host:port/database`` URL without a password
+    (``postgresql://`` is taken as asyncpg). `connect_args` are further `asyncpg.connect`
+    arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
+    URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
+    mean for `asyncpg_iam.create_pool`; `name` names the engine in log lines. Every other
+    keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``, ``pool_pre_ping``,
+    ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+
+    Dispose of the engine (``await engine.dispose()``) to release the credential cache.
+    """
+    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
+    if not isinstance(iam, (bool, IAMAuth)):
+        raise ConfigurationError(
+            f"iam must be True (the default AWS credential chain), False (no IAM) or an "
+            f"asyncpg_iam.IAMAuth, not {type(iam).__name__}"
+        )
+    for reserved in ("creator", "async_creator"):
+        if reserved in engine_kwargs:
+            raise ConfigurationError(
+                f"{reserved} cannot be combined with asyncpg_iam's engine: it opens the "
+                "connections itself. Use connect_args for asyncpg.connect() arguments"
+            )
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    if parsed.drivername != "postgresql+asyncpg":
+        raise ConfigurationError(
+            f"asyncpg_iam's engine speaks asyncpg: use a postgresql+asyncpg:// URL, not "
+            f"{parsed.drivername}://"
+        )
+    if max_lifetime is not None:
+        engine_kwargs.setdefault("pool_recycle", max_lifetime)
+    holder: list[_Connector] = []
+
+    async def creator() -> asyncpg.Connection:
+        return await holder[0].connect()
+
+    engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
+    auth = IAMAuth() if iam is True else (iam or None)
+    connector = _Connector(
+        _connect_kwargs(engine, connect_args),
+        auth=auth,
+        max_connect_rate=max_connect_rate,
+        name=name,
+    )
+    holder.append(connector)
+    _install_lifetime(engine, max_lifetime, max_lifetime_jitter, connector)
+    return engine

@@ -1,0 +1,177 @@
+"""Starlette and FastAPI integration: a lifespan that owns an IAM pool, and a dependency.
+
+    from starlette.applications import Starlette
+    import asyncpg_iam.starlette
+
+    app = Starlette(
+        routes=[...],
+        lifespan=asyncpg_iam.starlette.lifespan(
+            host="app.cluster-abc.us-east-1.rds.amazonaws.com", user="app", database="app"
+        ),
+    )
+
+At startup the lifespan creates the pool and opens a first connection, so a database that
+cannot be reached, missing credentials or a refused login fail the startup (with
+`CredentialsError`, `IAMAuthenticationError`, `ConfigurationError` or the connect error)
+instead of the first request. Handlers find the pool in the lifespan state
+(``request.state.pool``, typed by `PoolState`) and in ``app.state.pool``; `connection` hands a
+FastAPI handler a pooled connection. At shutdown the pool closes gracefully, waiting for
+connections in use for up to `close_timeout` seconds, then terminates what is left.
+Needs the ``starlette`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypedDict, cast
+
+try:
+    from starlette.requests import HTTPConnection
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "asyncpg_iam.starlette needs Starlette: pip install asyncpg-iam[starlette]"
+    ) from exc
+
+import asyncpg
+
+from ._errors import ConfigurationError
+from ._pool import Pool, create_pool
+
+__all__ = ["PoolState", "close_pool", "connection", "get_pool", "lifespan"]
+
+logger = logging.getLogger("asyncpg_iam.starlette")
+
+#: The key of the pool in the lifespan state and the attribute on ``app.state``.
+STATE_KEY = "pool"
+
+AppLifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+class PoolState(TypedDict):
+    """The lifespan state the pool is published in: ``request.state.pool``.
+
+    With Starlette's typed state, annotate handlers with ``Request[PoolState]`` and read
+    ``request.state["pool"]``.
+    """
+
+    pool: Pool
+
+
+def lifespan(
+    dsn: str | None = None,
+    *,
+    close_timeout: float = 10.0,
+    app_lifespan: AppLifespan | None = None,
+    **create_pool_kwargs: Any,
+) -> Callable[[Any], AbstractAsyncContextManager[PoolState]]:
+    """Return a lifespan for ``Starlette(lifespan=...)`` / ``FastAPI(lifespan=...)``.
+
+    Takes every argument of `asyncpg_iam.create_pool`, plus `close_timeout` (seconds to wait
+    at shutdown for connections in use before terminating them) and `app_lifespan`, the
+    application's own lifespan: it runs inside this one, after the pool is up (so it can use
+    ``app.state.pool``) and before the pool closes, and its state is merged into this one's.
+    A new pool is created each time the application starts.
+    """
+    if (
+        isinstance(close_timeout, bool)
+        or not isinstance(close_timeout, (int, float))
+        or not close_timeout >= 0
+    ):
+        raise ConfigurationError(
+            f"close_timeout must be seconds >= 0 to wait for connections in use at shutdown, "
+            f"not {close_timeout!r}"
+        )
+
+    @contextlib.asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[PoolState]:
+        # Created here, in the server's event loop: asyncpg pools belong to one loop.
+        pool = create_pool(dsn, **create_pool_kwargs)
+        await _start(pool, close_timeout)
+        app_state = getattr(app, "state", None)
+        if app_state is not None:
+            setattr(app_state, STATE_KEY, pool)
+        try:
+            if app_lifespan is None:
+                yield {"pool": pool}
+            else:
+                async with app_lifespan(app) as inner:
+                    inner = dict(inner or {})
+                    if STATE_KEY in inner:
+                        raise ConfigurationError(
+                            f"the application's lifespan state already has {STATE_KEY!r}: "
+                            "rename it, asyncpg_iam.starlette publishes the pool there"
+                        )
+                    yield cast(PoolState, {**inner, STATE_KEY: pool})
+        finally:
+            if app_state is not None and getattr(app_state, STATE_KEY, None) is pool:
+                delattr(app_state, STATE_KEY)
+            await close_pool(pool, close_timeout)
+
+    return run
+
+
+async def _start(pool: Pool, close_timeout: float) -> None:
+    """Open the pool and one connection; on failure close it and raise, with a note."""
+    try:
+        await pool
+        # min_size may be 0: connect once anyway, so a bad setup fails the startup.
+        async with pool.acquire():
+            pass
+    except BaseException as exc:
+        if isinstance(exc, Exception) and hasattr(exc, "add_note"):
+            exc.add_note(f"asyncpg_iam.starlette: startup could not connect with pool {pool.name}")
+        logger.error(
+            "pool %s: startup failed, could not open a connection: %s: %s",
+            pool.name,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        await close_pool(pool, close_timeout)
+        raise
+    logger.info("pool %s: ready (%d connections)", pool.name, pool.get_size())
+
+
+async def close_pool(pool: Pool, timeout: float) -> bool:
+    """Close `pool` gracefully within `timeout` seconds, else terminate it.
+
+    Returns True when every connection was released and closed in time, False when the
+    pool had to be terminated (connections still in use are cut off).
+    """
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except asyncio.TimeoutError:
+        # asyncpg terminates the pool when its close() is cancelled.
+        logger.warning(
+            "pool %s: connections still in use after %g s at shutdown; terminated them",
+            pool.name,
+            timeout,
+        )
+        return False
+    logger.info("pool %s: closed", pool.name)
+    return True
+
+
+def get_pool(conn: HTTPConnection) -> Pool:
+    """Return the pool the lifespan published, from the lifespan state or ``app.state``."""
+    pool = conn.scope.get("state", {}).get(STATE_KEY)
+    if pool is None:
+        pool = getattr(conn.app.state, STATE_KEY, None)
+    if not isinstance(pool, Pool):
+        raise ConfigurationError(
+            "no asyncpg_iam pool for this request: create the application with "
+            "lifespan=asyncpg_iam.starlette.lifespan(...)"
+        )
+    return pool
+
+
+async def connection(conn: HTTPConnection) -> AsyncIterator[asyncpg.Connection]:
+    """Lend a handler a pooled connection for the request: ``Depends(connection)`` in FastAPI.
+
+    The connection goes back to the pool when the dependency exits.
+    """
+    async with get_pool(conn).acquire() as con:
+        yield con
