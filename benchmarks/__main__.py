@@ -1,0 +1,128 @@
+"""Run the benchmark suite: ``python -m benchmarks [--quick] [--only NAME,...] [--output DIR]``.
+
+Writes ``results.json`` (raw figures), ``results.md`` (the table) and PNG plots to the output
+directory (``benchmarks/results/`` by default), recording the machine, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from . import (
+    _harness,
+    case_connect,
+    case_fetches,
+    case_loop_lag,
+    case_pool_overhead,
+    case_recycling,
+    case_token,
+)
+
+CASES: list[ModuleType] = [
+    case_connect,
+    case_token,
+    case_fetches,
+    case_loop_lag,
+    case_recycling,
+    case_pool_overhead,
+]
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    names = [case.NAME for case in CASES]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short durations and few iterations: a smoke test, not figures to quote",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated cases to run (default: all): {', '.join(names)}",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="directory for results.json, results.md and the plots (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+    args.cases = [case for case in CASES if not chosen or case.NAME in chosen]
+    return args
+
+
+async def _run_cases(args: argparse.Namespace) -> tuple[list[_harness.CaseResult], dict]:
+    needs_env = any(case.NEEDS_ENVIRONMENT for case in args.cases)
+    results: list[_harness.CaseResult] = []
+    async with _maybe_environment(needs_env) as env:
+        for case in args.cases:
+            print(f"-- {case.TITLE} ...", flush=True)
+            gc.collect()
+            started = time.perf_counter()
+            try:
+                result = await case.run(env, args.quick)
+            except Exception as exc:
+                traceback.print_exc()
+                result = _harness.CaseResult(case.NAME, case.TITLE)
+                result.error = f"{type(exc).__name__}: {exc}"
+            result.seconds = time.perf_counter() - started
+            if result.error is None and hasattr(case, "plot"):
+                try:
+                    case.plot(result, args.output)
+                except Exception as exc:
+                    traceback.print_exc()
+                    result.notes.append(f"Plotting failed: {type(exc).__name__}: {exc}")
+            for row in result.rows:
+                status = f" [{row.status} {row.target}]" if row.status else ""
+                print(f"   {row.metric}: {row.value}{status}", flush=True)
+            print(f"   ({result.seconds:.1f} s)", flush=True)
+            results.append(result)
+        command = "python -m benchmarks" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+        head = _harness.header(quick=args.quick, command=command, env=env)
+    return results, head
+
+
+class _maybe_environment:
+    """An `Environment` when some case needs one, else None."""
+
+    def __init__(self, needed: bool) -> None:
+        self._env = _harness.Environment() if needed else None
+
+    async def __aenter__(self) -> _harness.Environment | None:
+        if self._env is not None:
+            await self._env.__aenter__()
+        return self._env
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._env is not None:
+            await self._env.__aexit__(*exc_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen cases and write the results; return the exit status."""
+    args = _parse(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING)
+    results, head = asyncio.run(_run_cases(args))
+    _harness.write_json(args.output / "results.json", head, results)
+    (args.output / "results.md").write_text(_harness.markdown(head, results))
+    print(f"wrote results.json, results.md and plots to {args.output}")
+    return 1 if any(result.error for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

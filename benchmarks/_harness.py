@@ -1,0 +1,487 @@
+"""What every benchmark case shares: the servers, the AWS environment, statistics and output.
+
+`Environment` starts one throwaway PostgreSQL and two RDS IAM emulators in front of it, in the
+benchmark's own event loop: ``emu_any`` accepts any password (the static-password floor) and
+``emu_iam`` verifies every token (SigV4 signature against a registered key, date, host, port,
+region, user). Both relay to the same backend, so the only difference between the two paths is
+the verification itself. A static access key, registered with ``emu_iam``, is exported as
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` so every signer (boto3, botocore, aiobotocore,
+asyncpg-iam) finds it through its default chain; cases that need expiring credentials switch
+the environment to a `CredentialServer` with `Environment.container_credentials`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import secrets
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from asyncpg_iam import Credentials, IAMAuth
+from asyncpg_iam.testing import CredentialServer, PostgresCluster, RDSIAMEmulator
+
+__all__ = [
+    "CaseResult",
+    "Environment",
+    "Row",
+    "interleave",
+    "machine_info",
+    "percentile",
+    "ratio",
+    "summarize",
+    "versions",
+]
+
+#: Variables that would let a default chain find credentials we did not put there.
+_AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
+BENCH_ACCESS_KEY = "AKIABENCHMARKKEY0001"
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the results table: a figure, and the target it is held to (if any)."""
+
+    metric: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def status(self) -> str:
+        """Return "met", "MISSED" or "" (no target)."""
+        if self.met is None:
+            return ""
+        return "met" if self.met else "MISSED"
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """What one case measured: table rows, raw figures for the JSON, notes and plot files."""
+
+    name: str
+    title: str
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    plots: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def add(self, metric: str, value: str, target: str = "", met: bool | None = None) -> None:
+        """Append a table row."""
+        self.rows.append(Row(metric, value, target, met))
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Return the `q`-th percentile (0-100) with linear interpolation between ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = math.ceil(position)
+    if low == high:
+        return ordered[low]
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Return n, min, p50, p95, p99, max and mean of `values`."""
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "mean": sum(values) / len(values),
+    }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """Return numerator / denominator (nan when the denominator is 0)."""
+    return numerator / denominator if denominator else math.nan
+
+
+async def interleave(
+    variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
+) -> dict[str, list[float]]:
+    """Run each variant once per round, rotating the order (A B C, B C A, ...), and collect.
+
+    Each callable measures one sample and returns it; machine drift over the run hits every
+    variant alike, and no variant always runs right after the same other one.
+    """
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(await variants[name]())
+        if index % 50 == 49:
+            gc.collect()
+    return samples
+
+
+# -- machine and versions ----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe the machine: CPU count and model, platform, Python implementation."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python_implementation": platform.python_implementation(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of Python and every library compared."""
+    found = {"python": sys.version.split()[0]}
+    for name in ("asyncpg-iam", "asyncpg", "botocore", "aiobotocore", "boto3", "aiohttp"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+# -- environment -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or with None, remove) environment variables for the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class Environment:
+    """One PostgreSQL, two emulators in front of it and a static key every signer can find.
+
+    Use as ``async with Environment() as env``; `start` needs the PostgreSQL server binaries.
+    """
+
+    def __init__(self, *, max_connections: int = 1200) -> None:
+        self._max_connections = max_connections
+        self._stack = contextlib.ExitStack()
+        self._tmp = Path(tempfile.mkdtemp(prefix="asyncpg-iam-bench-"))
+        self.cluster: PostgresCluster | None = None
+        self.emu_any: RDSIAMEmulator | None = None
+        self.emu_iam: RDSIAMEmulator | None = None
+        self.credentials = Credentials(BENCH_ACCESS_KEY, secrets.token_urlsafe(30))
+        self.server_version = ""
+        self._ssl_any: ssl.SSLContext | None = None
+        self._ssl_iam: ssl.SSLContext | None = None
+
+    async def __aenter__(self) -> Environment:
+        aws = self._tmp / "aws"
+        aws.mkdir()
+        env: dict[str, str | None] = dict.fromkeys(_AWS_VARIABLES)
+        env.update(
+            AWS_CONFIG_FILE=str(aws / "config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(aws / "credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_REGION="us-east-1",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ACCESS_KEY_ID=self.credentials.access_key,
+            AWS_SECRET_ACCESS_KEY=self.credentials.secret_key,
+        )
+        self._stack.enter_context(patched_environ(env))
+        self.cluster = self._stack.enter_context(
+            PostgresCluster(settings={"max_connections": str(self._max_connections)})
+        )
+        server = self.cluster.server
+        common = {
+            "backend_host": server.host,
+            "backend_port": server.port,
+            "backend_user": server.user,
+            "iam_users": [server.user],
+        }
+        self.emu_any = RDSIAMEmulator(accept_any_password=True, **common)
+        self.emu_iam = RDSIAMEmulator(**common)
+        self.emu_iam.register_key(self.credentials.access_key, self.credentials.secret_key)
+        await self.emu_any.start()
+        await self.emu_iam.start()
+        self._ssl_any = self.emu_any.client_ssl_context()
+        self._ssl_iam = self.emu_iam.client_ssl_context()
+        import asyncpg
+
+        con = await asyncpg.connect(**self.direct_kwargs())
+        try:
+            self.server_version = str(await con.fetchval("SHOW server_version"))
+        finally:
+            await con.close()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for emulator in (self.emu_iam, self.emu_any):
+            if emulator is not None:
+                await emulator.stop()
+        self._stack.close()
+
+    @property
+    def user(self) -> str:
+        """The database user every case logs in as."""
+        assert self.cluster is not None
+        return self.cluster.user
+
+    @property
+    def database(self) -> str:
+        """The database every case connects to."""
+        assert self.cluster is not None
+        return self.cluster.database
+
+    def any_kwargs(self) -> dict[str, Any]:
+        """Return connect arguments for the accept-any emulator (no password included)."""
+        assert self.emu_any is not None
+        return {
+            "host": self.emu_any.host,
+            "port": self.emu_any.port,
+            "user": self.user,
+            "database": self.database,
+            "ssl": self._ssl_any,
+        }
+
+    def iam_kwargs(self) -> dict[str, Any]:
+        """Return connect arguments for the verifying emulator (no password included)."""
+        assert self.emu_iam is not None
+        return {
+            "host": self.emu_iam.host,
+            "port": self.emu_iam.port,
+            "user": self.user,
+            "database": self.database,
+            "ssl": self._ssl_iam,
+        }
+
+    def direct_kwargs(self) -> dict[str, Any]:
+        """Return connect arguments for the PostgreSQL server itself (TLS, trust auth)."""
+        assert self.cluster is not None
+        server = self.cluster.server
+        return {
+            "host": server.host,
+            "port": server.port,
+            "user": server.user,
+            "database": server.database,
+            "ssl": self.cluster.client_ssl_context(),
+        }
+
+    @property
+    def signing_host(self) -> str:
+        """The RDS endpoint name tokens are signed for."""
+        assert self.emu_iam is not None
+        return self.emu_iam.endpoint
+
+    @property
+    def signing_port(self) -> int:
+        """The port tokens are signed for."""
+        assert self.emu_iam is not None
+        return self.emu_iam.endpoint_port
+
+    @property
+    def region(self) -> str:
+        """The region tokens are signed for."""
+        assert self.emu_iam is not None
+        return self.emu_iam.region
+
+    def iam_auth(self, **overrides: Any) -> IAMAuth:
+        """Return IAM settings that sign for the verifying emulator's endpoint."""
+        return IAMAuth(signing_host=self.signing_host, **overrides)
+
+    @contextlib.contextmanager
+    def container_credentials(self, server: CredentialServer) -> Iterator[None]:
+        """Within the block, the default chain finds `server`'s credentials, not the static key.
+
+        Keys the server issues are registered with the verifying emulator.
+        """
+        assert self.emu_iam is not None
+        server.add_emulator(self.emu_iam)
+        env: dict[str, str | None] = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
+        env.update(server.env())
+        with patched_environ(env):
+            yield
+
+
+@contextlib.contextmanager
+def isolated_aws() -> Iterator[None]:
+    """Hide the host's AWS configuration (for cases that run without an `Environment`)."""
+    with tempfile.TemporaryDirectory(prefix="asyncpg-iam-bench-aws-") as tmp:
+        env: dict[str, str | None] = dict.fromkeys(_AWS_VARIABLES)
+        env.update(
+            AWS_CONFIG_FILE=str(Path(tmp) / "config"),
+            AWS_SHARED_CREDENTIALS_FILE=str(Path(tmp) / "credentials"),
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_REGION="us-east-1",
+        )
+        with patched_environ(env):
+            yield
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) with None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, header: dict[str, Any], results: list[CaseResult]) -> None:
+    """Write the header and every case's rows and raw figures as JSON."""
+    document = {
+        **header,
+        "cases": {
+            result.name: {
+                "title": result.title,
+                "seconds": round(result.seconds, 2),
+                "error": result.error,
+                "rows": [dataclasses.asdict(row) for row in result.rows],
+                "notes": result.notes,
+                "plots": result.plots,
+                "figures": result.figures,
+            }
+            for result in results
+        },
+    }
+    path.write_text(json.dumps(_clean(document), indent=1, default=_json_default) + "\n")
+
+
+def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str = "##") -> str:
+    """Return the results as Markdown: what ran where, then one table per case."""
+    machine = header["machine"]
+    found = header["versions"]
+    lines = [
+        f"{heading} Benchmark results",
+        "",
+        f"Run {header['date']} on {machine['cpu_count']} CPUs ({machine['cpu_model']}), "
+        f"{machine['platform']}; PostgreSQL {header.get('postgresql', '?')}"
+        + (" -- **quick run (smoke test figures, not for quoting)**" if header["quick"] else "")
+        + ".",
+        "",
+        "Versions: " + ", ".join(f"{name} {version}" for name, version in found.items()) + ".",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+    ]
+    for result in results:
+        lines += [f"{heading}# {result.title}", ""]
+        if result.error is not None:
+            lines += [f"Failed: `{result.error}`", ""]
+        if result.rows:
+            lines += ["| figure | value | target | |", "|---|---|---|---|"]
+            for row in result.rows:
+                status = {"met": "met", "MISSED": "**missed**", "": ""}[row.status]
+                lines.append(f"| {row.metric} | {row.value} | {row.target} | {status} |")
+            lines.append("")
+        for note in result.notes:
+            lines += [note, ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def header(*, quick: bool, command: str, env: Environment | None) -> dict[str, Any]:
+    """Return what every results file records: date, machine, versions, command."""
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "quick": quick,
+        "command": command,
+        "machine": machine_info(),
+        "versions": versions(),
+        "postgresql": env.server_version if env is not None else None,
+    }
+
+
+def new_figure(width: float = 8.0, height: float = 4.5, *, rows: int = 1) -> Any:
+    """Return a matplotlib (figure, axes) pair on the Agg backend; `rows` stacks axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, 1, figsize=(width, height), dpi=100, sharex=rows > 1)
+
+
+def save_figure(figure: Any, path: Path) -> str:
+    """Save and close `figure`; return the file name."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path.name
+
+
+def now() -> float:
+    """Return a high-resolution timestamp in seconds (for intervals only)."""
+    return time.perf_counter()
