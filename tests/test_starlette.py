@@ -138,6 +138,7 @@ async def test_requests_survive_rotations_and_lifetimes(
             stats = pool.stats()
         issued = len(creds.issued)
 
+    print(f"{len(pids)} requests, {len(failures)} failed, {issued} keys issued, {stats}")
     assert failures == []
     assert len(pids) > 500
     assert issued >= 3, "credentials rotated at least twice"
