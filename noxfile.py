@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -27,6 +29,28 @@ def pool(session: nox.Session, asyncpg: str) -> None:
     """Run the pool's tests against one asyncpg minor version."""
     session.install("-e", ".[test]", f"asyncpg=={asyncpg}.*")
     session.run("pytest", *POOL_TESTS, *session.posargs)
+
+
+# The integration tests the container lane runs (those present), and its own proof test.
+CONTAINER_TESTS = [
+    "tests/test_container_backend.py",
+    "tests/test_emulator*.py",
+    "tests/test_pool.py",
+    "tests/test_starlette.py",
+    "tests/test_sqlalchemy.py",
+]
+
+
+@nox.session(python=PYTHON)
+def containers(session: nox.Session) -> None:
+    """Run the integration tests against testcontainers' PostgreSQL.
+
+    The engine comes from the environment (DOCKER_HOST and TESTCONTAINERS_* as testcontainers
+    reads them; ASYNCPG_IAM_TEST_PG_IMAGE picks the image). Without an engine the tests fail.
+    """
+    session.install("-e", ".[test]")
+    paths = sorted({path for pattern in CONTAINER_TESTS for path in glob.glob(pattern)})
+    session.run("pytest", *paths, *session.posargs, env={"ASYNCPG_IAM_TEST_BACKEND": "container"})
 
 
 @nox.session(python=PYTHON)

@@ -407,7 +407,11 @@ class RDSIAMEmulator:
         return frozenset(self._iam_users)
 
     async def ensure_role(self, user: str) -> None:
-        """Create a LOGIN role `user` on the backend unless it exists (as `backend_user`)."""
+        """Create a LOGIN role `user` on the backend unless it exists (as `backend_user`).
+
+        With `backend_password` the role gets that password too, since the relay answers the
+        backend's password requests with it for every user.
+        """
         import asyncpg
 
         conn = await asyncpg.connect(
@@ -422,8 +426,11 @@ class RDSIAMEmulator:
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user)
             if not exists:
                 quoted = '"' + user.replace('"', '""') + '"'
+                password = ""
+                if self._backend_password is not None:
+                    password = " PASSWORD '" + self._backend_password.replace("'", "''") + "'"
                 with contextlib.suppress(asyncpg.DuplicateObjectError):
-                    await conn.execute(f"CREATE ROLE {quoted} LOGIN")
+                    await conn.execute(f"CREATE ROLE {quoted} LOGIN{password}")
         finally:
             await conn.close()
 

@@ -8,15 +8,17 @@ Fixtures:
 
 - ``postgres_server`` (session): a `PostgresServer`. The backend is the first that answers of:
   a DSN in ``ASYNCPG_IAM_TEST_DSN``; a throwaway cluster from the local PostgreSQL binaries;
-  testcontainers' PostgreSQL when a Docker engine answers. Otherwise the tests that need it
-  are skipped with a message saying how to get one. ``ASYNCPG_IAM_TEST_BACKEND=dsn|local|container``
-  forces one.
+  testcontainers' PostgreSQL when a Docker engine answers (image ``ASYNCPG_IAM_TEST_PG_IMAGE``,
+  default ``postgres:16-alpine``; one container for the whole session). Otherwise the tests that
+  need it are skipped with a message saying how to get one.
+  ``ASYNCPG_IAM_TEST_BACKEND=dsn|local|container`` forces one: then a backend that cannot be had
+  fails the tests instead of skipping them, so a lane never passes on the wrong backend.
 - ``rds_access_key``: the `AccessKey` the emulator trusts (fresh secret each session).
 - ``rds_emulator``: a started `RDSIAMEmulator` in front of ``postgres_server``, with the
   backend's user enabled for IAM and ``rds_access_key`` registered.
 - ``credential_server`` and ``moto_sts``: see `asyncpg_iam.testing.CredentialServer`.
 
-The pytest header names the backend that will be used.
+The pytest header names the backend that will be used, the terminal summary the one that was.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -37,8 +40,11 @@ from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, f
 __all__ = [
     "BACKEND_PROVIDERS",
     "BACKEND_VARIABLE",
+    "DEFAULT_PG_IMAGE",
     "DSN_VARIABLE",
+    "PG_IMAGE_VARIABLE",
     "BackendUnavailable",
+    "backend_container",
     "postgres_server",
     "rds_access_key",
     "rds_emulator",
@@ -47,6 +53,8 @@ __all__ = [
 
 DSN_VARIABLE = "ASYNCPG_IAM_TEST_DSN"
 BACKEND_VARIABLE = "ASYNCPG_IAM_TEST_BACKEND"
+PG_IMAGE_VARIABLE = "ASYNCPG_IAM_TEST_PG_IMAGE"
+DEFAULT_PG_IMAGE = "postgres:16-alpine"
 _HOW_TO_GET_ONE = (
     "no PostgreSQL for the asyncpg-iam tests: install the server binaries "
     "(apt-get install -y postgresql), or set ASYNCPG_IAM_TEST_DSN=postgresql://user@host:port/db "
@@ -92,24 +100,58 @@ def local_backend(stack: contextlib.ExitStack) -> PostgresServer:
     return cluster.server
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# The containers this session started, by the server they provide (see `backend_container`),
+# and what the terminal summary says about each (kept after the container is gone).
+_containers: dict[PostgresServer, Any] = {}
+_container_notes: dict[PostgresServer, str] = {}
+
+
 def container_backend(stack: contextlib.ExitStack) -> PostgresServer:
-    """Start testcontainers' PostgreSQL when a Docker engine answers."""
+    """Start testcontainers' PostgreSQL when a Docker engine answers.
+
+    The image is ``ASYNCPG_IAM_TEST_PG_IMAGE`` (default `DEFAULT_PG_IMAGE`); it needs no TLS
+    (the emulator in front provides it) and logs in with a random password.
+    """
     try:
         from testcontainers.community.postgres import PostgresContainer
     except ImportError:
         try:  # testcontainers < 4.14 has no `community` namespace
             from testcontainers.postgres import PostgresContainer
         except ImportError as exc:
-            raise BackendUnavailable("testcontainers is not installed") from exc
+            raise BackendUnavailable(
+                "testcontainers is not installed (pip install testcontainers)"
+            ) from exc
+    image = os.environ.get(PG_IMAGE_VARIABLE) or DEFAULT_PG_IMAGE
+    engine = os.environ.get("DOCKER_HOST") or "the default Docker socket"
     try:
-        container = PostgresContainer("postgres:16-alpine")
+        # testcontainers connects to the engine here: no engine raises DockerException.
+        container = PostgresContainer(
+            image,
+            username="postgres",
+            password=secrets.token_urlsafe(18),
+            dbname="asyncpg_iam_test",
+            driver=None,
+        )
     except Exception as exc:  # docker.errors.DockerException and kin: no engine
-        raise BackendUnavailable(f"no Docker engine answers ({type(exc).__name__})") from exc
+        raise BackendUnavailable(
+            f"no Docker engine answers at {engine} ({_first_line(exc)}); start one, or set "
+            "DOCKER_HOST to one"
+        ) from exc
     try:
-        stack.enter_context(container)
+        container.start()
     except Exception as exc:
-        raise BackendUnavailable(f"the PostgreSQL container did not start: {exc}") from exc
-    return PostgresServer(
+        with contextlib.suppress(Exception):
+            container.stop()
+        raise BackendUnavailable(
+            f"the PostgreSQL container ({image}) did not start on {engine}: {_first_line(exc)}"
+        ) from exc
+    stack.callback(container.stop)
+    server = PostgresServer(
         host=container.get_container_host_ip(),
         port=int(container.get_exposed_port(5432)),
         user=container.username,
@@ -117,6 +159,21 @@ def container_backend(stack: contextlib.ExitStack) -> PostgresServer:
         kind="container",
         password=container.password,
     )
+    _containers[server] = container
+    stack.callback(_containers.pop, server, None)
+    _container_notes[server] = (
+        f" in container {container.get_wrapped_container().short_id} ({image}) on {engine}"
+    )
+    return server
+
+
+def backend_container(server: PostgresServer) -> Any | None:
+    """Return the testcontainers container behind `server`, or None when it is not one of ours.
+
+    The object is testcontainers' ``PostgresContainer`` (``exec()``,
+    ``get_wrapped_container()``...), for tests that look inside the container.
+    """
+    return _containers.get(server)
 
 
 BACKEND_PROVIDERS: dict[str, BackendProvider] = {
@@ -134,9 +191,10 @@ def select_backend(stack: contextlib.ExitStack) -> PostgresServer:
         raise BackendUnavailable(
             f"{BACKEND_VARIABLE}={forced!r}: choose one of {', '.join(BACKEND_PROVIDERS)}"
         )
-    names = [forced] if forced else list(BACKEND_PROVIDERS)
+    if forced:  # the caller chose: say why that one failed, not how to get any other
+        return BACKEND_PROVIDERS[forced](stack)
     reasons: list[str] = []
-    for name in names:
+    for name in BACKEND_PROVIDERS:
         try:
             return BACKEND_PROVIDERS[name](stack)
         except BackendUnavailable as exc:
@@ -144,8 +202,16 @@ def select_backend(stack: contextlib.ExitStack) -> PostgresServer:
     raise BackendUnavailable(f"{_HOW_TO_GET_ONE} ({'; '.join(reasons)})")
 
 
+def _container_plan() -> str:
+    image = os.environ.get(PG_IMAGE_VARIABLE) or DEFAULT_PG_IMAGE
+    engine = os.environ.get("DOCKER_HOST") or "the default Docker socket"
+    return f"testcontainers PostgreSQL ({image}) on {engine}"
+
+
 def _planned_backend() -> str:
     forced = os.environ.get(BACKEND_VARIABLE)
+    if forced == "container":
+        return f"container (forced by {BACKEND_VARIABLE}): {_container_plan()}"
     if forced:
         return f"{forced} (forced by {BACKEND_VARIABLE})"
     dsn = os.environ.get(DSN_VARIABLE)
@@ -155,10 +221,11 @@ def _planned_backend() -> str:
     try:
         return f"local PostgreSQL binaries in {find_postgres_bin()}"
     except PostgresNotFoundError:
-        return "testcontainers PostgreSQL if a Docker engine answers, else skipped"
+        return f"{_container_plan()} if an engine answers, else skipped"
 
 
 _chosen: list[PostgresServer] = []
+_unavailable: list[str] = []
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -169,16 +236,27 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the PostgreSQL backend that was used, if any."""
     for server in _chosen:
-        terminalreporter.write_line(f"asyncpg-iam test backend used: {server!r}")
+        note = _container_notes.get(server, "")
+        terminalreporter.write_line(f"asyncpg-iam test backend used: {server!r}{note}")
+    for reason in _unavailable:
+        terminalreporter.write_line(f"asyncpg-iam test backend: none ({reason})")
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """Provide a PostgreSQL server for the whole session (skip when there is none)."""
+    """Provide a PostgreSQL server for the whole session.
+
+    Skip when there is none; fail when the backend forced by ``ASYNCPG_IAM_TEST_BACKEND``
+    cannot be had, so a lane meant for one backend never passes without it.
+    """
     with contextlib.ExitStack() as stack:
         try:
             server = select_backend(stack)
         except BackendUnavailable as exc:
+            _unavailable.append(str(exc))
+            forced = os.environ.get(BACKEND_VARIABLE)
+            if forced:
+                pytest.fail(f"{BACKEND_VARIABLE}={forced} but it is unavailable: {exc}")
             pytest.skip(str(exc))
         _chosen.append(server)
         yield server
