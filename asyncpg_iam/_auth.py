@@ -54,7 +54,7 @@ def _is_host_name(value: object) -> bool:
 
 
 def _check_region(region: str, what: str) -> None:
-    if not _REGION_RE.match(region):
+    if not isinstance(region, str) or not _REGION_RE.match(region):
         raise ConfigurationError(
             f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
         )

@@ -167,7 +167,12 @@ def _validate_pool_options(
 def _dsn_query(dsn: str | None) -> dict[str, list[str]]:
     if not dsn:
         return {}
-    return urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    try:
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"invalid dsn: {exc}; pass one like 'postgresql://user@host:5432/database'"
+        ) from exc
 
 
 def _tls_kwargs(dsn: str | None, connect_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +207,8 @@ def _parse(dsn: str | None, connect_kwargs: dict[str, Any]) -> tuple[Any, Any]:
     arguments["dsn"] = dsn
     try:
         addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError) as exc:
+    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
+        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
         raise ConfigurationError(f"invalid connection settings: {exc}") from exc
     return addrs, params
 
@@ -377,12 +383,15 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._max_lifetime = max_lifetime
         first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
         self._name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
-        super().__init__(
-            dsn,
-            connect=_bound_connect(weakref.ref(self)),
-            **pool_kwargs,
-            **self._plan.connect_kwargs,
-        )
+        try:
+            super().__init__(
+                dsn,
+                connect=_bound_connect(weakref.ref(self)),
+                **pool_kwargs,
+                **self._plan.connect_kwargs,
+            )
+        except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
+            raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._recycler = Recycler(
             self,
             max_lifetime=max_lifetime,

@@ -13,7 +13,7 @@ from botocore.credentials import Credentials
 
 from asyncpg_iam.testing import AccessKey, RDSIAMEmulator
 
-pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]
+pytest_plugins = ["asyncpg_iam.testing.pytest_plugin", "asyncpg_iam.testing._leak_guard"]
 
 
 class TokenFactory(Protocol):

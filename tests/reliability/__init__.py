@@ -1,0 +1,1 @@
+"""Reliability and security: faults, load, bad input and secrets (run alone: -m reliability)."""
