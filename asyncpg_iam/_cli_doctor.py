@@ -482,8 +482,9 @@ class Doctor:
         """Compare this host's clock with the Date of an AWS (STS) response."""
         if self.aws_date is None or self.aws_local is None:
             return Check("clock", SKIP, "needs an STS response (the identity check)")
-        skew = (self.aws_local - self.aws_date).total_seconds()
-        # The Date header has whole seconds: do not count its rounding as skew.
+        # The Date header is truncated to whole seconds: compare with the middle of its second,
+        # and do not count what is left of the truncation as skew.
+        skew = (self.aws_local - self.aws_date).total_seconds() - 0.5
         skew = 0.0 if abs(skew) < 1.0 else skew
         local = self.aws_local.isoformat(timespec="seconds")
         if abs(skew) > MAX_CLOCK_SKEW:
