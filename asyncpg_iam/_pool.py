@@ -550,7 +550,23 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             _refill(weakref.ref(self)), name=f"asyncpg_iam refill {self._name}"
         )
 
-    # -- closing ---------------------------------------------------------------------------
+    # -- opening and closing ---------------------------------------------------------------
+
+    async def _async__init__(self) -> Any:
+        starting = not self._initialized
+        result = await super()._async__init__()
+        if starting:
+            logger.info(
+                "pool %s: ready with %d connection(s) (min_size=%d, max_size=%d, iam=%s, "
+                "max_lifetime=%s)",
+                self._name,
+                self.get_size(),
+                self.get_min_size(),
+                self.get_max_size(),
+                self._provider.credentials.source if self._provider is not None else "off",
+                self._max_lifetime,
+            )
+        return result
 
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
@@ -559,6 +575,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             await super().close()
         finally:
             await self._shutdown()
+            logger.info("pool %s: closed; %s", self._name, self.stats())
 
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""

@@ -19,11 +19,12 @@ def test_supported_version() -> None:
 
 
 def test_pool_methods_we_override_exist() -> None:
-    """Pool._get_new_connection, _acquire, release and close keep their shapes."""
+    """Pool._get_new_connection, _acquire, _async__init__ and release keep their shapes."""
     pool_cls = asyncpg.pool.Pool
     assert list(inspect.signature(pool_cls._acquire).parameters) == ["self", "timeout"]
     assert list(inspect.signature(pool_cls._get_new_connection).parameters) == ["self"]
     assert "timeout" in inspect.signature(pool_cls.release).parameters
+    assert list(inspect.signature(pool_cls._async__init__).parameters) == ["self"]
     for name in ("_holders", "_queue", "_generation", "_initialized", "_minsize"):
         assert name in pool_cls.__slots__ or name in inspect.getsource(pool_cls.__init__)
 
