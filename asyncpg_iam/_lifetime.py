@@ -20,6 +20,7 @@ fails loudly rather than silently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import random
@@ -51,37 +52,40 @@ def draw_lifetime(max_lifetime: float, jitter: float, rng: random.Random) -> flo
 class TokenBucket:
     """Allow at most `rate` events a second, in bursts of at most `burst`.
 
-    A generic cell rate algorithm: each event books the next free slot, so waiters are served
-    in arrival order without holding a lock while they wait. A waiter that is cancelled keeps
-    its slot booked, which only ever errs on the side of fewer events.
+    Spacing is measured between the times events are actually granted, not booked, so an event
+    loop that stalls and wakes several waiters late still lets them through one interval apart.
+    Waiters are served in arrival order; one that is cancelled while it waits takes no slot.
     """
 
     def __init__(self, rate: float, *, burst: int = 1, clock: Clock = SYSTEM_CLOCK) -> None:
-        if rate <= 0:
+        if not rate > 0:
             raise ValueError("rate must be > 0")
         self._interval = 1.0 / rate
-        self._tolerance = (max(1, burst) - 1) * self._interval
+        self._burst = max(1, burst)
         self._clock = clock
-        self._theoretical_arrival = clock.monotonic()
+        self._granted: collections.deque[float] = collections.deque(maxlen=self._burst)
+        self._lock = asyncio.Lock()
 
     @property
     def rate(self) -> float:
         """Events allowed per second."""
         return 1.0 / self._interval
 
-    def book(self) -> float:
-        """Book the next slot; return how many seconds from now it starts (0.0: now)."""
-        now = self._clock.monotonic()
-        start = max(self._theoretical_arrival - self._tolerance, now)
-        self._theoretical_arrival = max(self._theoretical_arrival, now) + self._interval
-        return start - now
-
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited (0.0 when one was free)."""
-        wait = self.book()
-        if wait > 0:
-            await self._clock.sleep(wait)
-        return wait
+        clock = self._clock
+        started = clock.monotonic()
+        waited = self._lock.locked()  # others are ahead: this one waits its turn
+        async with self._lock:
+            while len(self._granted) == self._burst:
+                wait = self._granted[0] + self._burst * self._interval - clock.monotonic()
+                if wait <= 0:
+                    break
+                waited = True
+                await clock.sleep(wait)
+            now = clock.monotonic()
+            self._granted.append(now)
+        return now - started if waited else 0.0
 
 
 class _Tracked:
