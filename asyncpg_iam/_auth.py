@@ -214,6 +214,7 @@ class TokenProvider:
             clock=clock,
         )
         self.tokens_signed = 0
+        self._closed = False
         self.token_reuses = 0
         self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
         self._reusable = OrderedDict()
@@ -281,6 +282,7 @@ class TokenProvider:
                     self.token_reuses += 1
                     if record is not None:
                         record.signed_at, record.reused = signed_at, True
+                        record.credentials_expiry = expiry
                     return token
         token = build_auth_token(
             host=target.signing_host,
@@ -301,6 +303,8 @@ class TokenProvider:
         return token
 
     async def aclose(self) -> None:
-        """Release the credential cache's resources (background refresh, STS clients)."""
+        """Release the credential cache's resources (background refresh, STS clients) once."""
         self._reusable.clear()
-        await self.credentials.aclose()
+        if not self._closed:
+            self._closed = True
+            await self.credentials.aclose()

@@ -137,7 +137,11 @@ class CredentialCache:
             if expiry is None:
                 return current
             if (expiry - self._clock.now()).total_seconds() > self._margin:
-                if self._task is None and self._clock.monotonic() >= self._refresh_due:
+                if (
+                    self._task is None
+                    and not self._closed
+                    and self._clock.monotonic() >= self._refresh_due
+                ):
                     self._start_fetch()
                 return current
         return await self._get_slow()

@@ -113,7 +113,7 @@ class Recycler:
         *,
         max_lifetime: float | None,
         jitter: float,
-        on_closed: Callable[[str], None],
+        on_closed: weakref.WeakMethod[Callable[[str], None]],
         rng: random.Random | None = None,
     ) -> None:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
@@ -124,8 +124,8 @@ class Recycler:
         self._tracked: weakref.WeakKeyDictionary[Connection, _Tracked] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def track(self, con: Connection) -> None:
-        """Start the lifetime of a newly opened connection."""
+    def track(self, con: Connection, started: float | None = None) -> None:
+        """Start the lifetime of a newly opened connection, counted from `started` (loop time)."""
         state = _Tracked()
         self._tracked[con] = state
         con.add_termination_listener(functools.partial(self._closed, state))
@@ -133,8 +133,8 @@ class Recycler:
             return
         loop = asyncio.get_running_loop()
         lifetime = draw_lifetime(self._max_lifetime, self._jitter, self._rng)
-        state.deadline = loop.time() + lifetime
-        state.timer = loop.call_later(lifetime, self._on_deadline, weakref.ref(con))
+        state.deadline = (loop.time() if started is None else started) + lifetime
+        state.timer = loop.call_at(state.deadline, self._on_deadline, weakref.ref(con))
 
     def deadline(self, con: Connection) -> float | None:
         """Return the loop time at which `con` is due, or None if it has no lifetime."""
@@ -166,7 +166,15 @@ class Recycler:
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
-        self._on_closed(state.reason or "other")
+        on_closed = self._on_closed()
+        if on_closed is not None:
+            on_closed(state.reason or "other")
+
+    def retire_if_idle_and_due(self, holder: Any) -> None:
+        """Retire the holder's connection now if it is idle in the queue and past its deadline."""
+        con = holder._con
+        if con is not None and self.is_due(con):
+            self._on_deadline(weakref.ref(con))
 
     def _on_deadline(self, con_ref: weakref.ref[Connection]) -> None:
         con = con_ref()
@@ -196,8 +204,11 @@ class Recycler:
         logger.debug("retiring an idle connection at its max lifetime")
         try:
             await con.close(timeout=_CLOSE_TIMEOUT)
-        except (Exception, asyncio.CancelledError):
+        except Exception:
             con.terminate()
+        except asyncio.CancelledError:
+            con.terminate()
+            raise
         finally:
             if holder._con is con:
                 holder._con = None

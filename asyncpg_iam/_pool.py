@@ -83,6 +83,8 @@ _PARSE_PARAMETERS = tuple(
     inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
 )
 _INSECURE_SSLMODES = {"disable", "allow", "prefer"}
+# How long closing a connection found due on acquire may take before it is terminated.
+_DISCARD_CLOSE_TIMEOUT = 5.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -215,7 +217,13 @@ def _parse(dsn: str | None, connect_kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 def _plan(dsn: str | None, connect_kwargs: dict[str, Any], *, iam: bool) -> _ConnectPlan:
     if iam:
-        if connect_kwargs.get("password") is not None:
+        dsn_password = None
+        if dsn:
+            try:
+                dsn_password = urllib.parse.urlsplit(dsn).password
+            except ValueError:
+                dsn_password = None  # _parse reports the malformed DSN
+        if connect_kwargs.get("password") is not None or dsn_password:
             raise ConfigurationError(
                 "password cannot be combined with IAM authentication: the token is the "
                 "password. Drop password=..., or pass iam=False for a static password"
@@ -396,10 +404,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             self,
             max_lifetime=max_lifetime,
             jitter=max_lifetime_jitter,
-            on_closed=self._on_connection_closed,
+            on_closed=weakref.WeakMethod(self._on_connection_closed),
         )
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        # Loop time at which each new connection's login began (read once it joins the pool).
+        self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -442,20 +453,26 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _get_new_connection(self) -> Any:
         con = await super()._get_new_connection()
         self._counters.opened += 1
-        self._recycler.track(con)
+        # The lifetime starts at the login, so connect and init time count against it.
+        self._recycler.track(con, self._login_started.pop(con, None))
         logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
         return con
 
+    async def _throttle(self) -> None:
+        """Take a slot of the connect rate limit; every login attempt takes one."""
+        if self._bucket is not None and await self._bucket.acquire() > 0:
+            self._counters.connects_rate_limited += 1
+
     async def _open(self, *args: Any, **kwargs: Any) -> Any:
-        """Open one connection: the rate limit, then a token per host tried."""
-        if self._bucket is not None:
-            waited = await self._bucket.acquire()
-            if waited > 0:
-                self._counters.connects_rate_limited += 1
+        """Open one connection: a token per host tried, each login within the rate limit."""
         self._counters.connect_attempts += 1
         try:
             if self._provider is None:
-                return await self._user_connect(*args, **kwargs)
+                await self._throttle()
+                started = self._loop.time()
+                con = await self._user_connect(*args, **kwargs)
+                self._login_started[con] = started
+                return con
             if len(self._targets) == 1:
                 return await self._open_target(self._targets[0], args, kwargs, override=False)
             return await self._open_multi_host(args, kwargs)
@@ -480,18 +497,22 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         override: bool,
     ) -> Any:
         assert self._provider is not None
+        await self._throttle()
         record = TokenRecord()
         password = functools.partial(self._provider.token, target, record)
         kwargs = {**kwargs, "password": password}
         if override:
             kwargs.update(host=target.host, port=target.port)
+        started = self._loop.time()
         try:
-            return await self._user_connect(*args, **kwargs)
+            con = await self._user_connect(*args, **kwargs)
         except InvalidAuthorizationSpecificationError as exc:
             if isinstance(exc, IAMAuthenticationError):
                 raise
             self._counters.auth_failures += 1
             raise self._explain(exc, target, record) from exc
+        self._login_started[con] = started
+        return con
 
     def _explain(
         self,
@@ -523,7 +544,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
             self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
-            await super().release(proxy)
+            close_timeout = _DISCARD_CLOSE_TIMEOUT if remaining is None else max(remaining, 0.1)
+            await super().release(proxy, timeout=min(close_timeout, _DISCARD_CLOSE_TIMEOUT))
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         """Release a connection back to the pool; one past its lifetime is closed instead."""
@@ -532,6 +554,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         if con is not None and holder is not None and self._recycler.is_due(con):
             self._recycler.retire_on_release(holder)
         await super().release(connection, timeout=timeout)
+        if holder is not None:
+            # Its deadline may have passed while asyncpg reset it (after its own check).
+            self._recycler.retire_if_idle_and_due(holder)
 
     def _on_connection_closed(self, reason: str) -> None:
         self._counters.closed[reason] += 1
@@ -554,7 +579,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     async def _async__init__(self) -> Any:
         starting = not self._initialized
-        result = await super()._async__init__()
+        try:
+            result = await super()._async__init__()
+        except BaseException:
+            # The caller never gets the pool: release the credential cache now.
+            self._recycler.cancel()
+            await self._shutdown()
+            raise
         if starting:
             logger.info(
                 "pool %s: ready with %d connection(s) (min_size=%d, max_size=%d, iam=%s, "
@@ -583,14 +614,18 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
-        if self._provider is not None:
-            asyncio.get_running_loop().create_task(self._provider.aclose())
+        if self._provider is not None and self._shutdown_task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop to close the credential cache on: it holds no connection
+            self._shutdown_task = loop.create_task(self._shutdown())
 
     async def _shutdown(self) -> None:
         if self._refill_task is not None:
             self._refill_task.cancel()
         if self._provider is not None:
-            await self._provider.aclose()
+            await self._provider.aclose()  # idempotent
 
 
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:

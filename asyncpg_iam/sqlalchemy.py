@@ -87,12 +87,16 @@ class _Connector:
         first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
         self.name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
 
-    async def connect(self) -> asyncpg.Connection:
-        """Open a new connection (SQLAlchemy's ``async_creator``)."""
+    async def _throttle(self) -> None:
+        """Take a slot of the connect rate limit; every login attempt takes one."""
         if self._bucket is not None:
             await self._bucket.acquire()
+
+    async def connect(self) -> asyncpg.Connection:
+        """Open a new connection (SQLAlchemy's ``async_creator``)."""
         kwargs = dict(self._plan.connect_kwargs)
         if self._provider is None:
+            await self._throttle()
             return await asyncpg.connect(**kwargs)
         if len(self._targets) == 1:
             return await self._open_target(self._targets[0], kwargs, override=False)
@@ -108,6 +112,7 @@ class _Connector:
     ) -> asyncpg.Connection:
         provider = self._provider
         assert provider is not None
+        await self._throttle()
         record = TokenRecord()
         kwargs = {**kwargs, "password": functools.partial(provider.token, target, record)}
         if override:

@@ -152,6 +152,11 @@ class LeakGuard:
         else:
             self.objects.append(obj)
 
+    def forget(self, obj: object) -> None:
+        """Stop watching `obj` (scanning its repr now), so a test can check it is collected."""
+        self.texts.append((f"repr of {type(obj).__name__}", _safe_repr(obj)))
+        self.objects = [watched for watched in self.objects if watched is not obj]
+
     def forget_logs(self) -> None:
         """Drop the log records so far (for tests that leak on purpose to test the guard)."""
         self.handler.records.clear()

@@ -1,0 +1,111 @@
+"""Pool lifecycle: garbage collection, failed start-up, terminate, and due connections."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+import asyncpg
+import pytest
+
+import asyncpg_iam
+from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator, _leak_guard
+
+
+async def test_abandoned_pool_is_garbage_collected(postgres_server: PostgresServer) -> None:
+    """Deadline timers and close listeners hold the pool weakly: a dropped pool is collected."""
+    pool = await asyncpg_iam.create_pool(
+        host=postgres_server.host,
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        database=postgres_server.database,
+        iam=False,
+        min_size=2,
+        max_size=2,
+        max_lifetime=60,
+        # asyncpg's own idle timers hold the pool strongly; this test is about ours.
+        max_inactive_connection_lifetime=0,
+    )
+    assert await pool.fetchval("SELECT 1") == 1
+    connections = [h._con for h in pool._holders if h._con is not None]
+    assert len(connections) == 2
+    ref = weakref.ref(pool)
+    if _leak_guard._current is not None:
+        _leak_guard._current.forget(pool)
+    del pool
+    gc.collect()
+    try:
+        assert ref() is None
+    finally:
+        for con in connections:
+            await con.close()
+
+
+async def test_failed_start_closes_the_credential_cache(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A pool whose first connect is refused releases its credential cache before raising."""
+    iam_emulator.disable_iam_user(postgres_server.user)
+    pool = asyncpg_iam.create_pool(**iam_emulator.pool_kwargs(user=postgres_server.user))
+    with pytest.raises(asyncpg_iam.IAMAuthenticationError):
+        await pool
+    assert pool._provider is not None
+    assert pool._provider._closed
+
+
+async def test_terminate_closes_the_credential_cache_once(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """terminate() drops connections at once and releases the cache, which then fetches no more."""
+    pool = await asyncpg_iam.create_pool(**iam_emulator.pool_kwargs(user=postgres_server.user))
+    assert await pool.fetchval("SELECT 1") == 1
+    pool.terminate()
+    assert pool._shutdown_task is not None
+    await pool._shutdown_task
+    assert pool._provider is not None
+    assert pool._provider._closed
+    assert pool.get_size() == 0
+    cache = pool._provider.credentials
+    fetches = cache.fetches
+    cache._refresh_due = 0.0  # a refresh would be due now, were the cache open
+    await cache.get()
+    assert cache.fetches == fetches
+
+
+async def test_dsn_password_is_refused_with_iam(postgres_server: PostgresServer) -> None:
+    """A password inside the DSN is refused with IAM, as password= is: the token is the password."""
+    dsn = "postgresql://app:hunter2-not-a-token@mydb.abcdefghijkl.us-east-1.rds.amazonaws.com/app"
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="password cannot be combined"):
+        asyncpg_iam.create_pool(dsn)
+
+
+async def test_connection_due_during_release_is_retired_once_idle(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connection whose deadline passes while asyncpg resets it is closed once it is idle."""
+    reset_started = asyncio.Event()
+
+    async def slow_reset(con: asyncpg.Connection) -> None:
+        reset_started.set()
+        await asyncio.sleep(0.6)  # the deadline passes here, after asyncpg's own check
+
+    kwargs = iam_emulator.pool_kwargs(
+        user=postgres_server.user,
+        min_size=0,
+        max_size=1,
+        max_lifetime=0.5,
+        max_lifetime_jitter=0,
+        reset=slow_reset,
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        async with pool.acquire() as con:
+            pid = await con.fetchval("SELECT pg_backend_pid()")
+        assert reset_started.is_set()
+        for _ in range(200):
+            if pid not in {c.backend_pid for c in iam_emulator.relayed_connections()}:
+                break
+            await asyncio.sleep(0.02)
+        assert pid not in {c.backend_pid for c in iam_emulator.relayed_connections()}
+        assert pool.stats().connections_closed.get("max_lifetime") == 1
