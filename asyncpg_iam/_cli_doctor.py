@@ -478,14 +478,21 @@ class Doctor:
         self.tls_context = context
         return Check("tls", PASS, f"{version}, certificate verified for {host} against {source}")
 
+    def _measured_skew(self) -> float | None:
+        """Return seconds this clock is ahead of AWS's, by the Date of the STS response."""
+        if self.aws_date is None or self.aws_local is None:
+            return None
+        # The Date header is truncated to whole seconds: compare with the middle of its second,
+        # and do not count what is left of the truncation as skew.
+        skew = (self.aws_local - self.aws_date).total_seconds() - 0.5
+        return 0.0 if abs(skew) < 1.0 else skew
+
     async def check_clock(self) -> Check:
         """Compare this host's clock with the Date of an AWS (STS) response."""
         if self.aws_date is None or self.aws_local is None:
             return Check("clock", SKIP, "needs an STS response (the identity check)")
-        # The Date header is truncated to whole seconds: compare with the middle of its second,
-        # and do not count what is left of the truncation as skew.
-        skew = (self.aws_local - self.aws_date).total_seconds() - 0.5
-        skew = 0.0 if abs(skew) < 1.0 else skew
+        skew = self._measured_skew()
+        assert skew is not None
         local = self.aws_local.isoformat(timespec="seconds")
         if abs(skew) > MAX_CLOCK_SKEW:
             direction = "ahead of" if skew > 0 else "behind"
@@ -583,11 +590,9 @@ class Doctor:
             token_reused=record.reused,
             now=self.clock.now(),
             server_message=str(getattr(exc, "message", None) or exc),
+            clock_skew=self._measured_skew(),
         )
         hints = diagnose_auth_failure(context)
-        if self._status("clock") == FAIL:
-            # The doctor measured the skew: that cause goes first.
-            hints.sort(key=lambda hint: not hint.startswith("Clock skew"))
         return hints
 
     async def check_select(self) -> Check:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import email.utils
 import logging
 import math
 import os
@@ -107,6 +108,8 @@ class CredentialCache:
         self._max_retry_delay = max_retry_delay
         self._fetch_timeout = fetch_timeout
         self.fetches = 0
+        self.clock_skew: float | None = None
+        """Seconds the clock is ahead of AWS's by the Date of the last AWS response (if any)."""
         self._current: Credentials | None = None
         self._margin = expiry_margin
         self._refresh_due = -math.inf  # monotonic time of the next background refresh
@@ -211,6 +214,10 @@ class CredentialCache:
             error.__cause__ = exc
         else:
             now = self._clock.now()
+            server_date = getattr(self._source, "server_date", None)
+            if server_date is not None:
+                # The Date header has whole seconds: compare with the middle of its second.
+                self.clock_skew = (now - server_date).total_seconds() - 0.5
             left = credentials.expires_in(now)
             if left is None or left > 0:
                 self._accept(credentials, left)
@@ -475,6 +482,8 @@ class _AssumeRoleSource:
         self._region = region
         self._client: Any = None
         self._client_key: tuple[str, str | None] | None = None
+        #: The Date of STS's last answer: evidence of clock skew for diagnosis.
+        self.server_date: dt.datetime | None = None
 
     @property
     def description(self) -> str:
@@ -536,6 +545,7 @@ class _AssumeRoleSource:
                 "network access to the STS endpoint (AWS_ENDPOINT_URL_STS, proxies, NO_PROXY)",
                 source=self.description,
             ) from exc
+        self.server_date = _response_date(response)
         issued = response["Credentials"]
         expiry = issued["Expiration"]
         if expiry.tzinfo is None:
@@ -566,6 +576,18 @@ class _AssumeRoleSource:
     async def aclose(self) -> None:
         await self._close_client()
         await self._inner.aclose()
+
+
+def _response_date(response: dict[str, Any]) -> dt.datetime | None:
+    """Return the Date header of an aiobotocore response, if it has a valid one."""
+    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not raw:
+        return None
+    try:
+        date = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return date if date.tzinfo is not None else date.replace(tzinfo=dt.timezone.utc)
 
 
 def _new_session(profile: str | None) -> Any:

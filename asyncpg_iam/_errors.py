@@ -65,6 +65,8 @@ class AuthFailureContext:
     token_reused: bool
     now: dt.datetime
     server_message: str
+    clock_skew: float | None = None
+    """Seconds this host's clock is ahead of AWS's (negative: behind), when it was measured."""
 
     @property
     def token_age(self) -> float | None:
@@ -77,6 +79,8 @@ class AuthFailureContext:
 # A token signed with credentials that expire within this window may be refused by the time
 # RDS checks it; the hint fires for expiries this close.
 _EXPIRY_WARNING = dt.timedelta(seconds=60)
+# A measured skew larger than this makes clock skew the first hint.
+_SKEW_EVIDENCE = 60.0
 
 
 def _is_ip(host: str) -> bool:
@@ -153,11 +157,26 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
         f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on the "
         "user that assumes it."
     )
-    hints.append(
-        f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
-        f"(it read {ctx.now.isoformat(timespec='seconds')}). If it is more than a few minutes "
-        "off, RDS sees the token as expired or not yet valid: sync the clock (NTP)."
-    )
+    skew = ctx.clock_skew
+    if skew is not None and abs(skew) > _SKEW_EVIDENCE:
+        direction = "ahead of" if skew > 0 else "behind"
+        # Measured evidence outranks every guess: it goes first.
+        hints.insert(
+            0,
+            f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's (measured "
+            "against the Date of an AWS response). Tokens are valid for 15 minutes from signing "
+            "by this clock, so RDS sees them as expired or not yet valid: sync the clock (NTP).",
+        )
+    else:
+        measured = (
+            f"; measured against AWS: {skew:+.0f} s" if skew is not None else ", not measured"
+        )
+        hints.append(
+            f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
+            f"(it read {ctx.now.isoformat(timespec='seconds')}{measured}). If it is more than a "
+            "few minutes off, RDS sees the token as expired or not yet valid: sync the clock "
+            "(NTP)."
+        )
     return hints
 
 

@@ -334,6 +334,7 @@ def explain_auth_failure(
         token_reused=record.reused,
         now=now,
         server_message=str(getattr(exc, "message", None) or exc),
+        clock_skew=provider.credentials.clock_skew,
     )
     error = IAMAuthenticationError(context, diagnose_auth_failure(context))
     logger.warning(
