@@ -12,17 +12,13 @@ them (a new backend pid) with a freshly signed token, while the sessions carry o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import String, func, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-import asyncpg_iam
 from asyncpg_iam.sqlalchemy import create_async_engine
 
 
@@ -35,37 +31,6 @@ class Note(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     body: Mapped[str] = mapped_column(String(100))
-
-
-@contextlib.asynccontextmanager
-async def local_rds() -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Start PostgreSQL and the RDS IAM emulator; yield a URL and engine arguments for them."""
-    from asyncpg_iam.testing import PostgresCluster, RDSIAMEmulator
-
-    with PostgresCluster() as cluster:
-        server = cluster.server
-        emulator = RDSIAMEmulator(
-            backend_host=server.host,
-            backend_port=server.port,
-            backend_password=server.password,
-            iam_users=[server.user],
-        )
-        # Stand-in AWS credentials that only this emulator trusts.
-        key = asyncpg_iam.Credentials(
-            access_key="AKIAEXAMPLE" + secrets.token_hex(5).upper(),
-            secret_key=secrets.token_urlsafe(30),
-        )
-        emulator.register_key(key.access_key, key.secret_key, None)
-        async with emulator:
-            url = f"postgresql+asyncpg://{server.user}@{emulator.host}:{emulator.port}/{server.database}"
-            yield (
-                url,
-                {
-                    "iam": asyncpg_iam.IAMAuth(signing_host=emulator.endpoint, credentials=key),
-                    "connect_args": {"ssl": emulator.client_ssl_context()},
-                },
-            )
-            print(f"the emulator verified {emulator.logins_accepted} token logins")
 
 
 async def run(url: str, **engine_kwargs: Any) -> None:
@@ -95,8 +60,15 @@ async def main() -> None:
     if dsn:
         await run(dsn)
         return
-    async with local_rds() as (url, kwargs):
-        await run(url, **kwargs)
+    from _local import local_rds  # beside this file
+
+    async with local_rds() as rds:
+        server, emulator = rds.server, rds.emulator
+        url = (
+            f"postgresql+asyncpg://{server.user}@{emulator.host}:{emulator.port}/{server.database}"
+        )
+        await run(url, iam=rds.iam, connect_args={"ssl": emulator.client_ssl_context()})
+        print(f"the emulator verified {emulator.logins_accepted} token logins")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import secrets
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -64,60 +59,17 @@ def create_app(dsn: str | None = None, **pool_kwargs: Any) -> Starlette:
     return Starlette(routes=[Route("/", homepage)], lifespan=lifespan)
 
 
-@contextlib.asynccontextmanager
-async def local_rds() -> AsyncIterator[dict[str, Any]]:
-    """Start PostgreSQL and the RDS IAM emulator; yield create_pool arguments for them."""
-    from asyncpg_iam.testing import PostgresCluster, RDSIAMEmulator
-
-    with PostgresCluster() as cluster:
-        server = cluster.server
-        emulator = RDSIAMEmulator(
-            backend_host=server.host,
-            backend_port=server.port,
-            backend_password=server.password,
-            iam_users=[server.user],
-        )
-        # Stand-in AWS credentials that only this emulator trusts.
-        key = asyncpg_iam.Credentials(
-            access_key="AKIAEXAMPLE" + secrets.token_hex(5).upper(),
-            secret_key=secrets.token_urlsafe(30),
-        )
-        emulator.register_key(key.access_key, key.secret_key, None)
-        async with emulator:
-            yield {
-                "host": emulator.host,
-                "port": emulator.port,
-                "user": server.user,
-                "database": server.database,
-                "ssl": emulator.client_ssl_context(),
-                "iam": asyncpg_iam.IAMAuth(signing_host=emulator.endpoint, credentials=key),
-            }
-
-
 async def main(check: bool, port: int) -> None:
     """Serve the app until Ctrl-C (or, with `check`, make a few requests and stop)."""
-    dsn = os.environ.get("ASYNCPG_IAM_EXAMPLE_DSN")
-    async with contextlib.AsyncExitStack() as stack:
-        kwargs = {} if dsn else await stack.enter_async_context(local_rds())
-        app = create_app(dsn, **kwargs)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0 if check else port))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        if not check:
-            print(f"serving on {url}/ (Ctrl-C stops)")
-            await serving
-            return
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(base_url=url) as http:
-            for _ in range(3):
-                response = await http.get("/")
-                response.raise_for_status()
-                print("/", response.json())
-        server.should_exit = True
-        await serving
+    from _local import serve  # beside this file
+
+    await serve(
+        create_app,
+        check=check,
+        port=port,
+        paths=["/"] * 3,
+        banner="serving on {url}/ (Ctrl-C stops)",
+    )
 
 
 if __name__ == "__main__":

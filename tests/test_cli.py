@@ -10,7 +10,6 @@ import shutil
 import signal
 import ssl
 import stat
-import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -22,33 +21,7 @@ import trustme
 
 from asyncpg_iam import _tls
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
-
-
-def console_script() -> str:
-    """Return the installed `asyncpg-iam` script, or skip the test when it is not installed."""
-    candidate = Path(sys.executable).parent / "asyncpg-iam"
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which("asyncpg-iam")
-    if found is None:
-        pytest.skip("the asyncpg-iam console script is not installed: run `pip install -e .`")
-    return found
-
-
-async def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> tuple[int, str, str]:
-    """Run the console script without blocking the loop that serves the emulator."""
-    proc = await asyncio.create_subprocess_exec(
-        console_script(),
-        *args,
-        env=env if env is not None else dict(os.environ),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests._support import console_script, run_cli
 
 
 def read_lines(path: Path) -> list[str]:
@@ -61,15 +34,6 @@ def listdir(path: Path) -> list[str]:
 
 def exists(path: str) -> bool:
     return os.path.exists(path)
-
-
-@pytest.fixture
-async def emulator(
-    rds_emulator: RDSIAMEmulator, credential_server: CredentialServer
-) -> RDSIAMEmulator:
-    """An emulator that trusts every key the credential server issues."""
-    credential_server.add_emulator(rds_emulator)
-    return rds_emulator
 
 
 def target_args(emulator: RDSIAMEmulator, server: PostgresServer) -> list[str]:
@@ -88,27 +52,27 @@ def target_args(emulator: RDSIAMEmulator, server: PostgresServer) -> list[str]:
 # -- token --------------------------------------------------------------------------------------
 
 
-async def test_token_logs_in(emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:
+async def test_token_logs_in(iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:
     """`token` prints one token that the emulator accepts as the password."""
-    code, out, err = await run_cli("token", *target_args(emulator, postgres_server))
+    code, out, err = await run_cli("token", *target_args(iam_emulator, postgres_server))
     assert code == 0, err
     token = out.strip()
     assert "\n" not in token
-    assert token.startswith(f"{emulator.endpoint}:{emulator.port}/?Action=connect&DBUser=")
+    assert token.startswith(f"{iam_emulator.endpoint}:{iam_emulator.port}/?Action=connect&DBUser=")
     assert token not in err
     conn = await asyncpg.connect(
-        **emulator.connect_kwargs(user=postgres_server.user, database=postgres_server.database),
+        **iam_emulator.connect_kwargs(user=postgres_server.user, database=postgres_server.database),
         password=token,
     )
     try:
         assert await conn.fetchval("SELECT 1") == 1
     finally:
         await conn.close()
-    assert emulator.records[-1].reason == "ok"
+    assert iam_emulator.records[-1].reason == "ok"
 
 
 async def test_token_assumes_the_role(
-    emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
     moto_sts: MotoSTS,
@@ -118,7 +82,7 @@ async def test_token_assumes_the_role(
     env = {**os.environ, **moto_sts.env()}
     code, out, err = await run_cli(
         "token",
-        *target_args(emulator, postgres_server),
+        *target_args(iam_emulator, postgres_server),
         "--role-arn",
         role,
         "--role-session-name",
@@ -147,14 +111,16 @@ async def test_token_rejects_role_options_without_a_role() -> None:
 # -- psql ---------------------------------------------------------------------------------------
 
 
-async def test_psql_runs_a_query(emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:
+async def test_psql_runs_a_query(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
     """`psql` runs the real psql over verify-full TLS with the token, and the query answers."""
     if shutil.which("psql") is None:
         pytest.skip("psql is not installed")
-    env = {**os.environ, "PGSSLROOTCERT": emulator.ca_path}
+    env = {**os.environ, "PGSSLROOTCERT": iam_emulator.ca_path}
     code, out, err = await run_cli(
         "psql",
-        *target_args(emulator, postgres_server),
+        *target_args(iam_emulator, postgres_server),
         "--dbname",
         postgres_server.database,
         "--",
@@ -165,21 +131,21 @@ async def test_psql_runs_a_query(emulator: RDSIAMEmulator, postgres_server: Post
     assert code == 0, err
     # The emulator relays to the backend over plain TCP; the client side is TLS.
     assert out.strip() == f"{postgres_server.user}/false"
-    assert emulator.records[-1].reason == "ok"
+    assert iam_emulator.records[-1].reason == "ok"
 
 
 async def test_psql_keeps_the_token_out_of_argv(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     """psql gets the token in PGPASSWORD only, with sslmode=verify-full and the CA bundle."""
     record = tmp_path / "record"
     fake = tmp_path / "psql"
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}.argv\nenv > {record}.env\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    env = {**os.environ, "PGSSLROOTCERT": emulator.ca_path}
+    env = {**os.environ, "PGSSLROOTCERT": iam_emulator.ca_path}
     code, out, err = await run_cli(
         "psql",
-        *target_args(emulator, postgres_server),
+        *target_args(iam_emulator, postgres_server),
         "--psql",
         str(fake),
         "--",
@@ -191,17 +157,19 @@ async def test_psql_keeps_the_token_out_of_argv(
     argv = read_lines(Path(f"{record}.argv"))
     assert argv == ["-c", "x"]
     seen = dict(line.split("=", 1) for line in read_lines(Path(f"{record}.env")) if "=" in line)
-    assert seen["PGPASSWORD"].startswith(f"{emulator.endpoint}:{emulator.port}/?Action=connect")
+    assert seen["PGPASSWORD"].startswith(
+        f"{iam_emulator.endpoint}:{iam_emulator.port}/?Action=connect"
+    )
     assert seen["PGSSLMODE"] == "verify-full"
-    assert seen["PGSSLROOTCERT"] == emulator.ca_path
-    assert seen["PGHOST"] == emulator.host
+    assert seen["PGSSLROOTCERT"] == iam_emulator.ca_path
+    assert seen["PGHOST"] == iam_emulator.host
     assert seen["PGPASSWORD"] not in out + err
 
 
-async def test_psql_missing(emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:
+async def test_psql_missing(iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:
     """Without psql the command says how to install it and exits 1, before signing anything."""
     code, _out, err = await run_cli(
-        "psql", *target_args(emulator, postgres_server), "--psql", "no-such-psql-here"
+        "psql", *target_args(iam_emulator, postgres_server), "--psql", "no-such-psql-here"
     )
     assert code == 1
     assert "was not found" in err
@@ -209,12 +177,12 @@ async def test_psql_missing(emulator: RDSIAMEmulator, postgres_server: PostgresS
 
 
 async def test_psql_without_a_ca_bundle(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     """With no CA bundle anywhere psql is not started and the message names `ca-bundle`."""
     env = {k: v for k, v in os.environ.items() if k not in ("PGSSLROOTCERT", _tls.CA_BUNDLE_ENV)}
     env["XDG_CACHE_HOME"] = str(tmp_path)
-    code, _, err = await run_cli("psql", *target_args(emulator, postgres_server), env=env)
+    code, _, err = await run_cli("psql", *target_args(iam_emulator, postgres_server), env=env)
     assert code == 2
     assert "asyncpg-iam ca-bundle" in err
 

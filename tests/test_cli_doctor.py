@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import trustme
 
 from asyncpg_iam._cli_doctor import FAIL, PASS, dns_verdict
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
+from tests._support import run_cli
 
 CHECKS = [
     "proxy",
@@ -29,31 +28,6 @@ CHECKS = [
     "login",
     "select",
 ]
-
-
-def console_script() -> str:
-    """Return the installed `asyncpg-iam` script, or skip the test when it is not installed."""
-    candidate = Path(sys.executable).parent / "asyncpg-iam"
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which("asyncpg-iam")
-    if found is None:
-        pytest.skip("the asyncpg-iam console script is not installed: run `pip install -e .`")
-    return found
-
-
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
-    """Run the console script without blocking the loop that serves the emulator."""
-    proc = await asyncio.create_subprocess_exec(
-        console_script(),
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 class Setup:
@@ -116,14 +90,13 @@ class Setup:
 
 @pytest.fixture
 async def setup(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
     moto_sts: MotoSTS,
 ) -> Setup:
     """A healthy IAM set-up for the doctor to examine."""
-    credential_server.add_emulator(rds_emulator)
-    return Setup(rds_emulator, postgres_server, credential_server, moto_sts)
+    return Setup(iam_emulator, postgres_server, credential_server, moto_sts)
 
 
 def failing(checks: dict[str, dict[str, Any]]) -> list[str]:

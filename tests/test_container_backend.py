@@ -7,16 +7,15 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam import IAMAuth
-from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing import pytest_plugin as plugin
+from tests._support import pool_kwargs
 
 
 def container_lane() -> bool:
@@ -37,30 +36,6 @@ def container(postgres_server: PostgresServer) -> Any:
     if container_lane():
         pytest.fail(f"{plugin.BACKEND_VARIABLE}=container, yet {message}")
     pytest.skip(f"{message} (run with {plugin.BACKEND_VARIABLE}=container)")
-
-
-@pytest.fixture
-async def emulator(
-    rds_emulator: RDSIAMEmulator, credential_server: CredentialServer
-) -> AsyncIterator[RDSIAMEmulator]:
-    """An emulator that trusts every key the credential server issues."""
-    credential_server.add_emulator(rds_emulator)
-    return rds_emulator
-
-
-def pool_kwargs(emulator: RDSIAMEmulator, server: PostgresServer, **extra: Any) -> dict[str, Any]:
-    """Return create_pool arguments that dial the emulator and sign for its endpoint."""
-    return {
-        "host": emulator.host,
-        "port": emulator.port,
-        "user": server.user,
-        "database": server.database,
-        "ssl": emulator.client_ssl_context(),
-        "iam": IAMAuth(signing_host=emulator.endpoint),
-        "min_size": 1,
-        "max_size": 2,
-        **extra,
-    }
 
 
 def inspect(container: Any) -> dict[str, Any]:
@@ -87,7 +62,7 @@ def test_container_lane_runs_on_a_container(postgres_server: PostgresServer) -> 
 
 @pytest.mark.containers
 async def test_server_answers_from_inside_the_container(
-    container: Any, emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    container: Any, iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """Through the emulator, the server's address and data directory are the container's own."""
     attrs = inspect(container)
@@ -97,7 +72,9 @@ async def test_server_answers_from_inside_the_container(
     container_ips.discard(None)
     container_ips.discard("")
     env = dict(item.split("=", 1) for item in attrs["Config"]["Env"] or [])
-    async with asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server)) as pool:
+    async with asyncpg_iam.create_pool(
+        **pool_kwargs(iam_emulator, postgres_server, max_size=2)
+    ) as pool:
         row = await pool.fetchrow(
             "SELECT host(inet_server_addr()) AS addr, current_setting('data_directory') AS data"
         )
@@ -107,18 +84,20 @@ async def test_server_answers_from_inside_the_container(
     if container_ips:  # some rootless engines do not report an address
         assert row["addr"] in container_ips
     assert row["data"] == env.get("PGDATA", "/var/lib/postgresql/data")
-    assert emulator.logins_accepted >= 1
+    assert iam_emulator.logins_accepted >= 1
 
 
 @pytest.mark.containers
 async def test_emulator_session_is_seen_inside_the_container(
-    container: Any, emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    container: Any, iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A session opened through the emulator shows in the container's own pg_stat_activity."""
     marker = f"asyncpg_iam_probe_{secrets.token_hex(8)}"
     query = f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{marker}'"
     psql = ["psql", "-X", "-t", "-A", "-U", postgres_server.user, "-d", postgres_server.database]
-    kwargs = pool_kwargs(emulator, postgres_server, server_settings={"application_name": marker})
+    kwargs = pool_kwargs(
+        iam_emulator, postgres_server, max_size=2, server_settings={"application_name": marker}
+    )
     async with asyncpg_iam.create_pool(**kwargs) as pool, pool.acquire() as con:
         assert await con.fetchval("SELECT current_setting('application_name')") == marker
         result = container.exec([*psql, "-c", query])

@@ -12,7 +12,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from conftest import TokenFactory, botocore_token, presigned_token
 
 from asyncpg_iam._clock import ManualClock
 from asyncpg_iam.testing import (
@@ -22,6 +21,7 @@ from asyncpg_iam.testing import (
     PostgresServer,
     RDSIAMEmulator,
 )
+from tests.conftest import TokenFactory, botocore_token, presigned_token
 
 PAM = 'PAM authentication failed for user "{}"'
 

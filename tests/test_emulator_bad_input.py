@@ -9,9 +9,9 @@ import struct
 
 import asyncpg
 import pytest
-from conftest import TokenFactory
 
 from asyncpg_iam.testing import RDSIAMEmulator
+from tests.conftest import TokenFactory
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)

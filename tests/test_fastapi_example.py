@@ -16,9 +16,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from asyncpg_iam import IAMAuth  # noqa: E402
 from asyncpg_iam.testing import (  # noqa: E402
-    CredentialServer,
     PostgresNotFoundError,
     PostgresServer,
     RDSIAMEmulator,
@@ -39,20 +37,12 @@ def load_example() -> ModuleType:
 
 
 async def test_fastapi_example_serves_through_the_emulator(
-    rds_emulator: RDSIAMEmulator,
-    postgres_server: PostgresServer,
-    credential_server: CredentialServer,
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """The example's routes answer through uvicorn, with Depends(connection) on IAM logins."""
-    credential_server.add_emulator(rds_emulator)
     example = load_example()
     app = example.create_app(
-        host=rds_emulator.host,
-        port=rds_emulator.port,
-        user=postgres_server.user,
-        database=postgres_server.database,
-        ssl=rds_emulator.client_ssl_context(),
-        iam=IAMAuth(signing_host=rds_emulator.endpoint),
+        **iam_emulator.pool_kwargs(user=postgres_server.user, database=postgres_server.database)
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -71,9 +61,9 @@ async def test_fastapi_example_serves_through_the_emulator(
     assert [r.status_code for r in items] == [200] * 12
     assert [r.json()["doubled"] for r in items] == [2 * n for n in range(12)]
     assert {r.json()["user"] for r in items} == {postgres_server.user}
-    assert rds_emulator.logins_rejected == 0
-    assert stats["connections_opened"] == rds_emulator.logins_accepted >= 2
-    assert rds_emulator.open_connections == 0, "the pool closed at shutdown"
+    assert iam_emulator.logins_rejected == 0
+    assert stats["connections_opened"] == iam_emulator.logins_accepted >= 2
+    assert iam_emulator.open_connections == 0, "the pool closed at shutdown"
 
 
 def test_fastapi_example_runs_with_one_command() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -15,49 +14,14 @@ import pytest
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
 from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
-
-
-@pytest.fixture
-async def emulator(
-    rds_emulator: RDSIAMEmulator, credential_server: CredentialServer
-) -> AsyncIterator[RDSIAMEmulator]:
-    """An emulator that trusts every key the credential server issues."""
-    credential_server.add_emulator(rds_emulator)
-    return rds_emulator
-
-
-def pool_kwargs(
-    emulator: RDSIAMEmulator, server: PostgresServer, **overrides: Any
-) -> dict[str, Any]:
-    """Return create_pool arguments that dial the emulator and sign for its endpoint."""
-    kwargs: dict[str, Any] = {
-        "host": emulator.host,
-        "port": emulator.port,
-        "user": server.user,
-        "database": server.database,
-        "ssl": emulator.client_ssl_context(),
-        "iam": IAMAuth(signing_host=emulator.endpoint),
-        "min_size": 1,
-        "max_size": 4,
-    }
-    kwargs.update(overrides)
-    return kwargs
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
+from tests._support import pool_kwargs, wait_for
 
 
 async def test_pool_is_an_asyncpg_pool(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """create_pool returns an asyncpg.Pool that runs queries with a token-authenticated login."""
-    async with asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server)) as pool:
+    async with asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server)) as pool:
         assert isinstance(pool, asyncpg.Pool)
         assert await pool.fetchval("SELECT 41 + 1") == 42
         async with pool.acquire() as con:
@@ -65,8 +29,8 @@ async def test_pool_is_an_asyncpg_pool(
         stats = pool.stats()
     assert stats.tokens_signed >= 1
     assert stats.credential_fetches == 1
-    assert emulator.logins_rejected == 0
-    assert emulator.logins_accepted == stats.connections_opened
+    assert iam_emulator.logins_rejected == 0
+    assert iam_emulator.logins_accepted == stats.connections_opened
 
 
 async def test_default_chain_across_rotations_and_lifetimes(
@@ -124,36 +88,48 @@ async def test_default_chain_across_rotations_and_lifetimes(
 
 
 async def test_in_use_connection_outlives_deadline_then_closes_on_release(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A connection held across its deadline keeps working and is closed when released."""
     kwargs = pool_kwargs(
-        emulator, postgres_server, min_size=0, max_size=1, max_lifetime=0.5, max_lifetime_jitter=0
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=1,
+        max_lifetime=0.5,
+        max_lifetime_jitter=0,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         async with pool.acquire() as con:
             pid = await con.fetchval("SELECT pg_backend_pid()")
             await asyncio.sleep(0.8)
             assert await con.fetchval("SELECT pg_backend_pid()") == pid
-            assert pid in {c.backend_pid for c in emulator.relayed_connections()}
-        await wait_for(lambda: pid not in {c.backend_pid for c in emulator.relayed_connections()})
+            assert pid in {c.backend_pid for c in iam_emulator.relayed_connections()}
+        await wait_for(
+            lambda: pid not in {c.backend_pid for c in iam_emulator.relayed_connections()}
+        )
         assert pool.stats().connections_closed["max_lifetime"] == 1
         assert await pool.fetchval("SELECT pg_backend_pid()") != pid
 
 
 async def test_idle_due_connection_closed_without_acquire_and_min_size_restored(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """Idle connections close at their deadline with no acquire, and min_size is refilled."""
     kwargs = pool_kwargs(
-        emulator, postgres_server, min_size=2, max_size=4, max_lifetime=0.5, max_lifetime_jitter=0
+        iam_emulator,
+        postgres_server,
+        min_size=2,
+        max_size=4,
+        max_lifetime=0.5,
+        max_lifetime_jitter=0,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        first = {c.backend_pid for c in emulator.relayed_connections()}
+        first = {c.backend_pid for c in iam_emulator.relayed_connections()}
         assert len(first) == 2
 
         def replaced() -> bool:
-            now = {c.backend_pid for c in emulator.relayed_connections()}
+            now = {c.backend_pid for c in iam_emulator.relayed_connections()}
             return len(now) == 2 and not (now & first) and pool.get_size() == 2
 
         await wait_for(replaced)
@@ -161,11 +137,16 @@ async def test_idle_due_connection_closed_without_acquire_and_min_size_restored(
 
 
 async def test_due_connection_is_never_handed_out(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A connection past its deadline whose timer has not fired yet is replaced on acquire."""
     kwargs = pool_kwargs(
-        emulator, postgres_server, min_size=1, max_size=1, max_lifetime=0.3, max_lifetime_jitter=0
+        iam_emulator,
+        postgres_server,
+        min_size=1,
+        max_size=1,
+        max_lifetime=0.3,
+        max_lifetime_jitter=0,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         old = await pool.fetchval("SELECT pg_backend_pid()")
@@ -234,13 +215,13 @@ async def test_multi_host_signs_for_each_host(
     ],
 )
 async def test_plaintext_capable_tls_is_refused_before_any_byte(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, tls: dict[str, Any]
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tls: dict[str, Any]
 ) -> None:
     """sslmode prefer/allow/disable is refused at creation: the emulator sees no connection."""
-    kwargs = pool_kwargs(emulator, postgres_server)
+    kwargs = pool_kwargs(iam_emulator, postgres_server)
     del kwargs["ssl"]
     if "dsn_query" in tls:
-        dsn = f"postgresql://{postgres_server.user}@{emulator.host}:{emulator.port}/x?{tls['dsn_query']}"
+        dsn = f"postgresql://{postgres_server.user}@{iam_emulator.host}:{iam_emulator.port}/x?{tls['dsn_query']}"
         for key in ("host", "port", "user"):
             del kwargs[key]
         args: tuple[Any, ...] = (dsn,)
@@ -249,19 +230,19 @@ async def test_plaintext_capable_tls_is_refused_before_any_byte(
         args = ()
     with pytest.raises(asyncpg_iam.ConfigurationError, match="unencrypted"):
         await asyncpg_iam.create_pool(*args, **kwargs)
-    assert emulator.connections_total == 0
-    assert emulator.password_messages == 0
+    assert iam_emulator.connections_total == 0
+    assert iam_emulator.password_messages == 0
 
 
 async def test_disabled_user_gets_diagnosed_error_and_connections_retire(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """After the user loses IAM, connects raise IAMAuthenticationError and old ones retire."""
-    kwargs = pool_kwargs(emulator, postgres_server, min_size=2, max_size=2, max_lifetime=1.0)
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=2, max_size=2, max_lifetime=1.0)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        assert emulator.open_connections == 2
-        emulator.disable_iam_user(postgres_server.user)
-        await wait_for(lambda: emulator.open_connections == 0, timeout=5)
+        assert iam_emulator.open_connections == 2
+        iam_emulator.disable_iam_user(postgres_server.user)
+        await wait_for(lambda: iam_emulator.open_connections == 0, timeout=5)
         with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
             await pool.fetchval("SELECT 1")
     error = caught.value
@@ -272,41 +253,41 @@ async def test_disabled_user_gets_diagnosed_error_and_connections_retire(
     assert f'PAM authentication failed for user "{postgres_server.user}"' in text
     assert f'GRANT rds_iam TO "{postgres_server.user}"' in text
     assert "rds-db:connect on arn:aws:rds-db:us-east-1:<account-id>:dbuser:" in text
-    assert error.context.signing_host == emulator.endpoint
+    assert error.context.signing_host == iam_emulator.endpoint
     assert error.context.credential_source
     assert error.user == postgres_server.user
-    assert all(r.reason == "user_not_iam_enabled" for r in emulator.records if not r.accepted)
+    assert all(r.reason == "user_not_iam_enabled" for r in iam_emulator.records if not r.accepted)
 
 
 async def test_region_mismatch_is_named_first(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A token signed for another region than the endpoint's fails with that as the top hint."""
-    auth = IAMAuth(signing_host=emulator.endpoint, region="eu-west-1")
+    auth = IAMAuth(signing_host=iam_emulator.endpoint, region="eu-west-1")
     with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
-        await asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server, iam=auth))
+        await asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server, iam=auth))
     assert caught.value.hints[0].startswith("Region mismatch")
     assert "'us-east-1'" in caught.value.hints[0]
-    assert emulator.records[-1].reason == "wrong_region"
+    assert iam_emulator.records[-1].reason == "wrong_region"
 
 
 async def test_ip_without_signing_host_is_explained(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """Signing for the dialled IP instead of the endpoint name names signing_host as the fix."""
     auth = IAMAuth(region="us-east-1")
     with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
-        await asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server, iam=auth))
+        await asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server, iam=auth))
     assert "which is an IP address" in caught.value.hints[0]
     assert "signing_host" in caught.value.hints[0]
-    assert emulator.records[-1].reason == "wrong_host"
+    assert iam_emulator.records[-1].reason == "wrong_host"
 
 
 async def test_max_connect_rate_caps_logins_per_second(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """With max_connect_rate=5, 50 concurrent acquires never exceed 5 logins in a second."""
-    kwargs = pool_kwargs(emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5)
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
 
         async def hold() -> None:
@@ -316,23 +297,23 @@ async def test_max_connect_rate_caps_logins_per_second(
 
         await asyncio.gather(*(hold() for _ in range(50)))
         stats = pool.stats()
-    assert emulator.logins_accepted == 50
-    assert emulator.max_login_attempts_in_one_second <= 5
+    assert iam_emulator.logins_accepted == 50
+    assert iam_emulator.max_login_attempts_in_one_second <= 5
     assert stats.connects_rate_limited >= 45
 
 
 async def test_token_reuse_shares_a_token_within_its_age(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """With token_reuse, consecutive connects present one token until it ages out."""
-    auth = IAMAuth(signing_host=emulator.endpoint, token_reuse=600)
-    kwargs = pool_kwargs(emulator, postgres_server, iam=auth, min_size=5, max_size=5)
+    auth = IAMAuth(signing_host=iam_emulator.endpoint, token_reuse=600)
+    kwargs = pool_kwargs(iam_emulator, postgres_server, iam=auth, min_size=5, max_size=5)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         stats = pool.stats()
     assert stats.connections_opened == 5
     assert stats.tokens_signed == 1
     assert stats.token_reuses == 4
-    assert emulator.logins_accepted == 5
+    assert iam_emulator.logins_accepted == 5
 
 
 async def test_plain_pool_without_iam_still_recycles(postgres_server: PostgresServer) -> None:
@@ -356,7 +337,7 @@ async def test_plain_pool_without_iam_still_recycles(postgres_server: PostgresSe
 
 
 async def test_setup_init_reset_and_record_class_pass_through(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """asyncpg's pool hooks and connect arguments work unchanged on the IAM pool."""
     calls: list[str] = []
@@ -374,7 +355,7 @@ async def test_setup_init_reset_and_record_class_pass_through(
         calls.append("reset")
 
     kwargs = pool_kwargs(
-        emulator,
+        iam_emulator,
         postgres_server,
         init=init,
         setup=setup,
@@ -393,11 +374,11 @@ async def test_setup_init_reset_and_record_class_pass_through(
 
 
 async def test_pool_logs_name_the_pool_and_never_the_token(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Pool log lines carry the pool's name; no token appears in logs or the repr."""
     caplog.set_level(logging.DEBUG)
-    async with asyncpg_iam.create_pool(**pool_kwargs(emulator, postgres_server)) as pool:
+    async with asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server)) as pool:
         await pool.fetchval("SELECT 1")
         text = repr(pool) + caplog.text
     assert pool.name in caplog.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ from asyncpg_iam import (
 )
 from asyncpg_iam.sqlalchemy import create_async_engine
 from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
+from tests._support import wait_for
 
 
 def engine_for(emulator: RDSIAMEmulator, server: PostgresServer, **kwargs: Any) -> AsyncEngine:
@@ -45,27 +45,16 @@ def track_connects(engine: AsyncEngine) -> list[int]:
     return pids
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
 def relayed_pids(emulator: RDSIAMEmulator) -> set[int | None]:
     """Return the backend pids of the connections the emulator relays now."""
     return {c.backend_pid for c in emulator.relayed_connections()}
 
 
 async def test_orm_sessions_outlive_their_first_connections(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
 ) -> None:
     """ORM sessions keep working for 4 lifetimes; every DBAPI connection logged in with a token."""
-    credential_server.add_emulator(rds_emulator)
 
     class Base(DeclarativeBase):
         pass
@@ -76,7 +65,7 @@ async def test_orm_sessions_outlive_their_first_connections(
         worker: Mapped[int]
         body: Mapped[str] = mapped_column(String(50))
 
-    engine = engine_for(rds_emulator, postgres_server, max_lifetime=1.0, pool_size=3)
+    engine = engine_for(iam_emulator, postgres_server, max_lifetime=1.0, pool_size=3)
     opened = track_connects(engine)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     async with engine.begin() as conn:
@@ -106,53 +95,49 @@ async def test_orm_sessions_outlive_their_first_connections(
 
     assert min(written) > 20
     assert len(opened) >= len(first) + 6, "connections were replaced at their lifetime"
-    assert not (first & relayed_pids(rds_emulator)), "the first connections were closed"
-    accepted = [r for r in rds_emulator.records if r.accepted]
-    assert rds_emulator.logins_rejected == 0
+    assert not (first & relayed_pids(iam_emulator)), "the first connections were closed"
+    accepted = [r for r in iam_emulator.records if r.accepted]
+    assert iam_emulator.logins_rejected == 0
     assert len(accepted) == len(opened)
     assert sorted(r.backend_pid for r in accepted) == sorted(opened)
     assert all(r.token_age is not None and r.access_key for r in accepted)
 
 
 async def test_due_connection_is_replaced_on_checkout(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
 ) -> None:
     """An idle connection past its lifetime is closed and replaced when next checked out."""
-    credential_server.add_emulator(rds_emulator)
     engine = engine_for(
-        rds_emulator, postgres_server, max_lifetime=0.3, max_lifetime_jitter=0, pool_size=1
+        iam_emulator, postgres_server, max_lifetime=0.3, max_lifetime_jitter=0, pool_size=1
     )
     try:
         async with engine.connect() as conn:
             old = await conn.scalar(text("SELECT pg_backend_pid()"))
         await asyncio.sleep(0.5)
-        assert old in relayed_pids(rds_emulator), "SQLAlchemy has no idle reaper"
+        assert old in relayed_pids(iam_emulator), "SQLAlchemy has no idle reaper"
         async with engine.connect() as conn:
             new = await conn.scalar(text("SELECT pg_backend_pid()"))
         assert new != old
-        assert old not in relayed_pids(rds_emulator)
+        assert old not in relayed_pids(iam_emulator)
     finally:
         await engine.dispose()
 
 
 async def test_connection_in_use_is_kept_then_closed_on_checkin(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
 ) -> None:
     """A connection held past its lifetime keeps working and closes when checked in."""
-    credential_server.add_emulator(rds_emulator)
     engine = engine_for(
-        rds_emulator, postgres_server, max_lifetime=0.3, max_lifetime_jitter=0, pool_size=1
+        iam_emulator, postgres_server, max_lifetime=0.3, max_lifetime_jitter=0, pool_size=1
     )
     try:
         async with engine.connect() as conn:
             pid = await conn.scalar(text("SELECT pg_backend_pid()"))
             await asyncio.sleep(0.5)
             assert await conn.scalar(text("SELECT pg_backend_pid()")) == pid
-        await wait_for(lambda: pid not in relayed_pids(rds_emulator))
+        await wait_for(lambda: pid not in relayed_pids(iam_emulator))
     finally:
         await engine.dispose()
 
@@ -174,14 +159,12 @@ async def test_pool_recycle_defaults_to_max_lifetime(
 
 
 async def test_refused_login_raises_iam_authentication_error(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
 ) -> None:
     """A refused login surfaces as IAMAuthenticationError with the pool's hints."""
-    credential_server.add_emulator(rds_emulator)
-    rds_emulator.disable_iam_user(postgres_server.user)
-    engine = engine_for(rds_emulator, postgres_server)
+    iam_emulator.disable_iam_user(postgres_server.user)
+    engine = engine_for(iam_emulator, postgres_server)
     try:
         with pytest.raises(IAMAuthenticationError) as refused:
             async with engine.connect():
@@ -212,13 +195,12 @@ async def test_missing_credentials_raise_credentials_error(
 
 
 async def test_engine_works_after_dispose(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
 ) -> None:
     """dispose() releases the credential cache; the engine then connects with a fresh one."""
-    credential_server.add_emulator(rds_emulator)
-    engine = engine_for(rds_emulator, postgres_server)
+    engine = engine_for(iam_emulator, postgres_server)
     try:
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT 1")) == 1
@@ -229,7 +211,7 @@ async def test_engine_works_after_dispose(
         assert credential_server.requests > requests, "a fresh cache fetched credentials"
     finally:
         await engine.dispose()
-    assert rds_emulator.logins_accepted == 2
+    assert iam_emulator.logins_accepted == 2
 
 
 @pytest.mark.parametrize(

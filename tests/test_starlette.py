@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -27,29 +27,11 @@ import asyncpg_iam.starlette  # noqa: E402
 from asyncpg_iam import (  # noqa: E402
     ConfigurationError,
     CredentialsError,
-    IAMAuth,
     IAMAuthenticationError,
 )
 from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator  # noqa: E402
 from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment  # noqa: E402
-
-
-def pool_kwargs(
-    emulator: RDSIAMEmulator, server: PostgresServer, **overrides: Any
-) -> dict[str, Any]:
-    """Return create_pool arguments that dial the emulator and sign for its endpoint."""
-    kwargs: dict[str, Any] = {
-        "host": emulator.host,
-        "port": emulator.port,
-        "user": server.user,
-        "database": server.database,
-        "ssl": emulator.client_ssl_context(),
-        "iam": IAMAuth(signing_host=emulator.endpoint),
-        "min_size": 1,
-        "max_size": 4,
-    }
-    kwargs.update(overrides)
-    return kwargs
+from tests._support import pool_kwargs, wait_for  # noqa: E402
 
 
 async def query(request: Request) -> JSONResponse:
@@ -84,15 +66,6 @@ async def served(app: Any, **config: Any) -> AsyncIterator[tuple[str, Any]]:
         server.should_exit = True
         await task
         sock.close()
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -176,12 +149,12 @@ async def test_startup_fails_without_credentials(
 
 
 async def test_startup_raises_the_library_error(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
 ) -> None:
     """A refused login or credential endpoint failure fail the lifespan's startup, typed."""
-    kwargs = pool_kwargs(rds_emulator, postgres_server, min_size=0)
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0)
     app = make_app(None)
     # The credential endpoint answers 500: CredentialsError.
     credential_server.fail_status = 500
@@ -189,9 +162,8 @@ async def test_startup_raises_the_library_error(
         async with asyncpg_iam.starlette.lifespan(**kwargs)(app):
             pass
     credential_server.fail_status = None
-    credential_server.add_emulator(rds_emulator)
     # The user is not enabled for IAM: IAMAuthenticationError with its hints.
-    rds_emulator.disable_iam_user(postgres_server.user)
+    iam_emulator.disable_iam_user(postgres_server.user)
     with pytest.raises(IAMAuthenticationError) as refused:
         async with asyncpg_iam.starlette.lifespan(**kwargs)(app):
             pass
@@ -201,17 +173,15 @@ async def test_startup_raises_the_library_error(
         async with asyncpg_iam.starlette.lifespan(**{**kwargs, "ssl": "prefer"})(app):
             pass
     assert not hasattr(app.state, "pool")
-    await wait_for(lambda: rds_emulator.open_connections == 0)
+    await wait_for(lambda: iam_emulator.open_connections == 0)
 
 
 async def test_shutdown_finishes_in_flight_requests(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Shutdown while 4 requests hold connections lets them all answer, then closes the pool."""
-    credential_server.add_emulator(rds_emulator)
     started = asyncio.Semaphore(0)
 
     async def slow(request: Request) -> JSONResponse:
@@ -220,7 +190,7 @@ async def test_shutdown_finishes_in_flight_requests(
             await con.execute("SELECT pg_sleep(1)")
             return JSONResponse({"pid": con.get_server_pid()})
 
-    kwargs = pool_kwargs(rds_emulator, postgres_server)
+    kwargs = pool_kwargs(iam_emulator, postgres_server)
     app = make_app(asyncpg_iam.starlette.lifespan(close_timeout=30, **kwargs), Route("/slow", slow))
     caplog.set_level(logging.INFO, logger="asyncpg_iam.starlette")
     async with served(app) as (url, server):
@@ -237,20 +207,18 @@ async def test_shutdown_finishes_in_flight_requests(
     assert f"pool {pool.name}: closed" in caplog.text
     assert "terminated" not in caplog.text
     assert not hasattr(app.state, "pool")
-    await wait_for(lambda: rds_emulator.open_connections == 0)
+    await wait_for(lambda: iam_emulator.open_connections == 0)
 
 
 async def test_shutdown_terminates_what_outlives_the_timeout(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A connection still in use after close_timeout is terminated and shutdown completes."""
-    credential_server.add_emulator(rds_emulator)
     app = make_app(None)
     lifespan = asyncpg_iam.starlette.lifespan(
-        close_timeout=0.5, **pool_kwargs(rds_emulator, postgres_server)
+        close_timeout=0.5, **pool_kwargs(iam_emulator, postgres_server)
     )
     caplog.set_level(logging.INFO, logger="asyncpg_iam.starlette")
     held: list[asyncpg.Connection] = []
@@ -267,16 +235,14 @@ async def test_shutdown_terminates_what_outlives_the_timeout(
         await task
     assert "terminated them" in caplog.text
     assert state["pool"].is_closing()
-    await wait_for(lambda: rds_emulator.open_connections == 0)
+    await wait_for(lambda: iam_emulator.open_connections == 0)
 
 
 async def test_app_lifespan_composes(
-    rds_emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
-    credential_server: CredentialServer,
 ) -> None:
     """The app's own lifespan runs inside: it sees the pool, and its state reaches handlers."""
-    credential_server.add_emulator(rds_emulator)
     events: list[str] = []
 
     @contextlib.asynccontextmanager
@@ -295,7 +261,7 @@ async def test_app_lifespan_composes(
         )
 
     lifespan = asyncpg_iam.starlette.lifespan(
-        app_lifespan=app_lifespan, **pool_kwargs(rds_emulator, postgres_server)
+        app_lifespan=app_lifespan, **pool_kwargs(iam_emulator, postgres_server)
     )
     app = make_app(lifespan, Route("/greet", greet))
     async with served(app) as (url, _server), httpx.AsyncClient(base_url=url) as http:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from .._auth import IAMAuth
 from .._clock import SYSTEM_CLOCK, Clock
 from .._errors import ConfigurationError
 from ._emu_backend import BackendError, open_backend
@@ -374,6 +375,27 @@ class RDSIAMEmulator:
             "database": database or user,
             "ssl": self.client_ssl_context(),
         }
+
+    def pool_kwargs(
+        self, *, user: str, database: str | None = None, **overrides: Any
+    ) -> dict[str, Any]:
+        """Return `asyncpg_iam.create_pool()` arguments that dial it and sign for its endpoint.
+
+        These are `connect_kwargs()` plus an `IAMAuth` that signs for `endpoint` (and for
+        `endpoint_port` and `region` when they differ from what the client would infer);
+        `overrides` (any create_pool argument, e.g. ``min_size`` or your own ``iam``) replace
+        or extend them.
+        """
+        kwargs = self.connect_kwargs(user=user, database=database)
+        if "iam" not in overrides:
+            signing: dict[str, Any] = {"signing_host": self._endpoint}
+            if self._endpoint_port is not None:
+                signing["signing_port"] = self._endpoint_port
+            if region_from_endpoint(self._endpoint) != self._region:
+                signing["region"] = self._region
+            kwargs["iam"] = IAMAuth(**signing)
+        kwargs.update(overrides)
+        return kwargs
 
     # -- what it accepts ----------------------------------------------------------------------
 

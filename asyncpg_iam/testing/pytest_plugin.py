@@ -17,6 +17,8 @@ Fixtures:
 - ``rds_emulator``: a started `RDSIAMEmulator` in front of ``postgres_server``, with the
   backend's user enabled for IAM and ``rds_access_key`` registered.
 - ``credential_server`` and ``moto_sts``: see `asyncpg_iam.testing.CredentialServer`.
+- ``iam_emulator``: ``rds_emulator`` trusting every key ``credential_server`` issues, so a pool
+  on the default AWS chain logs in; ``iam_emulator.pool_kwargs(user=...)`` gives its arguments.
 
 The pytest header names the backend that will be used, the terminal summary the one that was.
 """
@@ -33,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import pytest_asyncio
 
+from ._aws import CredentialServer
 from ._aws_fixtures import credential_server, moto_sts  # noqa: F401
 from ._emulator import AccessKey, RDSIAMEmulator
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
@@ -45,6 +48,7 @@ __all__ = [
     "PG_IMAGE_VARIABLE",
     "BackendUnavailable",
     "backend_container",
+    "iam_emulator",
     "postgres_server",
     "rds_access_key",
     "rds_emulator",
@@ -288,3 +292,17 @@ async def rds_emulator(
     )
     async with emulator:
         yield emulator
+
+
+@pytest.fixture
+def iam_emulator(
+    rds_emulator: RDSIAMEmulator,
+    credential_server: CredentialServer,  # noqa: F811 (the fixture imported above)
+) -> RDSIAMEmulator:
+    """Provide ``rds_emulator`` trusting every key that ``credential_server`` issues.
+
+    The default AWS chain points at ``credential_server``, so a pool created with
+    ``iam_emulator.pool_kwargs(user=...)`` signs with rotating keys the emulator accepts.
+    """
+    credential_server.add_emulator(rds_emulator)
+    return rds_emulator

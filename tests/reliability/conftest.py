@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
 
-from asyncpg_iam import IAMAuth
-from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+from tests import _support
 
 T = TypeVar("T")
 
@@ -18,32 +17,11 @@ T = TypeVar("T")
 HANG = 30.0
 
 
-@pytest.fixture
-async def emulator(
-    rds_emulator: RDSIAMEmulator, credential_server: CredentialServer
-) -> AsyncIterator[RDSIAMEmulator]:
-    """An emulator that trusts every key the credential server issues."""
-    credential_server.add_emulator(rds_emulator)
-    return rds_emulator
-
-
 def pool_kwargs(
     emulator: RDSIAMEmulator, server: PostgresServer, **overrides: Any
 ) -> dict[str, Any]:
-    """Return create_pool arguments that dial the emulator and sign for its endpoint."""
-    kwargs: dict[str, Any] = {
-        "host": emulator.host,
-        "port": emulator.port,
-        "user": server.user,
-        "database": server.database,
-        "ssl": emulator.client_ssl_context(),
-        "iam": IAMAuth(signing_host=emulator.endpoint),
-        "min_size": 1,
-        "max_size": 4,
-        "timeout": 10,
-    }
-    kwargs.update(overrides)
-    return kwargs
+    """Return the suite's create_pool arguments (`tests._support.pool_kwargs`), timeout 10 s."""
+    return _support.pool_kwargs(emulator, server, **{"timeout": 10, **overrides})
 
 
 async def no_hang(awaitable: Awaitable[T], limit: float = HANG) -> T:
@@ -52,12 +30,3 @@ async def no_hang(awaitable: Awaitable[T], limit: float = HANG) -> T:
         return await asyncio.wait_for(awaitable, limit)
     except asyncio.TimeoutError:
         pytest.fail(f"hung: no outcome within {limit} s")
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)

@@ -20,8 +20,9 @@ from asyncpg_iam import ConfigurationError, Credentials, IAMAuth
 from asyncpg_iam.testing import AccessKey, PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
 from asyncpg_iam.testing._leak_guard import LeakGuard
+from tests._support import wait_for
 
-from .conftest import no_hang, wait_for
+from .conftest import no_hang
 
 pytestmark = pytest.mark.reliability
 
@@ -393,7 +394,7 @@ async def test_emulator_front_survives_fuzzed_bytes(
     user = postgres_server.user
     backends = emulator.backend_connections_total
     await no_hang(_send(emulator, mode, data, user), limit=15)
-    await wait_for(lambda: emulator.open_connections == 0)
+    await wait_for(lambda: emulator.open_connections == 0, timeout=15)
     assert emulator.backend_connections_total == backends, "invalid input reached the backend"
 
     con = await no_hang(asyncpg.connect(**emulator.connect_kwargs(user=user), password=sign()))

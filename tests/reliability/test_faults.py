@@ -32,8 +32,9 @@ from asyncpg_iam.testing import (
     find_postgres_bin,
 )
 from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
+from tests._support import wait_for
 
-from .conftest import no_hang, pool_kwargs, wait_for
+from .conftest import no_hang, pool_kwargs
 
 pytestmark = pytest.mark.reliability
 
@@ -145,19 +146,19 @@ async def test_postgres_restart_under_load(credential_server: CredentialServer) 
 
 
 async def test_emulator_drops_every_connection(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """Three rounds of dropping every connection: in-flight queries fail, then all pass."""
     async with asyncpg_iam.create_pool(
-        **pool_kwargs(emulator, postgres_server, min_size=4, max_size=4)
+        **pool_kwargs(iam_emulator, postgres_server, min_size=4, max_size=4)
     ) as pool:
         load = Load(pool, workers=8)
         await asyncio.sleep(0.3)
         load.phase = "during"
         dropped = []
         for _ in range(3):
-            await wait_for(lambda: emulator.open_connections >= 4)
-            dropped.append(emulator.drop_all_connections())
+            await wait_for(lambda: iam_emulator.open_connections >= 4, timeout=15)
+            dropped.append(iam_emulator.drop_all_connections())
             await asyncio.sleep(0.3)
         await load.recovered()
         await asyncio.sleep(0.5)
@@ -171,17 +172,17 @@ async def test_emulator_drops_every_connection(
     assert load.count("after", "ok") >= 20
     assert load.wrong_answers == 0
     assert stats.connections_opened >= 4 * 4, "every drop was followed by reconnects"
-    assert emulator.logins_rejected == 0
+    assert iam_emulator.logins_rejected == 0
 
 
 async def test_rejected_logins_surface_then_pool_recovers(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """With the next 5 logins rejected, exactly 5 of 30 callers get IAMAuthenticationError."""
     async with asyncpg_iam.create_pool(
-        **pool_kwargs(emulator, postgres_server, min_size=0, max_size=3)
+        **pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=3)
     ) as pool:
-        emulator.reject_next(5)
+        iam_emulator.reject_next(5)
         results = await no_hang(
             asyncio.gather(
                 *(pool.fetchval("SELECT $1::int", n) for n in range(30)), return_exceptions=True
@@ -199,31 +200,31 @@ async def test_rejected_logins_surface_then_pool_recovers(
         n for n, r in enumerate(results) if not isinstance(r, BaseException)
     ]
     assert after == list(range(30))
-    assert Counter(r.reason for r in emulator.records if not r.accepted) == {"fault_reject": 5}
+    assert Counter(r.reason for r in iam_emulator.records if not r.accepted) == {"fault_reject": 5}
     assert stats.auth_failures == 5
 
 
 @pytest.mark.parametrize(("offset", "reason"), [(1200, "expired"), (-1200, "future_dated")])
 async def test_clock_skew_is_named_in_the_diagnosis(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, offset: int, reason: str
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, offset: int, reason: str
 ) -> None:
     """An emulator clock 20 minutes off refuses logins; the error names clock skew; it recovers."""
     async with asyncpg_iam.create_pool(
-        **pool_kwargs(emulator, postgres_server, min_size=0, max_size=2)
+        **pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=2)
     ) as pool:
-        emulator.clock_offset = offset
+        iam_emulator.clock_offset = offset
         with pytest.raises(IAMAuthenticationError) as info:
             await no_hang(pool.fetchval("SELECT 1"))
-        emulator.clock_offset = 0
+        iam_emulator.clock_offset = 0
         assert await no_hang(pool.fetchval("SELECT 1")) == 1
 
     assert any(hint.startswith("Clock skew") for hint in info.value.hints)
     assert "clock skew" in str(info.value).lower()
-    assert [r.reason for r in emulator.records] == [reason, "ok"]
+    assert [r.reason for r in iam_emulator.records] == [reason, "ok"]
 
 
 async def test_credential_endpoint_down_then_credentials_expire(
-    emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
     caplog: pytest.LogCaptureFixture,
@@ -235,7 +236,7 @@ async def test_credential_endpoint_down_then_credentials_expire(
     credential_server.lifetime = 10.0
     credential_server.rotate_every = 10.0
     kwargs = pool_kwargs(
-        emulator, postgres_server, min_size=0, max_size=4, max_lifetime=0.3, timeout=10
+        iam_emulator, postgres_server, min_size=0, max_size=4, max_lifetime=0.3, timeout=10
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert await no_hang(pool.fetchval("SELECT 1")) == 1
@@ -286,23 +287,23 @@ async def test_credential_endpoint_down_then_credentials_expire(
     assert fetches_after_expiry == 1
     assert 1 <= requests_after_expiry <= 3
     assert recovered == 7
-    assert emulator.logins_rejected == 0
+    assert iam_emulator.logins_rejected == 0
 
 
 async def test_slow_credential_endpoint(
-    emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
 ) -> None:
     """A slow endpoint: connects that time out fail cleanly, one fetch serves everyone after."""
     # Slower than the connect timeout, faster than aiobotocore's own 2 s timeout (no retry).
     credential_server.delay = 1.2
-    kwargs = pool_kwargs(emulator, postgres_server, min_size=0, max_size=4, timeout=0.5)
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=4, timeout=0.5)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         early = await no_hang(
             asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(8)), return_exceptions=True)
         )
-        await wait_for(lambda: pool._provider.credentials.peek() is not None)
+        await wait_for(lambda: pool._provider.credentials.peek() is not None, timeout=15)
         credential_server.delay = 0.0
         later = await no_hang(asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(8))))
         stats = pool.stats()
@@ -311,7 +312,7 @@ async def test_slow_credential_endpoint(
     assert later == [1] * 8
     assert credential_server.requests == 1, "one fetch, shared, finished in the background"
     assert stats.credential_fetches == 1
-    assert emulator.logins_rejected == 0
+    assert iam_emulator.logins_rejected == 0
 
 
 # -- STS throttling -------------------------------------------------------------------------
@@ -488,12 +489,12 @@ _RATE = 10
 
 
 async def test_storm_of_1000_acquires_on_a_pool_of_10(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """1,000 concurrent acquires on 10 connections recycling fast: all served or timed out."""
-    emulator.max_logins_per_second = _RATE + 1  # RDS-like throttle just above the pool's limit
+    iam_emulator.max_logins_per_second = _RATE + 1  # RDS-like throttle just above the pool's limit
     kwargs = pool_kwargs(
-        emulator,
+        iam_emulator,
         postgres_server,
         min_size=0,
         max_size=10,
@@ -525,7 +526,7 @@ async def test_storm_of_1000_acquires_on_a_pool_of_10(
     assert sum(outcomes.values()) == 1000
     assert outcomes["served"] >= 500
     assert wrong == 0
-    assert emulator.max_login_attempts_in_one_second <= _RATE + 1
-    assert emulator.logins_rejected == 0, "the pool never tripped the server's throttle"
+    assert iam_emulator.max_login_attempts_in_one_second <= _RATE + 1
+    assert iam_emulator.logins_rejected == 0, "the pool never tripped the server's throttle"
     assert stats.connects_rate_limited > 0
     assert stats.connections_opened > 10, "connections were recycled during the storm"

@@ -181,7 +181,7 @@ def test_tls_policy_refuses_modes_that_fall_back_to_plaintext(
 
 @pytest.mark.parametrize("trust", ["other-ca", "system-store"])
 async def test_tls_verification_failure_sends_no_token(
-    emulator: RDSIAMEmulator, postgres_server: PostgresServer, trust: str
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, trust: str
 ) -> None:
     """When the server's certificate does not verify, the emulator receives no password at all."""
     if trust == "other-ca":
@@ -189,21 +189,21 @@ async def test_tls_verification_failure_sends_no_token(
     else:
         context = ssl.create_default_context()
     kwargs = {
-        "host": emulator.host,
-        "port": emulator.port,
+        "host": iam_emulator.host,
+        "port": iam_emulator.port,
         "user": postgres_server.user,
         "database": postgres_server.database,
         "ssl": context,
-        "iam": IAMAuth(signing_host=emulator.endpoint),
+        "iam": IAMAuth(signing_host=iam_emulator.endpoint),
         "min_size": 0,
         "timeout": 5,
     }
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         with pytest.raises(ssl.SSLCertVerificationError):
             await no_hang(pool.fetchval("SELECT 1"))
-    assert emulator.connections_total >= 1, "the client did reach the emulator"
-    assert emulator.password_messages == 0
-    assert emulator.records == []
+    assert iam_emulator.connections_total >= 1, "the client did reach the emulator"
+    assert iam_emulator.password_messages == 0
+    assert iam_emulator.records == []
 
 
 # -- token reuse never crosses users, hosts or ports ------------------------------------------

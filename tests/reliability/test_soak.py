@@ -22,7 +22,7 @@ WORKERS = 24
 
 
 async def test_soak_every_query_answered_exactly_once(
-    emulator: RDSIAMEmulator,
+    iam_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
     credential_server: CredentialServer,
 ) -> None:
@@ -38,7 +38,7 @@ async def test_soak_every_query_answered_exactly_once(
     hard_stop = time.monotonic() + 50  # the test fails below if the goal is not met by then
 
     def keys_used() -> int:
-        return len({r.access_key for r in emulator.records if r.accepted})
+        return len({r.access_key for r in iam_emulator.records if r.accepted})
 
     def done() -> bool:
         return sum(answers.values()) >= QUERIES and keys_used() >= KEYS
@@ -60,7 +60,7 @@ async def test_soak_every_query_answered_exactly_once(
                 wrong.append(query_id)
 
     kwargs = pool_kwargs(
-        emulator, postgres_server, min_size=4, max_size=12, max_lifetime=1.0, timeout=10
+        iam_emulator, postgres_server, min_size=4, max_size=12, max_lifetime=1.0, timeout=10
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         await no_hang(asyncio.gather(*(worker(pool, n) for n in range(WORKERS))), limit=60)
@@ -72,6 +72,6 @@ async def test_soak_every_query_answered_exactly_once(
     assert wrong == []
     assert set(answers.values()) == {1}, "no query was answered twice"
     assert len(answers) == issued, "no query was lost"
-    assert emulator.logins_rejected == 0
+    assert iam_emulator.logins_rejected == 0
     assert stats.connections_closed.get("max_lifetime", 0) >= 20
-    assert stats.connections_opened == emulator.logins_accepted
+    assert stats.connections_opened == iam_emulator.logins_accepted

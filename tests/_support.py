@@ -1,0 +1,61 @@
+"""Helpers shared by the test modules: pool arguments, polling, and the console script."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+
+
+def pool_kwargs(
+    emulator: RDSIAMEmulator, server: PostgresServer, **overrides: Any
+) -> dict[str, Any]:
+    """Return create_pool arguments that dial the emulator as `server`'s user; pool of 1 to 4."""
+    return emulator.pool_kwargs(
+        user=server.user, database=server.database, **{"min_size": 1, "max_size": 4, **overrides}
+    )
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def console_script() -> str:
+    """Return the installed `asyncpg-iam` script, or skip the test when it is not installed."""
+    candidate = Path(sys.executable).parent / "asyncpg-iam"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("asyncpg-iam")
+    if found is None:
+        pytest.skip("the asyncpg-iam console script is not installed: run `pip install -e .`")
+    return found
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """Run the console script without blocking the loop that serves the emulator."""
+    proc = await asyncio.create_subprocess_exec(
+        console_script(),
+        *args,
+        env=env if env is not None else dict(os.environ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
