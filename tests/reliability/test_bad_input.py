@@ -214,7 +214,12 @@ def test_create_pool_arguments_construct_or_raise_configuration_error(
     try:
         if isinstance(iam, dict):
             iam = IAMAuth(**iam)
-        pool = asyncpg_iam.create_pool(dsn, iam=iam, **kwargs)
+
+        async def build() -> asyncpg_iam.Pool:
+            # Pools are made inside a running loop, as applications make them.
+            return asyncpg_iam.create_pool(dsn, iam=iam, **kwargs)
+
+        pool = asyncio.run(build())
     except ConfigurationError as exc:
         assert_helpful(exc)
     else:
