@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import glob
+import os
+import shutil
+import subprocess
 
 import nox
 
@@ -10,10 +13,27 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
+PYENV_310 = os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10")
+
+
+def _oldest_python() -> str:
+    """Return Python 3.10 (the oldest supported) if this machine has one, else PYTHON."""
+    for candidate in [shutil.which("python3.10"), *sorted(glob.glob(PYENV_310))]:
+        if candidate and subprocess.run([candidate, "-V"], capture_output=True).returncode == 0:
+            return candidate
+    return PYTHON
+
+
 # Every asyncpg minor version the pool supports (see asyncpg_iam/_pool.py SUPPORTED_ASYNCPG).
 ASYNCPG_VERSIONS = ["0.30", "0.31", "0.32"]
 # The tests that exercise the pool's use of asyncpg internals.
-POOL_TESTS = ["tests/test_pool.py", "tests/test_asyncpg_internals.py", "tests/test_config.py"]
+POOL_TESTS = [
+    "tests/test_pool.py",
+    "tests/test_pool_lifecycle.py",
+    "tests/test_lifetime.py",
+    "tests/test_asyncpg_internals.py",
+    "tests/test_config.py",
+]
 
 
 @nox.session(python=PYTHON)
@@ -23,10 +43,15 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python=PYTHON)
-@nox.parametrize("asyncpg", ASYNCPG_VERSIONS)
+@nox.session
+@nox.parametrize(
+    ("python", "asyncpg"),
+    # The oldest asyncpg runs on the oldest Python the package supports.
+    [(_oldest_python(), "0.30"), (PYTHON, "0.31"), (PYTHON, "0.32")],
+    ids=ASYNCPG_VERSIONS,
+)
 def pool(session: nox.Session, asyncpg: str) -> None:
-    """Run the pool's tests against one asyncpg minor version."""
+    """Run the pool's tests against one asyncpg minor version (0.30 on the oldest Python)."""
     session.install("-e", ".[test]", f"asyncpg=={asyncpg}.*")
     session.run("pytest", *POOL_TESTS, *session.posargs)
 

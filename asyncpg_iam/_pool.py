@@ -97,15 +97,25 @@ class PoolStats:
     """
 
     connections_opened: int
+    """Connections opened and added to the pool."""
     connections_closed: Mapping[str, int]
+    """Connections closed, by reason."""
     connect_attempts: int
+    """Calls to open a connection (each may try several hosts)."""
     connect_failures: int
+    """Connection attempts that raised, authentication failures included."""
     auth_failures: int
+    """Logins the server refused (each raised as `IAMAuthenticationError`)."""
     tokens_signed: int
+    """Tokens signed."""
     token_reuses: int
+    """Connects that presented a recently signed token again (``token_reuse``)."""
     credential_fetches: int
+    """Fetches from the AWS credential source (successful or not)."""
     connects_rate_limited: int
+    """Login attempts that waited for ``max_connect_rate``."""
     open_connections: int
+    """Connections open when the snapshot was taken."""
 
 
 class _Counters:
@@ -353,7 +363,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
     Create it with `create_pool()`; it is awaitable and an async context manager, and every
-    asyncpg pool method works unchanged.
+    asyncpg pool method works unchanged. `clock` is where tokens get their time (tests pass a
+    skewed or manual one); lifetimes run on the event loop's clock.
     """
 
     def __init__(
