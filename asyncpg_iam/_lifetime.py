@@ -25,7 +25,7 @@ import functools
 import logging
 import random
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._clock import SYSTEM_CLOCK, Clock
@@ -33,7 +33,7 @@ from ._clock import SYSTEM_CLOCK, Clock
 if TYPE_CHECKING:
     from asyncpg import Connection
 
-__all__ = ["Recycler", "TokenBucket", "draw_lifetime"]
+__all__ = ["Recycler", "TokenBucket", "draw_lifetime", "spread_deadline"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -42,11 +42,42 @@ logger = logging.getLogger("asyncpg_iam.pool")
 _STALE_GENERATION = -1
 # How long a graceful close of a retired idle connection may take before it is terminated.
 _CLOSE_TIMEOUT = 5.0
+# How often a connection in use past its deadline is looked at again, until it is released.
+_RECHECK_IN_USE = 0.5
 
 
 def draw_lifetime(max_lifetime: float, jitter: float, rng: random.Random) -> float:
     """Return a lifetime in ``[max_lifetime * (1 - jitter), max_lifetime]``."""
     return max_lifetime * (1.0 - jitter * rng.random())
+
+
+def spread_deadline(
+    earliest: float,
+    latest: float,
+    others: Iterable[float],
+    rng: random.Random,
+    candidates: int = 8,
+) -> float:
+    """Return a deadline in ``[earliest, latest]`` far from the `others` deadlines.
+
+    Best-candidate sampling: of a few uniform draws, keep the one farthest from its nearest
+    neighbour. Connections opened together (a pool filling up, a reconnect wave) then come due
+    evenly spread over the jitter window instead of in random clumps, so their reconnects
+    overlap less; each deadline still lies in the window.
+    """
+    if latest <= earliest:
+        return latest
+    width = latest - earliest
+    nearby = [other for other in others if earliest - width <= other <= latest + width]
+    if not nearby:
+        return rng.uniform(earliest, latest)
+    best, best_gap = earliest, -1.0
+    for _ in range(candidates):
+        candidate = rng.uniform(earliest, latest)
+        gap = min(abs(candidate - other) for other in nearby)
+        if gap > best_gap:
+            best, best_gap = candidate, gap
+    return best
 
 
 class TokenBucket:
@@ -88,13 +119,18 @@ class TokenBucket:
         return now - started if waited else 0.0
 
 
+def _no_loop_yet() -> float:
+    return float("-inf")  # nothing is tracked before the first connection
+
+
 class _Tracked:
     """The lifetime state of one connection; its termination listener holds it strongly."""
 
-    __slots__ = ("deadline", "reason", "timer")
+    __slots__ = ("deadline", "key", "reason", "timer")
 
     def __init__(self) -> None:
         self.deadline: float | None = None
+        self.key: int | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.reason: str | None = None
 
@@ -123,6 +159,10 @@ class Recycler:
         self._on_closed = on_closed
         self._tracked: weakref.WeakKeyDictionary[Connection, _Tracked] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Deadlines by id() of the open connection, removed when it closes: the acquire check
+        # reads them, and a dict lookup by int costs less than a weak one.
+        self._deadlines: dict[int, float] = {}
+        self._loop_time: Callable[[], float] = _no_loop_yet
 
     def track(self, con: Connection, started: float | None = None) -> None:
         """Start the lifetime of a newly opened connection, counted from `started` (loop time)."""
@@ -132,19 +172,26 @@ class Recycler:
         if self._max_lifetime is None:
             return
         loop = asyncio.get_running_loop()
-        lifetime = draw_lifetime(self._max_lifetime, self._jitter, self._rng)
-        state.deadline = (loop.time() if started is None else started) + lifetime
+        self._loop_time = loop.time
+        start = loop.time() if started is None else started
+        state.deadline = spread_deadline(
+            start + self._max_lifetime * (1.0 - self._jitter),
+            start + self._max_lifetime,
+            self._deadlines.values(),
+            self._rng,
+        )
+        state.key = id(con)
+        self._deadlines[state.key] = state.deadline
         state.timer = loop.call_at(state.deadline, self._on_deadline, weakref.ref(con))
 
     def deadline(self, con: Connection) -> float | None:
         """Return the loop time at which `con` is due, or None if it has no lifetime."""
-        state = self._tracked.get(con)
-        return state.deadline if state is not None else None
+        return self._deadlines.get(id(con))
 
     def is_due(self, con: Connection | None) -> bool:
-        """Tell whether `con` has reached its deadline."""
-        deadline = self.deadline(con) if con is not None else None
-        return deadline is not None and asyncio.get_running_loop().time() >= deadline
+        """Tell whether `con` has reached its deadline (checked on every acquire: kept cheap)."""
+        deadline = self._deadlines.get(id(con))
+        return deadline is not None and self._loop_time() >= deadline
 
     def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
         """Make asyncpg close the holder's connection when it is released."""
@@ -163,18 +210,15 @@ class Recycler:
             task.cancel()
 
     def _closed(self, state: _Tracked, _con: Any) -> None:
+        if state.key is not None:
+            self._deadlines.pop(state.key, None)
+            state.key = None
         if state.timer is not None:
             state.timer.cancel()
             state.timer = None
         on_closed = self._on_closed()
         if on_closed is not None:
             on_closed(state.reason or "other")
-
-    def retire_if_idle_and_due(self, holder: Any) -> None:
-        """Retire the holder's connection now if it is idle in the queue and past its deadline."""
-        con = holder._con
-        if con is not None and self.is_due(con):
-            self._on_deadline(weakref.ref(con))
 
     def _on_deadline(self, con_ref: weakref.ref[Connection]) -> None:
         con = con_ref()
@@ -186,10 +230,15 @@ class Recycler:
             return
         queue = pool._queue._queue
         if holder._in_use is not None or holder not in queue:
-            # In use, or being handed out right now (setup is running): asyncpg closes it on
-            # release, and the pool's acquire check discards it if it got through.
+            # In use, or being handed out or reset right now: asyncpg closes it on release, and
+            # the pool's acquire check discards it if it got through. Look again later in case
+            # it went back idle after asyncpg's release check (a reset in progress).
             self.retire_on_release(holder)
-            logger.debug("retiring a connection in use at its max lifetime: closes on release")
+            state = self._tracked.get(con)
+            if state is not None:
+                state.timer = asyncio.get_running_loop().call_later(
+                    _RECHECK_IN_USE, self._on_deadline, con_ref
+                )
             return
         queue.remove(holder)
         holder._maybe_cancel_inactive_callback()

@@ -546,29 +546,21 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     # -- lifetime --------------------------------------------------------------------------
 
     async def _acquire(self, timeout: float | None) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            proxy = await super()._acquire(remaining)
-            if not self._recycler.is_due(proxy._con):
-                return proxy
+        started = self._loop.time()
+        proxy = await super()._acquire(timeout)
+        while self._recycler.is_due(proxy._con):
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
             self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
-            close_timeout = _DISCARD_CLOSE_TIMEOUT if remaining is None else max(remaining, 0.1)
-            await super().release(proxy, timeout=min(close_timeout, _DISCARD_CLOSE_TIMEOUT))
-
-    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
-        """Release a connection back to the pool; one past its lifetime is closed instead."""
-        con = getattr(connection, "_con", None)
-        holder = getattr(connection, "_holder", None)
-        if con is not None and holder is not None and self._recycler.is_due(con):
-            self._recycler.retire_on_release(holder)
-        await super().release(connection, timeout=timeout)
-        if holder is not None:
-            # Its deadline may have passed while asyncpg reset it (after its own check).
-            self._recycler.retire_if_idle_and_due(holder)
+            remaining = None if timeout is None else started + timeout - self._loop.time()
+            close_timeout = _DISCARD_CLOSE_TIMEOUT
+            if remaining is not None:
+                close_timeout = min(close_timeout, max(remaining, 0.1))
+            await super().release(proxy, timeout=close_timeout)
+            if timeout is not None:
+                remaining = max(0.0, started + timeout - self._loop.time())
+            proxy = await super()._acquire(remaining)
+        return proxy
 
     def _on_connection_closed(self, reason: str) -> None:
         self._counters.closed[reason] += 1

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from asyncpg_iam._clock import ManualClock
-from asyncpg_iam._lifetime import TokenBucket, draw_lifetime
+from asyncpg_iam._lifetime import TokenBucket, draw_lifetime, spread_deadline
 
 
 def test_lifetimes_stay_within_the_jitter_window() -> None:
@@ -83,3 +83,29 @@ def test_bucket_rejects_a_non_positive_rate() -> None:
     """A rate of zero or less is refused."""
     with pytest.raises(ValueError, match="rate must be > 0"):
         TokenBucket(0)
+
+
+def test_deadlines_opened_together_spread_over_the_window() -> None:
+    """Twenty connections opened at once come due spread evenly across the jitter window."""
+    rng = random.Random(3)
+    spread: list[float] = []
+    for _ in range(20):
+        spread.append(spread_deadline(95.0, 100.0, spread, rng))
+    plain = sorted(95.0 + 5.0 * rng.random() for _ in range(20))
+    assert all(95.0 <= deadline <= 100.0 for deadline in spread)
+    gaps = [b - a for a, b in itertools.pairwise(sorted(spread))]
+    plain_gaps = [b - a for a, b in itertools.pairwise(plain)]
+    # Evenly spread, no two within a fifth of the even spacing; uniform draws clump.
+    assert min(gaps) > 0.2 * 5.0 / 20
+    assert min(gaps) > 3 * min(plain_gaps)
+
+
+def test_a_lone_deadline_is_uniform_in_the_window() -> None:
+    """With nothing else due nearby, the deadline is a plain draw from the window."""
+    rng = random.Random(5)
+    deadlines = [spread_deadline(10.0, 12.0, [], rng) for _ in range(1000)]
+    assert min(deadlines) >= 10.0
+    assert max(deadlines) <= 12.0
+    assert min(deadlines) < 10.1
+    assert max(deadlines) > 11.9
+    assert spread_deadline(7.0, 7.0, [7.0], rng) == 7.0
