@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._errors import ConfigurationError
+from ._errors import AuthFailureContext, ConfigurationError
 from ._signing import Credentials, build_auth_token, region_from_host
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
 
-__all__ = ["IAMAuth", "SigningTarget", "TokenProvider"]
+__all__ = ["IAMAuth", "SigningTarget", "TokenProvider", "failure_context"]
 
 _REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
@@ -308,3 +308,39 @@ class TokenProvider:
         if not self._closed:
             self._closed = True
             await self.credentials.aclose()
+
+
+def failure_context(
+    exc: BaseException,
+    target: SigningTarget,
+    record: TokenRecord,
+    *,
+    credentials: CredentialCache,
+    database: str | None,
+    now: dt.datetime,
+    clock_skew: float | None = None,
+) -> AuthFailureContext:
+    """Gather what is known about a refused login for `diagnose_auth_failure` (no secrets).
+
+    `clock_skew` defaults to what the credential cache measured, if anything.
+    """
+    cached = credentials.peek()
+    return AuthFailureContext(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        database=database,
+        signing_host=target.signing_host,
+        signing_port=target.signing_port,
+        region=target.region,
+        region_source=target.region_source,
+        endpoint_region=target.endpoint_region,
+        credential_source=credentials.source,
+        credentials_expiry=record.credentials_expiry
+        or (cached.expiry if cached is not None else None),
+        signed_at=record.signed_at,
+        token_reused=record.reused,
+        now=now,
+        server_message=str(getattr(exc, "message", None) or exc),
+        clock_skew=credentials.clock_skew if clock_skew is None else clock_skew,
+    )

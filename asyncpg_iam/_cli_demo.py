@@ -21,22 +21,9 @@ import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Sandbox", "run_demo", "run_emulate"]
+from .testing._aws import AWS_CREDENTIAL_VARIABLES
 
-#: Variables that would make the default chain find other credentials before the sandbox's.
-_AWS_OVERRIDES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-)
+__all__ = ["Sandbox", "run_demo", "run_emulate"]
 
 
 def _require_testing() -> Any:
@@ -143,7 +130,7 @@ class Sandbox:
 
     def apply_environment(self) -> None:
         """Point this process's default credential chain at the sandbox."""
-        for name in _AWS_OVERRIDES:
+        for name in AWS_CREDENTIAL_VARIABLES:
             os.environ.pop(name, None)
         os.environ.update(self.environment())
 
@@ -159,7 +146,7 @@ def _emulate_banner(sandbox: Sandbox) -> str:
         "asyncpg-iam emulate: an RDS endpoint with IAM authentication is running on loopback.",
         "",
         "Environment for another shell:",
-        f"unset {' '.join(_AWS_OVERRIDES[:6])}",
+        f"unset {' '.join(AWS_CREDENTIAL_VARIABLES[:6])}",
     ]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sandbox.environment().items()]
     lines += [

@@ -25,10 +25,10 @@ import time
 import urllib.parse
 from typing import Any
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord
+from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._errors import AuthFailureContext, ConfigurationError, IAMError, diagnose_auth_failure
+from ._errors import ConfigurationError, IAMError, diagnose_auth_failure
 from ._signing import Credentials, mask_access_key, region_from_host
 from ._tls import CA_BUNDLE_ENV, ca_bundle_path, default_ssl_context
 
@@ -574,22 +574,13 @@ class Doctor:
         self, exc: Exception, target: SigningTarget, record: TokenRecord, database: str
     ) -> list[str]:
         assert self.cache is not None
-        context = AuthFailureContext(
-            host=target.host,
-            port=target.port,
-            user=target.user,
+        context = failure_context(
+            exc,
+            target,
+            record,
+            credentials=self.cache,
             database=database,
-            signing_host=target.signing_host,
-            signing_port=target.signing_port,
-            region=target.region,
-            region_source=target.region_source,
-            endpoint_region=target.endpoint_region,
-            credential_source=self.cache.source,
-            credentials_expiry=record.credentials_expiry,
-            signed_at=record.signed_at,
-            token_reused=record.reused,
             now=self.clock.now(),
-            server_message=str(getattr(exc, "message", None) or exc),
             clock_skew=self._measured_skew(),
         )
         hints = diagnose_auth_failure(context)

@@ -33,10 +33,9 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord
+from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import (
-    AuthFailureContext,
     ConfigurationError,
     IAMAuthenticationError,
     diagnose_auth_failure,
@@ -326,25 +325,8 @@ def explain_auth_failure(
 
     `owner` names what was connecting (``"pool app@host:5432"``) in the log line.
     """
-    cached = provider.credentials.peek()
-    context = AuthFailureContext(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        database=database,
-        signing_host=target.signing_host,
-        signing_port=target.signing_port,
-        region=target.region,
-        region_source=target.region_source,
-        endpoint_region=target.endpoint_region,
-        credential_source=provider.credentials.source,
-        credentials_expiry=record.credentials_expiry
-        or (cached.expiry if cached is not None else None),
-        signed_at=record.signed_at,
-        token_reused=record.reused,
-        now=now,
-        server_message=str(getattr(exc, "message", None) or exc),
-        clock_skew=provider.credentials.clock_skew,
+    context = failure_context(
+        exc, target, record, credentials=provider.credentials, database=database, now=now
     )
     error = IAMAuthenticationError(context, diagnose_auth_failure(context))
     logger.warning(

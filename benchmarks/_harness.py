@@ -32,6 +32,7 @@ from typing import Any
 
 from asyncpg_iam import Credentials, IAMAuth
 from asyncpg_iam.testing import CredentialServer, PostgresCluster, RDSIAMEmulator
+from asyncpg_iam.testing._aws import AWS_CREDENTIAL_VARIABLES
 
 __all__ = [
     "CaseResult",
@@ -45,25 +46,6 @@ __all__ = [
     "versions",
 ]
 
-#: Variables that would let a default chain find credentials we did not put there.
-_AWS_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-)
 BENCH_ACCESS_KEY = "AKIABENCHMARKKEY0001"
 
 
@@ -236,7 +218,7 @@ class Environment:
     async def __aenter__(self) -> Environment:
         aws = self._tmp / "aws"
         aws.mkdir()
-        env: dict[str, str | None] = dict.fromkeys(_AWS_VARIABLES)
+        env: dict[str, str | None] = dict.fromkeys(AWS_CREDENTIAL_VARIABLES)
         env.update(
             AWS_CONFIG_FILE=str(aws / "config"),
             AWS_SHARED_CREDENTIALS_FILE=str(aws / "credentials"),
@@ -365,7 +347,7 @@ class Environment:
 def isolated_aws() -> Iterator[None]:
     """Hide the host's AWS configuration (for cases that run without an `Environment`)."""
     with tempfile.TemporaryDirectory(prefix="asyncpg-iam-bench-aws-") as tmp:
-        env: dict[str, str | None] = dict.fromkeys(_AWS_VARIABLES)
+        env: dict[str, str | None] = dict.fromkeys(AWS_CREDENTIAL_VARIABLES)
         env.update(
             AWS_CONFIG_FILE=str(Path(tmp) / "config"),
             AWS_SHARED_CREDENTIALS_FILE=str(Path(tmp) / "credentials"),

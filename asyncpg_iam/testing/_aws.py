@@ -26,7 +26,30 @@ from typing import Any, Protocol
 
 from .._clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["CredentialServer", "KeyRegistry", "MotoSTS"]
+__all__ = ["AWS_CREDENTIAL_VARIABLES", "CredentialServer", "KeyRegistry", "MotoSTS"]
+
+
+#: Variables through which the default chain could find credentials other than the ones served
+#: here, and the proxies that could capture requests to the local endpoints.
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
 
 
 class KeyRegistry(Protocol):

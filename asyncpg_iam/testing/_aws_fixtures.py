@@ -6,30 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ._aws import CredentialServer, MotoSTS
+from ._aws import AWS_CREDENTIAL_VARIABLES, CredentialServer, MotoSTS
 
 __all__ = ["AWS_CREDENTIAL_VARIABLES", "credential_server", "isolate_aws_environment", "moto_sts"]
-
-#: Variables that would let the default chain find credentials before the container provider.
-AWS_CREDENTIAL_VARIABLES = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
-    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "http_proxy",
-    "https_proxy",
-)
 
 
 def isolate_aws_environment(
