@@ -237,6 +237,29 @@ async def test_expired_token_records_its_age(
     assert age >= 901
 
 
+@pytest.mark.parametrize(
+    ("offset", "accepted"),
+    [
+        (898, True),  # 898 s old (899 with the Date's truncation): still inside 900 s
+        (902, False),  # past 900 s
+        (-290, True),  # dated a little ahead, within the allowed skew of 300 s
+        (-310, False),  # dated further ahead than the allowed skew
+    ],
+)
+async def test_token_age_and_skew_limits(
+    rds_emulator: RDSIAMEmulator, make_token: TokenFactory, offset: int, accepted: bool
+) -> None:
+    """Tokens are accepted up to 900 s old and up to 300 s in the future, not beyond."""
+    rds_emulator.clock_offset = offset
+    token = make_token()
+    if accepted:
+        conn = await connect(rds_emulator, token)
+        await conn.close()
+        assert rds_emulator.records[-1].accepted
+    else:
+        await assert_rejected(rds_emulator, token, "expired" if offset > 0 else "future_dated")
+
+
 async def test_plaintext_startup_rejected_like_rds_before_any_password(
     rds_emulator: RDSIAMEmulator, make_token: TokenFactory
 ) -> None:
