@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import random
 import secrets
 import ssl
 import sys
@@ -126,16 +127,20 @@ def ratio(numerator: float, denominator: float) -> float:
 async def interleave(
     variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
 ) -> dict[str, list[float]]:
-    """Run each variant once per round, rotating the order (A B C, B C A, ...), and collect.
+    """Run each variant once per round, in a fresh random order each round, and collect.
 
     Each callable measures one sample and returns it; machine drift over the run hits every
-    variant alike, and no variant always runs right after the same other one.
+    variant alike. The order is shuffled (seeded, so runs are repeatable) rather than rotated:
+    a rotation keeps each variant's predecessor fixed, and what ran just before (creating a
+    boto3 client, say) measurably slows the next connect.
     """
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    order_rng = random.Random(20261128)
     for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[:]
+        order_rng.shuffle(order)
+        for name in order:
             samples[name].append(await variants[name]())
         if index % 50 == 49:
             gc.collect()
