@@ -25,6 +25,19 @@ def pool_kwargs(
     )
 
 
+def direct_kwargs(server: PostgresServer, **overrides: Any) -> dict[str, Any]:
+    """Return create_pool arguments for `server` itself, without IAM (a static-password pool)."""
+    return {
+        "host": server.host,
+        "port": server.port,
+        "user": server.user,
+        "password": server.password,
+        "database": server.database,
+        "iam": False,
+        **overrides,
+    }
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll `condition` until it holds; fail the test when it does not within `timeout`."""
     deadline = time.monotonic() + timeout

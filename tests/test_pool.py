@@ -14,7 +14,7 @@ import pytest
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
 from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
-from tests._support import pool_kwargs, wait_for
+from tests._support import direct_kwargs, pool_kwargs, wait_for
 
 
 async def test_pool_is_an_asyncpg_pool(
@@ -319,12 +319,7 @@ async def test_token_reuse_shares_a_token_within_its_age(
 async def test_plain_pool_without_iam_still_recycles(postgres_server: PostgresServer) -> None:
     """iam=False gives a static-password pool whose connections still retire at max_lifetime."""
     async with asyncpg_iam.create_pool(
-        host=postgres_server.host,
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        database=postgres_server.database,
-        iam=False,
+        **direct_kwargs(postgres_server),
         min_size=1,
         max_size=1,
         max_lifetime=0.3,

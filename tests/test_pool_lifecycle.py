@@ -11,17 +11,13 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator, _leak_guard
+from tests._support import direct_kwargs
 
 
 async def test_abandoned_pool_is_garbage_collected(postgres_server: PostgresServer) -> None:
     """Deadline timers and close listeners hold the pool weakly: a dropped pool is collected."""
     pool = await asyncpg_iam.create_pool(
-        host=postgres_server.host,
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        database=postgres_server.database,
-        iam=False,
+        **direct_kwargs(postgres_server),
         min_size=2,
         max_size=2,
         max_lifetime=60,
