@@ -41,6 +41,8 @@ class BackendSession:
     writer: asyncio.StreamWriter
     pid: int | None
     greeting: bytes
+    password_checked: bool = False
+    """Whether the backend asked for (and so checked) the password."""
 
 
 def _scram_client_final(
@@ -78,6 +80,7 @@ async def open_backend(
         greeting: list[bytes] = []
         pid: int | None = None
         scram: tuple[str, str, bytes] | None = None  # client nonce, client-first-bare, server sig
+        asked = False
         user = params.get("user", "")
         while True:
             kind, payload = await read_message(reader, max_length=_MAX_BACKEND_MESSAGE)
@@ -95,6 +98,7 @@ async def open_backend(
                         f"the backend asks for a password (auth request {code}); "
                         "give the emulator backend_password or use trust authentication"
                     )
+                asked = True
                 if code == 3:
                     writer.write(encode_message(b"p", password.encode("utf-8") + b"\x00"))
                 elif code == 5:
@@ -131,7 +135,7 @@ async def open_backend(
             if kind == b"K" and len(payload) >= 4:
                 (pid,) = struct.unpack("!i", payload[:4])
             if kind == b"Z":
-                return BackendSession(reader, writer, pid, b"".join(greeting))
+                return BackendSession(reader, writer, pid, b"".join(greeting), asked)
     except BaseException:
         writer.close()
         raise

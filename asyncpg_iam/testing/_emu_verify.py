@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote
 
-__all__ = ["TOKEN_LIFETIME", "RegisteredKey", "Verdict", "verify_token"]
+__all__ = ["TOKEN_LIFETIME", "RegisteredKey", "Verdict", "signed_host", "verify_token"]
 
 TOKEN_LIFETIME = 900
 _ALGORITHM = "AWS4-HMAC-SHA256"
@@ -95,6 +95,16 @@ def expected_signature(
     key = _hmac(key, service)
     key = _hmac(key, "aws4_request")
     return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def signed_host(host: str, port: str) -> str:
+    """Return the ``host`` header a token for `host`:`port` is signed with.
+
+    The token is a presigned ``https://`` URL, so SigV4 signs the host without the scheme's
+    default port: ``:443`` is dropped from the signed header (and only it; 80 is kept, since
+    the scheme is https), while the token's URL keeps it.
+    """
+    return host if port == "443" else f"{host}:{port}"
 
 
 def verify_token(
@@ -200,7 +210,7 @@ def verify_token(
         )
     signature = expected_signature(
         secret_key=key.secret_key,
-        host=host,
+        host=signed_host(token_host, token_port),
         params=params,
         amz_date=params["X-Amz-Date"],
         scope_date=scope_date,

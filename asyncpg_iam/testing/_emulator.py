@@ -24,15 +24,16 @@ import sys
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from .._auth import IAMAuth
 from .._clock import SYSTEM_CLOCK, Clock
 from .._errors import ConfigurationError
 from ._emu_backend import BackendError, open_backend
+from ._emu_roles import RDS_IAM_ROLE, RoleDirectory, RoleInfo, password_matches
 from ._emu_verify import RegisteredKey, Verdict, verify_token
 from ._wire import (
     CANCEL_REQUEST_CODE,
@@ -52,6 +53,9 @@ logger = logging.getLogger("asyncpg_iam.testing.emulator")
 
 DEFAULT_ENDPOINT = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
 _PAM_FAILED = 'PAM authentication failed for user "{user}"'
+_PASSWORD_FAILED = 'password authentication failed for user "{user}"'
+# Reasons a password login (a user outside rds_iam) is refused; PostgreSQL's message for them.
+_PASSWORD_REASONS = frozenset({"password_mismatch", "password_unchecked"})
 _PLAINTEXT = (
     'pg_hba.conf rejects connection for host "{host}", user "{user}", database "{database}", '
     "SSL off"
@@ -114,6 +118,22 @@ class _Connection:
                 writer.transport.abort()
 
 
+@dataclass(frozen=True, slots=True)
+class _Login:
+    """The verdict on a password message, and how to log in to the backend if accepted."""
+
+    verdict: Verdict
+    # A user outside rds_iam logs in to the backend with its own password; None: as an IAM user.
+    password: str | None = field(default=None, repr=False)
+    # The role's verifier was unreadable: accept only if the backend asks for the password.
+    backend_must_check: bool = False
+
+
+def looks_like_token(password: str) -> bool:
+    """Tell whether a password is shaped like an RDS IAM token (host:port/?...signed query)."""
+    return "/?" in password and "X-Amz-Signature=" in password and "Action=" in password
+
+
 class _Refused(Exception):
     """Ends a connection after an error response has been sent."""
 
@@ -148,7 +168,10 @@ class RDSIAMEmulator:
 
     Tokens must be signed for `endpoint`:`endpoint_port` (the listening port by default) in
     `region` (parsed from the endpoint by default) with a key given to `register_key()`, for a
-    user given to `enable_iam_user()` or `iam_users`. Clients connect to `host`:`port` with TLS,
+    user given to `enable_iam_user()` or `iam_users`, or granted ``rds_iam`` in the backend
+    (``CREATE USER x; GRANT rds_iam TO x;``, as on RDS: the emulator creates the NOLOGIN role
+    ``rds_iam`` at start). Any other user logs in with its ordinary password, checked against
+    the backend, and is refused a token login. Clients connect to `host`:`port` with TLS,
     trusting `ca_path`. The backend is reached over plain TCP as the client's own user; with
     `backend_password` it answers password, MD5 and SCRAM requests of the backend.
     `backend_user` names the administrative role used by `ensure_role()`.
@@ -208,6 +231,11 @@ class RDSIAMEmulator:
         self._max_password_length = max_password_length
         self._login_timeout = login_timeout
         self._keys: dict[str, RegisteredKey] = {}
+        self._roles = RoleDirectory(
+            host=backend_host, port=backend_port, user=backend_user, password=backend_password
+        )
+        for user in self._iam_users:
+            self._roles.queue_grant(user)
 
         self._ca_pem: str | None = None
         if server_ssl_context is None:
@@ -235,6 +263,8 @@ class RDSIAMEmulator:
         """Seconds (by the emulator's clock) added before a login is answered."""
         self.clock_offset: float = 0.0
         """Seconds added to the clock when checking token dates (simulates skew)."""
+        self.on_login: Callable[[LoginRecord], None] | None = None
+        """Called with each login record as it is made (`emulate` prints rejections with it)."""
         self.max_logins_per_second: int | None = None
         """Cap on login attempts in one clock second; excess logins are rejected as throttled."""
         self._reject_next = 0
@@ -255,6 +285,8 @@ class RDSIAMEmulator:
             self._handle, self._listen_host, self._listen_port
         )
         self._port = self._server.sockets[0].getsockname()[1]
+        if not self._accept_any_password:
+            await self._roles.setup()
         logger.info(
             "RDS IAM emulator for %s listening on %s:%s, backend %s:%s",
             self._endpoint,
@@ -277,6 +309,7 @@ class RDSIAMEmulator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
+        await self._roles.aclose()
         if self._ca_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self._ca_path)
@@ -416,16 +449,22 @@ class RDSIAMEmulator:
         self._keys.pop(access_key, None)
 
     def enable_iam_user(self, user: str) -> None:
-        """Let `user` log in with IAM tokens (as `GRANT rds_iam TO user` does)."""
+        """Let `user` log in with IAM tokens, and `GRANT rds_iam` to its backend role.
+
+        The grant is made before the next login that asks the backend (or by `ensure_role()`
+        if the role does not exist yet), and revoked when the emulator stops.
+        """
         self._iam_users.add(user)
+        self._roles.queue_grant(user)
 
     def disable_iam_user(self, user: str) -> None:
-        """Stop `user` from logging in with IAM tokens."""
+        """Stop `user` from logging in with IAM tokens (`REVOKE rds_iam` from it too)."""
         self._iam_users.discard(user)
+        self._roles.queue_revoke(user)
 
     @property
     def iam_users(self) -> frozenset[str]:
-        """The users enabled for IAM."""
+        """The users enabled for IAM from Python (members of ``rds_iam`` count as well)."""
         return frozenset(self._iam_users)
 
     async def ensure_role(self, user: str) -> None:
@@ -455,6 +494,9 @@ class RDSIAMEmulator:
                     await conn.execute(f"CREATE ROLE {quoted} LOGIN{password}")
         finally:
             await conn.close()
+        if user in self._iam_users:
+            self._roles.queue_grant(user)
+            await self._roles.apply()
 
     # -- counters -----------------------------------------------------------------------------
 
@@ -636,20 +678,19 @@ class RDSIAMEmulator:
         writer.write(encode_auth_request(3))
         await writer.drain()
         try:
-            verdict = await asyncio.wait_for(self._authenticate(reader, user), self._login_timeout)
+            login = await asyncio.wait_for(self._authenticate(reader, user), self._login_timeout)
         except ProtocolViolation as exc:
             self._record(user, database, False, "protocol_violation", str(exc), None, peer_port)
             raise
+        verdict = login.verdict
         if not verdict.accepted:
-            self._record(user, database, False, verdict.reason, verdict.detail, verdict, peer_port)
-            message = _PAM_FAILED.format(user=user)
-            await self._send_quietly(writer, encode_error(message, sqlstate="28000"))
-            raise _Refused
+            await self._refuse(writer, user, database, verdict, peer_port)
 
         self._backend_connections_total += 1
+        password = self._backend_password if login.password is None else login.password
         try:
             session = await open_backend(
-                self._backend_host, self._backend_port, params, password=self._backend_password
+                self._backend_host, self._backend_port, params, password=password
             )
         except BackendError as exc:
             self._record(user, database, False, "backend_error", str(exc), verdict, peer_port)
@@ -661,6 +702,15 @@ class RDSIAMEmulator:
             self._record(user, database, False, "backend_unavailable", detail, verdict, peer_port)
             await self._send_quietly(writer, encode_error(detail, sqlstate="08006"))
             raise _Refused from None
+        if login.backend_must_check and not session.password_checked:
+            session.writer.close()
+            detail = (
+                f"the backend trusts {user!r} and backend_user cannot read its password "
+                "verifier: the password could not be checked"
+            )
+            await self._refuse(
+                writer, user, database, Verdict(False, "password_unchecked", detail), peer_port
+            )
         conn.backend = session.writer
         conn.relayed = RelayedConnection(user, database, session.pid, self._clock.now(), peer_port)
         self._record(user, database, True, "ok", verdict.detail, verdict, peer_port, session.pid)
@@ -668,7 +718,31 @@ class RDSIAMEmulator:
         await writer.drain()
         await self._relay(reader, writer, session.reader, session.writer)
 
-    async def _authenticate(self, reader: asyncio.StreamReader, user: str) -> Verdict:
+    async def _refuse(
+        self,
+        writer: asyncio.StreamWriter,
+        user: str,
+        database: str,
+        verdict: Verdict,
+        peer_port: int | None,
+    ) -> NoReturn:
+        self._record(user, database, False, verdict.reason, verdict.detail, verdict, peer_port)
+        if verdict.reason in _PASSWORD_REASONS:
+            message, sqlstate = _PASSWORD_FAILED.format(user=user), "28P01"
+        else:
+            message, sqlstate = _PAM_FAILED.format(user=user), "28000"
+        await self._send_quietly(writer, encode_error(message, sqlstate=sqlstate))
+        raise _Refused
+
+    async def _authenticate(self, reader: asyncio.StreamReader, user: str) -> _Login:
+        verdict = await self._check_password_message(reader, user)
+        if isinstance(verdict, _Login):
+            return verdict
+        return _Login(verdict)
+
+    async def _check_password_message(
+        self, reader: asyncio.StreamReader, user: str
+    ) -> Verdict | _Login:
         header = await reader.readexactly(5)
         kind = header[:1]
         if kind != b"p":
@@ -700,6 +774,12 @@ class RDSIAMEmulator:
         if self._accept_any_password:
             return Verdict(True, "ok", "accept_any_password: token not checked")
         now = self._clock.now() + dt.timedelta(seconds=self.clock_offset)
+        tokenish = looks_like_token(token)
+        info = None
+        if user not in self._iam_users:
+            info = await self._roles.lookup(user, with_verifier=not tokenish)
+        if info is not None and not info.iam_member and not tokenish:
+            return self._check_ordinary_password(user, token, info, now)
         verdict = verify_token(
             token,
             user=user,
@@ -710,15 +790,37 @@ class RDSIAMEmulator:
             now=now,
             max_clock_skew=self._max_clock_skew,
         )
-        if verdict.accepted and user not in self._iam_users:
+        if info is not None and not info.iam_member:
             return Verdict(
                 False,
                 "user_not_iam_enabled",
-                f"user {user!r} is not enabled for IAM (enable_iam_user / GRANT rds_iam)",
+                f"user {user!r} is not a member of {RDS_IAM_ROLE} (GRANT {RDS_IAM_ROLE} TO "
+                f"{user}, or enable_iam_user); the token itself: {verdict.reason}",
                 verdict.access_key,
                 verdict.token_age,
             )
         return verdict
+
+    def _check_ordinary_password(
+        self, user: str, password: str, info: RoleInfo, now: dt.datetime
+    ) -> Verdict | _Login:
+        """Check the password of a user outside rds_iam, as PostgreSQL would."""
+        if not info.verifier_known:
+            detail = "password login of a user outside rds_iam, checked by the backend"
+            return _Login(Verdict(True, "ok", detail), password, backend_must_check=True)
+        if not info.exists:
+            return Verdict(False, "password_mismatch", f"role {user!r} does not exist")
+        if info.valid_until is not None and info.valid_until < now:
+            return Verdict(False, "password_mismatch", f"the password of {user!r} has expired")
+        if not password_matches(info.verifier, user=user, password=password):
+            return Verdict(
+                False,
+                "password_mismatch",
+                f"the password does not match {user!r}'s (a user outside {RDS_IAM_ROLE} logs "
+                "in with its ordinary password)",
+            )
+        detail = "password login of a user outside rds_iam"
+        return _Login(Verdict(True, "ok", detail), password)
 
     async def _relay_cancel(self, packet: StartupPacket) -> None:
         pid, _ = packet.cancel_target()
@@ -784,6 +886,11 @@ class RDSIAMEmulator:
             peer_port=peer_port,
         )
         self.records.append(record)
+        if self.on_login is not None:
+            try:
+                self.on_login(record)
+            except Exception:
+                logger.warning("the emulator's on_login callback failed", exc_info=True)
         if accepted:
             self._logins_accepted += 1
         else:
