@@ -7,6 +7,8 @@ Every new connection gets a freshly signed token as its password, no connection 
 `max_lifetime`, and AWS credentials come from the standard chain through aiobotocore, cached.
 """
 
+from importlib import metadata as _metadata
+
 from ._auth import IAMAuth
 from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
 from ._pool import Pool, PoolStats, create_pool
@@ -21,7 +23,14 @@ __all__ = [
     "IAMError",
     "Pool",
     "PoolStats",
+    "__version__",
     "build_auth_token",
     "create_pool",
     "region_from_host",
 ]
+
+try:
+    __version__: str = _metadata.version("asyncpg-iam")
+    """The installed distribution's version (from its metadata)."""
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -12,9 +12,11 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import errno
 import os
 import shlex
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -28,13 +30,36 @@ __all__ = ["Sandbox", "run_demo", "run_emulate"]
 
 def _require_testing() -> Any:
     try:
+        # trustme is imported lazily by the cluster and the emulator: ask for it up front.
+        import trustme  # noqa: F401
+
         from . import testing
-    except ImportError as exc:  # trustme missing
+    except ImportError as exc:
         raise SystemExit(
             f"asyncpg-iam: this command needs the cli extra ({exc.name} is missing): "
             "pip install 'asyncpg-iam[cli]'"
-        ) from exc
+        ) from None
     return testing
+
+
+def _port_in_use(host: str, port: int) -> str:
+    return (
+        f"asyncpg-iam emulate: port {port} on {host} is already in use (another emulator or "
+        "PostgreSQL?): pass a free one with --port N, or leave --port out to get a free port"
+    )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Exit with one line when `port` cannot be listened on (before starting PostgreSQL)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SystemExit(_port_in_use(host, port)) from None
+            message = f"asyncpg-iam emulate: cannot listen on {host}:{port}: {exc.strerror}"
+            raise SystemExit(message) from None
 
 
 class Sandbox:
@@ -47,8 +72,10 @@ class Sandbox:
         endpoint: str | None = None,
         credential_lifetime: float = 3600.0,
         sts: bool = False,
+        iam_users: tuple[str, ...] = (),
     ) -> None:
         self._port = port or 0
+        self._iam_users = iam_users
         self._endpoint = endpoint
         self._lifetime = credential_lifetime
         self._want_sts = sts
@@ -69,9 +96,16 @@ class Sandbox:
                 backend_user=self.cluster.user,
                 endpoint=self._endpoint or testing.DEFAULT_ENDPOINT,
                 listen_port=self._port,
-                iam_users=[self.cluster.user],
+                iam_users=[self.cluster.user, *self._iam_users],
             )
-            await self.emulator.start()
+            try:
+                await self.emulator.start()
+            except OSError as exc:
+                if self._port and exc.errno == errno.EADDRINUSE:
+                    raise SystemExit(_port_in_use(self.emulator.host, self._port)) from None
+                raise
+            for user in self._iam_users:
+                await self.emulator.ensure_role(user)
             self.credentials = testing.CredentialServer(lifetime=self._lifetime)
             self.credentials.add_emulator(self.emulator)
             self.credentials.start()
@@ -138,7 +172,7 @@ class Sandbox:
 # -- emulate ------------------------------------------------------------------------------------
 
 
-def _emulate_banner(sandbox: Sandbox) -> str:
+def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
     emu, cluster = sandbox.emulator, sandbox.cluster
     user, database = cluster.user, cluster.database
     host, port, endpoint = emu.host, emu.port, emu.endpoint
@@ -156,7 +190,8 @@ def _emulate_banner(sandbox: Sandbox) -> str:
         f"  sign tokens for: {endpoint}:{emu.endpoint_port} in {emu.region} "
         "(IAMAuth(signing_host=...), --signing-host)",
         f"  CA bundle: {emu.ca_path}",
-        f"  IAM-enabled users: {', '.join(sorted(emu.iam_users))}",
+        f"  IAM users: {', '.join(sorted(emu.iam_users))} (and every user you GRANT rds_iam TO; "
+        "other users log in with their password)",
         f"  credentials: {sandbox.credentials.url} (keys live {sandbox._lifetime:g} s)",
         f"  PostgreSQL data: {cluster.data_dir} (removed on exit)",
     ]
@@ -173,6 +208,9 @@ def _emulate_banner(sandbox: Sandbox) -> str:
         f"  python: await asyncpg_iam.create_pool(host={host!r}, port={port}, user={user!r}, "
         f"database={database!r}, iam=asyncpg_iam.IAMAuth(signing_host={endpoint!r}))",
         "",
+        "Rejected logins are printed below with the reason RDS would not tell the client."
+        if rejections
+        else "Rejected logins are not printed (--quiet-rejections).",
         "Running until Ctrl-C (SIGINT) or SIGTERM.",
     ]
     return "\n".join(lines) + "\n"
@@ -186,6 +224,43 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+# What RDS keeps to itself: the reason behind each `PAM authentication failed`, in words.
+_REJECTION_WORDS = {
+    "signature_mismatch": "bad signature (signed with another secret key, or altered)",
+    "expired": "expired token (older than 900 s)",
+    "future_dated": "token dated in the future (clock skew)",
+    "credentials_expired": "the signing credentials had expired",
+    "wrong_region": "wrong region",
+    "wrong_host": "wrong host (sign for the endpoint name: --signing-host)",
+    "wrong_port": "wrong port (sign for the endpoint port: --signing-port)",
+    "wrong_user": "token signed for another user",
+    "wrong_service": "signed for another service than rds-db",
+    "wrong_action": "signed for another action than connect",
+    "unknown_access_key": "unknown access key (not issued by this emulator's credentials)",
+    "session_token_mismatch": "wrong or missing session token",
+    "user_not_iam_enabled": "missing grant: the user is not a member of rds_iam",
+    "malformed_token": "the password is not an IAM token",
+    "password_mismatch": "wrong password (a user outside rds_iam logs in with its password)",
+    "plaintext": "no TLS",
+    "throttled": "throttled",
+}
+
+
+def format_rejection(record: Any) -> str:
+    """Return one line saying why a login was rejected (from its record: never the token)."""
+    words = _REJECTION_WORDS.get(record.reason, record.reason)
+    return (
+        f"rejected login: user {record.user!r} database {record.database!r}: {words} "
+        f"[{record.reason}: {record.detail}]"
+    )
+
+
+def _print_rejections(record: Any) -> None:
+    if not record.accepted:
+        sys.stdout.write(format_rejection(record) + "\n")
+        sys.stdout.flush()
+
+
 async def _emulate(args: argparse.Namespace) -> int:
     stop = _stop_event()
     sandbox = Sandbox(
@@ -193,10 +268,13 @@ async def _emulate(args: argparse.Namespace) -> int:
         endpoint=args.endpoint,
         credential_lifetime=args.credential_lifetime,
         sts=not args.no_sts,
+        iam_users=tuple(args.iam_user),
     )
     async with sandbox:
         data_dir = sandbox.cluster.data_dir
-        sys.stdout.write(_emulate_banner(sandbox))
+        if not args.quiet_rejections:
+            sandbox.emulator.on_login = _print_rejections
+        sys.stdout.write(_emulate_banner(sandbox, rejections=not args.quiet_rejections))
         sys.stdout.flush()
         await stop.wait()
         sys.stdout.write("stopping...\n")
@@ -207,6 +285,9 @@ async def _emulate(args: argparse.Namespace) -> int:
 
 def run_emulate(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam emulate``."""
+    _require_testing()
+    if args.port:
+        _check_port_free("127.0.0.1", args.port)
     return asyncio.run(_emulate(args))
 
 
@@ -328,6 +409,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam demo``; exit status 1 if any query failed."""
     if args.workers < 1 or args.max_size < 1:
         raise SystemExit("asyncpg-iam demo: --workers and --max-size must be at least 1")
+    _require_testing()
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_demo(args))
     return 130

@@ -3,9 +3,11 @@
     asyncpg-iam token --host H --user U [AWS options]        print a token
     asyncpg-iam psql --host H --user U [AWS options] [-- psql args]
     asyncpg-iam doctor --host H --user U [AWS options] [--json]
-    asyncpg-iam emulate                                       a local RDS with IAM, until Ctrl-C
+    asyncpg-iam emulate [--iam-user NAME]                     a local RDS with IAM, until Ctrl-C
     asyncpg-iam demo [--duration S]                           an IAM pool under load, offline
     asyncpg-iam ca-bundle [--output PATH] [--url URL]         download the RDS CA bundle
+
+`asyncpg-iam --version` (or `python -m asyncpg_iam --version`) prints the installed version.
 
 Exit status: 0 on success, 1 when the command failed (a check, a query, a download), 2 for
 bad arguments. Only `token` ever prints a token: that is its job.
@@ -22,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import __version__
 from ._auth import IAMAuth, TokenProvider
 from ._connect import Connector, ConnectPlan, plan_connect
 from ._errors import ConfigurationError, IAMError
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="asyncpg-iam",
         description="IAM database authentication for Amazon RDS and Aurora PostgreSQL.",
     )
+    parser.add_argument("--version", action="version", version=f"asyncpg-iam {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     token = commands.add_parser(
@@ -175,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulate.add_argument(
         "--no-sts", action="store_true", help="do not start a local STS (moto) even if installed"
+    )
+    emulate.add_argument(
+        "--iam-user",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create database user NAME and GRANT rds_iam to it (repeatable); in SQL: "
+        "CREATE USER name; GRANT rds_iam TO name;",
+    )
+    emulate.add_argument(
+        "--quiet-rejections",
+        action="store_true",
+        help="do not print why each rejected login was rejected",
     )
 
     demo = commands.add_parser(
