@@ -242,7 +242,9 @@ _FAILURE = re.compile(r"<!-- failure: (?P<name>[\w-]+) -->\n```text\n(?P<text>.*
 def _normalize(text: str, port: int) -> str:
     """Replace what differs from run to run with what the README shows."""
     text = text.replace(f":{port}", ":5432")
-    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", "2026-12-03T09:00:00+00:00", text)
+    text = re.sub(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", "2026-12-03T09:00:00+00:00", text
+    )
     text = re.sub(r"token age [\d.]+ s", "token age 0.0 s", text)
     text = re.sub(r"within [\d.]+ s", "within 60 s", text)
     text = re.sub(r"measured against AWS: [+-]\d+ s|not measured", "not measured", text)
@@ -297,9 +299,8 @@ async def _failure(name: str, lookalike: LookAlike, monkeypatch: pytest.MonkeyPa
             server = await asyncio.start_server(lambda r, w: asyncio.sleep(5), "127.0.0.1", 0)
             monkeypatch.setenv("PGPORT", str(server.sockets[0].getsockname()[1]))
             port = server.sockets[0].getsockname()[1]
-            async with server:
-                async with asyncpg_iam.create_pool(**kwargs) as pool:
-                    await pool.fetchval("SELECT 1")
+            async with server, asyncpg_iam.create_pool(**kwargs) as pool:
+                await pool.fetchval("SELECT 1")
         else:
             port = emulator.port
             async with asyncpg_iam.create_pool(**kwargs) as pool:
