@@ -40,6 +40,7 @@ from ._errors import (
     IAMAuthenticationError,
     diagnose_auth_failure,
 )
+from ._failover import WRITER_ATTRS, FailoverGuard, default_session_attrs
 from ._lifetime import Recycler, TokenBucket
 from ._tls import default_ssl_context
 
@@ -92,7 +93,8 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out) and ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
+    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -115,6 +117,14 @@ class PoolStats:
     """Login attempts that waited for ``max_connect_rate``."""
     open_connections: int
     """Connections open when the snapshot was taken."""
+    failover_events: int = 0
+    """Failovers or server restarts the pool detected (see README, "Failover")."""
+    failover_retired: int = 0
+    """Connections retired because of them (idle ones at once, in-use ones on release)."""
+    read_only_retries: int = 0
+    """New connections that landed on a read-only server and were retried."""
+    connect_retries: int = 0
+    """Connect attempts retried while recovering from a failover (read-only ones included)."""
 
 
 class _Counters:
@@ -378,6 +388,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
                 self._provider.target(host, port, self._plan.user)
                 for host, port in self._plan.addrs
             )
+            attrs = default_session_attrs(dsn, kwargs, [t.signing_host for t in self._targets])
+            if attrs is not None:  # one Aurora cluster endpoint: insist on the writer
+                self._plan = dataclasses.replace(
+                    self._plan,
+                    target_session_attrs=attrs,
+                    connect_kwargs={**self._plan.connect_kwargs, "target_session_attrs": attrs},
+                )
         self._clock = clock
         self._user_connect: Callable[..., Any] = user_connect
         self._counters = _Counters()
@@ -399,6 +416,12 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             max_lifetime=max_lifetime,
             jitter=max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
+        )
+        self._failover = FailoverGuard(
+            self,
+            wants_writer=self._plan.target_session_attrs in WRITER_ATTRS,
+            mark_retired=functools.partial(self._recycler.retire_on_release, reason="failover"),
+            name=self._name,
         )
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
@@ -433,6 +456,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             credential_fetches=provider.credentials.fetches if provider else 0,
             connects_rate_limited=counters.connects_rate_limited,
             open_connections=self.get_size(),
+            failover_events=self._failover.events,
+            failover_retired=self._failover.retired,
+            read_only_retries=self._failover.read_only_retries,
+            connect_retries=self._failover.connect_retries,
         )
 
     def __repr__(self) -> str:
@@ -449,6 +476,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._counters.opened += 1
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, self._login_started.pop(con, None))
+        self._failover.watch(con)
         logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
         return con
 
@@ -621,7 +649,7 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return await pool._open(*args, **kwargs)
+        return await pool._failover.open(pool._open, args, kwargs)
 
     return connect
 
