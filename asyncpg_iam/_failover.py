@@ -12,10 +12,12 @@ so the guard attaches two public asyncpg hooks to every connection the pool open
   ``connection_class`` whose `close()` and `terminate()` note that the client closed it, so
   the listener tells a server or network drop (idle or in use) from the pool's own closes
   (max lifetime, ``max_queries``, idle timeout, pool close);
-- a *query logger* (`Connection.add_query_logger`), which sees the exception of every query:
-  ``57P01 admin_shutdown``, ``57P02 crash_shutdown``, ``57P03 cannot_connect_now``, class
-  ``08`` connection errors, a connection lost mid-query, and ``25006
-  read_only_sql_transaction`` when the pool wants the writer (the server was demoted).
+- a *query logger* (`Connection.add_query_logger`), which sees the exception of every query
+  on a connection that stays open: ``25006 read_only_sql_transaction`` when the pool wants
+  the writer (the server was demoted), ``57P0x`` and class ``08`` errors. (asyncpg drops a
+  connection's query loggers when the connection is lost, before the failed query reports:
+  lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
+  guard through the termination listener.)
 
 Connect attempts are a third source: a new connection that lands on a read-only server
 (``in_hot_standby``/``default_transaction_read_only``, checked by asyncpg for
@@ -293,13 +295,18 @@ class FailoverGuard:
         self._opened_any = True
         self._recovering = False
         epoch = self._login_epochs.pop(con, self._epoch)
-        con.add_termination_listener(functools.partial(self._on_terminated, epoch))
+        # asyncpg passes the listener the pool's proxy while the connection is in use: bind
+        # the connection itself (weakly: the listener is stored on it).
+        con.add_termination_listener(
+            functools.partial(self._on_terminated, epoch, weakref.ref(con))
+        )
         con.add_query_logger(functools.partial(self._on_query, epoch))
 
     # -- signals ------------------------------------------------------------------------------
 
-    def _on_terminated(self, epoch: int, con: Any) -> None:
-        if _closed_by_client(con) is not False:
+    def _on_terminated(self, epoch: int, con_ref: weakref.ref[Any], _proxy: Any) -> None:
+        con = con_ref()
+        if con is None or _closed_by_client(con) is not False:
             return  # closed by the pool or the caller, or not a connection we can tell about
         self.report("connection_lost", epoch)
 

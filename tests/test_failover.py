@@ -152,6 +152,28 @@ async def test_one_lost_connection_retires_every_idle_one(
         assert pool.stats().failover_events == 1
 
 
+async def test_connection_lost_while_in_use_retires_the_idle_ones(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connection the server ends in the middle of a query is seen too (through the proxy)."""
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=4, max_size=4)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+            query = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
+            await asyncio.sleep(0.2)
+            admin = await asyncpg.connect(postgres_server.dsn)
+            try:
+                assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await admin.close()
+            with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError)):
+                await query
+        await wait_for(lambda: pool.stats().failover_events == 1)
+        assert pool.stats().failover_retired == 3
+        assert await pool.fetchval("SELECT pg_backend_pid()") != pid
+
+
 async def test_read_only_error_on_a_writer_pool_retires_and_retries(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
