@@ -12,8 +12,9 @@ so the guard attaches two public asyncpg hooks to every connection the pool open
   ``connection_class`` whose `close()` and `terminate()` note that the client closed it, so
   the listener tells a server or network drop (idle or in use) from the pool's own closes
   (max lifetime, ``max_queries``, idle timeout, pool close);
-- a *query logger* (`Connection.add_query_logger`), which sees the exception of every query
-  on a connection that stays open: ``25006 read_only_sql_transaction`` when the pool wants
+- on pools that want the writer, a *query logger* (`Connection.add_query_logger`, a few
+  microseconds a query), which sees the exception of every query on a connection that stays
+  open: ``25006 read_only_sql_transaction`` when the pool wants
   the writer (the server was demoted), ``57P0x`` and class ``08`` errors. (asyncpg drops a
   connection's query loggers when the connection is lost, before the failed query reports:
   lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
@@ -300,7 +301,8 @@ class FailoverGuard:
         con.add_termination_listener(
             functools.partial(self._on_terminated, epoch, weakref.ref(con))
         )
-        con.add_query_logger(functools.partial(self._on_query, epoch))
+        if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
+            con.add_query_logger(functools.partial(self._on_query, epoch))
 
     # -- signals ------------------------------------------------------------------------------
 

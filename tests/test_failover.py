@@ -371,3 +371,16 @@ async def test_max_lifetime_spreads_connections_onto_a_replica_added_later(
         await endpoint.stop()
         for replica in replicas:
             await replica.stop()
+
+
+async def test_readme_rehearsal(credential_server: CredentialServer) -> None:
+    """The README's rehearsal: after a failover the next write lands on the new primary."""
+    async with FailoverCluster(lag=0.5) as cluster:
+        credential_server.add_emulator(cluster)
+        kwargs = cluster.pool_kwargs(min_size=2, max_size=8)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await pool.execute("CREATE TABLE t (x int)")
+            await cluster.failover(old_writer="read_only")
+            await pool.execute("INSERT INTO t VALUES (1)")
+            assert pool.stats().failover_events == 1
+            assert await pool.fetchval("SELECT inet_server_port()") == cluster.primary.port
