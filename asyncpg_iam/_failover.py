@@ -51,6 +51,7 @@ is a new login: a fresh token, and a slot of the connect rate limit. Reader endp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -58,7 +59,7 @@ import random
 import re
 import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncpg
@@ -70,6 +71,7 @@ from asyncpg.exceptions import (
 
 __all__ = [
     "FailoverGuard",
+    "apply_writer_default",
     "classify_error",
     "default_session_attrs",
     "is_reader_endpoint",
@@ -107,7 +109,7 @@ def is_reader_endpoint(host: str) -> bool:
 
 
 def default_session_attrs(
-    dsn: str | None, connect_kwargs: dict[str, Any], signing_hosts: list[str]
+    dsn: str | None, connect_kwargs: Mapping[str, Any], signing_hosts: list[str]
 ) -> str | None:
     """Return ``"read-write"`` when an IAM pool on one cluster endpoint chose no attributes.
 
@@ -129,6 +131,18 @@ def default_session_attrs(
     if len(signing_hosts) == 1 and is_writer_endpoint(signing_hosts[0]):
         return "read-write"
     return None
+
+
+def apply_writer_default(plan: Any, dsn: str | None, connect_kwargs: Mapping[str, Any]) -> Any:
+    """Return the connect plan with ``target_session_attrs="read-write"`` where it is the
+    default (see `default_session_attrs`), else `plan` itself."""
+    if plan.auth is None:
+        return plan
+    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
+    attrs = default_session_attrs(dsn, connect_kwargs, hosts)
+    if attrs is None or attrs == plan.target_session_attrs:
+        return plan
+    return dataclasses.replace(plan, target_session_attrs=attrs)
 
 
 def classify_error(exc: BaseException | None, *, wants_writer: bool) -> str | None:
@@ -199,22 +213,23 @@ def _closed_by_client(con: Any) -> bool | None:
 class FailoverGuard:
     """Watch one pool's connections for a failover or restart and recover from it.
 
-    `pool` is held weakly. `mark_retired(holder)` is called for each holder retired by an event
-    (the pool counts the close under its reason); `wants_writer` says whether a read-only
-    server is a failure.
+    `pool` is held weakly. `connector` (the pool's `Connector`) says, through its current
+    plan, whether the pool wants the writer (a read-only server is then a failure) and the
+    connect timeout. `mark_retired(holder)` is called for each holder retired by an event (the
+    pool counts the close under its reason).
     """
 
     def __init__(
         self,
         pool: Any,
         *,
-        wants_writer: bool,
+        connector: Any,
         mark_retired: Callable[[Any], None],
         name: str,
         rng: random.Random | None = None,
     ) -> None:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
-        self.wants_writer = wants_writer
+        self._connector = connector
         self._mark_retired = mark_retired
         self._name = name
         self._rng = rng or random.Random()
@@ -231,6 +246,11 @@ class FailoverGuard:
         self.connect_retries = 0
         """Connect attempts retried during recovery, read-only ones included."""
 
+    @property
+    def wants_writer(self) -> bool:
+        """Whether the pool's connections must be on a server that takes writes."""
+        return str(self._connector.plan.target_session_attrs) in WRITER_ATTRS
+
     # -- connecting ---------------------------------------------------------------------------
 
     def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -238,22 +258,20 @@ class FailoverGuard:
         base = kwargs.get("connection_class") or asyncpg.Connection
         return {**kwargs, "connection_class": marked_connection_class(base)}
 
-    async def open(
-        self,
-        open_once: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """Open a connection with `open_once`, retrying what a failover explains."""
+    async def open(self, open_once: Callable[..., Awaitable[Any]], kwargs: dict[str, Any]) -> Any:
+        """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
+
+        Retries pass what is left of the connect timeout as ``timeout``.
+        """
         loop = asyncio.get_running_loop()
         kwargs = self.prepare(kwargs)
-        timeout = kwargs.get("timeout")
+        timeout = kwargs.get("timeout", self._connector.plan.connect_kwargs.get("timeout"))
         deadline = loop.time() + (_DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout)
         delay = _FIRST_BACKOFF
         while True:
             epoch = self._epoch
             try:
-                con = await open_once(*args, **kwargs)
+                con = await open_once(**kwargs)
             except Exception as exc:
                 kind = _connect_failure(exc)
                 if kind is None:

@@ -70,7 +70,8 @@ async def test_read_write_is_the_default_only_on_a_cluster_endpoint(
     monkeypatch.delenv("PGTARGETSESSIONATTRS", raising=False)
 
     def attrs(**kwargs: Any) -> str:
-        return str(asyncpg_iam.create_pool(user="app", **kwargs)._plan.target_session_attrs)
+        pool = asyncpg_iam.create_pool(user="app", **kwargs)
+        return str(pool._connector.plan.target_session_attrs)
 
     assert attrs(host=WRITER) == "read-write"
     assert attrs(host="127.0.0.1", iam=IAMAuth(signing_host=WRITER)) == "read-write"
@@ -252,7 +253,7 @@ async def test_iam_pool_under_load_survives_a_failover_with_dns_lag(
     stop = asyncio.Event()
     kwargs = cluster.pool_kwargs(min_size=size, max_size=size)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        assert pool._plan.target_session_attrs == "read-write"
+        assert pool._connector.plan.target_session_attrs == "read-write"
         await pool.execute("CREATE TABLE ledger (id bigint, port int)")
 
         async def worker() -> None:
@@ -351,7 +352,7 @@ async def test_max_lifetime_spreads_connections_onto_a_replica_added_later(
             **common, max_lifetime=1.5, max_lifetime_jitter=0.5, name="recycled"
         )
         kept = await asyncpg_iam.create_pool(**common, max_lifetime=None, name="kept")
-        assert recycled._plan.target_session_attrs == "any"
+        assert recycled._connector.plan.target_session_attrs == "any"
         first = {c.backend_pid for c in replicas[0].relayed_connections()}
         assert len(first) == 8
         endpoint.add_backend(replicas[1])
