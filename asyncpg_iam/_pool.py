@@ -24,7 +24,7 @@ import asyncpg.pool
 
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
-from ._connect import Connector, plan_connect
+from ._connect import Connector, check_keywords, plan_connect
 from ._errors import ConfigurationError, CredentialsError
 from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
@@ -61,6 +61,8 @@ _POOL_DEFAULTS = {
 }
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
+# The keywords Pool takes besides asyncpg's.
+_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 # What asyncpg's pool passes its connect callable besides the connection arguments.
 # timeout: the failover guard's retries pass what is left of the connect timeout.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class", "timeout")
@@ -169,6 +171,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
         # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
         plan = apply_writer_default(plan_connect(dsn, kwargs, auth=auth), dsn, kwargs)
