@@ -374,9 +374,9 @@ async def test_max_lifetime_spreads_connections_onto_a_replica_added_later(
             await replica.stop()
 
 
-async def test_readme_rehearsal(credential_server: CredentialServer) -> None:
+async def test_my_service_survives_a_failover(credential_server: CredentialServer) -> None:
     """The README's rehearsal: after a failover the next write lands on the new primary."""
-    async with FailoverCluster(lag=0.5) as cluster:
+    async with FailoverCluster(lag=1.0) as cluster:
         credential_server.add_emulator(cluster)
         kwargs = cluster.pool_kwargs(min_size=2, max_size=8)
         async with asyncpg_iam.create_pool(**kwargs) as pool:
