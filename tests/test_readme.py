@@ -232,3 +232,98 @@ async def test_example_runs_against_the_emulator(example: str, tmp_path: Path) -
     args = ["--check"] if "--check" in source else []
     env = {k: v for k, v in os.environ.items() if k != "ASYNCPG_IAM_EXAMPLE_DSN"}
     await _run(str(ROOT / "examples" / example), *args, env=env, cwd=tmp_path, timeout=180)
+
+
+# -- "When it fails": the README's messages are the library's, as it prints them today ----------
+
+_FAILURE = re.compile(r"<!-- failure: (?P<name>[\w-]+) -->\n```text\n(?P<text>.*?)```", re.S)
+
+
+def _normalize(text: str, port: int) -> str:
+    """Replace what differs from run to run with what the README shows."""
+    text = text.replace(f":{port}", ":5432")
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00", "2026-12-03T09:00:00+00:00", text)
+    text = re.sub(r"token age [\d.]+ s", "token age 0.0 s", text)
+    text = re.sub(r"within [\d.]+ s", "within 60 s", text)
+    text = re.sub(r"measured against AWS: [+-]\d+ s|not measured", "not measured", text)
+    text = re.sub(r"AKIA\w+|ASIA\w+", "ASIA…", text)
+    return re.sub(r"\(it read [^)]*\)", "(it read 2026-12-03T09:00:00+00:00, not measured)", text)
+
+
+@pytest.fixture
+async def in_process_lookalike(
+    rds_lookalike: LookAlike, monkeypatch: pytest.MonkeyPatch
+) -> LookAlike:
+    """The look-alike for code in this process: the same resolver hook and variables."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def resolve(host: object, *args: object, **kwargs: object) -> object:
+        if isinstance(host, str) and host.endswith(".rds.amazonaws.com"):
+            host = "127.0.0.1"
+        return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    for name in ("PGPORT", "ASYNCPG_IAM_CA_BUNDLE"):
+        monkeypatch.setenv(name, rds_lookalike.env[name])
+    return rds_lookalike
+
+
+async def _failure(name: str, lookalike: LookAlike, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make failure `name` happen through the library; return its message as a user sees it."""
+    import ssl
+
+    import asyncpg_iam
+
+    emulator = lookalike.emulator
+    kwargs = {"host": ENDPOINT, "user": "app", "database": "app", "min_size": 0}
+    if name == "missing-grant":
+        emulator.disable_iam_user("app")
+    elif name == "signed-for-an-ip":
+        kwargs.update(host="127.0.0.1", iam=asyncpg_iam.IAMAuth(region="us-east-1"))
+    elif name == "untrusted-certificate":
+        monkeypatch.delenv("ASYNCPG_IAM_CA_BUNDLE")
+        monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent")
+    elif name == "no-credentials":
+        for variable in [v for v in os.environ if v.startswith("AWS_CONTAINER")]:
+            monkeypatch.delenv(variable)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    elif name == "sslmode-require":
+        monkeypatch.setenv("PGSSLMODE", "require")
+    elif name == "silent-port":
+        kwargs["timeout"] = 1
+    try:
+        if name == "silent-port":
+            server = await asyncio.start_server(lambda r, w: asyncio.sleep(5), "127.0.0.1", 0)
+            monkeypatch.setenv("PGPORT", str(server.sockets[0].getsockname()[1]))
+            port = server.sockets[0].getsockname()[1]
+            async with server:
+                async with asyncpg_iam.create_pool(**kwargs) as pool:
+                    await pool.fetchval("SELECT 1")
+        else:
+            port = emulator.port
+            async with asyncpg_iam.create_pool(**kwargs) as pool:
+                await pool.fetchval("SELECT 1")
+    except (asyncpg_iam.IAMError, ssl.SSLError) as exc:
+        return f"{type(exc).__name__}: {_normalize(str(exc), port)}"
+    raise AssertionError(f"{name}: no failure")
+
+
+def _readme_failures() -> dict[str, str]:
+    return {m["name"]: m["text"] for m in _FAILURE.finditer(README.read_text())}
+
+
+def test_when_it_fails_lists_six_failures() -> None:
+    """The README's "When it fails" section shows six failures."""
+    assert len(_readme_failures()) == 6
+
+
+@pytest.mark.parametrize("name", sorted(_readme_failures()))
+async def test_when_it_fails_messages_are_current(
+    name: str, in_process_lookalike: LookAlike, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each message in "When it fails" is what the library says today, line for line."""
+    message = await _failure(name, in_process_lookalike, monkeypatch)
+    if os.environ.get("ASYNCPG_IAM_PRINT_FAILURES"):
+        print(f"\n<!-- failure: {name} -->\n```text\n{message}\n```")
+    assert _readme_failures()[name] == message + "\n"
