@@ -10,12 +10,22 @@ Every new connection gets a freshly signed token as its password, no connection 
 from importlib import metadata as _metadata
 
 from ._auth import IAMAuth
-from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
+from ._errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
+    CredentialsError,
+    IAMAuthenticationError,
+    IAMError,
+    TLSVerificationError,
+)
 from ._pool import Pool, PoolStats, create_pool
 from ._signing import Credentials, build_auth_token, region_from_host
 
 __all__ = [
     "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
     "IAMAuth",
@@ -23,6 +33,7 @@ __all__ = [
     "IAMError",
     "Pool",
     "PoolStats",
+    "TLSVerificationError",
     "__version__",
     "build_auth_token",
     "create_pool",

@@ -13,9 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import email.utils
-import ipaddress
 import json
-import os
 import socket
 import ssl
 import struct
@@ -25,18 +23,23 @@ import urllib.parse
 from typing import Any
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider
+from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
 from ._clock import SYSTEM_CLOCK
 from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._errors import ConfigurationError, IAMAuthenticationError, IAMError, diagnose_auth_failure
+from ._errors import (
+    ConfigurationError,
+    IAMAuthenticationError,
+    IAMError,
+    diagnose_auth_failure,
+    in_cli_words,
+)
 from ._signing import Credentials, mask_access_key, region_from_host
 
 __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
-_IMDS = "169.254.169.254"
-_CONTAINER = "169.254.170.2"
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 #: A clock further off than this shortens or voids the 15 minutes a token is valid.
 MAX_CLOCK_SKEW = 60.0
@@ -75,33 +78,8 @@ class OffsetClock:
         await SYSTEM_CLOCK.sleep(seconds)
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name) or os.environ.get(name.lower()) or ""
-
-
-def _bypassed(host: str, no_proxy: list[str]) -> bool:
-    """Return whether NO_PROXY entries (names, .suffixes, IPs, CIDRs, *) cover `host`."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy:
-        entry = entry.lower()
-        if entry == "*":
-            return True
-        if "/" in entry:
-            try:
-                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
-        bare = entry.lstrip(".").lstrip("*.")
-        if host == bare or host.endswith("." + bare):
-            return True
-    return False
-
-
 def _sts_host(region: str) -> str:
-    url = _env("AWS_ENDPOINT_URL_STS") or _env("AWS_ENDPOINT_URL")
+    url = env("AWS_ENDPOINT_URL_STS") or env("AWS_ENDPOINT_URL")
     if url:
         return urllib.parse.urlsplit(url).hostname or url
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
@@ -131,6 +109,7 @@ class Doctor:
         self.credentials: Credentials | None = None
         self.aws_date: dt.datetime | None = None
         self.aws_local: dt.datetime | None = None
+        self.dns_ok = False
         self.tcp_ok = False
         self.tls_ok = False
         self.token_ok = False
@@ -209,37 +188,19 @@ class Doctor:
 
     async def check_proxy(self) -> Check:
         """HTTP(S)_PROXY set while NO_PROXY lets metadata or STS requests go to the proxy."""
-        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if _env(name)]
-        if not proxies:
-            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
-        no_proxy = [e.strip() for e in _env("NO_PROXY").split(",") if e.strip()]
         # Instance metadata is always listed: a role attached later, or another tool on this
         # host, would go through the proxy too.
-        needed: list[tuple[str, str]] = [(_IMDS, "instance metadata")]
-        if _env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
-            needed.append((_CONTAINER, "container credentials"))
-        full_uri = _env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        if full_uri:
-            needed.append(
-                (urllib.parse.urlsplit(full_uri).hostname or full_uri, "container credentials")
-            )
+        needed = [(IMDS_ADDRESS, "instance metadata")]
+        needed += [e for e in credential_endpoints() if e[0] != IMDS_ADDRESS]
         needed.append((_sts_host(self._region), "STS"))
-        missing = [(host, what) for host, what in needed if not _bypassed(host, no_proxy)]
-        if not missing:
-            covered = ", ".join(host for host, _ in needed)
-            return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
-        listed = ", ".join(f"{host} ({what})" for host, what in missing)
-        wanted = [e for e in no_proxy] + [
-            h for h in (_IMDS, _CONTAINER, *(host for host, _ in missing)) if h not in no_proxy
-        ]
-        return Check(
-            "proxy",
-            FAIL,
-            f"{' and '.join(proxies)} set but NO_PROXY does not include {listed}: those "
-            "requests go to the proxy, which cannot reach link-local metadata addresses, and "
-            "credential look-ups fail with 'credentials not found'",
-            f"export NO_PROXY={','.join(dict.fromkeys(wanted))}",
-        )
+        problem = proxy_problem(needed)
+        if problem is not None:
+            return Check("proxy", FAIL, problem.describe(), problem.fix)
+        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if env(name)]
+        if not proxies:
+            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
+        covered = ", ".join(host for host, _ in needed)
+        return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
 
     async def check_credentials(self) -> Check:
         """Which credential source answered, and when its credentials expire."""
@@ -379,16 +340,23 @@ class Doctor:
             )
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         canonical = next((info[3] for info in infos if info[3]), "")
+        self.dns_ok = True
         return dns_verdict(host, addresses, canonical, self.auth.signing_host)
 
     async def check_tcp(self) -> Check:
         """Open a TCP connection to host:port."""
+        if not self.dns_ok:
+            return Check("tcp", SKIP, "needs an address (the dns check)")
         host, port = self.args.host, self.args.port
         started = time.monotonic()
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            what = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            what = (
+                f"no answer within {self.timeout:g} s (--timeout)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
             return Check(
                 "tcp",
                 FAIL,
@@ -457,7 +425,16 @@ class Doctor:
                 f"certificate verification failed against {source}: {exc.verify_message}",
                 fix_ca,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
+        except asyncio.TimeoutError:
+            return Check(
+                "tls",
+                FAIL,
+                f"{host}:{port} accepted TCP but gave no answer to the TLS request within "
+                f"{self.timeout:g} s (--timeout)",
+                "something that is not PostgreSQL listens there, or a proxy holds the "
+                "connection: check --host and --port",
+            )
+        except (OSError, ssl.SSLError, EOFError) as exc:
             return Check("tls", FAIL, f"TLS handshake with {host}:{port} failed: {exc!r}")
         finally:
             writer.transport.abort()
@@ -563,7 +540,7 @@ class Doctor:
         context = exc.context
         if skew is not None:
             context = dataclasses.replace(context, clock_skew=skew)
-        return diagnose_auth_failure(context)
+        return [in_cli_words(hint) for hint in diagnose_auth_failure(context)]
 
     async def check_select(self) -> Check:
         """Run SELECT 1 on the connection."""
@@ -572,12 +549,10 @@ class Doctor:
         value = await asyncio.wait_for(self.connection.fetchval("SELECT 1"), self.timeout)
         if value != 1:
             return Check("select", FAIL, f"SELECT 1 returned {value!r}")
-        version = self.connection.get_server_version()
-        return Check(
-            "select",
-            PASS,
-            f"SELECT 1 returned 1 (PostgreSQL {version.major}.{version.minor})",
-        )
+        # As the server reports it ("15.18 (Debian ...)"): asyncpg's ServerVersion reads
+        # 15.18 as 15.0.18.
+        reported = str(self.connection.get_settings().server_version).split()[0]
+        return Check("select", PASS, f"SELECT 1 returned 1 (PostgreSQL {reported})")
 
 
 def dns_verdict(host: str, addresses: list[str], canonical: str, signing_host: str | None) -> Check:
@@ -651,7 +626,12 @@ def run_doctor(args: argparse.Namespace) -> int:
         document = {"ok": ok, "checks": [dataclasses.asdict(check) for check in checks]}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
+        shown: set[str] = set()
         for check in checks:
+            if check.fix in shown:  # the same fix once: later checks refer to it
+                check = dataclasses.replace(check, fix="the same as above")
+            elif check.fix:
+                shown.add(check.fix)
             sys.stdout.write(check.line() + "\n")
         failed = sum(check.status == FAIL for check in checks)
         skipped = sum(check.status == SKIP for check in checks)
