@@ -22,7 +22,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["RDS_IAM_ROLE", "RoleDirectory", "RoleInfo", "password_matches"]
@@ -57,7 +57,7 @@ class RoleInfo:
     exists: bool
     iam_member: bool
     verifier_known: bool = False
-    verifier: str | None = None
+    verifier: str | None = field(default=None, repr=False)
     valid_until: dt.datetime | None = None
 
 
@@ -117,6 +117,11 @@ class RoleDirectory:
         """Revoke ``rds_iam`` from `user` before the next look-up."""
         self._pending.append((False, user))
 
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
     async def _connection(self) -> Any:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
@@ -169,18 +174,19 @@ class RoleDirectory:
                     with contextlib.suppress(asyncpg.DuplicateObjectError):
                         await conn.execute(f"CREATE ROLE {RDS_IAM_ROLE} NOLOGIN")
                 await self._apply_pending(conn)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # best effort: the backend may be down or read-only
                 logger.debug("cannot set up the rds_iam role on the backend: %r", exc)
+                self._drop()
 
     async def apply(self) -> None:
         """Apply queued grants and revokes now (`ensure_role` calls it after creating a role)."""
-        import asyncpg
 
         async with self._lock:
             try:
                 await self._apply_pending(await self._connection())
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # best effort: the backend may be down or read-only
                 logger.debug("cannot apply rds_iam grants on the backend: %r", exc)
+                self._drop()
 
     async def lookup(self, user: str, *, with_verifier: bool) -> RoleInfo:
         """Return whether `user` exists and is a member of ``rds_iam``, and its verifier."""
@@ -199,16 +205,13 @@ class RoleDirectory:
                 except asyncpg.InsufficientPrivilegeError:
                     return RoleInfo(exists, member)
                 return RoleInfo(exists, member, True, secret[0], secret[1])
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # best effort: the backend may be down or read-only
                 logger.debug("cannot look role %s up on the backend: %r", user, exc)
-                if self._conn is not None:
-                    self._conn.terminate()
-                    self._conn = None
+                self._drop()
                 return RoleInfo(exists=True, iam_member=False)
 
     async def aclose(self) -> None:
         """Revoke the grants made here (the backend may outlive this emulator) and disconnect."""
-        import asyncpg
 
         async with self._lock:
             self._pending = [(False, user) for user in sorted(self._granted)]
@@ -218,7 +221,7 @@ class RoleDirectory:
                 return
             try:
                 await asyncio.wait_for(self._apply_pending(conn), self._timeout)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # best effort: the backend may be down or read-only
                 logger.debug("cannot revoke rds_iam grants on the backend: %r", exc)
             finally:
                 self._pending.clear()
