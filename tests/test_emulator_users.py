@@ -13,7 +13,7 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam._signing import Credentials, build_auth_token
-from asyncpg_iam.testing import AccessKey, PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import AccessKey, PostgresCluster, PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._emu_verify import RegisteredKey, verify_token
 from tests.conftest import TokenFactory, botocore_token
 
@@ -196,3 +196,53 @@ def test_verifier_table_of_ports(rds_access_key: AccessKey, port: int) -> None:
         assert verify_token(relabelled, port=443, now=now, **options).reason == (
             "signature_mismatch"
         )
+
+
+# -- password logins when the emulator cannot read the role's password --------------------------
+
+
+async def test_password_backend_checks_passwords_the_emulator_cannot_read() -> None:
+    """With a non-superuser backend_user, a scram backend checks a password login itself."""
+    with PostgresCluster() as cluster:
+        conn = await asyncpg.connect(cluster.dsn, ssl=False)
+        await conn.execute(
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE emu_admin LOGIN; "
+            "CREATE ROLE carol LOGIN PASSWORD 'carol-pw'"
+        )
+        (cluster.data_dir / "pg_hba.conf").write_text(
+            "local all all trust\nhost all postgres 127.0.0.1/32 trust\n"
+            "host all emu_admin 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        await conn.execute("SELECT pg_reload_conf()")
+        await conn.close()
+        async with RDSIAMEmulator(
+            backend_host=cluster.host, backend_port=cluster.port, backend_user="emu_admin"
+        ) as emulator:
+            carol = await connect(emulator, "carol", "carol-pw")
+            assert await carol.fetchval("SELECT current_user") == "carol"
+            await carol.close()
+            with pytest.raises(asyncpg.InvalidPasswordError) as wrong:
+                await connect(emulator, "carol", "not-carol-pw")
+            assert str(wrong.value) == 'password authentication failed for user "carol"'
+            assert emulator.records[-1].reason == "backend_error"
+
+
+async def test_trusting_backend_never_accepts_an_unchecked_password(
+    postgres_server: PostgresServer, sql_user: tuple[str, str]
+) -> None:
+    """A trusting backend and an unreadable verifier: the password login is refused."""
+    name, password = sql_user
+    conn = await admin(postgres_server)
+    await conn.execute("DROP ROLE IF EXISTS emu_reader; CREATE ROLE emu_reader LOGIN")
+    try:
+        async with RDSIAMEmulator(
+            backend_host=postgres_server.host,
+            backend_port=postgres_server.port,
+            backend_user="emu_reader",
+        ) as emulator:
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await connect(emulator, name, password)
+            assert emulator.records[-1].reason == "password_unchecked"
+    finally:
+        await conn.execute("DROP ROLE emu_reader")
+        await conn.close()
