@@ -22,6 +22,7 @@ from . import (
     case_failover,
     case_fetches,
     case_loop_lag,
+    case_metrics,
     case_pool_overhead,
     case_recycling,
     case_token,
@@ -35,6 +36,7 @@ CASES: list[ModuleType] = [
     case_recycling,
     case_pool_overhead,
     case_failover,
+    case_metrics,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
