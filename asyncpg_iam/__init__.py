@@ -10,7 +10,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 from ._auth import IAMAuth
 from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
 from ._pool import Pool, PoolStats, create_pool
-from ._signing import Credentials, build_auth_token, region_from_host
+from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
     "ConfigurationError",
@@ -22,6 +22,7 @@ __all__ = [
     "Pool",
     "PoolStats",
     "build_auth_token",
+    "build_dsql_token",
     "create_pool",
     "region_from_host",
 ]
