@@ -35,6 +35,7 @@ from asyncpg.exceptions import (
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
+from ._dsql import UNSET, Unset, pool_settings
 from ._errors import (
     ConfigurationError,
     IAMAuthenticationError,
@@ -354,14 +355,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         dsn: str | None = None,
         *,
         iam: bool | IAMAuth = True,
-        max_lifetime: float | None = 900.0,
+        max_lifetime: float | Unset | None = UNSET,
         max_lifetime_jitter: float = 0.1,
-        max_connect_rate: float | None = None,
+        max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         **kwargs: Any,
     ) -> None:
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         if not isinstance(iam, (bool, IAMAuth)):
             raise ConfigurationError(
                 f"iam must be True (the default AWS credential chain), False (no IAM) or an "
@@ -370,6 +370,18 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
         auth = IAMAuth() if iam is True else (iam or None)
+        # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
+        settings = pool_settings(
+            dsn=dsn,
+            auth=auth,
+            max_lifetime=max_lifetime,
+            max_connect_rate=max_connect_rate,
+            connect_kwargs=kwargs,
+        )
+        max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
+        kwargs = settings.connect_kwargs
+        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
+        self._dsql = settings.dsql
         self._plan = _plan(dsn, kwargs, iam=auth is not None)
         self._provider = TokenProvider(auth, clock=clock) if auth is not None else None
         self._targets: tuple[SigningTarget, ...] = ()
@@ -669,9 +681,9 @@ def create_pool(
     dsn: str | None = None,
     *,
     iam: bool | IAMAuth = True,
-    max_lifetime: float | None = 900.0,
+    max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
-    max_connect_rate: float | None = None,
+    max_connect_rate: float | Unset | None = UNSET,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -682,12 +694,18 @@ def create_pool(
     - `iam`: True signs tokens with the default AWS credential chain; an `IAMAuth` chooses the
       profile, role, region, signing endpoint and token reuse; False disables IAM (a plain
       pool that still recycles).
-    - `max_lifetime`: no connection lives longer than this many seconds (None: forever).
-      Connections in use are never interrupted; they close when released.
+    - `max_lifetime`: no connection lives longer than this many seconds (None: forever);
+      default 900 (3300 for Aurora DSQL, where it may not exceed 3600). Connections in use
+      are never interrupted; they close when released.
     - `max_lifetime_jitter`: each connection's lifetime is drawn from
       ``[max_lifetime * (1 - jitter), max_lifetime]`` so reconnects spread out.
-    - `max_connect_rate`: at most this many new connections per second (None: no limit).
+    - `max_connect_rate`: at most this many new connections per second (None: no limit);
+      default no limit (50 per second for Aurora DSQL).
     - `name`: the pool's name in logs and its repr.
+
+    An Aurora DSQL endpoint (``<id>.dsql.<region>.on.aws``, or ``IAMAuth(service="dsql")``)
+    gets DSQL tokens, ``database="postgres"`` unless one is named, and verify-full TLS
+    against the system store.
 
     With IAM, TLS defaults to verify-full (against the RDS CA bundle that ``asyncpg-iam
     ca-bundle`` caches, else the system store), and sslmode disable/allow/prefer raise

@@ -49,6 +49,7 @@ from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord
 from ._clock import SYSTEM_CLOCK
+from ._dsql import UNSET, Unset, pool_settings
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._lifetime import TokenBucket, draw_lifetime
 from ._pool import _plan, _validate_pool_options, explain_auth_failure, open_any_host
@@ -215,9 +216,9 @@ def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
     iam: bool | IAMAuth = True,
-    max_lifetime: float | None = 900.0,
+    max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
-    max_connect_rate: float | None = None,
+    max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
     **engine_kwargs: Any,
@@ -234,7 +235,6 @@ def create_async_engine(
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
-    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
     if not isinstance(iam, (bool, IAMAuth)):
         raise ConfigurationError(
             f"iam must be True (the default AWS credential chain), False (no IAM) or an "
@@ -254,6 +254,17 @@ def create_async_engine(
             f"asyncpg_iam's engine speaks asyncpg: use a postgresql+asyncpg:// URL, not "
             f"{parsed.drivername}://"
         )
+    auth = IAMAuth() if iam is True else (iam or None)
+    # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
+    settings = pool_settings(
+        dsn=parsed.render_as_string(hide_password=True),
+        auth=auth,
+        max_lifetime=max_lifetime,
+        max_connect_rate=max_connect_rate,
+        connect_kwargs=dict(connect_args or {}),
+    )
+    max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
+    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
     if max_lifetime is not None:
         engine_kwargs.setdefault("pool_recycle", max_lifetime)
     holder: list[_Connector] = []
@@ -262,9 +273,8 @@ def create_async_engine(
         return await holder[0].connect()
 
     engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
-    auth = IAMAuth() if iam is True else (iam or None)
     connector = _Connector(
-        _connect_kwargs(engine, connect_args),
+        _connect_kwargs(engine, settings.connect_kwargs),
         auth=auth,
         max_connect_rate=max_connect_rate,
         name=name,
