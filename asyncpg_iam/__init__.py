@@ -8,11 +8,19 @@ Every new connection gets a freshly signed token as its password, no connection 
 """
 
 from ._auth import IAMAuth
-from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
+from ._errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    CredentialsError,
+    IAMAuthenticationError,
+    IAMError,
+)
 from ._pool import Pool, PoolStats, create_pool
+from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "Credentials",
     "CredentialsError",
@@ -25,4 +33,5 @@ __all__ = [
     "build_dsql_token",
     "create_pool",
     "region_from_host",
+    "run_transaction",
 ]

@@ -3,8 +3,10 @@
     IAMError                                  base: catch this for anything the library raises
     ├── ConfigurationError (also ValueError)  bad arguments; raised at creation, before any I/O
     ├── CredentialsError                      no valid AWS credentials could be obtained
-    └── IAMAuthenticationError                the database refused an IAM login; also an
-                                              asyncpg InvalidAuthorizationSpecificationError
+    ├── IAMAuthenticationError                the database refused an IAM login; also an
+    │                                         asyncpg InvalidAuthorizationSpecificationError
+    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+                                              transaction may or may not have committed
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -19,6 +21,7 @@ from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
     "AuthFailureContext",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "CredentialsError",
     "IAMAuthenticationError",
@@ -32,6 +35,13 @@ class IAMError(Exception):
 
 class ConfigurationError(IAMError, ValueError):
     """An argument is invalid; the message names it and says what is allowed."""
+
+
+class CommitOutcomeUnknownError(IAMError):
+    """The connection broke while ``COMMIT`` was in flight; the cause is chained.
+
+    The transaction may have committed or not: `run_transaction` never runs it again.
+    """
 
 
 class CredentialsError(IAMError):

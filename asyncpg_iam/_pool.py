@@ -21,7 +21,7 @@ import urllib.parse
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import asyncpg.connect_utils
@@ -42,6 +42,7 @@ from ._errors import (
     diagnose_auth_failure,
 )
 from ._lifetime import Recycler, TokenBucket
+from ._retry import run_transaction
 from ._tls import default_ssl_context
 
 __all__ = ["Pool", "PoolStats", "create_pool"]
@@ -68,6 +69,8 @@ def _check_asyncpg_version() -> None:
 
 
 _check_asyncpg_version()
+
+T = TypeVar("T")
 
 _POOL_DEFAULTS = {
     name: param.default
@@ -535,6 +538,31 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             database=self._plan.database,
             now=self._clock.now(),
             owner=f"pool {self._name}",
+        )
+
+    async def run_transaction(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        retries: int = 5,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+        isolation: str | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``await fn(connection)`` in a transaction, retrying serialization conflicts.
+
+        See `asyncpg_iam.run_transaction`; backoff waits on the pool's clock.
+        """
+        return await run_transaction(
+            self,
+            fn,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            isolation=isolation,
+            timeout=timeout,
+            clock=self._clock,
         )
 
     # -- lifetime --------------------------------------------------------------------------

@@ -35,7 +35,8 @@ async def test_dsql_endpoint_gets_dsql_defaults() -> None:
     assert target.region_source == "the DSQL endpoint name"
     context = pool._plan.connect_kwargs["ssl"]
     assert isinstance(context, ssl.SSLContext)
-    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
 
 
 async def test_rds_endpoint_keeps_rds_defaults() -> None:
@@ -64,7 +65,8 @@ async def test_dsql_explicit_settings_win() -> None:
     assert pool._plan.database == "x"
     pool = asyncpg_iam.create_pool(f"postgresql://app@{DSQL}/other", max_connect_rate=10)
     assert pool._plan.database == "other"
-    assert pool._bucket is not None and pool._bucket.rate == 10
+    assert pool._bucket is not None
+    assert pool._bucket.rate == 10
 
 
 @pytest.mark.parametrize(

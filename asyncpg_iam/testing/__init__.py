@@ -7,10 +7,18 @@ Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certi
 from __future__ import annotations
 
 from ._aws import CredentialServer, MotoSTS
-from ._emulator import DEFAULT_ENDPOINT, AccessKey, LoginRecord, RDSIAMEmulator, RelayedConnection
+from ._emulator import (
+    DEFAULT_DSQL_ENDPOINT,
+    DEFAULT_ENDPOINT,
+    AccessKey,
+    LoginRecord,
+    RDSIAMEmulator,
+    RelayedConnection,
+)
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
 
 __all__ = [
+    "DEFAULT_DSQL_ENDPOINT",
     "DEFAULT_ENDPOINT",
     "AccessKey",
     "CredentialServer",
