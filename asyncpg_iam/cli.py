@@ -1,6 +1,7 @@
 """The ``asyncpg-iam`` command: token, psql, doctor, emulate, demo, ca-bundle.
 
     asyncpg-iam token --host H --user U [AWS options]        print a token
+    asyncpg-iam token --host ID.dsql.REGION.on.aws --user admin   an Aurora DSQL token
     asyncpg-iam psql --host H --user U [AWS options] [-- psql args]
     asyncpg-iam doctor --host H --user U [AWS options] [--json]
     asyncpg-iam emulate                                       a local RDS with IAM, until Ctrl-C
@@ -23,6 +24,7 @@ from typing import Any
 
 from ._auth import IAMAuth, TokenProvider
 from ._errors import ConfigurationError, IAMError
+from ._signing import build_dsql_token
 
 __all__ = ["build_parser", "main"]
 
@@ -92,6 +94,7 @@ def iam_auth_from(args: argparse.Namespace) -> IAMAuth:
         role_duration=args.duration,
         signing_host=args.signing_host,
         signing_port=args.signing_port,
+        service="dsql" if getattr(args, "dsql", False) else None,
     )
 
 
@@ -111,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_target(token, database=False)
     _add_aws(token)
+    dsql = token.add_argument_group("Aurora DSQL")
+    dsql.add_argument(
+        "--dsql",
+        action="store_true",
+        help="sign an Aurora DSQL token (the default for <id>.dsql.<region>.on.aws hosts); "
+        "the user admin gets DbConnectAdmin, any other DbConnect",
+    )
+    dsql.add_argument(
+        "--expires-in",
+        type=int,
+        default=None,
+        help="DSQL token validity in seconds, 1 to 604800 (default 900)",
+    )
 
     psql = commands.add_parser(
         "psql",
@@ -229,7 +245,21 @@ async def _sign(args: argparse.Namespace) -> str:
     provider = TokenProvider(iam_auth_from(args))
     try:
         target = provider.target(args.host, args.port, args.user)
-        return await provider.token(target)
+        expires_in = getattr(args, "expires_in", None)
+        if expires_in is None:
+            return await provider.token(target)
+        if target.service != "dsql":
+            raise ConfigurationError(
+                "--expires-in applies to Aurora DSQL tokens only (RDS tokens live 900 s): "
+                "pass --dsql or a DSQL host, or drop --expires-in"
+            )
+        return build_dsql_token(
+            host=target.signing_host,
+            region=target.region,
+            credentials=await provider.credentials.get(),
+            admin=target.admin,
+            expires_in=expires_in,
+        )
     finally:
         await provider.aclose()
 

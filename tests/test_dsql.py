@@ -26,9 +26,11 @@ from asyncpg_iam._retry import backoff_delay
 from asyncpg_iam.testing import (
     DEFAULT_DSQL_ENDPOINT,
     AccessKey,
+    CredentialServer,
     PostgresServer,
     RDSIAMEmulator,
 )
+from tests._support import run_cli
 
 
 @pytest_asyncio.fixture
@@ -510,3 +512,73 @@ def test_dsql_verifier_reasons() -> None:
     assert _verify(long_lived, at=later) == "ok"  # X-Amz-Expires decides
     with_port = token.replace(DEFAULT_DSQL_ENDPOINT, f"{DEFAULT_DSQL_ENDPOINT}:5432", 1)
     assert _verify(with_port) == "wrong_host"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+async def test_cli_token_for_a_dsql_endpoint_logs_in(
+    dsql_emulator: RDSIAMEmulator, credential_server: CredentialServer
+) -> None:
+    """`token` signs a DSQL admin token for a DSQL endpoint name, and it logs in."""
+    credential_server.add_emulator(dsql_emulator)
+    code, out, err = await run_cli(
+        "token",
+        "--host",
+        dsql_emulator.host,
+        "--port",
+        str(dsql_emulator.port),
+        "--user",
+        "admin",
+        "--signing-host",
+        DEFAULT_DSQL_ENDPOINT,
+    )
+    assert code == 0, err
+    token = out.strip()
+    assert token.startswith(f"{DEFAULT_DSQL_ENDPOINT}/?Action=DbConnectAdmin&")
+    assert token not in err
+    conn = await asyncpg.connect(password=token, **dsql_emulator.connect_kwargs(user="admin"))
+    try:
+        assert await conn.fetchval("SELECT current_user") == "admin"
+    finally:
+        await conn.close()
+
+
+async def test_cli_token_dsql_flag_and_expiry(credential_server: CredentialServer) -> None:
+    """`token --dsql --expires-in` signs a DbConnect token for a CNAME, without a port."""
+    code, out, err = await run_cli(
+        "token",
+        "--dsql",
+        "--host",
+        "db.internal",
+        "--user",
+        "app",
+        "--region",
+        "eu-west-1",
+        "--expires-in",
+        "3600",
+    )
+    assert code == 0, err
+    token = out.strip()
+    assert token.startswith("db.internal/?Action=DbConnect&X-Amz-Algorithm=")
+    assert "%2Feu-west-1%2Fdsql%2Faws4_request" in token
+    assert "&X-Amz-Expires=3600&" in token
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"], "DSQL tokens only"),
+        (["--dsql", "--host", "x.dsql.us-east-1.on.aws", "--expires-in", "0"], "1 to 604800"),
+    ],
+)
+async def test_cli_token_expiry_is_checked(
+    credential_server: CredentialServer, args: list[str], message: str
+) -> None:
+    """--expires-in on an RDS host, or outside 1..604800, exits 2 with the rule."""
+    if "--expires-in" not in args:
+        args = [*args, "--expires-in", "3600"]
+    code, out, err = await run_cli("token", "--user", "app", *args)
+    assert code == 2
+    assert out == ""
+    assert message in err
