@@ -6,8 +6,9 @@ Aurora) raises the same SQLSTATE for serialization failures under ``REPEATABLE R
 ``SERIALIZABLE``. `run_transaction` runs a function in a transaction and retries it, with
 jittered exponential backoff, on exactly these errors:
 
-- SQLSTATE 40001 (``serialization_failure``) from the function or from ``COMMIT``: the server
-  rolled the transaction back, so running it again is safe;
+- SQLSTATE 40001 (``serialization_failure``; DSQL names its conflicts OC000 and OC001 in the
+  message, and the codes themselves are accepted too) from the function or from ``COMMIT``:
+  the server rolled the transaction back, so running it again is safe;
 - SQLSTATE 53400 (``configuration_limit_exceeded``, DSQL's connection rate limit) and 53300
   (``too_many_connections``) while taking a connection from a pool: nothing ran yet.
 
@@ -31,13 +32,14 @@ import asyncpg.pool
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CommitOutcomeUnknownError, ConfigurationError
 
-__all__ = ["RETRYABLE_CONNECT_SQLSTATES", "SERIALIZATION_FAILURE", "run_transaction"]
+__all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "run_transaction"]
 
 logger = logging.getLogger("asyncpg_iam.retry")
 
 T = TypeVar("T")
 
-SERIALIZATION_FAILURE = "40001"
+#: A transaction lost to a concurrent one and was rolled back: running it again is safe.
+CONFLICT_SQLSTATES = frozenset({"40001", "OC000", "OC001"})
 #: Refusals of a new connection that say "try again later" (DSQL: rate and count limits).
 RETRYABLE_CONNECT_SQLSTATES = frozenset({"53400", "53300"})
 # The server ended the session (shutdown, crash recovery): what happened to COMMIT is unknown.
@@ -156,7 +158,7 @@ async def run_transaction(
             else:
                 return await _attempt(target, fn, isolation)
         except asyncpg.PostgresError as exc:
-            if _sqlstate(exc) != SERIALIZATION_FAILURE:
+            if _sqlstate(exc) not in CONFLICT_SQLSTATES:
                 raise
             error = exc
         attempt += 1

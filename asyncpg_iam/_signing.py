@@ -256,8 +256,8 @@ _RDS_HOST = re.compile(
     rf"(?:{_LABEL}\.)+(?:{_REGION}\.rds\.amazonaws\.com(?:\.cn)?"
     rf"|rds\.(?P<region2>[a-z]{{2}}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?)"
 )
-# <cluster-id>.dsql.<region>.on.aws
-_DSQL_HOST = re.compile(rf"(?:{_LABEL}\.)+dsql\.{_REGION}\.on\.aws")
+# <cluster-id>.dsql[-suffix].<region>.on.aws (AWS's own connector allows the suffix)
+_DSQL_HOST = re.compile(rf"(?:{_LABEL}\.)+dsql(?:-[a-z0-9]+)*\.{_REGION}\.on\.aws")
 
 
 def _normalize(host: str) -> str:

@@ -163,10 +163,12 @@ def test_dsql_now_must_be_aware() -> None:
         ("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws", "us-east-1"),
         ("ABC123.DSQL.EU-WEST-1.ON.AWS.", "eu-west-1"),
         ("x.dsql.ap-southeast-2.on.aws", "ap-southeast-2"),
+        ("x.dsql-gamma.us-west-2.on.aws", "us-west-2"),
         ("dsql.us-east-1.on.aws", None),
         ("abc.dsql.us-east-1.on.aws.example.com", None),
         ("abc.dsql.notaregion.on.aws", None),
         ("abc.lambda-url.us-east-1.on.aws", None),
+        ("abc.xdsql.us-east-1.on.aws", None),
     ],
 )
 def test_region_and_kind_of_dsql_hosts(host: str, region: str | None) -> None:

@@ -142,13 +142,19 @@ class _Refused(Exception):
     """Ends a connection after an error response has been sent."""
 
 
+def _is_dsql_endpoint(labels: list[str]) -> bool:
+    # <id>.dsql[-suffix].<region>.on.aws
+    dsql_label = labels[1] == "dsql" or labels[1].startswith("dsql-") if len(labels) > 1 else False
+    return len(labels) == 5 and dsql_label and labels[3:] == ["on", "aws"]
+
+
 def region_from_endpoint(endpoint: str) -> str | None:
     """Return the region named in an RDS or DSQL endpoint.
 
     RDS: ``*.<region>.rds.amazonaws.com[.cn]``; DSQL: ``<id>.dsql.<region>.on.aws``.
     """
     labels = endpoint.lower().rstrip(".").split(".")
-    if len(labels) == 5 and labels[1] == "dsql" and labels[3:] == ["on", "aws"]:
+    if _is_dsql_endpoint(labels):
         return labels[2]
     for index in range(1, len(labels) - 2):
         if labels[index + 1 : index + 4] in (["rds", "amazonaws", "com"],) and labels[
@@ -241,8 +247,7 @@ class RDSIAMEmulator:
         self._login_timeout = login_timeout
         self._keys: dict[str, RegisteredKey] = {}
         if dsql is None:
-            labels = endpoint.lower().rstrip(".").split(".")
-            dsql = len(labels) == 5 and labels[1] == "dsql" and labels[3:] == ["on", "aws"]
+            dsql = _is_dsql_endpoint(endpoint.lower().rstrip(".").split("."))
         self._dsql = dsql
         if dsql:
             self._iam_users.add("admin")
