@@ -28,6 +28,7 @@ from typing import Any
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK
 from ._credentials import CredentialCache, configured_region, credential_cache_for
+from ._dsql import dsql_ssl_context
 from ._errors import ConfigurationError, IAMError, diagnose_auth_failure
 from ._signing import Credentials, mask_access_key, region_from_host
 from ._tls import CA_BUNDLE_ENV, ca_bundle_path, default_ssl_context
@@ -406,6 +407,10 @@ class Doctor:
             if not os.path.isfile(self.args.ca):
                 raise FileNotFoundError(f"--ca {self.args.ca} does not exist")
             return ssl.create_default_context(cafile=self.args.ca), f"--ca {self.args.ca}"
+        if self.target is not None and self.target.service == "dsql":
+            source = os.environ.get(CA_BUNDLE_ENV)
+            where = f"${CA_BUNDLE_ENV} {source}" if source else "the system store (DSQL: public CA)"
+            return dsql_ssl_context(), where
         bundle = ca_bundle_path()
         context = default_ssl_context()
         if bundle is None:
@@ -515,6 +520,15 @@ class Doctor:
         target = self.target
         token = await self.provider.token(target)
         self.token_ok = True
+        if target.service == "dsql":
+            action = "DbConnectAdmin" if target.admin else "DbConnect"
+            return Check(
+                "token",
+                PASS,
+                f"signed an Aurora DSQL {action} token for {target.user}@{target.signing_host} "
+                f"in {target.region} with {mask_access_key(self.credentials.access_key)} "
+                f"({len(token)} characters, valid 15 min; not shown)",
+            )
         return Check(
             "token",
             PASS,
@@ -536,7 +550,7 @@ class Doctor:
         assert self.provider is not None
         assert self.target is not None
         target, record = self.target, TokenRecord()
-        database = self.args.dbname or self.args.user
+        database = self.args.dbname or ("postgres" if target.service == "dsql" else self.args.user)
         try:
             self.connection = await asyncpg.connect(
                 host=self.args.host,

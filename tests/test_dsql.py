@@ -27,6 +27,7 @@ from asyncpg_iam.testing import (
     DEFAULT_DSQL_ENDPOINT,
     AccessKey,
     CredentialServer,
+    MotoSTS,
     PostgresServer,
     RDSIAMEmulator,
 )
@@ -582,3 +583,22 @@ async def test_cli_token_expiry_is_checked(
     assert code == 2
     assert out == ""
     assert message in err
+
+
+async def test_doctor_checks_a_dsql_endpoint(
+    dsql_emulator: RDSIAMEmulator,
+    postgres_server: PostgresServer,
+    credential_server: CredentialServer,
+    moto_sts: MotoSTS,
+) -> None:
+    """`doctor` passes every check against DSQL: a DbConnectAdmin token, database postgres."""
+    from tests.test_cli_doctor import Setup
+
+    credential_server.add_emulator(dsql_emulator)
+    setup = Setup(dsql_emulator, postgres_server, credential_server, moto_sts)
+    code, checks, output = await setup.doctor(user="admin", dbname=None)
+    assert code == 0, output
+    assert {check["status"] for check in checks.values()} == {"pass"}
+    assert "Aurora DSQL DbConnectAdmin token" in checks["token"]["detail"]
+    assert "database postgres" in checks["login"]["detail"]
+    assert dsql_emulator.records[-1].reason == "ok"
