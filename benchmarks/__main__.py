@@ -19,6 +19,7 @@ from types import ModuleType
 from . import (
     _harness,
     case_connect,
+    case_dsql,
     case_fetches,
     case_loop_lag,
     case_pool_overhead,
@@ -33,6 +34,7 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
+    case_dsql,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
