@@ -391,4 +391,5 @@ def failure_context(
         now=now,
         server_message=str(getattr(exc, "message", None) or exc),
         clock_skew=credentials.clock_skew if clock_skew is None else clock_skew,
+        service=target.service,
     )

@@ -77,6 +77,8 @@ class AuthFailureContext:
     server_message: str
     clock_skew: float | None = None
     """Seconds this host's clock is ahead of AWS's (negative: behind), when it was measured."""
+    service: str = "rds"
+    """``"rds"`` (RDS, Aurora, RDS Proxy) or ``"dsql"`` (Aurora DSQL)."""
 
     @property
     def token_age(self) -> float | None:
@@ -119,6 +121,23 @@ def _resource_arn(ctx: AuthFailureContext) -> str:
     return f"arn:{partition}:rds-db:{ctx.region}:<account-id>:dbuser:{resource}/{ctx.user}"
 
 
+def _dsql_hints(ctx: AuthFailureContext) -> list[str]:
+    cluster = ctx.signing_host.split(".", 1)[0] if ctx.endpoint_region else "<cluster-id>"
+    arn = f"arn:aws:dsql:{ctx.region}:<account-id>:cluster/{cluster}"
+    if ctx.user == "admin":
+        return [
+            f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+            f"dsql:DbConnectAdmin on {arn}. An assumed role needs the permission on the role."
+        ]
+    return [
+        f"The role {ctx.user!r} may not be linked to this AWS identity: as admin, run "
+        f"AWS IAM GRANT \"{ctx.user}\" TO '<the IAM role ARN>'; (and CREATE ROLE "
+        f'"{ctx.user}" WITH LOGIN first).',
+        f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+        f"dsql:DbConnect on {arn}.",
+    ]
+
+
 def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     """Rank the likely causes of a refused IAM login, most likely first, each with its fix."""
     hints: list[str] = []
@@ -135,13 +154,19 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
             f"{ctx.endpoint_region!r}."
         )
+    dsql = ctx.service == "dsql"
     if ctx.endpoint_region is None:
-        what = "an IP address" if _is_ip(ctx.signing_host) else "not an RDS endpoint name"
+        kind = "a DSQL" if dsql else "an RDS"
+        what = "an IP address" if _is_ip(ctx.signing_host) else f"not {kind} endpoint name"
+        example = (
+            "<cluster-id>.dsql.<region>.on.aws'"
+            if dsql
+            else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
+        )
         hints.append(
-            f"The token was signed for {ctx.signing_host!r}, which is {what}: RDS checks the "
-            "token against its own endpoint name. If you connect through a CNAME, tunnel, "
-            "proxy or IP, pass IAMAuth(signing_host='<name>.<id>.<region>.rds.amazonaws.com', "
-            "signing_port=<its port>)."
+            f"The token was signed for {ctx.signing_host!r}, which is {what}: the database "
+            "checks the token against its own endpoint name. If you connect through a CNAME, "
+            f"tunnel, proxy or IP, pass IAMAuth(signing_host='{example})."
         )
     if ctx.credentials_expiry is not None:
         left = ctx.credentials_expiry - ctx.now
@@ -157,16 +182,19 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
             "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts."
         )
-    hints.append(
-        f"The database user {ctx.user!r} may lack the rds_iam role: run "
-        f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
-    )
-    hints.append(
-        "The AWS identity (from "
-        f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
-        f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on the "
-        "user that assumes it."
-    )
+    if dsql:
+        hints.extend(_dsql_hints(ctx))
+    else:
+        hints.append(
+            f"The database user {ctx.user!r} may lack the rds_iam role: run "
+            f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
+        )
+        hints.append(
+            "The AWS identity (from "
+            f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
+            f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on "
+            "the user that assumes it."
+        )
     skew = ctx.clock_skew
     if skew is not None and abs(skew) > _SKEW_EVIDENCE:
         direction = "ahead of" if skew > 0 else "behind"

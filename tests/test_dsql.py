@@ -153,6 +153,13 @@ async def test_wrong_action_is_refused(
     assert info.value.sqlstate == "28000"
     assert dsql_emulator.records[-1].reason == "wrong_action"
     assert dsql_emulator.backend_connections_total == 0
+    # The hints speak DSQL (dsql:DbConnect[Admin] on the cluster ARN), not RDS's rds_iam.
+    hints = " ".join(info.value.hints)
+    assert "rds_iam" not in hints
+    assert "rds-db:connect" not in hints
+    action = "dsql:DbConnectAdmin" if user == "admin" else "dsql:DbConnect on"
+    assert action in hints
+    assert "cluster/abcdefghijklmnopqrstuvwxyz" in hints
 
 
 async def test_rds_token_is_refused_by_dsql(
