@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import email.utils
-import functools
 import ipaddress
 import json
 import os
@@ -25,13 +24,12 @@ import time
 import urllib.parse
 from typing import Any
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
+from ._auth import IAMAuth, SigningTarget, TokenProvider
 from ._clock import SYSTEM_CLOCK
+from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._dsql import dsql_ssl_context
-from ._errors import ConfigurationError, IAMError, diagnose_auth_failure
+from ._errors import ConfigurationError, IAMAuthenticationError, IAMError, diagnose_auth_failure
 from ._signing import Credentials, mask_access_key, region_from_host
-from ._tls import CA_BUNDLE_ENV, ca_bundle_path, default_ssl_context
 
 __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
 
@@ -117,9 +115,12 @@ def _first_sentence(text: str) -> str:
 class Doctor:
     """Run the checks for one database endpoint and user."""
 
-    def __init__(self, args: argparse.Namespace, auth: IAMAuth) -> None:
+    def __init__(self, args: argparse.Namespace, auth: IAMAuth, plan: ConnectPlan | str) -> None:
         self.args = args
         self.auth = auth
+        # The pool's own connect plan (TLS decided as a pool would), or why it was refused.
+        self.plan = plan
+        self.connector: Connector | None = None
         self.timeout: float = args.timeout
         self.clock = OffsetClock(args.clock_offset)
         self.checks: list[Check] = []
@@ -131,8 +132,7 @@ class Doctor:
         self.aws_date: dt.datetime | None = None
         self.aws_local: dt.datetime | None = None
         self.tcp_ok = False
-        self.tls_context: ssl.SSLContext | None = None
-        self.ca_source = ""
+        self.tls_ok = False
         self.token_ok = False
         self.connection: Any = None
 
@@ -190,9 +190,11 @@ class Doctor:
             self.target = self.provider.target(self.args.host, self.args.port, self.args.user)
         except ConfigurationError as exc:
             self.region_error = str(exc)
-
-    def _status(self, name: str) -> str | None:
-        return next((c.status for c in self.checks if c.name == name), None)
+            return
+        if isinstance(self.plan, ConnectPlan):
+            self.connector = Connector(
+                self.plan, provider=self.provider, kind="doctor", clock=self.clock
+            )
 
     @property
     def _region(self) -> str:
@@ -402,23 +404,6 @@ class Doctor:
         address = peer[0] if isinstance(peer, tuple) else host
         return Check("tcp", PASS, f"connected to {address}:{port} in {elapsed:.0f} ms")
 
-    def _tls_context(self) -> tuple[ssl.SSLContext, str]:
-        if self.args.ca:
-            if not os.path.isfile(self.args.ca):
-                raise FileNotFoundError(f"--ca {self.args.ca} does not exist")
-            return ssl.create_default_context(cafile=self.args.ca), f"--ca {self.args.ca}"
-        if self.target is not None and self.target.service == "dsql":
-            source = os.environ.get(CA_BUNDLE_ENV)
-            where = f"${CA_BUNDLE_ENV} {source}" if source else "the system store (DSQL: public CA)"
-            return dsql_ssl_context(), where
-        bundle = ca_bundle_path()
-        context = default_ssl_context()
-        if bundle is None:
-            return context, "the system store (no RDS bundle cached)"
-        if os.environ.get(CA_BUNDLE_ENV):
-            return context, f"${CA_BUNDLE_ENV} {bundle}"
-        return context, f"the cached RDS bundle {bundle}"
-
     async def check_tls(self) -> Check:
         """Ask for TLS as libpq does, then verify the certificate and the host name."""
         if not self.tcp_ok:
@@ -429,11 +414,11 @@ class Doctor:
             "bundle that signed the server's certificate; connect by the name on the "
             "certificate (the RDS endpoint), not a CNAME or an IP"
         )
-        try:
-            context, source = self._tls_context()
-        except (OSError, ssl.SSLError) as exc:
-            return Check("tls", FAIL, f"cannot load the CA bundle: {exc}", fix_ca)
-        self.ca_source = source
+        if not isinstance(self.plan, ConnectPlan):
+            return Check("tls", FAIL, f"the pool would refuse these settings: {self.plan}")
+        tls = self.plan.tls
+        assert tls.context is not None  # an IAM plan always has one
+        context, source = tls.context, tls.ca_source
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self.timeout
@@ -480,8 +465,17 @@ class Doctor:
         ssl_object = transport.get_extra_info("ssl_object")
         version = ssl_object.version() if ssl_object is not None else "TLS"
         transport.abort()
-        self.tls_context = context
-        return Check("tls", PASS, f"{version}, certificate verified for {host} against {source}")
+        if not tls.verified:
+            return Check(
+                "tls",
+                FAIL,
+                f"{version}, but the certificate was NOT verified (sslmode {tls.mode} from "
+                f"{tls.mode_source}): anyone in the path could receive the token",
+                "use sslmode verify-full (the default) or verify-ca",
+            )
+        self.tls_ok = True
+        verified = "certificate verified" + (f" for {host}" if tls.mode == "verify-full" else "")
+        return Check("tls", PASS, f"{version}, {verified} against {source} ({tls.mode})")
 
     def _measured_skew(self) -> float | None:
         """Return seconds this clock is ahead of AWS's, by the Date of the STS response."""
@@ -538,35 +532,23 @@ class Doctor:
         )
 
     async def check_login(self) -> Check:
-        """Log in with a token over verified TLS; explain a refusal as the pool does."""
-        if not self.token_ok or self.tls_context is None:
+        """Log in with a token over verified TLS, as the pool does; explain a refusal."""
+        if not self.token_ok or not self.tls_ok or self.connector is None:
             need = (
                 "a token" if not self.token_ok else "verified TLS (a token is never sent without)"
             )
             return Check("login", SKIP, f"needs {need}")
         import asyncpg
-        from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
-        assert self.provider is not None
-        assert self.target is not None
-        target, record = self.target, TokenRecord()
-        database = self.args.dbname or ("postgres" if target.service == "dsql" else self.args.user)
+        target, database = self.connector.targets[0], self.connector.plan.database
         try:
-            self.connection = await asyncpg.connect(
-                host=self.args.host,
-                port=self.args.port,
-                user=self.args.user,
-                database=database,
-                ssl=self.tls_context,
-                password=functools.partial(self.provider.token, target, record),
-                timeout=self.timeout,
-            )
-        except InvalidAuthorizationSpecificationError as exc:
-            hints = self._diagnose(exc, target, record, database)
+            self.connection, _started = await self.connector.open(timeout=self.timeout)
+        except IAMAuthenticationError as exc:
+            hints = self._diagnose(exc)
             return Check(
                 "login",
                 FAIL,
-                f"{exc.__class__.__name__}: {getattr(exc, 'message', exc)}",
+                f"{exc.__class__.__name__}: {exc.context.server_message}",
                 " | ".join(f"({i}) {hint}" for i, hint in enumerate(hints, 1)),
             )
         except asyncpg.InvalidCatalogNameError as exc:
@@ -584,21 +566,13 @@ class Doctor:
             f"logged in as {target.user} to database {database} with an IAM token over TLS",
         )
 
-    def _diagnose(
-        self, exc: Exception, target: SigningTarget, record: TokenRecord, database: str
-    ) -> list[str]:
-        assert self.cache is not None
-        context = failure_context(
-            exc,
-            target,
-            record,
-            credentials=self.cache,
-            database=database,
-            now=self.clock.now(),
-            clock_skew=self._measured_skew(),
-        )
-        hints = diagnose_auth_failure(context)
-        return hints
+    def _diagnose(self, exc: IAMAuthenticationError) -> list[str]:
+        """Rank the causes as the pool does, with the skew measured against STS's Date."""
+        skew = self._measured_skew()
+        context = exc.context
+        if skew is not None:
+            context = dataclasses.replace(context, clock_skew=skew)
+        return diagnose_auth_failure(context)
 
     async def check_select(self) -> Check:
         """Run SELECT 1 on the connection."""
@@ -672,10 +646,15 @@ def _describe_identity(arn: str) -> str:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam doctor``; exit status 0 only when every check passes."""
-    from .cli import iam_auth_from
+    from .cli import iam_auth_from, plan_from
 
     auth = iam_auth_from(args)
-    checks = asyncio.run(Doctor(args, auth).run())
+    plan: ConnectPlan | str
+    try:
+        plan = plan_from(args, auth)
+    except ConfigurationError as exc:
+        plan = str(exc)  # reported by the TLS check; the checks before it still run
+    checks = asyncio.run(Doctor(args, auth, plan).run())
     ok = all(check.status == PASS for check in checks)
     if args.json:
         document = {"ok": ok, "checks": [dataclasses.asdict(check) for check in checks]}

@@ -125,6 +125,11 @@ class CredentialCache:
         """Where the credentials come from, for messages; never a secret."""
         return self._source.description
 
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose()` was called."""
+        return self._closed
+
     def peek(self) -> Credentials | None:
         """Return the last credentials fetched successfully, without I/O (even if expired)."""
         return self._current
@@ -184,7 +189,18 @@ class CredentialCache:
                 if mono < self._retry_at and self._last_error is not None:
                     raise self._unavailable(self._last_error)
                 task = self._start_fetch()
-            return await asyncio.shield(task)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not (self.closed and task.cancelled()) or _cancelling():
+                    raise
+                # The fetch was cancelled by aclose(), not this caller: say so, do not make
+                # it look as if the caller's own task had been cancelled.
+                raise CredentialsError(
+                    f"the credential cache for {self.source} was closed while waiting for "
+                    "credentials (the pool or engine is closing)",
+                    source=self.source,
+                ) from None
 
     def _start_fetch(self) -> asyncio.Task[Credentials]:
         task = asyncio.get_running_loop().create_task(self._fetch())
@@ -308,6 +324,13 @@ class CredentialCache:
             )
         fresh.__cause__ = error.__cause__ or error
         return fresh
+
+
+def _cancelling() -> bool:
+    """Tell whether the running task itself has been asked to cancel (Python 3.11+)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 def _expired_message(source: str, credentials: Credentials, now: dt.datetime) -> str:

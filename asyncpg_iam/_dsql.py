@@ -14,22 +14,26 @@ import enum
 import os
 import ssl
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError
 from ._signing import is_dsql_host
+from ._tls import CA_BUNDLE_ENV
 
 if TYPE_CHECKING:
     from ._auth import IAMAuth
 
 __all__ = [
     "DEFAULT_CONNECT_RATE",
+    "DEFAULT_DATABASE",
     "DEFAULT_MAX_LIFETIME",
     "MAX_LIFETIME",
     "UNSET",
     "PoolSettings",
     "Unset",
+    "connect_defaults",
+    "is_dsql",
     "pool_settings",
 ]
 
@@ -81,7 +85,9 @@ def _dsn_parts(dsn: str | None) -> tuple[list[str], str, dict[str, list[str]]]:
     return hosts, parts.path.lstrip("/"), urllib.parse.parse_qs(parts.query)
 
 
-def _hosts(dsn_hosts: list[str], connect_kwargs: dict[str, Any]) -> list[str]:
+def _hosts(
+    dsn_hosts: list[str], connect_kwargs: Mapping[str, Any], env: Mapping[str, str]
+) -> list[str]:
     host = connect_kwargs.get("host")
     if isinstance(host, str):
         return [host]
@@ -89,7 +95,7 @@ def _hosts(dsn_hosts: list[str], connect_kwargs: dict[str, Any]) -> list[str]:
         return [h for h in host if isinstance(h, str)]
     if dsn_hosts:
         return dsn_hosts
-    return [h for h in os.environ.get("PGHOST", "").split(",") if h]
+    return [h for h in env.get("PGHOST", "").split(",") if h]
 
 
 def is_dsql(auth: IAMAuth | None, hosts: Iterable[str]) -> bool:
@@ -103,16 +109,45 @@ def is_dsql(auth: IAMAuth | None, hosts: Iterable[str]) -> bool:
     return any(is_dsql_host(host) for host in hosts)
 
 
-def dsql_ssl_context() -> ssl.SSLContext:
-    """Return a verify-full context for DSQL: ``$ASYNCPG_IAM_CA_BUNDLE`` or the system store.
+def connect_defaults(
+    *,
+    dsn: str | None,
+    auth: IAMAuth | None,
+    connect_kwargs: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> tuple[bool, dict[str, Any]]:
+    """Return whether the arguments describe a DSQL endpoint, and the connect arguments to plan.
 
-    DSQL's certificates come from a public CA, so the cached RDS bundle would refuse them.
+    For DSQL, ``database="postgres"`` unless a database is named, and ``sslrootcert="system"``
+    unless a TLS context, a root certificate, a service or ``$ASYNCPG_IAM_CA_BUNDLE`` is given:
+    DSQL's certificates come from a public CA, which the cached RDS bundle would refuse.
     """
-    bundle = os.environ.get("ASYNCPG_IAM_CA_BUNDLE") or None
-    context = ssl.create_default_context(cafile=bundle)
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    env = os.environ if environ is None else environ
+    kwargs = dict(connect_kwargs)
+    dsn_hosts, dsn_path, dsn_query = _dsn_parts(dsn)
+    if not is_dsql(auth, _hosts(dsn_hosts, kwargs, env)):
+        return False, kwargs
+    named_database = (
+        kwargs.get("database")
+        or dsn_path
+        or "dbname" in dsn_query
+        or "database" in dsn_query
+        or env.get("PGDATABASE")
+    )
+    if not named_database:
+        kwargs["database"] = DEFAULT_DATABASE
+    chose_root = (
+        isinstance(kwargs.get("ssl"), ssl.SSLContext)
+        or kwargs.get("sslrootcert")
+        or {"sslrootcert", "service"} & dsn_query.keys()
+        or kwargs.get("service")
+        or env.get("PGSSLROOTCERT")
+        or env.get("PGSERVICE")
+        or env.get(CA_BUNDLE_ENV)
+    )
+    if not chose_root:
+        kwargs["sslrootcert"] = "system"
+    return True, kwargs
 
 
 def pool_settings(
@@ -125,17 +160,16 @@ def pool_settings(
 ) -> PoolSettings:
     """Fill in the defaults (and check the limits) of an RDS or DSQL pool.
 
-    For DSQL: database ``postgres`` unless one is named, `max_lifetime` 3300 s by default and
-    at most 3600 s, `max_connect_rate` 50 per second by default, and verify-full TLS against
-    the system store unless TLS settings are given. For RDS: `max_lifetime` 900 s, no rate.
+    For DSQL: `connect_defaults`, `max_lifetime` 3300 s by default and at most 3600 s,
+    `max_connect_rate` 50 per second by default. For RDS: `max_lifetime` 900 s, no rate.
     """
-    dsn_hosts, dsn_path, dsn_query = _dsn_parts(dsn)
-    if not is_dsql(auth, _hosts(dsn_hosts, connect_kwargs)):
+    dsql, kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
+    if not dsql:
         return PoolSettings(
             dsql=False,
             max_lifetime=RDS_MAX_LIFETIME if max_lifetime is UNSET else max_lifetime,
             max_connect_rate=None if max_connect_rate is UNSET else max_connect_rate,
-            connect_kwargs=connect_kwargs,
+            connect_kwargs=kwargs,
         )
     if max_lifetime is UNSET:
         max_lifetime = DEFAULT_MAX_LIFETIME
@@ -150,24 +184,6 @@ def pool_settings(
         )
     if max_connect_rate is UNSET:
         max_connect_rate = DEFAULT_CONNECT_RATE
-    kwargs = dict(connect_kwargs)
-    named_database = (
-        "database" in kwargs
-        or dsn_path
-        or "dbname" in dsn_query
-        or "database" in dsn_query
-        or os.environ.get("PGDATABASE")
-    )
-    if not named_database:
-        kwargs["database"] = DEFAULT_DATABASE
-    chose_tls = (
-        "ssl" in kwargs
-        or {"ssl", "sslmode", "sslrootcert"} & dsn_query.keys()
-        or os.environ.get("PGSSLMODE")
-        or os.environ.get("PGSSLROOTCERT")
-    )
-    if not chose_tls:
-        kwargs["ssl"] = dsql_ssl_context()
     return PoolSettings(
         dsql=True,
         max_lifetime=max_lifetime,

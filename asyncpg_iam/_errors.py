@@ -145,7 +145,7 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     if "ssl off" in message or "no encryption" in message:
         hints.append(
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'require'."
+            "with ssl='verify-full' (the default) or 'verify-ca'."
         )
     if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
         hints.append(

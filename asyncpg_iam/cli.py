@@ -18,11 +18,14 @@ import argparse
 import asyncio
 import os
 import shutil
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._auth import IAMAuth, TokenProvider
+from ._connect import Connector, ConnectPlan, plan_connect
+from ._dsql import connect_defaults
 from ._errors import ConfigurationError, IAMError
 from ._signing import build_dsql_token
 
@@ -241,14 +244,41 @@ def build_parser() -> argparse.ArgumentParser:
 # -- token --------------------------------------------------------------------------------------
 
 
-async def _sign(args: argparse.Namespace) -> str:
-    provider = TokenProvider(iam_auth_from(args))
+def plan_from(args: argparse.Namespace, auth: IAMAuth, *, tls: bool = True) -> ConnectPlan:
+    """Return the connect plan the command's options describe, made as a pool makes it.
+
+    Raises ConfigurationError for options a pool would refuse, TLS settings included.
+    """
+    kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "user": args.user}
+    if getattr(args, "dbname", None):
+        kwargs["database"] = args.dbname
+    if getattr(args, "ca", None):
+        kwargs["sslrootcert"] = args.ca
+    if not tls:
+        # Printing a token sends nothing: no TLS decision to make or to refuse.
+        kwargs["ssl"] = ssl.create_default_context()
+    # Aurora DSQL: database postgres and the system CA store unless given.
+    _, kwargs = connect_defaults(dsn=None, auth=auth, connect_kwargs=kwargs)
+    if hasattr(args, "dbname"):
+        kwargs.setdefault("database", args.user)
+    return plan_connect(None, kwargs, auth=auth)
+
+
+def connector_from(args: argparse.Namespace, *, tls: bool = True) -> Connector:
+    """Return the Connector the command's options describe (the pool's connect path)."""
+    auth = iam_auth_from(args)
+    plan = plan_from(args, auth, tls=tls)
+    return Connector(plan, provider=TokenProvider(auth), kind=args.command)
+
+
+async def _sign(args: argparse.Namespace, connector: Connector | None = None) -> str:
+    connector = connector or connector_from(args, tls=False)
     try:
-        target = provider.target(args.host, args.port, args.user)
         expires_in = getattr(args, "expires_in", None)
         if expires_in is None:
-            return await provider.token(target)
-        if target.service != "dsql":
+            return await connector.sign()
+        target, provider = connector.targets[0], connector.provider
+        if target.service != "dsql" or provider is None:
             raise ConfigurationError(
                 "--expires-in applies to Aurora DSQL tokens only (RDS tokens live 900 s): "
                 "pass --dsql or a DSQL host, or drop --expires-in"
@@ -261,7 +291,7 @@ async def _sign(args: argparse.Namespace) -> str:
             expires_in=expires_in,
         )
     finally:
-        await provider.aclose()
+        await connector.aclose()
 
 
 def _run_token(args: argparse.Namespace) -> int:
@@ -272,24 +302,88 @@ def _run_token(args: argparse.Namespace) -> int:
 
 # -- psql ---------------------------------------------------------------------------------------
 
+# libpq variables that cannot redirect a connection or weaken its TLS: kept for psql. Every
+# other PG* variable of the caller's environment (PGSERVICE, PGHOSTADDR, PGSSLMODE,
+# PGREQUIRESSL, PGSSLNEGOTIATION, PGPASSFILE, ...) is dropped.
+_PSQL_KEPT = frozenset(
+    {"PGAPPNAME", "PGCLIENTENCODING", "PGCONNECT_TIMEOUT", "PGDATESTYLE", "PGTZ", "PGGEQO"}
+)
+# psql options that choose where to connect: the plan decides that, so they are refused.
+_PSQL_CONNECTION_OPTIONS = ("-h", "--host", "-p", "--port", "-U", "--username", "-d", "--dbname")
+# psql options that take a value as the next argument (so it is not a database name).
+_PSQL_VALUE_OPTIONS = frozenset(
+    [
+        "-c",
+        "-f",
+        "-F",
+        "-L",
+        "-o",
+        "-P",
+        "-R",
+        "-T",
+        "-v",
+        "--command",
+        "--file",
+        "--field-separator",
+        "--log-file",
+        "--output",
+        "--pset",
+        "--record-separator",
+        "--table-attr",
+        "--set",
+        "--variable",
+    ]
+)
 
-def _psql_ca(args: argparse.Namespace) -> str:
-    from ._tls import ca_bundle_path
 
-    path = args.ca or os.environ.get("PGSSLROOTCERT")
-    if not path:
-        found = ca_bundle_path()
-        path = str(found) if found is not None else None
-    if not path:
-        raise ConfigurationError(
-            "no CA bundle to verify the server with: run `asyncpg-iam ca-bundle` (downloads "
-            "the RDS global bundle), or pass --ca PATH, or set PGSSLROOTCERT"
+def check_psql_arguments(extra: Sequence[str]) -> None:
+    """Refuse psql arguments that would connect elsewhere than the plan (with the token)."""
+    expect_value = False
+    for argument in extra:
+        if expect_value:
+            expect_value = False
+            continue
+        name = argument.split("=", 1)[0]
+        connection = name in _PSQL_CONNECTION_OPTIONS or any(
+            argument.startswith(short) and len(argument) > 2 for short in ("-h", "-p", "-U", "-d")
         )
-    if not os.path.isfile(path):
+        if connection or (argument and not argument.startswith("-")):
+            raise ConfigurationError(
+                f"psql argument {argument!r} would choose the server, user or database, and "
+                "psql would send it the token: pass --host, --port, --user and --dbname to "
+                "asyncpg-iam instead"
+            )
+        expect_value = argument in _PSQL_VALUE_OPTIONS
+
+
+def psql_environment(environ: Mapping[str, str], plan: ConnectPlan, token: str) -> dict[str, str]:
+    """Return psql's environment: the caller's without libpq settings, plus the plan's."""
+    tls = plan.tls
+    if tls.ca_file is None:
         raise ConfigurationError(
-            f"the CA bundle {path} does not exist: run `asyncpg-iam ca-bundle` or pass --ca PATH"
+            f"psql needs a CA file to verify the server ({tls.ca_source}): run `asyncpg-iam "
+            "ca-bundle` (downloads the RDS global bundle), or pass --ca PATH, or set "
+            "PGSSLROOTCERT"
         )
-    return path
+    host, port = plan.endpoints[0]
+    env = {k: v for k, v in environ.items() if not k.startswith("PG") or k in _PSQL_KEPT}
+    # The token goes in the environment, never in argv (visible to every user in `ps`).
+    env.update(
+        PGHOST=host,
+        PGPORT=str(port),
+        PGUSER=plan.user,
+        PGDATABASE=plan.database,
+        PGPASSWORD=token,
+        PGSSLMODE=tls.mode,
+        PGSSLROOTCERT=tls.ca_file,
+        # GSSAPI encryption would replace TLS (and its certificate check) if a ticket exists.
+        PGGSSENCMODE="disable",
+    )
+    if tls.cert_file is not None:
+        env["PGSSLCERT"] = tls.cert_file
+    if tls.key_file is not None:
+        env["PGSSLKEY"] = tls.key_file
+    return env
 
 
 def _run_psql(args: argparse.Namespace, extra: list[str]) -> int:
@@ -301,20 +395,12 @@ def _run_psql(args: argparse.Namespace, extra: list[str]) -> int:
             "or pass --psql /path/to/psql\n"
         )
         return EXIT_FAILED
-    ca = _psql_ca(args)
-    token = asyncio.run(_sign(args))
-    env = dict(os.environ)
-    # The token goes in the environment, never in argv (visible to every user in `ps`).
-    env.update(
-        PGHOST=args.host,
-        PGPORT=str(args.port),
-        PGUSER=args.user,
-        PGDATABASE=args.dbname or args.user,
-        PGPASSWORD=token,
-        PGSSLMODE="verify-full",
-        PGSSLROOTCERT=ca,
-    )
-    env.pop("PGPASSFILE", None)
+    check_psql_arguments(extra)
+    connector = connector_from(args)
+    # Refuse before signing: psql cannot use a plan without a CA file.
+    psql_environment({}, connector.plan, "")
+    token = asyncio.run(_sign(args, connector))
+    env = psql_environment(os.environ, connector.plan, token)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(program, [program, *extra], env)  # noqa: S606 - argv is a list, no shell

@@ -26,26 +26,29 @@ def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_dsql_endpoint_gets_dsql_defaults() -> None:
     """A DSQL host: database postgres, max_lifetime 3300 s, 50 connects/s, DSQL region."""
     pool = asyncpg_iam.create_pool(host=DSQL, user="admin")
-    assert pool._plan.database == "postgres"
+    assert pool._connector.plan.database == "postgres"
     assert pool._max_lifetime == DEFAULT_MAX_LIFETIME == 3300.0
-    assert pool._bucket is not None
-    assert pool._bucket.rate == DEFAULT_CONNECT_RATE < 100
-    target = pool._targets[0]
+    assert pool._connector._bucket is not None
+    assert pool._connector._bucket.rate == DEFAULT_CONNECT_RATE < 100
+    target = pool._connector.targets[0]
     assert (target.service, target.admin, target.region) == ("dsql", True, "eu-west-1")
     assert target.region_source == "the DSQL endpoint name"
-    context = pool._plan.connect_kwargs["ssl"]
+    context = pool._connector.plan.tls.context
     assert isinstance(context, ssl.SSLContext)
     assert context.check_hostname
     assert context.verify_mode == ssl.CERT_REQUIRED
+    # DSQL's certificates come from a public CA: the system store, not the RDS bundle.
+    assert pool._connector.plan.tls.ca_file is None
+    assert "system store" in pool._connector.plan.tls.ca_source
 
 
 async def test_rds_endpoint_keeps_rds_defaults() -> None:
     """An RDS host keeps max_lifetime 900 s, no rate limit and the user's database."""
     pool = asyncpg_iam.create_pool(host=RDS, user="app")
     assert pool._max_lifetime == 900.0
-    assert pool._bucket is None
-    assert pool._plan.database == "app"
-    assert pool._targets[0].service == "rds"
+    assert pool._connector._bucket is None
+    assert pool._connector.plan.database == "app"
+    assert pool._connector.targets[0].service == "rds"
 
 
 @pytest.mark.parametrize("max_lifetime", [3600.01, 7200, None])
@@ -61,12 +64,12 @@ async def test_dsql_explicit_settings_win() -> None:
         host=DSQL, user="app", max_lifetime=MAX_LIFETIME, max_connect_rate=None, database="x"
     )
     assert pool._max_lifetime == 3600
-    assert pool._bucket is None
-    assert pool._plan.database == "x"
+    assert pool._connector._bucket is None
+    assert pool._connector.plan.database == "x"
     pool = asyncpg_iam.create_pool(f"postgresql://app@{DSQL}/other", max_connect_rate=10)
-    assert pool._plan.database == "other"
-    assert pool._bucket is not None
-    assert pool._bucket.rate == 10
+    assert pool._connector.plan.database == "other"
+    assert pool._connector._bucket is not None
+    assert pool._connector._bucket.rate == 10
 
 
 @pytest.mark.parametrize(
@@ -83,7 +86,7 @@ async def test_admin_action_follows_user_unless_overridden(
 ) -> None:
     """The user admin signs DbConnectAdmin, others DbConnect; dsql_admin overrides either way."""
     pool = asyncpg_iam.create_pool(host=DSQL, user=user, iam=iam)
-    assert pool._targets[0].admin is admin
+    assert pool._connector.targets[0].admin is admin
 
 
 async def test_service_dsql_for_a_cname() -> None:
@@ -91,12 +94,12 @@ async def test_service_dsql_for_a_cname() -> None:
     pool = asyncpg_iam.create_pool(
         host="db.internal", user="app", iam=IAMAuth(service="dsql", region="us-east-2")
     )
-    target = pool._targets[0]
+    target = pool._connector.targets[0]
     assert (target.service, target.region) == ("dsql", "us-east-2")
     assert pool._max_lifetime == DEFAULT_MAX_LIFETIME
     # service='rds' turns detection off for a DSQL-looking name.
     pool = asyncpg_iam.create_pool(host=DSQL, user="app", iam=IAMAuth(service="rds"))
-    assert pool._targets[0].service == "rds"
+    assert pool._connector.targets[0].service == "rds"
     assert pool._max_lifetime == 900.0
 
 
@@ -105,22 +108,22 @@ async def test_signing_host_names_the_dsql_endpoint() -> None:
     pool = asyncpg_iam.create_pool(
         host="127.0.0.1", port=15432, user="app", iam=IAMAuth(signing_host=DSQL)
     )
-    target = pool._targets[0]
+    target = pool._connector.targets[0]
     assert (target.service, target.region, target.signing_host) == ("dsql", "eu-west-1", DSQL)
 
 
 async def test_provider_signs_dsql_tokens() -> None:
     """The pool's token provider signs a DSQL token equal to build_dsql_token's."""
     pool = asyncpg_iam.create_pool(host=DSQL, user="admin", iam=IAMAuth(credentials=CREDS))
-    assert pool._provider is not None
+    assert pool._connector.provider is not None
     now = dt.datetime.now(dt.timezone.utc)
-    token = await pool._provider.token(pool._targets[0])
+    token = await pool._connector.provider.token(pool._connector.targets[0])
     assert token.startswith(f"{DSQL}/?Action=DbConnectAdmin&")
     expected = asyncpg_iam.build_dsql_token(
         host=DSQL, region="eu-west-1", credentials=CREDS, admin=True, now=now
     )
     assert token.partition("X-Amz-Date=")[0] == expected.partition("X-Amz-Date=")[0]
-    await pool._provider.aclose()
+    await pool._connector.provider.aclose()
 
 
 @pytest.mark.parametrize(
@@ -147,3 +150,23 @@ async def test_sqlalchemy_engine_gets_dsql_defaults() -> None:
         await engine.dispose()
     with pytest.raises(ConfigurationError, match="at most 3600 s"):
         create_async_engine(f"postgresql+asyncpg://admin@{DSQL}", max_lifetime=4000)
+
+
+async def test_cached_rds_bundle_is_not_used_for_dsql(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """With the RDS CA bundle cached, a DSQL pool still verifies against the system store."""
+    from asyncpg_iam import _tls
+
+    monkeypatch.delenv(_tls.CA_BUNDLE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bundle = tmp_path / "asyncpg-iam" / _tls.CA_BUNDLE_FILENAME
+    bundle.parent.mkdir()
+    bundle.write_text("not read for DSQL\n")
+    assert _tls.ca_bundle_path() == bundle
+    pool = asyncpg_iam.create_pool(host=DSQL, user="admin")
+    assert pool._connector.plan.tls.ca_file is None
+    assert pool._connector.plan.tls.mode == "verify-full"
+    # An explicit root certificate still wins (here one that cannot load).
+    with pytest.raises(ConfigurationError, match="CA bundle"):
+        asyncpg_iam.create_pool(host=DSQL, user="admin", sslrootcert=str(bundle))
