@@ -170,3 +170,13 @@ async def test_cached_rds_bundle_is_not_used_for_dsql(
     # An explicit root certificate still wins (here one that cannot load).
     with pytest.raises(ConfigurationError, match="CA bundle"):
         asyncpg_iam.create_pool(host=DSQL, user="admin", sslrootcert=str(bundle))
+
+
+async def test_set_connect_args_keeps_dsql_defaults() -> None:
+    """New connection arguments for a DSQL pool get the same DSQL defaults (database, TLS)."""
+    pool = asyncpg_iam.create_pool(host=DSQL, user="admin")
+    pool.set_connect_args(host=DSQL.replace("abcdefghijklmnopqrstuvwxyz", "other"), user="admin")
+    plan = pool._connector.plan
+    assert plan.database == "postgres"
+    assert plan.tls.ca_file is None
+    assert pool._connector.targets[0].signing_host.startswith("other.dsql.")
