@@ -11,9 +11,12 @@ from ._auth import IAMAuth
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    TLSVerificationError,
 )
 from ._pool import Pool, PoolStats, create_pool
 from ._retry import run_transaction
@@ -22,6 +25,8 @@ from ._signing import Credentials, build_auth_token, build_dsql_token, region_fr
 __all__ = [
     "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
     "IAMAuth",
@@ -29,6 +34,7 @@ __all__ = [
     "IAMError",
     "Pool",
     "PoolStats",
+    "TLSVerificationError",
     "build_auth_token",
     "build_dsql_token",
     "create_pool",

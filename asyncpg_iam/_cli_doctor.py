@@ -13,9 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import email.utils
-import ipaddress
 import json
-import os
 import socket
 import ssl
 import struct
@@ -25,6 +23,7 @@ import urllib.parse
 from typing import Any
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider
+from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
 from ._clock import SYSTEM_CLOCK
 from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
@@ -35,8 +34,6 @@ __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
-_IMDS = "169.254.169.254"
-_CONTAINER = "169.254.170.2"
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 #: A clock further off than this shortens or voids the 15 minutes a token is valid.
 MAX_CLOCK_SKEW = 60.0
@@ -75,33 +72,8 @@ class OffsetClock:
         await SYSTEM_CLOCK.sleep(seconds)
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name) or os.environ.get(name.lower()) or ""
-
-
-def _bypassed(host: str, no_proxy: list[str]) -> bool:
-    """Return whether NO_PROXY entries (names, .suffixes, IPs, CIDRs, *) cover `host`."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy:
-        entry = entry.lower()
-        if entry == "*":
-            return True
-        if "/" in entry:
-            try:
-                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
-        bare = entry.lstrip(".").lstrip("*.")
-        if host == bare or host.endswith("." + bare):
-            return True
-    return False
-
-
 def _sts_host(region: str) -> str:
-    url = _env("AWS_ENDPOINT_URL_STS") or _env("AWS_ENDPOINT_URL")
+    url = env("AWS_ENDPOINT_URL_STS") or env("AWS_ENDPOINT_URL")
     if url:
         return urllib.parse.urlsplit(url).hostname or url
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
@@ -209,37 +181,19 @@ class Doctor:
 
     async def check_proxy(self) -> Check:
         """HTTP(S)_PROXY set while NO_PROXY lets metadata or STS requests go to the proxy."""
-        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if _env(name)]
-        if not proxies:
-            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
-        no_proxy = [e.strip() for e in _env("NO_PROXY").split(",") if e.strip()]
         # Instance metadata is always listed: a role attached later, or another tool on this
         # host, would go through the proxy too.
-        needed: list[tuple[str, str]] = [(_IMDS, "instance metadata")]
-        if _env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
-            needed.append((_CONTAINER, "container credentials"))
-        full_uri = _env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        if full_uri:
-            needed.append(
-                (urllib.parse.urlsplit(full_uri).hostname or full_uri, "container credentials")
-            )
+        needed = [(IMDS_ADDRESS, "instance metadata")]
+        needed += [e for e in credential_endpoints() if e[0] != IMDS_ADDRESS]
         needed.append((_sts_host(self._region), "STS"))
-        missing = [(host, what) for host, what in needed if not _bypassed(host, no_proxy)]
-        if not missing:
-            covered = ", ".join(host for host, _ in needed)
-            return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
-        listed = ", ".join(f"{host} ({what})" for host, what in missing)
-        wanted = [e for e in no_proxy] + [
-            h for h in (_IMDS, _CONTAINER, *(host for host, _ in missing)) if h not in no_proxy
-        ]
-        return Check(
-            "proxy",
-            FAIL,
-            f"{' and '.join(proxies)} set but NO_PROXY does not include {listed}: those "
-            "requests go to the proxy, which cannot reach link-local metadata addresses, and "
-            "credential look-ups fail with 'credentials not found'",
-            f"export NO_PROXY={','.join(dict.fromkeys(wanted))}",
-        )
+        problem = proxy_problem(needed)
+        if problem is not None:
+            return Check("proxy", FAIL, problem.describe(), problem.fix)
+        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if env(name)]
+        if not proxies:
+            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
+        covered = ", ".join(host for host, _ in needed)
+        return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
 
     async def check_credentials(self) -> Check:
         """Which credential source answered, and when its credentials expire."""

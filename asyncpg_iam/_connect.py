@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
 import re
+import socket
+import ssl
+import struct
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import asyncpg
@@ -35,7 +39,15 @@ from asyncpg.exceptions import (
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
-from ._errors import ConfigurationError, IAMAuthenticationError, diagnose_auth_failure
+from ._errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
+    IAMAuthenticationError,
+    IAMError,
+    TLSVerificationError,
+    diagnose_auth_failure,
+)
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
 
@@ -72,6 +84,13 @@ _RESOLVED = frozenset(
     }
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
+# Keywords a plan takes besides asyncpg.connect's.
+_OWN_KEYWORDS = frozenset({"sslrootcert"})
+# How long a failed connect's follow-up probe (which phase was reached) may take per step.
+_PROBE_TIMEOUT = 3.0
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
 _NEXT_HOST_ERRORS = (OSError, asyncio.TimeoutError, CannotConnectNowError)
 
@@ -148,6 +167,27 @@ def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     return addrs, params
 
 
+def check_keywords(
+    given: Collection[str], *, what: str, pool: Collection[str] = (), own: Collection[str] = ()
+) -> None:
+    """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
+    (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
+    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    unknown = sorted(name for name in given if name not in known)
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
+    valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
+    if own:
+        valid += f" and {', '.join(own)}"
+    raise ConfigurationError(
+        f"{what} got an unknown keyword argument {name!r}"
+        + (f": did you mean {close[0]!r}?" if close else ".")
+        + f" It takes {valid}"
+    )
+
+
 def plan_connect(
     dsn: str | None,
     connect_kwargs: Mapping[str, Any],
@@ -159,7 +199,8 @@ def plan_connect(
 
     Also takes ``sslrootcert=`` (a CA file, or ``"system"``) as a keyword. Raises
     `ConfigurationError` for anything that could not connect, or that could send an IAM token
-    in clear or to an unverified server.
+    in clear or to an unverified server. Callers check unknown keywords first
+    (`check_keywords`), so that the message can name their own.
     """
     kwargs = dict(connect_kwargs)
     sslrootcert = kwargs.pop("sslrootcert", None)
@@ -297,9 +338,7 @@ class Connector:
         self.counters.attempts += 1
         try:
             if self.provider is None:
-                await self._throttle()
-                started = asyncio.get_running_loop().time()
-                return await self._connect(**{**self.plan.asyncpg_kwargs(), **extra}), started
+                return await self._open_without_iam(extra)
             tsa = self.plan.target_session_attrs
             if len(self.targets) == 1:
                 return await self._login(self.targets[0], extra, tsa)
@@ -307,6 +346,21 @@ class Connector:
         except BaseException:
             self.counters.failures += 1
             raise
+
+    async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
+        await self._throttle()
+        kwargs = {**self.plan.asyncpg_kwargs(), **extra}
+        started = asyncio.get_running_loop().time()
+        try:
+            return await self._connect(**kwargs), started
+        except (OSError, asyncio.TimeoutError) as exc:
+            endpoints = self.plan.endpoints
+            if len(endpoints) != 1 or not endpoints[0][1]:
+                raise  # several hosts (asyncpg tried each), or a Unix socket
+            error = await self._explain_connect(exc, *endpoints[0], kwargs)
+            if error is None:
+                raise
+            raise error from exc
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -343,6 +397,11 @@ class Connector:
                 raise
             self.counters.auth_failures += 1
             raise self.explain(exc, target, record) from exc
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = await self._explain_connect(exc, target.host, target.port, kwargs)
+            if error is None:
+                raise
+            raise error from exc
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
@@ -420,6 +479,77 @@ class Connector:
         )
         return error
 
+    async def _explain_connect(
+        self, exc: BaseException, host: str, port: int, kwargs: Mapping[str, Any]
+    ) -> ConnectError | None:
+        """Return the library's error for a connect that failed before a login, or None."""
+        if isinstance(exc, IAMError):
+            return None
+        where = f"{host}:{port}"
+        tls = self.plan.tls
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            if exc.verify_code in _NAME_MISMATCH or "mismatch" in detail.lower():
+                hint = (
+                    f"The certificate does not name {host!r}: connect by the name on the "
+                    "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
+                    "pass ssl='verify-ca' (the chain is still verified) with "
+                    "IAMAuth(signing_host='<the RDS endpoint name>')"
+                )
+            else:
+                hint = (
+                    f"Its CA is not in {tls.ca_source}: run `asyncpg-iam ca-bundle` for the RDS "
+                    "CA bundle, pass sslrootcert='<PEM file of the CA>', or an ssl.SSLContext "
+                    "that trusts it"
+                )
+            return TLSVerificationError(
+                f"the TLS certificate of {where} did not verify against {tls.ca_source} "
+                f"({detail}); no password was sent",
+                host=host,
+                port=port,
+                hint=hint,
+                ca=tls.ca_source,
+            )
+        if isinstance(exc, socket.gaierror):
+            return ConnectError(
+                f"cannot resolve {host!r} ({exc.strerror or exc})",
+                host=host,
+                port=port,
+                phase="dns",
+                hint="Check the host name. RDS endpoint names resolve only where DNS can see "
+                "them (a private instance: inside its VPC); try `getent hosts NAME` here",
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return ConnectError(
+                f"connection to {where} refused",
+                host=host,
+                port=port,
+                phase="tcp",
+                hint="Nothing listens there: check the port (the instance's, 5432 by default) "
+                "and that the database is running",
+            )
+        if isinstance(exc, asyncio.TimeoutError):
+            timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+            return await _explain_timeout(host, port, timeout)
+        if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+            return ConnectError(
+                f"{where} refused TLS (it answered 'N' to the TLS request)",
+                host=host,
+                port=port,
+                phase="tls",
+                hint="RDS always offers TLS, so this is not RDS itself: a local server, or a "
+                "proxy or tunnel that terminates TLS. No password was sent",
+            )
+        if not isinstance(exc, ssl.SSLError) and exc.__class__ is OSError:
+            return ConnectError(
+                f"cannot connect to {where}: {exc.strerror or exc}",
+                host=host,
+                port=port,
+                phase="tcp",
+                hint="Check the network path to it: routes, security groups, firewalls",
+            )
+        return None
+
     async def reset(self) -> None:
         """Close the token provider's credential cache and start a fresh one."""
         old = self.provider
@@ -440,3 +570,46 @@ async def _in_recovery(con: Any) -> bool:
     if reported is not None:
         return bool(reported == "on")
     return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+
+
+async def _explain_timeout(host: str, port: int, timeout: float | None) -> ConnectTimeoutError:
+    """Find how far a timed-out connect gets (a short probe, on the failure path only)."""
+    where, limit = f"{host}:{port}", f"{timeout:g} s" if timeout is not None else "the timeout"
+    probe = min(_PROBE_TIMEOUT, timeout or _PROBE_TIMEOUT)
+    phase = "login"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), probe)
+    except (OSError, asyncio.TimeoutError):
+        phase = "tcp"
+    else:
+        try:
+            writer.write(_SSL_REQUEST)
+            await writer.drain()
+            if not await asyncio.wait_for(reader.read(1), probe):
+                phase = "startup"
+        except (OSError, asyncio.TimeoutError):
+            phase = "startup"
+        finally:
+            writer.close()
+    messages = {
+        "tcp": (
+            f"no TCP connection to {where} within {limit}",
+            "Packets are dropped on the way: check that the security group allows this host on "
+            "that port, the network ACLs and routes, and that the instance is publicly "
+            "accessible if you connect from outside its VPC",
+        ),
+        "startup": (
+            f"{where} accepted a TCP connection but did not answer within {limit}",
+            "Something that is not PostgreSQL listens there, or a proxy or load balancer holds "
+            "the connection: check the host and port",
+        ),
+        "login": (
+            f"{where} answered, but TLS and the login did not finish within {limit}",
+            "The server or a proxy in front of it is slow or overloaded: check it, or raise "
+            "timeout=...",
+        ),
+    }
+    message, hint = messages[phase]
+    return ConnectTimeoutError(
+        message, host=host, port=port, phase=phase, hint=hint, timeout=timeout
+    )

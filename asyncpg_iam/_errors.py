@@ -5,6 +5,11 @@
     ├── CredentialsError                      no valid AWS credentials could be obtained
     ├── IAMAuthenticationError                the database refused an IAM login; also an
     │                                         asyncpg InvalidAuthorizationSpecificationError
+    ├── ConnectError (also OSError)           the server could not be reached or did not answer:
+    │   │                                     host, port, the phase reached and a hint
+    │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+    │   └── TLSVerificationError              the server's certificate did not verify (also
+    │                                         ssl.SSLCertVerificationError)
     └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
                                               transaction may or may not have committed
 
@@ -14,8 +19,10 @@ session token.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
+import ssl
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
@@ -23,9 +30,12 @@ __all__ = [
     "AuthFailureContext",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeoutError",
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "TLSVerificationError",
 ]
 
 
@@ -271,3 +281,47 @@ class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError): 
     def region(self) -> str:
         """The region the token was signed for."""
         return self.context.region
+
+
+class ConnectError(IAMError, OSError):
+    """The server could not be reached, or stopped answering, before a login was attempted.
+
+    `phase` is how far the connection got: ``"dns"``, ``"tcp"``, ``"tls"``, ``"startup"``
+    (TCP open, no answer to the TLS request) or ``"login"``; `hint` says what to check.
+    Chained to the underlying error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        port: int,
+        phase: str,
+        hint: str,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(f"{message}. {hint}")
+        self.host = host
+        self.port = port
+        self.phase = phase
+        self.hint = hint
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConnectTimeoutError(ConnectError, asyncio.TimeoutError):
+    """Connecting did not finish within the connect timeout (`timeout`, seconds)."""
+
+
+class TLSVerificationError(ConnectError, ssl.SSLCertVerificationError):
+    """The server's certificate did not verify; no token was sent.
+
+    `ca` names the CA file or store it was checked against.
+    """
+
+    def __init__(self, message: str, *, host: str, port: int, hint: str, ca: str) -> None:
+        super().__init__(message, host=host, port=port, phase="tls", hint=hint)
+        self.ca = ca

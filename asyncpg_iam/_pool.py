@@ -23,7 +23,7 @@ import asyncpg.pool
 
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
-from ._connect import Connector, plan_connect
+from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError, CredentialsError
 from ._lifetime import Recycler
@@ -63,6 +63,8 @@ _POOL_DEFAULTS = {
 }
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
+# The keywords Pool takes besides asyncpg's.
+_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 # What asyncpg's pool passes its connect callable besides the connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 
@@ -160,6 +162,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     ) -> None:
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
         # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
         settings = pool_settings(

@@ -308,20 +308,13 @@ def _run_token(args: argparse.Namespace) -> int:
 _PSQL_KEPT = frozenset(
     {"PGAPPNAME", "PGCLIENTENCODING", "PGCONNECT_TIMEOUT", "PGDATESTYLE", "PGTZ", "PGGEQO"}
 )
-# psql options that choose where to connect: the plan decides that, so they are refused.
-_PSQL_CONNECTION_OPTIONS = ("-h", "--host", "-p", "--port", "-U", "--username", "-d", "--dbname")
-# psql options that take a value as the next argument (so it is not a database name).
-_PSQL_VALUE_OPTIONS = frozenset(
-    [
-        "-c",
-        "-f",
-        "-F",
-        "-L",
-        "-o",
-        "-P",
-        "-R",
-        "-T",
-        "-v",
+# psql's short options that choose where to connect: the plan decides that, so they are refused.
+_PSQL_CONNECTION_SHORT = frozenset("hpUd")
+_PSQL_CONNECTION_LONG = frozenset({"--host", "--port", "--username", "--dbname"})
+# psql's short options that take a value (attached, or as the next argument).
+_PSQL_VALUE_SHORT = frozenset("cfFLoPRTv")
+_PSQL_VALUE_LONG = frozenset(
+    {
         "--command",
         "--file",
         "--field-separator",
@@ -332,28 +325,38 @@ _PSQL_VALUE_OPTIONS = frozenset(
         "--table-attr",
         "--set",
         "--variable",
-    ]
+    }
 )
 
 
 def check_psql_arguments(extra: Sequence[str]) -> None:
     """Refuse psql arguments that would connect elsewhere than the plan (with the token)."""
-    expect_value = False
-    for argument in extra:
-        if expect_value:
-            expect_value = False
-            continue
-        name = argument.split("=", 1)[0]
-        connection = name in _PSQL_CONNECTION_OPTIONS or any(
-            argument.startswith(short) and len(argument) > 2 for short in ("-h", "-p", "-U", "-d")
-        )
-        if connection or (argument and not argument.startswith("-")):
+    refused: str | None = None
+    arguments = iter(extra)
+    for argument in arguments:
+        if argument.startswith("--"):
+            name = argument.split("=", 1)[0]
+            if name in _PSQL_CONNECTION_LONG:
+                refused = argument
+            elif name in _PSQL_VALUE_LONG and "=" not in argument:
+                next(arguments, None)
+        elif argument.startswith("-") and len(argument) > 1:
+            for index, option in enumerate(argument[1:], 1):
+                if option in _PSQL_CONNECTION_SHORT:
+                    refused = argument
+                    break
+                if option in _PSQL_VALUE_SHORT:
+                    if index == len(argument) - 1:
+                        next(arguments, None)  # the value is the next argument
+                    break  # the rest of this argument is the option's value
+        else:
+            refused = argument  # a database name, user name or connection string
+        if refused is not None:
             raise ConfigurationError(
-                f"psql argument {argument!r} would choose the server, user or database, and "
+                f"psql argument {refused!r} would choose the server, user or database, and "
                 "psql would send it the token: pass --host, --port, --user and --dbname to "
                 "asyncpg-iam instead"
             )
-        expect_value = argument in _PSQL_VALUE_OPTIONS
 
 
 def psql_environment(environ: Mapping[str, str], plan: ConnectPlan, token: str) -> dict[str, str]:

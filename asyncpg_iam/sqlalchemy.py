@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import asyncpg
 
 from ._auth import IAMAuth, TokenProvider, auth_from
-from ._connect import Connector, plan_connect
+from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, pool_settings
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._lifetime import draw_lifetime
@@ -64,6 +64,7 @@ _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func"
 
 def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) -> dict[str, Any]:
     """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
+    check_keywords(connect_args or {}, what="connect_args")
     _args, params = engine.sync_engine.dialect.create_connect_args(engine.url)
     for name in _DIALECT_ONLY:
         if name in params:
