@@ -27,7 +27,13 @@ from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
 from ._clock import SYSTEM_CLOCK
 from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._errors import ConfigurationError, IAMAuthenticationError, IAMError, diagnose_auth_failure
+from ._errors import (
+    ConfigurationError,
+    IAMAuthenticationError,
+    IAMError,
+    diagnose_auth_failure,
+    in_cli_words,
+)
 from ._signing import Credentials, mask_access_key, region_from_host
 
 __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
@@ -103,6 +109,7 @@ class Doctor:
         self.credentials: Credentials | None = None
         self.aws_date: dt.datetime | None = None
         self.aws_local: dt.datetime | None = None
+        self.dns_ok = False
         self.tcp_ok = False
         self.tls_ok = False
         self.token_ok = False
@@ -333,16 +340,23 @@ class Doctor:
             )
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         canonical = next((info[3] for info in infos if info[3]), "")
+        self.dns_ok = True
         return dns_verdict(host, addresses, canonical, self.auth.signing_host)
 
     async def check_tcp(self) -> Check:
         """Open a TCP connection to host:port."""
+        if not self.dns_ok:
+            return Check("tcp", SKIP, "needs an address (the dns check)")
         host, port = self.args.host, self.args.port
         started = time.monotonic()
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            what = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            what = (
+                f"no answer within {self.timeout:g} s (--timeout)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
             return Check(
                 "tcp",
                 FAIL,
@@ -411,7 +425,16 @@ class Doctor:
                 f"certificate verification failed against {source}: {exc.verify_message}",
                 fix_ca,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
+        except asyncio.TimeoutError:
+            return Check(
+                "tls",
+                FAIL,
+                f"{host}:{port} accepted TCP but gave no answer to the TLS request within "
+                f"{self.timeout:g} s (--timeout)",
+                "something that is not PostgreSQL listens there, or a proxy holds the "
+                "connection: check --host and --port",
+            )
+        except (OSError, ssl.SSLError, EOFError) as exc:
             return Check("tls", FAIL, f"TLS handshake with {host}:{port} failed: {exc!r}")
         finally:
             writer.transport.abort()
@@ -526,7 +549,7 @@ class Doctor:
         context = exc.context
         if skew is not None:
             context = dataclasses.replace(context, clock_skew=skew)
-        return diagnose_auth_failure(context)
+        return [in_cli_words(hint) for hint in diagnose_auth_failure(context)]
 
     async def check_select(self) -> Check:
         """Run SELECT 1 on the connection."""
@@ -535,12 +558,10 @@ class Doctor:
         value = await asyncio.wait_for(self.connection.fetchval("SELECT 1"), self.timeout)
         if value != 1:
             return Check("select", FAIL, f"SELECT 1 returned {value!r}")
-        version = self.connection.get_server_version()
-        return Check(
-            "select",
-            PASS,
-            f"SELECT 1 returned 1 (PostgreSQL {version.major}.{version.minor})",
-        )
+        # As the server reports it ("15.18 (Debian ...)"): asyncpg's ServerVersion reads
+        # 15.18 as 15.0.18.
+        reported = str(self.connection.get_settings().server_version).split()[0]
+        return Check("select", PASS, f"SELECT 1 returned 1 (PostgreSQL {reported})")
 
 
 def dns_verdict(host: str, addresses: list[str], canonical: str, signing_host: str | None) -> Check:
@@ -614,7 +635,12 @@ def run_doctor(args: argparse.Namespace) -> int:
         document = {"ok": ok, "checks": [dataclasses.asdict(check) for check in checks]}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
+        shown: set[str] = set()
         for check in checks:
+            if check.fix in shown:  # the same fix once: later checks refer to it
+                check = dataclasses.replace(check, fix="the same as above")
+            elif check.fix:
+                shown.add(check.fix)
             sys.stdout.write(check.line() + "\n")
         failed = sum(check.status == FAIL for check in checks)
         skipped = sum(check.status == SKIP for check in checks)

@@ -36,6 +36,7 @@ __all__ = [
     "IAMAuthenticationError",
     "IAMError",
     "TLSVerificationError",
+    "in_cli_words",
 ]
 
 
@@ -226,6 +227,23 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             "(NTP)."
         )
     return hints
+
+
+# How a hint's library settings are spelled on the command line (`asyncpg-iam doctor`).
+_CLI_WORDS = (
+    ("Drop IAMAuth(region=...) or set it to", "Drop --region or pass --region"),
+    ("IAMAuth(region=...)", "--region"),
+    ("pass IAMAuth(signing_host=", "pass --signing-host "),
+    (", signing_port=<its port>)", " --signing-port <its port>"),
+    ("IAMAuth(token_reuse=...)", "token_reuse"),
+)
+
+
+def in_cli_words(hint: str) -> str:
+    """Return `hint` with the library's settings named as the command line's options."""
+    for library, cli in _CLI_WORDS:
+        hint = hint.replace(library, cli)
+    return hint
 
 
 class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError):  # type: ignore[misc]
