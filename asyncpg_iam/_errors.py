@@ -175,9 +175,10 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
         )
         hints.append(
-            f"The token was signed for {ctx.signing_host!r}, which is {what}: the database "
-            "checks the token against its own endpoint name. If you connect through a CNAME, "
-            f"tunnel, proxy or IP, pass IAMAuth(signing_host='{example})."
+            f"The token was signed for {ctx.signing_host!r}, which is {what}: "
+            f"{'DSQL' if dsql else 'RDS'} checks the token against its own endpoint name. If "
+            "you connect through a CNAME, tunnel, proxy or IP, pass "
+            f"IAMAuth(signing_host='{example})."
         )
     if ctx.credentials_expiry is not None:
         left = ctx.credentials_expiry - ctx.now
