@@ -20,6 +20,7 @@ from . import (
     _harness,
     case_connect,
     case_dsql,
+    case_failover,
     case_fetches,
     case_loop_lag,
     case_pool_overhead,
@@ -34,6 +35,7 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
+    case_failover,
     case_dsql,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
