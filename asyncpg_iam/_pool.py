@@ -17,7 +17,7 @@ import logging
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import asyncpg.pool
@@ -31,7 +31,7 @@ from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
 from ._retry import run_transaction
 
-__all__ = ["Pool", "PoolStats", "create_pool"]
+__all__ = ["Pool", "PoolObserver", "PoolStats", "create_pool"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -113,6 +113,27 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+
+
+class PoolObserver(Protocol):
+    """What a pool reports to an observer installed with `Pool.set_observer`.
+
+    Durations are seconds on the pool's clock. Holders identify pool slots across acquire
+    and release. Called on the event loop; must not block or raise.
+    """
+
+    def connection_created(self, seconds: float) -> None:
+        """A new connection was opened (login, init) in `seconds`."""
+
+    def wait_started(self) -> None:
+        """An acquire began waiting."""
+
+    def wait_ended(self, seconds: float | None, *, holder: object | None) -> None:
+        """An acquire ended: with `holder` after `seconds`; timed out (`holder` None and
+        `seconds` set); or failed otherwise (both None)."""
+
+    def connection_released(self, holder: object) -> None:
+        """The connection of `holder` is being released."""
 
 
 class _Counters:
@@ -203,6 +224,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._max_lifetime = max_lifetime
         self._name = self._connector.name
         self._warned_due_on_handout = False
+        self._observer: PoolObserver | None = None
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
@@ -268,6 +290,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             f"/{self.get_max_size()}>"
         )
 
+    def set_observer(self, observer: PoolObserver | None) -> None:
+        """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
+
+        Without one the acquire and connect paths do no extra work.
+        """
+        self._observer = observer
+
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Use new connection arguments for the connections opened from now on.
 
@@ -284,7 +313,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     # -- connecting ------------------------------------------------------------------------
 
     async def _get_new_connection(self) -> Any:
+        observer = self._observer
+        started = self._clock.monotonic() if observer is not None else 0.0
         con = await super()._get_new_connection()
+        if observer is not None:
+            observer.connection_created(self._clock.monotonic() - started)
         self._counters.opened += 1
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, self._login_started.pop(con, None))
@@ -332,6 +365,33 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     # -- lifetime --------------------------------------------------------------------------
 
     async def _acquire(self, timeout: float | None) -> Any:
+        observer = self._observer
+        if observer is None:
+            return await self._acquire_live(timeout)
+        started = self._clock.monotonic()
+        observer.wait_started()
+        try:
+            proxy = await self._acquire_live(timeout)
+        except asyncio.TimeoutError:
+            observer.wait_ended(self._clock.monotonic() - started, holder=None)
+            raise
+        except BaseException:
+            observer.wait_ended(None, holder=None)
+            raise
+        observer.wait_ended(self._clock.monotonic() - started, holder=proxy._holder)
+        return proxy
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        """Return `connection` to the pool (asyncpg's `Pool.release`)."""
+        observer = self._observer
+        if observer is not None:
+            holder = getattr(connection, "_holder", None)
+            if holder is not None:
+                observer.connection_released(holder)
+        await super().release(connection, timeout=timeout)
+
+    async def _acquire_live(self, timeout: float | None) -> Any:
+        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):

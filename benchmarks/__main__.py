@@ -23,6 +23,7 @@ from . import (
     case_failover,
     case_fetches,
     case_loop_lag,
+    case_metrics,
     case_pool_overhead,
     case_recycling,
     case_token,
@@ -37,6 +38,7 @@ CASES: list[ModuleType] = [
     case_pool_overhead,
     case_failover,
     case_dsql,
+    case_metrics,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 

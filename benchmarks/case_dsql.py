@@ -46,7 +46,7 @@ from ._harness import (
 from ._harness import summarize as _summarize
 
 NAME = "dsql"
-TITLE = "8. Aurora DSQL: connect latency and token cost vs aurora-dsql-python-connector"
+TITLE = "9. Aurora DSQL: connect latency and token cost vs aurora-dsql-python-connector"
 NEEDS_ENVIRONMENT = True
 
 ENDPOINT = DEFAULT_DSQL_ENDPOINT
