@@ -11,6 +11,7 @@ from importlib import metadata as _metadata
 
 from ._auth import IAMAuth
 from ._errors import (
+    CommitOutcomeUnknownError,
     ConfigurationError,
     ConnectError,
     ConnectTimeoutError,
@@ -20,9 +21,11 @@ from ._errors import (
     TLSVerificationError,
 )
 from ._pool import Pool, PoolStats, create_pool
-from ._signing import Credentials, build_auth_token, region_from_host
+from ._retry import run_transaction
+from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
@@ -36,8 +39,10 @@ __all__ = [
     "TLSVerificationError",
     "__version__",
     "build_auth_token",
+    "build_dsql_token",
     "create_pool",
     "region_from_host",
+    "run_transaction",
 ]
 
 try:
