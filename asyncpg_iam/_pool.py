@@ -41,6 +41,7 @@ from ._errors import (
     diagnose_auth_failure,
 )
 from ._lifetime import Recycler, TokenBucket
+from ._observer import PoolObserver
 from ._tls import default_ssl_context
 
 __all__ = ["Pool", "PoolStats", "create_pool"]
@@ -111,6 +112,8 @@ class PoolStats:
     """Connects that presented a recently signed token again (``token_reuse``)."""
     credential_fetches: int
     """Fetches from the AWS credential source (successful or not)."""
+    credential_fetch_failures: int
+    """Fetches from the AWS credential source that failed."""
     connects_rate_limited: int
     """Login attempts that waited for ``max_connect_rate``."""
     open_connections: int
@@ -383,6 +386,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._counters = _Counters()
         self._bucket = TokenBucket(max_connect_rate) if max_connect_rate else None
         self._max_lifetime = max_lifetime
+        # Set by asyncpg_iam.otel.instrument_pool; None costs the hot path one check.
+        self._observer: PoolObserver | None = None
         first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
         self._name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
         try:
@@ -431,6 +436,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             tokens_signed=provider.tokens_signed if provider else 0,
             token_reuses=provider.token_reuses if provider else 0,
             credential_fetches=provider.credentials.fetches if provider else 0,
+            credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
             connects_rate_limited=counters.connects_rate_limited,
             open_connections=self.get_size(),
         )
@@ -447,8 +453,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _get_new_connection(self) -> Any:
         con = await super()._get_new_connection()
         self._counters.opened += 1
+        started = self._login_started.pop(con, None)
         # The lifetime starts at the login, so connect and init time count against it.
-        self._recycler.track(con, self._login_started.pop(con, None))
+        self._recycler.track(con, started)
+        if self._observer is not None and started is not None:
+            self._observer.connection_created(self._loop.time() - started)
         logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
         return con
 
@@ -504,7 +513,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             if isinstance(exc, IAMAuthenticationError):
                 raise
             self._counters.auth_failures += 1
-            raise self._explain(exc, target, record) from exc
+            error = self._explain(exc, target, record)
+            if self._observer is not None:
+                self._observer.auth_failed(error)
+            raise error from exc
         self._login_started[con] = started
         return con
 
@@ -527,7 +539,20 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- lifetime --------------------------------------------------------------------------
 
-    async def _acquire(self, timeout: float | None) -> Any:
+    def _acquire(self, timeout: float | None) -> Awaitable[Any]:
+        # Not a coroutine itself: without an observer, no extra frame on the hot path.
+        if self._observer is None:
+            return self._acquire_live(timeout)
+        return self._observer.acquire(self._acquire_live, timeout)
+
+    def release(self, connection: Any, *, timeout: float | None = None) -> Awaitable[None]:
+        """Return `connection` to the pool (see `asyncpg.Pool.release`)."""
+        if self._observer is not None:
+            self._observer.released(connection)
+        return super().release(connection, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def _acquire_live(self, timeout: float | None) -> Any:
+        """Acquire a connection that is not past its lifetime."""
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):

@@ -17,7 +17,9 @@ instead of the first request. Handlers find the pool in the lifespan state
 (``request.state.pool``, typed by `PoolState`) and in ``app.state.pool``; `connection` hands a
 FastAPI handler a pooled connection. At shutdown the pool closes gracefully, waiting for
 connections in use for up to `close_timeout` seconds, then terminates what is left.
-Needs the ``starlette`` extra.
+``lifespan(..., metrics=True)`` reports the pool's OpenTelemetry metrics through the global
+MeterProvider (or pass a MeterProvider) while the application runs (see `asyncpg_iam.otel`).
+Needs the ``starlette`` extra (and ``otel`` for metrics).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def lifespan(
     *,
     close_timeout: float = 10.0,
     app_lifespan: AppLifespan | None = None,
+    metrics: Any = False,
     **create_pool_kwargs: Any,
 ) -> Callable[[Any], AbstractAsyncContextManager[PoolState]]:
     """Return a lifespan for ``Starlette(lifespan=...)`` / ``FastAPI(lifespan=...)``.
@@ -74,7 +77,9 @@ def lifespan(
     at shutdown for connections in use before terminating them) and `app_lifespan`, the
     application's own lifespan: it runs inside this one, after the pool is up (so it can use
     ``app.state.pool``) and before the pool closes, and its state is merged into this one's.
-    A new pool is created each time the application starts.
+    A new pool is created each time the application starts. `metrics`: True reports the
+    pool's OpenTelemetry metrics (`asyncpg_iam.otel.instrument_pool`) through the global
+    MeterProvider, a MeterProvider through that one; False (the default) reports none.
     """
     if (
         isinstance(close_timeout, bool)
@@ -90,7 +95,13 @@ def lifespan(
     async def run(app: Any) -> AsyncIterator[PoolState]:
         # Created here, in the server's event loop: asyncpg pools belong to one loop.
         pool = create_pool(dsn, **create_pool_kwargs)
-        await _start(pool, close_timeout)
+        instrumentation = _instrument(pool, metrics)
+        try:
+            await _start(pool, close_timeout)
+        except BaseException:
+            if instrumentation is not None:
+                instrumentation.uninstrument()
+            raise
         app_state = getattr(app, "state", None)
         if app_state is not None:
             setattr(app_state, STATE_KEY, pool)
@@ -110,8 +121,19 @@ def lifespan(
             if app_state is not None and getattr(app_state, STATE_KEY, None) is pool:
                 delattr(app_state, STATE_KEY)
             await close_pool(pool, close_timeout)
+            if instrumentation is not None:
+                instrumentation.uninstrument()
 
     return run
+
+
+def _instrument(pool: Pool, metrics: Any) -> Any:
+    """Instrument `pool` as `lifespan`'s `metrics` asks; return the instrumentation or None."""
+    if metrics is False or metrics is None:
+        return None
+    from .otel import instrument_pool  # the otel extra is needed only when asked for
+
+    return instrument_pool(pool, None if metrics is True else metrics)
 
 
 async def _start(pool: Pool, close_timeout: float) -> None:
