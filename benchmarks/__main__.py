@@ -21,6 +21,7 @@ from . import (
     case_connect,
     case_fetches,
     case_loop_lag,
+    case_otel_overhead,
     case_pool_overhead,
     case_recycling,
     case_token,
@@ -33,6 +34,7 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
+    case_otel_overhead,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 

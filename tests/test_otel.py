@@ -156,7 +156,11 @@ async def test_closed_connections_by_reason_and_rate_limit(
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     kwargs = pool_kwargs(
-        iam_emulator, postgres_server, min_size=0, max_size=2, max_lifetime=0.3,
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=2,
+        max_lifetime=0.3,
         max_connect_rate=20,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
@@ -217,7 +221,8 @@ async def test_uninstrumented_pool_reports_nothing_and_has_no_observer(
         await pool.fetchval("SELECT 1")
         assert points(collect(reader)["db.client.connection.count"])
         handle.uninstrument()
-        assert pool._observer is None and not handle.active
+        assert pool._observer is None
+        assert not handle.active
         await pool.fetchval("SELECT 1")
         after = collect(reader)
         # Re-instrumenting after uninstrument works.
@@ -226,7 +231,7 @@ async def test_uninstrumented_pool_reports_nothing_and_has_no_observer(
     meter_provider.shutdown()
     for name in ("db.client.connection.count", "asyncpg_iam.tokens.signed"):
         assert name not in after or not points(after[name]), name
-    with pytest.raises(asyncpg_iam.ConfigurationError, match="asyncpg_iam.Pool"):
+    with pytest.raises(asyncpg_iam.ConfigurationError, match=r"asyncpg_iam\.Pool"):
         asyncpg_iam.otel.instrument_pool(object(), meter_provider)  # type: ignore[arg-type]
 
 
@@ -270,7 +275,8 @@ async def test_query_spans_through_an_iam_pool_carry_no_secret(
     meter_provider.shutdown()
     spans = exporter.get_finished_spans()
     statements = [span.attributes.get("db.statement") for span in spans]
-    assert "SELECT $1::int + 1" in statements and "SELECT current_user" in statements
+    assert "SELECT $1::int + 1" in statements
+    assert "SELECT current_user" in statements
     assert all(span.attributes.get("db.system") == "postgresql" for span in spans)
     assert stats.tokens_signed >= 2
     # The guard knows this test's secrets (so it could find them) and finds none anywhere.
