@@ -1,402 +1,332 @@
 """OpenTelemetry metrics for an IAM pool: the database connection-pool conventions, and IAM's own.
 
-    import asyncpg_iam.otel
+    from asyncpg_iam.otel import instrument_pool
 
     pool = await asyncpg_iam.create_pool(...)
-    instrumentation = asyncpg_iam.otel.instrument_pool(pool)   # the global MeterProvider
+    instrumentation = instrument_pool(pool)  # the global MeterProvider, or meter_provider=...
     ...
     instrumentation.uninstrument()
 
-Reported per pool, each with ``db.client.connection.pool.name`` = `Pool.name`, after
-OpenTelemetry's semantic conventions for database client connection pools:
+The pool metrics follow OpenTelemetry's semantic conventions for database client connection
+pools, each with ``db.client.connection.pool.name`` (the pool's name):
 
-- ``db.client.connection.count`` (``db.client.connection.state`` = ``idle`` | ``used``),
-  ``.idle.max``, ``.idle.min``, ``.max``, ``.pending_requests`` (UpDownCounters),
-  ``.timeouts`` (Counter), and the histograms ``.create_time``, ``.wait_time`` and
-  ``.use_time`` in seconds;
+=========================================== ============== ======================================
+``db.client.connection.count``              {connection}   open connections, by
+                                                           ``db.client.connection.state``
+                                                           (``idle`` or ``used``)
+``db.client.connection.idle.max``           {connection}   ``max_size`` (asyncpg keeps idle ones)
+``db.client.connection.idle.min``           {connection}   ``min_size``
+``db.client.connection.max``                {connection}   ``max_size``
+``db.client.connection.pending_requests``   {request}      acquires waiting for a connection
+``db.client.connection.timeouts``           {timeout}      acquires that timed out
+``db.client.connection.create_time``        s              histogram: opening a connection
+``db.client.connection.wait_time``          s              histogram: waiting in ``acquire``
+``db.client.connection.use_time``           s              histogram: from acquire to release
+=========================================== ============== ======================================
 
-and what only an IAM pool knows, under ``asyncpg_iam.``: tokens signed and reused,
-credential fetches and failures, connections opened, connect failures, refused logins by
-diagnosed cause, connections closed by reason, connects that waited on ``max_connect_rate``,
-and the seconds the signing credentials have left.
+and what only an IAM pool knows, under ``asyncpg_iam.``: tokens signed and reused, credential
+fetches and their failures, refused logins, connections retired by reason
+(``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
+``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
+before the cached AWS credentials expire.
 
-Counters and gauges are observable: they read the pool's counters when the SDK collects.
-Only the histograms, pending requests and timeouts need the pool to report as it works, and
-an uninstrumented pool does none of that work. An instrumented one appends each wait and use
-time to a bounded buffer (a deque append, well under a microsecond) and the buffer is
-recorded into the histograms when the SDK collects (the SDK's own ``record`` costs 10 us or
-more a call, a noticeable share of a pooled ``SELECT 1``); at most `MAX_BUFFERED` samples per
-histogram wait between two collections, older ones are dropped beyond that. No attribute
-carries a token, a key or a secret. Needs the ``otel`` extra (``opentelemetry-api``); the
-application brings the SDK.
+Counters and gauges are observable: they read the pool's counters when the reader collects, so
+an instrumented pool does no extra work for them. The three histograms are recorded by a
+`Pool.set_observer` hook: an uninstrumented pool pays one attribute check per acquire and per
+connect. Nothing recorded ever carries a token or a secret. Needs the ``otel`` extra
+(``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
+which works unchanged on connections from this pool.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import importlib.metadata
+import inspect
+from collections.abc import Iterable
+from typing import Any
 
 try:
     from opentelemetry import metrics
-    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "asyncpg_iam.otel needs the OpenTelemetry API: pip install asyncpg-iam[otel]"
+        "asyncpg_iam.otel needs the OpenTelemetry API: pip install 'asyncpg-iam[otel]'"
     ) from exc
 
 from ._errors import ConfigurationError
 from ._pool import Pool
 
-if TYPE_CHECKING:
-    from ._errors import IAMAuthenticationError
+__all__ = ["PoolInstrumentation", "instrument_pool"]
 
-__all__ = ["AUTH_FAILURE_CAUSES", "PoolInstrumentation", "auth_failure_cause", "instrument_pool"]
-
-#: The attribute naming the pool on every instrument.
 POOL_NAME = "db.client.connection.pool.name"
-#: The connection state attribute of ``db.client.connection.count``.
 STATE = "db.client.connection.state"
-#: The attribute of ``asyncpg_iam.connections.closed``: the pool's close reason.
-CLOSE_REASON = "asyncpg_iam.connection.close_reason"
-#: The attribute of ``asyncpg_iam.auth.failures``: the most likely cause, as diagnosed.
-FAILURE_CAUSE = "asyncpg_iam.auth.failure_cause"
-
-# The diagnosis ranks hints (see `diagnose_auth_failure`); the first one names the cause.
-_HINT_CAUSES = (
-    ("The connection was not encrypted", "no_tls"),
-    ("Region mismatch", "region_mismatch"),
-    ("The token was signed for", "signing_host"),
-    ("The signing credentials", "credentials_expired"),
-    ("The token was reused", "token_reuse"),
-    ("The database user", "missing_rds_iam_grant"),
-    ("The AWS identity", "missing_permission"),
-    ("Clock skew", "clock_skew"),
-)
-#: Samples per histogram kept between two collections (a minute at 1,000 acquires a second).
-MAX_BUFFERED = 65_536
-#: Every value ``asyncpg_iam.auth.failure_cause`` takes.
-AUTH_FAILURE_CAUSES = (*(cause for _, cause in _HINT_CAUSES), "unknown")
-
-# Seconds: from a sub-millisecond acquire to a connect that waited on a slow login.
-_TIME_BUCKETS = (
-    0.0001,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+CLOSE_REASON = "asyncpg_iam.connection.close.reason"
+# The reasons reported even before any connection closed for them (zeros, for dashboards).
+CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+# Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
+_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
 
 
-def auth_failure_cause(hints: Sequence[str]) -> str:
-    """Return the short cause (one of `AUTH_FAILURE_CAUSES`) the first hint of a diagnosis names."""
-    first = hints[0] if hints else ""
-    for prefix, cause in _HINT_CAUSES:
-        if first.startswith(prefix):
-            return cause
-    return "unknown"
+def _histograms(meter: Meter) -> tuple[Any, Any, Any]:
+    """Create the create, wait and use time histograms."""
+    histogram: Any = meter.create_histogram
+    kwargs: dict[str, Any] = {"unit": "s"}
+    # Advisory bucket boundaries exist from OpenTelemetry API 1.23 on.
+    if "explicit_bucket_boundaries_advisory" in inspect.signature(histogram).parameters:
+        kwargs["explicit_bucket_boundaries_advisory"] = _SECONDS_BUCKETS
+    return (
+        histogram(
+            "db.client.connection.create_time",
+            description="The time it took to create a new connection.",
+            **kwargs,
+        ),
+        histogram(
+            "db.client.connection.wait_time",
+            description="The time it took to obtain an open connection from the pool.",
+            **kwargs,
+        ),
+        histogram(
+            "db.client.connection.use_time",
+            description="The time between borrowing a connection and returning it to the pool.",
+            **kwargs,
+        ),
+    )
 
 
-class _Observer:
-    """The hooks the pool calls while instrumented (see `asyncpg_iam._observer`)."""
+class _Recorder:
+    """The pool observer: records the histograms and counts pending acquires and timeouts."""
 
-    def __init__(self, meter: metrics.Meter, attributes: dict[str, str]) -> None:
+    def __init__(self, meter: Meter, attributes: dict[str, str], *, histograms: bool) -> None:
         self._attributes = attributes
-        self._time = time.perf_counter
+        self._create = self._wait = self._use = None
+        if histograms:
+            self._create, self._wait, self._use = _histograms(meter)
         self.pending = 0
         self.timeouts = 0
-        self.auth_failures: collections.Counter[str] = collections.Counter()
-        # perf_counter time each lent connection's holder was handed out at.
-        self._lent: dict[Any, float] = {}
-        # Samples waiting for the next collection; deque appends and pops are thread-safe
-        # (the SDK may collect from its exporter thread).
-        self._waits: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
-        self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
-        self._create_time = meter.create_histogram(
-            "db.client.connection.create_time",
-            unit="s",
-            description="The time it took to create a new connection.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
-        self._wait_time = meter.create_histogram(
-            "db.client.connection.wait_time",
-            unit="s",
-            description="The time it took to obtain an open connection from the pool.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
-        self._use_time = meter.create_histogram(
-            "db.client.connection.use_time",
-            unit="s",
-            description="The time between borrowing a connection and returning it to the pool.",
-            explicit_bucket_boundaries_advisory=_TIME_BUCKETS,
-        )
+        self._acquired: dict[object, float] = {}
+        self._clock: Any = None
 
-    async def acquire(
-        self, acquire: Callable[[float | None], Awaitable[Any]], timeout: float | None
-    ) -> Any:
-        started = self._time()
-        self.pending += 1
-        try:
-            proxy = await acquire(timeout)
-        except asyncio.TimeoutError:
-            self.timeouts += 1
-            raise
-        finally:
-            self.pending -= 1
-        now = self._time()
-        self._waits.append(now - started)
-        self._lent[getattr(proxy, "_holder", proxy)] = now
-        return proxy
-
-    def released(self, connection: Any) -> None:
-        started = self._lent.pop(getattr(connection, "_holder", connection), None)
-        if started is not None:
-            self._uses.append(self._time() - started)
-
-    def flush(self) -> None:
-        """Record the buffered wait and use times into their histograms."""
-        for samples, histogram in ((self._waits, self._wait_time), (self._uses, self._use_time)):
-            attributes = self._attributes
-            record = histogram.record
-            pop = samples.popleft
-            for _ in range(len(samples)):
-                record(pop(), attributes)
+    def bind(self, pool: Pool) -> None:
+        self._clock = pool._clock
 
     def connection_created(self, seconds: float) -> None:
-        self._create_time.record(seconds, self._attributes)
+        if self._create is not None:
+            self._create.record(seconds, self._attributes)
 
-    def auth_failed(self, error: IAMAuthenticationError) -> None:
-        self.auth_failures[auth_failure_cause(error.hints)] += 1
+    def wait_started(self) -> None:
+        self.pending += 1
+
+    def wait_ended(self, seconds: float | None, *, holder: object | None) -> None:
+        self.pending -= 1
+        if holder is None:
+            if seconds is not None:
+                self.timeouts += 1
+            return
+        if self._wait is not None:
+            assert seconds is not None
+            self._wait.record(seconds, self._attributes)
+            self._acquired[holder] = self._clock.monotonic()
+
+    def connection_released(self, holder: object) -> None:
+        acquired = self._acquired.pop(holder, None)
+        if acquired is not None and self._use is not None:
+            self._use.record(self._clock.monotonic() - acquired, self._attributes)
 
 
 class PoolInstrumentation:
-    """A pool's metrics, reported until `uninstrument` is called.
+    """The instruments of one pool; `uninstrument()` stops recording and reporting."""
 
-    Create it with `instrument_pool`. It holds the pool weakly: a pool that is garbage
-    collected simply stops reporting.
-    """
-
-    def __init__(self, pool: Pool, meter_provider: MeterProvider | None) -> None:
-        if pool._observer is not None:
-            raise ConfigurationError(
-                f"pool {pool.name} is already instrumented: call uninstrument() on its "
-                "PoolInstrumentation before instrumenting it again"
-            )
-        meter = metrics.get_meter("asyncpg_iam", meter_provider=meter_provider)
-        self._pool_ref = weakref.ref(pool)
+    def __init__(self, pool: Pool, meter: Meter, *, histograms: bool = True) -> None:
+        self.pool = pool
         self._attributes = {POOL_NAME: pool.name}
-        self._observer = _Observer(meter, self._attributes)
+        self._recorder = _Recorder(meter, self._attributes, histograms=histograms)
+        self._recorder.bind(pool)
         self._active = True
-        self._register(meter)
-        pool._observer = self._observer
-
-    @property
-    def pool_name(self) -> str:
-        """The ``db.client.connection.pool.name`` reported."""
-        return self._attributes[POOL_NAME]
-
-    @property
-    def active(self) -> bool:
-        """True until `uninstrument` is called."""
-        return self._active
+        self._instruments = [
+            *self._pool_instruments(meter),
+            *self._iam_instruments(meter),
+        ]
+        pool.set_observer(self._recorder)
 
     def uninstrument(self) -> None:
-        """Stop reporting: the pool goes back to doing no metrics work at all."""
+        """Stop recording: the pool's observer is removed and callbacks report nothing."""
         self._active = False
-        self._observer.flush()
-        pool = self._pool_ref()
-        if pool is not None and pool._observer is self._observer:
-            pool._observer = None
+        if self.pool._observer is self._recorder:
+            self.pool.set_observer(None)
 
-    def __repr__(self) -> str:
-        state = "active" if self._active else "uninstrumented"
-        return f"<asyncpg_iam.otel.PoolInstrumentation {self.pool_name!r} {state}>"
+    # -- the conventions' pool instruments ---------------------------------------------------
 
-    # -- instruments -----------------------------------------------------------------------
+    def _pool_instruments(self, meter: Meter) -> list[Any]:
+        return [
+            meter.create_observable_up_down_counter(
+                "db.client.connection.count",
+                [self._count],
+                unit="{connection}",
+                description="The number of connections that are currently in state described "
+                "by the state attribute.",
+            ),
+            meter.create_observable_up_down_counter(
+                "db.client.connection.idle.max",
+                [self._gauge(lambda p: p.get_max_size())],
+                unit="{connection}",
+                description="The maximum number of idle open connections allowed.",
+            ),
+            meter.create_observable_up_down_counter(
+                "db.client.connection.idle.min",
+                [self._gauge(lambda p: p.get_min_size())],
+                unit="{connection}",
+                description="The minimum number of idle open connections allowed.",
+            ),
+            meter.create_observable_up_down_counter(
+                "db.client.connection.max",
+                [self._gauge(lambda p: p.get_max_size())],
+                unit="{connection}",
+                description="The maximum number of open connections allowed.",
+            ),
+            meter.create_observable_up_down_counter(
+                "db.client.connection.pending_requests",
+                [self._gauge(lambda _p: self._recorder.pending)],
+                unit="{request}",
+                description="The number of current pending requests for an open connection.",
+            ),
+            meter.create_observable_counter(
+                "db.client.connection.timeouts",
+                [self._gauge(lambda _p: self._recorder.timeouts)],
+                unit="{timeout}",
+                description="The number of connection timeouts that have occurred trying to "
+                "obtain a connection from the pool.",
+            ),
+        ]
 
-    def _live_pool(self) -> Pool | None:
-        return self._pool_ref() if self._active else None
+    def _count(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        pool = self.pool
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return [
+            Observation(idle, {**self._attributes, STATE: "idle"}),
+            Observation(max(size - idle, 0), {**self._attributes, STATE: "used"}),
+        ]
 
-    def _one(self, read: Callable[[Pool], float | None]) -> Callable[[CallbackOptions], Any]:
-        """Return a callback reporting ``read(pool)`` with the pool's name."""
-
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            pool = self._live_pool()
-            if pool is None:
+    def _gauge(self, read: Any) -> Any:
+        def callback(_options: CallbackOptions) -> Iterable[Observation]:
+            if not self._active:
                 return []
-            value = read(pool)
-            return [] if value is None else [Observation(value, self._attributes)]
+            return [Observation(read(self.pool), self._attributes)]
 
         return callback
 
-    def _by(
-        self, key: str, read: Callable[[Pool], Iterable[tuple[str, float]]]
-    ) -> Callable[[CallbackOptions], Any]:
-        """Return a callback reporting each ``(label, value)`` of ``read(pool)`` under `key`."""
+    # -- what only an IAM pool knows ---------------------------------------------------------
 
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            pool = self._live_pool()
-            if pool is None:
-                return []
-            return [
-                Observation(value, {**self._attributes, key: label}) for label, value in read(pool)
-            ]
+    def _iam_instruments(self, meter: Meter) -> list[Any]:
+        counters = (
+            ("asyncpg_iam.tokens.signed", "{token}", "IAM tokens signed.", "tokens_signed"),
+            (
+                "asyncpg_iam.tokens.reused",
+                "{token}",
+                "Connects that presented a recently signed token again (token_reuse).",
+                "token_reuses",
+            ),
+            (
+                "asyncpg_iam.credentials.fetches",
+                "{fetch}",
+                "Fetches from the AWS credential source, successful or not.",
+                "credential_fetches",
+            ),
+            (
+                "asyncpg_iam.auth.failures",
+                "{login}",
+                "Logins the database refused (IAMAuthenticationError).",
+                "auth_failures",
+            ),
+            (
+                "asyncpg_iam.connects.rate_limited",
+                "{connect}",
+                "Login attempts that waited for max_connect_rate.",
+                "connects_rate_limited",
+            ),
+        )
+        instruments: list[Any] = [
+            meter.create_observable_counter(
+                name, [self._gauge(_stat(field))], unit=unit, description=description
+            )
+            for name, unit, description, field in counters
+        ]
+        instruments += [
+            meter.create_observable_counter(
+                "asyncpg_iam.credentials.fetch_failures",
+                [self._gauge(_fetch_failures)],
+                unit="{fetch}",
+                description="Fetches from the AWS credential source that failed.",
+            ),
+            meter.create_observable_counter(
+                "asyncpg_iam.connections.closed",
+                [self._closed],
+                unit="{connection}",
+                description="Connections closed, by reason (max_lifetime: retired by the "
+                "recycler; failover; discarded_on_acquire; other).",
+            ),
+            meter.create_observable_gauge(
+                "asyncpg_iam.credentials.expiry",
+                [self._expiry],
+                unit="s",
+                description="Seconds until the cached AWS credentials expire (absent for "
+                "credentials that never expire).",
+            ),
+        ]
+        return instruments
 
-        return callback
+    def _closed(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        closed = {reason: 0 for reason in CLOSE_REASONS}
+        closed.update(self.pool.stats().connections_closed)
+        return [
+            Observation(count, {**self._attributes, CLOSE_REASON: reason})
+            for reason, count in sorted(closed.items())
+        ]
 
-    def _register(self, meter: metrics.Meter) -> None:
-        observer = self._observer
-        updown = meter.create_observable_up_down_counter
-        counter = meter.create_observable_counter
-
-        def count(pool: Pool) -> Iterable[tuple[str, float]]:
-            size, idle = pool.get_size(), pool.get_idle_size()
-            return [("idle", idle), ("used", max(size - idle, 0))]
-
-        updown(
-            "db.client.connection.count",
-            [self._by(STATE, count)],
-            unit="{connection}",
-            description="The number of connections that are currently in the state described "
-            "by the state attribute.",
-        )
-        # asyncpg keeps up to max_size connections idle and refills to min_size.
-        updown(
-            "db.client.connection.idle.max",
-            [self._one(lambda pool: pool.get_max_size())],
-            unit="{connection}",
-            description="The maximum number of idle open connections allowed.",
-        )
-        updown(
-            "db.client.connection.idle.min",
-            [self._one(lambda pool: pool.get_min_size())],
-            unit="{connection}",
-            description="The minimum number of idle open connections allowed.",
-        )
-        updown(
-            "db.client.connection.max",
-            [self._one(lambda pool: pool.get_max_size())],
-            unit="{connection}",
-            description="The maximum number of open connections allowed.",
-        )
-
-        def pending(pool: Pool) -> int:
-            # Collection has begun: hand the buffered samples to the histograms first.
-            observer.flush()
-            return observer.pending
-
-        updown(
-            "db.client.connection.pending_requests",
-            [self._one(pending)],
-            unit="{request}",
-            description="The number of current pending requests for an open connection.",
-        )
-        counter(
-            "db.client.connection.timeouts",
-            [self._one(lambda pool: observer.timeouts)],
-            unit="{timeout}",
-            description="The number of connection timeouts that have occurred trying to "
-            "obtain a connection from the pool.",
-        )
-        # IAM's own.
-        counter(
-            "asyncpg_iam.tokens.signed",
-            [self._one(lambda pool: pool.stats().tokens_signed)],
-            unit="{token}",
-            description="IAM tokens signed.",
-        )
-        counter(
-            "asyncpg_iam.tokens.reused",
-            [self._one(lambda pool: pool.stats().token_reuses)],
-            unit="{token}",
-            description="Connects that presented a recently signed token again.",
-        )
-        counter(
-            "asyncpg_iam.credentials.fetches",
-            [self._one(lambda pool: pool.stats().credential_fetches)],
-            unit="{fetch}",
-            description="Fetches from the AWS credential source, successful or not.",
-        )
-        counter(
-            "asyncpg_iam.credentials.fetch_failures",
-            [self._one(lambda pool: pool.stats().credential_fetch_failures)],
-            unit="{fetch}",
-            description="Fetches from the AWS credential source that failed.",
-        )
-        meter.create_observable_gauge(
-            "asyncpg_iam.credentials.time_left",
-            [self._one(_credentials_time_left)],
-            unit="s",
-            description="Seconds until the signing credentials expire (absent when they "
-            "never expire or none were fetched yet).",
-        )
-        counter(
-            "asyncpg_iam.connections.opened",
-            [self._one(lambda pool: pool.stats().connections_opened)],
-            unit="{connection}",
-            description="Connections opened and added to the pool.",
-        )
-        counter(
-            "asyncpg_iam.connections.closed",
-            [self._by(CLOSE_REASON, lambda pool: pool.stats().connections_closed.items())],
-            unit="{connection}",
-            description="Connections closed, by reason (max_lifetime, discarded_on_acquire, "
-            "other).",
-        )
-        counter(
-            "asyncpg_iam.connects.failed",
-            [self._one(lambda pool: pool.stats().connect_failures)],
-            unit="{connect}",
-            description="Connection attempts that raised, refused logins included.",
-        )
-        counter(
-            "asyncpg_iam.connects.rate_limited",
-            [self._one(lambda pool: pool.stats().connects_rate_limited)],
-            unit="{connect}",
-            description="Login attempts that waited for max_connect_rate.",
-        )
-        counter(
-            "asyncpg_iam.auth.failures",
-            [self._by(FAILURE_CAUSE, lambda pool: observer.auth_failures.items())],
-            unit="{login}",
-            description="IAM logins the server refused since instrumenting, by the most "
-            "likely cause diagnosed.",
-        )
+    def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
+        provider = self.pool._connector.provider
+        if not self._active or provider is None:
+            return []
+        cached = provider.credentials.peek()
+        if cached is None or cached.expiry is None:
+            return []
+        left = (cached.expiry - self.pool._clock.now()).total_seconds()
+        return [Observation(left, self._attributes)]
 
 
-def _credentials_time_left(pool: Pool) -> float | None:
-    provider = pool._provider
-    if provider is None:
-        return None
-    current = provider.credentials.peek()
-    if current is None:
-        return None
-    return current.expires_in(pool._clock.now())
+def _stat(field: str) -> Any:
+    return lambda pool: getattr(pool.stats(), field)
 
 
-def instrument_pool(pool: Pool, meter_provider: MeterProvider | None = None) -> PoolInstrumentation:
-    """Report `pool`'s metrics through `meter_provider` (the global one when None).
+def _fetch_failures(pool: Pool) -> int:
+    provider = pool._connector.provider
+    return provider.credentials.fetch_failures if provider is not None else 0
 
-    Call it once the pool exists (before or after it is awaited), in the pool's event loop.
-    Raises `ConfigurationError` if the pool is already instrumented.
+
+def instrument_pool(
+    pool: Pool, meter_provider: MeterProvider | None = None, *, histograms: bool = True
+) -> PoolInstrumentation:
+    """Report `pool`'s metrics through `meter_provider` (default: the global one).
+
+    With `histograms` False the three time histograms are not recorded: the OpenTelemetry
+    SDK's ``record`` costs tens of microseconds, twice per acquire (see the benchmark), and
+    the counters and gauges cost nothing per acquire. Returns the instrumentation; call its
+    `uninstrument()` when the pool closes (or keep it: a closed pool reports zeros).
     """
     if not isinstance(pool, Pool):
         raise ConfigurationError(
-            f"instrument_pool takes an asyncpg_iam.Pool (from asyncpg_iam.create_pool), not "
-            f"{type(pool).__name__}"
+            f"instrument_pool takes an asyncpg_iam.Pool, not {type(pool).__name__}"
         )
-    return PoolInstrumentation(pool, meter_provider)
+    provider = meter_provider or metrics.get_meter_provider()
+    try:
+        version = importlib.metadata.version("asyncpg-iam")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout
+        version = None
+    meter = provider.get_meter("asyncpg_iam", version)
+    return PoolInstrumentation(pool, meter, histograms=histograms)

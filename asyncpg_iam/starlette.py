@@ -17,9 +17,7 @@ instead of the first request. Handlers find the pool in the lifespan state
 (``request.state.pool``, typed by `PoolState`) and in ``app.state.pool``; `connection` hands a
 FastAPI handler a pooled connection. At shutdown the pool closes gracefully, waiting for
 connections in use for up to `close_timeout` seconds, then terminates what is left.
-``lifespan(..., metrics=True)`` reports the pool's OpenTelemetry metrics through the global
-MeterProvider (or pass a MeterProvider) while the application runs (see `asyncpg_iam.otel`).
-Needs the ``starlette`` extra (and ``otel`` for metrics).
+Needs the ``starlette`` extra.
 """
 
 from __future__ import annotations
@@ -77,9 +75,9 @@ def lifespan(
     at shutdown for connections in use before terminating them) and `app_lifespan`, the
     application's own lifespan: it runs inside this one, after the pool is up (so it can use
     ``app.state.pool``) and before the pool closes, and its state is merged into this one's.
-    A new pool is created each time the application starts. `metrics`: True reports the
-    pool's OpenTelemetry metrics (`asyncpg_iam.otel.instrument_pool`) through the global
-    MeterProvider, a MeterProvider through that one; False (the default) reports none.
+    `metrics` reports the pool's OpenTelemetry metrics (`asyncpg_iam.otel`): True through the
+    global MeterProvider, or a MeterProvider; needs the ``otel`` extra.
+    A new pool is created each time the application starts.
     """
     if (
         isinstance(close_timeout, bool)
@@ -95,7 +93,11 @@ def lifespan(
     async def run(app: Any) -> AsyncIterator[PoolState]:
         # Created here, in the server's event loop: asyncpg pools belong to one loop.
         pool = create_pool(dsn, **create_pool_kwargs)
-        instrumentation = _instrument(pool, metrics)
+        instrumentation = None
+        if metrics is not False and metrics is not None:
+            from .otel import instrument_pool
+
+            instrumentation = instrument_pool(pool, None if metrics is True else metrics)
         try:
             await _start(pool, close_timeout)
         except BaseException:
@@ -125,15 +127,6 @@ def lifespan(
                 instrumentation.uninstrument()
 
     return run
-
-
-def _instrument(pool: Pool, metrics: Any) -> Any:
-    """Instrument `pool` as `lifespan`'s `metrics` asks; return the instrumentation or None."""
-    if metrics is False or metrics is None:
-        return None
-    from .otel import instrument_pool  # the otel extra is needed only when asked for
-
-    return instrument_pool(pool, None if metrics is True else metrics)
 
 
 async def _start(pool: Pool, close_timeout: float) -> None:

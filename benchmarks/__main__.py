@@ -19,9 +19,10 @@ from types import ModuleType
 from . import (
     _harness,
     case_connect,
+    case_failover,
     case_fetches,
     case_loop_lag,
-    case_otel_overhead,
+    case_metrics,
     case_pool_overhead,
     case_recycling,
     case_token,
@@ -34,7 +35,8 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
-    case_otel_overhead,
+    case_failover,
+    case_metrics,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
