@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    auth_failure_cause,
     diagnose_auth_failure,
 )
 from ._lifetime import TokenBucket
@@ -261,6 +263,8 @@ class ConnectCounters:
     """Attempts that raised, refused logins included."""
     auth_failures: int = 0
     """Logins the server refused."""
+    auth_failure_causes: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Refused logins by the most likely cause diagnosed (`auth_failure_cause`)."""
     rate_limited: int = 0
     """Login attempts that waited for the connect rate limit."""
 
@@ -396,7 +400,9 @@ class Connector:
             if isinstance(exc, IAMAuthenticationError):
                 raise
             self.counters.auth_failures += 1
-            raise self.explain(exc, target, record) from exc
+            refused = self.explain(exc, target, record)
+            self.counters.auth_failure_causes[auth_failure_cause(refused.hints)] += 1
+            raise refused from exc
         except (OSError, asyncio.TimeoutError) as exc:
             error = await self._explain_connect(exc, target.host, target.port, kwargs)
             if error is None:

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import ssl
+from collections.abc import Sequence
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
@@ -118,6 +119,30 @@ def _resource_arn(ctx: AuthFailureContext) -> str:
         else ("aws-us-gov" if ctx.region.startswith("us-gov-") else "aws")
     )
     return f"arn:{partition}:rds-db:{ctx.region}:<account-id>:dbuser:{resource}/{ctx.user}"
+
+
+# The first words of each hint `diagnose_auth_failure` can rank first, and the cause it names.
+_HINT_CAUSES = (
+    ("The connection was not encrypted", "no_tls"),
+    ("Region mismatch", "region_mismatch"),
+    ("The token was signed for", "signing_host"),
+    ("The signing credentials", "credentials_expired"),
+    ("The token was reused", "token_reuse"),
+    ("The database user", "missing_rds_iam_grant"),
+    ("The AWS identity", "missing_permission"),
+    ("Clock skew", "clock_skew"),
+)
+#: Every value `auth_failure_cause` returns.
+AUTH_FAILURE_CAUSES = (*(cause for _, cause in _HINT_CAUSES), "unknown")
+
+
+def auth_failure_cause(hints: Sequence[str]) -> str:
+    """Return the short name (one of `AUTH_FAILURE_CAUSES`) of the most likely cause."""
+    first = hints[0] if hints else ""
+    for prefix, cause in _HINT_CAUSES:
+        if first.startswith(prefix):
+            return cause
+    return "unknown"
 
 
 def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:

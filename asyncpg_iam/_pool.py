@@ -88,6 +88,9 @@ class PoolStats:
     """Connection attempts that raised, authentication failures included."""
     auth_failures: int
     """Logins the server refused (each raised as `IAMAuthenticationError`)."""
+    auth_failure_causes: Mapping[str, int]
+    """`auth_failures` by the most likely cause diagnosed: ``"missing_rds_iam_grant"``,
+    ``"clock_skew"``, ... (see `asyncpg_iam.otel.AUTH_FAILURE_CAUSES`)."""
     tokens_signed: int
     """Tokens signed."""
     token_reuses: int
@@ -256,6 +259,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             connect_attempts=connects.attempts,
             connect_failures=connects.failures,
             auth_failures=connects.auth_failures,
+            auth_failure_causes=dict(connects.auth_failure_causes),
             tokens_signed=provider.tokens_signed if provider else 0,
             token_reuses=provider.token_reuses if provider else 0,
             credential_fetches=provider.credentials.fetches if provider else 0,

@@ -81,3 +81,43 @@ async def test_unmeasured_skew_is_only_a_last_guess(
     assert error.hints[0].startswith("The database user")
     assert error.hints[-1].startswith("Clock skew")
     assert "measured against AWS" in error.hints[-1]
+
+
+
+def test_every_hint_of_the_diagnosis_has_a_cause_name() -> None:
+    """Each hint diagnose_auth_failure writes maps to its own cause (the metric's attribute)."""
+    from asyncpg_iam._errors import (
+        AUTH_FAILURE_CAUSES,
+        AuthFailureContext,
+        auth_failure_cause,
+        diagnose_auth_failure,
+    )
+
+    now = dt.datetime(2026, 12, 3, 9, 0, tzinfo=dt.timezone.utc)
+    # Everything wrong at once: every hint is written.
+    context = AuthFailureContext(
+        host="10.0.0.5",
+        port=5432,
+        user="app",
+        database="app",
+        signing_host="10.0.0.5",
+        signing_port=5432,
+        region="us-east-1",
+        region_source="IAMAuth(region=...)",
+        endpoint_region=None,
+        credential_source="test",
+        credentials_expiry=now - dt.timedelta(seconds=5),
+        signed_at=now - dt.timedelta(seconds=300),
+        token_reused=True,
+        now=now,
+        server_message="pg_hba.conf rejects connection for host, SSL off",
+        clock_skew=400.0,
+    )
+    hints = diagnose_auth_failure(context)
+    causes = [auth_failure_cause([hint]) for hint in hints]
+    assert "unknown" not in causes, hints
+    # All but "unknown" and "region_mismatch" (an IP has no region to mismatch).
+    assert len(set(causes)) == len(causes) == len(AUTH_FAILURE_CAUSES) - 2
+    assert causes[0] == "clock_skew"  # measured skew ranks first
+    assert auth_failure_cause([]) == "unknown"
+    assert auth_failure_cause(["something new"]) == "unknown"

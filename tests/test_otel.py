@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 )
 
 import asyncpg_iam
-from asyncpg_iam.otel import instrument_pool
+from asyncpg_iam.otel import AUTH_FAILURE_CAUSES, instrument_pool
 from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._leak_guard import LeakGuard
 
@@ -137,7 +137,11 @@ async def test_every_instrument_with_names_units_and_values(
     assert stats.tokens_signed == iam_emulator.logins_accepted == stats.connections_opened
     assert value(metrics["asyncpg_iam.credentials.fetches"]) == stats.credential_fetches
     assert value(metrics["asyncpg_iam.credentials.fetch_failures"]) == 0
-    assert value(metrics["asyncpg_iam.auth.failures"]) == stats.auth_failures == 0
+    failures = points(metrics["asyncpg_iam.auth.failures"])
+    assert sum(p.value for p in failures) == stats.auth_failures == 0
+    assert {p.attributes["asyncpg_iam.auth.failure.cause"] for p in failures} == set(
+        AUTH_FAILURE_CAUSES
+    )
     assert abs(value(metrics["asyncpg_iam.credentials.expiry"]) - left) < 5
 
 
@@ -162,7 +166,12 @@ async def test_closes_by_reason_and_refused_logins(
         value(closed, **{"asyncpg_iam.connection.close.reason": "max_lifetime"})
         == (stats.connections_closed["max_lifetime"])
     )
-    assert value(metrics["asyncpg_iam.auth.failures"]) == stats.auth_failures == 1
+    failures = metrics["asyncpg_iam.auth.failures"]
+    assert sum(p.value for p in points(failures)) == stats.auth_failures == 1
+    # The emulator serves an RDS endpoint name from a host whose user is IAM-enabled: the
+    # diagnosis ranks the missing rds_iam grant first.
+    assert stats.auth_failure_causes == {"missing_rds_iam_grant": 1}
+    assert value(failures, **{"asyncpg_iam.auth.failure.cause": "missing_rds_iam_grant"}) == 1
     assert iam_emulator.logins_rejected == 1
 
 
