@@ -83,7 +83,6 @@ async def test_unmeasured_skew_is_only_a_last_guess(
     assert "measured against AWS" in error.hints[-1]
 
 
-
 def test_every_hint_of_the_diagnosis_has_a_cause_name() -> None:
     """Each hint diagnose_auth_failure writes maps to its own cause (the metric's attribute)."""
     from asyncpg_iam._errors import (
