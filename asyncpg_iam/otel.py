@@ -32,15 +32,18 @@ fetches and their failures, refused logins by diagnosed cause
 before the cached AWS credentials expire.
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
-an instrumented pool does no extra work for them. The three histograms are recorded by a
+an instrumented pool does no extra work for them. The three histograms are fed by a
 `Pool.set_observer` hook: an uninstrumented pool pays one attribute check per acquire and per
-connect. Nothing recorded ever carries a token or a secret. Needs the ``otel`` extra
+connect; an instrumented one buffers each wait and use time (at most `MAX_BUFFERED` between
+two collections) and records them into the histograms when the reader collects. Nothing
+recorded ever carries a token or a secret. Needs the ``otel`` extra
 (``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
 which works unchanged on connections from this pool.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import inspect
 from collections.abc import Iterable
@@ -66,6 +69,8 @@ CLOSE_REASON = "asyncpg_iam.connection.close.reason"
 FAILURE_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+#: Wait and use times kept per histogram between two collections (older ones are dropped).
+MAX_BUFFERED = 65_536
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
 _SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -111,6 +116,11 @@ class _Recorder:
         self.timeouts = 0
         self._acquired: dict[object, float] = {}
         self._clock: Any = None
+        # Wait and use times wait here for the next collection: a deque append costs well
+        # under a microsecond, the SDK's record() tens of them, twice per acquire. The deques
+        # are thread-safe (the SDK may collect from its exporter thread).
+        self._waits: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
+        self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
 
     def bind(self, pool: Pool) -> None:
         self._clock = pool._clock
@@ -130,13 +140,22 @@ class _Recorder:
             return
         if self._wait is not None:
             assert seconds is not None
-            self._wait.record(seconds, self._attributes)
+            self._waits.append(seconds)
             self._acquired[holder] = self._clock.monotonic()
 
     def connection_released(self, holder: object) -> None:
         acquired = self._acquired.pop(holder, None)
         if acquired is not None and self._use is not None:
-            self._use.record(self._clock.monotonic() - acquired, self._attributes)
+            self._uses.append(self._clock.monotonic() - acquired)
+
+    def flush(self) -> None:
+        """Record the buffered wait and use times into their histograms."""
+        for samples, histogram in ((self._waits, self._wait), (self._uses, self._use)):
+            if histogram is None:
+                continue
+            record, pop, attributes = histogram.record, samples.popleft, self._attributes
+            for _ in range(len(samples)):
+                record(pop(), attributes)
 
 
 class PoolInstrumentation:
@@ -157,6 +176,7 @@ class PoolInstrumentation:
     def uninstrument(self) -> None:
         """Stop recording: the pool's observer is removed and callbacks report nothing."""
         self._active = False
+        self._recorder.flush()
         if self.pool._observer is self._recorder:
             self.pool.set_observer(None)
 
@@ -207,6 +227,9 @@ class PoolInstrumentation:
     def _count(self, _options: CallbackOptions) -> Iterable[Observation]:
         if not self._active:
             return []
+        # A collection has begun (the SDK runs callbacks before it reads the histograms):
+        # hand the buffered samples over first.
+        self._recorder.flush()
         pool = self.pool
         size, idle = pool.get_size(), pool.get_idle_size()
         return [
