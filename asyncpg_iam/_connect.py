@@ -47,8 +47,7 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
-    auth_failure_cause,
-    diagnose_auth_failure,
+    rank_auth_failure,
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
@@ -263,10 +262,10 @@ class ConnectCounters:
     """Attempts that raised, refused logins included."""
     auth_failures: int = 0
     """Logins the server refused."""
-    auth_failure_causes: Counter[str] = dataclasses.field(default_factory=Counter)
-    """Refused logins by the most likely cause diagnosed (`auth_failure_cause`)."""
     rate_limited: int = 0
     """Login attempts that waited for the connect rate limit."""
+    auth_failures_by_cause: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Refused logins by the most likely cause (`AUTH_CAUSES`)."""
 
 
 class Connector:
@@ -400,9 +399,7 @@ class Connector:
             if isinstance(exc, IAMAuthenticationError):
                 raise
             self.counters.auth_failures += 1
-            refused = self.explain(exc, target, record)
-            self.counters.auth_failure_causes[auth_failure_cause(refused.hints)] += 1
-            raise refused from exc
+            raise self.explain(exc, target, record) from exc
         except (OSError, asyncio.TimeoutError) as exc:
             error = await self._explain_connect(exc, target.host, target.port, kwargs)
             if error is None:
@@ -473,7 +470,10 @@ class Connector:
             database=self.plan.database,
             now=self._clock.now(),
         )
-        error = IAMAuthenticationError(context, diagnose_auth_failure(context))
+        ranked = rank_auth_failure(context)
+        cause = ranked[0][0]
+        self.counters.auth_failures_by_cause[cause] += 1
+        error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
         logger.warning(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,

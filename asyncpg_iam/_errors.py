@@ -5,11 +5,13 @@
     ├── CredentialsError                      no valid AWS credentials could be obtained
     ├── IAMAuthenticationError                the database refused an IAM login; also an
     │                                         asyncpg InvalidAuthorizationSpecificationError
-    └── ConnectError (also OSError)           the server could not be reached or did not answer:
-        │                                     host, port, the phase reached and a hint
-        ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
-        └── TLSVerificationError              the server's certificate did not verify (also
-                                              ssl.SSLCertVerificationError)
+    ├── ConnectError (also OSError)           the server could not be reached or did not answer:
+    │   │                                     host, port, the phase reached and a hint
+    │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+    │   └── TLSVerificationError              the server's certificate did not verify (also
+    │                                         ssl.SSLCertVerificationError)
+    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+                                              transaction may or may not have committed
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -21,12 +23,13 @@ import asyncio
 import dataclasses
 import datetime as dt
 import ssl
-from collections.abc import Sequence
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
+    "AUTH_CAUSES",
     "AuthFailureContext",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
@@ -35,6 +38,7 @@ __all__ = [
     "IAMError",
     "TLSVerificationError",
     "in_cli_words",
+    "rank_auth_failure",
 ]
 
 
@@ -44,6 +48,13 @@ class IAMError(Exception):
 
 class ConfigurationError(IAMError, ValueError):
     """An argument is invalid; the message names it and says what is allowed."""
+
+
+class CommitOutcomeUnknownError(IAMError):
+    """The connection broke while ``COMMIT`` was in flight; the cause is chained.
+
+    The transaction may have committed or not: `run_transaction` never runs it again.
+    """
 
 
 class CredentialsError(IAMError):
@@ -79,6 +90,8 @@ class AuthFailureContext:
     server_message: str
     clock_skew: float | None = None
     """Seconds this host's clock is ahead of AWS's (negative: behind), when it was measured."""
+    service: str = "rds"
+    """``"rds"`` (RDS, Aurora, RDS Proxy) or ``"dsql"`` (Aurora DSQL)."""
 
     @property
     def token_age(self) -> float | None:
@@ -121,99 +134,140 @@ def _resource_arn(ctx: AuthFailureContext) -> str:
     return f"arn:{partition}:rds-db:{ctx.region}:<account-id>:dbuser:{resource}/{ctx.user}"
 
 
-# The first words of each hint `diagnose_auth_failure` can rank first, and the cause it names.
-_HINT_CAUSES = (
-    ("The connection was not encrypted", "no_tls"),
-    ("Region mismatch", "region_mismatch"),
-    ("The token was signed for", "signing_host"),
-    ("The signing credentials", "credentials_expired"),
-    ("The token was reused", "token_reuse"),
-    ("The database user", "missing_rds_iam_grant"),
-    ("The AWS identity", "missing_permission"),
-    ("Clock skew", "clock_skew"),
+def _dsql_hints(ctx: AuthFailureContext) -> list[str]:
+    cluster = ctx.signing_host.split(".", 1)[0] if ctx.endpoint_region else "<cluster-id>"
+    arn = f"arn:aws:dsql:{ctx.region}:<account-id>:cluster/{cluster}"
+    if ctx.user == "admin":
+        return [
+            f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+            f"dsql:DbConnectAdmin on {arn}. An assumed role needs the permission on the role."
+        ]
+    return [
+        f"The role {ctx.user!r} may not be linked to this AWS identity: as admin, run "
+        f"AWS IAM GRANT \"{ctx.user}\" TO '<the IAM role ARN>'; (and CREATE ROLE "
+        f'"{ctx.user}" WITH LOGIN first).',
+        f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+        f"dsql:DbConnect on {arn}.",
+    ]
+
+
+#: The causes `rank_auth_failure` names (an `IAMAuthenticationError`'s `cause` is the first).
+AUTH_CAUSES = (
+    "clock_skew",
+    "credentials_expired",
+    "missing_grant",
+    "no_tls",
+    "permission",
+    "region_mismatch",
+    "signing_host",
+    "token_reuse",
 )
-#: Every value `auth_failure_cause` returns.
-AUTH_FAILURE_CAUSES = (*(cause for _, cause in _HINT_CAUSES), "unknown")
-
-
-def auth_failure_cause(hints: Sequence[str]) -> str:
-    """Return the short name (one of `AUTH_FAILURE_CAUSES`) of the most likely cause."""
-    first = hints[0] if hints else ""
-    for prefix, cause in _HINT_CAUSES:
-        if first.startswith(prefix):
-            return cause
-    return "unknown"
 
 
 def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     """Rank the likely causes of a refused IAM login, most likely first, each with its fix."""
-    hints: list[str] = []
+    return [hint for _cause, hint in rank_auth_failure(ctx)]
+
+
+def rank_auth_failure(ctx: AuthFailureContext) -> list[tuple[str, str]]:
+    """Return ``(cause, hint)`` pairs, most likely first; each cause is one of `AUTH_CAUSES`."""
+    ranked: list[tuple[str, str]] = []
+
+    def add(cause: str, hint: str) -> None:
+        ranked.append((cause, hint))
+
     message = ctx.server_message.lower()
     if "ssl off" in message or "no encryption" in message:
-        hints.append(
+        add(
+            "no_tls",
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'verify-ca'."
+            "with ssl='verify-full' (the default) or 'verify-ca'.",
         )
     if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
-        hints.append(
+        add(
+            "region_mismatch",
             f"Region mismatch: the token was signed for region {ctx.region!r} "
             f"(from {ctx.region_source}) but the endpoint {ctx.signing_host!r} is in "
             f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
-            f"{ctx.endpoint_region!r}."
+            f"{ctx.endpoint_region!r}.",
         )
+    dsql = ctx.service == "dsql"
     if ctx.endpoint_region is None:
-        what = "an IP address" if _is_ip(ctx.signing_host) else "not an RDS endpoint name"
-        hints.append(
-            f"The token was signed for {ctx.signing_host!r}, which is {what}: RDS checks the "
-            "token against its own endpoint name. If you connect through a CNAME, tunnel, "
-            "proxy or IP, pass IAMAuth(signing_host='<name>.<id>.<region>.rds.amazonaws.com', "
-            "signing_port=<its port>)."
+        kind = "a DSQL" if dsql else "an RDS"
+        what = "an IP address" if _is_ip(ctx.signing_host) else f"not {kind} endpoint name"
+        example = (
+            "<cluster-id>.dsql.<region>.on.aws'"
+            if dsql
+            else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
+        )
+        add(
+            "signing_host",
+            f"The token was signed for {ctx.signing_host!r}, which is {what}: "
+            f"{'DSQL' if dsql else 'RDS'} checks the token against its own endpoint name. If "
+            "you connect through a CNAME, tunnel, proxy or IP, pass "
+            f"IAMAuth(signing_host='{example}).",
         )
     if ctx.credentials_expiry is not None:
         left = ctx.credentials_expiry - ctx.now
         if left <= _EXPIRY_WARNING:
             state = "had expired" if left.total_seconds() <= 0 else "were about to expire"
-            hints.append(
+            add(
+                "credentials_expired",
                 f"The signing credentials (from {ctx.credential_source}) {state} at "
                 f"{ctx.credentials_expiry.isoformat()}: a token dies with its credentials. "
-                "Check that the credential source refreshes them."
+                "Check that the credential source refreshes them.",
             )
     if ctx.token_reused and ctx.token_age is not None:
-        hints.append(
+        add(
+            "token_reuse",
             f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
-            "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts."
+            "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts.",
         )
-    hints.append(
-        f"The database user {ctx.user!r} may lack the rds_iam role: run "
-        f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
-    )
-    hints.append(
-        "The AWS identity (from "
-        f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
-        f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on the "
-        "user that assumes it."
-    )
+    if dsql:
+        dsql_hints = _dsql_hints(ctx)
+        if ctx.user != "admin":  # a role not linked to the identity: DSQL's "GRANT"
+            add("missing_grant", dsql_hints.pop(0))
+        for hint in dsql_hints:
+            add("permission", hint)
+    else:
+        add(
+            "missing_grant",
+            f"The database user {ctx.user!r} may lack the rds_iam role: run "
+            f'GRANT rds_iam TO "{ctx.user}"; as an administrator.',
+        )
+        add(
+            "permission",
+            "The AWS identity (from "
+            f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
+            f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on "
+            "the user that assumes it.",
+        )
     skew = ctx.clock_skew
     if skew is not None and abs(skew) > _SKEW_EVIDENCE:
         direction = "ahead of" if skew > 0 else "behind"
         # Measured evidence outranks every guess: it goes first.
-        hints.insert(
+        ranked.insert(
             0,
-            f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's (measured "
-            "against the Date of an AWS response). Tokens are valid for 15 minutes from signing "
-            "by this clock, so RDS sees them as expired or not yet valid: sync the clock (NTP).",
+            (
+                "clock_skew",
+                f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's "
+                "(measured against the Date of an AWS response). Tokens are valid for 15 "
+                "minutes from signing by this clock, so RDS sees them as expired or not yet "
+                "valid: sync the clock (NTP).",
+            ),
         )
     else:
         measured = (
             f"; measured against AWS: {skew:+.0f} s" if skew is not None else ", not measured"
         )
-        hints.append(
+        add(
+            "clock_skew",
             f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
             f"(it read {ctx.now.isoformat(timespec='seconds')}{measured}). If it is more than a "
             "few minutes off, RDS sees the token as expired or not yet valid: sync the clock "
-            "(NTP)."
+            "(NTP).",
         )
-    return hints
+    return ranked
 
 
 # How a hint's library settings are spelled on the command line (`asyncpg-iam doctor`).
@@ -241,9 +295,13 @@ class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError): 
     `hints` the likely causes, most likely first, each with its fix. Never the token.
     """
 
-    def __init__(self, context: AuthFailureContext, hints: list[str]) -> None:
+    def __init__(
+        self, context: AuthFailureContext, hints: list[str], cause: str | None = None
+    ) -> None:
         self.context = context
         self.hints = tuple(hints)
+        self.cause = cause
+        """The most likely cause, one of `AUTH_CAUSES` (None when not diagnosed)."""
         expiry = (
             context.credentials_expiry.isoformat(timespec="seconds")
             if context.credentials_expiry is not None

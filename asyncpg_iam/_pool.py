@@ -16,8 +16,8 @@ import inspect
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import asyncpg.pool
@@ -25,9 +25,11 @@ import asyncpg.pool
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
 from ._connect import Connector, check_keywords, plan_connect
+from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError, CredentialsError
 from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
+from ._retry import run_transaction
 
 __all__ = ["Pool", "PoolObserver", "PoolStats", "create_pool"]
 
@@ -53,6 +55,8 @@ def _check_asyncpg_version() -> None:
 
 
 _check_asyncpg_version()
+
+T = TypeVar("T")
 
 _POOL_DEFAULTS = {
     name: param.default
@@ -88,9 +92,6 @@ class PoolStats:
     """Connection attempts that raised, authentication failures included."""
     auth_failures: int
     """Logins the server refused (each raised as `IAMAuthenticationError`)."""
-    auth_failure_causes: Mapping[str, int]
-    """`auth_failures` by the most likely cause diagnosed: ``"missing_rds_iam_grant"``,
-    ``"clock_skew"``, ... (see `asyncpg_iam.otel.AUTH_FAILURE_CAUSES`)."""
     tokens_signed: int
     """Tokens signed."""
     token_reuses: int
@@ -185,20 +186,31 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         dsn: str | None = None,
         *,
         iam: bool | IAMAuth = True,
-        max_lifetime: float | None = 900.0,
+        max_lifetime: float | Unset | None = UNSET,
         max_lifetime_jitter: float = 0.1,
-        max_connect_rate: float | None = None,
+        max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         **kwargs: Any,
     ) -> None:
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
+        # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
+        settings = pool_settings(
+            dsn=dsn,
+            auth=auth,
+            max_lifetime=max_lifetime,
+            max_connect_rate=max_connect_rate,
+            connect_kwargs=kwargs,
+        )
+        max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
+        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
-        plan = apply_writer_default(plan_connect(dsn, kwargs, auth=auth), dsn, kwargs)
+        plan = apply_writer_default(
+            plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
+        )
         self._connector = Connector(
             plan,
             provider=TokenProvider(auth, clock=clock) if auth is not None else None,
@@ -259,7 +271,6 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             connect_attempts=connects.attempts,
             connect_failures=connects.failures,
             auth_failures=connects.auth_failures,
-            auth_failure_causes=dict(connects.auth_failure_causes),
             tokens_signed=provider.tokens_signed if provider else 0,
             token_reuses=provider.token_reuses if provider else 0,
             credential_fetches=provider.credentials.fetches if provider else 0,
@@ -294,7 +305,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         previous arguments in force. Open connections stay until they are retired; call
         `expire_connections()` to replace them sooner.
         """
-        plan = plan_connect(dsn, connect_kwargs, auth=self._connector.auth)
+        auth = self._connector.auth
+        _, connect_kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
+        plan = plan_connect(dsn, connect_kwargs, auth=auth)
         self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
 
     # -- connecting ------------------------------------------------------------------------
@@ -323,6 +336,31 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             raise
         self._login_started[con] = started
         return con
+
+    async def run_transaction(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        retries: int = 5,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+        isolation: str | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``await fn(connection)`` in a transaction, retrying serialization conflicts.
+
+        See `asyncpg_iam.run_transaction`; backoff waits on the pool's clock.
+        """
+        return await run_transaction(
+            self,
+            fn,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            isolation=isolation,
+            timeout=timeout,
+            clock=self._clock,
+        )
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -515,9 +553,9 @@ def create_pool(
     dsn: str | None = None,
     *,
     iam: bool | IAMAuth = True,
-    max_lifetime: float | None = 900.0,
+    max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
-    max_connect_rate: float | None = None,
+    max_connect_rate: float | Unset | None = UNSET,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -528,14 +566,20 @@ def create_pool(
     - `iam`: True signs tokens with the default AWS credential chain; an `IAMAuth` chooses the
       profile, role, region, signing endpoint and token reuse; False disables IAM (a plain
       pool that still recycles).
-    - `max_lifetime`: no connection lives longer than this many seconds (None: forever).
-      Connections in use are never interrupted; they close when released.
+    - `max_lifetime`: no connection lives longer than this many seconds (None: forever);
+      default 900 (3300 for Aurora DSQL, where it may not exceed 3600). Connections in use
+      are never interrupted; they close when released.
     - `max_lifetime_jitter`: each connection's lifetime is drawn from
       ``[max_lifetime * (1 - jitter), max_lifetime]`` so reconnects spread out.
-    - `max_connect_rate`: at most this many new connections per second (None: no limit).
+    - `max_connect_rate`: at most this many new connections per second (None: no limit);
+      default no limit (50 per second for Aurora DSQL).
     - `name`: the pool's name in logs and its repr.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
+
+    An Aurora DSQL endpoint (``<id>.dsql.<region>.on.aws``, or ``IAMAuth(service="dsql")``)
+    gets DSQL tokens, ``database="postgres"`` unless one is named, and verify-full TLS
+    against the system store (``sslrootcert="system"``) unless TLS settings are given.
 
     With IAM, TLS defaults to verify-full (against the RDS CA bundle that ``asyncpg-iam
     ca-bundle`` caches, else the system store); verify-ca is accepted; sslmode

@@ -25,8 +25,9 @@ pools, each with ``db.client.connection.pool.name`` (the pool's name):
 =========================================== ============== ======================================
 
 and what only an IAM pool knows, under ``asyncpg_iam.``: tokens signed and reused, credential
-fetches and their failures, refused logins by diagnosed cause
-(``asyncpg_iam.auth.failure.cause``), connections retired by reason
+fetches and their failures, refused logins by the diagnosed cause
+(``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
+``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
 ``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
 before the cached AWS credentials expire.
@@ -57,16 +58,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "asyncpg_iam.otel needs the OpenTelemetry API: pip install 'asyncpg-iam[otel]'"
     ) from exc
 
-from ._errors import AUTH_FAILURE_CAUSES, ConfigurationError
+from ._errors import AUTH_CAUSES, ConfigurationError
 from ._pool import Pool
 
-__all__ = ["AUTH_FAILURE_CAUSES", "PoolInstrumentation", "instrument_pool"]
+__all__ = ["PoolInstrumentation", "instrument_pool"]
 
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
-#: The attribute of ``asyncpg_iam.auth.failures``: the most likely cause diagnosed.
-FAILURE_CAUSE = "asyncpg_iam.auth.failure.cause"
+AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
 #: Wait and use times kept per histogram between two collections (older ones are dropped).
@@ -284,10 +284,10 @@ class PoolInstrumentation:
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.auth.failures",
-                [self._auth_failures],
+                [self._refused],
                 unit="{login}",
                 description="Logins the database refused (IAMAuthenticationError), by the most "
-                "likely cause diagnosed.",
+                "likely cause the diagnosis names.",
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.connections.closed",
@@ -316,14 +316,14 @@ class PoolInstrumentation:
             for reason, count in sorted(closed.items())
         ]
 
-    def _auth_failures(self, _options: CallbackOptions) -> Iterable[Observation]:
+    def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:
         if not self._active:
             return []
-        causes = {cause: 0 for cause in AUTH_FAILURE_CAUSES}
-        causes.update(self.pool.stats().auth_failure_causes)
+        by_cause = dict.fromkeys(AUTH_CAUSES, 0)
+        by_cause.update(self.pool._connector.counters.auth_failures_by_cause)
         return [
-            Observation(count, {**self._attributes, FAILURE_CAUSE: cause})
-            for cause, count in sorted(causes.items())
+            Observation(count, {**self._attributes, AUTH_CAUSE: cause})
+            for cause, count in sorted(by_cause.items())
         ]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:

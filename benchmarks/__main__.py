@@ -19,6 +19,7 @@ from types import ModuleType
 from . import (
     _harness,
     case_connect,
+    case_dsql,
     case_failover,
     case_fetches,
     case_loop_lag,
@@ -36,6 +37,7 @@ CASES: list[ModuleType] = [
     case_recycling,
     case_pool_overhead,
     case_failover,
+    case_dsql,
     case_metrics,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
