@@ -26,7 +26,7 @@ import urllib.parse
 from typing import Any
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
-from ._clock import SYSTEM_CLOCK
+from ._clock import SYSTEM_CLOCK, SystemClock
 from ._credentials import CredentialCache, configured_region, credential_cache_for
 from ._errors import ConfigurationError, IAMError, diagnose_auth_failure
 from ._signing import Credentials, mask_access_key, region_from_host
@@ -60,20 +60,14 @@ class Check:
         return text
 
 
-class OffsetClock:
-    """The system clock shifted by `offset` seconds (to test what skew does)."""
+class OffsetClock(SystemClock):
+    """The system clock with its wall time shifted by `offset` seconds (to test what skew does)."""
 
     def __init__(self, offset: float) -> None:
         self._offset = dt.timedelta(seconds=offset)
 
     def now(self) -> dt.datetime:
         return SYSTEM_CLOCK.now() + self._offset
-
-    def monotonic(self) -> float:
-        return SYSTEM_CLOCK.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await SYSTEM_CLOCK.sleep(seconds)
 
 
 def _env(name: str) -> str:

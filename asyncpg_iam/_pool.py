@@ -345,8 +345,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
     Create it with `create_pool()`; it is awaitable and an async context manager, and every
-    asyncpg pool method works unchanged. `clock` is where tokens get their time (tests pass a
-    skewed or manual one); lifetimes run on the event loop's clock.
+    asyncpg pool method works unchanged. `clock` is where tokens, lifetimes and the connect
+    rate limit get their time (tests pass a skewed or manual one).
     """
 
     def __init__(
@@ -381,7 +381,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._clock = clock
         self._user_connect: Callable[..., Any] = user_connect
         self._counters = _Counters()
-        self._bucket = TokenBucket(max_connect_rate) if max_connect_rate else None
+        self._bucket = (
+            TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
+        )
         self._max_lifetime = max_lifetime
         first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
         self._name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
@@ -399,11 +401,12 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             max_lifetime=max_lifetime,
             jitter=max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
+            clock=clock,
         )
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
-        # Loop time at which each new connection's login began (read once it joins the pool).
+        # Clock time at which each new connection's login began (read once it joins the pool).
         self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     # -- introspection ---------------------------------------------------------------------
@@ -463,7 +466,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         try:
             if self._provider is None:
                 await self._throttle()
-                started = self._loop.time()
+                started = self._clock.monotonic()
                 con = await self._user_connect(*args, **kwargs)
                 self._login_started[con] = started
                 return con
@@ -497,7 +500,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         kwargs = {**kwargs, "password": password}
         if override:
             kwargs.update(host=target.host, port=target.port)
-        started = self._loop.time()
+        started = self._clock.monotonic()
         try:
             con = await self._user_connect(*args, **kwargs)
         except InvalidAuthorizationSpecificationError as exc:
@@ -684,9 +687,14 @@ def create_pool(
       pool that still recycles).
     - `max_lifetime`: no connection lives longer than this many seconds (None: forever).
       Connections in use are never interrupted; they close when released.
-    - `max_lifetime_jitter`: each connection's lifetime is drawn from
-      ``[max_lifetime * (1 - jitter), max_lifetime]`` so reconnects spread out.
+    - `max_lifetime_jitter`: a connection that replaces one retired at its lifetime lives
+      ``[max_lifetime * (1 - jitter), max_lifetime]``; any other (the pool filling up,
+      growing, reconnecting after a drop) starts with a lifetime spread over the last 75 %
+      of `max_lifetime`, so connections opened together do not come due together. 0 makes
+      every lifetime exactly `max_lifetime`.
     - `max_connect_rate`: at most this many new connections per second (None: no limit).
+      The first connect after a quiet interval waits a random part of one interval, so pools
+      that lose their connections together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
 
     With IAM, TLS defaults to verify-full (against the RDS CA bundle that ``asyncpg-iam
