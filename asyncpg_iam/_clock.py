@@ -129,12 +129,9 @@ class ManualClock:
         heapq.heappush(self._sleepers, (when, next(self._seq), timer))
         return timer
 
-    def pending(self) -> int:
-        """Return how many sleepers and timers wait for the clock (cancelled timers included)."""
-        return len(self._sleepers)
-
     def next_due(self) -> float | None:
         """Return the monotonic time at which the next sleeper or timer is due, if any."""
+        self._drop_cancelled()
         return self._sleepers[0][0] if self._sleepers else None
 
     async def advance(self, seconds: float, *, step: float | None = None) -> None:

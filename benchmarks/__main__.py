@@ -2,6 +2,8 @@
 
 Writes ``results.json`` (raw figures), ``results.md`` (the table) and PNG plots to the output
 directory (``benchmarks/results/`` by default), recording the machine, versions and date.
+With ``--only``, the cases run replace their own entries in an existing ``results.json`` and
+the others are kept, each marked with the run that produced it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from . import (
     _harness,
     case_connect,
     case_fetches,
+    case_fleet,
     case_loop_lag,
     case_pool_overhead,
     case_recycling,
@@ -33,6 +36,7 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
+    case_fleet,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
@@ -118,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     results, head = asyncio.run(_run_cases(args))
-    _harness.write_json(args.output / "results.json", head, results)
+    path = args.output / "results.json"
+    if args.only.strip() and path.exists():
+        head, results = _harness.merge_results(path, head, results, order=[c.NAME for c in CASES])
+    _harness.write_json(path, head, results)
     (args.output / "results.md").write_text(_harness.markdown(head, results))
     print(f"wrote results.json, results.md and plots to {args.output}")
     return 1 if any(result.error for result in results) else 0
