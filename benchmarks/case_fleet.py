@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asyncpg_iam import Credentials
+from asyncpg_iam import Credentials, _lifetime
 from asyncpg_iam._clock import ManualClock
 from asyncpg_iam._credentials import CredentialCache
 from asyncpg_iam._lifetime import Recycler, TokenBucket
@@ -452,10 +452,27 @@ async def run(env: Any, quick: bool) -> CaseResult:
                     scenario, replicas=replicas, size=size, connect_rate=rate, scale=scale
                 )
                 key = f"{replicas}x{size}/{settings}/{scenario}"
+                print(f"   ... {key} simulated", flush=True)
                 figures[key] = _figures(outcome)
                 figures[key]["max_connect_rate"] = rate
+    # The previous release for comparison: first lifetimes inside the 10 % jitter window.
+    replicas, size = shapes[0]
+    saved = _lifetime.FIRST_LIFETIME_SPREAD
+    _lifetime.FIRST_LIFETIME_SPREAD = 0.0
+    try:
+        before = _figures(await simulate("deploy", replicas=replicas, size=size, connect_rate=None))
+    finally:
+        _lifetime.FIRST_LIFETIME_SPREAD = saved
     result.figures = {"runs": figures, "throttle": THROTTLE, "quick": quick}
+    result.figures["previous_release_deploy"] = {
+        k: v for k, v in before.items() if k != "per_second"
+    }
     _rows(result, figures, shapes)
+    result.add(
+        f"{replicas} x {size}, deploy, previous release (first lifetimes in the jitter window)",
+        f"after the first lifetime peak {before['peak_after_first_lifetime']}, p99 "
+        f"{before['p99_after_first_lifetime']:.0f} logins/s",
+    )
     return result
 
 
