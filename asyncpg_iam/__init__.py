@@ -8,12 +8,22 @@ Every new connection gets a freshly signed token as its password, no connection 
 """
 
 from ._auth import IAMAuth
-from ._errors import ConfigurationError, CredentialsError, IAMAuthenticationError, IAMError
+from ._errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
+    CredentialsError,
+    IAMAuthenticationError,
+    IAMError,
+    TLSVerificationError,
+)
 from ._pool import Pool, PoolStats, create_pool
 from ._signing import Credentials, build_auth_token, region_from_host
 
 __all__ = [
     "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
     "IAMAuth",
@@ -21,6 +31,7 @@ __all__ = [
     "IAMError",
     "Pool",
     "PoolStats",
+    "TLSVerificationError",
     "build_auth_token",
     "create_pool",
     "region_from_host",

@@ -23,7 +23,7 @@ from ._signing import Credentials, build_auth_token, region_from_host
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
 
-__all__ = ["IAMAuth", "SigningTarget", "TokenProvider", "failure_context"]
+__all__ = ["IAMAuth", "SigningTarget", "TokenProvider", "auth_from", "failure_context"]
 
 _REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
@@ -73,6 +73,10 @@ class IAMAuth:
     the RDS endpoint to sign for when you connect through a CNAME, a tunnel or an IP address.
     `token_reuse` (seconds, at most 840) lets connects within that age share a token, for fleets
     close to RDS's IAM connection throttle; 0 signs a new token for every connect.
+
+    `insecure_unverified_tls` lets sslmode ``require`` (or a context that does not verify
+    certificates) carry the token: the connection is encrypted but anyone in the path can
+    present a certificate and receive the token. Off by default; logged as a WARNING per pool.
     """
 
     region: str | None = None
@@ -86,8 +90,14 @@ class IAMAuth:
     signing_host: str | None = None
     signing_port: int | None = None
     token_reuse: float = 0.0
+    insecure_unverified_tls: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.insecure_unverified_tls, bool):
+            raise ConfigurationError(
+                "insecure_unverified_tls must be True or False (False: the server's "
+                "certificate is always verified)"
+            )
         if self.region is not None:
             _check_region(self.region, "region")
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
@@ -166,6 +176,20 @@ class IAMAuth:
                 f"role_duration must be whole seconds from 900 to 43200 (STS's limits), "
                 f"not {duration!r}"
             )
+
+
+def auth_from(iam: object) -> IAMAuth | None:
+    """Return the IAMAuth an ``iam=`` argument means (None: no IAM); raise ConfigurationError."""
+    if iam is True:
+        return IAMAuth()
+    if iam is False:
+        return None
+    if isinstance(iam, IAMAuth):
+        return iam
+    raise ConfigurationError(
+        f"iam must be True (the default AWS credential chain), False (no IAM) or an "
+        f"asyncpg_iam.IAMAuth, not {type(iam).__name__}"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -13,10 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import email.utils
-import functools
-import ipaddress
 import json
-import os
 import socket
 import ssl
 import struct
@@ -25,19 +22,24 @@ import time
 import urllib.parse
 from typing import Any
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
+from ._auth import IAMAuth, SigningTarget, TokenProvider
+from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
 from ._clock import SYSTEM_CLOCK, SystemClock
+from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
-from ._errors import ConfigurationError, IAMError, diagnose_auth_failure
+from ._errors import (
+    ConfigurationError,
+    IAMAuthenticationError,
+    IAMError,
+    diagnose_auth_failure,
+    in_cli_words,
+)
 from ._signing import Credentials, mask_access_key, region_from_host
-from ._tls import CA_BUNDLE_ENV, ca_bundle_path, default_ssl_context
 
 __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
-_IMDS = "169.254.169.254"
-_CONTAINER = "169.254.170.2"
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 #: A clock further off than this shortens or voids the 15 minutes a token is valid.
 MAX_CLOCK_SKEW = 60.0
@@ -70,33 +72,8 @@ class OffsetClock(SystemClock):
         return SYSTEM_CLOCK.now() + self._offset
 
 
-def _env(name: str) -> str:
-    return os.environ.get(name) or os.environ.get(name.lower()) or ""
-
-
-def _bypassed(host: str, no_proxy: list[str]) -> bool:
-    """Return whether NO_PROXY entries (names, .suffixes, IPs, CIDRs, *) cover `host`."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy:
-        entry = entry.lower()
-        if entry == "*":
-            return True
-        if "/" in entry:
-            try:
-                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
-        bare = entry.lstrip(".").lstrip("*.")
-        if host == bare or host.endswith("." + bare):
-            return True
-    return False
-
-
 def _sts_host(region: str) -> str:
-    url = _env("AWS_ENDPOINT_URL_STS") or _env("AWS_ENDPOINT_URL")
+    url = env("AWS_ENDPOINT_URL_STS") or env("AWS_ENDPOINT_URL")
     if url:
         return urllib.parse.urlsplit(url).hostname or url
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
@@ -110,9 +87,12 @@ def _first_sentence(text: str) -> str:
 class Doctor:
     """Run the checks for one database endpoint and user."""
 
-    def __init__(self, args: argparse.Namespace, auth: IAMAuth) -> None:
+    def __init__(self, args: argparse.Namespace, auth: IAMAuth, plan: ConnectPlan | str) -> None:
         self.args = args
         self.auth = auth
+        # The pool's own connect plan (TLS decided as a pool would), or why it was refused.
+        self.plan = plan
+        self.connector: Connector | None = None
         self.timeout: float = args.timeout
         self.clock = OffsetClock(args.clock_offset)
         self.checks: list[Check] = []
@@ -123,9 +103,9 @@ class Doctor:
         self.credentials: Credentials | None = None
         self.aws_date: dt.datetime | None = None
         self.aws_local: dt.datetime | None = None
+        self.dns_ok = False
         self.tcp_ok = False
-        self.tls_context: ssl.SSLContext | None = None
-        self.ca_source = ""
+        self.tls_ok = False
         self.token_ok = False
         self.connection: Any = None
 
@@ -183,9 +163,11 @@ class Doctor:
             self.target = self.provider.target(self.args.host, self.args.port, self.args.user)
         except ConfigurationError as exc:
             self.region_error = str(exc)
-
-    def _status(self, name: str) -> str | None:
-        return next((c.status for c in self.checks if c.name == name), None)
+            return
+        if isinstance(self.plan, ConnectPlan):
+            self.connector = Connector(
+                self.plan, provider=self.provider, kind="doctor", clock=self.clock
+            )
 
     @property
     def _region(self) -> str:
@@ -200,37 +182,19 @@ class Doctor:
 
     async def check_proxy(self) -> Check:
         """HTTP(S)_PROXY set while NO_PROXY lets metadata or STS requests go to the proxy."""
-        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if _env(name)]
-        if not proxies:
-            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
-        no_proxy = [e.strip() for e in _env("NO_PROXY").split(",") if e.strip()]
         # Instance metadata is always listed: a role attached later, or another tool on this
         # host, would go through the proxy too.
-        needed: list[tuple[str, str]] = [(_IMDS, "instance metadata")]
-        if _env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
-            needed.append((_CONTAINER, "container credentials"))
-        full_uri = _env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        if full_uri:
-            needed.append(
-                (urllib.parse.urlsplit(full_uri).hostname or full_uri, "container credentials")
-            )
+        needed = [(IMDS_ADDRESS, "instance metadata")]
+        needed += [e for e in credential_endpoints() if e[0] != IMDS_ADDRESS]
         needed.append((_sts_host(self._region), "STS"))
-        missing = [(host, what) for host, what in needed if not _bypassed(host, no_proxy)]
-        if not missing:
-            covered = ", ".join(host for host, _ in needed)
-            return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
-        listed = ", ".join(f"{host} ({what})" for host, what in missing)
-        wanted = [e for e in no_proxy] + [
-            h for h in (_IMDS, _CONTAINER, *(host for host, _ in missing)) if h not in no_proxy
-        ]
-        return Check(
-            "proxy",
-            FAIL,
-            f"{' and '.join(proxies)} set but NO_PROXY does not include {listed}: those "
-            "requests go to the proxy, which cannot reach link-local metadata addresses, and "
-            "credential look-ups fail with 'credentials not found'",
-            f"export NO_PROXY={','.join(dict.fromkeys(wanted))}",
-        )
+        problem = proxy_problem(needed)
+        if problem is not None:
+            return Check("proxy", FAIL, problem.describe(), problem.fix)
+        proxies = [name for name in ("HTTPS_PROXY", "HTTP_PROXY") if env(name)]
+        if not proxies:
+            return Check("proxy", PASS, "no HTTP(S)_PROXY set: AWS endpoints are reached directly")
+        covered = ", ".join(host for host, _ in needed)
+        return Check("proxy", PASS, f"{' and '.join(proxies)} set; NO_PROXY covers {covered}")
 
     async def check_credentials(self) -> Check:
         """Which credential source answered, and when its credentials expire."""
@@ -370,16 +334,23 @@ class Doctor:
             )
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         canonical = next((info[3] for info in infos if info[3]), "")
+        self.dns_ok = True
         return dns_verdict(host, addresses, canonical, self.auth.signing_host)
 
     async def check_tcp(self) -> Check:
         """Open a TCP connection to host:port."""
+        if not self.dns_ok:
+            return Check("tcp", SKIP, "needs an address (the dns check)")
         host, port = self.args.host, self.args.port
         started = time.monotonic()
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            what = "timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            what = (
+                f"no answer within {self.timeout:g} s (--timeout)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
             return Check(
                 "tcp",
                 FAIL,
@@ -395,19 +366,6 @@ class Doctor:
         address = peer[0] if isinstance(peer, tuple) else host
         return Check("tcp", PASS, f"connected to {address}:{port} in {elapsed:.0f} ms")
 
-    def _tls_context(self) -> tuple[ssl.SSLContext, str]:
-        if self.args.ca:
-            if not os.path.isfile(self.args.ca):
-                raise FileNotFoundError(f"--ca {self.args.ca} does not exist")
-            return ssl.create_default_context(cafile=self.args.ca), f"--ca {self.args.ca}"
-        bundle = ca_bundle_path()
-        context = default_ssl_context()
-        if bundle is None:
-            return context, "the system store (no RDS bundle cached)"
-        if os.environ.get(CA_BUNDLE_ENV):
-            return context, f"${CA_BUNDLE_ENV} {bundle}"
-        return context, f"the cached RDS bundle {bundle}"
-
     async def check_tls(self) -> Check:
         """Ask for TLS as libpq does, then verify the certificate and the host name."""
         if not self.tcp_ok:
@@ -418,11 +376,11 @@ class Doctor:
             "bundle that signed the server's certificate; connect by the name on the "
             "certificate (the RDS endpoint), not a CNAME or an IP"
         )
-        try:
-            context, source = self._tls_context()
-        except (OSError, ssl.SSLError) as exc:
-            return Check("tls", FAIL, f"cannot load the CA bundle: {exc}", fix_ca)
-        self.ca_source = source
+        if not isinstance(self.plan, ConnectPlan):
+            return Check("tls", FAIL, f"the pool would refuse these settings: {self.plan}")
+        tls = self.plan.tls
+        assert tls.context is not None  # an IAM plan always has one
+        context, source = tls.context, tls.ca_source
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self.timeout
@@ -461,7 +419,16 @@ class Doctor:
                 f"certificate verification failed against {source}: {exc.verify_message}",
                 fix_ca,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as exc:
+        except asyncio.TimeoutError:
+            return Check(
+                "tls",
+                FAIL,
+                f"{host}:{port} accepted TCP but gave no answer to the TLS request within "
+                f"{self.timeout:g} s (--timeout)",
+                "something that is not PostgreSQL listens there, or a proxy holds the "
+                "connection: check --host and --port",
+            )
+        except (OSError, ssl.SSLError, EOFError) as exc:
             return Check("tls", FAIL, f"TLS handshake with {host}:{port} failed: {exc!r}")
         finally:
             writer.transport.abort()
@@ -469,8 +436,17 @@ class Doctor:
         ssl_object = transport.get_extra_info("ssl_object")
         version = ssl_object.version() if ssl_object is not None else "TLS"
         transport.abort()
-        self.tls_context = context
-        return Check("tls", PASS, f"{version}, certificate verified for {host} against {source}")
+        if not tls.verified:
+            return Check(
+                "tls",
+                FAIL,
+                f"{version}, but the certificate was NOT verified (sslmode {tls.mode} from "
+                f"{tls.mode_source}): anyone in the path could receive the token",
+                "use sslmode verify-full (the default) or verify-ca",
+            )
+        self.tls_ok = True
+        verified = "certificate verified" + (f" for {host}" if tls.mode == "verify-full" else "")
+        return Check("tls", PASS, f"{version}, {verified} against {source} ({tls.mode})")
 
     def _measured_skew(self) -> float | None:
         """Return seconds this clock is ahead of AWS's, by the Date of the STS response."""
@@ -518,35 +494,23 @@ class Doctor:
         )
 
     async def check_login(self) -> Check:
-        """Log in with a token over verified TLS; explain a refusal as the pool does."""
-        if not self.token_ok or self.tls_context is None:
+        """Log in with a token over verified TLS, as the pool does; explain a refusal."""
+        if not self.token_ok or not self.tls_ok or self.connector is None:
             need = (
                 "a token" if not self.token_ok else "verified TLS (a token is never sent without)"
             )
             return Check("login", SKIP, f"needs {need}")
         import asyncpg
-        from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
-        assert self.provider is not None
-        assert self.target is not None
-        target, record = self.target, TokenRecord()
-        database = self.args.dbname or self.args.user
+        target, database = self.connector.targets[0], self.connector.plan.database
         try:
-            self.connection = await asyncpg.connect(
-                host=self.args.host,
-                port=self.args.port,
-                user=self.args.user,
-                database=database,
-                ssl=self.tls_context,
-                password=functools.partial(self.provider.token, target, record),
-                timeout=self.timeout,
-            )
-        except InvalidAuthorizationSpecificationError as exc:
-            hints = self._diagnose(exc, target, record, database)
+            self.connection, _started = await self.connector.open(timeout=self.timeout)
+        except IAMAuthenticationError as exc:
+            hints = self._diagnose(exc)
             return Check(
                 "login",
                 FAIL,
-                f"{exc.__class__.__name__}: {getattr(exc, 'message', exc)}",
+                f"{exc.__class__.__name__}: {exc.context.server_message}",
                 " | ".join(f"({i}) {hint}" for i, hint in enumerate(hints, 1)),
             )
         except asyncpg.InvalidCatalogNameError as exc:
@@ -564,21 +528,13 @@ class Doctor:
             f"logged in as {target.user} to database {database} with an IAM token over TLS",
         )
 
-    def _diagnose(
-        self, exc: Exception, target: SigningTarget, record: TokenRecord, database: str
-    ) -> list[str]:
-        assert self.cache is not None
-        context = failure_context(
-            exc,
-            target,
-            record,
-            credentials=self.cache,
-            database=database,
-            now=self.clock.now(),
-            clock_skew=self._measured_skew(),
-        )
-        hints = diagnose_auth_failure(context)
-        return hints
+    def _diagnose(self, exc: IAMAuthenticationError) -> list[str]:
+        """Rank the causes as the pool does, with the skew measured against STS's Date."""
+        skew = self._measured_skew()
+        context = exc.context
+        if skew is not None:
+            context = dataclasses.replace(context, clock_skew=skew)
+        return [in_cli_words(hint) for hint in diagnose_auth_failure(context)]
 
     async def check_select(self) -> Check:
         """Run SELECT 1 on the connection."""
@@ -587,12 +543,10 @@ class Doctor:
         value = await asyncio.wait_for(self.connection.fetchval("SELECT 1"), self.timeout)
         if value != 1:
             return Check("select", FAIL, f"SELECT 1 returned {value!r}")
-        version = self.connection.get_server_version()
-        return Check(
-            "select",
-            PASS,
-            f"SELECT 1 returned 1 (PostgreSQL {version.major}.{version.minor})",
-        )
+        # As the server reports it ("15.18 (Debian ...)"): asyncpg's ServerVersion reads
+        # 15.18 as 15.0.18.
+        reported = str(self.connection.get_settings().server_version).split()[0]
+        return Check("select", PASS, f"SELECT 1 returned 1 (PostgreSQL {reported})")
 
 
 def dns_verdict(host: str, addresses: list[str], canonical: str, signing_host: str | None) -> Check:
@@ -652,16 +606,26 @@ def _describe_identity(arn: str) -> str:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam doctor``; exit status 0 only when every check passes."""
-    from .cli import iam_auth_from
+    from .cli import iam_auth_from, plan_from
 
     auth = iam_auth_from(args)
-    checks = asyncio.run(Doctor(args, auth).run())
+    plan: ConnectPlan | str
+    try:
+        plan = plan_from(args, auth)
+    except ConfigurationError as exc:
+        plan = str(exc)  # reported by the TLS check; the checks before it still run
+    checks = asyncio.run(Doctor(args, auth, plan).run())
     ok = all(check.status == PASS for check in checks)
     if args.json:
         document = {"ok": ok, "checks": [dataclasses.asdict(check) for check in checks]}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
+        shown: set[str] = set()
         for check in checks:
+            if check.fix in shown:  # the same fix once: later checks refer to it
+                check = dataclasses.replace(check, fix="the same as above")
+            elif check.fix:
+                shown.add(check.fix)
             sys.stdout.write(check.line() + "\n")
         failed = sum(check.status == FAIL for check in checks)
         skipped = sum(check.status == SKIP for check in checks)

@@ -31,6 +31,7 @@ import os
 import re
 from typing import Any, Protocol
 
+from ._aws_env import proxy_hint
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, CredentialsError
 from ._signing import Credentials, mask_access_key
@@ -41,8 +42,6 @@ logger = logging.getLogger("asyncpg_iam.credentials")
 
 #: Refresh once less than this fraction of the issued lifetime is left (or refresh_ahead).
 _REFRESH_FRACTION = 0.45
-_IMDS_ADDRESS = "169.254.169.254"
-_CONTAINER_ADDRESS = "169.254.170.2"
 
 #: botocore's provider METHOD names, as a person would say them.
 _METHODS = {
@@ -125,6 +124,11 @@ class CredentialCache:
         """Where the credentials come from, for messages; never a secret."""
         return self._source.description
 
+    @property
+    def closed(self) -> bool:
+        """Whether `aclose()` was called."""
+        return self._closed
+
     def peek(self) -> Credentials | None:
         """Return the last credentials fetched successfully, without I/O (even if expired)."""
         return self._current
@@ -184,7 +188,18 @@ class CredentialCache:
                 if mono < self._retry_at and self._last_error is not None:
                     raise self._unavailable(self._last_error)
                 task = self._start_fetch()
-            return await asyncio.shield(task)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not (self.closed and task.cancelled()) or _cancelling():
+                    raise
+                # The fetch was cancelled by aclose(), not this caller: say so, do not make
+                # it look as if the caller's own task had been cancelled.
+                raise CredentialsError(
+                    f"the credential cache for {self.source} was closed while waiting for "
+                    "credentials (the pool or engine is closing)",
+                    source=self.source,
+                ) from None
 
     def _start_fetch(self) -> asyncio.Task[Credentials]:
         task = asyncio.get_running_loop().create_task(self._fetch())
@@ -239,7 +254,7 @@ class CredentialCache:
             raise CredentialsError(
                 f"fetching AWS credentials from {self.source} timed out after "
                 f"{self._fetch_timeout:g} s; check that the credential endpoint is reachable "
-                "(proxies, firewalls, NO_PROXY)" + _proxy_hint(),
+                "(proxies, firewalls, NO_PROXY)" + proxy_hint(),
                 source=self.source,
             )
         return fetch.result()
@@ -310,6 +325,13 @@ class CredentialCache:
         return fresh
 
 
+def _cancelling() -> bool:
+    """Tell whether the running task itself has been asked to cancel (Python 3.11+)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
 def _expired_message(source: str, credentials: Credentials, now: dt.datetime) -> str:
     expiry = credentials.expiry
     assert expiry is not None
@@ -319,33 +341,6 @@ def _expired_message(source: str, credentials: Credentials, now: dt.datetime) ->
         f" expired at {expiry.isoformat()}, {ago:.0f} s ago. Renew them (`aws sso login` for "
         "SSO, new keys for static ones, check the role's session duration) and check that this "
         "host's clock is right."
-    )
-
-
-def _env(name: str) -> str:
-    return os.environ.get(name) or os.environ.get(name.lower()) or ""
-
-
-def _proxy_hint(address: str | None = None) -> str:
-    """Explain a proxy that captures a metadata address, when the environment shows one.
-
-    `address` is the endpoint that failed; None means instance metadata, if it was tried.
-    """
-    proxies = [name for name in ("HTTP_PROXY", "HTTPS_PROXY") if _env(name)]
-    if not proxies:
-        return ""
-    no_proxy = {entry.strip() for entry in _env("NO_PROXY").split(",") if entry.strip()}
-    if address is None:
-        if _env("AWS_EC2_METADATA_DISABLED").lower() == "true":
-            return ""
-        address = _IMDS_ADDRESS
-    if "*" in no_proxy or address in no_proxy:
-        return ""
-    what = "instance metadata" if address == _IMDS_ADDRESS else "container credentials"
-    return (
-        f". {' and '.join(proxies)} is set and NO_PROXY does not include {address}: the "
-        f"{what} request probably went to the proxy and failed; add {address} to NO_PROXY "
-        f"(NO_PROXY={_IMDS_ADDRESS},{_CONTAINER_ADDRESS} covers instances and containers)"
     )
 
 
@@ -364,7 +359,7 @@ def _no_credentials_message(description: str, profile: str | None) -> str:
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, run `aws sso login`, or run with an IAM "
             "role attached"
         )
-    return where + _proxy_hint()
+    return where + proxy_hint()
 
 
 async def _freeze(loaded: Any) -> Credentials:
@@ -437,10 +432,8 @@ class _ChainSource:
             provider = getattr(exc, "kwargs", {}).get("provider")
             if isinstance(provider, str):
                 self._method = provider
-            address = _CONTAINER_ADDRESS if provider == "container-role" else None
             raise CredentialsError(
-                f"{self.description} could not provide AWS credentials: {exc}"
-                + _proxy_hint(address),
+                f"{self.description} could not provide AWS credentials: {exc}" + proxy_hint(),
                 source=self.description,
             ) from exc
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:

@@ -3,8 +3,13 @@
     IAMError                                  base: catch this for anything the library raises
     ├── ConfigurationError (also ValueError)  bad arguments; raised at creation, before any I/O
     ├── CredentialsError                      no valid AWS credentials could be obtained
-    └── IAMAuthenticationError                the database refused an IAM login; also an
-                                              asyncpg InvalidAuthorizationSpecificationError
+    ├── IAMAuthenticationError                the database refused an IAM login; also an
+    │                                         asyncpg InvalidAuthorizationSpecificationError
+    └── ConnectError (also OSError)           the server could not be reached or did not answer:
+        │                                     host, port, the phase reached and a hint
+        ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+        └── TLSVerificationError              the server's certificate did not verify (also
+                                              ssl.SSLCertVerificationError)
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -12,17 +17,23 @@ session token.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
+import ssl
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
     "AuthFailureContext",
     "ConfigurationError",
+    "ConnectError",
+    "ConnectTimeoutError",
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "TLSVerificationError",
+    "in_cli_words",
 ]
 
 
@@ -116,7 +127,7 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     if "ssl off" in message or "no encryption" in message:
         hints.append(
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'require'."
+            "with ssl='verify-full' (the default) or 'verify-ca'."
         )
     if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
         hints.append(
@@ -180,6 +191,23 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     return hints
 
 
+# How a hint's library settings are spelled on the command line (`asyncpg-iam doctor`).
+_CLI_WORDS = (
+    ("Drop IAMAuth(region=...) or set it to", "Drop --region or pass --region"),
+    ("IAMAuth(region=...)", "--region"),
+    ("pass IAMAuth(signing_host=", "pass --signing-host "),
+    (", signing_port=<its port>)", " --signing-port <its port>"),
+    ("IAMAuth(token_reuse=...)", "token_reuse"),
+)
+
+
+def in_cli_words(hint: str) -> str:
+    """Return `hint` with the library's settings named as the command line's options."""
+    for library, cli in _CLI_WORDS:
+        hint = hint.replace(library, cli)
+    return hint
+
+
 class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError):  # type: ignore[misc]
     """The database refused an IAM login ("PAM authentication failed").
 
@@ -233,3 +261,47 @@ class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError): 
     def region(self) -> str:
         """The region the token was signed for."""
         return self.context.region
+
+
+class ConnectError(IAMError, OSError):
+    """The server could not be reached, or stopped answering, before a login was attempted.
+
+    `phase` is how far the connection got: ``"dns"``, ``"tcp"``, ``"tls"``, ``"startup"``
+    (TCP open, no answer to the TLS request) or ``"login"``; `hint` says what to check.
+    Chained to the underlying error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        port: int,
+        phase: str,
+        hint: str,
+        timeout: float | None = None,
+    ) -> None:
+        super().__init__(f"{message}. {hint}")
+        self.host = host
+        self.port = port
+        self.phase = phase
+        self.hint = hint
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConnectTimeoutError(ConnectError, asyncio.TimeoutError):
+    """Connecting did not finish within the connect timeout (`timeout`, seconds)."""
+
+
+class TLSVerificationError(ConnectError, ssl.SSLCertVerificationError):
+    """The server's certificate did not verify; no token was sent.
+
+    `ca` names the CA file or store it was checked against.
+    """
+
+    def __init__(self, message: str, *, host: str, port: int, hint: str, ca: str) -> None:
+        super().__init__(message, host=host, port=port, phase="tls", hint=hint)
+        self.ca = ca

@@ -11,37 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
-import functools
 import inspect
 import logging
-import os
-import ssl as ssl_module
-import urllib.parse
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
-import asyncpg.connect_utils
 import asyncpg.pool
-from asyncpg.exceptions import (
-    CannotConnectNowError,
-    ClientConfigurationError,
-    InvalidAuthorizationSpecificationError,
-    TargetServerAttributeNotMatched,
-)
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
+from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
-from ._errors import (
-    ConfigurationError,
-    IAMAuthenticationError,
-    diagnose_auth_failure,
-)
-from ._lifetime import Recycler, TokenBucket
-from ._tls import default_ssl_context
+from ._connect import Connector, check_keywords, plan_connect
+from ._errors import ConfigurationError, CredentialsError
+from ._lifetime import Recycler
 
 __all__ = ["Pool", "PoolStats", "create_pool"]
 
@@ -51,14 +35,14 @@ logger = logging.getLogger("asyncpg_iam.pool")
 SUPPORTED_ASYNCPG = ((0, 30), (0, 32))
 
 
-def _asyncpg_version() -> tuple[int, int]:
+def asyncpg_version() -> tuple[int, int]:
     major, minor = asyncpg.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _check_asyncpg_version() -> None:
     low, high = SUPPORTED_ASYNCPG
-    if not low <= _asyncpg_version() <= high:
+    if not low <= asyncpg_version() <= high:
         raise ImportError(
             f"asyncpg-iam supports asyncpg {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
             f"{asyncpg.__version__}: its pool overrides asyncpg internals that change between "
@@ -73,17 +57,12 @@ _POOL_DEFAULTS = {
     for name, param in inspect.signature(asyncpg.create_pool).parameters.items()
     if param.kind is inspect.Parameter.KEYWORD_ONLY
 }
-_CONNECT_DEFAULTS = {
-    name: param.default
-    for name, param in inspect.signature(asyncpg.connect).parameters.items()
-    if param.default is not inspect.Parameter.empty
-}
-_PARSE_PARAMETERS = tuple(
-    inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
-)
-_INSECURE_SSLMODES = {"disable", "allow", "prefer"}
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
+# The keywords Pool takes besides asyncpg's.
+_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+# What asyncpg's pool passes its connect callable besides the connection arguments.
+_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,38 +92,20 @@ class PoolStats:
     """Fetches from the AWS credential source (successful or not)."""
     connects_rate_limited: int
     """Login attempts that waited for ``max_connect_rate``."""
+    handed_out_due: int
+    """Connections that came due during their own acquire (connect, init and setup took longer
+    than their lifetime): handed out once and closed on release."""
     open_connections: int
     """Connections open when the snapshot was taken."""
 
 
 class _Counters:
-    __slots__ = (
-        "auth_failures",
-        "closed",
-        "connect_attempts",
-        "connect_failures",
-        "connects_rate_limited",
-        "opened",
-    )
+    __slots__ = ("closed", "handed_out_due", "opened")
 
     def __init__(self) -> None:
         self.opened = 0
         self.closed: Counter[str] = Counter()
-        self.connect_attempts = 0
-        self.connect_failures = 0
-        self.auth_failures = 0
-        self.connects_rate_limited = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _ConnectPlan:
-    """The parsed connection settings a pool dials with."""
-
-    addrs: tuple[tuple[str, int], ...]
-    user: str
-    database: str | None
-    target_session_attrs: str
-    connect_kwargs: dict[str, Any]
+        self.handed_out_due = 0
 
 
 def _validate_pool_options(
@@ -175,172 +136,6 @@ def _validate_pool_options(
         )
 
 
-def _dsn_query(dsn: str | None) -> dict[str, list[str]]:
-    if not dsn:
-        return {}
-    try:
-        return urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"invalid dsn: {exc}; pass one like 'postgresql://user@host:5432/database'"
-        ) from exc
-
-
-def _tls_kwargs(dsn: str | None, connect_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Return `connect_kwargs` with verify-full TLS filled in when the caller chose nothing."""
-    query = _dsn_query(dsn)
-    chose_tls = (
-        "ssl" in connect_kwargs
-        or "sslmode" in query
-        or "ssl" in query
-        or os.environ.get("PGSSLMODE")
-    )
-    if chose_tls:
-        return connect_kwargs
-    if "sslrootcert" in query or os.environ.get("PGSSLROOTCERT"):
-        # asyncpg loads the given root certificate for a verify-full string, not for a context.
-        return {**connect_kwargs, "ssl": "verify-full"}
-    try:
-        context = default_ssl_context()
-    except (OSError, ssl_module.SSLError) as exc:
-        raise ConfigurationError(
-            f"cannot load the CA bundle for verify-full TLS ({exc.__class__.__name__}): check "
-            "$ASYNCPG_IAM_CA_BUNDLE, run `asyncpg-iam ca-bundle`, or pass ssl=<SSLContext>"
-        ) from exc
-    return {**connect_kwargs, "ssl": context}
-
-
-def _parse(dsn: str | None, connect_kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Parse connection settings exactly as asyncpg will, without connecting."""
-    arguments = {
-        name: connect_kwargs.get(name, _CONNECT_DEFAULTS.get(name)) for name in _PARSE_PARAMETERS
-    }
-    arguments["dsn"] = dsn
-    try:
-        addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
-        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
-        raise ConfigurationError(f"invalid connection settings: {exc}") from exc
-    return addrs, params
-
-
-def _plan(dsn: str | None, connect_kwargs: dict[str, Any], *, iam: bool) -> _ConnectPlan:
-    if iam:
-        dsn_password = None
-        if dsn:
-            try:
-                dsn_password = urllib.parse.urlsplit(dsn).password
-            except ValueError:
-                dsn_password = None  # _parse reports the malformed DSN
-        if connect_kwargs.get("password") is not None or dsn_password:
-            raise ConfigurationError(
-                "password cannot be combined with IAM authentication: the token is the "
-                "password. Drop password=..., or pass iam=False for a static password"
-            )
-        connect_kwargs = _tls_kwargs(dsn, connect_kwargs)
-    addrs, params = _parse(dsn, connect_kwargs)
-    tcp_addrs: list[tuple[str, int]] = []
-    for addr in addrs:
-        if isinstance(addr, str):
-            if iam:
-                raise ConfigurationError(
-                    f"IAM authentication needs TLS over TCP, but {addr!r} is a Unix socket: "
-                    "pass host='<endpoint>'"
-                )
-            continue
-        tcp_addrs.append((str(addr[0]), int(addr[1])))
-    if iam:
-        sslmode = getattr(params, "sslmode", None)
-        mode = getattr(sslmode, "name", str(sslmode)).replace("_", "-")
-        # asyncpg < 0.32 labels an explicit SSLContext "disable"; it still insists on TLS.
-        explicit_context = isinstance(connect_kwargs.get("ssl"), ssl_module.SSLContext)
-        if not explicit_context and (not params.ssl or mode in _INSECURE_SSLMODES):
-            raise ConfigurationError(
-                f"sslmode {mode!r} could send the IAM token over an unencrypted connection, "
-                "where anyone on the path could use it for 15 minutes. Use ssl='verify-full' "
-                "(the default when ssl is not given), 'verify-ca', 'require', or an "
-                "ssl.SSLContext"
-            )
-    tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
-    return _ConnectPlan(
-        addrs=tuple(tcp_addrs),
-        user=str(params.user),
-        database=params.database,
-        target_session_attrs=str(tsa),
-        connect_kwargs=connect_kwargs,
-    )
-
-
-async def open_any_host(
-    targets: Sequence[SigningTarget],
-    open_target: Callable[[SigningTarget, dict[str, Any]], Awaitable[Any]],
-    kwargs: dict[str, Any],
-    target_session_attrs: str,
-) -> Any:
-    """Open a connection to the first of `targets` that answers and has the wanted role.
-
-    asyncpg calls the password callable without saying which host it dials, so each host
-    gets its own connect call (``open_target(target, per_host_kwargs)``) with its own token;
-    `target_session_attrs` is applied the way asyncpg applies it across hosts.
-    """
-    loop = asyncio.get_running_loop()
-    timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
-    deadline = None if timeout is None else loop.time() + float(timeout)
-    passes = (
-        ["standby", "any"] if target_session_attrs == "prefer-standby" else [target_session_attrs]
-    )
-    last_error: BaseException | None = None
-    for attrs in passes:
-        for target in targets:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise asyncio.TimeoutError("connect timed out trying every host")
-            per_host = {**kwargs, "target_session_attrs": attrs}
-            if remaining is not None:
-                per_host["timeout"] = remaining
-            try:
-                return await open_target(target, per_host)
-            except (
-                OSError,
-                asyncio.TimeoutError,
-                CannotConnectNowError,
-                TargetServerAttributeNotMatched,
-            ) as exc:
-                last_error = exc
-    assert last_error is not None
-    raise last_error
-
-
-def explain_auth_failure(
-    exc: InvalidAuthorizationSpecificationError,
-    target: SigningTarget,
-    record: TokenRecord,
-    *,
-    provider: TokenProvider,
-    database: str | None,
-    now: dt.datetime,
-    owner: str,
-) -> IAMAuthenticationError:
-    """Turn a refused login into an `IAMAuthenticationError` with ranked hints, and log it.
-
-    `owner` names what was connecting (``"pool app@host:5432"``) in the log line.
-    """
-    context = failure_context(
-        exc, target, record, credentials=provider.credentials, database=database, now=now
-    )
-    error = IAMAuthenticationError(context, diagnose_auth_failure(context))
-    logger.warning(
-        "%s: IAM login refused for %s at %s:%s (region %s): %s",
-        owner,
-        target.user,
-        target.host,
-        target.port,
-        target.region,
-        error.hints[0],
-    )
-    return error
-
-
 class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
@@ -362,38 +157,27 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
-        if not isinstance(iam, (bool, IAMAuth)):
-            raise ConfigurationError(
-                f"iam must be True (the default AWS credential chain), False (no IAM) or an "
-                f"asyncpg_iam.IAMAuth, not {type(iam).__name__}"
-            )
+        auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
-        auth = IAMAuth() if iam is True else (iam or None)
-        self._plan = _plan(dsn, kwargs, iam=auth is not None)
-        self._provider = TokenProvider(auth, clock=clock) if auth is not None else None
-        self._targets: tuple[SigningTarget, ...] = ()
-        if self._provider is not None:
-            self._targets = tuple(
-                self._provider.target(host, port, self._plan.user)
-                for host, port in self._plan.addrs
-            )
-        self._clock = clock
-        self._user_connect: Callable[..., Any] = user_connect
-        self._counters = _Counters()
-        self._bucket = (
-            TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
+        plan = plan_connect(dsn, kwargs, auth=auth)
+        self._connector = Connector(
+            plan,
+            provider=TokenProvider(auth, clock=clock) if auth is not None else None,
+            max_connect_rate=max_connect_rate,
+            name=name,
+            clock=clock,
+            connect=user_connect,
         )
+        self._clock = clock
+        self._counters = _Counters()
         self._max_lifetime = max_lifetime
-        first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
-        self._name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
+        self._name = self._connector.name
+        self._warned_due_on_handout = False
         try:
-            super().__init__(
-                dsn,
-                connect=_bound_connect(weakref.ref(self)),
-                **pool_kwargs,
-                **self._plan.connect_kwargs,
-            )
+            # The connection arguments live in the connector; asyncpg's own are never used.
+            super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._recycler = Recycler(
@@ -419,31 +203,43 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     @property
     def iam(self) -> IAMAuth | None:
         """The IAM settings, or None for a pool without IAM."""
-        return self._provider.auth if self._provider is not None else None
+        return self._connector.auth
 
     def stats(self) -> PoolStats:
         """Return a snapshot of the pool's counters."""
         counters = self._counters
-        provider = self._provider
+        connects = self._connector.counters
+        provider = self._connector.provider
         return PoolStats(
             connections_opened=counters.opened,
             connections_closed=dict(counters.closed),
-            connect_attempts=counters.connect_attempts,
-            connect_failures=counters.connect_failures,
-            auth_failures=counters.auth_failures,
+            connect_attempts=connects.attempts,
+            connect_failures=connects.failures,
+            auth_failures=connects.auth_failures,
             tokens_signed=provider.tokens_signed if provider else 0,
             token_reuses=provider.token_reuses if provider else 0,
             credential_fetches=provider.credentials.fetches if provider else 0,
-            connects_rate_limited=counters.connects_rate_limited,
+            connects_rate_limited=connects.rate_limited,
+            handed_out_due=counters.handed_out_due,
             open_connections=self.get_size(),
         )
 
     def __repr__(self) -> str:
         return (
-            f"<asyncpg_iam.Pool {self._name!r} iam={self._provider is not None} "
+            f"<asyncpg_iam.Pool {self._name!r} iam={self._connector.auth is not None} "
             f"max_lifetime={self._max_lifetime} size={self.get_size()}"
             f"/{self.get_max_size()}>"
         )
+
+    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+        """Use new connection arguments for the connections opened from now on.
+
+        They are planned and checked exactly as `create_pool`'s (TLS policy included); a
+        refused change raises `ConfigurationError` before anything is sent and leaves the
+        previous arguments in force. Open connections stay until they are retired; call
+        `expire_connections()` to replace them sooner.
+        """
+        self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -455,78 +251,17 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
         return con
 
-    async def _throttle(self) -> None:
-        """Take a slot of the connect rate limit; every login attempt takes one."""
-        if self._bucket is not None and await self._bucket.acquire() > 0:
-            self._counters.connects_rate_limited += 1
-
-    async def _open(self, *args: Any, **kwargs: Any) -> Any:
-        """Open one connection: a token per host tried, each login within the rate limit."""
-        self._counters.connect_attempts += 1
+    async def _open(self, **kwargs: Any) -> Any:
+        """Open one connection through the connector (asyncpg's connect callback)."""
+        extra = {k: kwargs[k] for k in _POOL_CONNECT_EXTRAS if k in kwargs}
         try:
-            if self._provider is None:
-                await self._throttle()
-                started = self._clock.monotonic()
-                con = await self._user_connect(*args, **kwargs)
-                self._login_started[con] = started
-                return con
-            if len(self._targets) == 1:
-                return await self._open_target(self._targets[0], args, kwargs, override=False)
-            return await self._open_multi_host(args, kwargs)
-        except BaseException:
-            self._counters.connect_failures += 1
+            con, started = await self._connector.open(**extra)
+        except CredentialsError as exc:
+            if self.is_closing():
+                raise asyncpg.InterfaceError("pool is closing") from exc
             raise
-
-    async def _open_multi_host(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await open_any_host(
-            self._targets,
-            lambda target, per_host: self._open_target(target, args, per_host, override=True),
-            kwargs,
-            self._plan.target_session_attrs,
-        )
-
-    async def _open_target(
-        self,
-        target: SigningTarget,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        override: bool,
-    ) -> Any:
-        assert self._provider is not None
-        await self._throttle()
-        record = TokenRecord()
-        password = functools.partial(self._provider.token, target, record)
-        kwargs = {**kwargs, "password": password}
-        if override:
-            kwargs.update(host=target.host, port=target.port)
-        started = self._clock.monotonic()
-        try:
-            con = await self._user_connect(*args, **kwargs)
-        except InvalidAuthorizationSpecificationError as exc:
-            if isinstance(exc, IAMAuthenticationError):
-                raise
-            self._counters.auth_failures += 1
-            raise self._explain(exc, target, record) from exc
         self._login_started[con] = started
         return con
-
-    def _explain(
-        self,
-        exc: InvalidAuthorizationSpecificationError,
-        target: SigningTarget,
-        record: TokenRecord,
-    ) -> IAMAuthenticationError:
-        assert self._provider is not None
-        return explain_auth_failure(
-            exc,
-            target,
-            record,
-            provider=self._provider,
-            database=self._plan.database,
-            now=self._clock.now(),
-            owner=f"pool {self._name}",
-        )
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -534,6 +269,15 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):
+            deadline = self._recycler.deadline(proxy._con)
+            # Deadlines are clock times: when did this acquire begin by the clock?
+            began = self._clock.monotonic() - (self._loop.time() - started)
+            if deadline is not None and deadline > began:
+                # It came due during this very acquire (its connect, init or setup took that
+                # long): hand it out once rather than loop forever; it closes on release.
+                self._recycler.retire_on_release(proxy._holder)
+                self._note_due_on_handout()
+                break
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
             self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
@@ -546,6 +290,18 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
                 remaining = max(0.0, started + timeout - self._loop.time())
             proxy = await super()._acquire(remaining)
         return proxy
+
+    def _note_due_on_handout(self) -> None:
+        self._counters.handed_out_due += 1
+        if not self._warned_due_on_handout:
+            self._warned_due_on_handout = True
+            logger.warning(
+                "pool %s: a connection reached max_lifetime (%s s) before it was handed out: "
+                "connecting plus init and setup took longer than its lifetime. It is used "
+                "once and closed on release; raise max_lifetime or make setup/init faster",
+                self._name,
+                self._max_lifetime,
+            )
 
     def _on_connection_closed(self, reason: str) -> None:
         self._counters.closed[reason] += 1
@@ -583,7 +339,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
                 self.get_size(),
                 self.get_min_size(),
                 self.get_max_size(),
-                self._provider.credentials.source if self._provider is not None else "off",
+                self._connector.provider.credentials.source
+                if self._connector.provider is not None
+                else "off",
                 self._max_lifetime,
             )
         return result
@@ -603,7 +361,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
-        if self._provider is not None and self._shutdown_task is None:
+        if self._connector.provider is not None and self._shutdown_task is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -613,18 +371,17 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _shutdown(self) -> None:
         if self._refill_task is not None:
             self._refill_task.cancel()
-        if self._provider is not None:
-            await self._provider.aclose()  # idempotent
+        await self._connector.aclose()  # idempotent
 
 
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
 
-    async def connect(*args: Any, **kwargs: Any) -> Any:
+    async def connect(*_args: Any, **kwargs: Any) -> Any:
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return await pool._open(*args, **kwargs)
+        return await pool._open(**kwargs)
 
     return connect
 
@@ -697,9 +454,14 @@ def create_pool(
       that lose their connections together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
 
+    - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
+
     With IAM, TLS defaults to verify-full (against the RDS CA bundle that ``asyncpg-iam
-    ca-bundle`` caches, else the system store), and sslmode disable/allow/prefer raise
-    `ConfigurationError`, since the token would travel in clear.
+    ca-bundle`` caches, else the system store); verify-ca is accepted; sslmode
+    disable/allow/prefer raise `ConfigurationError`, since the token could travel in clear, and
+    so does require (no certificate check) unless ``IAMAuth(insecure_unverified_tls=True)``.
+    The TLS settings (``ssl``, the DSN's, ``PGSSLMODE``, ``PGSSLROOTCERT``, ...) are read once,
+    here: changing the environment later changes nothing.
     """
     return Pool(
         dsn,

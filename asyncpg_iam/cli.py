@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import os
 import shutil
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._auth import IAMAuth, TokenProvider
+from ._connect import Connector, ConnectPlan, plan_connect
 from ._errors import ConfigurationError, IAMError
 
 __all__ = ["build_parser", "main"]
@@ -225,13 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
 # -- token --------------------------------------------------------------------------------------
 
 
-async def _sign(args: argparse.Namespace) -> str:
-    provider = TokenProvider(iam_auth_from(args))
+def plan_from(args: argparse.Namespace, auth: IAMAuth, *, tls: bool = True) -> ConnectPlan:
+    """Return the connect plan the command's options describe, made as a pool makes it.
+
+    Raises ConfigurationError for options a pool would refuse, TLS settings included.
+    """
+    kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "user": args.user}
+    if hasattr(args, "dbname"):
+        kwargs["database"] = args.dbname or args.user
+    if getattr(args, "ca", None):
+        kwargs["sslrootcert"] = args.ca
+    if not tls:
+        # Printing a token sends nothing: no TLS decision to make or to refuse.
+        kwargs["ssl"] = ssl.create_default_context()
+    return plan_connect(None, kwargs, auth=auth)
+
+
+def connector_from(args: argparse.Namespace, *, tls: bool = True) -> Connector:
+    """Return the Connector the command's options describe (the pool's connect path)."""
+    auth = iam_auth_from(args)
+    plan = plan_from(args, auth, tls=tls)
+    return Connector(plan, provider=TokenProvider(auth), kind=args.command)
+
+
+async def _sign(args: argparse.Namespace, connector: Connector | None = None) -> str:
+    connector = connector or connector_from(args, tls=False)
     try:
-        target = provider.target(args.host, args.port, args.user)
-        return await provider.token(target)
+        return await connector.sign()
     finally:
-        await provider.aclose()
+        await connector.aclose()
 
 
 def _run_token(args: argparse.Namespace) -> int:
@@ -242,24 +266,91 @@ def _run_token(args: argparse.Namespace) -> int:
 
 # -- psql ---------------------------------------------------------------------------------------
 
+# libpq variables that cannot redirect a connection or weaken its TLS: kept for psql. Every
+# other PG* variable of the caller's environment (PGSERVICE, PGHOSTADDR, PGSSLMODE,
+# PGREQUIRESSL, PGSSLNEGOTIATION, PGPASSFILE, ...) is dropped.
+_PSQL_KEPT = frozenset(
+    {"PGAPPNAME", "PGCLIENTENCODING", "PGCONNECT_TIMEOUT", "PGDATESTYLE", "PGTZ", "PGGEQO"}
+)
+# psql's short options that choose where to connect: the plan decides that, so they are refused.
+_PSQL_CONNECTION_SHORT = frozenset("hpUd")
+_PSQL_CONNECTION_LONG = frozenset({"--host", "--port", "--username", "--dbname"})
+# psql's short options that take a value (attached, or as the next argument).
+_PSQL_VALUE_SHORT = frozenset("cfFLoPRTv")
+_PSQL_VALUE_LONG = frozenset(
+    {
+        "--command",
+        "--file",
+        "--field-separator",
+        "--log-file",
+        "--output",
+        "--pset",
+        "--record-separator",
+        "--table-attr",
+        "--set",
+        "--variable",
+    }
+)
 
-def _psql_ca(args: argparse.Namespace) -> str:
-    from ._tls import ca_bundle_path
 
-    path = args.ca or os.environ.get("PGSSLROOTCERT")
-    if not path:
-        found = ca_bundle_path()
-        path = str(found) if found is not None else None
-    if not path:
+def check_psql_arguments(extra: Sequence[str]) -> None:
+    """Refuse psql arguments that would connect elsewhere than the plan (with the token)."""
+    refused: str | None = None
+    arguments = iter(extra)
+    for argument in arguments:
+        if argument.startswith("--"):
+            name = argument.split("=", 1)[0]
+            if name in _PSQL_CONNECTION_LONG:
+                refused = argument
+            elif name in _PSQL_VALUE_LONG and "=" not in argument:
+                next(arguments, None)
+        elif argument.startswith("-") and len(argument) > 1:
+            for index, option in enumerate(argument[1:], 1):
+                if option in _PSQL_CONNECTION_SHORT:
+                    refused = argument
+                    break
+                if option in _PSQL_VALUE_SHORT:
+                    if index == len(argument) - 1:
+                        next(arguments, None)  # the value is the next argument
+                    break  # the rest of this argument is the option's value
+        else:
+            refused = argument  # a database name, user name or connection string
+        if refused is not None:
+            raise ConfigurationError(
+                f"psql argument {refused!r} would choose the server, user or database, and "
+                "psql would send it the token: pass --host, --port, --user and --dbname to "
+                "asyncpg-iam instead"
+            )
+
+
+def psql_environment(environ: Mapping[str, str], plan: ConnectPlan, token: str) -> dict[str, str]:
+    """Return psql's environment: the caller's without libpq settings, plus the plan's."""
+    tls = plan.tls
+    if tls.ca_file is None:
         raise ConfigurationError(
-            "no CA bundle to verify the server with: run `asyncpg-iam ca-bundle` (downloads "
-            "the RDS global bundle), or pass --ca PATH, or set PGSSLROOTCERT"
+            f"psql needs a CA file to verify the server ({tls.ca_source}): run `asyncpg-iam "
+            "ca-bundle` (downloads the RDS global bundle), or pass --ca PATH, or set "
+            "PGSSLROOTCERT"
         )
-    if not os.path.isfile(path):
-        raise ConfigurationError(
-            f"the CA bundle {path} does not exist: run `asyncpg-iam ca-bundle` or pass --ca PATH"
-        )
-    return path
+    host, port = plan.endpoints[0]
+    env = {k: v for k, v in environ.items() if not k.startswith("PG") or k in _PSQL_KEPT}
+    # The token goes in the environment, never in argv (visible to every user in `ps`).
+    env.update(
+        PGHOST=host,
+        PGPORT=str(port),
+        PGUSER=plan.user,
+        PGDATABASE=plan.database,
+        PGPASSWORD=token,
+        PGSSLMODE=tls.mode,
+        PGSSLROOTCERT=tls.ca_file,
+        # GSSAPI encryption would replace TLS (and its certificate check) if a ticket exists.
+        PGGSSENCMODE="disable",
+    )
+    if tls.cert_file is not None:
+        env["PGSSLCERT"] = tls.cert_file
+    if tls.key_file is not None:
+        env["PGSSLKEY"] = tls.key_file
+    return env
 
 
 def _run_psql(args: argparse.Namespace, extra: list[str]) -> int:
@@ -271,20 +362,12 @@ def _run_psql(args: argparse.Namespace, extra: list[str]) -> int:
             "or pass --psql /path/to/psql\n"
         )
         return EXIT_FAILED
-    ca = _psql_ca(args)
-    token = asyncio.run(_sign(args))
-    env = dict(os.environ)
-    # The token goes in the environment, never in argv (visible to every user in `ps`).
-    env.update(
-        PGHOST=args.host,
-        PGPORT=str(args.port),
-        PGUSER=args.user,
-        PGDATABASE=args.dbname or args.user,
-        PGPASSWORD=token,
-        PGSSLMODE="verify-full",
-        PGSSLROOTCERT=ca,
-    )
-    env.pop("PGPASSFILE", None)
+    check_psql_arguments(extra)
+    connector = connector_from(args)
+    # Refuse before signing: psql cannot use a plan without a CA file.
+    psql_environment({}, connector.plan, "")
+    token = asyncio.run(_sign(args, connector))
+    env = psql_environment(os.environ, connector.plan, token)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(program, [program, *extra], env)  # noqa: S606 - argv is a list, no shell

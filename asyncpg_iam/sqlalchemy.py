@@ -26,7 +26,6 @@ each connection on checkout as well. Needs the ``sqlalchemy`` extra.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -45,13 +44,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 import asyncpg
-from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord
-from ._clock import SYSTEM_CLOCK
+from ._auth import IAMAuth, TokenProvider, auth_from
+from ._connect import Connector, check_keywords, plan_connect
 from ._errors import ConfigurationError, IAMAuthenticationError
-from ._lifetime import TokenBucket, draw_lifetime
-from ._pool import _plan, _validate_pool_options, explain_auth_failure, open_any_host
+from ._lifetime import draw_lifetime
+from ._pool import _validate_pool_options
 
 __all__ = ["create_async_engine"]
 
@@ -63,85 +61,9 @@ _DEADLINE = "asyncpg_iam.deadline"
 _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
-class _Connector:
-    """Open one asyncpg connection per call: rate limit, then a token per host tried."""
-
-    def __init__(
-        self,
-        connect_kwargs: dict[str, Any],
-        *,
-        auth: IAMAuth | None,
-        max_connect_rate: float | None,
-        name: str | None,
-    ) -> None:
-        self._plan = _plan(None, connect_kwargs, iam=auth is not None)
-        self._auth = auth
-        self._provider = TokenProvider(auth) if auth is not None else None
-        self._targets: tuple[SigningTarget, ...] = ()
-        if self._provider is not None:
-            self._targets = tuple(
-                self._provider.target(host, port, self._plan.user)
-                for host, port in self._plan.addrs
-            )
-        self._bucket = TokenBucket(max_connect_rate) if max_connect_rate else None
-        first = self._plan.addrs[0] if self._plan.addrs else ("<socket>", 0)
-        self.name = name or f"{self._plan.user}@{first[0]}:{first[1]}"
-
-    async def _throttle(self) -> None:
-        """Take a slot of the connect rate limit; every login attempt takes one."""
-        if self._bucket is not None:
-            await self._bucket.acquire()
-
-    async def connect(self) -> asyncpg.Connection:
-        """Open a new connection (SQLAlchemy's ``async_creator``)."""
-        kwargs = dict(self._plan.connect_kwargs)
-        if self._provider is None:
-            await self._throttle()
-            return await asyncpg.connect(**kwargs)
-        if len(self._targets) == 1:
-            return await self._open_target(self._targets[0], kwargs, override=False)
-        return await open_any_host(
-            self._targets,
-            functools.partial(self._open_target, override=True),
-            kwargs,
-            self._plan.target_session_attrs,
-        )
-
-    async def _open_target(
-        self, target: SigningTarget, kwargs: dict[str, Any], *, override: bool
-    ) -> asyncpg.Connection:
-        provider = self._provider
-        assert provider is not None
-        await self._throttle()
-        record = TokenRecord()
-        kwargs = {**kwargs, "password": functools.partial(provider.token, target, record)}
-        if override:
-            kwargs.update(host=target.host, port=target.port)
-        try:
-            return await asyncpg.connect(**kwargs)
-        except InvalidAuthorizationSpecificationError as exc:
-            if isinstance(exc, IAMAuthenticationError):
-                raise
-            raise explain_auth_failure(
-                exc,
-                target,
-                record,
-                provider=provider,
-                database=self._plan.database,
-                now=SYSTEM_CLOCK.now(),
-                owner=f"engine {self.name}",
-            ) from exc
-
-    async def reset(self) -> None:
-        """Close the credential cache's resources and start a fresh one for later connects."""
-        if self._provider is None or self._auth is None:
-            return
-        old, self._provider = self._provider, TokenProvider(self._auth)
-        await old.aclose()
-
-
 def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) -> dict[str, Any]:
     """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
+    check_keywords(connect_args or {}, what="connect_args")
     _args, params = engine.sync_engine.dialect.create_connect_args(engine.url)
     for name in _DIALECT_ONLY:
         if name in params:
@@ -153,7 +75,7 @@ def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) ->
 
 
 def _install_lifetime(
-    engine: AsyncEngine, max_lifetime: float | None, jitter: float, connector: _Connector
+    engine: AsyncEngine, max_lifetime: float | None, jitter: float, connector: Connector
 ) -> None:
     sync_engine = engine.sync_engine
     rng = random.Random()
@@ -235,11 +157,7 @@ def create_async_engine(
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
     _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
-    if not isinstance(iam, (bool, IAMAuth)):
-        raise ConfigurationError(
-            f"iam must be True (the default AWS credential chain), False (no IAM) or an "
-            f"asyncpg_iam.IAMAuth, not {type(iam).__name__}"
-        )
+    auth = auth_from(iam)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
             raise ConfigurationError(
@@ -256,18 +174,21 @@ def create_async_engine(
         )
     if max_lifetime is not None:
         engine_kwargs.setdefault("pool_recycle", max_lifetime)
-    holder: list[_Connector] = []
+    holder: list[Connector] = []
 
     async def creator() -> asyncpg.Connection:
-        return await holder[0].connect()
+        con, _started = await holder[0].open()
+        return con
 
     engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
-    auth = IAMAuth() if iam is True else (iam or None)
-    connector = _Connector(
-        _connect_kwargs(engine, connect_args),
-        auth=auth,
+    # The plan is made once, here: the environment read later changes nothing.
+    plan = plan_connect(None, _connect_kwargs(engine, connect_args), auth=auth)
+    connector = Connector(
+        plan,
+        provider=TokenProvider(auth) if auth is not None else None,
         max_connect_rate=max_connect_rate,
         name=name,
+        kind="engine",
     )
     holder.append(connector)
     _install_lifetime(engine, max_lifetime, max_lifetime_jitter, connector)

@@ -6,13 +6,15 @@ import asyncio
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from asyncpg_iam._cli_doctor import FAIL, PASS, dns_verdict
+from asyncpg_iam._cli_doctor import FAIL, PASS, Doctor, dns_verdict
+from asyncpg_iam.cli import build_parser, iam_auth_from, plan_from
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
 from tests._support import run_cli
 
@@ -139,7 +141,7 @@ async def test_alias_without_the_real_rds_name(setup: Setup) -> None:
     assert failing(checks) == ["dns", "login"]
     assert "not an RDS endpoint name" in checks["dns"]["detail"]
     assert "--signing-host" in checks["dns"]["fix"]
-    assert "signing_host" in checks["login"]["fix"]
+    assert "signing-host" in checks["login"]["fix"]
 
 
 def test_cname_names_the_rds_endpoint_to_sign_for() -> None:
@@ -260,3 +262,91 @@ async def test_no_credentials_at_all(setup: Setup) -> None:
     assert "AWS_PROFILE" in checks["credentials"]["fix"]
     for name in ("identity", "clock", "token", "login", "select"):
         assert checks[name]["status"] == "skip", name
+
+
+async def test_dns_failure_skips_the_checks_that_need_an_address(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that does not resolve fails dns once; tcp, tls and login are skipped, not failed.
+
+    DNS itself cannot be asked here (no traffic off loopback): the loop's resolver answers as a
+    resolver does for an unknown name, and the doctor runs in this process.
+    """
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "db.nowhere.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await real(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    for name, value in setup.env.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(setup.args(host="db.nowhere.invalid")[0:])
+    auth = iam_auth_from(args)
+    checks = {c.name: c for c in await Doctor(args, auth, plan_from(args, auth)).run()}
+    assert checks["dns"].status == FAIL
+    assert "db.nowhere.invalid" in checks["dns"].detail
+    for name in ("tcp", "tls", "login", "select"):
+        assert checks[name].status == "skip", (name, checks[name])
+    assert "needs an address" in checks["tcp"].detail
+
+
+async def test_silent_port_says_no_answer_within_the_timeout(setup: Setup) -> None:
+    """A port that accepts TCP and never answers: the TLS check names --timeout and a hint."""
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(10)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        code, checks, _ = await setup.doctor(port=str(port), timeout="1")
+    finally:
+        server.close()
+    assert code == 1
+    assert checks["tcp"]["status"] == PASS
+    assert "no answer to the TLS request within 1 s (--timeout)" in checks["tls"]["detail"]
+    assert "check --host and --port" in checks["tls"]["fix"]
+
+
+async def test_select_reports_the_server_version_as_the_server_does(
+    setup: Setup, postgres_server: PostgresServer
+) -> None:
+    """The select check shows the version the server reports (15.18, not asyncpg's 15.0)."""
+    import asyncpg
+
+    con = await asyncpg.connect(
+        host=postgres_server.host,
+        port=postgres_server.port,
+        user=postgres_server.user,
+        password=postgres_server.password,
+        database=postgres_server.database,
+    )
+    try:
+        version = str(await con.fetchval("SHOW server_version")).split()[0]
+    finally:
+        await con.close()
+    _code, checks, _ = await setup.doctor()
+    assert f"(PostgreSQL {version})" in checks["select"]["detail"]
+
+
+async def test_login_hints_use_the_command_lines_words(setup: Setup) -> None:
+    """The login check's fix names --region and --signing-host, never IAMAuth(...)."""
+    _code, checks, _ = await setup.doctor(region="eu-west-1")
+    assert "--region" in checks["login"]["fix"]
+    assert "IAMAuth(" not in checks["login"]["fix"]
+    _code, checks, _ = await setup.doctor(host="localhost", signing_host=None)
+    assert "--signing-host" in checks["login"]["fix"]
+    assert "IAMAuth(" not in checks["login"]["fix"]
+
+
+async def test_a_fix_is_printed_once(setup: Setup, tmp_path: Path) -> None:
+    """When several checks share a fix, the text output prints it once."""
+    code, out, _err = await run_cli(*setup.args(host="localhost", signing_host=None), env=setup.env)
+    assert code == 1
+    fixes = [line.split("-> fix: ", 1)[1] for line in out.splitlines() if "-> fix: " in line]
+    assert fixes
+    assert len(fixes) == len(set(fixes))

@@ -23,13 +23,13 @@ RDS = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
         ({"max_connect_rate": 0}, "max_connect_rate must be new connections per second > 0"),
         ({"iam": "yes"}, "iam must be True"),
         ({"password": "secret"}, "password cannot be combined with IAM"),
-        ({"ssl": "prefer"}, "sslmode 'prefer' could send the IAM token"),
+        ({"ssl": "prefer"}, r"sslmode 'prefer' \(from ssl='prefer'\) could send the IAM token"),
         ({"host": "/var/run/postgresql"}, "is a Unix socket"),
     ],
 )
 async def test_pool_arguments_are_validated(kwargs: dict[str, Any], message: str) -> None:
     """Each invalid pool argument raises ConfigurationError (also a ValueError) naming it."""
-    arguments: dict[str, Any] = {"host": RDS, "user": "app", "ssl": "require"}
+    arguments: dict[str, Any] = {"host": RDS, "user": "app", "ssl": "verify-full"}
     arguments.update(kwargs)
     with pytest.raises(ConfigurationError, match=message) as caught:
         asyncpg_iam.create_pool(**arguments)
@@ -75,7 +75,7 @@ async def test_no_region_from_any_source(monkeypatch: pytest.MonkeyPatch, tmp_pa
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     with pytest.raises(ConfigurationError, match=r"no AWS region for 'db\.internal'"):
-        asyncpg_iam.create_pool(host="db.internal", user="app", ssl="require")
+        asyncpg_iam.create_pool(host="db.internal", user="app")
 
 
 async def test_region_comes_from_endpoint_then_configuration(
@@ -83,10 +83,10 @@ async def test_region_comes_from_endpoint_then_configuration(
 ) -> None:
     """The endpoint name's region wins over AWS_REGION; AWS_REGION serves other names."""
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
-    pool = asyncpg_iam.create_pool(host=RDS, user="app", ssl="require")
-    assert pool._targets[0].region == "us-east-1"
-    pool = asyncpg_iam.create_pool(host="db.internal", user="app", ssl="require")
-    assert (pool._targets[0].region, pool._targets[0].region_source) == (
+    pool = asyncpg_iam.create_pool(host=RDS, user="app")
+    assert pool._connector.targets[0].region == "us-east-1"
+    pool = asyncpg_iam.create_pool(host="db.internal", user="app")
+    assert (pool._connector.targets[0].region, pool._connector.targets[0].region_source) == (
         "eu-west-1",
         "the AWS configuration",
     )
@@ -95,7 +95,8 @@ async def test_region_comes_from_endpoint_then_configuration(
 async def test_default_tls_is_verify_full() -> None:
     """Without ssl options an IAM pool verifies the certificate and the host name."""
     pool = asyncpg_iam.create_pool(host=RDS, user="app")
-    context = pool._plan.connect_kwargs["ssl"]
+    context = pool._connector.plan.tls.context
+    assert context is not None
     assert context.check_hostname is True
     assert context.verify_mode.name == "CERT_REQUIRED"
 

@@ -12,6 +12,7 @@ import pytest
 from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import AioSession
 
+from asyncpg_iam._aws_env import credential_endpoints, proxy_problem
 from asyncpg_iam._clock import ManualClock
 from asyncpg_iam._credentials import CredentialCache, configured_region, credential_cache_for
 from asyncpg_iam._errors import ConfigurationError, CredentialsError
@@ -211,13 +212,20 @@ async def test_container_endpoint_failure_message(credential_server: CredentialS
 async def test_container_endpoint_behind_proxy_message(
     credential_server: CredentialServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A container endpoint failing while HTTP_PROXY is set hints at NO_PROXY."""
+    """A container endpoint failing while HTTP_PROXY is set carries the doctor's NO_PROXY fix."""
     credential_server.fail_status = 502
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     cache = credential_cache_for(session=fast_retry_session())
-    with pytest.raises(CredentialsError, match=r"NO_PROXY does not include 169\.254\.170\.2"):
+    with pytest.raises(CredentialsError) as info:
         await cache.get()
     await cache.aclose()
+    text = str(info.value)
+    assert "NO_PROXY does not include" in text
+    assert "127.0.0.1 (container credentials)" in text
+    # The same function gives the doctor its fix line.
+    problem = proxy_problem(credential_endpoints())
+    assert problem is not None
+    assert problem.fix in text
 
 
 async def test_expired_on_arrival_message(short_lived: CredentialServer) -> None:
@@ -286,8 +294,10 @@ async def test_instance_metadata_behind_proxy_message(
         await cache.get()
     text = str(info.value)
     assert "no AWS credentials found" in text
-    assert "HTTPS_PROXY is set and NO_PROXY does not include 169.254.169.254" in text
-    assert "instance metadata" in text
+    assert (
+        "HTTPS_PROXY set but NO_PROXY does not include 169.254.169.254 (instance metadata)" in text
+    )
+    assert "fix: export NO_PROXY=169.254.169.254" in text
     await cache.aclose()
     monkeypatch.setenv("NO_PROXY", "localhost,169.254.169.254")
     cache = credential_cache_for()

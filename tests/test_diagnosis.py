@@ -43,8 +43,8 @@ async def refused_login(
         **emulator.pool_kwargs(user=server.user, iam=auth, min_size=0), clock=clock
     )
     async with pool:
-        assert pool._provider is not None
-        assumed = await pool._provider.credentials.get()
+        assert pool._connector.provider is not None
+        assumed = await pool._connector.provider.credentials.get()
         emulator.register_key(assumed.access_key, assumed.secret_key, assumed.token)
         with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
             await pool.fetchval("SELECT 1")

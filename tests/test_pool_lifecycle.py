@@ -47,8 +47,8 @@ async def test_failed_start_closes_the_credential_cache(
     pool = asyncpg_iam.create_pool(**iam_emulator.pool_kwargs(user=postgres_server.user))
     with pytest.raises(asyncpg_iam.IAMAuthenticationError):
         await pool
-    assert pool._provider is not None
-    assert pool._provider._closed
+    assert pool._connector.provider is not None
+    assert pool._connector.provider._closed
 
 
 async def test_terminate_closes_the_credential_cache_once(
@@ -60,10 +60,10 @@ async def test_terminate_closes_the_credential_cache_once(
     pool.terminate()
     assert pool._shutdown_task is not None
     await pool._shutdown_task
-    assert pool._provider is not None
-    assert pool._provider._closed
+    assert pool._connector.provider is not None
+    assert pool._connector.provider._closed
     assert pool.get_size() == 0
-    cache = pool._provider.credentials
+    cache = pool._connector.provider.credentials
     fetches = cache.fetches
     cache._refresh_due = 0.0  # a refresh would be due now, were the cache open
     await cache.get()

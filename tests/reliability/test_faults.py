@@ -240,7 +240,7 @@ async def test_credential_endpoint_down_then_credentials_expire(
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert await no_hang(pool.fetchval("SELECT 1")) == 1
-        cached = pool._provider.credentials.peek()
+        cached = pool._connector.provider.credentials.peek()
         assert cached is not None
         assert cached.expiry is not None
         credential_server.fail_status = 503
@@ -303,7 +303,7 @@ async def test_slow_credential_endpoint(
         early = await no_hang(
             asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(8)), return_exceptions=True)
         )
-        await wait_for(lambda: pool._provider.credentials.peek() is not None, timeout=15)
+        await wait_for(lambda: pool._connector.provider.credentials.peek() is not None, timeout=15)
         credential_server.delay = 0.0
         later = await no_hang(asyncio.gather(*(pool.fetchval("SELECT 1") for _ in range(8))))
         stats = pool.stats()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import ssl
-import struct
 from typing import Any
 
 import asyncpg
@@ -19,6 +17,7 @@ from asyncpg_iam._auth import TokenProvider
 from asyncpg_iam.testing import AccessKey, PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._leak_guard import LeakGuard
 
+from .._traps import Trap
 from .conftest import no_hang
 
 pytestmark = pytest.mark.reliability
@@ -55,57 +54,7 @@ def test_leak_guard_finds_tokens_keys_and_session_tokens(secret_leak_guard: Leak
     assert registry.find(repr(credentials)) == []
 
 
-# -- a server that declines TLS and asks for the password in clear ----------------------------
-
-
-class CleartextTrap:
-    """Answers "N" to SSLRequest, then asks for a cleartext password; records what it gets."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.ssl_requests = 0
-        self.startups = 0
-        self.passwords: list[bytes] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def __aenter__(self) -> CleartextTrap:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                (length,) = struct.unpack("!i", await reader.readexactly(4))
-                body = await reader.readexactly(length - 4)
-                if body[:4] == struct.pack("!i", 80877103):
-                    self.ssl_requests += 1
-                    writer.write(b"N")
-                    await writer.drain()
-                    continue
-                break
-            self.startups += 1
-            writer.write(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
-            await writer.drain()
-            kind = await reader.readexactly(1)
-            (length,) = struct.unpack("!i", await reader.readexactly(4))
-            payload = await reader.readexactly(length - 4)
-            if kind == b"p":
-                self.passwords.append(payload)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+# -- a server that declines TLS and asks for the password in clear (tests/_traps.py) -----------
 
 
 def _pool_against(port: int, **kwargs: Any) -> asyncpg_iam.Pool:
@@ -127,12 +76,12 @@ def _pool_against(port: int, **kwargs: Any) -> asyncpg_iam.Pool:
 
 @pytest.mark.parametrize(
     "ssl_option",
-    [{"ssl": "require"}, {"ssl": ssl.create_default_context()}, {}],
-    ids=["require", "verify-full-context", "default"],
+    [{"ssl": "verify-ca"}, {"ssl": ssl.create_default_context()}, {}],
+    ids=["verify-ca", "verify-full-context", "default"],
 )
 async def test_server_declining_tls_never_gets_the_token(ssl_option: dict[str, Any]) -> None:
     """A server answering "N" to SSLRequest and asking for a cleartext password gets no token."""
-    async with CleartextTrap() as trap, _pool_against(trap.port, **ssl_option) as pool:
+    async with Trap() as trap, _pool_against(trap.port, **ssl_option) as pool:
         with pytest.raises((ConnectionError, asyncpg.PostgresError, OSError)):
             await no_hang(pool.fetchval("SELECT 1"))
         stats = pool.stats()
@@ -144,7 +93,7 @@ async def test_server_declining_tls_never_gets_the_token(ssl_option: dict[str, A
 
 async def test_cleartext_trap_does_catch_a_password_sent_in_clear() -> None:
     """Control: plain asyncpg with sslmode=prefer hands the trap its password (so it can detect)."""
-    async with CleartextTrap() as trap:
+    async with Trap() as trap:
         with pytest.raises((asyncpg.PostgresError, ConnectionError, OSError)):
             await no_hang(
                 asyncpg.connect(

@@ -1,0 +1,116 @@
+"""Facts about the AWS environment, in one place: proxies, NO_PROXY and the metadata addresses.
+
+The credential cache's error messages and the doctor's proxy check both ask `proxy_problem`,
+so they can never disagree about whether a proxy captures a credential request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import urllib.parse
+from collections.abc import Sequence
+
+__all__ = [
+    "CONTAINER_ADDRESS",
+    "IMDS_ADDRESS",
+    "ProxyProblem",
+    "bypasses_proxy",
+    "env",
+    "proxy_problem",
+]
+
+#: The instance metadata service (EC2 roles, IMDS credentials).
+IMDS_ADDRESS = "169.254.169.254"
+#: The ECS/EKS container credentials endpoint.
+CONTAINER_ADDRESS = "169.254.170.2"
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY")
+
+
+def env(name: str) -> str:
+    """Return an environment variable, also in lower case as proxies are often set ("" if unset)."""
+    return os.environ.get(name) or os.environ.get(name.lower()) or ""
+
+
+def _no_proxy() -> list[str]:
+    return [entry.strip() for entry in env("NO_PROXY").split(",") if entry.strip()]
+
+
+def bypasses_proxy(host: str, no_proxy: Sequence[str]) -> bool:
+    """Tell whether NO_PROXY entries (names, .suffixes, IPs, CIDRs, ``*``) cover `host`."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        entry = entry.lower()
+        if entry == "*":
+            return True
+        if "/" in entry:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        entry = entry.split(":")[0] if entry.count(":") == 1 else entry
+        bare = entry.lstrip(".").lstrip("*.")
+        if host == bare or host.endswith("." + bare):
+            return True
+    return False
+
+
+def credential_endpoints() -> list[tuple[str, str]]:
+    """Return the credential endpoints this environment may call, with what each serves."""
+    endpoints: list[tuple[str, str]] = []
+    if env("AWS_EC2_METADATA_DISABLED").lower() != "true":
+        endpoints.append((IMDS_ADDRESS, "instance metadata"))
+    if env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+        endpoints.append((CONTAINER_ADDRESS, "container credentials"))
+    full_uri = env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if full_uri:
+        endpoints.append(
+            (urllib.parse.urlsplit(full_uri).hostname or full_uri, "container credentials")
+        )
+    return endpoints
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyProblem:
+    """An HTTP(S) proxy that requests to some AWS endpoints would go through."""
+
+    proxies: tuple[str, ...]
+    missing: tuple[tuple[str, str], ...]
+    """(host, what it serves) of each endpoint NO_PROXY does not cover."""
+    fix: str
+    """The NO_PROXY to export, keeping the entries already there."""
+
+    def describe(self) -> str:
+        """Say what goes wrong, in one sentence."""
+        listed = ", ".join(f"{host} ({what})" for host, what in self.missing)
+        return (
+            f"{' and '.join(self.proxies)} set but NO_PROXY does not include {listed}: those "
+            "requests go to the proxy, which cannot reach link-local metadata addresses, and "
+            "credential look-ups fail with 'credentials not found' or time out"
+        )
+
+
+def proxy_problem(endpoints: Sequence[tuple[str, str]]) -> ProxyProblem | None:
+    """Return the proxy problem for `endpoints` ((host, what) pairs), or None when there is none."""
+    proxies = tuple(name for name in _PROXY_VARIABLES if env(name))
+    if not proxies:
+        return None
+    no_proxy = _no_proxy()
+    missing = tuple((host, what) for host, what in endpoints if not bypasses_proxy(host, no_proxy))
+    if not missing:
+        return None
+    candidates = (IMDS_ADDRESS, CONTAINER_ADDRESS, *(host for host, _ in missing))
+    wanted = [*no_proxy, *(host for host in candidates if host not in no_proxy)]
+    return ProxyProblem(proxies, missing, f"export NO_PROXY={','.join(dict.fromkeys(wanted))}")
+
+
+def proxy_hint(endpoints: Sequence[tuple[str, str]] | None = None) -> str:
+    """Return ". <problem>; <fix>" for a failed credential request, or "" when no proxy is in
+    the way. `endpoints` default to the credential endpoints this environment may call."""
+    problem = proxy_problem(credential_endpoints() if endpoints is None else endpoints)
+    if problem is None:
+        return ""
+    return f". {problem.describe()}; fix: {problem.fix}"

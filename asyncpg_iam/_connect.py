@@ -1,0 +1,617 @@
+"""The one connect path: a plan made once, one TLS decision, a token per host, one rate limit.
+
+Every route that logs in goes through a `Connector`: the pool (creation, refill, ``min_size``,
+`Pool.set_connect_args`), the SQLAlchemy engine, the Starlette lifespan (through the pool) and
+the command line's ``psql``, ``token`` and ``doctor``. `plan_connect` reads the arguments and
+the environment once (DSN, host, port, user, database, ``PGSSLMODE``, ``PGSSLROOTCERT``, a
+service file, ...) into a frozen `ConnectPlan`; every connect then passes asyncpg explicit
+arguments, an `ssl.SSLContext` among them, and no DSN, so nothing read later (the environment,
+a service file) can change where a token goes or how it is protected.
+
+asyncpg calls a password callable without saying which host it dials, so with IAM each host
+gets its own connect call with a token signed for it, at most one login per host per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import difflib
+import functools
+import inspect
+import logging
+import re
+import socket
+import ssl
+import struct
+import urllib.parse
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
+
+import asyncpg
+import asyncpg.connect_utils
+from asyncpg.exceptions import (
+    CannotConnectNowError,
+    ClientConfigurationError,
+    InvalidAuthorizationSpecificationError,
+    TargetServerAttributeNotMatched,
+)
+
+from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
+from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import (
+    ConfigurationError,
+    ConnectError,
+    ConnectTimeoutError,
+    IAMAuthenticationError,
+    IAMError,
+    TLSVerificationError,
+    diagnose_auth_failure,
+)
+from ._lifetime import TokenBucket
+from ._tls import TLSPolicy, decide_tls
+
+__all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
+
+logger = logging.getLogger("asyncpg_iam.connect")
+
+_CONNECT_DEFAULTS = {
+    name: param.default
+    for name, param in inspect.signature(asyncpg.connect).parameters.items()
+    if param.default is not inspect.Parameter.empty
+}
+_PARSE_PARAMETERS = tuple(
+    inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
+)
+# Settings the plan resolves itself; each connect passes the resolved values explicitly.
+_RESOLVED = frozenset(
+    {
+        "dsn",
+        "host",
+        "port",
+        "user",
+        "password",
+        "passfile",
+        "database",
+        "ssl",
+        "direct_tls",
+        "server_settings",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "service",
+        "servicefile",
+    }
+)
+_SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
+# Keywords a plan takes besides asyncpg.connect's.
+_OWN_KEYWORDS = frozenset({"sslrootcert"})
+# How long a failed connect's follow-up probe (which phase was reached) may take per step.
+_PROBE_TIMEOUT = 3.0
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = frozenset({62, 64})
+# Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
+_NEXT_HOST_ERRORS = (OSError, asyncio.TimeoutError, CannotConnectNowError)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectPlan:
+    """Where and how to connect, decided once from the arguments and the environment.
+
+    `endpoints` are TCP (host, port) pairs, or a Unix socket path with port 0 (only without
+    IAM). `connect_kwargs` are the remaining `asyncpg.connect` arguments, passed unchanged.
+    """
+
+    endpoints: tuple[tuple[str, int], ...]
+    user: str
+    database: str
+    tls: TLSPolicy
+    target_session_attrs: str
+    server_settings: Mapping[str, str] | None
+    connect_kwargs: Mapping[str, Any]
+    auth: IAMAuth | None
+    direct_tls: bool = False
+    password: Any = dataclasses.field(default=None, repr=False)
+    """The static password of a plan without IAM (a string or a callable), never printed."""
+
+    def asyncpg_kwargs(self) -> dict[str, Any]:
+        """Return explicit `asyncpg.connect` arguments for every endpoint (no DSN, no env)."""
+        kwargs = dict(self.connect_kwargs)
+        kwargs.update(
+            host=[host for host, _ in self.endpoints],
+            port=[port or 5432 for _, port in self.endpoints],
+            user=self.user,
+            database=self.database,
+            ssl=self.tls.asyncpg_ssl(),
+            target_session_attrs=self.target_session_attrs,
+            server_settings=dict(self.server_settings) if self.server_settings else None,
+        )
+        if "direct_tls" in _CONNECT_DEFAULTS:
+            kwargs["direct_tls"] = self.direct_tls
+        if self.auth is None:
+            kwargs["password"] = self.password
+        return kwargs
+
+
+def _dsn_password(dsn: str | None) -> str | None:
+    if not dsn:
+        return None
+    try:
+        return urllib.parse.urlsplit(dsn).password
+    except ValueError:
+        return None  # _parse reports the malformed DSN
+
+
+def _check_session_attrs(value: Any) -> None:
+    if value is not None and str(getattr(value, "value", value)) not in _SESSION_ATTRS:
+        raise ConfigurationError(
+            f"target_session_attrs {value!r} is not supported by asyncpg "
+            f"{asyncpg.__version__}: use one of {', '.join(_SESSION_ATTRS)}"
+        )
+
+
+def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Parse connection settings exactly as asyncpg will, without connecting."""
+    arguments = {name: kwargs.get(name, _CONNECT_DEFAULTS.get(name)) for name in _PARSE_PARAMETERS}
+    arguments["dsn"] = dsn
+    try:
+        addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
+    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
+        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
+        text = str(exc)
+        if "target_session_attrs" in text:
+            found = re.search(r"got (.+)$", text)
+            _check_session_attrs(found.group(1).strip("'\"") if found else "?")
+        raise ConfigurationError(f"invalid connection settings: {exc}") from exc
+    return addrs, params
+
+
+def check_keywords(
+    given: Collection[str], *, what: str, pool: Collection[str] = (), own: Collection[str] = ()
+) -> None:
+    """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
+    (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
+    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    unknown = sorted(name for name in given if name not in known)
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
+    valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
+    if own:
+        valid += f" and {', '.join(own)}"
+    raise ConfigurationError(
+        f"{what} got an unknown keyword argument {name!r}"
+        + (f": did you mean {close[0]!r}?" if close else ".")
+        + f" It takes {valid}"
+    )
+
+
+def plan_connect(
+    dsn: str | None,
+    connect_kwargs: Mapping[str, Any],
+    *,
+    auth: IAMAuth | None,
+    environ: Mapping[str, str] | None = None,
+) -> ConnectPlan:
+    """Resolve `dsn` and `connect_kwargs` (`asyncpg.connect`'s) into a plan; validate them.
+
+    Also takes ``sslrootcert=`` (a CA file, or ``"system"``) as a keyword. Raises
+    `ConfigurationError` for anything that could not connect, or that could send an IAM token
+    in clear or to an unverified server. Callers check unknown keywords first
+    (`check_keywords`), so that the message can name their own.
+    """
+    kwargs = dict(connect_kwargs)
+    sslrootcert = kwargs.pop("sslrootcert", None)
+    if sslrootcert is not None and not isinstance(sslrootcert, str):
+        raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
+    iam = auth is not None
+    if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
+        raise ConfigurationError(
+            "password cannot be combined with IAM authentication: the token is the "
+            "password. Drop password=..., or pass iam=False for a static password"
+        )
+    _check_session_attrs(kwargs.get("target_session_attrs"))
+    tls = decide_tls(
+        ssl_arg=kwargs.get("ssl"),
+        dsn=dsn,
+        kwargs=kwargs,
+        iam=iam,
+        allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
+        sslrootcert=sslrootcert,
+        environ=environ,
+    )
+    addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    endpoints: list[tuple[str, int]] = []
+    for addr in addrs:
+        if isinstance(addr, str):
+            if iam:
+                raise ConfigurationError(
+                    f"IAM authentication needs TLS over TCP, but {addr!r} is a Unix socket: "
+                    "pass host='<endpoint>'"
+                )
+            endpoints.append((addr, 0))
+        else:
+            endpoints.append((str(addr[0]), int(addr[1])))
+    tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
+    passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
+    negotiation = getattr(params, "ssl_negotiation", None)
+    return ConnectPlan(
+        endpoints=tuple(endpoints),
+        user=str(params.user),
+        database=str(params.database),
+        tls=tls,
+        target_session_attrs=str(tsa),
+        server_settings=dict(params.server_settings) if params.server_settings else None,
+        connect_kwargs=passthrough,
+        auth=auth,
+        direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        password=None if iam else params.password,
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class ConnectCounters:
+    """What a connector has done (the pool's stats read them)."""
+
+    attempts: int = 0
+    """Calls to open a connection (each may try several hosts)."""
+    failures: int = 0
+    """Attempts that raised, refused logins included."""
+    auth_failures: int = 0
+    """Logins the server refused."""
+    rate_limited: int = 0
+    """Login attempts that waited for the connect rate limit."""
+
+
+class Connector:
+    """Open connections as a plan says: a token per host tried, within the rate limit.
+
+    `connect` is `asyncpg.connect` or a compatible callable (a pool's ``connect=``). `kind`
+    and `name` say what connects in log lines (``"pool app@host:5432"``).
+    `use_plan` swaps in a new plan (`Pool.set_connect_args`); the token provider, the rate
+    limit and the counters stay.
+    """
+
+    def __init__(
+        self,
+        plan: ConnectPlan,
+        *,
+        provider: TokenProvider | None = None,
+        max_connect_rate: float | None = None,
+        name: str | None = None,
+        kind: str = "pool",
+        clock: Clock = SYSTEM_CLOCK,
+        connect: Callable[..., Awaitable[Any]] = asyncpg.connect,
+    ) -> None:
+        if (plan.auth is None) != (provider is None):
+            raise ConfigurationError("a plan with IAM needs a token provider, and only it")
+        self._clock = clock
+        self._connect = connect
+        self.provider = provider
+        self.counters = ConnectCounters()
+        self._bucket = (
+            TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
+        )
+        first = plan.endpoints[0] if plan.endpoints else ("<none>", 0)
+        self.name = name or f"{plan.user}@{first[0]}:{first[1]}"
+        self._owner = f"{kind} {self.name}"
+        self.plan = plan
+        self.targets: tuple[SigningTarget, ...] = ()
+        self.use_plan(plan)
+
+    def use_plan(self, plan: ConnectPlan) -> None:
+        """Connect as `plan` says from now on; raise `ConfigurationError` and change nothing
+        when its signing targets cannot be resolved."""
+        if (plan.auth is None) != (self.provider is None):
+            raise ConfigurationError(
+                "set_connect_args cannot turn IAM on or off: create a new pool instead"
+            )
+        targets: tuple[SigningTarget, ...] = ()
+        if self.provider is not None:
+            targets = tuple(
+                self.provider.target(host, port, plan.user) for host, port in plan.endpoints
+            )
+        if plan.auth is not None and not plan.tls.verified:
+            logger.warning(
+                "%s: TLS without certificate verification (sslmode %s from %s, allowed by "
+                "IAMAuth(insecure_unverified_tls=True)): anyone in the path could present a "
+                "certificate and receive the IAM token",
+                self._owner,
+                plan.tls.mode,
+                plan.tls.mode_source,
+            )
+        self.plan, self.targets = plan, targets
+
+    @property
+    def auth(self) -> IAMAuth | None:
+        """The IAM settings, or None for a plan without IAM."""
+        return self.plan.auth
+
+    # -- connecting ------------------------------------------------------------------------
+
+    async def open(self, **extra: Any) -> tuple[Any, float]:
+        """Open one connection; return it and the clock time its login began.
+
+        `extra` are further `connect` arguments (the pool's ``loop``, ``connection_class``,
+        ``record_class``; a ``timeout`` overrides the plan's).
+        """
+        self.counters.attempts += 1
+        try:
+            if self.provider is None:
+                return await self._open_without_iam(extra)
+            tsa = self.plan.target_session_attrs
+            if len(self.targets) == 1:
+                return await self._login(self.targets[0], extra, tsa)
+            return await self._login_any(extra, tsa)
+        except BaseException:
+            self.counters.failures += 1
+            raise
+
+    async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
+        await self._throttle()
+        kwargs = {**self.plan.asyncpg_kwargs(), **extra}
+        started = self._clock.monotonic()
+        try:
+            return await self._connect(**kwargs), started
+        except (OSError, asyncio.TimeoutError) as exc:
+            endpoints = self.plan.endpoints
+            if len(endpoints) != 1 or not endpoints[0][1]:
+                raise  # several hosts (asyncpg tried each), or a Unix socket
+            error = await self._explain_connect(exc, *endpoints[0], kwargs)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def sign(self, target: SigningTarget | None = None) -> str:
+        """Return a token for `target` (default: the first endpoint), as a connect would."""
+        if self.provider is None:
+            raise ConfigurationError("this connection plan does not use IAM: there is no token")
+        return await self.provider.token(target or self.targets[0])
+
+    async def _throttle(self) -> None:
+        """Take a slot of the connect rate limit; every login attempt takes one."""
+        if self._bucket is not None and await self._bucket.acquire() > 0:
+            self.counters.rate_limited += 1
+
+    async def _login(
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str
+    ) -> tuple[Any, float]:
+        """Log in to one endpoint with a token signed for it."""
+        provider = self.provider
+        assert provider is not None
+        await self._throttle()
+        record = TokenRecord()
+        kwargs = self.plan.asyncpg_kwargs()
+        kwargs.update(extra)
+        kwargs.update(
+            host=target.host,
+            port=target.port,
+            target_session_attrs=attrs,
+            password=functools.partial(provider.token, target, record),
+        )
+        started = self._clock.monotonic()
+        try:
+            con = await self._connect(**kwargs)
+        except InvalidAuthorizationSpecificationError as exc:
+            if isinstance(exc, IAMAuthenticationError):
+                raise
+            self.counters.auth_failures += 1
+            raise self.explain(exc, target, record) from exc
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = await self._explain_connect(exc, target.host, target.port, kwargs)
+            if error is None:
+                raise
+            raise error from exc
+        return con, started
+
+    async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
+        """Log in to the first endpoint that answers and has the wanted role.
+
+        At most one login per endpoint: for ``prefer-standby`` the first primary that answers
+        is kept open as the fallback while the others are tried, as asyncpg does.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+        if timeout is None:
+            timeout = _CONNECT_DEFAULTS.get("timeout")
+        deadline = None if timeout is None else loop.time() + float(timeout)
+        attrs = "any" if tsa == "prefer-standby" else tsa
+        fallback: tuple[Any, float] | None = None
+        last_error: BaseException | None = None
+        try:
+            for target in self.targets:
+                per_host = dict(extra)
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError(
+                            f"connect timed out after {timeout} s trying every host"
+                        )
+                    per_host["timeout"] = remaining
+                try:
+                    opened = await self._login(target, per_host, attrs)
+                except (*_NEXT_HOST_ERRORS, TargetServerAttributeNotMatched) as exc:
+                    last_error = exc
+                    continue
+                if tsa != "prefer-standby" or await _in_recovery(opened[0]):
+                    return opened
+                if fallback is None:
+                    fallback = opened
+                else:
+                    opened[0].terminate()
+            if fallback is not None:
+                chosen, fallback = fallback, None
+                return chosen
+        finally:
+            if fallback is not None:
+                fallback[0].terminate()
+        assert last_error is not None
+        raise last_error
+
+    # -- explaining ------------------------------------------------------------------------
+
+    def explain(
+        self,
+        exc: InvalidAuthorizationSpecificationError,
+        target: SigningTarget,
+        record: TokenRecord,
+    ) -> IAMAuthenticationError:
+        """Turn a refused login into an `IAMAuthenticationError` with ranked hints; log it."""
+        provider = self.provider
+        assert provider is not None
+        context = failure_context(
+            exc,
+            target,
+            record,
+            credentials=provider.credentials,
+            database=self.plan.database,
+            now=self._clock.now(),
+        )
+        error = IAMAuthenticationError(context, diagnose_auth_failure(context))
+        logger.warning(
+            "%s: IAM login refused for %s at %s:%s (region %s): %s",
+            self._owner,
+            target.user,
+            target.host,
+            target.port,
+            target.region,
+            error.hints[0],
+        )
+        return error
+
+    async def _explain_connect(
+        self, exc: BaseException, host: str, port: int, kwargs: Mapping[str, Any]
+    ) -> ConnectError | None:
+        """Return the library's error for a connect that failed before a login, or None."""
+        if isinstance(exc, IAMError):
+            return None
+        where = f"{host}:{port}"
+        tls = self.plan.tls
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            detail = exc.verify_message or str(exc)
+            if exc.verify_code in _NAME_MISMATCH or "mismatch" in detail.lower():
+                hint = (
+                    f"The certificate does not name {host!r}: connect by the name on the "
+                    "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
+                    "pass ssl='verify-ca' (the chain is still verified) with "
+                    "IAMAuth(signing_host='<the RDS endpoint name>')"
+                )
+            else:
+                hint = (
+                    f"Its CA is not in {tls.ca_source}: run `asyncpg-iam ca-bundle` for the RDS "
+                    "CA bundle, pass sslrootcert='<PEM file of the CA>', or an ssl.SSLContext "
+                    "that trusts it"
+                )
+            return TLSVerificationError(
+                f"the TLS certificate of {where} did not verify against {tls.ca_source} "
+                f"({detail}); no password was sent",
+                host=host,
+                port=port,
+                hint=hint,
+                ca=tls.ca_source,
+            )
+        if isinstance(exc, socket.gaierror):
+            return ConnectError(
+                f"cannot resolve {host!r} ({exc.strerror or exc})",
+                host=host,
+                port=port,
+                phase="dns",
+                hint="Check the host name. RDS endpoint names resolve only where DNS can see "
+                "them (a private instance: inside its VPC); try `getent hosts NAME` here",
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return ConnectError(
+                f"connection to {where} refused",
+                host=host,
+                port=port,
+                phase="tcp",
+                hint="Nothing listens there: check the port (the instance's, 5432 by default) "
+                "and that the database is running",
+            )
+        if isinstance(exc, asyncio.TimeoutError):
+            timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+            return await _explain_timeout(host, port, timeout)
+        if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+            return ConnectError(
+                f"{where} refused TLS (it answered 'N' to the TLS request)",
+                host=host,
+                port=port,
+                phase="tls",
+                hint="RDS always offers TLS, so this is not RDS itself: a local server, or a "
+                "proxy or tunnel that terminates TLS. No password was sent",
+            )
+        if not isinstance(exc, ssl.SSLError) and exc.__class__ is OSError:
+            return ConnectError(
+                f"cannot connect to {where}: {exc.strerror or exc}",
+                host=host,
+                port=port,
+                phase="tcp",
+                hint="Check the network path to it: routes, security groups, firewalls",
+            )
+        return None
+
+    async def reset(self) -> None:
+        """Close the token provider's credential cache and start a fresh one."""
+        old = self.provider
+        if old is None:
+            return
+        self.provider = TokenProvider(old.auth, clock=self._clock)
+        await old.aclose()
+
+    async def aclose(self) -> None:
+        """Release the credential cache's resources (idempotent)."""
+        if self.provider is not None:
+            await self.provider.aclose()
+
+
+async def _in_recovery(con: Any) -> bool:
+    """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
+    reported = getattr(con.get_settings(), "in_hot_standby", None)
+    if reported is not None:
+        return bool(reported == "on")
+    return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+
+
+async def _explain_timeout(host: str, port: int, timeout: float | None) -> ConnectTimeoutError:
+    """Find how far a timed-out connect gets (a short probe, on the failure path only)."""
+    where, limit = f"{host}:{port}", f"{timeout:g} s" if timeout is not None else "the timeout"
+    probe = min(_PROBE_TIMEOUT, timeout or _PROBE_TIMEOUT)
+    phase = "login"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), probe)
+    except (OSError, asyncio.TimeoutError):
+        phase = "tcp"
+    else:
+        try:
+            writer.write(_SSL_REQUEST)
+            await writer.drain()
+            if not await asyncio.wait_for(reader.read(1), probe):
+                phase = "startup"
+        except (OSError, asyncio.TimeoutError):
+            phase = "startup"
+        finally:
+            writer.close()
+    messages = {
+        "tcp": (
+            f"no TCP connection to {where} within {limit}",
+            "Packets are dropped on the way: check that the security group allows this host on "
+            "that port, the network ACLs and routes, and that the instance is publicly "
+            "accessible if you connect from outside its VPC",
+        ),
+        "startup": (
+            f"{where} accepted a TCP connection but did not answer within {limit}",
+            "Something that is not PostgreSQL listens there, or a proxy or load balancer holds "
+            "the connection: check the host and port",
+        ),
+        "login": (
+            f"{where} answered, but TLS and the login did not finish within {limit}",
+            "The server or a proxy in front of it is slow or overloaded: check it, or raise "
+            "timeout=...",
+        ),
+    }
+    message, hint = messages[phase]
+    return ConnectTimeoutError(
+        message, host=host, port=port, phase=phase, hint=hint, timeout=timeout
+    )
