@@ -15,8 +15,10 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 from . import (
     _harness,
@@ -28,6 +30,8 @@ from . import (
     case_recycling,
     case_token,
 )
+
+_T = TypeVar("_T")
 
 CASES: list[ModuleType] = [
     case_connect,
@@ -53,6 +57,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default="",
         help=f"comma-separated cases to run (default: all): {', '.join(names)}",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop to run every case on (default: %(default)s)",
     )
     parser.add_argument(
         "--output",
@@ -116,12 +126,26 @@ class _maybe_environment:
             await self._env.__aexit__(*exc_info)
 
 
+def _run(coro: Coroutine[Any, Any, _T], loop: str) -> _T:
+    """Run `coro` on the chosen event loop."""
+    if loop == "asyncio":
+        return asyncio.run(coro)
+    import uvloop
+
+    if sys.version_info < (3, 11):  # no asyncio.Runner
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen cases and write the results; return the exit status."""
     args = _parse(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
-    results, head = asyncio.run(_run_cases(args))
+    results, head = _run(_run_cases(args), args.loop)
+    head["loop"] = args.loop
     path = args.output / "results.json"
     if args.only.strip() and path.exists():
         head, results = _harness.merge_results(path, head, results, order=[c.NAME for c in CASES])

@@ -457,7 +457,7 @@ def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str 
         "",
         "Versions: " + ", ".join(f"{name} {version}" for name, version in found.items()) + ".",
         "",
-        f"Command: `{header['command']}`",
+        f"Command: `{header['command']}`; event loop: {header.get('loop', 'asyncio')}.",
         "",
     ]
     for result in results:

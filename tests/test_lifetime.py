@@ -10,7 +10,7 @@ import random
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam._clock import ManualClock
+from asyncpg_iam._clock import ManualClock, SystemClock
 from asyncpg_iam._lifetime import (
     FIRST_LIFETIME_SPREAD,
     TokenBucket,
@@ -265,3 +265,13 @@ async def test_connections_dropped_together_get_first_lifetimes(
         assert min(lifetimes) >= 900 * (1 - FIRST_LIFETIME_SPREAD)
         assert max(lifetimes) - min(lifetimes) > 300  # wider than the 90 s jitter window
         assert pool.stats().connections_closed.get("other", 0) == 10
+
+
+async def test_system_clock_timers_follow_the_running_loop() -> None:
+    """SystemClock.call_at fires at a time.monotonic() deadline on any loop (uvloop's clock too)."""
+    clock = SystemClock()
+    loop = asyncio.get_running_loop()
+    fired = loop.create_future()
+    when = clock.monotonic() + 0.05
+    clock.call_at(when, lambda: fired.set_result(clock.monotonic()))
+    assert await asyncio.wait_for(fired, 5) >= when - 0.002  # uvloop's clock has 1 ms steps
