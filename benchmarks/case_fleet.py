@@ -24,9 +24,10 @@ Scenarios, for 1,000 replicas x 20 connections and 100 replicas x 50:
 - ``drop``: the fleet deployed at once runs 20 min, then every connection drops at once (a
   restart or failover) and the fleet reconnects; 45 min after the drop.
 
-"After the first lifetime" counts from one ``max_lifetime`` after the last login that opened
-a first lifetime (a replica starting, a reconnect after the drop): from then on only
-recycling makes logins.
+"After the burst" counts from the second after the last login that opened a first lifetime
+(a replica starting, a reconnect after the drop): from then on only recycling makes logins,
+the first wave of retirements included. "After the first lifetime" counts from one
+``max_lifetime`` later, when every connection of the burst has been replaced at least once.
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ class Outcome:
 
     per_second: list[int]
     after: int
+    after_burst: int
     fetches_per_replica_hour: float
     max_fetches_in_a_rotation: int
     replicas: int
@@ -395,6 +397,7 @@ async def simulate(
     per_second = [server.per_second.get(s, 0) for s in range(counted_from, seconds)]
     last_first = max(server.first_lifetime_logins, default=0.0)
     after = max(0, min(seconds, math.ceil(last_first + MAX_LIFETIME)) - counted_from)
+    after_burst = max(0, min(seconds, math.floor(last_first) + 1) - counted_from)
     hours = (duration - warmup) / 3600.0
     counted_fetches = [[t for t in log if t >= warmup] for log in fetch_logs]
     per_replica_hour = sum(len(log) for log in counted_fetches) / len(fetch_logs) / hours
@@ -408,6 +411,7 @@ async def simulate(
     return Outcome(
         per_second=per_second,
         after=after,
+        after_burst=after_burst,
         fetches_per_replica_hour=per_replica_hour,
         max_fetches_in_a_rotation=in_rotation,
         replicas=replicas,
@@ -425,6 +429,8 @@ def _figures(outcome: Outcome) -> dict[str, Any]:
         "peak_after_first_lifetime": max(after, default=0),
         "p99_after_first_lifetime": percentile(after, 99) if after else 0.0,
         "first_lifetime_ends_at": outcome.after,
+        "peak_after_burst": max(series[outcome.after_burst :], default=0),
+        "burst_ends_at": outcome.after_burst,
         "logins": outcome.logins,
         "simulated_seconds": outcome.simulated_seconds,
         "credential_fetches_per_replica_hour": outcome.fetches_per_replica_hour,
@@ -470,8 +476,9 @@ async def run(env: Any, quick: bool) -> CaseResult:
     _rows(result, figures, shapes)
     result.add(
         f"{replicas} x {size}, deploy, previous release (first lifetimes in the jitter window)",
-        f"after the first lifetime peak {before['peak_after_first_lifetime']}, p99 "
-        f"{before['p99_after_first_lifetime']:.0f} logins/s",
+        f"after the burst peak {before['peak_after_burst']}; after the first lifetime peak "
+        f"{before['peak_after_first_lifetime']}, p99 {before['p99_after_first_lifetime']:.0f}"
+        " logins/s",
     )
     return result
 
@@ -486,14 +493,15 @@ def _rows(result: CaseResult, figures: dict[str, Any], shapes: Any) -> None:
             for scenario in SCENARIOS:
                 f = figures[f"{replicas}x{size}/{settings}/{scenario}"]
                 value = (
-                    f"peak {f['peak']}, p99 {f['p99']:.0f}; after the first lifetime "
-                    f"peak {f['peak_after_first_lifetime']}, p99 "
+                    f"peak {f['peak']}, p99 {f['p99']:.0f}; after the burst peak "
+                    f"{f['peak_after_burst']}; after the first lifetime peak "
+                    f"{f['peak_after_first_lifetime']}, p99 "
                     f"{f['p99_after_first_lifetime']:.0f}"
                 )
                 target, met = "", None
                 if settings == "defaults":
-                    target = f"after first lifetime <= {THROTTLE}"
-                    met = f["peak_after_first_lifetime"] <= THROTTLE
+                    target = f"after the burst <= {THROTTLE}"
+                    met = f["peak_after_burst"] <= THROTTLE
                 elif scenario in ("drop", "deploy", "rolling"):
                     target = f"whole run < {THROTTLE}"
                     met = f["peak"] < THROTTLE
