@@ -500,9 +500,9 @@ class Connector:
                 )
             else:
                 hint = (
-                    f"Its CA is not in {tls.ca_source}: run `asyncpg-iam ca-bundle` for the RDS "
-                    "CA bundle, pass sslrootcert='<PEM file of the CA>', or an ssl.SSLContext "
-                    "that trusts it"
+                    "Run `asyncpg-iam ca-bundle` for the RDS CA bundle, or pass "
+                    "sslrootcert='<PEM file of the server's CA>' or an ssl.SSLContext that "
+                    "trusts it"
                 )
             return TLSVerificationError(
                 f"the TLS certificate of {where} did not verify against {tls.ca_source} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import inspect
 import logging
 import weakref
@@ -25,6 +26,7 @@ from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
 from ._connect import Connector, check_keywords, plan_connect
 from ._errors import ConfigurationError, CredentialsError
+from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
 
 __all__ = ["Pool", "PoolStats", "create_pool"]
@@ -62,7 +64,8 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # The keywords Pool takes besides asyncpg's.
 _OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 # What asyncpg's pool passes its connect callable besides the connection arguments.
-_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
+# timeout: the failover guard's retries pass what is left of the connect timeout.
+_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class", "timeout")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,7 +74,8 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out) and ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
+    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -97,6 +101,14 @@ class PoolStats:
     than their lifetime): handed out once and closed on release."""
     open_connections: int
     """Connections open when the snapshot was taken."""
+    failover_events: int = 0
+    """Failovers or server restarts the pool detected (see README, "Failover")."""
+    failover_retired: int = 0
+    """Connections retired because of them (idle ones at once, in-use ones on release)."""
+    read_only_retries: int = 0
+    """New connections that landed on a read-only server and were retried."""
+    connect_retries: int = 0
+    """Connect attempts retried while recovering from a failover (read-only ones included)."""
 
 
 class _Counters:
@@ -161,7 +173,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
-        plan = plan_connect(dsn, kwargs, auth=auth)
+        # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
+        plan = apply_writer_default(plan_connect(dsn, kwargs, auth=auth), dsn, kwargs)
         self._connector = Connector(
             plan,
             provider=TokenProvider(auth, clock=clock) if auth is not None else None,
@@ -186,6 +199,12 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             jitter=max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=clock,
+        )
+        self._failover = FailoverGuard(
+            self,
+            connector=self._connector,
+            mark_retired=functools.partial(self._recycler.retire_on_release, reason="failover"),
+            name=self._name,
         )
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
@@ -222,6 +241,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             connects_rate_limited=connects.rate_limited,
             handed_out_due=counters.handed_out_due,
             open_connections=self.get_size(),
+            failover_events=self._failover.events,
+            failover_retired=self._failover.retired,
+            read_only_retries=self._failover.read_only_retries,
+            connect_retries=self._failover.connect_retries,
         )
 
     def __repr__(self) -> str:
@@ -239,7 +262,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         previous arguments in force. Open connections stay until they are retired; call
         `expire_connections()` to replace them sooner.
         """
-        self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
+        plan = plan_connect(dsn, connect_kwargs, auth=self._connector.auth)
+        self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -248,6 +272,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._counters.opened += 1
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, self._login_started.pop(con, None))
+        self._failover.watch(con)
         logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
         return con
 
@@ -381,7 +406,7 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return await pool._open(**kwargs)
+        return await pool._failover.open(pool._open, kwargs)
 
     return connect
 

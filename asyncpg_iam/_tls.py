@@ -298,7 +298,7 @@ def _ca_for(root: _Setting | None, env: Mapping[str, str]) -> tuple[str | None, 
         return value, root.source
     bundle = ca_bundle_path()
     if bundle is None:
-        return None, "the system store (no RDS bundle cached; run `asyncpg-iam ca-bundle`)"
+        return None, "the system store (no RDS bundle cached)"
     if env.get(CA_BUNDLE_ENV):
         return str(bundle), f"${CA_BUNDLE_ENV} {bundle}"
     return str(bundle), f"the cached RDS bundle {bundle}"

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from . import (
     _harness,
     case_connect,
+    case_failover,
     case_fetches,
     case_fleet,
     case_loop_lag,
@@ -40,6 +41,7 @@ CASES: list[ModuleType] = [
     case_loop_lag,
     case_recycling,
     case_pool_overhead,
+    case_failover,
     case_fleet,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

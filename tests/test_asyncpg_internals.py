@@ -63,3 +63,12 @@ def test_parse_connect_arguments_takes_connect_keywords() -> None:
     assert set(parse) - set(connect) <= {"dsn"}
     assert "target_session_attrs" in parse
     assert "ssl" in parse
+
+
+def test_failover_hooks_exist() -> None:
+    """Query loggers, close(timeout=) and terminate() exist; holders keep the idle-timer hook."""
+    assert callable(asyncpg.Connection.add_query_logger)
+    assert "timeout" in inspect.signature(asyncpg.Connection.close).parameters
+    assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
+    assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
+    assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)

@@ -22,9 +22,12 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._clock import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from ._emulator import AccessKey
 
 __all__ = ["AWS_CREDENTIAL_VARIABLES", "CredentialServer", "KeyRegistry", "MotoSTS"]
 
@@ -272,6 +275,23 @@ class MotoSTS:
             "AWS_ENDPOINT_URL_STS": self.endpoint_url,
             "AWS_ENDPOINT_URL_IAM": self.endpoint_url,
         }
+
+    def issued_key(self, access_key: str) -> AccessKey | None:
+        """Return the assumed-role key moto's STS issued as `access_key`, if it did.
+
+        Pass it to `RDSIAMEmulator.add_key_source` so that an emulator accepts tokens signed
+        with roles assumed through this server (by another process too).
+        """
+        from moto.sts.models import sts_backends
+
+        from ._emulator import AccessKey
+
+        for backends in list(sts_backends.values()):
+            for backend in list(backends.values()):
+                role = backend.get_assumed_role_from_access_key(access_key)
+                if role is not None:
+                    return AccessKey(role.access_key_id, role.secret_access_key, role.session_token)
+        return None
 
     def start(self) -> MotoSTS:
         """Start moto's ThreadedMotoServer."""

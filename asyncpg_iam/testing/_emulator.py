@@ -24,7 +24,7 @@ import sys
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -143,6 +143,32 @@ async def _start_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext) -> N
     protocol._over_ssl = True
 
 
+class _KeyBook(Mapping[str, RegisteredKey]):
+    """The registered keys, then the key sources, as one read-only mapping."""
+
+    def __init__(
+        self, keys: dict[str, RegisteredKey], sources: list[Callable[[str], AccessKey | None]]
+    ) -> None:
+        self._keys = keys
+        self._sources = sources
+
+    def __getitem__(self, access_key: str) -> RegisteredKey:
+        found = self._keys.get(access_key)
+        if found is not None:
+            return found
+        for lookup in self._sources:
+            key = lookup(access_key)
+            if key is not None:
+                return RegisteredKey(key.access_key, key.secret_key, key.session_token, None)
+        raise KeyError(access_key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class RDSIAMEmulator:
     """An RDS endpoint with IAM authentication, in front of a real PostgreSQL.
 
@@ -208,6 +234,7 @@ class RDSIAMEmulator:
         self._max_password_length = max_password_length
         self._login_timeout = login_timeout
         self._keys: dict[str, RegisteredKey] = {}
+        self._key_sources: list[Callable[[str], AccessKey | None]] = []
 
         self._ca_pem: str | None = None
         if server_ssl_context is None:
@@ -410,6 +437,14 @@ class RDSIAMEmulator:
         """Accept tokens signed with this key; with `expiration`, only until then."""
         self._keys[access_key] = RegisteredKey(access_key, secret_key, session_token, expiration)
         logger.debug("registered access key %s", access_key)
+
+    def add_key_source(self, lookup: Callable[[str], AccessKey | None]) -> None:
+        """Also accept tokens signed with keys `lookup` knows (it returns None for others).
+
+        For keys issued elsewhere while the emulator runs, such as assumed-role keys from
+        moto's STS (`MotoSTS.issued_key`).
+        """
+        self._key_sources.append(lookup)
 
     def unregister_key(self, access_key: str) -> None:
         """Stop accepting tokens signed with this key."""
@@ -706,7 +741,7 @@ class RDSIAMEmulator:
             endpoint=self._endpoint,
             port=self.endpoint_port,
             region=self._region,
-            keys=self._keys,
+            keys=_KeyBook(self._keys, self._key_sources),
             now=now,
             max_clock_skew=self._max_clock_skew,
         )

@@ -1,7 +1,9 @@
 """A throwaway PostgreSQL server from the local binaries, and the description of a test backend.
 
 `PostgresCluster` runs `initdb` and `pg_ctl` in a temporary directory: a free loopback port,
-`fsync=off`, TLS on with a `trustme` certificate, trust authentication. As root it runs the
+`fsync=off`, TLS on with a `trustme` certificate, trust authentication. With `standby_of` it is
+a streaming standby cloned from another cluster with `pg_basebackup -R` instead; `promote()`,
+`stop_server()` and `start_server()` let a test play a failover. As root it runs the
 server as the `postgres` user (PostgreSQL refuses root). Everything is stopped and removed on
 `stop()`, on leaving the `with` block (also when a test fails), at interpreter exit and on
 SIGTERM (best effort).
@@ -140,7 +142,8 @@ class PostgresCluster:
 
     Use it as a context manager, or call `start()` and `stop()`. `bin_dir` defaults to
     `find_postgres_bin()`. Connections over TCP from loopback are trusted; TLS is offered
-    (`client_ssl_context()` trusts its CA) but not required.
+    (`client_ssl_context()` trusts its CA) but not required. With `standby_of` (a running
+    cluster) it starts as a hot standby streaming from that one, with the same user and database.
     """
 
     def __init__(
@@ -152,7 +155,13 @@ class PostgresCluster:
         database: str = "postgres",
         settings: dict[str, str] | None = None,
         start_timeout: float = 60.0,
+        standby_of: PostgresCluster | None = None,
     ) -> None:
+        if standby_of is not None and not standby_of.running:
+            raise RuntimeError("standby_of must be a running PostgresCluster")
+        self._standby_of = standby_of
+        if standby_of is not None:
+            user, database = standby_of.user, standby_of.database
         self._bin_dir = Path(bin_dir) if bin_dir is not None else None
         self._host = host
         self._user = user
@@ -207,6 +216,51 @@ class PostgresCluster:
             shutil.rmtree(tmp, ignore_errors=True)
             with _live_lock:
                 _live.discard(self)
+
+    def promote(self, *, timeout: float = 60.0) -> None:
+        """Promote this standby to a primary (``pg_ctl promote``); wait until it takes writes."""
+        bin_dir = self._bin_dir or find_postgres_bin()
+        self._run(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "promote",
+            ]
+        )
+
+    def stop_server(self, *, mode: str = "immediate") -> None:
+        """Stop the server, keeping its data (``pg_ctl stop -m mode``); see `start_server()`.
+
+        ``immediate`` is a crash: every backend is ended at once, as when a host goes away.
+        """
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"mode must be 'smart', 'fast' or 'immediate', not {mode!r}")
+        with self._lock:
+            if not self._running:
+                return
+            self._running = False
+        bin_dir = self._bin_dir or find_postgres_bin()
+        result = self._run(
+            [str(bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"],
+            check=False,
+        )
+        if result.returncode != 0:
+            self._kill_postmaster(self.data_dir)
+
+    def start_server(self, *, settings: dict[str, str] | None = None) -> None:
+        """Start a server stopped with `stop_server()` on the same port, with extra `settings`.
+
+        ``settings={"default_transaction_read_only": "on"}`` brings it back read-only, as an
+        Aurora writer comes back as a reader after a failover.
+        """
+        if self._running:
+            raise RuntimeError("the server is already running")
+        bin_dir = self._bin_dir or find_postgres_bin()
+        self._launch(bin_dir, settings=settings, retry_port=False)
 
     def __enter__(self) -> PostgresCluster:
         return self.start()
@@ -347,21 +401,10 @@ class PostgresCluster:
                 os.chown(path, *owner)
             os.chown(self._tmp / "sock", *owner)
         self._tmp.chmod(0o755)  # readable by clients for ca.pem; data dir itself stays 0700
-        self._run(
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(self._tmp / "data"),
-                "-U",
-                self._user,
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ]
-        )
+        if self._standby_of is not None:
+            self._clone(bin_dir)
+        else:
+            self._initdb(bin_dir)
         self._port = _free_port(self._host)
         settings = {
             "listen_addresses": f"'{self._host}'",
@@ -383,13 +426,61 @@ class PostgresCluster:
         with open(self._tmp / "data" / "postgresql.conf", "a") as file:
             file.write("\n# asyncpg-iam PostgresCluster\n" + conf)
 
-    def _launch(self, bin_dir: Path) -> None:
+    def _initdb(self, bin_dir: Path) -> None:
+        assert self._tmp is not None
+        self._run(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(self._tmp / "data"),
+                "-U",
+                self._user,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
+
+    def _clone(self, bin_dir: Path) -> None:
+        """Copy the primary with ``pg_basebackup -R``: a standby that streams from it."""
+        assert self._tmp is not None
+        assert self._standby_of is not None
+        primary = self._standby_of
+        self._run(
+            [
+                str(bin_dir / "pg_basebackup"),
+                "-D",
+                str(self._tmp / "data"),
+                "-h",
+                primary.host,
+                "-p",
+                str(primary.port),
+                "-U",
+                primary.user,
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "-c",
+                "fast",
+            ]
+        )
+
+    def _launch(
+        self, bin_dir: Path, *, settings: dict[str, str] | None = None, retry_port: bool = True
+    ) -> None:
         assert self._tmp is not None
         log = self._tmp / "postgres.log"
         if self._as_postgres():
             log.touch()
             entry = pwd.getpwnam("postgres")
             os.chown(log, entry.pw_uid, entry.pw_gid)
+        options = f"-p {self._port}" + "".join(
+            f" -c {name}={value}" for name, value in (settings or {}).items()
+        )
         # The port was free a moment ago; retry on a fresh one if someone took it meanwhile.
         for attempt in range(3):
             result = self._run(
@@ -403,7 +494,7 @@ class PostgresCluster:
                     "-t",
                     str(int(self._start_timeout)),
                     "-o",
-                    f"-p {self._port}",
+                    options,
                     "start",
                 ],
                 check=False,
@@ -412,14 +503,14 @@ class PostgresCluster:
                 self._running = True
                 break
             text = log.read_text(errors="replace") if log.exists() else ""
-            if "could not bind" in text and attempt < 2:
+            if "could not bind" in text and attempt < 2 and retry_port:
                 self._port = _free_port(self._host)
                 continue
             raise RuntimeError(
                 f"pg_ctl start failed (exit {result.returncode}): "
                 f"{(result.stderr or result.stdout).strip()[-1000:]}\n{text[-2000:]}"
             )
-        if self._database != "postgres":
+        if self._database != "postgres" and retry_port and self._standby_of is None:
             self._run(
                 [
                     str(bin_dir / "createdb"),

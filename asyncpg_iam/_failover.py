@@ -1,0 +1,375 @@
+"""Failover and restart handling for the pool: detect, retire, land on the right server.
+
+When Aurora (or RDS Multi-AZ) fails over, every connection to the old writer dies, and for up
+to the DNS TTL new connections to the cluster endpoint can still reach the old writer, now
+down or read-only. `FailoverGuard` watches one pool's connections for that and reacts.
+
+**Signals.** asyncpg's pool never sees what happens to a connection while a caller holds it,
+so the guard attaches two public asyncpg hooks to every connection the pool opens:
+
+- a *termination listener* (`Connection.add_termination_listener`), which asyncpg calls when
+  the connection closes for any reason. Connections are created from a subclass of the pool's
+  ``connection_class`` whose `close()` and `terminate()` note that the client closed it, so
+  the listener tells a server or network drop (idle or in use) from the pool's own closes
+  (max lifetime, ``max_queries``, idle timeout, pool close);
+- on pools that want the writer, a *query logger* (`Connection.add_query_logger`, a few
+  microseconds a query), which sees the exception of every query on a connection that stays
+  open: ``25006 read_only_sql_transaction`` when the pool wants
+  the writer (the server was demoted), ``57P0x`` and class ``08`` errors. (asyncpg drops a
+  connection's query loggers when the connection is lost, before the failed query reports:
+  lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
+  guard through the termination listener.)
+
+Connect attempts are a third source: a new connection that lands on a read-only server
+(``in_hot_standby``/``default_transaction_read_only``, checked by asyncpg for
+``target_session_attrs``), ``57P03``, a refused connection or a ``08`` error at login.
+
+A log listener was considered and left out: asyncpg removes log listeners on every release
+(`Connection.reset`), and PostgreSQL reports a shutdown to an idle session as a FATAL error
+that closes it, which the termination listener already sees.
+
+**Retiring.** On an event every open connection is retired: its holder gets a stale
+generation (as `asyncpg.Pool.expire_connections` does for all holders at once), idle ones
+(those in the pool's free queue, which nobody can be handed while this runs) are terminated at
+once, and asyncpg closes the ones in use when they are released. So after the pool has seen
+the event no caller gets a connection from before it. Holders that are connecting keep their
+generation: their login is checked (``target_session_attrs``) when it completes, and throwing
+away a connection that reached the new writer would cost a login at the worst moment. One
+failover makes every connection fail: signals from connections whose login began before the
+last event, and connect failures before the pool has opened a connection since, belong to the
+same event and are not counted again.
+
+**Landing on the right server.** With ``target_session_attrs`` ``read-write`` (the default for
+an IAM pool on one Aurora cluster endpoint, see `default_session_attrs`) or ``primary``, a new
+connection that lands on a read-only server is closed and retried with backoff within the
+connect timeout; while the pool is recovering from an event (no connection opened since),
+connects that fail because the server is down or starting are retried the same way. Each retry
+is a new login: a fresh token, and a slot of the connect rate limit. Reader endpoints
+(``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import random
+import re
+import urllib.parse
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import asyncpg
+from asyncpg.exceptions import (
+    CannotConnectNowError,
+    ConnectionDoesNotExistError,
+    TargetServerAttributeNotMatched,
+)
+
+__all__ = [
+    "FailoverGuard",
+    "apply_writer_default",
+    "classify_error",
+    "default_session_attrs",
+    "is_reader_endpoint",
+    "is_writer_endpoint",
+]
+
+logger = logging.getLogger("asyncpg_iam.pool")
+
+#: Server states that end or refuse sessions during a restart or failover.
+SHUTDOWN_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+READ_ONLY_SQLSTATE = "25006"
+WRITER_ATTRS = frozenset({"read-write", "primary"})
+
+_FIRST_BACKOFF = 0.05
+_MAX_BACKOFF = 1.0
+_DEFAULT_CONNECT_TIMEOUT = 60.0  # asyncpg.connect's default
+
+# <cluster>.cluster-<id>.<region>.rds.amazonaws.com[.cn]; readers are cluster-ro-, custom
+# endpoints cluster-custom- (either may point at readers).
+_CLUSTER = re.compile(
+    r"^[^.]+\.cluster-(ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(\.cn)?\.?$"
+)
+
+
+def is_writer_endpoint(host: str) -> bool:
+    """Tell whether `host` is an Aurora cluster (writer) endpoint name."""
+    match = _CLUSTER.match(host.lower())
+    return match is not None and match.group(1) is None
+
+
+def is_reader_endpoint(host: str) -> bool:
+    """Tell whether `host` is an Aurora reader endpoint name (``*.cluster-ro-*``)."""
+    match = _CLUSTER.match(host.lower())
+    return match is not None and match.group(1) == "ro-"
+
+
+def default_session_attrs(
+    dsn: str | None, connect_kwargs: Mapping[str, Any], signing_hosts: list[str]
+) -> str | None:
+    """Return ``"read-write"`` when an IAM pool on one cluster endpoint chose no attributes.
+
+    Anything the caller chose (``target_session_attrs=``, the DSN's query, the
+    ``PGTARGETSESSIONATTRS`` variable) wins; any other host keeps asyncpg's ``any``, since an
+    instance name says nothing about whether it is a replica.
+    """
+    if connect_kwargs.get("target_session_attrs") is not None:
+        return None
+    if os.environ.get("PGTARGETSESSIONATTRS"):
+        return None
+    if dsn:
+        try:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+        except ValueError:
+            return None
+        if "target_session_attrs" in query:
+            return None
+    if len(signing_hosts) == 1 and is_writer_endpoint(signing_hosts[0]):
+        return "read-write"
+    return None
+
+
+def apply_writer_default(plan: Any, dsn: str | None, connect_kwargs: Mapping[str, Any]) -> Any:
+    """Return the connect plan with ``target_session_attrs="read-write"`` where it is the
+    default (see `default_session_attrs`), else `plan` itself."""
+    if plan.auth is None:
+        return plan
+    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
+    attrs = default_session_attrs(dsn, connect_kwargs, hosts)
+    if attrs is None or attrs == plan.target_session_attrs:
+        return plan
+    return dataclasses.replace(plan, target_session_attrs=attrs)
+
+
+def classify_error(exc: BaseException | None, *, wants_writer: bool) -> str | None:
+    """Name the failover signal `exc` carries (``"shutdown"``, ``"read_only"``,
+    ``"connection_lost"``), or None when it is an ordinary error."""
+    if exc is None:
+        return None
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate in SHUTDOWN_SQLSTATES:
+            return "shutdown"
+        if sqlstate == READ_ONLY_SQLSTATE:
+            return "read_only" if wants_writer else None
+        if sqlstate.startswith("08"):
+            return "connection_lost"
+        return None
+    if isinstance(exc, (ConnectionDoesNotExistError, ConnectionError)):
+        return "connection_lost"
+    return None
+
+
+def _connect_failure(exc: BaseException) -> str | None:
+    """Name why a connect attempt failed, when a failover or restart can explain it."""
+    if isinstance(exc, TargetServerAttributeNotMatched):
+        return "read_only"
+    if isinstance(exc, CannotConnectNowError):
+        return "starting"
+    if isinstance(exc, asyncpg.PostgresError):
+        return "unavailable" if (getattr(exc, "sqlstate", "") or "").startswith("08") else None
+    if isinstance(exc, (ConnectionDoesNotExistError, ConnectionError)):
+        return "unavailable"
+    return None
+
+
+_marked_classes: dict[type, type] = {}
+
+
+def marked_connection_class(base: type) -> type:
+    """Return a subclass of `base` whose `close()` and `terminate()` note a client close."""
+    marked = _marked_classes.get(base)
+    if marked is not None:
+        return marked
+
+    class _Marked(base):  # type: ignore[misc]
+        __slots__ = ("_asyncpg_iam_client_closed",)
+
+        async def close(self, *, timeout: float | None = None) -> None:
+            self._asyncpg_iam_client_closed = True
+            await super().close(timeout=timeout)
+
+        def terminate(self) -> None:
+            self._asyncpg_iam_client_closed = True
+            super().terminate()
+
+    _Marked.__name__ = _Marked.__qualname__ = base.__name__
+    _Marked.__module__ = base.__module__
+    _marked_classes[base] = _Marked
+    return _Marked
+
+
+def _closed_by_client(con: Any) -> bool | None:
+    """True if the client closed `con`, False if not, None if `con` is not marked."""
+    if type(con) not in _marked_classes.values():
+        return None
+    return bool(getattr(con, "_asyncpg_iam_client_closed", False))
+
+
+class FailoverGuard:
+    """Watch one pool's connections for a failover or restart and recover from it.
+
+    `pool` is held weakly. `connector` (the pool's `Connector`) says, through its current
+    plan, whether the pool wants the writer (a read-only server is then a failure) and the
+    connect timeout. `mark_retired(holder)` is called for each holder retired by an event (the
+    pool counts the close under its reason).
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        connector: Any,
+        mark_retired: Callable[[Any], None],
+        name: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
+        self._connector = connector
+        self._mark_retired = mark_retired
+        self._name = name
+        self._rng = rng or random.Random()
+        self._epoch = 0
+        self._login_epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._recovering = False
+        self._opened_any = False
+        self.events = 0
+        """Failovers or restarts detected."""
+        self.retired = 0
+        """Connections retired because of them."""
+        self.read_only_retries = 0
+        """Connect attempts that landed on a read-only server and were retried."""
+        self.connect_retries = 0
+        """Connect attempts retried during recovery, read-only ones included."""
+
+    @property
+    def wants_writer(self) -> bool:
+        """Whether the pool's connections must be on a server that takes writes."""
+        return str(self._connector.plan.target_session_attrs) in WRITER_ATTRS
+
+    # -- connecting ---------------------------------------------------------------------------
+
+    def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Return connect arguments whose ``connection_class`` lets closes be told apart."""
+        base = kwargs.get("connection_class") or asyncpg.Connection
+        return {**kwargs, "connection_class": marked_connection_class(base)}
+
+    async def open(self, open_once: Callable[..., Awaitable[Any]], kwargs: dict[str, Any]) -> Any:
+        """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
+
+        Retries pass what is left of the connect timeout as ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        kwargs = self.prepare(kwargs)
+        timeout = kwargs.get("timeout", self._connector.plan.connect_kwargs.get("timeout"))
+        deadline = loop.time() + (_DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout)
+        delay = _FIRST_BACKOFF
+        while True:
+            epoch = self._epoch
+            try:
+                con = await open_once(**kwargs)
+            except Exception as exc:
+                kind = _connect_failure(exc)
+                if kind is None:
+                    raise
+                if kind == "read_only" and not self.wants_writer:
+                    raise
+                if kind != "read_only" and not self._recovering:
+                    # A server that is down while the pool saw no failover: say so at once.
+                    if not self._opened_any:
+                        raise
+                    self.report(f"connect_{kind}", epoch, connect=True)
+                    if not self._recovering:
+                        raise
+                elif kind == "read_only":
+                    self.report("connect_read_only", epoch, connect=True)
+                wait = delay * (0.5 + self._rng.random() / 2)
+                remaining = deadline - loop.time()
+                if remaining <= wait:
+                    raise
+                self.connect_retries += 1
+                if kind == "read_only":
+                    self.read_only_retries += 1
+                logger.debug(
+                    "pool %s: connect landed on a %s server (%s); retrying in %.2f s",
+                    self._name,
+                    "read-only" if kind == "read_only" else "unavailable",
+                    type(exc).__name__,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                kwargs["timeout"] = max(deadline - loop.time(), 0.001)
+            else:
+                # Signals from it belong to the epoch its login began in.
+                self._login_epochs[con] = epoch
+                return con
+
+    def watch(self, con: Any) -> None:
+        """Attach the signals to a connection the pool just opened."""
+        self._opened_any = True
+        self._recovering = False
+        epoch = self._login_epochs.pop(con, self._epoch)
+        # asyncpg passes the listener the pool's proxy while the connection is in use: bind
+        # the connection itself (weakly: the listener is stored on it).
+        con.add_termination_listener(
+            functools.partial(self._on_terminated, epoch, weakref.ref(con))
+        )
+        if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
+            con.add_query_logger(functools.partial(self._on_query, epoch))
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _on_terminated(self, epoch: int, con_ref: weakref.ref[Any], _proxy: Any) -> None:
+        con = con_ref()
+        if con is None or _closed_by_client(con) is not False:
+            return  # closed by the pool or the caller, or not a connection we can tell about
+        self.report("connection_lost", epoch)
+
+    def _on_query(self, epoch: int, record: Any) -> None:
+        kind = classify_error(record.exception, wants_writer=self.wants_writer)
+        if kind is not None:
+            self.report(kind, epoch)
+
+    def report(self, cause: str, epoch: int, *, connect: bool = False) -> bool:
+        """Handle a signal seen at `epoch`; return True when it starts a new event."""
+        pool = self._pool_ref()
+        if pool is None or pool.is_closing() or not pool._initialized:
+            return False
+        if epoch < self._epoch or (connect and self._recovering):
+            return False  # part of an event already handled
+        self._epoch += 1
+        self._recovering = True
+        self.events += 1
+        retired = self._retire_all(pool)
+        self.retired += retired
+        logger.warning(
+            "pool %s: failover or restart detected (%s); retired %d connection(s)",
+            self._name,
+            cause,
+            retired,
+        )
+        return True
+
+    def _retire_all(self, pool: Any) -> int:
+        # A stale generation per holder rather than expire_connections()'s bump of the pool's:
+        # a holder that is connecting now keeps the pool's generation, so a connection that
+        # lands on the new writer after retries is not thrown away on its first release.
+        idle = pool._queue._queue
+        retired = 0
+        for holder in list(pool._holders):
+            con = holder._con
+            if con is None or con.is_closed():
+                continue
+            retired += 1
+            self._mark_retired(holder)
+            if holder._in_use is None and holder in idle:
+                holder._maybe_cancel_inactive_callback()
+                con.terminate()
+                if holder._con is con:
+                    holder._con = None
+        return retired

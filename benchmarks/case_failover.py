@@ -1,0 +1,285 @@
+"""Failover under load: an IAM pool against a plain asyncpg.Pool through an Aurora-style failover.
+
+Each variant gets its own `asyncpg_iam.testing.FailoverCluster`: a primary and a synchronous
+streaming standby, each behind the verifying RDS IAM emulator, behind a cluster endpoint. 64
+workers loop acquire, ``INSERT`` of a unique id, release, on a pool of 20 (min_size = max_size).
+After a warm-up the primary is stopped (``immediate``), the standby promoted, and the endpoint
+switched 5 s after the promotion; meanwhile the old primary comes back read-only (as an Aurora
+writer comes back as a reader), so new connections during the lag reach a read-only server.
+The run goes on for a few seconds after the switch.
+
+- ``asyncpg_iam.Pool``: IAM, ``target_session_attrs`` read-write by default on the cluster
+  endpoint name, failover detection and retries.
+- ``asyncpg.Pool``: the plain pool with a password callable that signs a token per connect
+  (how IAM is commonly wired by hand) and asyncpg's defaults.
+
+Figures: failed writes (and how many began before the primary stopped, or before the pool saw
+the event), time from the promotion to the first write acknowledged afterwards, logins at the
+emulators from the stop on, and the ledger check on the new primary: every acknowledged id
+exactly once (0 lost, 0 applied twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import logging
+import secrets
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+import asyncpg_iam
+from asyncpg_iam import Credentials, build_auth_token
+from asyncpg_iam.testing import FailoverCluster
+
+from ._harness import CaseResult, isolated_aws, new_figure, patched_environ, save_figure
+
+NAME = "failover"
+TITLE = "7. Failover under load (64 workers, max_size 20, 5 s DNS lag)"
+NEEDS_ENVIRONMENT = False
+WORKERS = 64
+POOL_SIZE = 20
+LAG = 5.0
+ACCESS_KEY = "AKIABENCHFAILOVER001"
+
+
+class _EventTimes(logging.Handler):
+    """Record when the pool logs that it detected a failover (loop time)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "failover or restart detected" in record.getMessage():
+            self.times.append(asyncio.get_running_loop().time())
+
+
+async def _variant(
+    kind: str, *, warmup: float, after: float, credentials: Credentials
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    async with FailoverCluster(lag=LAG) as cluster:
+        cluster.register_key(credentials.access_key, credentials.secret_key)
+        common = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+        pool: Any
+        if kind == "asyncpg_iam":
+            pool = await asyncpg_iam.create_pool(**cluster.pool_kwargs(**common))
+        else:
+            kwargs = cluster.pool_kwargs(**common)
+            del kwargs["iam"]
+
+            def password() -> str:
+                return build_auth_token(
+                    host=cluster.endpoint,
+                    port=cluster.signing_port,
+                    user=cluster.user,
+                    region="us-east-1",
+                    credentials=credentials,
+                )
+
+            pool = await asyncpg.create_pool(**kwargs, password=password)
+        handler = _EventTimes()
+        logging.getLogger("asyncpg_iam.pool").addHandler(handler)
+        ids = itertools.count(1)
+        acknowledged: list[tuple[int, float]] = []
+        failed: list[tuple[float, str]] = []
+        stop = asyncio.Event()
+        try:
+            await pool.execute("CREATE TABLE ledger (id bigint)")
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    write_id = next(ids)
+                    began = loop.time()
+                    try:
+                        async with pool.acquire(timeout=30) as con:
+                            await con.execute("INSERT INTO ledger VALUES ($1)", write_id)
+                    except Exception as exc:
+                        failed.append((began, type(exc).__name__))
+                    else:
+                        acknowledged.append((write_id, loop.time()))
+
+            tasks = [asyncio.ensure_future(worker()) for _ in range(WORKERS)]
+            await asyncio.sleep(warmup)
+            stopped_wall = dt.datetime.now(dt.timezone.utc)
+            timeline = await cluster.failover(old_writer="read_only")
+            await asyncio.sleep(after)
+            stop.set()
+            await asyncio.gather(*tasks)
+            stats = pool.stats() if isinstance(pool, asyncpg_iam.Pool) else None
+        finally:
+            logging.getLogger("asyncpg_iam.pool").removeHandler(handler)
+            await pool.close()
+        con = await asyncpg.connect(cluster.primary.dsn)
+        try:
+            stored = Counter(row["id"] for row in await con.fetch("SELECT id FROM ledger"))
+        finally:
+            await con.close()
+        logins = [
+            r for emulator in cluster.emulators for r in emulator.records if r.at >= stopped_wall
+        ]
+    ack_ids = [write_id for write_id, _ in acknowledged]
+    after_promotion = [at for _, at in acknowledged if at > timeline.promoted_at]
+    first_write = min(after_promotion) - timeline.promoted_at if after_promotion else None
+    saw_event = handler.times[0] if handler.times else None
+    errors = Counter(name for _, name in failed)
+    start = timeline.started_at - warmup
+    end = timeline.switched_at + after
+    seconds = int(end - start) + 1
+    per_second_ok = Counter(int(at - start) for _, at in acknowledged)
+    per_second_failed = Counter(int(began - start) for began, _ in failed)
+    return {
+        "kind": kind,
+        "acknowledged": len(ack_ids),
+        "failed": len(failed),
+        "failed_began_before_stop": sum(1 for began, _ in failed if began < timeline.stopped_at),
+        "failed_began_after_event": (
+            None if saw_event is None else sum(1 for began, _ in failed if began > saw_event)
+        ),
+        "errors": dict(errors),
+        "first_write_after_promotion_s": first_write,
+        "logins_after_stop": len(logins),
+        "logins_accepted_after_stop": sum(1 for r in logins if r.accepted),
+        "lost": sum(1 for write_id in ack_ids if stored[write_id] == 0),
+        "applied_twice": sum(1 for write_id in ack_ids if stored[write_id] > 1),
+        "rows_stored": sum(stored.values()),
+        "stats": None
+        if stats is None
+        else {
+            "failover_events": stats.failover_events,
+            "failover_retired": stats.failover_retired,
+            "read_only_retries": stats.read_only_retries,
+            "connect_retries": stats.connect_retries,
+            "connections_opened": stats.connections_opened,
+        },
+        "timeline": {
+            "stopped_after_s": timeline.stopped_at - timeline.started_at,
+            "promoted_after_s": timeline.promoted_at - timeline.started_at,
+            "switched_after_s": timeline.switched_at - timeline.started_at,
+            "event_seen_after_s": None if saw_event is None else saw_event - timeline.started_at,
+        },
+        "warmup_s": warmup,
+        "ok_per_second": [per_second_ok.get(i, 0) for i in range(seconds)],
+        "failed_per_second": [per_second_failed.get(i, 0) for i in range(seconds)],
+    }
+
+
+async def run(env: Any, quick: bool) -> CaseResult:
+    """Run the failover once with each pool and compare."""
+    warmup, after = (1.0, 2.0) if quick else (3.0, 5.0)
+    result = CaseResult(NAME, TITLE)
+    credentials = Credentials(ACCESS_KEY, secrets.token_urlsafe(30))
+    variants: dict[str, dict[str, Any]] = {}
+    with (
+        isolated_aws(),
+        patched_environ(
+            {
+                "AWS_ACCESS_KEY_ID": credentials.access_key,
+                "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
+            }
+        ),
+    ):
+        for kind in ("asyncpg_iam", "asyncpg"):
+            variants[kind] = await _variant(
+                kind, warmup=warmup, after=after, credentials=credentials
+            )
+    result.figures = {"lag_s": LAG, "workers": WORKERS, "pool_size": POOL_SIZE, **variants}
+    ours, plain = variants["asyncpg_iam"], variants["asyncpg"]
+    stats = ours["stats"] or {}
+
+    def both(key: str, fmt: str = "{}") -> str:
+        def one(value: Any) -> str:
+            return "none" if value is None else fmt.format(value)
+
+        return f"{one(ours[key])} vs {one(plain[key])}"
+
+    result.add("writes acknowledged (asyncpg_iam.Pool vs asyncpg.Pool)", both("acknowledged"))
+    result.add(
+        "writes failed / of them begun before the primary stopped",
+        f"{ours['failed']} / {ours['failed_began_before_stop']} vs "
+        f"{plain['failed']} / {plain['failed_began_before_stop']}",
+    )
+    late = ours["failed_began_after_event"]
+    result.add(
+        "asyncpg_iam.Pool: failed writes begun after the pool saw the event",
+        "no event seen" if late is None else str(late),
+        "0",
+        late == 0,
+    )
+    first = ours["first_write_after_promotion_s"]
+    result.add(
+        "time from promotion to first acknowledged write",
+        both("first_write_after_promotion_s", "{:.2f} s"),
+        f"<= {LAG + 1:g} s (lag + 1 s)",
+        first is not None and first <= LAG + 1,
+    )
+    bound = POOL_SIZE + stats.get("connect_retries", 0)
+    result.add(
+        "logins from the stop on (accepted by the emulators)",
+        f"{ours['logins_after_stop']} ({ours['logins_accepted_after_stop']}) vs "
+        f"{plain['logins_after_stop']} ({plain['logins_accepted_after_stop']})",
+        f"<= pool size + counted retries ({POOL_SIZE} + {stats.get('connect_retries', 0)})",
+        ours["logins_after_stop"] <= bound,
+    )
+    result.add(
+        "asyncpg_iam.Pool stats: events / retired / read-only retries / connect retries",
+        f"{stats.get('failover_events')} / {stats.get('failover_retired')} / "
+        f"{stats.get('read_only_retries')} / {stats.get('connect_retries')}",
+    )
+    result.add(
+        "acknowledged writes lost / applied twice",
+        f"{ours['lost']} / {ours['applied_twice']} vs {plain['lost']} / {plain['applied_twice']}",
+        "0 / 0",
+        ours["lost"] == ours["applied_twice"] == plain["lost"] == plain["applied_twice"] == 0,
+    )
+    result.add("errors (asyncpg_iam.Pool)", _errors(ours["errors"]))
+    result.add("errors (asyncpg.Pool)", _errors(plain["errors"]))
+    result.notes.append(
+        f"Each variant runs on its own FailoverCluster: {warmup:g} s of load, then the primary "
+        f"stops (immediate) and comes back read-only, the standby is promoted, the endpoint "
+        f"switches {LAG:g} s after the promotion, and the load goes on {after:g} s more. "
+        "Replication is synchronous, so an acknowledged write is on the new primary unless it "
+        "was lost; writes that failed may or may not have been applied (their outcome is "
+        "unknown to the client) and are not counted. The plain pool's connections that "
+        "reached the read-only old writer during the lag stay there until they are closed, "
+        "so its writes keep failing with ReadOnlySQLTransactionError after the switch. "
+        "Timings are from a 2-core machine shared with other work: noisy."
+    )
+    return result
+
+
+def _errors(errors: dict[str, int]) -> str:
+    if not errors:
+        return "none"
+    return ", ".join(f"{name} {count}" for name, count in sorted(errors.items()))
+
+
+def plot(result: CaseResult, out: Path) -> None:
+    """Plot acknowledged and failed writes per second for both pools."""
+    if "asyncpg_iam" not in result.figures:
+        return
+    figure, axes = new_figure(9, 6, rows=2)
+    for ax, kind, label in (
+        (axes[0], "asyncpg_iam", "asyncpg_iam.Pool"),
+        (axes[1], "asyncpg", "asyncpg.Pool"),
+    ):
+        variant = result.figures[kind]
+        ok = variant["ok_per_second"][:-1]
+        bad = variant["failed_per_second"][:-1]
+        ax.plot(range(len(ok)), ok, label="acknowledged writes")
+        ax.plot(range(len(bad)), bad, ":", label="failed writes")
+        warmup = variant["warmup_s"]
+        timeline = variant["timeline"]
+        ax.axvline(warmup + timeline["stopped_after_s"], color="red", linewidth=0.8)
+        ax.axvline(warmup + timeline["switched_after_s"], color="green", linewidth=0.8)
+        ax.set_title(f"{label}: primary stops (red), endpoint switches (green)")
+        ax.set_ylabel("writes in that second")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    axes[1].set_xlabel("seconds since the load started")
+    result.plots.append(save_figure(figure, out / "failover.png"))
