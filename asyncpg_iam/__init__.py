@@ -9,6 +9,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 
 from ._auth import IAMAuth
 from ._errors import (
+    CommitOutcomeUnknownError,
     ConfigurationError,
     ConnectError,
     ConnectTimeoutError,
@@ -18,9 +19,11 @@ from ._errors import (
     TLSVerificationError,
 )
 from ._pool import Pool, PoolStats, create_pool
-from ._signing import Credentials, build_auth_token, region_from_host
+from ._retry import run_transaction
+from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
@@ -33,6 +36,8 @@ __all__ = [
     "PoolStats",
     "TLSVerificationError",
     "build_auth_token",
+    "build_dsql_token",
     "create_pool",
     "region_from_host",
+    "run_transaction",
 ]

@@ -13,12 +13,18 @@ import datetime as dt
 import ipaddress
 import re
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import CredentialCache, configured_region, credential_cache_for
 from ._errors import AuthFailureContext, ConfigurationError
-from ._signing import Credentials, build_auth_token, region_from_host
+from ._signing import (
+    Credentials,
+    build_auth_token,
+    build_dsql_token,
+    is_dsql_host,
+    region_from_host,
+)
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
@@ -74,6 +80,12 @@ class IAMAuth:
     `token_reuse` (seconds, at most 840) lets connects within that age share a token, for fleets
     close to RDS's IAM connection throttle; 0 signs a new token for every connect.
 
+    `service` is ``"rds"`` (RDS, Aurora, RDS Proxy) or ``"dsql"`` (Aurora DSQL); None tells
+    them apart by the endpoint name (``<id>.dsql.<region>.on.aws`` is DSQL), so pass it when
+    you reach DSQL through a CNAME. `dsql_admin` chooses the DSQL token's action: True signs
+    ``DbConnectAdmin``, False ``DbConnect``; None (the default) signs the admin action for the
+    user ``admin`` only.
+
     `insecure_unverified_tls` lets sslmode ``require`` (or a context that does not verify
     certificates) carry the token: the connection is encrypted but anyone in the path can
     present a certificate and receive the token. Off by default; logged as a WARNING per pool.
@@ -91,12 +103,24 @@ class IAMAuth:
     signing_port: int | None = None
     token_reuse: float = 0.0
     insecure_unverified_tls: bool = False
+    service: Literal["rds", "dsql"] | None = None
+    dsql_admin: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.insecure_unverified_tls, bool):
             raise ConfigurationError(
                 "insecure_unverified_tls must be True or False (False: the server's "
                 "certificate is always verified)"
+            )
+        if self.service not in (None, "rds", "dsql"):
+            raise ConfigurationError(
+                f"service must be 'rds' (RDS, Aurora, RDS Proxy), 'dsql' (Aurora DSQL) or None "
+                f"to tell by the endpoint name, not {self.service!r}"
+            )
+        if self.dsql_admin is not None and not isinstance(self.dsql_admin, bool):
+            raise ConfigurationError(
+                "dsql_admin must be True (DbConnectAdmin), False (DbConnect) or None (admin "
+                f"for the user 'admin'), not {self.dsql_admin!r}"
             )
         if self.region is not None:
             _check_region(self.region, "region")
@@ -194,7 +218,11 @@ def auth_from(iam: object) -> IAMAuth | None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SigningTarget:
-    """What a token is signed for: the endpoint RDS knows, the user and the region."""
+    """What a token is signed for: the endpoint RDS knows, the user and the region.
+
+    `service` is ``"dsql"`` for Aurora DSQL (whose tokens name no port), with `admin` choosing
+    ``DbConnectAdmin`` over ``DbConnect``; ``"rds"`` otherwise.
+    """
 
     host: str
     port: int
@@ -204,6 +232,8 @@ class SigningTarget:
     region: str
     region_source: str
     endpoint_region: str | None
+    service: str = "rds"
+    admin: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -252,10 +282,16 @@ class TokenProvider:
         signing_host = self.auth.signing_host or host
         signing_port = self.auth.signing_port or port
         endpoint_region = region_from_host(signing_host)
+        dsql = (
+            self.auth.service == "dsql"
+            if self.auth.service is not None
+            else is_dsql_host(signing_host)
+        )
         if self.auth.region is not None:
             region, source = self.auth.region, "IAMAuth(region=...)"
         elif endpoint_region is not None:
-            region, source = endpoint_region, "the RDS endpoint name"
+            region = endpoint_region
+            source = "the DSQL endpoint name" if dsql else "the RDS endpoint name"
         else:
             if self._configured_region is False:
                 self._configured_region = configured_region(
@@ -280,6 +316,9 @@ class TokenProvider:
             region=region,
             region_source=source,
             endpoint_region=endpoint_region,
+            service="dsql" if dsql else "rds",
+            admin=dsql
+            and (self.auth.dsql_admin if self.auth.dsql_admin is not None else user == "admin"),
         )
 
     async def token(self, target: SigningTarget, record: TokenRecord | None = None) -> str:
@@ -308,14 +347,23 @@ class TokenProvider:
                         record.signed_at, record.reused = signed_at, True
                         record.credentials_expiry = expiry
                     return token
-        token = build_auth_token(
-            host=target.signing_host,
-            port=target.signing_port,
-            user=target.user,
-            region=target.region,
-            credentials=credentials,
-            now=now,
-        )
+        if target.service == "dsql":
+            token = build_dsql_token(
+                host=target.signing_host,
+                region=target.region,
+                credentials=credentials,
+                admin=target.admin,
+                now=now,
+            )
+        else:
+            token = build_auth_token(
+                host=target.signing_host,
+                port=target.signing_port,
+                user=target.user,
+                region=target.region,
+                credentials=credentials,
+                now=now,
+            )
         self.tokens_signed += 1
         if record is not None:
             record.signed_at, record.reused = now, False
@@ -367,4 +415,5 @@ def failure_context(
         now=now,
         server_message=str(getattr(exc, "message", None) or exc),
         clock_skew=credentials.clock_skew if clock_skew is None else clock_skew,
+        service=target.service,
     )

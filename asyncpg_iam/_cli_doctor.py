@@ -485,6 +485,15 @@ class Doctor:
         target = self.target
         token = await self.provider.token(target)
         self.token_ok = True
+        if target.service == "dsql":
+            action = "DbConnectAdmin" if target.admin else "DbConnect"
+            return Check(
+                "token",
+                PASS,
+                f"signed an Aurora DSQL {action} token for {target.user}@{target.signing_host} "
+                f"in {target.region} with {mask_access_key(self.credentials.access_key)} "
+                f"({len(token)} characters, valid 15 min; not shown)",
+            )
         return Check(
             "token",
             PASS,

@@ -72,7 +72,7 @@ class CredentialCache:
     """Serve frozen AWS credentials from memory and keep them fresh.
 
     Create one with `credential_cache_for`. `fetches` counts every fetch from the source,
-    successful or not.
+    successful or not; `fetch_failures` those that failed.
     """
 
     def __init__(
@@ -107,6 +107,8 @@ class CredentialCache:
         self._max_retry_delay = max_retry_delay
         self._fetch_timeout = fetch_timeout
         self.fetches = 0
+        self.fetch_failures = 0
+        """Fetches that failed (the cache served older credentials, or raised)."""
         self.clock_skew: float | None = None
         """Seconds the clock is ahead of AWS's by the Date of the last AWS response (if any)."""
         self._current: Credentials | None = None
@@ -291,6 +293,7 @@ class CredentialCache:
 
     def _fetch_failed(self, error: CredentialsError) -> Credentials:
         self._failures += 1
+        self.fetch_failures += 1
         delay = min(self._retry_delay * 2 ** (self._failures - 1), self._max_retry_delay)
         mono = self._clock.monotonic()
         self._refresh_due = mono + max(delay, self._min_refresh_interval)

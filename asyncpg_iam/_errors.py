@@ -5,11 +5,13 @@
     ├── CredentialsError                      no valid AWS credentials could be obtained
     ├── IAMAuthenticationError                the database refused an IAM login; also an
     │                                         asyncpg InvalidAuthorizationSpecificationError
-    └── ConnectError (also OSError)           the server could not be reached or did not answer:
-        │                                     host, port, the phase reached and a hint
-        ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
-        └── TLSVerificationError              the server's certificate did not verify (also
-                                              ssl.SSLCertVerificationError)
+    ├── ConnectError (also OSError)           the server could not be reached or did not answer:
+    │   │                                     host, port, the phase reached and a hint
+    │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+    │   └── TLSVerificationError              the server's certificate did not verify (also
+    │                                         ssl.SSLCertVerificationError)
+    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+                                              transaction may or may not have committed
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -26,6 +28,7 @@ from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
     "AuthFailureContext",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
@@ -43,6 +46,13 @@ class IAMError(Exception):
 
 class ConfigurationError(IAMError, ValueError):
     """An argument is invalid; the message names it and says what is allowed."""
+
+
+class CommitOutcomeUnknownError(IAMError):
+    """The connection broke while ``COMMIT`` was in flight; the cause is chained.
+
+    The transaction may have committed or not: `run_transaction` never runs it again.
+    """
 
 
 class CredentialsError(IAMError):
@@ -78,6 +88,8 @@ class AuthFailureContext:
     server_message: str
     clock_skew: float | None = None
     """Seconds this host's clock is ahead of AWS's (negative: behind), when it was measured."""
+    service: str = "rds"
+    """``"rds"`` (RDS, Aurora, RDS Proxy) or ``"dsql"`` (Aurora DSQL)."""
 
     @property
     def token_age(self) -> float | None:
@@ -120,6 +132,23 @@ def _resource_arn(ctx: AuthFailureContext) -> str:
     return f"arn:{partition}:rds-db:{ctx.region}:<account-id>:dbuser:{resource}/{ctx.user}"
 
 
+def _dsql_hints(ctx: AuthFailureContext) -> list[str]:
+    cluster = ctx.signing_host.split(".", 1)[0] if ctx.endpoint_region else "<cluster-id>"
+    arn = f"arn:aws:dsql:{ctx.region}:<account-id>:cluster/{cluster}"
+    if ctx.user == "admin":
+        return [
+            f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+            f"dsql:DbConnectAdmin on {arn}. An assumed role needs the permission on the role."
+        ]
+    return [
+        f"The role {ctx.user!r} may not be linked to this AWS identity: as admin, run "
+        f"AWS IAM GRANT \"{ctx.user}\" TO '<the IAM role ARN>'; (and CREATE ROLE "
+        f'"{ctx.user}" WITH LOGIN first).',
+        f"The AWS identity (from {ctx.credential_source}) may lack permission: allow "
+        f"dsql:DbConnect on {arn}.",
+    ]
+
+
 def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     """Rank the likely causes of a refused IAM login, most likely first, each with its fix."""
     hints: list[str] = []
@@ -136,13 +165,20 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
             f"{ctx.endpoint_region!r}."
         )
+    dsql = ctx.service == "dsql"
     if ctx.endpoint_region is None:
-        what = "an IP address" if _is_ip(ctx.signing_host) else "not an RDS endpoint name"
+        kind = "a DSQL" if dsql else "an RDS"
+        what = "an IP address" if _is_ip(ctx.signing_host) else f"not {kind} endpoint name"
+        example = (
+            "<cluster-id>.dsql.<region>.on.aws'"
+            if dsql
+            else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
+        )
         hints.append(
-            f"The token was signed for {ctx.signing_host!r}, which is {what}: RDS checks the "
-            "token against its own endpoint name. If you connect through a CNAME, tunnel, "
-            "proxy or IP, pass IAMAuth(signing_host='<name>.<id>.<region>.rds.amazonaws.com', "
-            "signing_port=<its port>)."
+            f"The token was signed for {ctx.signing_host!r}, which is {what}: "
+            f"{'DSQL' if dsql else 'RDS'} checks the token against its own endpoint name. If "
+            "you connect through a CNAME, tunnel, proxy or IP, pass "
+            f"IAMAuth(signing_host='{example})."
         )
     if ctx.credentials_expiry is not None:
         left = ctx.credentials_expiry - ctx.now
@@ -158,16 +194,19 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
             "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts."
         )
-    hints.append(
-        f"The database user {ctx.user!r} may lack the rds_iam role: run "
-        f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
-    )
-    hints.append(
-        "The AWS identity (from "
-        f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
-        f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on the "
-        "user that assumes it."
-    )
+    if dsql:
+        hints.extend(_dsql_hints(ctx))
+    else:
+        hints.append(
+            f"The database user {ctx.user!r} may lack the rds_iam role: run "
+            f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
+        )
+        hints.append(
+            "The AWS identity (from "
+            f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
+            f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on "
+            "the user that assumes it."
+        )
     skew = ctx.clock_skew
     if skew is not None and abs(skew) > _SKEW_EVIDENCE:
         direction = "ahead of" if skew > 0 else "behind"

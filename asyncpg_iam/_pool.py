@@ -16,8 +16,8 @@ import inspect
 import logging
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import asyncpg.pool
@@ -25,11 +25,13 @@ import asyncpg.pool
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
 from ._connect import Connector, check_keywords, plan_connect
+from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError, CredentialsError
 from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
+from ._retry import run_transaction
 
-__all__ = ["Pool", "PoolStats", "create_pool"]
+__all__ = ["Pool", "PoolObserver", "PoolStats", "create_pool"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -53,6 +55,8 @@ def _check_asyncpg_version() -> None:
 
 
 _check_asyncpg_version()
+
+T = TypeVar("T")
 
 _POOL_DEFAULTS = {
     name: param.default
@@ -111,6 +115,27 @@ class PoolStats:
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
 
 
+class PoolObserver(Protocol):
+    """What a pool reports to an observer installed with `Pool.set_observer`.
+
+    Durations are seconds on the pool's clock. Holders identify pool slots across acquire
+    and release. Called on the event loop; must not block or raise.
+    """
+
+    def connection_created(self, seconds: float) -> None:
+        """A new connection was opened (login, init) in `seconds`."""
+
+    def wait_started(self) -> None:
+        """An acquire began waiting."""
+
+    def wait_ended(self, seconds: float | None, *, holder: object | None) -> None:
+        """An acquire ended: with `holder` after `seconds`; timed out (`holder` None and
+        `seconds` set); or failed otherwise (both None)."""
+
+    def connection_released(self, holder: object) -> None:
+        """The connection of `holder` is being released."""
+
+
 class _Counters:
     __slots__ = ("closed", "handed_out_due", "opened")
 
@@ -161,20 +186,31 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         dsn: str | None = None,
         *,
         iam: bool | IAMAuth = True,
-        max_lifetime: float | None = 900.0,
+        max_lifetime: float | Unset | None = UNSET,
         max_lifetime_jitter: float = 0.1,
-        max_connect_rate: float | None = None,
+        max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         **kwargs: Any,
     ) -> None:
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
+        # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
+        settings = pool_settings(
+            dsn=dsn,
+            auth=auth,
+            max_lifetime=max_lifetime,
+            max_connect_rate=max_connect_rate,
+            connect_kwargs=kwargs,
+        )
+        max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
+        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
         # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
-        plan = apply_writer_default(plan_connect(dsn, kwargs, auth=auth), dsn, kwargs)
+        plan = apply_writer_default(
+            plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
+        )
         self._connector = Connector(
             plan,
             provider=TokenProvider(auth, clock=clock) if auth is not None else None,
@@ -188,6 +224,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._max_lifetime = max_lifetime
         self._name = self._connector.name
         self._warned_due_on_handout = False
+        self._observer: PoolObserver | None = None
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
@@ -254,6 +291,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             f"/{self.get_max_size()}>"
         )
 
+    def set_observer(self, observer: PoolObserver | None) -> None:
+        """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
+
+        Without one the acquire and connect paths do no extra work.
+        """
+        self._observer = observer
+
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Use new connection arguments for the connections opened from now on.
 
@@ -262,13 +306,19 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         previous arguments in force. Open connections stay until they are retired; call
         `expire_connections()` to replace them sooner.
         """
-        plan = plan_connect(dsn, connect_kwargs, auth=self._connector.auth)
+        auth = self._connector.auth
+        _, connect_kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
+        plan = plan_connect(dsn, connect_kwargs, auth=auth)
         self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
 
     # -- connecting ------------------------------------------------------------------------
 
     async def _get_new_connection(self) -> Any:
+        observer = self._observer
+        started = self._clock.monotonic() if observer is not None else 0.0
         con = await super()._get_new_connection()
+        if observer is not None:
+            observer.connection_created(self._clock.monotonic() - started)
         self._counters.opened += 1
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, self._login_started.pop(con, None))
@@ -288,9 +338,61 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._login_started[con] = started
         return con
 
+    async def run_transaction(
+        self,
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        retries: int = 5,
+        backoff: float = 0.02,
+        max_backoff: float = 1.0,
+        isolation: str | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``await fn(connection)`` in a transaction, retrying serialization conflicts.
+
+        See `asyncpg_iam.run_transaction`; backoff waits on the pool's clock.
+        """
+        return await run_transaction(
+            self,
+            fn,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            isolation=isolation,
+            timeout=timeout,
+            clock=self._clock,
+        )
+
     # -- lifetime --------------------------------------------------------------------------
 
     async def _acquire(self, timeout: float | None) -> Any:
+        observer = self._observer
+        if observer is None:
+            return await self._acquire_live(timeout)
+        started = self._clock.monotonic()
+        observer.wait_started()
+        try:
+            proxy = await self._acquire_live(timeout)
+        except asyncio.TimeoutError:
+            observer.wait_ended(self._clock.monotonic() - started, holder=None)
+            raise
+        except BaseException:
+            observer.wait_ended(None, holder=None)
+            raise
+        observer.wait_ended(self._clock.monotonic() - started, holder=proxy._holder)
+        return proxy
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        """Return `connection` to the pool (asyncpg's `Pool.release`)."""
+        observer = self._observer
+        if observer is not None:
+            holder = getattr(connection, "_holder", None)
+            if holder is not None:
+                observer.connection_released(holder)
+        await super().release(connection, timeout=timeout)
+
+    async def _acquire_live(self, timeout: float | None) -> Any:
+        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):
@@ -454,9 +556,9 @@ def create_pool(
     dsn: str | None = None,
     *,
     iam: bool | IAMAuth = True,
-    max_lifetime: float | None = 900.0,
+    max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
-    max_connect_rate: float | None = None,
+    max_connect_rate: float | Unset | None = UNSET,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -467,19 +569,25 @@ def create_pool(
     - `iam`: True signs tokens with the default AWS credential chain; an `IAMAuth` chooses the
       profile, role, region, signing endpoint and token reuse; False disables IAM (a plain
       pool that still recycles).
-    - `max_lifetime`: no connection lives longer than this many seconds (None: forever).
-      Connections in use are never interrupted; they close when released.
+    - `max_lifetime`: no connection lives longer than this many seconds (None: forever);
+      default 900 (3300 for Aurora DSQL, where it may not exceed 3600). Connections in use
+      are never interrupted; they close when released.
     - `max_lifetime_jitter`: a connection that replaces one retired at its lifetime lives
       ``[max_lifetime * (1 - jitter), max_lifetime]``; any other (the pool filling up,
       growing, reconnecting after a drop) starts with a lifetime spread over the last 75 %
       of `max_lifetime`, so connections opened together do not come due together. 0 makes
       every lifetime exactly `max_lifetime`.
-    - `max_connect_rate`: at most this many new connections per second (None: no limit).
-      The first connect after a quiet interval waits a random part of one interval, so pools
-      that lose their connections together reconnect out of step.
+    - `max_connect_rate`: at most this many new connections per second (None: no limit);
+      default no limit (50 per second for Aurora DSQL). The first connect after a quiet
+      interval waits a random part of one interval, so pools that lose their connections
+      together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
+
+    An Aurora DSQL endpoint (``<id>.dsql.<region>.on.aws``, or ``IAMAuth(service="dsql")``)
+    gets DSQL tokens, ``database="postgres"`` unless one is named, and verify-full TLS
+    against the system store (``sslrootcert="system"``) unless TLS settings are given.
 
     With IAM, TLS defaults to verify-full (against the RDS CA bundle that ``asyncpg-iam
     ca-bundle`` caches, else the system store); verify-ca is accepted; sslmode

@@ -1,11 +1,13 @@
-"""RDS IAM authentication tokens: a pure SigV4 presigner, and the region of an RDS endpoint.
+"""IAM authentication tokens: a pure SigV4 presigner, and the region of an endpoint name.
 
-A token is a SigV4 presigned ``GET`` URL for the ``rds-db`` service without its scheme. The
-output of `build_auth_token` equals botocore's ``generate_db_auth_token`` byte for byte for the
-same inputs and time, including botocore's quirks: the ``host`` header is lowercased and omits
-port 443, while the URL keeps the host as given. Nothing here does I/O; the only state is a
-few bounded caches of values that do not change between calls (the derived signing key changes
-once a day per secret key and region).
+A token is a SigV4 presigned ``GET`` URL without its scheme: for the ``rds-db`` service
+(`build_auth_token`, RDS, Aurora and RDS Proxy) or the ``dsql`` service (`build_dsql_token`,
+Aurora DSQL). The output equals botocore's ``generate_db_auth_token`` and
+``generate_db_connect_auth_token`` / ``generate_db_connect_admin_auth_token`` byte for byte for
+the same inputs and time, including botocore's quirks: the ``host`` header is lowercased and
+omits port 443, while the URL keeps the host as given. Nothing here does I/O; the only state is
+a few bounded caches of values that do not change between calls (the derived signing key changes
+once a day per secret key, region and service).
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from urllib.parse import quote
 
 from ._errors import ConfigurationError
 
-__all__ = ["Credentials", "build_auth_token", "region_from_host"]
+__all__ = [
+    "DSQL_MAX_EXPIRES",
+    "Credentials",
+    "build_auth_token",
+    "build_dsql_token",
+    "is_dsql_host",
+    "region_from_host",
+]
 
 _SERVICE = "rds-db"
+_DSQL_SERVICE = "dsql"
 _EXPIRES = 900  # seconds; fixed by RDS
+#: The longest validity a DSQL token may ask for (``X-Amz-Expires``), in seconds: 7 days.
+DSQL_MAX_EXPIRES = 604_800
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SAFE = "-_.~"
 
@@ -75,22 +87,26 @@ def _encode(value: str) -> str:
 
 
 @lru_cache(maxsize=128)
-def _signing_key(secret_key: str, date: str, region: str) -> bytes:
+def _signing_key(secret_key: str, date: str, region: str, service: str = _SERVICE) -> bytes:
     key = hmac.digest(("AWS4" + secret_key).encode("utf-8"), date.encode("utf-8"), "sha256")
     key = hmac.digest(key, region.encode("utf-8"), "sha256")
-    key = hmac.digest(key, _SERVICE.encode("utf-8"), "sha256")
+    key = hmac.digest(key, service.encode("utf-8"), "sha256")
     return hmac.digest(key, b"aws4_request", "sha256")
 
 
 @lru_cache(maxsize=256)
-def _endpoint(host: str, port: int) -> tuple[str, str]:
-    """Return (URL prefix, canonical host header) for a host and port, as botocore forms them."""
+def _endpoint(host: str, port: int | None) -> tuple[str, str]:
+    """Return (URL prefix, canonical request tail) for a host and port, as botocore forms them.
+
+    A None port (DSQL) leaves the port out of both the URL and the host header.
+    """
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # a bare IPv6 literal; botocore would fail on it
     header = host.lower()
-    if port != 443:  # botocore drops the default https port from the host header only
+    if port is not None and port != 443:  # botocore drops port 443 from the host header only
         header = f"{header}:{port}"
-    return f"{host}:{port}/?", f"\nhost:{header}\n\nhost\n{_EMPTY_SHA256}"
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{netloc}/?", f"\nhost:{header}\n\nhost\n{_EMPTY_SHA256}"
 
 
 @lru_cache(maxsize=64)
@@ -113,12 +129,7 @@ def build_auth_token(
     `host` is the endpoint name the database is reached by (its DNS name, not a CNAME), `now`
     a timezone-aware time (default: the current time). Only the whole second of `now` counts.
     """
-    if now is None:
-        now = dt.datetime.now(dt.timezone.utc)
-    elif now.tzinfo is None:
-        raise ConfigurationError(
-            "build_auth_token(now=...) must be timezone-aware (use tzinfo=datetime.timezone.utc)"
-        )
+    now = _check_now(now, "build_auth_token")
     if type(port) is not int or not 0 < port < 65536:
         raise ConfigurationError(f"port must be an int between 1 and 65535, not {port!r}")
     if not host:
@@ -126,13 +137,93 @@ def build_auth_token(
     if not region:
         raise ConfigurationError("region must be an AWS region name such as 'us-east-1'")
 
+    return _presign(
+        host=host,
+        port=port,
+        leading_query=f"Action=connect&DBUser={_encode(user)}",
+        region=region,
+        service=_SERVICE,
+        expires=_EXPIRES,
+        credentials=credentials,
+        now=now,
+    )
+
+
+def build_dsql_token(
+    *,
+    host: str,
+    region: str,
+    credentials: Credentials,
+    admin: bool = False,
+    expires_in: int = 900,
+    now: dt.datetime | None = None,
+) -> str:
+    """Return an Aurora DSQL authentication token, valid for `expires_in` seconds from `now`.
+
+    `host` is the cluster endpoint (``<id>.dsql.<region>.on.aws``); the token names no port.
+    `admin` signs for the ``admin`` role (``Action=DbConnectAdmin``), otherwise for any other
+    role (``Action=DbConnect``). `expires_in` is whole seconds from 1 to 604,800 (7 days); DSQL
+    checks it only when a connection is opened. `now` as in `build_auth_token`.
+    """
+    now = _check_now(now, "build_dsql_token")
+    if not host:
+        raise ConfigurationError("host must be the DSQL cluster endpoint name, not empty")
+    if ":" in host or "/" in host:
+        raise ConfigurationError(
+            f"host must be the DSQL endpoint name without port or path, like "
+            f"'abc123.dsql.us-east-1.on.aws', not {host!r}"
+        )
+    if not region:
+        raise ConfigurationError("region must be an AWS region name such as 'us-east-1'")
+    if type(expires_in) is not int or not 1 <= expires_in <= DSQL_MAX_EXPIRES:
+        raise ConfigurationError(
+            f"expires_in must be whole seconds from 1 to {DSQL_MAX_EXPIRES} (7 days), "
+            f"not {expires_in!r}"
+        )
+    return _presign(
+        host=host,
+        port=None,
+        leading_query="Action=DbConnectAdmin" if admin else "Action=DbConnect",
+        region=region,
+        service=_DSQL_SERVICE,
+        expires=expires_in,
+        credentials=credentials,
+        now=now,
+    )
+
+
+def _check_now(now: dt.datetime | None, caller: str) -> dt.datetime:
+    if now is None:
+        return dt.datetime.now(dt.timezone.utc)
+    if now.tzinfo is None:
+        raise ConfigurationError(
+            f"{caller}(now=...) must be timezone-aware (use tzinfo=datetime.timezone.utc)"
+        )
+    return now
+
+
+def _presign(
+    *,
+    host: str,
+    port: int | None,
+    leading_query: str,
+    region: str,
+    service: str,
+    expires: int,
+    credentials: Credentials,
+    now: dt.datetime,
+) -> str:
+    """Presign ``GET https://host[:port]/?<leading_query>`` the way botocore does.
+
+    `leading_query` is the encoded parameters that sort before ``X-Amz-*`` (Action, DBUser).
+    """
     stamp, date = _timestamp(int(now.timestamp()))
     prefix, canonical_tail = _endpoint(host, port)
-    scope = f"{date}/{region}/{_SERVICE}/aws4_request"
+    scope = f"{date}/{region}/{service}/aws4_request"
     query = (
-        f"Action=connect&DBUser={_encode(user)}&X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        f"{leading_query}&X-Amz-Algorithm=AWS4-HMAC-SHA256"
         f"&X-Amz-Credential={_encode(credentials.access_key)}%2F{date}%2F{_encode(region)}"
-        f"%2F{_SERVICE}%2Faws4_request&X-Amz-Date={stamp}&X-Amz-Expires={_EXPIRES}"
+        f"%2F{service}%2Faws4_request&X-Amz-Date={stamp}&X-Amz-Expires={expires}"
     )
     token = credentials.token
     if token is None:
@@ -150,7 +241,7 @@ def build_auth_token(
         + hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()
     )
     signature = hmac.digest(
-        _signing_key(credentials.secret_key, date, region),
+        _signing_key(credentials.secret_key, date, region, service),
         string_to_sign.encode("utf-8"),
         "sha256",
     ).hex()
@@ -165,16 +256,28 @@ _RDS_HOST = re.compile(
     rf"(?:{_LABEL}\.)+(?:{_REGION}\.rds\.amazonaws\.com(?:\.cn)?"
     rf"|rds\.(?P<region2>[a-z]{{2}}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?)"
 )
+# <cluster-id>.dsql[-suffix].<region>.on.aws (AWS's own connector allows the suffix)
+_DSQL_HOST = re.compile(rf"(?:{_LABEL}\.)+dsql(?:-[a-z0-9]+)*\.{_REGION}\.on\.aws")
+
+
+def _normalize(host: str) -> str:
+    return host.strip().lower().rstrip(".")
+
+
+def is_dsql_host(host: str) -> bool:
+    """Tell whether `host` is an Aurora DSQL endpoint name (``<id>.dsql.<region>.on.aws``)."""
+    return _DSQL_HOST.fullmatch(_normalize(host)) is not None
 
 
 def region_from_host(host: str) -> str | None:
-    """Return the AWS region named in an RDS, Aurora or RDS Proxy endpoint, or None.
+    """Return the AWS region named in an RDS, Aurora, RDS Proxy or Aurora DSQL endpoint, or None.
 
-    None means the host is not an RDS endpoint name (an IP address, a CNAME, localhost): the
+    None means the host is not an endpoint name (an IP address, a CNAME, localhost): the
     region must then be given explicitly.
     """
-    name = host.strip().lower().rstrip(".")
+    name = _normalize(host)
     match = _RDS_HOST.fullmatch(name)
-    if match is None:
-        return None
-    return match.group("region") or match.group("region2")
+    if match is not None:
+        return match.group("region") or match.group("region2")
+    match = _DSQL_HOST.fullmatch(name)
+    return None if match is None else match.group("region")

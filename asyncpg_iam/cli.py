@@ -1,6 +1,7 @@
 """The ``asyncpg-iam`` command: token, psql, doctor, emulate, demo, ca-bundle.
 
     asyncpg-iam token --host H --user U [AWS options]        print a token
+    asyncpg-iam token --host ID.dsql.REGION.on.aws --user admin   an Aurora DSQL token
     asyncpg-iam psql --host H --user U [AWS options] [-- psql args]
     asyncpg-iam doctor --host H --user U [AWS options] [--json]
     asyncpg-iam emulate                                       a local RDS with IAM, until Ctrl-C
@@ -24,7 +25,9 @@ from typing import Any
 
 from ._auth import IAMAuth, TokenProvider
 from ._connect import Connector, ConnectPlan, plan_connect
+from ._dsql import connect_defaults
 from ._errors import ConfigurationError, IAMError
+from ._signing import build_dsql_token
 
 __all__ = ["build_parser", "main"]
 
@@ -94,6 +97,7 @@ def iam_auth_from(args: argparse.Namespace) -> IAMAuth:
         role_duration=args.duration,
         signing_host=args.signing_host,
         signing_port=args.signing_port,
+        service="dsql" if getattr(args, "dsql", False) else None,
     )
 
 
@@ -113,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_target(token, database=False)
     _add_aws(token)
+    dsql = token.add_argument_group("Aurora DSQL")
+    dsql.add_argument(
+        "--dsql",
+        action="store_true",
+        help="sign an Aurora DSQL token (the default for <id>.dsql.<region>.on.aws hosts); "
+        "the user admin gets DbConnectAdmin, any other DbConnect",
+    )
+    dsql.add_argument(
+        "--expires-in",
+        type=int,
+        default=None,
+        help="DSQL token validity in seconds, 1 to 604800 (default 900)",
+    )
 
     psql = commands.add_parser(
         "psql",
@@ -233,13 +250,17 @@ def plan_from(args: argparse.Namespace, auth: IAMAuth, *, tls: bool = True) -> C
     Raises ConfigurationError for options a pool would refuse, TLS settings included.
     """
     kwargs: dict[str, Any] = {"host": args.host, "port": args.port, "user": args.user}
-    if hasattr(args, "dbname"):
-        kwargs["database"] = args.dbname or args.user
+    if getattr(args, "dbname", None):
+        kwargs["database"] = args.dbname
     if getattr(args, "ca", None):
         kwargs["sslrootcert"] = args.ca
     if not tls:
         # Printing a token sends nothing: no TLS decision to make or to refuse.
         kwargs["ssl"] = ssl.create_default_context()
+    # Aurora DSQL: database postgres and the system CA store unless given.
+    _, kwargs = connect_defaults(dsn=None, auth=auth, connect_kwargs=kwargs)
+    if hasattr(args, "dbname"):
+        kwargs.setdefault("database", args.user)
     return plan_connect(None, kwargs, auth=auth)
 
 
@@ -253,7 +274,22 @@ def connector_from(args: argparse.Namespace, *, tls: bool = True) -> Connector:
 async def _sign(args: argparse.Namespace, connector: Connector | None = None) -> str:
     connector = connector or connector_from(args, tls=False)
     try:
-        return await connector.sign()
+        expires_in = getattr(args, "expires_in", None)
+        if expires_in is None:
+            return await connector.sign()
+        target, provider = connector.targets[0], connector.provider
+        if target.service != "dsql" or provider is None:
+            raise ConfigurationError(
+                "--expires-in applies to Aurora DSQL tokens only (RDS tokens live 900 s): "
+                "pass --dsql or a DSQL host, or drop --expires-in"
+            )
+        return build_dsql_token(
+            host=target.signing_host,
+            region=target.region,
+            credentials=await provider.credentials.get(),
+            admin=target.admin,
+            expires_in=expires_in,
+        )
     finally:
         await connector.aclose()
 

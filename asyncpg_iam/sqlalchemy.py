@@ -47,6 +47,7 @@ import asyncpg
 
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._connect import Connector, check_keywords, plan_connect
+from ._dsql import UNSET, Unset, pool_settings
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._lifetime import draw_lifetime
 from ._pool import _validate_pool_options
@@ -137,9 +138,9 @@ def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
     iam: bool | IAMAuth = True,
-    max_lifetime: float | None = 900.0,
+    max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
-    max_connect_rate: float | None = None,
+    max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
     **engine_kwargs: Any,
@@ -156,7 +157,6 @@ def create_async_engine(
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
-    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
     auth = auth_from(iam)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
@@ -172,6 +172,16 @@ def create_async_engine(
             f"asyncpg_iam's engine speaks asyncpg: use a postgresql+asyncpg:// URL, not "
             f"{parsed.drivername}://"
         )
+    # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
+    settings = pool_settings(
+        dsn=parsed.render_as_string(hide_password=True),
+        auth=auth,
+        max_lifetime=max_lifetime,
+        max_connect_rate=max_connect_rate,
+        connect_kwargs=dict(connect_args or {}),
+    )
+    max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
+    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
     if max_lifetime is not None:
         engine_kwargs.setdefault("pool_recycle", max_lifetime)
     holder: list[Connector] = []
@@ -182,7 +192,7 @@ def create_async_engine(
 
     engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
     # The plan is made once, here: the environment read later changes nothing.
-    plan = plan_connect(None, _connect_kwargs(engine, connect_args), auth=auth)
+    plan = plan_connect(None, _connect_kwargs(engine, settings.connect_kwargs), auth=auth)
     connector = Connector(
         plan,
         provider=TokenProvider(auth) if auth is not None else None,

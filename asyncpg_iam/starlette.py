@@ -66,6 +66,7 @@ def lifespan(
     *,
     close_timeout: float = 10.0,
     app_lifespan: AppLifespan | None = None,
+    metrics: Any = False,
     **create_pool_kwargs: Any,
 ) -> Callable[[Any], AbstractAsyncContextManager[PoolState]]:
     """Return a lifespan for ``Starlette(lifespan=...)`` / ``FastAPI(lifespan=...)``.
@@ -74,6 +75,8 @@ def lifespan(
     at shutdown for connections in use before terminating them) and `app_lifespan`, the
     application's own lifespan: it runs inside this one, after the pool is up (so it can use
     ``app.state.pool``) and before the pool closes, and its state is merged into this one's.
+    `metrics` reports the pool's OpenTelemetry metrics (`asyncpg_iam.otel`): True through the
+    global MeterProvider, or a MeterProvider; needs the ``otel`` extra.
     A new pool is created each time the application starts.
     """
     if (
@@ -90,7 +93,17 @@ def lifespan(
     async def run(app: Any) -> AsyncIterator[PoolState]:
         # Created here, in the server's event loop: asyncpg pools belong to one loop.
         pool = create_pool(dsn, **create_pool_kwargs)
-        await _start(pool, close_timeout)
+        instrumentation = None
+        if metrics is not False and metrics is not None:
+            from .otel import instrument_pool
+
+            instrumentation = instrument_pool(pool, None if metrics is True else metrics)
+        try:
+            await _start(pool, close_timeout)
+        except BaseException:
+            if instrumentation is not None:
+                instrumentation.uninstrument()
+            raise
         app_state = getattr(app, "state", None)
         if app_state is not None:
             setattr(app_state, STATE_KEY, pool)
@@ -110,6 +123,8 @@ def lifespan(
             if app_state is not None and getattr(app_state, STATE_KEY, None) is pool:
                 delattr(app_state, STATE_KEY)
             await close_pool(pool, close_timeout)
+            if instrumentation is not None:
+                instrumentation.uninstrument()
 
     return run
 

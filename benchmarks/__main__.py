@@ -23,10 +23,12 @@ from typing import Any, TypeVar
 from . import (
     _harness,
     case_connect,
+    case_dsql,
     case_failover,
     case_fetches,
     case_fleet,
     case_loop_lag,
+    case_metrics,
     case_pool_overhead,
     case_recycling,
     case_token,
@@ -42,6 +44,8 @@ CASES: list[ModuleType] = [
     case_recycling,
     case_pool_overhead,
     case_failover,
+    case_dsql,
+    case_metrics,
     case_fleet,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

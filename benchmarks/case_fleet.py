@@ -53,7 +53,7 @@ from asyncpg_iam._lifetime import Recycler, TokenBucket
 from ._harness import CaseResult, new_figure, percentile, save_figure
 
 NAME = "fleet"
-TITLE = "8. Fleet simulation: logins per second against RDS's 200/s IAM throttle"
+TITLE = "10. Fleet simulation: logins per second against RDS's 200/s IAM throttle"
 NEEDS_ENVIRONMENT = False
 
 THROTTLE = 200

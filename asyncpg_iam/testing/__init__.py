@@ -8,7 +8,14 @@ Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certi
 from __future__ import annotations
 
 from ._aws import CredentialServer, MotoSTS
-from ._emulator import DEFAULT_ENDPOINT, AccessKey, LoginRecord, RDSIAMEmulator, RelayedConnection
+from ._emulator import (
+    DEFAULT_DSQL_ENDPOINT,
+    DEFAULT_ENDPOINT,
+    AccessKey,
+    LoginRecord,
+    RDSIAMEmulator,
+    RelayedConnection,
+)
 from ._failover import (
     DEFAULT_CLUSTER_ENDPOINT,
     DEFAULT_READER_ENDPOINT,
@@ -21,6 +28,7 @@ from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, f
 
 __all__ = [
     "DEFAULT_CLUSTER_ENDPOINT",
+    "DEFAULT_DSQL_ENDPOINT",
     "DEFAULT_ENDPOINT",
     "DEFAULT_READER_ENDPOINT",
     "AccessKey",

@@ -1,4 +1,4 @@
-"""Verify an RDS IAM authentication token the way RDS does, independently of the library.
+"""Verify an RDS or Aurora DSQL IAM token the way the service does, independently of the library.
 
 This is a separate SigV4 implementation on purpose (hashlib and hmac only): the library's
 signer must not be able to hide a bug behind the emulator that tests it. A verdict carries a
@@ -14,11 +14,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote
 
-__all__ = ["TOKEN_LIFETIME", "RegisteredKey", "Verdict", "verify_token"]
+__all__ = ["TOKEN_LIFETIME", "RegisteredKey", "Verdict", "verify_dsql_token", "verify_token"]
 
 TOKEN_LIFETIME = 900
+DSQL_MAX_EXPIRES = 604_800
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _SERVICE = "rds-db"
+_DSQL_SERVICE = "dsql"
+_DSQL_REQUIRED = (
+    "Action",
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+)
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _REQUIRED = (
     "Action",
@@ -168,6 +179,36 @@ def verify_token(
         return _reject(
             "malformed_token", "the credential scope date is not X-Amz-Date's", access_key
         )
+    return _check_signed(
+        host=host,
+        params=params,
+        scope_date=scope_date,
+        region=token_region,
+        service=service,
+        signed_at=signed_at,
+        lifetime=TOKEN_LIFETIME,
+        access_key=access_key,
+        keys=keys,
+        now=now,
+        max_clock_skew=max_clock_skew,
+    )
+
+
+def _check_signed(
+    *,
+    host: str,
+    params: Mapping[str, str],
+    scope_date: str,
+    region: str,
+    service: str,
+    signed_at: dt.datetime,
+    lifetime: int,
+    access_key: str | None,
+    keys: Mapping[str, RegisteredKey],
+    now: dt.datetime,
+    max_clock_skew: float,
+) -> Verdict:
+    """Check the key, session token, signature, age and credential expiry of a parsed token."""
     age = (now - signed_at).total_seconds()
 
     key = keys.get(access_key or "")
@@ -204,15 +245,17 @@ def verify_token(
         params=params,
         amz_date=params["X-Amz-Date"],
         scope_date=scope_date,
-        region=token_region,
+        region=region,
         service=service,
     )
     if not hmac.compare_digest(signature, params["X-Amz-Signature"]):
         return _reject(
             "signature_mismatch", "the signature does not match the key's secret", access_key, age
         )
-    if age > TOKEN_LIFETIME:
-        return _reject("expired", f"the token is {age:.0f} s old (limit 900 s)", access_key, age)
+    if age > lifetime:
+        return _reject(
+            "expired", f"the token is {age:.0f} s old (limit {lifetime} s)", access_key, age
+        )
     if -age > max_clock_skew:
         return _reject(
             "future_dated",
@@ -228,3 +271,89 @@ def verify_token(
             age,
         )
     return Verdict(True, "ok", "token verified", access_key, age)
+
+
+def verify_dsql_token(
+    token: str,
+    *,
+    user: str,
+    endpoint: str,
+    region: str,
+    keys: Mapping[str, RegisteredKey],
+    now: dt.datetime,
+    max_clock_skew: float = 300.0,
+) -> Verdict:
+    """Check an Aurora DSQL `token` for a login of `user` to `endpoint` in `region` at `now`.
+
+    The role ``admin`` needs ``Action=DbConnectAdmin``, every other role ``Action=DbConnect``;
+    the token names the endpoint without a port and lives ``X-Amz-Expires`` seconds.
+    """
+    host, sep, query = token.partition("/?")
+    if not sep or not host or not query:
+        return _reject("malformed_token", "the password is not a DSQL token (no host/?query)")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return _reject("malformed_token", "the token's query string cannot be parsed")
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        return _reject("malformed_token", "the token repeats a query parameter")
+    missing = [name for name in _DSQL_REQUIRED if name not in params]
+    if missing:
+        return _reject("malformed_token", f"the token lacks {', '.join(missing)}")
+    credential = params["X-Amz-Credential"].split("/")
+    access_key = credential[0] if credential else None
+    if len(credential) != 5 or credential[4] != "aws4_request":
+        return _reject(
+            "malformed_token", "X-Amz-Credential is not AK/date/region/service/aws4_request"
+        )
+    _, scope_date, token_region, service, _ = credential
+    wanted = "DbConnectAdmin" if user == "admin" else "DbConnect"
+    if params["Action"] != wanted:
+        return _reject(
+            "wrong_action",
+            f"Action is {params['Action']!r}; role {user!r} logs in with {wanted!r}",
+            access_key,
+        )
+    if params["X-Amz-Algorithm"] != _ALGORITHM:
+        return _reject("malformed_token", f"X-Amz-Algorithm is not {_ALGORITHM}", access_key)
+    if params["X-Amz-SignedHeaders"] != "host":
+        return _reject("malformed_token", "X-Amz-SignedHeaders is not 'host'", access_key)
+    if service != _DSQL_SERVICE:
+        return _reject("wrong_service", f"signed for service {service!r}, not 'dsql'", access_key)
+    if token_region != region:
+        return _reject(
+            "wrong_region", f"signed for region {token_region!r}, this is {region!r}", access_key
+        )
+    if host.lower() != endpoint.lower():
+        return _reject("wrong_host", f"signed for host {host!r}, this is {endpoint!r}", access_key)
+    expires = params["X-Amz-Expires"]
+    if not expires.isdigit() or not 1 <= int(expires) <= DSQL_MAX_EXPIRES:
+        return _reject(
+            "bad_expires",
+            f"X-Amz-Expires is {expires!r}, not seconds from 1 to {DSQL_MAX_EXPIRES}",
+            access_key,
+        )
+    try:
+        signed_at = dt.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
+            tzinfo=dt.timezone.utc
+        )
+    except ValueError:
+        return _reject("malformed_token", "X-Amz-Date is not yyyymmddThhmmssZ", access_key)
+    if params["X-Amz-Date"][:8] != scope_date:
+        return _reject(
+            "malformed_token", "the credential scope date is not X-Amz-Date's", access_key
+        )
+    return _check_signed(
+        host=host,
+        params=params,
+        scope_date=scope_date,
+        region=token_region,
+        service=service,
+        signed_at=signed_at,
+        lifetime=int(expires),
+        access_key=access_key,
+        keys=keys,
+        now=now,
+        max_clock_skew=max_clock_skew,
+    )

@@ -9,6 +9,13 @@ the real reason is recorded for tests. Accepted logins are relayed byte for byte
 
 Fault switches (reject logins, drop connections, latency, pause, clock shift, throttle) let
 tests reproduce what production does to a pool.
+
+In DSQL mode (an endpoint ``<id>.dsql.<region>.on.aws``, or ``dsql=True``) it stands in for
+Aurora DSQL instead: tokens are checked as DSQL tokens (service ``dsql``, no port,
+``DbConnectAdmin`` for the role ``admin`` and ``DbConnect`` for the others), throttled logins
+get SQLSTATE 53400, and the client's queries are read message by message so that faults can
+fail a ``COMMIT`` with SQLSTATE 40001 (optimistic-concurrency conflict) or drop the connection
+while a ``COMMIT`` is in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from .._auth import IAMAuth
 from .._clock import SYSTEM_CLOCK, Clock
 from .._errors import ConfigurationError
 from ._emu_backend import BackendError, open_backend
-from ._emu_verify import RegisteredKey, Verdict, verify_token
+from ._emu_verify import RegisteredKey, Verdict, verify_dsql_token, verify_token
 from ._wire import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -46,11 +53,28 @@ from ._wire import (
     read_startup_packet,
 )
 
-__all__ = ["DEFAULT_ENDPOINT", "AccessKey", "LoginRecord", "RDSIAMEmulator", "RelayedConnection"]
+__all__ = [
+    "DEFAULT_DSQL_ENDPOINT",
+    "DEFAULT_ENDPOINT",
+    "AccessKey",
+    "LoginRecord",
+    "RDSIAMEmulator",
+    "RelayedConnection",
+]
 
 logger = logging.getLogger("asyncpg_iam.testing.emulator")
 
 DEFAULT_ENDPOINT = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
+DEFAULT_DSQL_ENDPOINT = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"
+# What the DSQL stand-in answers a refused login with (28000) and a throttled one (53400).
+_DSQL_DENIED = 'access denied for role "{user}": the IAM token was not accepted'
+_DSQL_THROTTLED = "unable to accept connection: rate of new connections exceeded, retry later"
+# A COMMIT failed by fail_next_commits(): roll back, then raise what DSQL raises on a conflict.
+_CONFLICT_QUERY = (
+    b"ROLLBACK; DO $$BEGIN RAISE EXCEPTION 'change conflicts with another transaction, "
+    b"please retry: (OC000)' USING ERRCODE = '40001'; END$$;\x00"
+)
+_COMMIT_QUERIES = {b"COMMIT", b"END", b"COMMIT WORK", b"COMMIT TRANSACTION"}
 _PAM_FAILED = 'PAM authentication failed for user "{user}"'
 _PLAINTEXT = (
     'pg_hba.conf rejects connection for host "{host}", user "{user}", database "{database}", '
@@ -118,9 +142,20 @@ class _Refused(Exception):
     """Ends a connection after an error response has been sent."""
 
 
+def _is_dsql_endpoint(labels: list[str]) -> bool:
+    # <id>.dsql[-suffix].<region>.on.aws
+    dsql_label = labels[1] == "dsql" or labels[1].startswith("dsql-") if len(labels) > 1 else False
+    return len(labels) == 5 and dsql_label and labels[3:] == ["on", "aws"]
+
+
 def region_from_endpoint(endpoint: str) -> str | None:
-    """Return the region named in an RDS endpoint (`*.<region>.rds.amazonaws.com[.cn]`)."""
+    """Return the region named in an RDS or DSQL endpoint.
+
+    RDS: ``*.<region>.rds.amazonaws.com[.cn]``; DSQL: ``<id>.dsql.<region>.on.aws``.
+    """
     labels = endpoint.lower().rstrip(".").split(".")
+    if _is_dsql_endpoint(labels):
+        return labels[2]
     for index in range(1, len(labels) - 2):
         if labels[index + 1 : index + 4] in (["rds", "amazonaws", "com"],) and labels[
             index + 4 :
@@ -180,7 +215,9 @@ class RDSIAMEmulator:
     `backend_user` names the administrative role used by `ensure_role()`.
 
     With `accept_any_password`, tokens are not checked (static-password mode for benchmarks)
-    but TLS is still required. Start it with `await start()` or `async with`.
+    but TLS is still required. `dsql` stands in for Aurora DSQL instead of RDS (None: when
+    `endpoint` is a DSQL name); the role ``admin`` is then enabled for IAM without being named.
+    Start it with `await start()` or `async with`.
     """
 
     def __init__(
@@ -203,6 +240,7 @@ class RDSIAMEmulator:
         max_clock_skew: float = 300.0,
         max_password_length: int = 8192,
         login_timeout: float = 60.0,
+        dsql: bool | None = None,
     ) -> None:
         if ":" in endpoint or "/" in endpoint or not endpoint:
             raise ConfigurationError(
@@ -235,6 +273,11 @@ class RDSIAMEmulator:
         self._login_timeout = login_timeout
         self._keys: dict[str, RegisteredKey] = {}
         self._key_sources: list[Callable[[str], AccessKey | None]] = []
+        if dsql is None:
+            dsql = _is_dsql_endpoint(endpoint.lower().rstrip(".").split("."))
+        self._dsql = dsql
+        if dsql:
+            self._iam_users.add("admin")
 
         self._ca_pem: str | None = None
         if server_ssl_context is None:
@@ -265,6 +308,11 @@ class RDSIAMEmulator:
         self.max_logins_per_second: int | None = None
         """Cap on login attempts in one clock second; excess logins are rejected as throttled."""
         self._reject_next = 0
+        self._throttle_next = 0
+        self._fail_commits = 0
+        self._drop_commits = 0
+        self._commits_failed = 0
+        self._commits_dropped = 0
         self._attempts: Counter[int] = Counter()
         self._logins_accepted = 0
         self._logins_rejected = 0
@@ -345,8 +393,13 @@ class RDSIAMEmulator:
 
     @property
     def endpoint(self) -> str:
-        """The RDS host name tokens must be signed for."""
+        """The RDS (or DSQL) host name tokens must be signed for."""
         return self._endpoint
+
+    @property
+    def dsql(self) -> bool:
+        """Whether it stands in for Aurora DSQL rather than RDS."""
+        return self._dsql
 
     @property
     def endpoint_port(self) -> int:
@@ -399,7 +452,7 @@ class RDSIAMEmulator:
             "host": self.host,
             "port": self.port,
             "user": user,
-            "database": database or user,
+            "database": database or ("postgres" if self._dsql else user),
             "ssl": self.client_ssl_context(),
         }
 
@@ -546,6 +599,51 @@ class RDSIAMEmulator:
             raise ConfigurationError("reject_next() takes n >= 0")
         self._reject_next += n
 
+    def throttle_next(self, n: int = 1) -> None:
+        """Refuse the next `n` logins as over the connection rate (reason ``"throttled"``).
+
+        In DSQL mode the refusal is SQLSTATE 53400; for RDS it is the PAM failure.
+        """
+        if n < 0:
+            raise ConfigurationError("throttle_next() takes n >= 0")
+        self._throttle_next += n
+
+    def fail_next_commits(self, n: int = 1) -> None:
+        """Fail the next `n` COMMITs with SQLSTATE 40001, rolling them back (DSQL mode only).
+
+        This is what DSQL answers when a transaction conflicts with another one.
+        """
+        self._require_dsql("fail_next_commits")
+        if n < 0:
+            raise ConfigurationError("fail_next_commits() takes n >= 0")
+        self._fail_commits += n
+
+    def drop_next_commits(self, n: int = 1) -> None:
+        """Pass the next `n` COMMITs to the backend, then drop the client (DSQL mode only).
+
+        The transaction commits but the client never hears so: its outcome is unknown to it.
+        """
+        self._require_dsql("drop_next_commits")
+        if n < 0:
+            raise ConfigurationError("drop_next_commits() takes n >= 0")
+        self._drop_commits += n
+
+    @property
+    def commits_failed(self) -> int:
+        """COMMITs failed with 40001 by `fail_next_commits`."""
+        return self._commits_failed
+
+    @property
+    def commits_dropped(self) -> int:
+        """COMMITs during which `drop_next_commits` dropped the client."""
+        return self._commits_dropped
+
+    def _require_dsql(self, what: str) -> None:
+        if not self._dsql:
+            raise ConfigurationError(
+                f"{what}() needs the emulator in DSQL mode: pass dsql=True or a DSQL endpoint"
+            )
+
     def drop_all_connections(self) -> int:
         """Abort every open client connection (and its backend); return how many."""
         connections = list(self._connections)
@@ -677,8 +775,13 @@ class RDSIAMEmulator:
             raise
         if not verdict.accepted:
             self._record(user, database, False, verdict.reason, verdict.detail, verdict, peer_port)
-            message = _PAM_FAILED.format(user=user)
-            await self._send_quietly(writer, encode_error(message, sqlstate="28000"))
+            if self._dsql and verdict.reason == "throttled":
+                error = encode_error(_DSQL_THROTTLED, sqlstate="53400")
+            elif self._dsql:
+                error = encode_error(_DSQL_DENIED.format(user=user), sqlstate="28000")
+            else:
+                error = encode_error(_PAM_FAILED.format(user=user), sqlstate="28000")
+            await self._send_quietly(writer, error)
             raise _Refused
 
         self._backend_connections_total += 1
@@ -729,27 +832,42 @@ class RDSIAMEmulator:
         if self._reject_next > 0:
             self._reject_next -= 1
             return Verdict(False, "fault_reject", "rejected by reject_next()")
+        if self._throttle_next > 0:
+            self._throttle_next -= 1
+            return Verdict(False, "throttled", "throttled by throttle_next()")
         limit = self.max_logins_per_second
         if limit is not None and self._attempts[second] > limit:
             return Verdict(False, "throttled", f"more than {limit} login attempts in one second")
         if self._accept_any_password:
             return Verdict(True, "ok", "accept_any_password: token not checked")
         now = self._clock.now() + dt.timedelta(seconds=self.clock_offset)
-        verdict = verify_token(
-            token,
-            user=user,
-            endpoint=self._endpoint,
-            port=self.endpoint_port,
-            region=self._region,
-            keys=_KeyBook(self._keys, self._key_sources),
-            now=now,
-            max_clock_skew=self._max_clock_skew,
-        )
+        if self._dsql:
+            verdict = verify_dsql_token(
+                token,
+                user=user,
+                endpoint=self._endpoint,
+                region=self._region,
+                keys=_KeyBook(self._keys, self._key_sources),
+                now=now,
+                max_clock_skew=self._max_clock_skew,
+            )
+        else:
+            verdict = verify_token(
+                token,
+                user=user,
+                endpoint=self._endpoint,
+                port=self.endpoint_port,
+                region=self._region,
+                keys=_KeyBook(self._keys, self._key_sources),
+                now=now,
+                max_clock_skew=self._max_clock_skew,
+            )
         if verdict.accepted and user not in self._iam_users:
             return Verdict(
                 False,
                 "user_not_iam_enabled",
-                f"user {user!r} is not enabled for IAM (enable_iam_user / GRANT rds_iam)",
+                f"user {user!r} is not enabled for IAM (enable_iam_user / "
+                f"{'AWS IAM GRANT' if self._dsql else 'GRANT rds_iam'})",
                 verdict.access_key,
                 verdict.token_age,
             )
@@ -785,7 +903,12 @@ class RDSIAMEmulator:
                 sink.write(data)
                 await sink.drain()
 
-        upstream = asyncio.ensure_future(pipe(client_reader, backend_writer))
+        client_side = (
+            self._pipe_messages(client_reader, client_writer, backend_writer)
+            if self._dsql
+            else pipe(client_reader, backend_writer)
+        )
+        upstream = asyncio.ensure_future(client_side)
         downstream = asyncio.ensure_future(pipe(backend_reader, client_writer))
         try:
             await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
@@ -794,6 +917,40 @@ class RDSIAMEmulator:
                 task.cancel()
             await asyncio.gather(upstream, downstream, return_exceptions=True)
             backend_writer.close()
+
+    async def _pipe_messages(
+        self,
+        source: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        sink: asyncio.StreamWriter,
+    ) -> None:
+        """Relay the client's messages one by one, applying the COMMIT faults."""
+        while True:
+            try:
+                header = await source.readexactly(5)
+            except asyncio.IncompleteReadError:
+                return
+            (length,) = struct.unpack("!i", header[1:])
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length}")
+            body = await source.readexactly(length - 4)
+            if header[:1] == b"Q" and (self._fail_commits or self._drop_commits):
+                query = body.rstrip(b"\x00").strip().rstrip(b";").strip().upper()
+                if query in _COMMIT_QUERIES:
+                    if self._drop_commits:
+                        self._drop_commits -= 1
+                        self._commits_dropped += 1
+                        # The backend gets the COMMIT (and commits); the client never hears.
+                        client_writer.transport.abort()
+                        sink.write(header + body)
+                        await sink.drain()
+                        return
+                    self._fail_commits -= 1
+                    self._commits_failed += 1
+                    body = _CONFLICT_QUERY
+                    header = b"Q" + struct.pack("!i", len(body) + 4)
+            sink.write(header + body)
+            await sink.drain()
 
     def _record(
         self,
