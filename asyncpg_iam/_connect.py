@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
-    diagnose_auth_failure,
+    rank_auth_failure,
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
@@ -263,6 +264,8 @@ class ConnectCounters:
     """Logins the server refused."""
     rate_limited: int = 0
     """Login attempts that waited for the connect rate limit."""
+    auth_failures_by_cause: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Refused logins by the most likely cause (`AUTH_CAUSES`)."""
 
 
 class Connector:
@@ -469,7 +472,10 @@ class Connector:
             database=self.plan.database,
             now=self._clock.now(),
         )
-        error = IAMAuthenticationError(context, diagnose_auth_failure(context))
+        ranked = rank_auth_failure(context)
+        cause = ranked[0][0]
+        self.counters.auth_failures_by_cause[cause] += 1
+        error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
         logger.warning(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,

@@ -25,7 +25,9 @@ pools, each with ``db.client.connection.pool.name`` (the pool's name):
 =========================================== ============== ======================================
 
 and what only an IAM pool knows, under ``asyncpg_iam.``: tokens signed and reused, credential
-fetches and their failures, refused logins, connections retired by reason
+fetches and their failures, refused logins by the diagnosed cause
+(``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
+``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
 ``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
 before the cached AWS credentials expire.
@@ -53,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "asyncpg_iam.otel needs the OpenTelemetry API: pip install 'asyncpg-iam[otel]'"
     ) from exc
 
-from ._errors import ConfigurationError
+from ._errors import AUTH_CAUSES, ConfigurationError
 from ._pool import Pool
 
 __all__ = ["PoolInstrumentation", "instrument_pool"]
@@ -61,6 +63,7 @@ __all__ = ["PoolInstrumentation", "instrument_pool"]
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
+AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
@@ -237,12 +240,6 @@ class PoolInstrumentation:
                 "credential_fetches",
             ),
             (
-                "asyncpg_iam.auth.failures",
-                "{login}",
-                "Logins the database refused (IAMAuthenticationError).",
-                "auth_failures",
-            ),
-            (
                 "asyncpg_iam.connects.rate_limited",
                 "{connect}",
                 "Login attempts that waited for max_connect_rate.",
@@ -261,6 +258,13 @@ class PoolInstrumentation:
                 [self._gauge(_fetch_failures)],
                 unit="{fetch}",
                 description="Fetches from the AWS credential source that failed.",
+            ),
+            meter.create_observable_counter(
+                "asyncpg_iam.auth.failures",
+                [self._refused],
+                unit="{login}",
+                description="Logins the database refused (IAMAuthenticationError), by the most "
+                "likely cause the diagnosis names.",
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.connections.closed",
@@ -287,6 +291,16 @@ class PoolInstrumentation:
         return [
             Observation(count, {**self._attributes, CLOSE_REASON: reason})
             for reason, count in sorted(closed.items())
+        ]
+
+    def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        by_cause = dict.fromkeys(AUTH_CAUSES, 0)
+        by_cause.update(self.pool._connector.counters.auth_failures_by_cause)
+        return [
+            Observation(count, {**self._attributes, AUTH_CAUSE: cause})
+            for cause, count in sorted(by_cause.items())
         ]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
