@@ -294,7 +294,9 @@ class Connector:
         self._connect = connect
         self.provider = provider
         self.counters = ConnectCounters()
-        self._bucket = TokenBucket(max_connect_rate, clock=clock) if max_connect_rate else None
+        self._bucket = (
+            TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
+        )
         first = plan.endpoints[0] if plan.endpoints else ("<none>", 0)
         self.name = name or f"{plan.user}@{first[0]}:{first[1]}"
         self._owner = f"{kind} {self.name}"
@@ -333,7 +335,7 @@ class Connector:
     # -- connecting ------------------------------------------------------------------------
 
     async def open(self, **extra: Any) -> tuple[Any, float]:
-        """Open one connection; return it and the loop time its login began.
+        """Open one connection; return it and the clock time its login began.
 
         `extra` are further `connect` arguments (the pool's ``loop``, ``connection_class``,
         ``record_class``; a ``timeout`` overrides the plan's).
@@ -353,7 +355,7 @@ class Connector:
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         await self._throttle()
         kwargs = {**self.plan.asyncpg_kwargs(), **extra}
-        started = asyncio.get_running_loop().time()
+        started = self._clock.monotonic()
         try:
             return await self._connect(**kwargs), started
         except (OSError, asyncio.TimeoutError) as exc:
@@ -392,7 +394,7 @@ class Connector:
             target_session_attrs=attrs,
             password=functools.partial(provider.token, target, record),
         )
-        started = asyncio.get_running_loop().time()
+        started = self._clock.monotonic()
         try:
             con = await self._connect(**kwargs)
         except InvalidAuthorizationSpecificationError as exc:
