@@ -175,9 +175,10 @@ class TokenBucket:
 class _Tracked:
     """The lifetime state of one connection; its termination listener holds it strongly."""
 
-    __slots__ = ("deadline", "key", "reason", "timer")
+    __slots__ = ("deadline", "key", "opened", "reason", "timer")
 
     def __init__(self) -> None:
+        self.opened = 0.0
         self.deadline: float | None = None
         self.key: int | None = None
         self.timer: Timer | None = None
@@ -223,10 +224,11 @@ class Recycler:
         state = _Tracked()
         self._tracked[con] = state
         con.add_termination_listener(functools.partial(self._closed, state))
-        if self._max_lifetime is None:
-            return
         now = self._now()
         start = now if started is None else started
+        state.opened = start
+        if self._max_lifetime is None:
+            return
         shortest, longest = lifetime_window(
             self._max_lifetime, self._jitter, first=not self._takes_a_retired_place(now)
         )
@@ -236,6 +238,11 @@ class Recycler:
         state.key = id(con)
         self._deadlines[state.key] = state.deadline
         state.timer = self._clock.call_at(state.deadline, self._on_deadline, weakref.ref(con))
+
+    def opened_at(self, con: Connection) -> float | None:
+        """Return the clock time at which `con`'s login began, or None if it is not tracked."""
+        state = self._tracked.get(con)
+        return state.opened if state is not None else None
 
     def deadline(self, con: Connection) -> float | None:
         """Return the clock time at which `con` is due, or None if it has no lifetime."""

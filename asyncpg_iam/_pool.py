@@ -396,12 +396,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):
-            deadline = self._recycler.deadline(proxy._con)
-            # Deadlines are clock times: when did this acquire begin by the clock?
+            # Lifetimes are clock times: when did this acquire begin by the clock?
             began = self._clock.monotonic() - (self._loop.time() - started)
-            if deadline is not None and deadline > began:
-                # It came due during this very acquire (its connect, init or setup took that
-                # long): hand it out once rather than loop forever; it closes on release.
+            opened = self._recycler.opened_at(proxy._con)
+            if opened is not None and opened >= began:
+                # This acquire opened it, and it came due before it could be handed out (its
+                # connect, init or setup took that long): hand it out once rather than loop
+                # forever; it closes on release.
                 self._recycler.retire_on_release(proxy._holder)
                 self._note_due_on_handout()
                 break
