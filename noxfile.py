@@ -56,6 +56,13 @@ def pool(session: nox.Session, asyncpg: str) -> None:
     session.run("pytest", *POOL_TESTS, *session.posargs)
 
 
+@nox.session(python=PYTHON)
+def uvloop(session: nox.Session) -> None:
+    """Run the pool's tests with every test on a uvloop event loop (asyncpg recommends it)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-p", "tests._uvloop", *POOL_TESTS, *session.posargs)
+
+
 # The integration tests the container lane runs (those present), and its own proof test.
 CONTAINER_TESTS = [
     "tests/test_container_backend.py",

@@ -24,7 +24,7 @@ from typing import Any
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider
 from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
-from ._clock import SYSTEM_CLOCK
+from ._clock import SYSTEM_CLOCK, SystemClock
 from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
 from ._errors import (
@@ -62,20 +62,14 @@ class Check:
         return text
 
 
-class OffsetClock:
-    """The system clock shifted by `offset` seconds (to test what skew does)."""
+class OffsetClock(SystemClock):
+    """The system clock with its wall time shifted by `offset` seconds (to test what skew does)."""
 
     def __init__(self, offset: float) -> None:
         self._offset = dt.timedelta(seconds=offset)
 
     def now(self) -> dt.datetime:
         return SYSTEM_CLOCK.now() + self._offset
-
-    def monotonic(self) -> float:
-        return SYSTEM_CLOCK.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await SYSTEM_CLOCK.sleep(seconds)
 
 
 def _sts_host(region: str) -> str:

@@ -25,6 +25,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
-    diagnose_auth_failure,
+    rank_auth_failure,
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
@@ -263,6 +264,8 @@ class ConnectCounters:
     """Logins the server refused."""
     rate_limited: int = 0
     """Login attempts that waited for the connect rate limit."""
+    auth_failures_by_cause: Counter[str] = dataclasses.field(default_factory=Counter)
+    """Refused logins by the most likely cause (`AUTH_CAUSES`)."""
 
 
 class Connector:
@@ -291,7 +294,9 @@ class Connector:
         self._connect = connect
         self.provider = provider
         self.counters = ConnectCounters()
-        self._bucket = TokenBucket(max_connect_rate, clock=clock) if max_connect_rate else None
+        self._bucket = (
+            TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
+        )
         first = plan.endpoints[0] if plan.endpoints else ("<none>", 0)
         self.name = name or f"{plan.user}@{first[0]}:{first[1]}"
         self._owner = f"{kind} {self.name}"
@@ -330,7 +335,7 @@ class Connector:
     # -- connecting ------------------------------------------------------------------------
 
     async def open(self, **extra: Any) -> tuple[Any, float]:
-        """Open one connection; return it and the loop time its login began.
+        """Open one connection; return it and the clock time its login began.
 
         `extra` are further `connect` arguments (the pool's ``loop``, ``connection_class``,
         ``record_class``; a ``timeout`` overrides the plan's).
@@ -350,7 +355,7 @@ class Connector:
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         await self._throttle()
         kwargs = {**self.plan.asyncpg_kwargs(), **extra}
-        started = asyncio.get_running_loop().time()
+        started = self._clock.monotonic()
         try:
             return await self._connect(**kwargs), started
         except (OSError, asyncio.TimeoutError) as exc:
@@ -389,7 +394,7 @@ class Connector:
             target_session_attrs=attrs,
             password=functools.partial(provider.token, target, record),
         )
-        started = asyncio.get_running_loop().time()
+        started = self._clock.monotonic()
         try:
             con = await self._connect(**kwargs)
         except InvalidAuthorizationSpecificationError as exc:
@@ -467,7 +472,10 @@ class Connector:
             database=self.plan.database,
             now=self._clock.now(),
         )
-        error = IAMAuthenticationError(context, diagnose_auth_failure(context))
+        ranked = rank_auth_failure(context)
+        cause = ranked[0][0]
+        self.counters.auth_failures_by_cause[cause] += 1
+        error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
         logger.warning(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,

@@ -27,6 +27,7 @@ import ssl
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 __all__ = [
+    "AUTH_CAUSES",
     "AuthFailureContext",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
@@ -37,6 +38,7 @@ __all__ = [
     "IAMError",
     "TLSVerificationError",
     "in_cli_words",
+    "rank_auth_failure",
 ]
 
 
@@ -149,21 +151,45 @@ def _dsql_hints(ctx: AuthFailureContext) -> list[str]:
     ]
 
 
+#: The causes `rank_auth_failure` names (an `IAMAuthenticationError`'s `cause` is the first).
+AUTH_CAUSES = (
+    "clock_skew",
+    "credentials_expired",
+    "missing_grant",
+    "no_tls",
+    "permission",
+    "region_mismatch",
+    "signing_host",
+    "token_reuse",
+)
+
+
 def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     """Rank the likely causes of a refused IAM login, most likely first, each with its fix."""
-    hints: list[str] = []
+    return [hint for _cause, hint in rank_auth_failure(ctx)]
+
+
+def rank_auth_failure(ctx: AuthFailureContext) -> list[tuple[str, str]]:
+    """Return ``(cause, hint)`` pairs, most likely first; each cause is one of `AUTH_CAUSES`."""
+    ranked: list[tuple[str, str]] = []
+
+    def add(cause: str, hint: str) -> None:
+        ranked.append((cause, hint))
+
     message = ctx.server_message.lower()
     if "ssl off" in message or "no encryption" in message:
-        hints.append(
+        add(
+            "no_tls",
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'verify-ca'."
+            "with ssl='verify-full' (the default) or 'verify-ca'.",
         )
     if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
-        hints.append(
+        add(
+            "region_mismatch",
             f"Region mismatch: the token was signed for region {ctx.region!r} "
             f"(from {ctx.region_source}) but the endpoint {ctx.signing_host!r} is in "
             f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
-            f"{ctx.endpoint_region!r}."
+            f"{ctx.endpoint_region!r}.",
         )
     dsql = ctx.service == "dsql"
     if ctx.endpoint_region is None:
@@ -174,60 +200,74 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
             if dsql
             else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
         )
-        hints.append(
+        add(
+            "signing_host",
             f"The token was signed for {ctx.signing_host!r}, which is {what}: "
             f"{'DSQL' if dsql else 'RDS'} checks the token against its own endpoint name. If "
             "you connect through a CNAME, tunnel, proxy or IP, pass "
-            f"IAMAuth(signing_host='{example})."
+            f"IAMAuth(signing_host='{example}).",
         )
     if ctx.credentials_expiry is not None:
         left = ctx.credentials_expiry - ctx.now
         if left <= _EXPIRY_WARNING:
             state = "had expired" if left.total_seconds() <= 0 else "were about to expire"
-            hints.append(
+            add(
+                "credentials_expired",
                 f"The signing credentials (from {ctx.credential_source}) {state} at "
                 f"{ctx.credentials_expiry.isoformat()}: a token dies with its credentials. "
-                "Check that the credential source refreshes them."
+                "Check that the credential source refreshes them.",
             )
     if ctx.token_reused and ctx.token_age is not None:
-        hints.append(
+        add(
+            "token_reuse",
             f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
-            "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts."
+            "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts.",
         )
     if dsql:
-        hints.extend(_dsql_hints(ctx))
+        dsql_hints = _dsql_hints(ctx)
+        if ctx.user != "admin":  # a role not linked to the identity: DSQL's "GRANT"
+            add("missing_grant", dsql_hints.pop(0))
+        for hint in dsql_hints:
+            add("permission", hint)
     else:
-        hints.append(
+        add(
+            "missing_grant",
             f"The database user {ctx.user!r} may lack the rds_iam role: run "
-            f'GRANT rds_iam TO "{ctx.user}"; as an administrator.'
+            f'GRANT rds_iam TO "{ctx.user}"; as an administrator.',
         )
-        hints.append(
+        add(
+            "permission",
             "The AWS identity (from "
             f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
             f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on "
-            "the user that assumes it."
+            "the user that assumes it.",
         )
     skew = ctx.clock_skew
     if skew is not None and abs(skew) > _SKEW_EVIDENCE:
         direction = "ahead of" if skew > 0 else "behind"
         # Measured evidence outranks every guess: it goes first.
-        hints.insert(
+        ranked.insert(
             0,
-            f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's (measured "
-            "against the Date of an AWS response). Tokens are valid for 15 minutes from signing "
-            "by this clock, so RDS sees them as expired or not yet valid: sync the clock (NTP).",
+            (
+                "clock_skew",
+                f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's "
+                "(measured against the Date of an AWS response). Tokens are valid for 15 "
+                "minutes from signing by this clock, so RDS sees them as expired or not yet "
+                "valid: sync the clock (NTP).",
+            ),
         )
     else:
         measured = (
             f"; measured against AWS: {skew:+.0f} s" if skew is not None else ", not measured"
         )
-        hints.append(
+        add(
+            "clock_skew",
             f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
             f"(it read {ctx.now.isoformat(timespec='seconds')}{measured}). If it is more than a "
             "few minutes off, RDS sees the token as expired or not yet valid: sync the clock "
-            "(NTP)."
+            "(NTP).",
         )
-    return hints
+    return ranked
 
 
 # How a hint's library settings are spelled on the command line (`asyncpg-iam doctor`).
@@ -255,9 +295,13 @@ class IAMAuthenticationError(IAMError, InvalidAuthorizationSpecificationError): 
     `hints` the likely causes, most likely first, each with its fix. Never the token.
     """
 
-    def __init__(self, context: AuthFailureContext, hints: list[str]) -> None:
+    def __init__(
+        self, context: AuthFailureContext, hints: list[str], cause: str | None = None
+    ) -> None:
         self.context = context
         self.hints = tuple(hints)
+        self.cause = cause
+        """The most likely cause, one of `AUTH_CAUSES` (None when not diagnosed)."""
         expiry = (
             context.credentials_expiry.isoformat(timespec="seconds")
             if context.credentials_expiry is not None

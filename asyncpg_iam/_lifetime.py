@@ -2,8 +2,7 @@
 
 RDS checks an IAM token only when a connection opens, so a connection opened with a role that
 has since been revoked keeps working for as long as it lives. The recycler bounds that: every
-connection gets a deadline drawn from ``[max_lifetime * (1 - jitter), max_lifetime]`` (so none
-outlives the configured maximum and reconnects spread out instead of arriving together), and
+connection gets a deadline no later than ``max_lifetime`` after its login, and
 
 * a connection in use is never interrupted: at its deadline its holder is marked stale, and
   asyncpg closes it when it is released;
@@ -11,6 +10,17 @@ outlives the configured maximum and reconnects spread out instead of arriving to
   meanwhile), closed gracefully, and its holder put back empty;
 * a connection that is due is never handed out (the pool checks on acquire and retries);
 * the pool is refilled to ``min_size`` in the background.
+
+Deadlines are spread so that reconnects do not arrive together. A connection that replaces
+one retired at its lifetime lives ``[max_lifetime * (1 - jitter), max_lifetime]``. Any other
+connection (the pool filling up, growing, or reconnecting after its connections were dropped)
+starts a *first lifetime* drawn from the much wider ``[max_lifetime * (1 - FIRST_LIFETIME_SPREAD),
+max_lifetime]``: connections opened in a burst, across a whole fleet of pools, then come due
+spread over most of a lifetime instead of inside the jitter window, and so do the generations
+that replace them. With ``jitter=0`` every connection lives exactly ``max_lifetime``.
+
+All timing goes through the pool's `Clock` (its ``monotonic()`` and ``call_at()``), so a
+`ManualClock` drives hours of recycling in a test or a simulation.
 
 This module touches asyncpg's private pool internals (holders, their queue and generation);
 ``tests/test_asyncpg_internals.py`` pins each of them, so an asyncpg release that changes them
@@ -28,12 +38,19 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._clock import SYSTEM_CLOCK, Clock
+from ._clock import SYSTEM_CLOCK, Clock, Timer
 
 if TYPE_CHECKING:
     from asyncpg import Connection
 
-__all__ = ["Recycler", "TokenBucket", "draw_lifetime", "spread_deadline"]
+__all__ = [
+    "FIRST_LIFETIME_SPREAD",
+    "Recycler",
+    "TokenBucket",
+    "draw_lifetime",
+    "lifetime_window",
+    "spread_deadline",
+]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -44,6 +61,22 @@ _STALE_GENERATION = -1
 _CLOSE_TIMEOUT = 5.0
 # How often a connection in use past its deadline is looked at again, until it is released.
 _RECHECK_IN_USE = 0.5
+#: The fraction of `max_lifetime` over which a first lifetime is spread (see the module doc).
+FIRST_LIFETIME_SPREAD = 0.75
+# A connection opened within this many seconds of one retired at its lifetime replaces it.
+_REPLACEMENT_WINDOW = 60.0
+
+
+def lifetime_window(max_lifetime: float, jitter: float, *, first: bool) -> tuple[float, float]:
+    """Return the ``(shortest, longest)`` lifetime of a new connection.
+
+    A replacement lives ``[max_lifetime * (1 - jitter), max_lifetime]``; a `first` lifetime
+    is spread over at least `FIRST_LIFETIME_SPREAD` of `max_lifetime`. No jitter, no spread.
+    """
+    if jitter == 0:
+        return max_lifetime, max_lifetime
+    spread = max(jitter, FIRST_LIFETIME_SPREAD) if first else jitter
+    return max_lifetime * (1.0 - spread), max_lifetime
 
 
 def draw_lifetime(max_lifetime: float, jitter: float, rng: random.Random) -> float:
@@ -86,14 +119,29 @@ class TokenBucket:
     Spacing is measured between the times events are actually granted, not booked, so an event
     loop that stalls and wakes several waiters late still lets them through one interval apart.
     Waiters are served in arrival order; one that is cancelled while it waits takes no slot.
+
+    With `stagger`, the first event after a quiet interval waits a random part of one interval
+    instead of going at once: many buckets woken together (every replica of a fleet losing its
+    connections in a database restart) then grant out of step, at `rate` times the number of
+    buckets a second overall, rather than all at once and again all at once one interval later.
     """
 
-    def __init__(self, rate: float, *, burst: int = 1, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: int = 1,
+        clock: Clock = SYSTEM_CLOCK,
+        stagger: bool = False,
+        rng: random.Random | None = None,
+    ) -> None:
         if not rate > 0:
             raise ValueError("rate must be > 0")
         self._interval = 1.0 / rate
         self._burst = max(1, burst)
         self._clock = clock
+        self._stagger = stagger
+        self._rng = rng if rng is not None else random.Random()
         self._granted: collections.deque[float] = collections.deque(maxlen=self._burst)
         self._lock = asyncio.Lock()
 
@@ -108,6 +156,11 @@ class TokenBucket:
         started = clock.monotonic()
         waited = self._lock.locked()  # others are ahead: this one waits its turn
         async with self._lock:
+            if self._stagger and (
+                not self._granted or clock.monotonic() - self._granted[-1] >= self._interval
+            ):
+                waited = True
+                await clock.sleep(self._rng.uniform(0.0, self._interval))
             while len(self._granted) == self._burst:
                 wait = self._granted[0] + self._burst * self._interval - clock.monotonic()
                 if wait <= 0:
@@ -119,19 +172,16 @@ class TokenBucket:
         return now - started if waited else 0.0
 
 
-def _no_loop_yet() -> float:
-    return float("-inf")  # nothing is tracked before the first connection
-
-
 class _Tracked:
     """The lifetime state of one connection; its termination listener holds it strongly."""
 
-    __slots__ = ("deadline", "key", "reason", "timer")
+    __slots__ = ("deadline", "key", "opened", "reason", "timer")
 
     def __init__(self) -> None:
+        self.opened = 0.0
         self.deadline: float | None = None
         self.key: int | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
         self.reason: str | None = None
 
 
@@ -140,7 +190,8 @@ class Recycler:
 
     Holds its pool weakly, so scheduled deadlines never keep an abandoned pool alive.
     `on_closed` is called with the reason each connection closed: ``"max_lifetime"``, the
-    reason given to `retire_on_release()`, or ``"other"``.
+    reason given to `retire_on_release()`, or ``"other"``. Deadlines are times of `clock`'s
+    ``monotonic()``, and its ``call_at()`` schedules them.
     """
 
     def __init__(
@@ -150,11 +201,14 @@ class Recycler:
         max_lifetime: float | None,
         jitter: float,
         on_closed: weakref.WeakMethod[Callable[[str], None]],
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
         self._max_lifetime = max_lifetime
         self._jitter = jitter
+        self._clock = clock
+        self._now: Callable[[], float] = clock.monotonic
         self._rng = rng if rng is not None else random.Random()
         self._on_closed = on_closed
         self._tracked: weakref.WeakKeyDictionary[Connection, _Tracked] = weakref.WeakKeyDictionary()
@@ -162,36 +216,42 @@ class Recycler:
         # Deadlines by id() of the open connection, removed when it closes: the acquire check
         # reads them, and a dict lookup by int costs less than a weak one.
         self._deadlines: dict[int, float] = {}
-        self._loop_time: Callable[[], float] = _no_loop_yet
+        # When connections were retired at their lifetime and not yet replaced (oldest first).
+        self._retired: collections.deque[float] = collections.deque()
 
     def track(self, con: Connection, started: float | None = None) -> None:
-        """Start the lifetime of a newly opened connection, counted from `started` (loop time)."""
+        """Start the lifetime of a newly opened connection, counted from `started` (clock time)."""
         state = _Tracked()
         self._tracked[con] = state
         con.add_termination_listener(functools.partial(self._closed, state))
+        now = self._now()
+        start = now if started is None else started
+        state.opened = start
         if self._max_lifetime is None:
             return
-        loop = asyncio.get_running_loop()
-        self._loop_time = loop.time
-        start = loop.time() if started is None else started
+        shortest, longest = lifetime_window(
+            self._max_lifetime, self._jitter, first=not self._takes_a_retired_place(now)
+        )
         state.deadline = spread_deadline(
-            start + self._max_lifetime * (1.0 - self._jitter),
-            start + self._max_lifetime,
-            self._deadlines.values(),
-            self._rng,
+            start + shortest, start + longest, self._deadlines.values(), self._rng
         )
         state.key = id(con)
         self._deadlines[state.key] = state.deadline
-        state.timer = loop.call_at(state.deadline, self._on_deadline, weakref.ref(con))
+        state.timer = self._clock.call_at(state.deadline, self._on_deadline, weakref.ref(con))
+
+    def opened_at(self, con: Connection) -> float | None:
+        """Return the clock time at which `con`'s login began, or None if it is not tracked."""
+        state = self._tracked.get(con)
+        return state.opened if state is not None else None
 
     def deadline(self, con: Connection) -> float | None:
-        """Return the loop time at which `con` is due, or None if it has no lifetime."""
+        """Return the clock time at which `con` is due, or None if it has no lifetime."""
         return self._deadlines.get(id(con))
 
     def is_due(self, con: Connection | None) -> bool:
         """Tell whether `con` has reached its deadline (checked on every acquire: kept cheap)."""
         deadline = self._deadlines.get(id(con))
-        return deadline is not None and self._loop_time() >= deadline
+        return deadline is not None and self._now() >= deadline
 
     def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
         """Make asyncpg close the holder's connection when it is released."""
@@ -209,7 +269,19 @@ class Recycler:
         for task in list(self._tasks):
             task.cancel()
 
+    def _takes_a_retired_place(self, now: float) -> bool:
+        """Tell whether a connection opened `now` replaces one retired at its lifetime."""
+        retired = self._retired
+        while retired and retired[0] < now - _REPLACEMENT_WINDOW:
+            retired.popleft()
+        if retired:
+            retired.popleft()
+            return True
+        return False
+
     def _closed(self, state: _Tracked, _con: Any) -> None:
+        if state.reason in ("max_lifetime", "discarded_on_acquire"):
+            self._retired.append(self._now())
         if state.key is not None:
             self._deadlines.pop(state.key, None)
             state.key = None
@@ -236,8 +308,8 @@ class Recycler:
             self.retire_on_release(holder)
             state = self._tracked.get(con)
             if state is not None:
-                state.timer = asyncio.get_running_loop().call_later(
-                    _RECHECK_IN_USE, self._on_deadline, con_ref
+                state.timer = self._clock.call_at(
+                    self._now() + _RECHECK_IN_USE, self._on_deadline, con_ref
                 )
             return
         queue.remove(holder)

@@ -177,8 +177,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
     Create it with `create_pool()`; it is awaitable and an async context manager, and every
-    asyncpg pool method works unchanged. `clock` is where tokens get their time (tests pass a
-    skewed or manual one); lifetimes run on the event loop's clock.
+    asyncpg pool method works unchanged. `clock` is where tokens, lifetimes and the connect
+    rate limit get their time (tests pass a skewed or manual one).
     """
 
     def __init__(
@@ -235,6 +235,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             max_lifetime=max_lifetime,
             jitter=max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
+            clock=clock,
         )
         self._failover = FailoverGuard(
             self,
@@ -245,7 +246,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
-        # Loop time at which each new connection's login began (read once it joins the pool).
+        # Clock time at which each new connection's login began (read once it joins the pool).
         self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     # -- introspection ---------------------------------------------------------------------
@@ -395,10 +396,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         started = self._loop.time()
         proxy = await super()._acquire(timeout)
         while self._recycler.is_due(proxy._con):
-            deadline = self._recycler.deadline(proxy._con)
-            if deadline is not None and deadline > started:
-                # It came due during this very acquire (its connect, init or setup took that
-                # long): hand it out once rather than loop forever; it closes on release.
+            # Lifetimes are clock times: when did this acquire begin by the clock?
+            began = self._clock.monotonic() - (self._loop.time() - started)
+            opened = self._recycler.opened_at(proxy._con)
+            if opened is not None and opened >= began:
+                # This acquire opened it, and it came due before it could be handed out (its
+                # connect, init or setup took that long): hand it out once rather than loop
+                # forever; it closes on release.
                 self._recycler.retire_on_release(proxy._holder)
                 self._note_due_on_handout()
                 break
@@ -569,10 +573,15 @@ def create_pool(
     - `max_lifetime`: no connection lives longer than this many seconds (None: forever);
       default 900 (3300 for Aurora DSQL, where it may not exceed 3600). Connections in use
       are never interrupted; they close when released.
-    - `max_lifetime_jitter`: each connection's lifetime is drawn from
-      ``[max_lifetime * (1 - jitter), max_lifetime]`` so reconnects spread out.
+    - `max_lifetime_jitter`: a connection that replaces one retired at its lifetime lives
+      ``[max_lifetime * (1 - jitter), max_lifetime]``; any other (the pool filling up,
+      growing, reconnecting after a drop) starts with a lifetime spread over the last 75 %
+      of `max_lifetime`, so connections opened together do not come due together. 0 makes
+      every lifetime exactly `max_lifetime`.
     - `max_connect_rate`: at most this many new connections per second (None: no limit);
-      default no limit (50 per second for Aurora DSQL).
+      default no limit (50 per second for Aurora DSQL). The first connect after a quiet
+      interval waits a random part of one interval, so pools that lose their connections
+      together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).

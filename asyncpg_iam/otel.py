@@ -25,21 +25,26 @@ pools, each with ``db.client.connection.pool.name`` (the pool's name):
 =========================================== ============== ======================================
 
 and what only an IAM pool knows, under ``asyncpg_iam.``: tokens signed and reused, credential
-fetches and their failures, refused logins, connections retired by reason
+fetches and their failures, refused logins by the diagnosed cause
+(``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
+``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
 ``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
 before the cached AWS credentials expire.
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
-an instrumented pool does no extra work for them. The three histograms are recorded by a
+an instrumented pool does no extra work for them. The three histograms are fed by a
 `Pool.set_observer` hook: an uninstrumented pool pays one attribute check per acquire and per
-connect. Nothing recorded ever carries a token or a secret. Needs the ``otel`` extra
+connect; an instrumented one buffers each wait and use time (at most `MAX_BUFFERED` between
+two collections) and records them into the histograms when the reader collects. Nothing
+recorded ever carries a token or a secret. Needs the ``otel`` extra
 (``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
 which works unchanged on connections from this pool.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import inspect
 from collections.abc import Iterable
@@ -53,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "asyncpg_iam.otel needs the OpenTelemetry API: pip install 'asyncpg-iam[otel]'"
     ) from exc
 
-from ._errors import ConfigurationError
+from ._errors import AUTH_CAUSES, ConfigurationError
 from ._pool import Pool
 
 __all__ = ["PoolInstrumentation", "instrument_pool"]
@@ -61,8 +66,11 @@ __all__ = ["PoolInstrumentation", "instrument_pool"]
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
+AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+#: Wait and use times kept per histogram between two collections (older ones are dropped).
+MAX_BUFFERED = 65_536
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
 _SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -108,6 +116,11 @@ class _Recorder:
         self.timeouts = 0
         self._acquired: dict[object, float] = {}
         self._clock: Any = None
+        # Wait and use times wait here for the next collection: a deque append costs well
+        # under a microsecond, the SDK's record() tens of them, twice per acquire. The deques
+        # are thread-safe (the SDK may collect from its exporter thread).
+        self._waits: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
+        self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
 
     def bind(self, pool: Pool) -> None:
         self._clock = pool._clock
@@ -127,13 +140,22 @@ class _Recorder:
             return
         if self._wait is not None:
             assert seconds is not None
-            self._wait.record(seconds, self._attributes)
+            self._waits.append(seconds)
             self._acquired[holder] = self._clock.monotonic()
 
     def connection_released(self, holder: object) -> None:
         acquired = self._acquired.pop(holder, None)
         if acquired is not None and self._use is not None:
-            self._use.record(self._clock.monotonic() - acquired, self._attributes)
+            self._uses.append(self._clock.monotonic() - acquired)
+
+    def flush(self) -> None:
+        """Record the buffered wait and use times into their histograms."""
+        for samples, histogram in ((self._waits, self._wait), (self._uses, self._use)):
+            if histogram is None:
+                continue
+            record, pop, attributes = histogram.record, samples.popleft, self._attributes
+            for _ in range(len(samples)):
+                record(pop(), attributes)
 
 
 class PoolInstrumentation:
@@ -154,6 +176,7 @@ class PoolInstrumentation:
     def uninstrument(self) -> None:
         """Stop recording: the pool's observer is removed and callbacks report nothing."""
         self._active = False
+        self._recorder.flush()
         if self.pool._observer is self._recorder:
             self.pool.set_observer(None)
 
@@ -204,6 +227,9 @@ class PoolInstrumentation:
     def _count(self, _options: CallbackOptions) -> Iterable[Observation]:
         if not self._active:
             return []
+        # A collection has begun (the SDK runs callbacks before it reads the histograms):
+        # hand the buffered samples over first.
+        self._recorder.flush()
         pool = self.pool
         size, idle = pool.get_size(), pool.get_idle_size()
         return [
@@ -237,12 +263,6 @@ class PoolInstrumentation:
                 "credential_fetches",
             ),
             (
-                "asyncpg_iam.auth.failures",
-                "{login}",
-                "Logins the database refused (IAMAuthenticationError).",
-                "auth_failures",
-            ),
-            (
                 "asyncpg_iam.connects.rate_limited",
                 "{connect}",
                 "Login attempts that waited for max_connect_rate.",
@@ -261,6 +281,13 @@ class PoolInstrumentation:
                 [self._gauge(_fetch_failures)],
                 unit="{fetch}",
                 description="Fetches from the AWS credential source that failed.",
+            ),
+            meter.create_observable_counter(
+                "asyncpg_iam.auth.failures",
+                [self._refused],
+                unit="{login}",
+                description="Logins the database refused (IAMAuthenticationError), by the most "
+                "likely cause the diagnosis names.",
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.connections.closed",
@@ -287,6 +314,16 @@ class PoolInstrumentation:
         return [
             Observation(count, {**self._attributes, CLOSE_REASON: reason})
             for reason, count in sorted(closed.items())
+        ]
+
+    def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        by_cause = dict.fromkeys(AUTH_CAUSES, 0)
+        by_cause.update(self.pool._connector.counters.auth_failures_by_cause)
+        return [
+            Observation(count, {**self._attributes, AUTH_CAUSE: cause})
+            for cause, count in sorted(by_cause.items())
         ]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:

@@ -2,6 +2,8 @@
 
 Writes ``results.json`` (raw figures), ``results.md`` (the table) and PNG plots to the output
 directory (``benchmarks/results/`` by default), recording the machine, versions and date.
+With ``--only``, the cases run replace their own entries in an existing ``results.json`` and
+the others are kept, each marked with the run that produced it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 from . import (
     _harness,
@@ -22,12 +26,15 @@ from . import (
     case_dsql,
     case_failover,
     case_fetches,
+    case_fleet,
     case_loop_lag,
     case_metrics,
     case_pool_overhead,
     case_recycling,
     case_token,
 )
+
+_T = TypeVar("_T")
 
 CASES: list[ModuleType] = [
     case_connect,
@@ -39,6 +46,7 @@ CASES: list[ModuleType] = [
     case_failover,
     case_dsql,
     case_metrics,
+    case_fleet,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
@@ -55,6 +63,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default="",
         help=f"comma-separated cases to run (default: all): {', '.join(names)}",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop to run every case on (default: %(default)s)",
     )
     parser.add_argument(
         "--output",
@@ -118,13 +132,30 @@ class _maybe_environment:
             await self._env.__aexit__(*exc_info)
 
 
+def _run(coro: Coroutine[Any, Any, _T], loop: str) -> _T:
+    """Run `coro` on the chosen event loop."""
+    if loop == "asyncio":
+        return asyncio.run(coro)
+    import uvloop
+
+    if sys.version_info < (3, 11):  # no asyncio.Runner
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen cases and write the results; return the exit status."""
     args = _parse(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
-    results, head = asyncio.run(_run_cases(args))
-    _harness.write_json(args.output / "results.json", head, results)
+    results, head = _run(_run_cases(args), args.loop)
+    head["loop"] = args.loop
+    path = args.output / "results.json"
+    if args.only.strip() and path.exists():
+        head, results = _harness.merge_results(path, head, results, order=[c.NAME for c in CASES])
+    _harness.write_json(path, head, results)
     (args.output / "results.md").write_text(_harness.markdown(head, results))
     print(f"wrote results.json, results.md and plots to {args.output}")
     return 1 if any(result.error for result in results) else 0

@@ -82,6 +82,8 @@ class CaseResult:
     plots: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
+    run: dict[str, Any] | None = None
+    """The date, command and quick flag of the run that produced it, when not the header's."""
 
     def add(self, metric: str, value: str, target: str = "", met: bool | None = None) -> None:
         """Append a table row."""
@@ -398,11 +400,47 @@ def write_json(path: Path, header: dict[str, Any], results: list[CaseResult]) ->
                 "notes": result.notes,
                 "plots": result.plots,
                 "figures": result.figures,
+                **({"run": result.run} if result.run else {}),
             }
             for result in results
         },
     }
     path.write_text(json.dumps(_clean(document), indent=1, default=_json_default) + "\n")
+
+
+def merge_results(
+    path: Path, header: dict[str, Any], results: list[CaseResult], *, order: list[str]
+) -> tuple[dict[str, Any], list[CaseResult]]:
+    """Return `results` merged into the document at `path`: new cases replace old ones.
+
+    Cases kept from the old document are marked with the run that produced them; the header
+    becomes the new run's.
+    """
+    old = json.loads(path.read_text())
+    fresh = {result.name for result in results}
+    merged = list(results)
+    for name, case in old.get("cases", {}).items():
+        if name in fresh:
+            continue
+        kept = CaseResult(
+            name,
+            case["title"],
+            rows=[Row(**row) for row in case["rows"]],
+            figures=case["figures"],
+            notes=case["notes"],
+            plots=case["plots"],
+            seconds=case["seconds"],
+            error=case["error"],
+        )
+        kept.run = case.get("run") or {
+            "date": old["date"],
+            "command": old["command"],
+            "quick": old["quick"],
+        }
+        merged.append(kept)
+    rank = {name: index for index, name in enumerate(order)}
+    merged.sort(key=lambda result: rank.get(result.name, len(rank)))
+    return header, merged
 
 
 def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str = "##") -> str:
@@ -419,11 +457,17 @@ def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str 
         "",
         "Versions: " + ", ".join(f"{name} {version}" for name, version in found.items()) + ".",
         "",
-        f"Command: `{header['command']}`",
+        f"Command: `{header['command']}`; event loop: {header.get('loop', 'asyncio')}.",
         "",
     ]
     for result in results:
         lines += [f"{heading}# {result.title}", ""]
+        if result.run:
+            quick = " (quick run)" if result.run.get("quick") else ""
+            lines += [
+                f"From an earlier run{quick}, {result.run['date']}: `{result.run['command']}`",
+                "",
+            ]
         if result.error is not None:
             lines += [f"Failed: `{result.error}`", ""]
         if result.rows:

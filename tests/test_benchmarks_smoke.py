@@ -60,3 +60,57 @@ def test_unknown_case_is_refused(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert "connect" in completed.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_quick_fleet_simulation_keeps_other_cases(tmp_path: Path) -> None:
+    """`--quick --only fleet` meets the throttle targets, plots each scenario, keeps old cases."""
+    earlier = {
+        "date": "2026-01-01T00:00:00+00:00",
+        "quick": False,
+        "command": "python -m benchmarks",
+        "machine": {"cpu_count": 2, "cpu_model": "x", "platform": "p"},
+        "versions": {"python": "3"},
+        "postgresql": None,
+        "cases": {
+            "token": {
+                "title": "2. Microseconds per token",
+                "seconds": 1.0,
+                "error": None,
+                "rows": [{"metric": "m", "value": "v", "target": "", "met": None}],
+                "notes": [],
+                "plots": [],
+                "figures": {},
+            }
+        },
+    }
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "fleet",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert set(document["cases"]) == {"token", "fleet"}
+    assert document["cases"]["token"]["run"]["date"] == earlier["date"]
+    fleet = document["cases"]["fleet"]
+    targets = [row for row in fleet["rows"] if row["met"] is not None]
+    assert len(targets) >= 16
+    assert all(row["met"] for row in targets), [r for r in targets if not r["met"]]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "From an earlier run, 2026-01-01T00:00:00+00:00" in markdown
+    assert "Fleet simulation" in markdown
+    for scenario in ("deploy", "rolling", "steady", "drop"):
+        assert (tmp_path / f"fleet_{scenario}.png").read_bytes().startswith(b"\x89PNG")

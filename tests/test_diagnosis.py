@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import time
 
@@ -10,10 +9,11 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
+from asyncpg_iam._clock import SystemClock
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
 
 
-class SkewedClock:
+class SkewedClock(SystemClock):
     """The real clock with its wall time shifted by `offset` seconds, as a badly set host's."""
 
     def __init__(self, offset: float) -> None:
@@ -21,12 +21,6 @@ class SkewedClock:
 
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc) + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Pure parts of recycling: lifetimes drawn with jitter, and the connect rate limit."""
+"""Recycling and the connect rate limit, on a ManualClock: lifetime windows, spread deadlines,
+staggered buckets, and a real pool whose lifetimes the manual clock drives."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ import random
 
 import pytest
 
-from asyncpg_iam._clock import ManualClock
-from asyncpg_iam._lifetime import TokenBucket, draw_lifetime, spread_deadline
+import asyncpg_iam
+from asyncpg_iam._clock import ManualClock, SystemClock
+from asyncpg_iam._lifetime import (
+    FIRST_LIFETIME_SPREAD,
+    TokenBucket,
+    draw_lifetime,
+    lifetime_window,
+    spread_deadline,
+)
+from asyncpg_iam.testing import PostgresServer
+
+from ._support import direct_kwargs, wait_for
 
 
 def test_lifetimes_stay_within_the_jitter_window() -> None:
@@ -109,3 +120,158 @@ def test_a_lone_deadline_is_uniform_in_the_window() -> None:
     assert min(deadlines) < 10.1
     assert max(deadlines) > 11.9
     assert spread_deadline(7.0, 7.0, [7.0], rng) == 7.0
+
+
+async def test_manual_clock_runs_timers_in_order_and_skips_cancelled_ones() -> None:
+    """call_at callbacks run when the clock reaches them, in time order; cancelled ones never."""
+    clock = ManualClock()
+    ran: list[str] = []
+    start = clock.monotonic()
+    clock.call_at(start + 2, ran.append, "b")
+    clock.call_at(start + 1, ran.append, "a")
+    clock.call_at(start + 1.5, ran.append, "never").cancel()
+    clock.call_at(start + 3, ran.append, "later")
+    await clock.advance(2.5)
+    assert ran == ["a", "b"]
+    await clock.advance(1)
+    assert ran == ["a", "b", "later"]
+
+
+def test_first_lifetimes_use_a_wider_window_than_replacements() -> None:
+    """A replacement lives within the jitter window; a first lifetime within the wide spread."""
+    assert lifetime_window(900.0, 0.1, first=False) == pytest.approx((810.0, 900.0))
+    assert lifetime_window(900.0, 0.1, first=True) == pytest.approx(
+        (900.0 * (1 - FIRST_LIFETIME_SPREAD), 900.0)
+    )
+    assert lifetime_window(900.0, 0.9, first=True) == pytest.approx((90.0, 900.0))
+    assert lifetime_window(900.0, 0.0, first=True) == (900.0, 900.0)
+
+
+async def test_staggered_buckets_woken_together_grant_out_of_step() -> None:
+    """100 buckets at 1/s woken at once grant about 10 per 0.1 s, not 100 at once, then 1/s each."""
+    clock = ManualClock()
+    rng = random.Random(11)
+    start = clock.monotonic()
+    granted: list[list[float]] = [[] for _ in range(100)]
+
+    async def replica(index: int, bucket: TokenBucket) -> None:
+        for _ in range(5):
+            await bucket.acquire()
+            granted[index].append(clock.monotonic() - start)
+
+    buckets = [TokenBucket(1.0, clock=clock, stagger=True, rng=rng) for _ in range(100)]
+    tasks = [asyncio.create_task(replica(i, b)) for i, b in enumerate(buckets)]
+    await asyncio.sleep(0)
+    await clock.advance(6.0)
+    await asyncio.gather(*tasks)
+    times = sorted(t for mine in granted for t in mine)
+    assert len(times) == 500
+    # No more than 30 grants in any tenth of a second (100 in lockstep without stagger).
+    assert max(sum(1 for t in times if s <= t < s + 0.1) for s in times) <= 30
+    for mine in granted:
+        gaps = [b - a for a, b in itertools.pairwise(mine)]
+        assert min(gaps) >= 1.0 - 1e-9
+        assert mine[0] < 1.0
+
+
+async def test_unstaggered_buckets_grant_in_lockstep() -> None:
+    """Without stagger, buckets woken together all grant at once: the burst stagger prevents."""
+    clock = ManualClock()
+    buckets = [TokenBucket(1.0, clock=clock) for _ in range(100)]
+    waited = await asyncio.gather(*(bucket.acquire() for bucket in buckets))
+    assert waited == [0.0] * 100
+
+
+def _deadlines(pool: asyncpg_iam.Pool) -> list[float]:
+    """Return the deadlines of the pool's open connections."""
+    cons = [holder._con for holder in pool._holders if holder._con is not None]
+    found = [pool._recycler.deadline(con) for con in cons]
+    return sorted(d for d in found if d is not None)
+
+
+async def test_pool_spreads_first_lifetimes_then_replaces_within_jitter(
+    postgres_server: PostgresServer,
+) -> None:
+    """A pool filled at once comes due over most of max_lifetime; a replacement within jitter."""
+    clock = ManualClock()
+    started = clock.monotonic()
+    pool = await asyncpg_iam.create_pool(
+        **direct_kwargs(
+            postgres_server, min_size=20, max_size=20, max_lifetime=900, max_lifetime_jitter=0.1
+        ),
+        clock=clock,
+    )
+    async with pool:
+        deadlines = _deadlines(pool)
+        assert len(deadlines) == 20
+        lifetimes = [d - started for d in deadlines]
+        assert min(lifetimes) >= 900 * (1 - FIRST_LIFETIME_SPREAD)
+        assert max(lifetimes) <= 900
+        # Spread over 675 s: at most 5 in any 90 s (the old jitter window held all 20).
+        assert max(sum(1 for d in deadlines if s <= d < s + 90) for s in deadlines) <= 5
+
+        first = deadlines[0]
+        await clock.advance(first - clock.monotonic() + 0.001)
+        await wait_for(
+            lambda: (
+                pool.stats().connections_closed.get("max_lifetime", 0) == 1
+                and pool.stats().connections_opened == 21
+                and len(_deadlines(pool)) == 20
+            )
+        )
+        replacement = sorted(set(_deadlines(pool)) - set(deadlines))
+        assert len(replacement) == 1
+        assert 810 <= replacement[0] - clock.monotonic() <= 900
+        assert pool.stats().connections_closed.get("max_lifetime", 0) == 1
+
+
+async def test_pool_retires_every_connection_within_max_lifetime_on_the_clock(
+    postgres_server: PostgresServer,
+) -> None:
+    """Advancing the manual clock by max_lifetime retires each of the pool's first connections."""
+    clock = ManualClock()
+    pool = await asyncpg_iam.create_pool(
+        **direct_kwargs(postgres_server, min_size=5, max_size=5, max_lifetime=60),
+        clock=clock,
+    )
+    async with pool:
+        originals = {holder._con for holder in pool._holders}
+        await clock.advance(14.0)  # shorter than any first lifetime (60 * 0.25)
+        assert pool.stats().connections_closed.get("max_lifetime", 0) == 0
+        await clock.advance(46.0)
+        await wait_for(lambda: pool.stats().connections_closed.get("max_lifetime", 0) == 5)
+        await wait_for(lambda: pool.get_size() == 5)
+        assert originals.isdisjoint(holder._con for holder in pool._holders)
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT 1") == 1
+
+
+async def test_connections_dropped_together_get_first_lifetimes(
+    postgres_server: PostgresServer,
+) -> None:
+    """Connections that replace dropped ones (not retired ones) spread over the wide window."""
+    clock = ManualClock()
+    pool = await asyncpg_iam.create_pool(
+        **direct_kwargs(postgres_server, min_size=10, max_size=10, max_lifetime=900),
+        clock=clock,
+    )
+    async with pool:
+        for holder in pool._holders:
+            holder._con.terminate()
+        await wait_for(
+            lambda: pool.stats().connections_opened == 20 and len(_deadlines(pool)) == 10
+        )
+        lifetimes = [d - clock.monotonic() for d in _deadlines(pool)]
+        assert min(lifetimes) >= 900 * (1 - FIRST_LIFETIME_SPREAD)
+        assert max(lifetimes) - min(lifetimes) > 300  # wider than the 90 s jitter window
+        assert pool.stats().connections_closed.get("other", 0) == 10
+
+
+async def test_system_clock_timers_follow_the_running_loop() -> None:
+    """SystemClock.call_at fires at a time.monotonic() deadline on any loop (uvloop's clock too)."""
+    clock = SystemClock()
+    loop = asyncio.get_running_loop()
+    fired = loop.create_future()
+    when = clock.monotonic() + 0.05
+    clock.call_at(when, lambda: fired.set_result(clock.monotonic()))
+    assert await asyncio.wait_for(fired, 5) >= when - 0.002  # uvloop's clock has 1 ms steps

@@ -137,14 +137,15 @@ async def test_every_instrument_with_names_units_and_values(
     assert stats.tokens_signed == iam_emulator.logins_accepted == stats.connections_opened
     assert value(metrics["asyncpg_iam.credentials.fetches"]) == stats.credential_fetches
     assert value(metrics["asyncpg_iam.credentials.fetch_failures"]) == 0
-    assert value(metrics["asyncpg_iam.auth.failures"]) == stats.auth_failures == 0
+    refused = metrics["asyncpg_iam.auth.failures"]
+    assert sum(p.value for p in points(refused)) == stats.auth_failures == 0
     assert abs(value(metrics["asyncpg_iam.credentials.expiry"]) - left) < 5
 
 
 async def test_closes_by_reason_and_refused_logins(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
-    """Retirements by reason and refused logins are counted as stats() counts them."""
+    """Retirements by reason and refused logins by cause are counted as stats() counts them."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=2, max_lifetime=0.3)
@@ -153,7 +154,7 @@ async def test_closes_by_reason_and_refused_logins(
         await pool.fetchval("SELECT 1")
         await wait_for(lambda: pool.stats().connections_closed.get("max_lifetime", 0) >= 1)
         iam_emulator.reject_next(1)
-        with pytest.raises(asyncpg_iam.IAMAuthenticationError):
+        with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
             await pool.fetchval("SELECT 1")
         stats = pool.stats()
         metrics = collect(reader)
@@ -162,7 +163,10 @@ async def test_closes_by_reason_and_refused_logins(
         value(closed, **{"asyncpg_iam.connection.close.reason": "max_lifetime"})
         == (stats.connections_closed["max_lifetime"])
     )
-    assert value(metrics["asyncpg_iam.auth.failures"]) == stats.auth_failures == 1
+    refused = metrics["asyncpg_iam.auth.failures"]
+    assert value(refused, **{"asyncpg_iam.auth.failure.cause": caught.value.cause}) == 1
+    assert sum(p.value for p in points(refused)) == stats.auth_failures == 1
+    assert caught.value.cause == "missing_grant"  # the emulator's refusal: RDS's own words
     assert iam_emulator.logins_rejected == 1
 
 
