@@ -41,3 +41,8 @@ __all__ = [
     "region_from_host",
     "run_transaction",
 ]
+
+# Public names report the public path (in reprs, tracebacks and docs), not the private module.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name
