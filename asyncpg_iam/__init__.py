@@ -50,3 +50,9 @@ try:
     """The installed distribution's version (from its metadata)."""
 except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
+
+# Public names report the public path (in reprs, tracebacks and docs), not the private module.
+for _name in __all__:
+    if _name != "__version__":
+        globals()[_name].__module__ = __name__
+del _name

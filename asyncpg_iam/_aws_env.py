@@ -1,4 +1,5 @@
-"""Facts about the AWS environment, in one place: proxies, NO_PROXY and the metadata addresses.
+"""Facts about the AWS environment, in one place: proxies, NO_PROXY, the metadata addresses,
+and the clock skew that matters.
 
 The credential cache's error messages and the doctor's proxy check both ask `proxy_problem`,
 so they can never disagree about whether a proxy captures a credential request.
@@ -15,12 +16,16 @@ from collections.abc import Sequence
 __all__ = [
     "CONTAINER_ADDRESS",
     "IMDS_ADDRESS",
+    "MAX_CLOCK_SKEW",
     "ProxyProblem",
     "bypasses_proxy",
     "env",
     "proxy_problem",
 ]
 
+#: A clock further off AWS's than this (seconds) shortens or voids the 15 minutes a token is
+#: valid: the doctor fails its clock check, and a refused login names clock skew first.
+MAX_CLOCK_SKEW = 60.0
 #: The instance metadata service (EC2 roles, IMDS credentials).
 IMDS_ADDRESS = "169.254.169.254"
 #: The ECS/EKS container credentials endpoint.

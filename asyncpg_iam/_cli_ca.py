@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ._errors import ConfigurationError, IAMError
+from ._errors import CABundleError, ConfigurationError
 from ._tls import CA_BUNDLE_FILENAME, cache_dir
 
 __all__ = ["DEFAULT_CA_BUNDLE_URL", "CABundleError", "download_ca_bundle", "run_ca_bundle"]
@@ -31,10 +31,6 @@ _MAX_BYTES = 4 * 1024 * 1024
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----"
 )
-
-
-class CABundleError(IAMError):
-    """The CA bundle could not be downloaded, or what came is not PEM certificates."""
 
 
 def validate_pem_bundle(data: bytes) -> int:

@@ -23,8 +23,8 @@ import urllib.parse
 from typing import Any
 
 from ._auth import IAMAuth, SigningTarget, TokenProvider
-from ._aws_env import IMDS_ADDRESS, credential_endpoints, env, proxy_problem
-from ._clock import SYSTEM_CLOCK, SystemClock
+from ._aws_env import IMDS_ADDRESS, MAX_CLOCK_SKEW, credential_endpoints, env, proxy_problem
+from ._clock import OffsetClock
 from ._connect import Connector, ConnectPlan
 from ._credentials import CredentialCache, configured_region, credential_cache_for
 from ._errors import (
@@ -41,8 +41,6 @@ __all__ = ["Check", "Doctor", "dns_verdict", "run_doctor"]
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
-#: A clock further off than this shortens or voids the 15 minutes a token is valid.
-MAX_CLOCK_SKEW = 60.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -60,16 +58,6 @@ class Check:
         if self.fix:
             text += f" -> fix: {self.fix}"
         return text
-
-
-class OffsetClock(SystemClock):
-    """The system clock with its wall time shifted by `offset` seconds (to test what skew does)."""
-
-    def __init__(self, offset: float) -> None:
-        self._offset = dt.timedelta(seconds=offset)
-
-    def now(self) -> dt.datetime:
-        return SYSTEM_CLOCK.now() + self._offset
 
 
 def _sts_host(region: str) -> str:

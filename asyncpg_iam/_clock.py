@@ -77,6 +77,21 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+class OffsetClock(SystemClock):
+    """The system clock with its wall time shifted by `offset` seconds (to see what skew does)."""
+
+    __slots__ = ("_offset",)
+
+    def __init__(self, offset: float) -> None:
+        self._offset = dt.timedelta(seconds=offset)
+
+    def now(self) -> dt.datetime:
+        return SYSTEM_CLOCK.now() + self._offset
+
+    def __repr__(self) -> str:
+        return f"OffsetClock({self._offset.total_seconds():+g} s)"
+
+
 class _ManualTimer:
     """A call scheduled on a `ManualClock`."""
 

@@ -3,6 +3,7 @@
     IAMError                                  base: catch this for anything the library raises
     ├── ConfigurationError (also ValueError)  bad arguments; raised at creation, before any I/O
     ├── CredentialsError                      no valid AWS credentials could be obtained
+    ├── CABundleError                         the RDS CA bundle could not be downloaded
     ├── IAMAuthenticationError                the database refused an IAM login; also an
     │                                         asyncpg InvalidAuthorizationSpecificationError
     ├── ConnectError (also OSError)           the server could not be reached or did not answer:
@@ -26,9 +27,12 @@ import ssl
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
+from ._aws_env import MAX_CLOCK_SKEW
+
 __all__ = [
     "AUTH_CAUSES",
     "AuthFailureContext",
+    "CABundleError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
@@ -55,6 +59,10 @@ class CommitOutcomeUnknownError(IAMError):
 
     The transaction may have committed or not: `run_transaction` never runs it again.
     """
+
+
+class CABundleError(IAMError):
+    """The RDS CA bundle could not be downloaded, or what came is not PEM certificates."""
 
 
 class CredentialsError(IAMError):
@@ -104,8 +112,6 @@ class AuthFailureContext:
 # A token signed with credentials that expire within this window may be refused by the time
 # RDS checks it; the hint fires for expiries this close.
 _EXPIRY_WARNING = dt.timedelta(seconds=60)
-# A measured skew larger than this makes clock skew the first hint.
-_SKEW_EVIDENCE = 60.0
 
 
 def _is_ip(host: str) -> bool:
@@ -243,7 +249,7 @@ def rank_auth_failure(ctx: AuthFailureContext) -> list[tuple[str, str]]:
             "the user that assumes it.",
         )
     skew = ctx.clock_skew
-    if skew is not None and abs(skew) > _SKEW_EVIDENCE:
+    if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
         direction = "ahead of" if skew > 0 else "behind"
         # Measured evidence outranks every guess: it goes first.
         ranked.insert(

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._clock import SYSTEM_CLOCK, Clock, Timer
+from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from asyncpg import Connection
@@ -136,7 +137,7 @@ class TokenBucket:
         rng: random.Random | None = None,
     ) -> None:
         if not rate > 0:
-            raise ValueError("rate must be > 0")
+            raise ConfigurationError(f"rate must be events per second > 0, not {rate!r}")
         self._interval = 1.0 / rate
         self._burst = max(1, burst)
         self._clock = clock

@@ -99,26 +99,3 @@ async def test_default_tls_is_verify_full() -> None:
     assert context is not None
     assert context.check_hostname is True
     assert context.verify_mode.name == "CERT_REQUIRED"
-
-
-def test_public_names() -> None:
-    """The package root exports exactly its public API, sorted."""
-    public = sorted(name for name in vars(asyncpg_iam) if not name.startswith("_"))
-    public = [name for name in public if not _is_module(getattr(asyncpg_iam, name))]
-    public = sorted([*public, "__version__"])
-    assert asyncpg_iam.__all__ == sorted(asyncpg_iam.__all__)
-    assert sorted(asyncpg_iam.__all__) == public
-
-
-def test_version_comes_from_the_installed_metadata() -> None:
-    """asyncpg_iam.__version__ is the installed distribution's version."""
-    from importlib import metadata
-
-    assert asyncpg_iam.__version__ == metadata.version("asyncpg-iam")
-    assert asyncpg_iam.__version__ != "0+unknown"
-
-
-def _is_module(value: object) -> bool:
-    import types
-
-    return isinstance(value, types.ModuleType)

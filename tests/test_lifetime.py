@@ -10,6 +10,7 @@ import random
 import pytest
 
 import asyncpg_iam
+from asyncpg_iam import ConfigurationError
 from asyncpg_iam._clock import ManualClock, SystemClock
 from asyncpg_iam._lifetime import (
     FIRST_LIFETIME_SPREAD,
@@ -92,7 +93,7 @@ async def test_bucket_reports_whether_a_caller_waited() -> None:
 
 def test_bucket_rejects_a_non_positive_rate() -> None:
     """A rate of zero or less is refused."""
-    with pytest.raises(ValueError, match="rate must be > 0"):
+    with pytest.raises(ConfigurationError, match="rate must be events per second > 0"):
         TokenBucket(0)
 
 

@@ -1,0 +1,135 @@
+"""The public API as users see it, pinned: names, where they say they live, and signatures.
+
+An added, removed or renamed public name, or a changed signature, fails here: update this list
+deliberately, with a CHANGELOG entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+import pytest
+
+import asyncpg_iam
+
+PUBLIC = {
+    "asyncpg_iam": [
+        "CommitOutcomeUnknownError",
+        "ConfigurationError",
+        "ConnectError",
+        "ConnectTimeoutError",
+        "Credentials",
+        "CredentialsError",
+        "IAMAuth",
+        "IAMAuthenticationError",
+        "IAMError",
+        "Pool",
+        "PoolStats",
+        "TLSVerificationError",
+        "__version__",
+        "build_auth_token",
+        "build_dsql_token",
+        "create_pool",
+        "region_from_host",
+        "run_transaction",
+    ],
+    "asyncpg_iam.testing": [
+        "DEFAULT_CLUSTER_ENDPOINT",
+        "DEFAULT_DSQL_ENDPOINT",
+        "DEFAULT_ENDPOINT",
+        "DEFAULT_READER_ENDPOINT",
+        "AccessKey",
+        "ClusterEndpoint",
+        "CredentialServer",
+        "FailoverCluster",
+        "FailoverTimeline",
+        "LoginRecord",
+        "MotoSTS",
+        "PostgresCluster",
+        "PostgresNotFoundError",
+        "PostgresServer",
+        "RDSIAMEmulator",
+        "ReaderEndpoint",
+        "RelayedConnection",
+        "find_postgres_bin",
+    ],
+    "asyncpg_iam.otel": ["PoolInstrumentation", "instrument_pool"],
+    "asyncpg_iam.starlette": ["PoolState", "close_pool", "connection", "get_pool", "lifespan"],
+    "asyncpg_iam.sqlalchemy": ["create_async_engine"],
+}
+
+SIGNATURES = {
+    "asyncpg_iam.create_pool": [
+        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "asyncpg_kwargs"
+    ],
+    "asyncpg_iam.IAMAuth": [
+        "region", "profile", "role_arn", "role_session_name", "external_id", "role_duration",
+        "credentials", "session", "signing_host", "signing_port", "token_reuse",
+        "insecure_unverified_tls", "service", "dsql_admin",
+    ],
+    "asyncpg_iam.build_auth_token": ["host", "port", "user", "region", "credentials", "now"],
+    "asyncpg_iam.build_dsql_token": [
+        "host", "region", "credentials", "admin", "expires_in", "now"
+    ],
+    "asyncpg_iam.run_transaction": [
+        "target", "fn", "retries", "backoff", "max_backoff", "isolation", "timeout", "clock", "rng"
+    ],
+    "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
+    "asyncpg_iam.starlette.lifespan": [
+        "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
+    ],
+    "asyncpg_iam.sqlalchemy.create_async_engine": [
+        "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
+        "name", "engine_kwargs",
+    ],
+}  # fmt: skip
+
+POOL_STATS = [
+    "connections_opened", "connections_closed", "connect_attempts", "connect_failures",
+    "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
+    "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
+    "failover_retired", "read_only_retries", "connect_retries",
+]  # fmt: skip
+
+
+def _resolve(path: str) -> object:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_public_names_are_exactly_the_pinned_ones(module: str) -> None:
+    """Each public module exports exactly the pinned names, sorted, and each exists."""
+    loaded = importlib.import_module(module)
+    assert loaded.__all__ == PUBLIC[module]
+    for name in PUBLIC[module]:
+        assert hasattr(loaded, name), name
+
+
+def test_root_names_report_the_public_path() -> None:
+    """Classes and functions of the package root say asyncpg_iam, not a private module."""
+    for name in PUBLIC["asyncpg_iam"]:
+        if name != "__version__":  # a string
+            assert getattr(asyncpg_iam, name).__module__ == "asyncpg_iam", name
+    assert repr(asyncpg_iam.IAMAuth).startswith("<class 'asyncpg_iam.IAMAuth'")
+
+
+@pytest.mark.parametrize("path", sorted(SIGNATURES))
+def test_signatures_are_pinned(path: str) -> None:
+    """The main entry points take exactly the pinned parameters, in order."""
+    assert list(inspect.signature(_resolve(path)).parameters) == SIGNATURES[path]  # type: ignore[arg-type]
+
+
+def test_pool_stats_fields_are_pinned() -> None:
+    """PoolStats has exactly the pinned fields, in order."""
+    assert [field.name for field in dataclasses.fields(asyncpg_iam.PoolStats)] == POOL_STATS
+
+
+def test_version_comes_from_the_installed_metadata() -> None:
+    """asyncpg_iam.__version__ is the installed distribution's version."""
+    from importlib import metadata
+
+    assert asyncpg_iam.__version__ == metadata.version("asyncpg-iam")
+    assert asyncpg_iam.__version__ != "0+unknown"
