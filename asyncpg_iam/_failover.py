@@ -234,6 +234,8 @@ class FailoverGuard:
         self._name = name
         self._rng = rng or random.Random()
         self._epoch = 0
+        # Recoveries so far: a connect that began before the last one fails as part of it.
+        self._recoveries = 0
         self._login_epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._recovering = False
         self._opened_any = False
@@ -269,7 +271,7 @@ class FailoverGuard:
         deadline = loop.time() + (_DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout)
         delay = _FIRST_BACKOFF
         while True:
-            epoch = self._epoch
+            epoch, recoveries = self._epoch, self._recoveries
             try:
                 con = await open_once(**kwargs)
             except Exception as exc:
@@ -278,7 +280,11 @@ class FailoverGuard:
                     raise
                 if kind == "read_only" and not self.wants_writer:
                     raise
-                if kind != "read_only" and not self._recovering:
+                if self._recoveries != recoveries:
+                    # The pool recovered while this attempt was in flight (it began before the
+                    # endpoint moved): part of the event it recovered from, retried, not a new one.
+                    pass
+                elif kind != "read_only" and not self._recovering:
                     # A server that is down while the pool saw no failover: say so at once.
                     if not self._opened_any:
                         raise
@@ -312,7 +318,9 @@ class FailoverGuard:
     def watch(self, con: Any) -> None:
         """Attach the signals to a connection the pool just opened."""
         self._opened_any = True
-        self._recovering = False
+        if self._recovering:
+            self._recovering = False
+            self._recoveries += 1
         epoch = self._login_epochs.pop(con, self._epoch)
         # asyncpg passes the listener the pool's proxy while the connection is in use: bind
         # the connection itself (weakly: the listener is stored on it).
