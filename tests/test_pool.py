@@ -283,19 +283,23 @@ async def test_ip_without_signing_host_is_explained(
     assert iam_emulator.records[-1].reason == "wrong_host"
 
 
-# How much a login's arrival at the server may vary after the pool granted it (TCP, TLS).
-HANDSHAKE_JITTER = 0.1
+# How much a login's arrival at the server may vary after the pool began it (TCP, TLS, relay).
+HANDSHAKE_JITTER = 0.5
 
 
 async def test_max_connect_rate_caps_logins_per_second(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
-    """With max_connect_rate=5, 50 concurrent acquires never exceed 5 logins in a second."""
+    """With max_connect_rate=5, 50 concurrent acquires never begin more than 5 logins a second."""
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5)
+    logins_began: list[float] = []
     async with asyncpg_iam.create_pool(**kwargs) as pool:
 
         async def hold() -> None:
             async with pool.acquire(timeout=30) as con:
+                began = pool._recycler.opened_at(con._con)
+                assert began is not None
+                logins_began.append(began)
                 await con.fetchval("SELECT 1")
                 await asyncio.sleep(12)
 
@@ -303,12 +307,14 @@ async def test_max_connect_rate_caps_logins_per_second(
         stats = pool.stats()
     assert iam_emulator.logins_accepted == 50
     assert stats.connects_rate_limited >= 45
-    # The pool grants a login every 0.2 s; each arrives at the server after its own TCP and TLS
-    # handshake, whose time varies by some milliseconds. So at the server: six consecutive logins
-    # never come within 1 s minus that jitter (at most 5 a second), and the 50 take >= 9.8 s.
+    # When each login began, by the pool's clock: six consecutive ones span at least 1 s, so no
+    # second holds more than five (1 ms for the work between the grant and the reading).
+    began = sorted(logins_began)
+    assert min(b - a for a, b in zip(began, began[5:], strict=False)) >= 1.0 - 0.001
+    # At the server, each login arrives after its own TCP and TLS handshake (and, on the
+    # container lane, a slower relay), so per-second counts there carry that jitter; the 50
+    # logins still take the 9.8 s that 5 a second allows, less a handshake.
     arrivals = sorted(r.at for r in iam_emulator.records)
-    spans = [(b - a).total_seconds() for a, b in zip(arrivals, arrivals[5:], strict=False)]
-    assert min(spans) >= 1.0 - HANDSHAKE_JITTER, min(spans)
     assert (arrivals[-1] - arrivals[0]).total_seconds() >= 49 / 5 - HANDSHAKE_JITTER
 
 
