@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +37,22 @@ def direct_kwargs(server: PostgresServer, **overrides: Any) -> dict[str, Any]:
         "iam": False,
         **overrides,
     }
+
+
+def resolve_as_unknown(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make the running loop's resolver answer for `name` as DNS does for an unknown name.
+
+    DNS itself cannot be asked in tests (no traffic off loopback); other names resolve as usual.
+    """
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == name:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return await real(host, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import trustme
 from asyncpg_iam._cli_doctor import FAIL, PASS, Doctor, dns_verdict
 from asyncpg_iam.cli import build_parser, iam_auth_from, plan_from
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
-from tests._support import run_cli
+from tests._support import resolve_as_unknown, run_cli
 
 CHECKS = [
     "proxy",
@@ -272,15 +271,7 @@ async def test_dns_failure_skips_the_checks_that_need_an_address(
     DNS itself cannot be asked here (no traffic off loopback): the loop's resolver answers as a
     resolver does for an unknown name, and the doctor runs in this process.
     """
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
-
-    async def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "db.nowhere.invalid":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return await real(host, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    resolve_as_unknown(monkeypatch, "db.nowhere.invalid")
     for name, value in setup.env.items():
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(setup.args(host="db.nowhere.invalid")[0:])

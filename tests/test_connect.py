@@ -25,7 +25,7 @@ from asyncpg_iam import (
 )
 from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
 
-from ._support import pool_kwargs, wait_for
+from ._support import pool_kwargs, resolve_as_unknown, wait_for
 from ._traps import Trap
 
 RDS = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
@@ -286,15 +286,7 @@ async def test_an_unresolvable_host_names_the_host(monkeypatch: pytest.MonkeyPat
     DNS itself cannot be asked here (no traffic off loopback), so the loop's resolver answers
     as a resolver does for an unknown name.
     """
-    loop = asyncio.get_running_loop()
-    real = loop.getaddrinfo
-
-    async def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "db.nowhere.invalid":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return await real(host, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    resolve_as_unknown(monkeypatch, "db.nowhere.invalid")
     pool = asyncpg_iam.create_pool(
         host="db.nowhere.invalid",
         user="app",
