@@ -29,8 +29,11 @@ each step costs in microseconds, measured alone) explains what separates e_pool 
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import datetime as dt
 import functools
+import pstats
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,9 @@ async def run(env: Environment, quick: bool) -> CaseResult:
         rejected = env.emu_iam.logins_rejected - rejected_before
         stats = iam_pool.stats()
         breakdown = await _breakdown(env, provider, iam_pool, quick)
+        result.figures["calls_per_connect"] = await _call_profile(
+            {name: variants[name] for name in ("f_pool", "e_pool")}, 20 if quick else 100
+        )
     summary = {name: _summarize([s * 1000 for s in values]) for name, values in samples.items()}
     result.figures.update(
         unit="ms",
@@ -279,6 +285,48 @@ async def _breakdown(
     return {name: percentile(values, 50) * 1e6 for name, values in samples.items()}
 
 
+async def _call_profile(
+    variants: dict[str, Callable[[], Awaitable[float]]], connects: int
+) -> dict[str, Any]:
+    """Count the function calls per connect of each variant under cProfile, by module.
+
+    Call counts, unlike timings, barely move with machine load: the difference says what
+    work one path does that the other does not.
+    """
+    counts: dict[str, Counter[str]] = {}
+    for name, measure in variants.items():
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(connects):
+            await measure()
+        profiler.disable()
+        by_module: Counter[str] = Counter()
+        for (filename, _line, _function), row in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+            by_module[_module_of(filename)] += row[1]
+        counts[name] = by_module
+    first, second = counts.values()
+    extra = {
+        module: (second[module] - first[module]) / connects
+        for module in set(first) | set(second)
+        if abs(second[module] - first[module]) >= connects
+    }
+    return {
+        "connects": connects,
+        "total": {name: sum(c.values()) / connects for name, c in counts.items()},
+        "extra_by_module": dict(sorted(extra.items(), key=lambda item: -item[1])),
+    }
+
+
+def _module_of(filename: str) -> str:
+    if "asyncpg_iam" in filename:
+        return "asyncpg_iam/" + filename.rsplit("asyncpg_iam/", 1)[-1]
+    if "site-packages/" in filename:
+        return filename.rsplit("site-packages/", 1)[-1].split("/", 1)[0]
+    if filename == "~":
+        return "builtins"
+    return "stdlib " + Path(filename).stem
+
+
 def _key(env: Environment) -> dict[str, str]:
     return {"access_key": env.credentials.access_key, "secret_key": env.credentials.secret_key}
 
@@ -289,6 +337,15 @@ def _breakdown_rows(
     gap = (summary["e_pool"]["p50"] - summary["f_pool"]["p50"]) * 1000
     result.figures["breakdown_us"] = {**breakdown, "e_pool - f_pool p50": gap}
     parts = ", ".join(f"{name} {us:.1f} us" for name, us in breakdown.items())
+    calls = result.figures["calls_per_connect"]
+    total = calls["total"]
+    top = ", ".join(
+        f"{module} {count:+.0f}" for module, count in list(calls["extra_by_module"].items())[:6]
+    )
+    result.add(
+        "function calls per connect (cProfile), f_pool / e_pool; where e_pool's extra are",
+        f"{total['f_pool']:.0f} / {total['e_pool']:.0f}; {top}",
+    )
     result.add("one IAM connect, step by step (median, each step alone)", parts)
     signing = breakdown["credential read + sign (TokenProvider.token)"]
     result.add(
