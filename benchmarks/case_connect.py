@@ -108,6 +108,48 @@ async def _variants(
     env: Environment, stack: contextlib.AsyncExitStack, result: CaseResult
 ) -> tuple[dict[str, Callable[[], Awaitable[float]]], Any, TokenProvider]:
     """Create every client and pool (closed by `stack`); return the sample functions."""
+    host, port, user, region = env.signing_host, env.signing_port, env.user, env.region
+    sdk = await _sdk_passwords(env, stack)
+    provider = TokenProvider(env.iam_auth())
+    stack.push_async_callback(provider.aclose)
+    target = provider.target(env.iam_kwargs()["host"], env.iam_kwargs()["port"], user)
+    # Valid for 900 s, far longer than a run; the emulator would refuse it after that.
+    signed_once = build_auth_token(
+        host=host, port=port, user=user, region=region, credentials=env.credentials
+    )
+    any_kwargs, iam_kwargs = env.any_kwargs(), env.iam_kwargs()
+    one = {"min_size": 0, "max_size": 1}
+    pools = {
+        "a_pool": await asyncpg.create_pool(**any_kwargs, password="static-password", **one),
+        "f_pool": await asyncpg.create_pool(**iam_kwargs, password=signed_once, **one),
+        "d_pool": await asyncpg.create_pool(**iam_kwargs, password=sdk["d"], **one),
+        "e_pool": await asyncpg_iam.create_pool(**iam_kwargs, iam=env.iam_auth(), **one),
+    }
+    for pool in pools.values():
+        stack.push_async_callback(pool.close)
+    connects = {
+        "a": {**any_kwargs, "password": "static"},
+        "f": {**iam_kwargs, "password": signed_once},
+        **{name: {**iam_kwargs, "password": password} for name, password in sdk.items()},
+        "e": {**iam_kwargs, "password": functools.partial(provider.token, target)},
+    }
+    variants: dict[str, Callable[[], Awaitable[float]]] = {
+        name: functools.partial(timed_connect, kwargs) for name, kwargs in connects.items()
+    }
+    wrapper = await _wrapper_variant(env)
+    if isinstance(wrapper, str):
+        result.figures["wrapper_not_measurable"] = wrapper
+    else:
+        variants["w"] = wrapper
+    for name, pool in pools.items():
+        variants[name] = functools.partial(timed_pool_connect, pool)
+    return variants, pools["e_pool"], provider
+
+
+async def _sdk_passwords(
+    env: Environment, stack: contextlib.AsyncExitStack
+) -> dict[str, Callable[[], Any]]:
+    """Return the password callables of b, c and d: tokens from boto3, botocore, aiobotocore."""
     import boto3
     import botocore.session
     from aiobotocore.session import AioSession
@@ -130,42 +172,7 @@ async def _variants(
     async def aiobotocore_token() -> str:
         return str(await aio_client.generate_db_auth_token(host, port, user))
 
-    provider = TokenProvider(env.iam_auth())
-    stack.push_async_callback(provider.aclose)
-    target = provider.target(env.iam_kwargs()["host"], env.iam_kwargs()["port"], user)
-    # Valid for 900 s, far longer than a run; the emulator would refuse it after that.
-    signed_once = build_auth_token(
-        host=host, port=port, user=user, region=region, credentials=env.credentials
-    )
-    any_kwargs, iam_kwargs = env.any_kwargs(), env.iam_kwargs()
-    one = {"min_size": 0, "max_size": 1}
-    pools = {
-        "a_pool": await asyncpg.create_pool(**any_kwargs, password="static-password", **one),
-        "f_pool": await asyncpg.create_pool(**iam_kwargs, password=signed_once, **one),
-        "d_pool": await asyncpg.create_pool(**iam_kwargs, password=aiobotocore_token, **one),
-        "e_pool": await asyncpg_iam.create_pool(**iam_kwargs, iam=env.iam_auth(), **one),
-    }
-    for pool in pools.values():
-        stack.push_async_callback(pool.close)
-    connects = {
-        "a": {**any_kwargs, "password": "static"},
-        "f": {**iam_kwargs, "password": signed_once},
-        "b": {**iam_kwargs, "password": boto3_per_connect},
-        "c": {**iam_kwargs, "password": botocore_token},
-        "d": {**iam_kwargs, "password": aiobotocore_token},
-        "e": {**iam_kwargs, "password": functools.partial(provider.token, target)},
-    }
-    variants: dict[str, Callable[[], Awaitable[float]]] = {
-        name: functools.partial(timed_connect, kwargs) for name, kwargs in connects.items()
-    }
-    wrapper = await _wrapper_variant(env)
-    if isinstance(wrapper, str):
-        result.figures["wrapper_not_measurable"] = wrapper
-    else:
-        variants["w"] = wrapper
-    for name, pool in pools.items():
-        variants[name] = functools.partial(timed_pool_connect, pool)
-    return variants, pools["e_pool"], provider
+    return {"b": boto3_per_connect, "c": botocore_token, "d": aiobotocore_token}
 
 
 async def _wrapper_variant(env: Environment) -> Callable[[], Awaitable[float]] | str:
