@@ -4,11 +4,11 @@
 IAM emulators in front of it, in the benchmark's own event loop: ``emu_any`` accepts any
 password (the static-password floor) and ``emu_iam`` verifies every token (SigV4 signature
 against a registered key, date, host, port, region, user). Both relay to the same backend, so
-the only difference between the two paths is
-the verification itself. A static access key, registered with ``emu_iam``, is exported as
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` so every signer (boto3, botocore, aiobotocore,
-asyncpg-iam) finds it through its default chain; cases that need expiring credentials switch
-the environment to a `CredentialServer` with `Environment.container_credentials`.
+the only difference between the two paths is the verification itself. A static access key,
+registered with both, is exported as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` so every
+signer (boto3, botocore, aiobotocore, asyncpg-iam) finds it through its default chain; cases
+that need expiring credentials switch the environment to a `CredentialServer` with
+`Environment.container_credentials`.
 """
 
 from __future__ import annotations
