@@ -8,7 +8,6 @@ import http.server
 import logging
 import secrets
 import threading
-import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from asyncpg_iam import (
     IAMAuth,
     IAMAuthenticationError,
 )
+from asyncpg_iam._clock import ManualClock
 from asyncpg_iam._credentials import credential_cache_for
 from asyncpg_iam.testing import (
     CredentialServer,
@@ -416,29 +416,52 @@ async def test_sts_throttling_backs_off_with_bounded_retries(
     throttling_sts: ThrottlingSTS,
 ) -> None:
     """A throttled AssumeRole is retried a bounded number of times, with exponential backoff."""
+    # On a manual clock that moves 10 ms only once every caller is paused: the real STS round
+    # trips (and botocore's own retry pause) take no clock time, so load cannot starve callers.
+    clock = ManualClock()
     cache = credential_cache_for(
         role_arn=_ROLE,
         credentials=_SOURCE,
         retry_delay=0.1,
         max_retry_delay=0.4,
         min_refresh_interval=0,
+        clock=clock,
     )
     calls = 0
     errors: Counter[bool] = Counter()
-    stop_at = time.monotonic() + 1.5
+    stop_at = clock.monotonic() + 1.5
+    callers = 10
+    busy = callers
+    paused = asyncio.Event()
 
     async def caller() -> None:
-        nonlocal calls
-        while time.monotonic() < stop_at:
-            calls += 1
-            try:
-                await no_hang(cache.get())
-            except CredentialsError as exc:
-                errors["Throttling" in str(exc)] += 1
-            await asyncio.sleep(0.01)
+        nonlocal calls, busy
+        try:
+            while clock.monotonic() < stop_at:
+                calls += 1
+                try:
+                    await no_hang(cache.get())
+                except CredentialsError as exc:
+                    errors["Throttling" in str(exc)] += 1
+                busy -= 1
+                if busy == 0:
+                    paused.set()
+                await clock.sleep(0.01)
+        finally:
+            busy -= 1
+            if busy <= 0:
+                paused.set()
+
+    async def drive() -> None:
+        nonlocal busy
+        while clock.monotonic() < stop_at:
+            await no_hang(paused.wait())
+            paused.clear()
+            busy = callers
+            await clock.advance(0.01)
 
     try:
-        await asyncio.gather(*(caller() for _ in range(10)))
+        await asyncio.gather(drive(), *(caller() for _ in range(callers)))
     finally:
         await cache.aclose()
 
