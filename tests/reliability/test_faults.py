@@ -231,12 +231,26 @@ async def test_credential_endpoint_down_then_credentials_expire(
 ) -> None:
     """Endpoint down: zero failures while cached keys last, then CredentialsError, never a hang."""
     caplog.set_level(logging.WARNING, logger="asyncpg_iam.credentials")
-    # 10 s keys: the cache refreshes after ~5.5 s (that refresh fails, taking aiobotocore's three
-    # tries, ~3 s) and serves them until their last 2.5 s (a quarter of the lifetime).
+
+    def still_serving() -> bool:
+        return any("still serving" in r.getMessage() for r in caplog.records)
+
+    # Time is a ManualClock shared by the pool and the endpoint: the real round trips (and
+    # aiobotocore's three tries at a failing endpoint) take no clock time, so load cannot move
+    # the phases. 10 s keys: the cache refreshes after ~5.5 s (that refresh fails) and serves
+    # them until their last 2.5 s (a quarter of the lifetime).
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    credential_server.clock = clock
     credential_server.lifetime = 10.0
     credential_server.rotate_every = 10.0
     kwargs = pool_kwargs(
-        iam_emulator, postgres_server, min_size=0, max_size=4, max_lifetime=0.3, timeout=10
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=4,
+        max_lifetime=0.3,
+        timeout=10,
+        clock=clock,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert await no_hang(pool.fetchval("SELECT 1")) == 1
@@ -246,18 +260,22 @@ async def test_credential_endpoint_down_then_credentials_expire(
         credential_server.fail_status = 503
         requests_at_outage = credential_server.requests
         opened_at_outage = pool.stats().connections_opened
+        fetches_at_outage = pool.stats().credential_fetches
         # Valid phase: until the cache's safety margin begins.
         valid_until = cached.expiry - dt.timedelta(seconds=2.8)
         served = 0
-        while dt.datetime.now(dt.timezone.utc) < valid_until:
+        while clock.now() < valid_until:
             assert await no_hang(pool.fetchval("SELECT $1::int", served)) == served
             served += 1
-            await asyncio.sleep(0.02)
+            if pool.stats().credential_fetches > fetches_at_outage:
+                # The refresh began: the clock stands still until it has failed.
+                await wait_for(still_serving, timeout=15)
+            await clock.advance(0.02)
         opened_while_down = pool.stats().connections_opened - opened_at_outage
         refresh_attempts = credential_server.requests - requests_at_outage
 
-        left = (cached.expiry - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        await asyncio.sleep(max(0.0, left) + 0.2)
+        left = (cached.expiry - clock.now()).total_seconds()
+        await clock.advance(max(0.0, left) + 0.2)
         await pool.expire_connections()
         requests_before = credential_server.requests
         fetches_before = pool.stats().credential_fetches
@@ -275,12 +293,12 @@ async def test_credential_endpoint_down_then_credentials_expire(
                 recovered = await no_hang(pool.fetchval("SELECT 7"))
                 break
             except CredentialsError:
-                await asyncio.sleep(0.1)
+                await clock.advance(0.1)
 
     assert served >= 20
     assert opened_while_down >= 5, "new connections were signed from the cached credentials"
     assert refresh_attempts >= 1, "a refresh was attempted (and failed) while they were valid"
-    assert any("still serving" in r.getMessage() for r in caplog.records)
+    assert still_serving()
     assert all(isinstance(r, CredentialsError) for r in results), results
     assert "expired" in str(results[0])
     # One shared fetch (aiobotocore tries the endpoint up to 3 times), not one per caller.
