@@ -26,7 +26,9 @@ PUBLIC = {
         "IAMAuthenticationError",
         "IAMError",
         "Pool",
+        "PoolSettings",
         "PoolStats",
+        "SigningTarget",
         "TLSVerificationError",
         "__version__",
         "build_auth_token",
@@ -46,6 +48,7 @@ PUBLIC = {
         "FailoverCluster",
         "FailoverTimeline",
         "LoginRecord",
+        "ManualClock",
         "MotoSTS",
         "PostgresCluster",
         "PostgresNotFoundError",
@@ -53,7 +56,9 @@ PUBLIC = {
         "RDSIAMEmulator",
         "ReaderEndpoint",
         "RelayedConnection",
+        "Sandbox",
         "find_postgres_bin",
+        "isolated_aws_environment",
     ],
     "asyncpg_iam.otel": ["PoolInstrumentation", "instrument_pool"],
     "asyncpg_iam.starlette": ["PoolState", "close_pool", "connection", "get_pool", "lifespan"],
@@ -76,6 +81,12 @@ SIGNATURES = {
     "asyncpg_iam.run_transaction": [
         "target", "fn", "retries", "backoff", "max_backoff", "isolation", "timeout", "clock", "rng"
     ],
+    "asyncpg_iam.testing.Sandbox": [
+        "server", "postgres_settings", "endpoint", "port", "iam_users", "access_key",
+        "credential_server", "credential_lifetime", "sts", "accept_any_password", "ca", "clock",
+        "isolate_environment",
+    ],
+    "asyncpg_iam.testing.isolated_aws_environment": ["region", "variables"],
     "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
     "asyncpg_iam.starlette.lifespan": [
         "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
@@ -91,6 +102,17 @@ POOL_STATS = [
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
     "failover_retired", "read_only_retries", "connect_retries",
+]  # fmt: skip
+
+
+POOL_SETTINGS = [
+    "endpoints", "user", "database", "tls_mode", "tls_mode_source", "ca_source",
+    "target_session_attrs", "signing_targets", "max_lifetime", "max_connect_rate",
+]  # fmt: skip
+
+SIGNING_TARGET = [
+    "host", "port", "signing_host", "signing_port", "user", "region", "region_source",
+    "endpoint_region", "service", "admin",
 ]  # fmt: skip
 
 
@@ -116,6 +138,15 @@ def test_root_names_report_the_public_path() -> None:
     assert repr(asyncpg_iam.IAMAuth).startswith("<class 'asyncpg_iam.IAMAuth'")
 
 
+def test_testing_names_report_the_public_path() -> None:
+    """Classes and functions of asyncpg_iam.testing report it, not a private module."""
+    testing = importlib.import_module("asyncpg_iam.testing")
+    for name in PUBLIC["asyncpg_iam.testing"]:
+        if not name.isupper():  # the DEFAULT_* constants are strings
+            assert getattr(testing, name).__module__ == "asyncpg_iam.testing", name
+    assert repr(testing.Sandbox).startswith("<class 'asyncpg_iam.testing.Sandbox'")
+
+
 @pytest.mark.parametrize("path", sorted(SIGNATURES))
 def test_signatures_are_pinned(path: str) -> None:
     """The main entry points take exactly the pinned parameters, in order."""
@@ -125,6 +156,15 @@ def test_signatures_are_pinned(path: str) -> None:
 def test_pool_stats_fields_are_pinned() -> None:
     """PoolStats has exactly the pinned fields, in order."""
     assert [field.name for field in dataclasses.fields(asyncpg_iam.PoolStats)] == POOL_STATS
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields"),
+    [("PoolSettings", POOL_SETTINGS), ("SigningTarget", SIGNING_TARGET)],
+)
+def test_settings_fields_are_pinned(cls: str, fields: list[str]) -> None:
+    """PoolSettings and SigningTarget have exactly the pinned fields, in order."""
+    assert [field.name for field in dataclasses.fields(getattr(asyncpg_iam, cls))] == fields
 
 
 def test_version_comes_from_the_installed_metadata() -> None:
