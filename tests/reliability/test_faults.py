@@ -8,7 +8,6 @@ import http.server
 import logging
 import secrets
 import threading
-import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from asyncpg_iam import (
 from asyncpg_iam._auth import credential_cache_for
 from asyncpg_iam.testing import (
     CredentialServer,
+    ManualClock,
     PostgresServer,
     RDSIAMEmulator,
     Sandbox,
@@ -220,12 +220,26 @@ async def test_credential_endpoint_down_then_credentials_expire(
 ) -> None:
     """Endpoint down: zero failures while cached keys last, then CredentialsError, never a hang."""
     caplog.set_level(logging.WARNING, logger="asyncpg_iam.credentials")
-    # 10 s keys: the cache refreshes after ~5.5 s (that refresh fails, taking aiobotocore's three
-    # tries, ~3 s) and serves them until their last 2.5 s (a quarter of the lifetime).
+
+    def still_serving() -> bool:
+        return any("still serving" in r.getMessage() for r in caplog.records)
+
+    # Time is a ManualClock shared by the pool and the endpoint: the real round trips (and
+    # aiobotocore's three tries at a failing endpoint) take no clock time, so load cannot move
+    # the phases. 10 s keys: the cache refreshes after ~5.5 s (that refresh fails) and serves
+    # them until their last 2.5 s (a quarter of the lifetime).
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    credential_server.clock = clock
     credential_server.lifetime = 10.0
     credential_server.rotate_every = 10.0
     kwargs = pool_kwargs(
-        iam_emulator, postgres_server, min_size=0, max_size=4, max_lifetime=0.3, timeout=10
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=4,
+        max_lifetime=0.3,
+        timeout=10,
+        clock=clock,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert await no_hang(pool.fetchval("SELECT 1")) == 1
@@ -235,18 +249,22 @@ async def test_credential_endpoint_down_then_credentials_expire(
         credential_server.fail_status = 503
         requests_at_outage = credential_server.requests
         opened_at_outage = pool.stats().connections_opened
+        fetches_at_outage = pool.stats().credential_fetches
         # Valid phase: until the cache's safety margin begins.
         valid_until = cached.expiry - dt.timedelta(seconds=2.8)
         served = 0
-        while dt.datetime.now(dt.timezone.utc) < valid_until:
+        while clock.now() < valid_until:
             assert await no_hang(pool.fetchval("SELECT $1::int", served)) == served
             served += 1
-            await asyncio.sleep(0.02)
+            if pool.stats().credential_fetches > fetches_at_outage:
+                # The refresh began: the clock stands still until it has failed.
+                await wait_for(still_serving, timeout=15)
+            await clock.advance(0.02)
         opened_while_down = pool.stats().connections_opened - opened_at_outage
         refresh_attempts = credential_server.requests - requests_at_outage
 
-        left = (cached.expiry - dt.datetime.now(dt.timezone.utc)).total_seconds()
-        await asyncio.sleep(max(0.0, left) + 0.2)
+        left = (cached.expiry - clock.now()).total_seconds()
+        await clock.advance(max(0.0, left) + 0.2)
         await pool.expire_connections()
         requests_before = credential_server.requests
         fetches_before = pool.stats().credential_fetches
@@ -264,12 +282,12 @@ async def test_credential_endpoint_down_then_credentials_expire(
                 recovered = await no_hang(pool.fetchval("SELECT 7"))
                 break
             except CredentialsError:
-                await asyncio.sleep(0.1)
+                await clock.advance(0.1)
 
     assert served >= 20
     assert opened_while_down >= 5, "new connections were signed from the cached credentials"
     assert refresh_attempts >= 1, "a refresh was attempted (and failed) while they were valid"
-    assert any("still serving" in r.getMessage() for r in caplog.records)
+    assert still_serving()
     assert all(isinstance(r, CredentialsError) for r in results), results
     assert "expired" in str(results[0])
     # One shared fetch (aiobotocore tries the endpoint up to 3 times), not one per caller.
@@ -408,28 +426,51 @@ async def test_sts_throttling_backs_off_with_bounded_retries(
     throttling_sts: ThrottlingSTS,
 ) -> None:
     """A throttled AssumeRole is retried a bounded number of times, with exponential backoff."""
+    # On a manual clock that moves 10 ms only once every caller is paused: the real STS round
+    # trips (and botocore's own retry pause) take no clock time, so load cannot starve callers.
+    clock = ManualClock()
     cache = credential_cache_for(
         IAMAuth(role_arn=_ROLE, credentials=_SOURCE),
         retry_delay=0.1,
         max_retry_delay=0.4,
         min_refresh_interval=0,
+        clock=clock,
     )
     calls = 0
     errors: Counter[bool] = Counter()
-    stop_at = time.monotonic() + 1.5
+    stop_at = clock.monotonic() + 1.5
+    callers = 10
+    busy = callers
+    paused = asyncio.Event()
 
     async def caller() -> None:
-        nonlocal calls
-        while time.monotonic() < stop_at:
-            calls += 1
-            try:
-                await no_hang(cache.get())
-            except CredentialsError as exc:
-                errors["Throttling" in str(exc)] += 1
-            await asyncio.sleep(0.01)
+        nonlocal calls, busy
+        try:
+            while clock.monotonic() < stop_at:
+                calls += 1
+                try:
+                    await no_hang(cache.get())
+                except CredentialsError as exc:
+                    errors["Throttling" in str(exc)] += 1
+                busy -= 1
+                if busy == 0:
+                    paused.set()
+                await clock.sleep(0.01)
+        finally:
+            busy -= 1
+            if busy <= 0:
+                paused.set()
+
+    async def drive() -> None:
+        nonlocal busy
+        while clock.monotonic() < stop_at:
+            await no_hang(paused.wait())
+            paused.clear()
+            busy = callers
+            await clock.advance(0.01)
 
     try:
-        await asyncio.gather(*(caller() for _ in range(10)))
+        await asyncio.gather(drive(), *(caller() for _ in range(callers)))
     finally:
         await cache.aclose()
 
