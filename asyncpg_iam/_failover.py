@@ -69,6 +69,8 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from ._clock import SYSTEM_CLOCK, Clock
+
 __all__ = [
     "FailoverGuard",
     "apply_writer_default",
@@ -216,7 +218,8 @@ class FailoverGuard:
     `pool` is held weakly. `connector` (the pool's `Connector`) says, through its current
     plan, whether the pool wants the writer (a read-only server is then a failure) and the
     connect timeout. `mark_retired(holder)` is called for each holder retired by an event (the
-    pool counts the close under its reason).
+    pool counts the close under its reason). Backoff between connect retries waits on `clock`
+    (the pool's).
     """
 
     def __init__(
@@ -227,12 +230,14 @@ class FailoverGuard:
         mark_retired: Callable[[Any], None],
         name: str,
         rng: random.Random | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
         self._connector = connector
         self._mark_retired = mark_retired
         self._name = name
         self._rng = rng or random.Random()
+        self._clock = clock
         self._epoch = 0
         # Recoveries so far: a connect that began before the last one fails as part of it.
         self._recoveries = 0
@@ -263,15 +268,20 @@ class FailoverGuard:
     async def open(self, open_once: Callable[..., Awaitable[Any]], kwargs: dict[str, Any]) -> Any:
         """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
 
-        Retries pass what is left of the connect timeout as ``timeout``.
+        Retries pass what is left of the connect timeout as ``timeout``. The timeout is one
+        budget spent two ways: connect attempts in real time (asyncpg bounds its own waits by
+        the event loop's clock, so their cost is read there) and backoff on the pool's clock.
+        With the system clock the two are the same time; with a manual one, backoff spends only
+        the clock time that passes while it waits.
         """
         loop = asyncio.get_running_loop()
         kwargs = self.prepare(kwargs)
         timeout = kwargs.get("timeout", self._connector.plan.connect_kwargs.get("timeout"))
-        deadline = loop.time() + (_DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout)
+        remaining = _DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
         delay = _FIRST_BACKOFF
         while True:
             epoch, recoveries = self._epoch, self._recoveries
+            attempt_began = loop.time()  # real time: asyncpg's waits are real
             try:
                 con = await open_once(**kwargs)
             except Exception as exc:
@@ -294,7 +304,7 @@ class FailoverGuard:
                 elif kind == "read_only":
                     self.report("connect_read_only", epoch, connect=True)
                 wait = delay * (0.5 + self._rng.random() / 2)
-                remaining = deadline - loop.time()
+                remaining -= loop.time() - attempt_began
                 if remaining <= wait:
                     raise
                 self.connect_retries += 1
@@ -307,9 +317,11 @@ class FailoverGuard:
                     type(exc).__name__,
                     wait,
                 )
-                await asyncio.sleep(wait)
+                waited_from = self._clock.monotonic()
+                await self._clock.sleep(wait)
+                remaining -= self._clock.monotonic() - waited_from
                 delay = min(delay * 2, _MAX_BACKOFF)
-                kwargs["timeout"] = max(deadline - loop.time(), 0.001)
+                kwargs["timeout"] = max(remaining, 0.001)
             else:
                 # Signals from it belong to the epoch its login began in.
                 self._login_epochs[con] = epoch

@@ -276,6 +276,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             connector=self._connector,
             mark_retired=functools.partial(self._recycler.retire_on_release, reason="failover"),
             name=self._name,
+            clock=clock,
         )
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
@@ -584,7 +585,10 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
 
 
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:
-    """Reconnect idle holders until the pool is back at min_size (asyncpg < 0.32 only)."""
+    """Reconnect idle holders until the pool is back at min_size (asyncpg < 0.32 only).
+
+    A failed reconnect is retried after a backoff on the pool's clock.
+    """
     delay = 1.0
     try:
         while True:
@@ -610,9 +614,10 @@ async def _refill(pool_ref: weakref.ref[Pool]) -> None:
                 )
             finally:
                 pool._queue.put_nowait(holder)
-            del pool, holder
+            clock = pool._clock
+            del pool, holder  # not held across the wait
             if failed:
-                await asyncio.sleep(delay)
+                await clock.sleep(delay)
                 delay = min(delay * 2, 30.0)
             else:
                 delay = 1.0
