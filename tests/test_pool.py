@@ -13,7 +13,14 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
-from asyncpg_iam.testing import CredentialServer, PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import (
+    AccessKey,
+    CredentialServer,
+    ManualClock,
+    PostgresServer,
+    RDSIAMEmulator,
+    Sandbox,
+)
 from tests._support import direct_kwargs, pool_kwargs, wait_for
 
 
@@ -34,43 +41,86 @@ async def test_pool_is_an_asyncpg_pool(
 
 
 async def test_default_chain_across_rotations_and_lifetimes(
-    rds_emulator: RDSIAMEmulator,
     postgres_server: PostgresServer,
+    rds_access_key: AccessKey,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """20 workers for 30 s with max_lifetime=3 and credentials rotating every 10 s never fail."""
+    """20 workers for 30 clock s with max_lifetime=3 and keys rotating every 10 s never fail."""
     from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
 
     isolate_aws_environment(monkeypatch, tmp_path_factory)
     max_lifetime = 3.0
-    with CredentialServer(lifetime=20.0, rotate_every=10.0) as creds:
-        creds.add_emulator(rds_emulator)
-        for name, value in creds.env().items():
-            monkeypatch.setenv(name, value)
-        uses: list[tuple[int, dt.datetime]] = []
-        failures: list[BaseException] = []
-        stop_at = time.monotonic() + 30.0
+    # Time is a ManualClock shared by the pool, the emulator and the credential endpoint,
+    # started at the real time (aiobotocore reads the keys' expiry against real time). The
+    # workers run in lock-step: the clock moves one pause (0.1 s) only once every worker is
+    # paused, so real round trips take no clock time and load cannot move lifetimes or
+    # rotations; the 30 s take 300 steps, 6000 uses.
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    sandbox = Sandbox(
+        server=postgres_server,
+        access_key=rds_access_key,
+        credential_server=False,
+        isolate_environment=False,
+        clock=clock,
+    )
+    async with sandbox:
+        rds_emulator = sandbox.emulator
+        with CredentialServer(lifetime=20.0, rotate_every=10.0, clock=clock) as creds:
+            creds.add_emulator(rds_emulator)
+            for name, value in creds.env().items():
+                monkeypatch.setenv(name, value)
+            uses: list[tuple[int, dt.datetime]] = []
+            failures: list[BaseException] = []
+            stop_at = clock.monotonic() + 30.0
+            pause = 0.1
+            workers = 20
+            busy = workers
+            paused = asyncio.Event()
 
-        async def worker(pool: asyncpg_iam.Pool, n: int) -> None:
-            while time.monotonic() < stop_at:
+            async def worker(pool: asyncpg_iam.Pool, n: int) -> None:
+                nonlocal busy
                 try:
-                    async with pool.acquire(timeout=10) as con:
-                        acquired = dt.datetime.now(dt.timezone.utc)
-                        pid, value = await con.fetchrow("SELECT pg_backend_pid(), $1::int", n)
-                        assert value == n
-                        uses.append((pid, acquired))
-                except Exception as exc:
-                    failures.append(exc)
-                await asyncio.sleep(0.01)
+                    while clock.monotonic() < stop_at:
+                        try:
+                            async with pool.acquire(timeout=10) as con:
+                                acquired = clock.now()
+                                pid, value = await con.fetchrow(
+                                    "SELECT pg_backend_pid(), $1::int", n
+                                )
+                                assert value == n
+                                uses.append((pid, acquired))
+                        except Exception as exc:
+                            failures.append(exc)
+                        busy -= 1
+                        if busy == 0:
+                            paused.set()
+                        await clock.sleep(pause)
+                finally:
+                    busy -= 1
+                    if busy <= 0:
+                        paused.set()
 
-        kwargs = pool_kwargs(
-            rds_emulator, postgres_server, max_size=10, min_size=2, max_lifetime=max_lifetime
-        )
-        async with asyncpg_iam.create_pool(**kwargs) as pool:
-            await asyncio.gather(*(worker(pool, n) for n in range(20)))
-            stats = pool.stats()
-        issued = len(creds.issued)
+            async def drive() -> None:
+                nonlocal busy
+                while clock.monotonic() < stop_at:
+                    await asyncio.wait_for(paused.wait(), timeout=30)
+                    paused.clear()
+                    busy = workers
+                    await clock.advance(pause)
+
+            kwargs = pool_kwargs(
+                rds_emulator,
+                postgres_server,
+                max_size=10,
+                min_size=2,
+                max_lifetime=max_lifetime,
+                clock=clock,
+            )
+            async with asyncpg_iam.create_pool(**kwargs) as pool:
+                await asyncio.gather(drive(), *(worker(pool, n) for n in range(workers)))
+                stats = pool.stats()
+            issued = len(creds.issued)
 
     assert failures == []
     assert len(uses) > 1000
