@@ -337,24 +337,51 @@ async def test_ip_without_signing_host_is_explained(
 HANDSHAKE_JITTER = 0.5
 
 
-async def test_max_connect_rate_caps_logins_per_second(
-    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
-) -> None:
+async def test_max_connect_rate_caps_logins_per_second(postgres_server: PostgresServer) -> None:
     """With max_connect_rate=5, 50 concurrent acquires never begin more than 5 logins a second."""
-    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5)
+    # Time is a ManualClock shared by the pool and the emulator, started at the real time. It
+    # moves (to the next rate-limit slot or the end of a hold) only while no login is in flight,
+    # so the real logins take no clock time and the holds and waits take no real time.
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
     logins_began: list[float] = []
-    async with asyncpg_iam.create_pool(**kwargs) as pool:
+    holding = 0
+    finished = 0
+    async with Sandbox(server=postgres_server, clock=clock) as sandbox:
+        iam_emulator = sandbox.emulator
+        kwargs = pool_kwargs(
+            iam_emulator, postgres_server, min_size=0, max_size=50, max_connect_rate=5, clock=clock
+        )
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
 
-        async def hold() -> None:
-            async with pool.acquire(timeout=30) as con:
-                began = pool._recycler.opened_at(con._con)
-                assert began is not None
-                logins_began.append(began)
-                await con.fetchval("SELECT 1")
-                await asyncio.sleep(12)
+            async def hold() -> None:
+                nonlocal holding, finished
+                try:
+                    async with pool.acquire(timeout=30) as con:
+                        began = pool._recycler.opened_at(con._con)
+                        assert began is not None
+                        logins_began.append(began)
+                        await con.fetchval("SELECT 1")
+                        holding += 1
+                        await clock.sleep(12)
+                finally:
+                    finished += 1
 
-        await asyncio.gather(*(hold() for _ in range(50)))
-        stats = pool.stats()
+            def quiet() -> bool:
+                # Every login the rate limit let through has become a held connection (every
+                # grant waited for a slot, so each is counted in connects_rate_limited).
+                return finished == 50 or pool.stats().connects_rate_limited == holding
+
+            async def drive() -> None:
+                while finished < 50:
+                    await wait_for(quiet, timeout=30)
+                    due = clock.next_due()
+                    if due is None:
+                        await asyncio.sleep(0.01)  # the last holders are closing
+                        continue
+                    await clock.advance(max(0.0, due - clock.monotonic()))
+
+            await asyncio.gather(drive(), *(hold() for _ in range(50)))
+            stats = pool.stats()
     assert iam_emulator.logins_accepted == 50
     assert stats.connects_rate_limited >= 45
     # When each login began, by the pool's clock: six consecutive ones span at least 1 s, so no
