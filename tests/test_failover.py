@@ -28,6 +28,7 @@ from asyncpg_iam.testing import (
     DEFAULT_READER_ENDPOINT,
     CredentialServer,
     FailoverCluster,
+    ManualClock,
     PostgresServer,
     RDSIAMEmulator,
     ReaderEndpoint,
@@ -211,6 +212,49 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
         await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
         await admin.execute("SELECT pg_reload_conf()")
         await admin.execute("DROP TABLE IF EXISTS failover_ro")
+        await admin.close()
+
+
+async def test_connect_retry_backoff_waits_on_the_pool_clock(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connect retried after landing on a read-only server waits on the pool's clock."""
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    kwargs = pool_kwargs(
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=1,
+        target_session_attrs="read-write",
+        clock=clock,
+    )
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            await admin.execute("SELECT pg_reload_conf()")
+            await asyncio.sleep(0.2)
+            acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
+            await wait_for(lambda: pool.stats().read_only_retries == 1)
+            logins = iam_emulator.logins_accepted
+            # The first backoff is at most 50 ms: in real time it would have retried by now.
+            await asyncio.sleep(0.3)
+            assert pool.stats().read_only_retries == 1
+            assert iam_emulator.logins_accepted == logins
+            await clock.advance(0.05)
+            await wait_for(lambda: pool.stats().read_only_retries == 2)
+            await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            await admin.execute("SELECT pg_reload_conf()")
+            await asyncio.sleep(0.2)
+            assert not acquiring.done()
+            await clock.advance(0.1)
+            assert await asyncio.wait_for(acquiring, 10) == 1
+            stats = pool.stats()
+        assert stats.read_only_retries == 2
+        assert stats.failover_events == 1
+    finally:
+        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await admin.execute("SELECT pg_reload_conf()")
         await admin.close()
 
 
