@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import trustme
 
-from asyncpg_iam._cli_doctor import FAIL, PASS, Doctor, dns_verdict
-from asyncpg_iam.cli import build_parser, iam_auth_from, plan_from
+from asyncpg_iam.cli import build_parser
+from asyncpg_iam.cli.doctor import FAIL, PASS, Context, dns_verdict, run_checks
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
 from tests._support import resolve_as_unknown, run_cli
 
@@ -275,8 +275,7 @@ async def test_dns_failure_skips_the_checks_that_need_an_address(
     for name, value in setup.env.items():
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(setup.args(host="db.nowhere.invalid")[0:])
-    auth = iam_auth_from(args)
-    checks = {c.name: c for c in await Doctor(args, auth, plan_from(args, auth)).run()}
+    checks = {c.name: c for c in await run_checks(Context.from_args(args))}
     assert checks["dns"].status == FAIL
     assert "db.nowhere.invalid" in checks["dns"].detail
     for name in ("tcp", "tls", "login", "select"):

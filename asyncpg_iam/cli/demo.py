@@ -1,7 +1,8 @@
-"""``asyncpg-iam emulate`` and ``asyncpg-iam demo``: a local RDS with IAM, and a pool under load.
+"""``asyncpg-iam demo``: an IAM pool under load against a local RDS with IAM.
 
-Both start the same sandbox on loopback: a throwaway PostgreSQL, the RDS IAM emulator in front
-of it, and a container-credentials endpoint that issues rotating keys the emulator trusts.
+`demo` and `emulate` start the same sandbox on loopback: a throwaway PostgreSQL, the RDS IAM
+emulator in front of it, and a container-credentials endpoint that issues rotating keys the
+emulator trusts.
 `emulate` prints how to reach it and waits for Ctrl-C; `demo` points an IAM pool at it, runs a
 concurrent workload with short connection lifetimes and shows what the pool does.
 """
@@ -14,26 +15,24 @@ import collections
 import contextlib
 import errno
 import os
-import shlex
-import signal
-import socket
 import sys
 import tempfile
 import time
 from types import TracebackType
 from typing import Any
 
-from .testing._aws import AWS_CREDENTIAL_VARIABLES
+from ._options import Commands, positive
 
-__all__ = ["Sandbox", "run_demo", "run_emulate"]
+__all__ = ["Sandbox", "register", "require_testing", "run"]
 
 
-def _require_testing() -> Any:
+def require_testing() -> Any:
+    """Return ``asyncpg_iam.testing``; exit with one line naming the extra when it is missing."""
     try:
         # trustme is imported lazily by the cluster and the emulator: ask for it up front.
         import trustme  # noqa: F401
 
-        from . import testing
+        from .. import testing
     except ImportError as exc:
         raise SystemExit(
             f"asyncpg-iam: this command needs the cli extra ({exc.name} is missing): "
@@ -47,19 +46,6 @@ def _port_in_use(host: str, port: int) -> str:
         f"asyncpg-iam emulate: port {port} on {host} is already in use (another emulator or "
         "PostgreSQL?): pass a free one with --port N, or leave --port out to get a free port"
     )
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Exit with one line when `port` cannot be listened on (before starting PostgreSQL)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise SystemExit(_port_in_use(host, port)) from None
-            message = f"asyncpg-iam emulate: cannot listen on {host}:{port}: {exc.strerror}"
-            raise SystemExit(message) from None
 
 
 class Sandbox:
@@ -87,7 +73,7 @@ class Sandbox:
         self._config_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def __aenter__(self) -> Sandbox:
-        testing = _require_testing()
+        testing = require_testing()
         try:
             self.cluster = await asyncio.to_thread(testing.PostgresCluster().start)
             self.emulator = testing.RDSIAMEmulator(
@@ -164,134 +150,43 @@ class Sandbox:
 
     def apply_environment(self) -> None:
         """Point this process's default credential chain at the sandbox."""
+        from ..testing._aws import AWS_CREDENTIAL_VARIABLES
+
         for name in AWS_CREDENTIAL_VARIABLES:
             os.environ.pop(name, None)
         os.environ.update(self.environment())
 
 
-# -- emulate ------------------------------------------------------------------------------------
-
-
-def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
-    emu, cluster = sandbox.emulator, sandbox.cluster
-    user, database = cluster.user, cluster.database
-    host, port, endpoint = emu.host, emu.port, emu.endpoint
-    lines = [
-        "asyncpg-iam emulate: an RDS endpoint with IAM authentication is running on loopback.",
-        "",
-        "Environment for another shell:",
-        f"unset {' '.join(AWS_CREDENTIAL_VARIABLES[:6])}",
-    ]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sandbox.environment().items()]
-    lines += [
-        "",
-        "Connection settings:",
-        f"  host={host} port={port} user={user} database={database} sslmode=verify-full",
-        f"  sign tokens for: {endpoint}:{emu.endpoint_port} in {emu.region} "
-        "(IAMAuth(signing_host=...), --signing-host)",
-        f"  CA bundle: {emu.ca_path}",
-        f"  IAM users: {', '.join(sorted(emu.iam_users))} (and every user you GRANT rds_iam TO; "
-        "other users log in with their password)",
-        f"  credentials: {sandbox.credentials.url} (keys live {sandbox._lifetime:g} s)",
-        f"  PostgreSQL data: {cluster.data_dir} (removed on exit)",
-    ]
-    if sandbox.sts is not None:
-        lines.append(f"  STS (moto): {sandbox.sts.endpoint_url}")
-    elif sandbox.sts_error:
-        lines.append(f"  STS: not started: {sandbox.sts_error}")
-    target = f"--host {host} --port {port} --user {user} --signing-host {endpoint}"
-    lines += [
-        "",
-        "Try:",
-        f"  asyncpg-iam psql {target} -- -c 'SELECT current_user'",
-        f"  asyncpg-iam doctor {target}",
-        f"  python: await asyncpg_iam.create_pool(host={host!r}, port={port}, user={user!r}, "
-        f"database={database!r}, iam=asyncpg_iam.IAMAuth(signing_host={endpoint!r}))",
-        "",
-        "Rejected logins are printed below with the reason RDS would not tell the client."
-        if rejections
-        else "Rejected logins are not printed (--quiet-rejections).",
-        "Running until Ctrl-C (SIGINT) or SIGTERM.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
-# What RDS keeps to itself: the reason behind each `PAM authentication failed`, in words.
-_REJECTION_WORDS = {
-    "signature_mismatch": "bad signature (signed with another secret key, or altered)",
-    "expired": "expired token (older than 900 s)",
-    "future_dated": "token dated in the future (clock skew)",
-    "credentials_expired": "the signing credentials had expired",
-    "wrong_region": "wrong region",
-    "wrong_host": "wrong host (sign for the endpoint name: --signing-host)",
-    "wrong_port": "wrong port (sign for the endpoint port: --signing-port)",
-    "wrong_user": "token signed for another user",
-    "wrong_service": "signed for another service than rds-db",
-    "wrong_action": "signed for another action than connect",
-    "unknown_access_key": "unknown access key (not issued by this emulator's credentials)",
-    "session_token_mismatch": "wrong or missing session token",
-    "user_not_iam_enabled": "missing grant: the user is not a member of rds_iam",
-    "malformed_token": "the password is not an IAM token",
-    "password_mismatch": "wrong password (a user outside rds_iam logs in with its password)",
-    "plaintext": "no TLS",
-    "throttled": "throttled",
-}
-
-
-def format_rejection(record: Any) -> str:
-    """Return one line saying why a login was rejected (from its record: never the token)."""
-    words = _REJECTION_WORDS.get(record.reason, record.reason)
-    return (
-        f"rejected login: user {record.user!r} database {record.database!r}: {words} "
-        f"[{record.reason}: {record.detail}]"
-    )
-
-
-def _print_rejections(record: Any) -> None:
-    if not record.accepted:
-        sys.stdout.write(format_rejection(record) + "\n")
-        sys.stdout.flush()
-
-
-async def _emulate(args: argparse.Namespace) -> int:
-    stop = _stop_event()
-    sandbox = Sandbox(
-        port=args.port,
-        endpoint=args.endpoint,
-        credential_lifetime=args.credential_lifetime,
-        sts=not args.no_sts,
-        iam_users=tuple(args.iam_user),
-    )
-    async with sandbox:
-        data_dir = sandbox.cluster.data_dir
-        if not args.quiet_rejections:
-            sandbox.emulator.on_login = _print_rejections
-        sys.stdout.write(_emulate_banner(sandbox, rejections=not args.quiet_rejections))
-        sys.stdout.flush()
-        await stop.wait()
-        sys.stdout.write("stopping...\n")
-        sys.stdout.flush()
-    sys.stdout.write(f"stopped; removed {data_dir.parent}\n")
-    return 0
-
-
-def run_emulate(args: argparse.Namespace) -> int:
-    """Run ``asyncpg-iam emulate``."""
-    _require_testing()
-    if args.port:
-        _check_port_free("127.0.0.1", args.port)
-    return asyncio.run(_emulate(args))
-
-
 # -- demo ---------------------------------------------------------------------------------------
+
+
+def register(commands: Commands) -> None:
+    """Add the ``demo`` command."""
+    parser = commands.add_parser(
+        "demo",
+        help="run an IAM pool under load against an embedded emulator, then summarize",
+        description="Start a throwaway PostgreSQL, the RDS IAM emulator and rotating "
+        "credentials, run an IAM pool under a concurrent workload with short connection "
+        "lifetimes, show live progress and a summary. Exit status 1 if any query failed.",
+    )
+    parser.add_argument(
+        "--duration", type=positive, default=20.0, help="seconds of load (default 20)"
+    )
+    parser.add_argument("--workers", type=int, default=32, help="concurrent workers (default 32)")
+    parser.add_argument("--max-size", type=int, default=10, help="pool max_size (default 10)")
+    parser.add_argument(
+        "--max-lifetime",
+        type=positive,
+        default=3.0,
+        help="connection max_lifetime in seconds (default 3)",
+    )
+    parser.add_argument(
+        "--credential-lifetime",
+        type=positive,
+        default=12.0,
+        help="seconds each issued AWS key lives, rotated at half of it (default 12)",
+    )
+    parser.set_defaults(run=run)
 
 
 class _Workload:
@@ -405,11 +300,11 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam demo``; exit status 1 if any query failed."""
     if args.workers < 1 or args.max_size < 1:
         raise SystemExit("asyncpg-iam demo: --workers and --max-size must be at least 1")
-    _require_testing()
+    require_testing()
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_demo(args))
     return 130
