@@ -340,3 +340,45 @@ async def test_a_fix_is_printed_once(setup: Setup, tmp_path: Path) -> None:
     fixes = [line.split("-> fix: ", 1)[1] for line in out.splitlines() if "-> fix: " in line]
     assert fixes
     assert len(fixes) == len(set(fixes))
+
+
+async def test_no_region_anywhere_fails_the_region_check_and_assumes_none(setup: Setup) -> None:
+    """With no region given, in the host, the environment or the profile, the doctor says so."""
+    env = {k: v for k, v in setup.env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    code, checks, output = await setup.doctor(env=env, host="localhost", signing_host=None)
+    assert code == 1
+    assert failing(checks) == ["region", "dns"]
+    region = checks["region"]
+    assert region["detail"].startswith("no AWS region found: no --region, localhost is not")
+    assert "AWS_REGION and AWS_DEFAULT_REGION are not set" in region["detail"]
+    assert "--region" in region["fix"]
+    assert "AWS_REGION" in region["fix"]
+    for name in ("identity", "token"):
+        assert checks[name]["status"] == "skip", name
+        assert "region" in checks[name]["detail"], name
+    assert "us-east-1" not in output  # no region is made up, not even for STS
+    assert setup.emulator.password_messages == 0
+
+
+@pytest.mark.parametrize(
+    ("variables", "config", "source"),
+    [
+        ({"AWS_REGION": "us-east-1"}, "", "AWS_REGION"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, "", "AWS_DEFAULT_REGION"),
+        ({}, "[default]\nregion = us-east-1\n", "the default profile in the AWS config file"),
+    ],
+)
+async def test_region_check_names_where_the_region_came_from(
+    setup: Setup, tmp_path: Path, variables: dict[str, str], config: str, source: str
+) -> None:
+    """Dialling an address, the region comes from the environment or the profile: named."""
+    config_file = tmp_path / "config"
+    config_file.write_text(config)
+    env = {k: v for k, v in setup.env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    env.update(variables, AWS_CONFIG_FILE=str(config_file))
+    code, checks, output = await setup.doctor(env=env, signing_host=None)
+    assert checks["region"]["status"] == PASS, output
+    assert checks["region"]["detail"].startswith(f"us-east-1 (from {source}); 127.0.0.1 is not")
+    assert checks["identity"]["status"] == PASS
+    assert code == 1  # the address is not an RDS name: the dns check fails, the login too
+    assert failing(checks) == ["dns", "login"]
