@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from .._auth import IAMAuth, SigningTarget, TokenProvider
+from .._auth import IAMAuth, SigningTarget, TokenProvider, credential_cache_for
 from .._aws_env import (
     IMDS_ADDRESS,
     MAX_CLOCK_SKEW,
@@ -43,7 +43,7 @@ from .._aws_env import (
 )
 from .._clock import OffsetClock
 from .._connect import Connector, ConnectPlan
-from .._credentials import CredentialCache, configured_region, credential_cache_for
+from .._credentials import CredentialCache, configured_region
 from .._errors import (
     ConfigurationError,
     IAMAuthenticationError,
@@ -234,15 +234,7 @@ def _credential_cache(
     auth: IAMAuth, clock: OffsetClock, timeout: float
 ) -> tuple[CredentialCache | None, str | None]:
     try:
-        cache = credential_cache_for(
-            profile=auth.profile,
-            role_arn=auth.role_arn,
-            role_session_name=auth.role_session_name,
-            external_id=auth.external_id,
-            role_duration=auth.role_duration,
-            clock=clock,
-            fetch_timeout=timeout,
-        )
+        cache = credential_cache_for(auth, clock=clock, fetch_timeout=timeout)
     except ConfigurationError as exc:
         return None, str(exc)
     return cache, None
