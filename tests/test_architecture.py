@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,16 @@ def test_production_code_never_imports_testing() -> None:
         if not module.startswith(MAY_IMPORT_TESTING)
     }
     assert {module: found for module, found in offenders.items() if found} == {}
+
+
+def test_the_command_line_imports_testing_only_when_emulate_or_demo_runs() -> None:
+    """Importing asyncpg_iam.cli (every command's parser) does not import asyncpg_iam.testing."""
+    probe = (
+        "import sys, asyncpg_iam.cli; "
+        "asyncpg_iam.cli.build_parser(); "
+        f"print(sorted(m for m in sys.modules if m.startswith({TESTING!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -23,11 +23,10 @@ from typing import Any
 
 from ._options import Commands, positive
 
-__all__ = ["Sandbox", "register", "require_testing", "run"]
+__all__ = ["Sandbox", "register", "run"]
 
 
-def require_testing() -> Any:
-    """Return ``asyncpg_iam.testing``; exit with one line naming the extra when it is missing."""
+def _require_testing() -> Any:
     try:
         # trustme is imported lazily by the cluster and the emulator: ask for it up front.
         import trustme  # noqa: F401
@@ -73,7 +72,7 @@ class Sandbox:
         self._config_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def __aenter__(self) -> Sandbox:
-        testing = require_testing()
+        testing = _require_testing()
         try:
             self.cluster = await asyncio.to_thread(testing.PostgresCluster().start)
             self.emulator = testing.RDSIAMEmulator(
@@ -304,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam demo``; exit status 1 if any query failed."""
     if args.workers < 1 or args.max_size < 1:
         raise SystemExit("asyncpg-iam demo: --workers and --max-size must be at least 1")
-    require_testing()
+    _require_testing()
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_demo(args))
     return 130

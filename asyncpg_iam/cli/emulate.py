@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from ._options import Commands, port, positive
-from .demo import Sandbox, _port_in_use, require_testing
+from .demo import Sandbox, _port_in_use, _require_testing
 
 __all__ = ["format_rejection", "register", "run"]
 
@@ -191,7 +191,7 @@ async def _emulate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam emulate``."""
-    require_testing()
+    _require_testing()
     if args.port:
         _check_port_free("127.0.0.1", args.port)
     return asyncio.run(_emulate(args))
