@@ -1,5 +1,6 @@
 """Facts about the AWS environment, in one place: proxies, NO_PROXY, the metadata addresses,
-the region the environment names, and the clock skew that matters.
+the region the environment names, the clock skew that matters and how AWS's answers tell the
+time.
 
 The credential cache's error messages and the doctor's proxy check both ask `proxy_problem`,
 so they can never disagree about whether a proxy captures a credential request.
@@ -8,10 +9,13 @@ so they can never disagree about whether a proxy captures a credential request.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import email.utils
 import ipaddress
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "CONTAINER_ADDRESS",
@@ -24,6 +28,7 @@ __all__ = [
     "env",
     "proxy_problem",
     "region_from_environment",
+    "response_date",
 ]
 
 #: A clock further off AWS's than this (seconds) shortens or voids the 15 minutes a token is
@@ -53,6 +58,21 @@ def region_from_environment() -> FoundRegion | None:
         if value:
             return FoundRegion(value, variable)
     return None
+
+
+def response_date(response: Mapping[str, Any]) -> dt.datetime | None:
+    """Return the Date header of an aiobotocore response (aware, UTC if unzoned), if valid.
+
+    AWS's clock as it answered: the evidence of clock skew for the doctor and the diagnosis.
+    """
+    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not raw:
+        return None
+    try:
+        date = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return date if date.tzinfo is not None else date.replace(tzinfo=dt.timezone.utc)
 
 
 def env(name: str) -> str:

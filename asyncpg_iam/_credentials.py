@@ -25,14 +25,13 @@ import asyncio
 import collections
 import dataclasses
 import datetime as dt
-import email.utils
 import logging
 import math
 import os
 import re
 from typing import Any, Protocol
 
-from ._aws_env import proxy_hint
+from ._aws_env import proxy_hint, response_date
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, CredentialsError
 from ._signing import Credentials, mask_access_key
@@ -573,7 +572,7 @@ class _AssumeRoleSource:
                 "network access to the STS endpoint (AWS_ENDPOINT_URL_STS, proxies, NO_PROXY)",
                 source=self.description,
             ) from exc
-        self.server_date = _response_date(response)
+        self.server_date = response_date(response)
         issued = response["Credentials"]
         expiry = issued["Expiration"]
         if expiry.tzinfo is None:
@@ -604,18 +603,6 @@ class _AssumeRoleSource:
     async def aclose(self) -> None:
         await self._close_client()
         await self._inner.aclose()
-
-
-def _response_date(response: dict[str, Any]) -> dt.datetime | None:
-    """Return the Date header of an aiobotocore response, if it has a valid one."""
-    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if not raw:
-        return None
-    try:
-        date = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return date if date.tzinfo is not None else date.replace(tzinfo=dt.timezone.utc)
 
 
 def _new_session(profile: str | None) -> Any:

@@ -100,7 +100,8 @@ def test_the_graph_sees_the_imports_it_must() -> None:
     assert f"{PACKAGE}.cli._options" in GRAPH[f"{PACKAGE}.cli.doctor"]
     assert f"{PACKAGE}.cli.doctor" in GRAPH[f"{PACKAGE}.cli"]  # `from . import doctor`
     assert f"{PACKAGE}._clock" in GRAPH[f"{PACKAGE}.testing._aws"]  # `from .._clock import`
-    assert TESTING in GRAPH[f"{PACKAGE}.cli.demo"]  # lazy, inside a function
+    assert TESTING in GRAPH[f"{PACKAGE}.cli._options"]  # `from .. import testing`, lazily
+    assert f"{TESTING}._aws" in GRAPH[f"{PACKAGE}.cli.emulate"]  # lazy, inside a function
 
 
 def test_no_import_circle() -> None:

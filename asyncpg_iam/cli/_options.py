@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._auth import IAMAuth, TokenProvider
@@ -22,25 +21,22 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "Commands",
-    "Run",
     "add_aws",
     "add_target",
     "connector_from",
     "iam_auth_from",
     "plan_from",
-    "port",
     "positive",
+    "require_testing",
+    "tcp_port",
 ]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-#: What a command's module sets as the parser default ``run``: the command itself.
-Run: TypeAlias = Callable[[argparse.Namespace], int]
 
-
-def port(text: str) -> int:
+def tcp_port(text: str) -> int:
     """Parse a TCP port number (1 to 65535)."""
     try:
         value = int(text)
@@ -66,7 +62,7 @@ def add_target(parser: argparse.ArgumentParser, *, database: bool) -> None:
     """Add the options naming the database endpoint and user (and the database)."""
     group = parser.add_argument_group("database")
     group.add_argument("--host", required=True, help="the host to connect to (RDS endpoint)")
-    group.add_argument("--port", type=port, default=5432, help="its port (default 5432)")
+    group.add_argument("--port", type=tcp_port, default=5432, help="its port (default 5432)")
     group.add_argument("--user", required=True, help="the database user (GRANT rds_iam)")
     if database:
         group.add_argument("--dbname", help="the database (default: the user name)")
@@ -91,7 +87,24 @@ def add_aws(parser: argparse.ArgumentParser) -> None:
         "--signing-host",
         help="the RDS endpoint name to sign for, when --host is a CNAME, tunnel or IP",
     )
-    group.add_argument("--signing-port", type=port, help="the port to sign for (default: --port)")
+    group.add_argument(
+        "--signing-port", type=tcp_port, help="the port to sign for (default: --port)"
+    )
+
+
+def require_testing() -> Any:
+    """Return ``asyncpg_iam.testing``; exit with one line naming the extra when it is missing."""
+    try:
+        # trustme is imported lazily by the cluster and the emulator: ask for it up front.
+        import trustme  # noqa: F401
+
+        from .. import testing
+    except ImportError as exc:
+        raise SystemExit(
+            f"asyncpg-iam: this command needs the cli extra ({exc.name} is missing): "
+            "pip install 'asyncpg-iam[cli]'"
+        ) from None
+    return testing
 
 
 def iam_auth_from(args: argparse.Namespace) -> IAMAuth:

@@ -1,10 +1,9 @@
 """``asyncpg-iam demo``: an IAM pool under load against a local RDS with IAM.
 
-`demo` and `emulate` start the same sandbox on loopback: a throwaway PostgreSQL, the RDS IAM
+It starts an `asyncpg_iam.testing.Sandbox` on loopback (a throwaway PostgreSQL, the RDS IAM
 emulator in front of it, and a container-credentials endpoint that issues rotating keys the
-emulator trusts.
-`emulate` prints how to reach it and waits for Ctrl-C; `demo` points an IAM pool at it, runs a
-concurrent workload with short connection lifetimes and shows what the pool does.
+emulator trusts), points an IAM pool at it, runs a concurrent workload with short connection
+lifetimes and shows what the pool does.
 """
 
 from __future__ import annotations
@@ -13,150 +12,13 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import errno
-import os
 import sys
-import tempfile
 import time
-from types import TracebackType
 from typing import Any
 
-from ._options import Commands, positive
+from ._options import Commands, positive, require_testing
 
-__all__ = ["Sandbox", "register", "run"]
-
-
-def _require_testing() -> Any:
-    try:
-        # trustme is imported lazily by the cluster and the emulator: ask for it up front.
-        import trustme  # noqa: F401
-
-        from .. import testing
-    except ImportError as exc:
-        raise SystemExit(
-            f"asyncpg-iam: this command needs the cli extra ({exc.name} is missing): "
-            "pip install 'asyncpg-iam[cli]'"
-        ) from None
-    return testing
-
-
-def _port_in_use(host: str, port: int) -> str:
-    return (
-        f"asyncpg-iam emulate: port {port} on {host} is already in use (another emulator or "
-        "PostgreSQL?): pass a free one with --port N, or leave --port out to get a free port"
-    )
-
-
-class Sandbox:
-    """A throwaway PostgreSQL, the RDS IAM emulator and a credential endpoint, on loopback."""
-
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        endpoint: str | None = None,
-        credential_lifetime: float = 3600.0,
-        sts: bool = False,
-        iam_users: tuple[str, ...] = (),
-    ) -> None:
-        self._port = port or 0
-        self._iam_users = iam_users
-        self._endpoint = endpoint
-        self._lifetime = credential_lifetime
-        self._want_sts = sts
-        self.cluster: Any = None
-        self.emulator: Any = None
-        self.credentials: Any = None
-        self.sts: Any = None
-        self.sts_error: str | None = None
-        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
-
-    async def __aenter__(self) -> Sandbox:
-        testing = _require_testing()
-        try:
-            self.cluster = await asyncio.to_thread(testing.PostgresCluster().start)
-            self.emulator = testing.RDSIAMEmulator(
-                backend_host=self.cluster.host,
-                backend_port=self.cluster.port,
-                backend_user=self.cluster.user,
-                endpoint=self._endpoint or testing.DEFAULT_ENDPOINT,
-                listen_port=self._port,
-                iam_users=[self.cluster.user, *self._iam_users],
-            )
-            try:
-                await self.emulator.start()
-            except OSError as exc:
-                if self._port and exc.errno == errno.EADDRINUSE:
-                    raise SystemExit(_port_in_use(self.emulator.host, self._port)) from None
-                raise
-            for user in self._iam_users:
-                await self.emulator.ensure_role(user)
-            self.credentials = testing.CredentialServer(lifetime=self._lifetime)
-            self.credentials.add_emulator(self.emulator)
-            self.credentials.start()
-            if self._want_sts:
-                try:
-                    self.sts = await asyncio.to_thread(testing.MotoSTS().start)
-                except ImportError:
-                    self.sts_error = "moto is not installed (pip install 'moto[server]')"
-            self._config_dir = tempfile.TemporaryDirectory(prefix="asyncpg-iam-aws-")
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop everything and remove the PostgreSQL data directory; safe to call twice."""
-        if self.sts is not None:
-            await asyncio.to_thread(self.sts.stop)
-            self.sts = None
-        if self.credentials is not None:
-            await asyncio.to_thread(self.credentials.stop)
-            self.credentials = None
-        if self.emulator is not None:
-            await self.emulator.stop()
-            self.emulator = None
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.stop)
-            self.cluster = None
-        if self._config_dir is not None:
-            self._config_dir.cleanup()
-            self._config_dir = None
-
-    def environment(self) -> dict[str, str]:
-        """Return the variables that point the AWS chain and TLS at the sandbox."""
-        assert self._config_dir is not None
-        env = {
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.credentials.url,
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_REGION": self.emulator.region,
-            "AWS_CONFIG_FILE": os.path.join(self._config_dir.name, "config"),
-            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self._config_dir.name, "credentials"),
-            "ASYNCPG_IAM_CA_BUNDLE": self.emulator.ca_path,
-            "PGSSLROOTCERT": self.emulator.ca_path,
-        }
-        if self.sts is not None:
-            env["AWS_ENDPOINT_URL_STS"] = self.sts.endpoint_url
-        return env
-
-    def apply_environment(self) -> None:
-        """Point this process's default credential chain at the sandbox."""
-        from ..testing._aws import AWS_CREDENTIAL_VARIABLES
-
-        for name in AWS_CREDENTIAL_VARIABLES:
-            os.environ.pop(name, None)
-        os.environ.update(self.environment())
-
-
-# -- demo ---------------------------------------------------------------------------------------
+__all__ = ["register", "run"]
 
 
 def register(commands: Commands) -> None:
@@ -227,9 +89,10 @@ async def _demo(args: argparse.Namespace) -> int:
         "endpoint on loopback...\n"
     )
     out.flush()
-    async with Sandbox(credential_lifetime=args.credential_lifetime) as sandbox:
-        sandbox.apply_environment()
-        emu, cluster, creds = sandbox.emulator, sandbox.cluster, sandbox.credentials
+    testing = require_testing()
+    # The sandbox points this process's AWS chain at its credential server until it stops.
+    async with testing.Sandbox(credential_lifetime=args.credential_lifetime) as sandbox:
+        emu, creds = sandbox.emulator, sandbox.credential_server
         out.write(
             f"IAM pool -> {emu.host}:{emu.port} signing for {emu.endpoint} ({emu.region}); "
             f"{args.workers} workers, max_size {args.max_size}, max_lifetime "
@@ -241,12 +104,7 @@ async def _demo(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         started = time.monotonic()
         pool = await asyncpg_iam.create_pool(
-            host=emu.host,
-            port=emu.port,
-            user=cluster.user,
-            database=cluster.database,
-            ssl=emu.client_ssl_context(),
-            iam=asyncpg_iam.IAMAuth(signing_host=emu.endpoint),
+            **sandbox.pool_kwargs(),
             min_size=2,
             max_size=args.max_size,
             max_lifetime=args.max_lifetime,
@@ -303,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam demo``; exit status 1 if any query failed."""
     if args.workers < 1 or args.max_size < 1:
         raise SystemExit("asyncpg-iam demo: --workers and --max-size must be at least 1")
-    _require_testing()
+    require_testing()
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_demo(args))
     return 130

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
-import email.utils
 import json
 import socket
 import ssl
@@ -40,6 +39,7 @@ from .._aws_env import (
     env,
     proxy_problem,
     region_from_environment,
+    response_date,
 )
 from .._clock import OffsetClock
 from .._connect import Connector, ConnectPlan
@@ -388,10 +388,8 @@ async def check_identity(ctx: Context, checks: Mapping[str, Check]) -> Check:
             "allow HTTPS to the STS endpoint (firewall, VPC endpoint) and add it to "
             "NO_PROXY when a proxy is set",
         )
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    answered = None
-    if date:
-        answered = AWSTime(email.utils.parsedate_to_datetime(date), before + (after - before) / 2)
+    date = response_date(response)  # AWS's clock, for the clock check and the login's hints
+    answered = None if date is None else AWSTime(date, before + (after - before) / 2)
     arn = str(response.get("Arn", "?"))
     return Check("identity", PASS, f"{arn}: {_describe_identity(arn)}", found=answered)
 

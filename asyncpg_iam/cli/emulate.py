@@ -1,8 +1,8 @@
 """``asyncpg-iam emulate``: a throwaway PostgreSQL behind the RDS IAM emulator, until Ctrl-C.
 
-It starts the demo's sandbox (PostgreSQL, the emulator, a container-credentials endpoint
-issuing rotating keys the emulator trusts), prints how to reach it from another shell, and
-prints why each rejected login was rejected: what RDS keeps to itself.
+It starts an `asyncpg_iam.testing.Sandbox` (PostgreSQL, the emulator, a container-credentials
+endpoint issuing rotating keys the emulator trusts), prints how to reach it from another shell,
+and prints why each rejected login was rejected: what RDS keeps to itself.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from ._options import Commands, port, positive
-from .demo import Sandbox, _port_in_use, _require_testing
+from ._options import Commands, positive, require_testing, tcp_port
 
 __all__ = ["format_rejection", "register", "run"]
 
@@ -31,7 +30,7 @@ def register(commands: Commands) -> None:
         "endpoint on loopback, print the settings to use from another shell, and run until "
         "Ctrl-C or SIGTERM.",
     )
-    parser.add_argument("--port", type=port, default=None, help="emulator port (default: free)")
+    parser.add_argument("--port", type=tcp_port, default=None, help="emulator port (default: free)")
     parser.add_argument(
         "--endpoint",
         default=None,
@@ -63,6 +62,13 @@ def register(commands: Commands) -> None:
     parser.set_defaults(run=run)
 
 
+def _port_in_use(host: str, port: int) -> str:
+    return (
+        f"asyncpg-iam emulate: port {port} on {host} is already in use (another emulator or "
+        "PostgreSQL?): pass a free one with --port N, or leave --port out to get a free port"
+    )
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Exit with one line when `port` cannot be listened on (before starting PostgreSQL)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -76,7 +82,26 @@ def _check_port_free(host: str, port: int) -> None:
             raise SystemExit(message) from None
 
 
-def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
+def _moto_missing() -> str | None:
+    """Return why moto's STS cannot start here, or None when it can."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return "moto is not installed (pip install 'moto[server]')"
+    return None
+
+
+async def _start(sandbox: Any, port: int | None) -> None:
+    """Start `sandbox`; a busy `port` exits with one line naming it."""
+    try:
+        await sandbox.start()
+    except OSError as exc:
+        if port and exc.errno == errno.EADDRINUSE:
+            raise SystemExit(_port_in_use("127.0.0.1", port)) from None
+        raise
+
+
+def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | None) -> str:
     from ..testing._aws import AWS_CREDENTIAL_VARIABLES
 
     emu, cluster = sandbox.emulator, sandbox.cluster
@@ -98,13 +123,14 @@ def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
         f"  CA bundle: {emu.ca_path}",
         f"  IAM users: {', '.join(sorted(emu.iam_users))} (and every user you GRANT rds_iam TO; "
         "other users log in with their password)",
-        f"  credentials: {sandbox.credentials.url} (keys live {sandbox._lifetime:g} s)",
+        f"  credentials: {sandbox.credential_server.url} "
+        f"(keys live {sandbox.credential_lifetime:g} s)",
         f"  PostgreSQL data: {cluster.data_dir} (removed on exit)",
     ]
     if sandbox.sts is not None:
         lines.append(f"  STS (moto): {sandbox.sts.endpoint_url}")
-    elif sandbox.sts_error:
-        lines.append(f"  STS: not started: {sandbox.sts_error}")
+    elif sts_error:
+        lines.append(f"  STS: not started: {sts_error}")
     target = f"--host {host} --port {port} --user {user} --signing-host {endpoint}"
     lines += [
         "",
@@ -169,29 +195,36 @@ def _print_rejections(record: Any) -> None:
 
 async def _emulate(args: argparse.Namespace) -> int:
     stop = _stop_event()
-    sandbox = Sandbox(
-        port=args.port,
-        endpoint=args.endpoint,
+    testing = require_testing()
+    sts_error = None if args.no_sts else _moto_missing()
+    sandbox = testing.Sandbox(
+        port=args.port or 0,
+        endpoint=args.endpoint or testing.DEFAULT_ENDPOINT,
         credential_lifetime=args.credential_lifetime,
-        sts=not args.no_sts,
+        sts=not args.no_sts and sts_error is None,
         iam_users=tuple(args.iam_user),
+        isolate_environment=False,  # printed for another shell, not applied here
     )
-    async with sandbox:
+    await _start(sandbox, args.port)
+    try:
         data_dir = sandbox.cluster.data_dir
         if not args.quiet_rejections:
             sandbox.emulator.on_login = _print_rejections
-        sys.stdout.write(_emulate_banner(sandbox, rejections=not args.quiet_rejections))
+        banner = _emulate_banner(sandbox, rejections=not args.quiet_rejections, sts_error=sts_error)
+        sys.stdout.write(banner)
         sys.stdout.flush()
         await stop.wait()
         sys.stdout.write("stopping...\n")
         sys.stdout.flush()
+    finally:
+        await sandbox.aclose()
     sys.stdout.write(f"stopped; removed {data_dir.parent}\n")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam emulate``."""
-    _require_testing()
+    require_testing()
     if args.port:
         _check_port_free("127.0.0.1", args.port)
     return asyncio.run(_emulate(args))
