@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from .._auth import IAMAuth, SigningTarget, TokenProvider, credential_cache_for
+from .._auth import find_region as find_signing_region
 from .._aws_env import (
     IMDS_ADDRESS,
     MAX_CLOCK_SKEW,
@@ -38,12 +39,11 @@ from .._aws_env import (
     credential_endpoints,
     env,
     proxy_problem,
-    region_from_environment,
     response_date,
 )
 from .._clock import OffsetClock
 from .._connect import Connector, ConnectPlan
-from .._credentials import CredentialCache, configured_region
+from .._credentials import CredentialCache
 from .._errors import (
     ConfigurationError,
     IAMAuthenticationError,
@@ -51,7 +51,7 @@ from .._errors import (
     diagnose_auth_failure,
     in_cli_words,
 )
-from .._signing import Credentials, is_dsql_host, mask_access_key, region_from_host
+from .._signing import Credentials, mask_access_key, region_from_host
 from ._options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -243,26 +243,17 @@ def _credential_cache(
 def find_region(auth: IAMAuth, signing_host: str) -> tuple[FoundRegion | None, str]:
     """Return the region to sign for and where it came from, or None and why there is none.
 
-    In the pool's order: --region, the endpoint's name, AWS_REGION, AWS_DEFAULT_REGION, the
-    profile's config. Never a default: a region nobody chose is not checked against anything.
+    The pool's own search (`asyncpg_iam._auth.find_region`), with --region for IAMAuth's
+    region. Never a default: a region nobody chose is not checked against anything.
     """
-    if auth.region is not None:
-        return FoundRegion(auth.region, "--region"), ""
-    endpoint_region = region_from_host(signing_host)
-    if endpoint_region is not None:
-        kind = "DSQL" if is_dsql_host(signing_host) else "RDS"
-        return FoundRegion(endpoint_region, f"the {kind} endpoint name"), ""
-    found_in_env = region_from_environment()
-    if found_in_env is not None:
-        return found_in_env, ""
     profile = f"the profile {auth.profile!r}" if auth.profile else "the default profile"
     try:
-        configured = configured_region(profile=auth.profile)
+        found = find_signing_region(auth, signing_host, given_as="--region")
         missing = f"{profile} sets none in the AWS config file"
     except ConfigurationError as exc:
-        configured, missing = None, _one_line(str(exc))
-    if configured:
-        return FoundRegion(configured, f"{profile} in the AWS config file"), ""
+        found, missing = None, _one_line(str(exc))
+    if found is not None:
+        return found, ""
     return None, (
         f"no AWS region found: no --region, {signing_host} is not an RDS endpoint name, "
         f"AWS_REGION and AWS_DEFAULT_REGION are not set, and {missing}"
