@@ -220,7 +220,7 @@ def _install() -> None:
     import asyncpg_iam
 
     from .. import _auth, _credentials, _errors, _pool, _signing
-    from . import _aws, _emulator
+    from . import _aws, _emu_login, _emu_verify, _emulator
 
     def on_credentials(credentials: Any) -> None:
         REGISTRY.add_credentials(credentials)
@@ -253,14 +253,14 @@ def _install() -> None:
     _patches.setattr(_signing, "build_auth_token", build_auth_token)
     _patches.setattr(_auth, "build_auth_token", build_auth_token)
 
-    verify = _emulator.verify_token  # type: ignore[attr-defined]
+    verify = _emu_verify.verify_token
 
     @functools.wraps(verify)
     def verify_token(token: str, **kwargs: Any) -> Any:
         REGISTRY.add_token(token)
         return verify(token, **kwargs)
 
-    _patches.setattr(_emulator, "verify_token", verify_token)
+    _patches.setattr(_emu_login, "verify_token", verify_token)
 
     original_register = _emulator.RDSIAMEmulator.register_key
 
