@@ -28,19 +28,9 @@ DSQL_MAX_EXPIRES = 604_800
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _SERVICE = "rds-db"
 _DSQL_SERVICE = "dsql"
-_DSQL_REQUIRED = (
-    "Action",
-    "X-Amz-Algorithm",
-    "X-Amz-Credential",
-    "X-Amz-Date",
-    "X-Amz-Expires",
-    "X-Amz-SignedHeaders",
-    "X-Amz-Signature",
-)
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_REQUIRED = (
-    "Action",
-    "DBUser",
+# The SigV4 query parameters of a presigned URL, in the order a missing one is named.
+_SIGV4_QUERY = (
     "X-Amz-Algorithm",
     "X-Amz-Credential",
     "X-Amz-Date",
@@ -48,6 +38,8 @@ _REQUIRED = (
     "X-Amz-SignedHeaders",
     "X-Amz-Signature",
 )
+_REQUIRED = ("Action", "DBUser", *_SIGV4_QUERY)
+_DSQL_REQUIRED = ("Action", *_SIGV4_QUERY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,20 +344,11 @@ def verify_dsql_token(
             f"Action is {params['Action']!r}; role {user!r} logs in with {wanted!r}",
             access_key,
         )
-    problem = _check_scope(parsed, service=_DSQL_SERVICE, region=region)
+    problem = _check_scope(parsed, service=_DSQL_SERVICE, region=region) or _check_dsql_target(
+        parsed, endpoint=endpoint
+    )
     if problem is not None:
         return problem
-    if parsed.host.lower() != endpoint.lower():
-        return _reject(
-            "wrong_host", f"signed for host {parsed.host!r}, this is {endpoint!r}", access_key
-        )
-    expires = params["X-Amz-Expires"]
-    if not expires.isdigit() or not 1 <= int(expires) <= DSQL_MAX_EXPIRES:
-        return _reject(
-            "bad_expires",
-            f"X-Amz-Expires is {expires!r}, not seconds from 1 to {DSQL_MAX_EXPIRES}",
-            access_key,
-        )
     signed_at = _signing_time(parsed)
     if isinstance(signed_at, Verdict):
         return signed_at
@@ -373,8 +356,24 @@ def verify_dsql_token(
         parsed,
         host=parsed.host,
         signed_at=signed_at,
-        lifetime=int(expires),
+        lifetime=int(params["X-Amz-Expires"]),
         keys=keys,
         now=now,
         max_clock_skew=max_clock_skew,
     )
+
+
+def _check_dsql_target(token: _Presigned, *, endpoint: str) -> Verdict | None:
+    """Refuse a DSQL token for another host, or with a lifetime DSQL does not allow."""
+    if token.host.lower() != endpoint.lower():
+        return _reject(
+            "wrong_host", f"signed for host {token.host!r}, this is {endpoint!r}", token.access_key
+        )
+    expires = token.params["X-Amz-Expires"]
+    if not expires.isdigit() or not 1 <= int(expires) <= DSQL_MAX_EXPIRES:
+        return _reject(
+            "bad_expires",
+            f"X-Amz-Expires is {expires!r}, not seconds from 1 to {DSQL_MAX_EXPIRES}",
+            token.access_key,
+        )
+    return None

@@ -29,7 +29,6 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from .._auth import IAMAuth
@@ -41,6 +40,7 @@ from ._emu_login import LoginChecker
 from ._emu_records import LoginLog, LoginRecord, RelayedConnection
 from ._emu_roles import RoleDirectory
 from ._emu_verify import RegisteredKey
+from ._service import AsyncService
 from ._streams import StreamListener
 
 __all__ = [
@@ -89,7 +89,7 @@ def region_from_endpoint(endpoint: str) -> str | None:
     return None
 
 
-class RDSIAMEmulator:
+class RDSIAMEmulator(AsyncService):
     """An RDS endpoint with IAM authentication, in front of a real PostgreSQL.
 
     Tokens must be signed for `endpoint`:`endpoint_port` (the listening port by default) in
@@ -135,34 +135,16 @@ class RDSIAMEmulator:
         )
         if dsql is None:
             dsql = _is_dsql_endpoint(endpoint.lower().rstrip(".").split("."))
-        self._backend_host = backend_host
-        self._backend_port = backend_port
-        self._backend_user = backend_user
-        self._backend_password = backend_password
         self._endpoint = endpoint
         self._region = region
         self._endpoint_port = endpoint_port
-        self._clock: Clock = clock or SYSTEM_CLOCK
-        self._accept_any_password = accept_any_password
         self._dsql = dsql
+        self._accept_any_password = accept_any_password
+        self._backend_user = backend_user
+        self._clock: Clock = clock or SYSTEM_CLOCK
         self._ca_pem, server_ssl_context = _tls_setup(endpoint, server_ssl_context, ca)
         self._ca_path: str | None = None
-        self._roles = RoleDirectory(
-            host=backend_host, port=backend_port, user=backend_user, password=backend_password
-        )
-        self._checker = LoginChecker(
-            endpoint=endpoint,
-            region=region,
-            endpoint_port=lambda: self.endpoint_port,
-            dsql=dsql,
-            accept_any_password=accept_any_password,
-            max_clock_skew=max_clock_skew,
-            iam_users=iam_users,
-            roles=self._roles,
-        )
-        self._faults = FaultSwitches(dsql=dsql)
-        self._log = LoginLog(self._clock)
-        settings = FrontendSettings(
+        self._backend = FrontendSettings(
             backend_host=backend_host,
             backend_port=backend_port,
             backend_password=backend_password,
@@ -171,8 +153,33 @@ class RDSIAMEmulator:
             max_password_length=max_password_length,
             dsql=dsql,
         )
+        self._assemble(listen_host, listen_port, iam_users, max_clock_skew)
+
+    def _assemble(
+        self, listen_host: str, listen_port: int, iam_users: Iterable[str], max_clock_skew: float
+    ) -> None:
+        """Build the collaborators: role directory, checker, faults, log, front, listener."""
+        backend = self._backend
+        self._roles = RoleDirectory(
+            host=backend.backend_host,
+            port=backend.backend_port,
+            user=self._backend_user,
+            password=backend.backend_password,
+        )
+        self._checker = LoginChecker(
+            endpoint=self._endpoint,
+            region=self._region,
+            endpoint_port=lambda: self.endpoint_port,
+            dsql=self._dsql,
+            accept_any_password=self._accept_any_password,
+            max_clock_skew=max_clock_skew,
+            iam_users=iam_users,
+            roles=self._roles,
+        )
+        self._faults = FaultSwitches(dsql=self._dsql)
+        self._log = LoginLog(self._clock)
         self._frontend = Frontend(
-            settings, checker=self._checker, faults=self._faults, log=self._log, clock=self._clock
+            backend, checker=self._checker, faults=self._faults, log=self._log, clock=self._clock
         )
         self._listener = StreamListener(
             self._frontend.handle, host=listen_host, port=listen_port, name="emulator"
@@ -207,18 +214,6 @@ class RDSIAMEmulator:
     def _cut(self) -> None:
         self._faults.accepting.set()
         self.drop_all_connections()
-
-    async def __aenter__(self) -> RDSIAMEmulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __repr__(self) -> str:
         port = self._listener.bound_port
@@ -263,12 +258,12 @@ class RDSIAMEmulator:
     @property
     def backend_host(self) -> str:
         """The backend PostgreSQL's host."""
-        return self._backend_host
+        return self._backend.backend_host
 
     @property
     def backend_port(self) -> int:
         """The backend PostgreSQL's port."""
-        return self._backend_port
+        return self._backend.backend_port
 
     @property
     def ca_pem(self) -> str:
@@ -377,23 +372,20 @@ class RDSIAMEmulator:
         """
         import asyncpg
 
+        backend = self._backend
         conn = await asyncpg.connect(
-            host=self._backend_host,
-            port=self._backend_port,
+            host=backend.backend_host,
+            port=backend.backend_port,
             user=self._backend_user,
-            password=self._backend_password,
+            password=backend.backend_password,
             database="postgres",
             ssl=False,
         )
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user)
             if not exists:
-                quoted = '"' + user.replace('"', '""') + '"'
-                password = ""
-                if self._backend_password is not None:
-                    password = " PASSWORD '" + self._backend_password.replace("'", "''") + "'"
                 with contextlib.suppress(asyncpg.DuplicateObjectError):
-                    await conn.execute(f"CREATE ROLE {quoted} LOGIN{password}")
+                    await conn.execute(_create_role_sql(user, backend.backend_password))
         finally:
             await conn.close()
         if user in self._checker.iam_users and not self._dsql:
@@ -582,6 +574,13 @@ def _tls_setup(
         cert.configure_cert(server_ssl_context)
     ca_pem = ca.cert_pem.bytes().decode("ascii") if ca is not None else None
     return ca_pem, server_ssl_context
+
+
+def _create_role_sql(user: str, password: str | None) -> str:
+    quoted = '"' + user.replace('"', '""') + '"'
+    if password is None:
+        return f"CREATE ROLE {quoted} LOGIN"
+    return f"CREATE ROLE {quoted} LOGIN PASSWORD '" + password.replace("'", "''") + "'"
 
 
 def _unlink_quietly(path: str) -> None:

@@ -28,13 +28,13 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from .._auth import IAMAuth
 from .._errors import ConfigurationError
 from ._emulator import RDSIAMEmulator
 from ._postgres import PostgresCluster
+from ._service import AsyncService
 from ._streams import StreamListener, relay
 
 __all__ = [
@@ -71,7 +71,7 @@ def _address(backend: Backend) -> tuple[str, int]:
     return backend.host, backend.port
 
 
-class _Forwarder:
+class _Forwarder(AsyncService):
     """A TCP relay on loopback that picks a backend for each new connection."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -94,18 +94,6 @@ class _Forwarder:
     def _cut(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
-
-    async def __aenter__(self) -> Any:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def host(self) -> str:
@@ -252,7 +240,7 @@ class FailoverTimeline:
     """What became of the old primary: ``"down"`` or ``"read_only"``."""
 
 
-class FailoverCluster:
+class FailoverCluster(AsyncService):
     """A primary and a streaming standby behind IAM emulators and one cluster endpoint.
 
     Both emulators verify tokens signed for `endpoint`:`signing_port` in `region` (from the
@@ -362,18 +350,6 @@ class FailoverCluster:
         for server in self._servers:
             await asyncio.to_thread(server.stop)
         self._servers.clear()
-
-    async def __aenter__(self) -> FailoverCluster:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __repr__(self) -> str:
         if not self._emulators or self._writer is None:
