@@ -16,6 +16,12 @@ Aurora DSQL instead: tokens are checked as DSQL tokens (service ``dsql``, no por
 get SQLSTATE 53400, and the client's queries are read message by message so that faults can
 fail a ``COMMIT`` with SQLSTATE 40001 (optimistic-concurrency conflict) or drop the connection
 while a ``COMMIT`` is in flight.
+
+`RDSIAMEmulator` is the facade over pieces with one concern each: `StreamListener` (accepting
+connections, `_streams.py`), `Frontend` (the protocol of one connection, `_emu_frontend.py`),
+`LoginChecker` (keys, IAM users and verdicts, `_emu_login.py`, over the independent SigV4
+verifier in `_emu_verify.py` and the backend's roles in `_emu_roles.py`), `FaultSwitches`
+(`_emu_faults.py`) and `LoginLog` (records and counters, `_emu_records.py`).
 """
 
 from __future__ import annotations
@@ -370,24 +376,7 @@ class RDSIAMEmulator(AsyncService):
         With `backend_password` the role gets that password too, since the relay answers the
         backend's password requests with it for every user.
         """
-        import asyncpg
-
-        backend = self._backend
-        conn = await asyncpg.connect(
-            host=backend.backend_host,
-            port=backend.backend_port,
-            user=self._backend_user,
-            password=backend.backend_password,
-            database="postgres",
-            ssl=False,
-        )
-        try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user)
-            if not exists:
-                with contextlib.suppress(asyncpg.DuplicateObjectError):
-                    await conn.execute(_create_role_sql(user, backend.backend_password))
-        finally:
-            await conn.close()
+        await self._roles.create_login_role(user, password=self._backend.backend_password)
         if user in self._checker.iam_users and not self._dsql:
             self._roles.queue_grant(user)
             await self._roles.apply()
@@ -574,13 +563,6 @@ def _tls_setup(
         cert.configure_cert(server_ssl_context)
     ca_pem = ca.cert_pem.bytes().decode("ascii") if ca is not None else None
     return ca_pem, server_ssl_context
-
-
-def _create_role_sql(user: str, password: str | None) -> str:
-    quoted = '"' + user.replace('"', '""') + '"'
-    if password is None:
-        return f"CREATE ROLE {quoted} LOGIN"
-    return f"CREATE ROLE {quoted} LOGIN PASSWORD '" + password.replace("'", "''") + "'"
 
 
 def _unlink_quietly(path: str) -> None:
