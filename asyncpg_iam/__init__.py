@@ -9,7 +9,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 
 from importlib import metadata as _metadata
 
-from ._auth import IAMAuth
+from ._auth import IAMAuth, SigningTarget
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -20,7 +20,7 @@ from ._errors import (
     IAMError,
     TLSVerificationError,
 )
-from ._pool import Pool, PoolStats, create_pool
+from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
@@ -35,7 +35,9 @@ __all__ = [
     "IAMAuthenticationError",
     "IAMError",
     "Pool",
+    "PoolSettings",
     "PoolStats",
+    "SigningTarget",
     "TLSVerificationError",
     "__version__",
     "build_auth_token",

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._clock import SYSTEM_CLOCK, Clock
-from ._credentials import CredentialCache, configured_region, credential_cache_for
+from ._credentials import AssumeRole, CredentialCache, build_cache, configured_region
 from ._errors import AuthFailureContext, ConfigurationError
 from ._signing import (
     Credentials,
@@ -29,7 +29,14 @@ from ._signing import (
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
 
-__all__ = ["IAMAuth", "SigningTarget", "TokenProvider", "auth_from", "failure_context"]
+__all__ = [
+    "IAMAuth",
+    "SigningTarget",
+    "TokenProvider",
+    "auth_from",
+    "credential_cache_for",
+    "failure_context",
+]
 
 _REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
@@ -135,6 +142,16 @@ class IAMAuth:
                 "pass either credentials or profile, not both: static credentials do not read "
                 "a profile"
             )
+        session_profile = getattr(self.session, "profile", None)
+        if (
+            self.profile is not None
+            and self.session is not None
+            and session_profile != self.profile
+        ):
+            raise ConfigurationError(
+                f"session is for profile {session_profile!r} but profile={self.profile!r} was "
+                "given: pass one or the other"
+            )
         self._check_role()
         if self.signing_host is not None and not _is_host_name(self.signing_host):
             raise ConfigurationError(
@@ -202,6 +219,43 @@ class IAMAuth:
             )
 
 
+def credential_cache_for(
+    auth: IAMAuth | None = None, *, clock: Clock = SYSTEM_CLOCK, **tuning: float
+) -> CredentialCache:
+    """Return the credential cache for `auth`'s credential settings (default: the chain).
+
+    The settings are valid (`IAMAuth` checked them). The assume-role STS region is
+    ``IAMAuth(region=...)``, else the AWS configuration's (``AWS_REGION``,
+    ``AWS_DEFAULT_REGION``, the profile), else the region of the first database endpoint signed
+    for; never a silent default. `tuning` names `CredentialCache`'s keyword arguments.
+    """
+    auth = auth if auth is not None else IAMAuth()
+    role = None
+    sts_region = None
+    if auth.role_arn is not None:
+        role = AssumeRole(
+            role_arn=auth.role_arn,
+            session_name=auth.role_session_name,
+            external_id=auth.external_id,
+            duration=auth.role_duration,
+        )
+        if auth.region is not None:
+            sts_region = (auth.region, "IAMAuth(region=...)")
+        else:
+            found = configured_region(profile=auth.profile, session=auth.session)
+            if found is not None:
+                sts_region = (found, "the AWS configuration")
+    return build_cache(
+        credentials=auth.credentials,
+        profile=auth.profile,
+        session=auth.session,
+        role=role,
+        sts_region=sts_region,
+        clock=clock,
+        **tuning,
+    )
+
+
 def auth_from(iam: object) -> IAMAuth | None:
     """Return the IAMAuth an ``iam=`` argument means (None: no IAM); raise ConfigurationError."""
     if iam is True:
@@ -257,16 +311,7 @@ class TokenProvider:
     ) -> None:
         self.auth = auth
         self._clock = clock
-        self.credentials = credentials or credential_cache_for(
-            profile=auth.profile,
-            role_arn=auth.role_arn,
-            role_session_name=auth.role_session_name,
-            external_id=auth.external_id,
-            role_duration=auth.role_duration,
-            credentials=auth.credentials,
-            session=auth.session,
-            clock=clock,
-        )
+        self.credentials = credentials or credential_cache_for(auth, clock=clock)
         self.tokens_signed = 0
         self._closed = False
         self.token_reuses = 0
@@ -307,6 +352,7 @@ class TokenProvider:
                 )
             _check_region(found, "the configured AWS region")
             region, source = found, "the AWS configuration"
+        self.credentials.offer_region(region, source)
         return SigningTarget(
             host=host,
             port=port,

@@ -1,5 +1,5 @@
 """Facts about the AWS environment, in one place: proxies, NO_PROXY, the metadata addresses,
-and the clock skew that matters.
+the clock skew that matters and how AWS's answers tell the time.
 
 The credential cache's error messages and the doctor's proxy check both ask `proxy_problem`,
 so they can never disagree about whether a proxy captures a credential request.
@@ -8,10 +8,13 @@ so they can never disagree about whether a proxy captures a credential request.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import email.utils
 import ipaddress
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "CONTAINER_ADDRESS",
@@ -21,6 +24,7 @@ __all__ = [
     "bypasses_proxy",
     "env",
     "proxy_problem",
+    "response_date",
 ]
 
 #: A clock further off AWS's than this (seconds) shortens or voids the 15 minutes a token is
@@ -31,6 +35,21 @@ IMDS_ADDRESS = "169.254.169.254"
 #: The ECS/EKS container credentials endpoint.
 CONTAINER_ADDRESS = "169.254.170.2"
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY")
+
+
+def response_date(response: Mapping[str, Any]) -> dt.datetime | None:
+    """Return the Date header of an aiobotocore response (aware, UTC if unzoned), if valid.
+
+    AWS's clock as it answered: the evidence of clock skew for the doctor and the diagnosis.
+    """
+    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not raw:
+        return None
+    try:
+        date = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return date if date.tzinfo is not None else date.replace(tzinfo=dt.timezone.utc)
 
 
 def env(name: str) -> str:

@@ -22,11 +22,11 @@ import time
 import urllib.parse
 from typing import Any
 
-from ._auth import IAMAuth, SigningTarget, TokenProvider
+from ._auth import IAMAuth, SigningTarget, TokenProvider, credential_cache_for
 from ._aws_env import IMDS_ADDRESS, MAX_CLOCK_SKEW, credential_endpoints, env, proxy_problem
 from ._clock import OffsetClock
 from ._connect import Connector, ConnectPlan
-from ._credentials import CredentialCache, configured_region, credential_cache_for
+from ._credentials import CredentialCache, configured_region
 from ._errors import (
     ConfigurationError,
     IAMAuthenticationError,
@@ -134,15 +134,7 @@ class Doctor:
     def _setup(self) -> None:
         auth = self.auth
         try:
-            self.cache = credential_cache_for(
-                profile=auth.profile,
-                role_arn=auth.role_arn,
-                role_session_name=auth.role_session_name,
-                external_id=auth.external_id,
-                role_duration=auth.role_duration,
-                clock=self.clock,
-                fetch_timeout=self.timeout,
-            )
+            self.cache = credential_cache_for(auth, clock=self.clock, fetch_timeout=self.timeout)
         except ConfigurationError as exc:
             self.setup_error = str(exc)
             return

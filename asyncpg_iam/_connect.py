@@ -305,6 +305,7 @@ class Connector:
         self._bucket = (
             TokenBucket(max_connect_rate, clock=clock, stagger=True) if max_connect_rate else None
         )
+        self.max_connect_rate = max_connect_rate or None
         first = plan.endpoints[0] if plan.endpoints else ("<none>", 0)
         self.name = name or f"{plan.user}@{first[0]}:{first[1]}"
         self._owner = f"{kind} {self.name}"

@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
-import email.utils
 import logging
 import math
 import os
 import re
 from typing import Any, Protocol
 
-from ._aws_env import proxy_hint
+from ._aws_env import proxy_hint, response_date
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, CredentialsError
 from ._signing import Credentials, mask_access_key
 
-__all__ = ["CredentialCache", "configured_region", "credential_cache_for"]
+__all__ = ["AssumeRole", "CredentialCache", "build_cache", "configured_region"]
 
 logger = logging.getLogger("asyncpg_iam.credentials")
 
@@ -64,6 +64,8 @@ class _Source(Protocol):
     def description(self) -> str: ...
 
     async def fetch(self) -> Credentials: ...
+
+    def offer_region(self, region: str, source: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -154,6 +156,14 @@ class CredentialCache:
                     self._start_fetch()
                 return current
         return await self._get_slow()
+
+    def offer_region(self, region: str, source: str) -> None:
+        """Give a source that calls AWS (STS) a region to use if it has none of its own.
+
+        `source` says where `region` came from, for messages. Sources without a region of their
+        own to choose (static keys, the chain) ignore it.
+        """
+        self._source.offer_region(region, source)
 
     async def aclose(self) -> None:
         """Cancel a refresh in flight and close the source's clients."""
@@ -401,6 +411,9 @@ class _StaticSource:
     async def fetch(self) -> Credentials:
         return self._credentials
 
+    def offer_region(self, region: str, source: str) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 
@@ -448,6 +461,9 @@ class _ChainSource:
             _no_credentials_message(self._base, self._profile), source=self.description
         )
 
+    def offer_region(self, region: str, source: str) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 
@@ -467,7 +483,8 @@ class _AssumeRoleSource:
         role_session_name: str,
         external_id: str | None,
         duration: int | None,
-        region: str,
+        region: str | None,
+        region_source: str,
     ) -> None:
         self._inner = inner
         self._session = session
@@ -476,6 +493,7 @@ class _AssumeRoleSource:
         self._external_id = external_id
         self._duration = duration
         self._region = region
+        self._region_source = region_source
         self._client: Any = None
         self._client_key: tuple[str, str | None] | None = None
         #: The Date of STS's last answer: evidence of clock skew for diagnosis.
@@ -485,7 +503,19 @@ class _AssumeRoleSource:
     def description(self) -> str:
         return f"assume-role {self._role_arn} via {self._inner.source}"
 
+    def offer_region(self, region: str, source: str) -> None:
+        if self._region is None:
+            self._region, self._region_source = region, source
+            logger.info("AssumeRole calls STS in %s (from %s)", region, source)
+        self._inner.offer_region(region, source)
+
     async def _client_for(self, source: Credentials) -> Any:
+        if self._region is None:
+            raise CredentialsError(
+                f"no AWS region to call STS in for AssumeRole of {self._role_arn}: pass "
+                "IAMAuth(region='<your region>') or set AWS_REGION",
+                source=self.description,
+            )
         key = (source.access_key, source.token)
         if self._client is None or self._client_key != key:
             await self._close_client()
@@ -519,11 +549,12 @@ class _AssumeRoleSource:
             raise await self._refused(exc, client, source) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise CredentialsError(
-                f"AssumeRole for role {self._role_arn} could not reach STS: {exc}. Check "
+                f"AssumeRole for role {self._role_arn} could not reach STS in {self._region} "
+                f"(region from {self._region_source}): {exc}. Check "
                 "network access to the STS endpoint (AWS_ENDPOINT_URL_STS, proxies, NO_PROXY)",
                 source=self.description,
             ) from exc
-        self.server_date = _response_date(response)
+        self.server_date = response_date(response)
         issued = response["Credentials"]
         expiry = issued["Expiration"]
         if expiry.tzinfo is None:
@@ -578,18 +609,6 @@ class _AssumeRoleSource:
         await self._inner.aclose()
 
 
-def _response_date(response: dict[str, Any]) -> dt.datetime | None:
-    """Return the Date header of an aiobotocore response, if it has a valid one."""
-    raw = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if not raw:
-        return None
-    try:
-        date = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return date if date.tzinfo is not None else date.replace(tzinfo=dt.timezone.utc)
-
-
 def _new_session(profile: str | None) -> Any:
     from aiobotocore.session import AioSession
 
@@ -623,90 +642,48 @@ def configured_region(*, profile: str | None = None, session: Any = None) -> str
     return str(region) if region else None
 
 
-_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}")
-
-
-def credential_cache_for(
+def build_cache(
     *,
-    profile: str | None = None,
-    role_arn: str | None = None,
-    role_session_name: str | None = None,
-    external_id: str | None = None,
-    role_duration: float | None = None,
-    credentials: Credentials | None = None,
-    session: Any = None,
-    clock: Clock = SYSTEM_CLOCK,
-    refresh_ahead: float = 900.0,
-    expiry_margin: float = 60.0,
-    min_refresh_interval: float = 5.0,
-    retry_delay: float = 1.0,
-    max_retry_delay: float = 60.0,
-    fetch_timeout: float = 30.0,
+    credentials: Credentials | None,
+    profile: str | None,
+    session: Any,
+    role: AssumeRole | None,
+    sts_region: tuple[str, str] | None,
+    **tuning: Any,
 ) -> CredentialCache:
-    """Return a credential cache for a source: static, default chain, profile, or assume-role.
+    """Return a credential cache for settings `IAMAuth` has already validated.
 
-    `credentials` (static) and `profile` are exclusive; either may be the source credentials
-    of an assumed `role_arn`. `session` is an aiobotocore ``AioSession`` to take configuration
-    and the credential chain from. `role_duration` is in seconds (900 to 43200). The tuning
-    knobs are described in the module docstring. Raises `ConfigurationError` on bad arguments.
+    `sts_region` is the region for STS and where it came from; None leaves it to the first
+    `CredentialCache.offer_region` (the database endpoint's region). `tuning` goes to every
+    `CredentialCache` made.
     """
-    if credentials is not None and profile is not None:
-        raise ConfigurationError("pass either credentials or profile, not both")
-    if role_arn is None:
-        for name, value in (
-            ("role_session_name", role_session_name),
-            ("external_id", external_id),
-            ("role_duration", role_duration),
-        ):
-            if value is not None:
-                raise ConfigurationError(f"{name} is only used with role_arn")
-    elif not role_arn.startswith("arn:"):
-        raise ConfigurationError(
-            f"role_arn must be a role ARN like 'arn:aws:iam::123456789012:role/app', not "
-            f"{role_arn!r}"
-        )
-    if role_duration is not None and not 900 <= role_duration <= 43200:
-        raise ConfigurationError(
-            f"role_duration must be between 900 and 43200 seconds, not {role_duration!r}"
-        )
-    if role_session_name is not None and not _SESSION_NAME.fullmatch(role_session_name):
-        raise ConfigurationError(
-            "role_session_name must be 2-64 characters of letters, digits and +=,.@_-"
-        )
-    tuning: dict[str, Any] = {
-        "clock": clock,
-        "refresh_ahead": refresh_ahead,
-        "expiry_margin": expiry_margin,
-        "min_refresh_interval": min_refresh_interval,
-        "retry_delay": retry_delay,
-        "max_retry_delay": max_retry_delay,
-        "fetch_timeout": fetch_timeout,
-    }
-    if session is None and (credentials is None or role_arn is not None):
+    if session is None and (credentials is None or role is not None):
         session = _new_session(profile)
-    elif session is not None and profile is not None and session.profile != profile:
-        raise ConfigurationError(
-            f"session is for profile {session.profile!r} but profile={profile!r} was given: "
-            "pass one or the other"
-        )
     if profile is not None:
         _check_profile(session, profile)
-
     base: _Source
     base = _StaticSource(credentials) if credentials is not None else _ChainSource(session, profile)
-    if role_arn is None:
+    if role is None:
         return CredentialCache(base, **tuning)
-    inner = CredentialCache(base, **tuning)
-    region = configured_region(profile=profile, session=session) or "us-east-1"
-    return CredentialCache(
-        _AssumeRoleSource(
-            inner,
-            session,
-            role_arn=role_arn,
-            role_session_name=role_session_name or f"asyncpg-iam-{os.getpid()}",
-            external_id=external_id,
-            duration=None if role_duration is None else int(role_duration),
-            region=region,
-        ),
-        **tuning,
+    region, region_source = sts_region if sts_region is not None else (None, "")
+    source = _AssumeRoleSource(
+        CredentialCache(base, **tuning),
+        session,
+        role_arn=role.role_arn,
+        role_session_name=role.session_name or f"asyncpg-iam-{os.getpid()}",
+        external_id=role.external_id,
+        duration=role.duration,
+        region=region,
+        region_source=region_source,
     )
+    return CredentialCache(source, **tuning)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AssumeRole:
+    """An explicit AssumeRole, as `IAMAuth` validated it."""
+
+    role_arn: str
+    session_name: str | None = None
+    external_id: str | None = None
+    duration: int | None = None

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from ._auth import IAMAuth, TokenProvider, auth_from
+from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, PoolSettings, Unset, connect_defaults, pool_settings
@@ -31,7 +31,7 @@ from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
 from ._retry import run_transaction
 
-__all__ = ["Pool", "PoolObserver", "PoolStats", "create_pool"]
+__all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -113,6 +113,35 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSettings:
+    """What a pool decided when it was created (or at its last `set_connect_args`).
+
+    Where it connects, how the login is protected, what each token is signed for and the
+    pool's limits, as the pool uses them: log it at start-up to see the effective
+    configuration. Holds no secret.
+    """
+
+    endpoints: tuple[tuple[str, int], ...]
+    """The (host, port) pairs dialled, in order (port 0: a Unix socket path)."""
+    user: str
+    database: str
+    tls_mode: str
+    """The libpq sslmode every login uses (``"verify-full"`` by default)."""
+    tls_mode_source: str
+    """Where `tls_mode` came from (``"the default"``, ``"PGSSLMODE=... in the environment"``)."""
+    ca_source: str
+    """Which certificates verify the server."""
+    target_session_attrs: str
+    signing_targets: tuple[SigningTarget, ...]
+    """Per endpoint, what its tokens are signed for (name, port, region and its source);
+    empty without IAM."""
+    max_lifetime: float | None
+    """Seconds a connection lives at most (None: unlimited)."""
+    max_connect_rate: float | None
+    """New logins a second at most (None: unlimited)."""
 
 
 class PoolObserver(Protocol):
@@ -279,6 +308,24 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def iam(self) -> IAMAuth | None:
         """The IAM settings, or None for a pool without IAM."""
         return self._connector.auth
+
+    @property
+    def settings(self) -> PoolSettings:
+        """The effective connection settings and limits (see `PoolSettings`)."""
+        connector = self._connector
+        plan = connector.plan
+        return PoolSettings(
+            endpoints=plan.endpoints,
+            user=plan.user,
+            database=plan.database,
+            tls_mode=plan.tls.mode,
+            tls_mode_source=plan.tls.mode_source,
+            ca_source=plan.tls.ca_source,
+            target_session_attrs=plan.target_session_attrs,
+            signing_targets=connector.targets,
+            max_lifetime=self._max_lifetime,
+            max_connect_rate=connector.max_connect_rate,
+        )
 
     def stats(self) -> PoolStats:
         """Return a snapshot of the pool's counters."""

@@ -24,8 +24,8 @@ import asyncio
 import time
 
 import asyncpg_iam
+from asyncpg_iam._auth import credential_cache_for
 from asyncpg_iam._clock import ManualClock
-from asyncpg_iam._credentials import credential_cache_for
 from asyncpg_iam.testing import CredentialServer
 
 from ._harness import CaseResult, Environment, patched_environ

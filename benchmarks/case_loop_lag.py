@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 from asyncpg_iam import Credentials
+from asyncpg_iam._auth import credential_cache_for
 from asyncpg_iam._clock import ManualClock
-from asyncpg_iam._credentials import credential_cache_for
 from asyncpg_iam.testing import CredentialServer
 
 from ._harness import CaseResult, Environment, isolated_aws, patched_environ, percentile

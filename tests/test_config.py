@@ -84,9 +84,12 @@ async def test_region_comes_from_endpoint_then_configuration(
     """The endpoint name's region wins over AWS_REGION; AWS_REGION serves other names."""
     monkeypatch.setenv("AWS_REGION", "eu-west-1")
     pool = asyncpg_iam.create_pool(host=RDS, user="app")
-    assert pool._connector.targets[0].region == "us-east-1"
+    assert pool.settings.signing_targets[0].region == "us-east-1"
     pool = asyncpg_iam.create_pool(host="db.internal", user="app")
-    assert (pool._connector.targets[0].region, pool._connector.targets[0].region_source) == (
+    assert (
+        pool.settings.signing_targets[0].region,
+        pool.settings.signing_targets[0].region_source,
+    ) == (
         "eu-west-1",
         "the AWS configuration",
     )

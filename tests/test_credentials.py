@@ -12,9 +12,10 @@ import pytest
 from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import AioSession
 
+from asyncpg_iam._auth import IAMAuth, TokenProvider, credential_cache_for
 from asyncpg_iam._aws_env import credential_endpoints, proxy_problem
 from asyncpg_iam._clock import ManualClock
-from asyncpg_iam._credentials import CredentialCache, configured_region, credential_cache_for
+from asyncpg_iam._credentials import CredentialCache, configured_region
 from asyncpg_iam._errors import ConfigurationError, CredentialsError
 from asyncpg_iam._signing import Credentials, build_auth_token
 from asyncpg_iam.testing._aws import CredentialServer, MotoSTS
@@ -135,7 +136,9 @@ async def test_failed_refresh_logs_warning_and_backs_off(
     caplog.set_level(logging.DEBUG)
     clock = short_lived.clock
     assert isinstance(clock, ManualClock)
-    cache = credential_cache_for(clock=clock, session=fast_retry_session(), min_refresh_interval=0)
+    cache = credential_cache_for(
+        IAMAuth(session=fast_retry_session()), clock=clock, min_refresh_interval=0
+    )
     first = await cache.get()
     short_lived.fail_status = 500
     await clock.advance(170)
@@ -181,7 +184,7 @@ async def test_expired_credentials_with_failing_refresh_raise(
     """Once the old credentials expire and refresh fails, get() says both."""
     clock = short_lived.clock
     assert isinstance(clock, ManualClock)
-    cache = credential_cache_for(clock=clock, session=fast_retry_session())
+    cache = credential_cache_for(IAMAuth(session=fast_retry_session()), clock=clock)
     await cache.get()
     short_lived.fail_status = 500
     await clock.advance(400)
@@ -199,7 +202,7 @@ async def test_expired_credentials_with_failing_refresh_raise(
 async def test_container_endpoint_failure_message(credential_server: CredentialServer) -> None:
     """A failing container endpoint names the source and the HTTP status."""
     credential_server.fail_status = 500
-    cache = credential_cache_for(session=fast_retry_session())
+    cache = credential_cache_for(IAMAuth(session=fast_retry_session()))
     with pytest.raises(CredentialsError, match=r"default chain \(container\) could not provide"):
         await cache.get()
     assert cache.fetches == 1
@@ -215,7 +218,7 @@ async def test_container_endpoint_behind_proxy_message(
     """A container endpoint failing while HTTP_PROXY is set carries the doctor's NO_PROXY fix."""
     credential_server.fail_status = 502
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    cache = credential_cache_for(session=fast_retry_session())
+    cache = credential_cache_for(IAMAuth(session=fast_retry_session()))
     with pytest.raises(CredentialsError) as info:
         await cache.get()
     await cache.aclose()
@@ -310,7 +313,7 @@ async def test_instance_metadata_behind_proxy_message(
 async def test_static_credentials_fetch_once() -> None:
     """Static credentials are served without further fetches."""
     static = Credentials("AKIDEXAMPLE", "secret")
-    cache = credential_cache_for(credentials=static)
+    cache = credential_cache_for(IAMAuth(credentials=static))
     for _ in range(100):
         assert await cache.get() is static
     assert cache.fetches == 1
@@ -330,7 +333,7 @@ async def test_profile_source_reads_shared_credentials(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.delenv("AWS_REGION")
-    cache = credential_cache_for(profile="dev")
+    cache = credential_cache_for(IAMAuth(profile="dev"))
     creds = await cache.get()
     assert creds.access_key == "AKIDPROFILE"
     assert cache.source == "profile 'dev' (shared credentials file)"
@@ -341,25 +344,90 @@ async def test_profile_source_reads_shared_credentials(
     monkeypatch.setenv("AWS_REGION", "sa-east-1")
     assert configured_region(profile="dev") == "sa-east-1"
     with pytest.raises(ConfigurationError, match="profile 'nope' is not defined"):
-        credential_cache_for(profile="nope")
+        credential_cache_for(IAMAuth(profile="nope"))
     await cache.aclose()
+
+
+_ARN = "arn:aws:iam::123456789012:role/app"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"role_duration": 900}, "role_duration is only used with role_arn"),
-        ({"external_id": "x"}, "external_id is only used with role_arn"),
-        ({"role_arn": "app"}, "role_arn must be a role ARN"),
-        ({"role_arn": "arn:aws:iam::1:role/a", "role_duration": 60}, "between 900 and 43200"),
-        ({"role_arn": "arn:aws:iam::1:role/a", "role_session_name": "a b"}, "role_session_name"),
+        ({"role_duration": 900}, "role_duration only apply with role_arn"),
+        ({"external_id": "xy"}, "external_id only apply with role_arn"),
+        ({"role_arn": "app"}, "is not an IAM role ARN"),
+        ({"role_arn": "arn:aws:iam::1:role/a"}, "is not an IAM role ARN"),
+        ({"role_arn": _ARN, "role_duration": 60}, "whole seconds from 900 to 43200"),
+        ({"role_arn": _ARN, "role_duration": 900.5}, "whole seconds from 900 to 43200"),
+        ({"role_arn": _ARN, "role_session_name": "a b"}, "role_session_name"),
+        ({"role_arn": _ARN, "external_id": "x"}, "external_id must be"),
         ({"credentials": Credentials("A", "b"), "profile": "p"}, "either credentials or profile"),
     ],
 )
-def test_configuration_errors(kwargs: dict[str, Any], message: str) -> None:
-    """Invalid combinations raise ConfigurationError before any I/O."""
+def test_role_settings_are_validated_once_by_iamauth(kwargs: dict[str, Any], message: str) -> None:
+    """The credential cache takes an IAMAuth, so its settings pass IAMAuth's one set of rules."""
     with pytest.raises(ConfigurationError, match=message):
-        credential_cache_for(**kwargs)
+        credential_cache_for(IAMAuth(**kwargs))
+
+
+def test_a_session_for_another_profile_is_refused(no_credentials: None) -> None:
+    """A session made for one profile and profile= naming another is a ConfigurationError."""
+    from aiobotocore.session import AioSession
+
+    with pytest.raises(ConfigurationError, match="session is for profile 'dev' but profile='prod'"):
+        IAMAuth(session=AioSession(profile="dev"), profile="prod")
+
+
+@pytest.fixture
+def unreachable_sts(no_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STS at a loopback port nothing listens on, one attempt per call, no region configured."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+
+
+async def _sts_failure(provider: TokenProvider) -> str:
+    with pytest.raises(CredentialsError) as info:
+        await provider.credentials.get()
+    return str(info.value)
+
+
+async def test_sts_region_is_never_a_silent_default(unreachable_sts: None) -> None:
+    """With no region anywhere, AssumeRole says so instead of calling STS in us-east-1."""
+    provider = TokenProvider(IAMAuth(role_arn=_ARN, credentials=Credentials("AKIDEXAMPLE", "s")))
+    text = await _sts_failure(provider)
+    assert "no AWS region to call STS in for AssumeRole of " + _ARN in text
+    assert "IAMAuth(region=" in text
+    assert "AWS_REGION" in text
+    await provider.aclose()
+
+
+@pytest.mark.parametrize(
+    ("auth_region", "env_region", "expected"),
+    [
+        (None, None, "STS in eu-west-2 (region from the RDS endpoint name)"),
+        (None, "ca-central-1", "STS in ca-central-1 (region from the AWS configuration)"),
+        ("ap-south-1", "ca-central-1", "STS in ap-south-1 (region from IAMAuth(region=...))"),
+    ],
+)
+async def test_sts_region_and_its_source(
+    unreachable_sts: None,
+    monkeypatch: pytest.MonkeyPatch,
+    auth_region: str | None,
+    env_region: str | None,
+    expected: str,
+) -> None:
+    """AssumeRole calls STS in IAMAuth's region, else the configured one, else the endpoint's."""
+    if env_region is not None:
+        monkeypatch.setenv("AWS_REGION", env_region)
+    auth = IAMAuth(role_arn=_ARN, credentials=Credentials("AKIDEXAMPLE", "s"), region=auth_region)
+    provider = TokenProvider(auth)
+    provider.target("db.abc123.eu-west-2.rds.amazonaws.com", 5432, "app")
+    text = await _sts_failure(provider)
+    assert "could not reach STS" in text
+    assert expected in text
+    await provider.aclose()
 
 
 def test_aiobotocore_internals_we_rely_on() -> None:
@@ -388,7 +456,7 @@ async def test_assume_role_keys_sign_and_refresh_before_expiry(
     clock = real_now_clock()
     credential_server.clock = clock
     role = sts_env.create_role("asyncpg-iam-app")
-    cache = credential_cache_for(role_arn=role, role_duration=900, clock=clock)
+    cache = credential_cache_for(IAMAuth(role_arn=role, role_duration=900), clock=clock)
     assert cache.source == f"assume-role {role} via default chain"
     first = await cache.get()
     assert first.access_key not in credential_server.issued  # assumed, not the source keys
@@ -431,7 +499,9 @@ async def test_assume_role_denied_message(no_credentials: None, sts_env: MotoSTS
     """A denied AssumeRole names the role and the identity that asked."""
     role = sts_env.create_role("asyncpg-iam-locked")
     user_arn, access_key, secret = sts_env.create_user("asyncpg-iam-denied")
-    cache = credential_cache_for(role_arn=role, credentials=Credentials(access_key, secret))
+    cache = credential_cache_for(
+        IAMAuth(role_arn=role, credentials=Credentials(access_key, secret))
+    )
     with sts_env.authorization(), pytest.raises(CredentialsError) as info:
         await cache.get()
     text = str(info.value)

@@ -77,14 +77,7 @@ def _pool_kwargs(
 @pytest_asyncio.fixture
 async def table(postgres_server: PostgresServer) -> AsyncIterator[str]:
     """A fresh table `dsql_items(id int primary key, note text)` on the backend."""
-    conn = await asyncpg.connect(
-        host=postgres_server.host,
-        port=postgres_server.port,
-        user=postgres_server.user,
-        password=postgres_server.password,
-        database="postgres",
-        ssl=False,
-    )
+    conn = await _direct(postgres_server)
     try:
         await conn.execute(
             "DROP TABLE IF EXISTS dsql_items; "
@@ -94,6 +87,11 @@ async def table(postgres_server: PostgresServer) -> AsyncIterator[str]:
     finally:
         await conn.execute("DROP TABLE IF EXISTS dsql_items")
         await conn.close()
+
+
+async def _direct(server: PostgresServer) -> asyncpg.Connection:
+    """A plain connection to the backend itself, past the emulator."""
+    return await asyncpg.connect(server.dsn, database="postgres", ssl=False)
 
 
 @functools.lru_cache(maxsize=4)
@@ -233,90 +231,77 @@ async def _count(pool: asyncpg_iam.Pool, table: str) -> int:
     return int(await pool.fetchval(f"SELECT count(*) FROM {table}"))
 
 
-async def test_retries_conflicts_at_commit_and_commits_once(
-    dsql_emulator: RDSIAMEmulator, rds_access_key: AccessKey, table: str
-) -> None:
-    """Two 40001s at COMMIT: the third attempt commits, and the row is there once."""
-    calls = 0
+class _Insert:
+    """A transaction body inserting row 1 (twice: a unique violation), counting its attempts."""
 
-    async def insert(conn: asyncpg.Connection) -> str:
-        nonlocal calls
-        calls += 1
-        await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
+    def __init__(self, table: str, *, twice: bool = False) -> None:
+        self.table = table
+        self.twice = twice
+        self.calls = 0
+
+    async def __call__(self, conn: asyncpg.Connection) -> str:
+        self.calls += 1
+        await conn.execute(f"INSERT INTO {self.table} VALUES (1, 'x')")
+        if self.twice:
+            await conn.execute(f"INSERT INTO {self.table} VALUES (1, 'y')")
         return "done"
 
+
+@pytest_asyncio.fixture
+async def dsql_pool(
+    dsql_emulator: RDSIAMEmulator, rds_access_key: AccessKey
+) -> AsyncIterator[asyncpg_iam.Pool]:
+    """A pool logged in to the DSQL emulator as postgres."""
     async with asyncpg_iam.create_pool(
         **_pool_kwargs(dsql_emulator, rds_access_key, "postgres")
     ) as pool:
-        dsql_emulator.fail_next_commits(2)
-        assert await pool.run_transaction(insert, retries=3, backoff=0.001) == "done"
-        assert (calls, dsql_emulator.commits_failed) == (3, 2)
-        assert await _count(pool, table) == 1
+        yield pool
+
+
+async def test_retries_conflicts_at_commit_and_commits_once(
+    dsql_emulator: RDSIAMEmulator, dsql_pool: asyncpg_iam.Pool, table: str
+) -> None:
+    """Two 40001s at COMMIT: the third attempt commits, and the row is there once."""
+    insert = _Insert(table)
+    dsql_emulator.fail_next_commits(2)
+    assert await dsql_pool.run_transaction(insert, retries=3, backoff=0.001) == "done"
+    assert (insert.calls, dsql_emulator.commits_failed) == (3, 2)
+    assert await _count(dsql_pool, table) == 1
 
 
 async def test_gives_up_after_the_retry_limit(
-    dsql_emulator: RDSIAMEmulator, rds_access_key: AccessKey, table: str
+    dsql_emulator: RDSIAMEmulator, dsql_pool: asyncpg_iam.Pool, table: str
 ) -> None:
     """With every COMMIT conflicting, retries=2 makes 3 attempts and raises the 40001."""
-    calls = 0
-
-    async def insert(conn: asyncpg.Connection) -> None:
-        nonlocal calls
-        calls += 1
-        await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
-
-    async with asyncpg_iam.create_pool(
-        **_pool_kwargs(dsql_emulator, rds_access_key, "postgres")
-    ) as pool:
-        dsql_emulator.fail_next_commits(10)
-        with pytest.raises(asyncpg.SerializationError, match="OC000"):
-            await pool.run_transaction(insert, retries=2, backoff=0.001)
-        assert (calls, dsql_emulator.commits_failed) == (3, 3)
-        assert await _count(pool, table) == 0
+    insert = _Insert(table)
+    dsql_emulator.fail_next_commits(10)
+    with pytest.raises(asyncpg.SerializationError, match="OC000"):
+        await dsql_pool.run_transaction(insert, retries=2, backoff=0.001)
+    assert (insert.calls, dsql_emulator.commits_failed) == (3, 3)
+    assert await _count(dsql_pool, table) == 0
 
 
-async def test_no_retry_on_other_errors(
-    dsql_emulator: RDSIAMEmulator, rds_access_key: AccessKey, table: str
-) -> None:
+async def test_no_retry_on_other_errors(dsql_pool: asyncpg_iam.Pool, table: str) -> None:
     """A unique violation is raised at once: one attempt, nothing committed twice."""
-    calls = 0
-
-    async def insert_twice(conn: asyncpg.Connection) -> None:
-        nonlocal calls
-        calls += 1
-        await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
-        await conn.execute(f"INSERT INTO {table} VALUES (1, 'y')")
-
-    async with asyncpg_iam.create_pool(
-        **_pool_kwargs(dsql_emulator, rds_access_key, "postgres")
-    ) as pool:
-        with pytest.raises(asyncpg.UniqueViolationError):
-            await pool.run_transaction(insert_twice, retries=5, backoff=0.001)
-        assert calls == 1
-        assert await _count(pool, table) == 0
+    insert_twice = _Insert(table, twice=True)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await dsql_pool.run_transaction(insert_twice, retries=5, backoff=0.001)
+    assert insert_twice.calls == 1
+    assert await _count(dsql_pool, table) == 0
 
 
 async def test_no_retry_when_the_commit_outcome_is_unknown(
-    dsql_emulator: RDSIAMEmulator, rds_access_key: AccessKey, table: str
+    dsql_emulator: RDSIAMEmulator, dsql_pool: asyncpg_iam.Pool, table: str
 ) -> None:
     """Connection lost during COMMIT: CommitOutcomeUnknownError, no retry, the row exists once."""
-    calls = 0
-
-    async def insert(conn: asyncpg.Connection) -> None:
-        nonlocal calls
-        calls += 1
-        await conn.execute(f"INSERT INTO {table} VALUES (1, 'x')")
-
-    async with asyncpg_iam.create_pool(
-        **_pool_kwargs(dsql_emulator, rds_access_key, "postgres")
-    ) as pool:
-        dsql_emulator.drop_next_commits(1)
-        with pytest.raises(CommitOutcomeUnknownError) as info:
-            await pool.run_transaction(insert, retries=5, backoff=0.001)
-        assert isinstance(info.value.__cause__, asyncpg.ConnectionDoesNotExistError)
-        assert (calls, dsql_emulator.commits_dropped) == (1, 1)
-        # The server did commit: a retry would have inserted a second time (or failed).
-        assert await _count(pool, table) == 1
+    insert = _Insert(table)
+    dsql_emulator.drop_next_commits(1)
+    with pytest.raises(CommitOutcomeUnknownError) as info:
+        await dsql_pool.run_transaction(insert, retries=5, backoff=0.001)
+    assert isinstance(info.value.__cause__, asyncpg.ConnectionDoesNotExistError)
+    assert (insert.calls, dsql_emulator.commits_dropped) == (1, 1)
+    # The server did commit: a retry would have inserted a second time (or failed).
+    assert await _count(dsql_pool, table) == 1
 
 
 async def test_retries_a_throttled_connect(
@@ -354,17 +339,6 @@ async def test_throttled_connect_beyond_the_limit_raises(
 
 
 # -- run_transaction on PostgreSQL itself (the RDS case) --------------------------------------
-
-
-async def _direct(server: PostgresServer) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=server.host,
-        port=server.port,
-        user=server.user,
-        password=server.password,
-        database="postgres",
-        ssl=False,
-    )
 
 
 async def test_retries_a_real_serialization_failure(

@@ -26,11 +26,11 @@ def _no_libpq_env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_dsql_endpoint_gets_dsql_defaults() -> None:
     """A DSQL host: database postgres, max_lifetime 3300 s, 50 connects/s, DSQL region."""
     pool = asyncpg_iam.create_pool(host=DSQL, user="admin")
-    assert pool._connector.plan.database == "postgres"
-    assert pool._max_lifetime == DEFAULT_MAX_LIFETIME == 3300.0
-    assert pool._connector._bucket is not None
-    assert pool._connector._bucket.rate == DEFAULT_CONNECT_RATE < 100
-    target = pool._connector.targets[0]
+    assert pool.settings.database == "postgres"
+    assert pool.settings.max_lifetime == DEFAULT_MAX_LIFETIME == 3300.0
+    assert pool.settings.max_connect_rate is not None
+    assert pool.settings.max_connect_rate == DEFAULT_CONNECT_RATE < 100
+    target = pool.settings.signing_targets[0]
     assert (target.service, target.admin, target.region) == ("dsql", True, "eu-west-1")
     assert target.region_source == "the DSQL endpoint name"
     context = pool._connector.plan.tls.context
@@ -39,16 +39,16 @@ async def test_dsql_endpoint_gets_dsql_defaults() -> None:
     assert context.verify_mode == ssl.CERT_REQUIRED
     # DSQL's certificates come from a public CA: the system store, not the RDS bundle.
     assert pool._connector.plan.tls.ca_file is None
-    assert "system store" in pool._connector.plan.tls.ca_source
+    assert "system store" in pool.settings.ca_source
 
 
 async def test_rds_endpoint_keeps_rds_defaults() -> None:
     """An RDS host keeps max_lifetime 900 s, no rate limit and the user's database."""
     pool = asyncpg_iam.create_pool(host=RDS, user="app")
-    assert pool._max_lifetime == 900.0
-    assert pool._connector._bucket is None
-    assert pool._connector.plan.database == "app"
-    assert pool._connector.targets[0].service == "rds"
+    assert pool.settings.max_lifetime == 900.0
+    assert pool.settings.max_connect_rate is None
+    assert pool.settings.database == "app"
+    assert pool.settings.signing_targets[0].service == "rds"
 
 
 @pytest.mark.parametrize("max_lifetime", [3600.01, 7200, None])
@@ -63,13 +63,13 @@ async def test_dsql_explicit_settings_win() -> None:
     pool = asyncpg_iam.create_pool(
         host=DSQL, user="app", max_lifetime=MAX_LIFETIME, max_connect_rate=None, database="x"
     )
-    assert pool._max_lifetime == 3600
-    assert pool._connector._bucket is None
-    assert pool._connector.plan.database == "x"
+    assert pool.settings.max_lifetime == 3600
+    assert pool.settings.max_connect_rate is None
+    assert pool.settings.database == "x"
     pool = asyncpg_iam.create_pool(f"postgresql://app@{DSQL}/other", max_connect_rate=10)
-    assert pool._connector.plan.database == "other"
-    assert pool._connector._bucket is not None
-    assert pool._connector._bucket.rate == 10
+    assert pool.settings.database == "other"
+    assert pool.settings.max_connect_rate is not None
+    assert pool.settings.max_connect_rate == 10
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ async def test_admin_action_follows_user_unless_overridden(
 ) -> None:
     """The user admin signs DbConnectAdmin, others DbConnect; dsql_admin overrides either way."""
     pool = asyncpg_iam.create_pool(host=DSQL, user=user, iam=iam)
-    assert pool._connector.targets[0].admin is admin
+    assert pool.settings.signing_targets[0].admin is admin
 
 
 async def test_service_dsql_for_a_cname() -> None:
@@ -94,13 +94,13 @@ async def test_service_dsql_for_a_cname() -> None:
     pool = asyncpg_iam.create_pool(
         host="db.internal", user="app", iam=IAMAuth(service="dsql", region="us-east-2")
     )
-    target = pool._connector.targets[0]
+    target = pool.settings.signing_targets[0]
     assert (target.service, target.region) == ("dsql", "us-east-2")
-    assert pool._max_lifetime == DEFAULT_MAX_LIFETIME
+    assert pool.settings.max_lifetime == DEFAULT_MAX_LIFETIME
     # service='rds' turns detection off for a DSQL-looking name.
     pool = asyncpg_iam.create_pool(host=DSQL, user="app", iam=IAMAuth(service="rds"))
-    assert pool._connector.targets[0].service == "rds"
-    assert pool._max_lifetime == 900.0
+    assert pool.settings.signing_targets[0].service == "rds"
+    assert pool.settings.max_lifetime == 900.0
 
 
 async def test_signing_host_names_the_dsql_endpoint() -> None:
@@ -108,7 +108,7 @@ async def test_signing_host_names_the_dsql_endpoint() -> None:
     pool = asyncpg_iam.create_pool(
         host="127.0.0.1", port=15432, user="app", iam=IAMAuth(signing_host=DSQL)
     )
-    target = pool._connector.targets[0]
+    target = pool.settings.signing_targets[0]
     assert (target.service, target.region, target.signing_host) == ("dsql", "eu-west-1", DSQL)
 
 
@@ -117,7 +117,7 @@ async def test_provider_signs_dsql_tokens() -> None:
     pool = asyncpg_iam.create_pool(host=DSQL, user="admin", iam=IAMAuth(credentials=CREDS))
     assert pool._connector.provider is not None
     now = dt.datetime.now(dt.timezone.utc)
-    token = await pool._connector.provider.token(pool._connector.targets[0])
+    token = await pool._connector.provider.token(pool.settings.signing_targets[0])
     assert token.startswith(f"{DSQL}/?Action=DbConnectAdmin&")
     expected = asyncpg_iam.build_dsql_token(
         host=DSQL, region="eu-west-1", credentials=CREDS, admin=True, now=now
@@ -166,7 +166,7 @@ async def test_cached_rds_bundle_is_not_used_for_dsql(
     assert _tls.ca_bundle_path() == bundle
     pool = asyncpg_iam.create_pool(host=DSQL, user="admin")
     assert pool._connector.plan.tls.ca_file is None
-    assert pool._connector.plan.tls.mode == "verify-full"
+    assert pool.settings.tls_mode == "verify-full"
     # An explicit root certificate still wins (here one that cannot load).
     with pytest.raises(ConfigurationError, match="CA bundle"):
         asyncpg_iam.create_pool(host=DSQL, user="admin", sslrootcert=str(bundle))
@@ -179,4 +179,4 @@ async def test_set_connect_args_keeps_dsql_defaults() -> None:
     plan = pool._connector.plan
     assert plan.database == "postgres"
     assert plan.tls.ca_file is None
-    assert pool._connector.targets[0].signing_host.startswith("other.dsql.")
+    assert pool.settings.signing_targets[0].signing_host.startswith("other.dsql.")

@@ -27,14 +27,7 @@ async def connect(emulator: RDSIAMEmulator, user: str, password: str) -> asyncpg
 
 
 async def admin(server: PostgresServer) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=server.host,
-        port=server.port,
-        user=server.user,
-        password=server.password,
-        database="postgres",
-        ssl=False,
-    )
+    return await asyncpg.connect(server.dsn, database="postgres", ssl=False)
 
 
 @pytest_asyncio.fixture

@@ -71,7 +71,7 @@ async def test_read_write_is_the_default_only_on_a_cluster_endpoint(
 
     def attrs(**kwargs: Any) -> str:
         pool = asyncpg_iam.create_pool(user="app", **kwargs)
-        return str(pool._connector.plan.target_session_attrs)
+        return str(pool.settings.target_session_attrs)
 
     assert attrs(host=WRITER) == "read-write"
     assert attrs(host="127.0.0.1", iam=IAMAuth(signing_host=WRITER)) == "read-write"
@@ -253,7 +253,7 @@ async def test_iam_pool_under_load_survives_a_failover_with_dns_lag(
     stop = asyncio.Event()
     kwargs = cluster.pool_kwargs(min_size=size, max_size=size)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        assert pool._connector.plan.target_session_attrs == "read-write"
+        assert pool.settings.target_session_attrs == "read-write"
         await pool.execute("CREATE TABLE ledger (id bigint, port int)")
 
         async def worker() -> None:

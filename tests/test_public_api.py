@@ -26,7 +26,9 @@ PUBLIC = {
         "IAMAuthenticationError",
         "IAMError",
         "Pool",
+        "PoolSettings",
         "PoolStats",
+        "SigningTarget",
         "TLSVerificationError",
         "__version__",
         "build_auth_token",
@@ -94,6 +96,17 @@ POOL_STATS = [
 ]  # fmt: skip
 
 
+POOL_SETTINGS = [
+    "endpoints", "user", "database", "tls_mode", "tls_mode_source", "ca_source",
+    "target_session_attrs", "signing_targets", "max_lifetime", "max_connect_rate",
+]  # fmt: skip
+
+SIGNING_TARGET = [
+    "host", "port", "signing_host", "signing_port", "user", "region", "region_source",
+    "endpoint_region", "service", "admin",
+]  # fmt: skip
+
+
 def _resolve(path: str) -> object:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -125,6 +138,15 @@ def test_signatures_are_pinned(path: str) -> None:
 def test_pool_stats_fields_are_pinned() -> None:
     """PoolStats has exactly the pinned fields, in order."""
     assert [field.name for field in dataclasses.fields(asyncpg_iam.PoolStats)] == POOL_STATS
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields"),
+    [("PoolSettings", POOL_SETTINGS), ("SigningTarget", SIGNING_TARGET)],
+)
+def test_settings_fields_are_pinned(cls: str, fields: list[str]) -> None:
+    """PoolSettings and SigningTarget have exactly the pinned fields, in order."""
+    assert [field.name for field in dataclasses.fields(getattr(asyncpg_iam, cls))] == fields
 
 
 def test_version_comes_from_the_installed_metadata() -> None:

@@ -204,13 +204,13 @@ async def test_set_connect_args_signs_for_the_new_host() -> None:
         ) as pool,
     ):
         pool.set_connect_args(host="localhost", port=new.port, user="app")
-        target = pool._connector.targets[0]
+        target = pool.settings.signing_targets[0]
         assert (target.host, target.port, target.signing_host) == (
             "localhost",
             new.port,
             "localhost",
         )
-        assert pool._connector.plan.tls.mode == "verify-full"
+        assert pool.settings.tls_mode == "verify-full"
         with pytest.raises(CONNECT_ERRORS):
             await pool.fetchval("SELECT 1")
     assert old.connections == 0

@@ -23,7 +23,7 @@ from asyncpg_iam import (
     IAMAuth,
     IAMAuthenticationError,
 )
-from asyncpg_iam._credentials import credential_cache_for
+from asyncpg_iam._auth import credential_cache_for
 from asyncpg_iam.testing import (
     CredentialServer,
     PostgresCluster,
@@ -417,8 +417,7 @@ async def test_sts_throttling_backs_off_with_bounded_retries(
 ) -> None:
     """A throttled AssumeRole is retried a bounded number of times, with exponential backoff."""
     cache = credential_cache_for(
-        role_arn=_ROLE,
-        credentials=_SOURCE,
+        IAMAuth(role_arn=_ROLE, credentials=_SOURCE),
         retry_delay=0.1,
         max_retry_delay=0.4,
         min_refresh_interval=0,
