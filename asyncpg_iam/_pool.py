@@ -22,10 +22,11 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
+from . import _dsql
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock
 from ._connect import Connector, check_keywords, plan_connect
-from ._dsql import UNSET, PoolSettings, Unset, connect_defaults, pool_settings
+from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError, CredentialsError
 from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
@@ -204,7 +205,7 @@ def _validate_pool_options(
 
 def _connector_for(
     dsn: str | None,
-    settings: PoolSettings,
+    settings: _dsql.PoolSettings,
     *,
     auth: IAMAuth | None,
     name: str | None,
