@@ -1,7 +1,8 @@
 """``asyncpg-iam emulate`` and ``asyncpg-iam demo``: a local RDS with IAM, and a pool under load.
 
-Both start the same sandbox on loopback: a throwaway PostgreSQL, the RDS IAM emulator in front
-of it, and a container-credentials endpoint that issues rotating keys the emulator trusts.
+Both start an `asyncpg_iam.testing.Sandbox` on loopback: a throwaway PostgreSQL, the RDS IAM
+emulator in front of it, and a container-credentials endpoint that issues rotating keys the
+emulator trusts.
 `emulate` prints how to reach it and waits for Ctrl-C; `demo` points an IAM pool at it, runs a
 concurrent workload with short connection lifetimes and shows what the pool does.
 """
@@ -13,19 +14,16 @@ import asyncio
 import collections
 import contextlib
 import errno
-import os
 import shlex
 import signal
 import socket
 import sys
-import tempfile
 import time
-from types import TracebackType
 from typing import Any
 
 from .testing._aws import AWS_CREDENTIAL_VARIABLES
 
-__all__ = ["Sandbox", "run_demo", "run_emulate"]
+__all__ = ["run_demo", "run_emulate"]
 
 
 def _require_testing() -> Any:
@@ -62,117 +60,29 @@ def _check_port_free(host: str, port: int) -> None:
             raise SystemExit(message) from None
 
 
-class Sandbox:
-    """A throwaway PostgreSQL, the RDS IAM emulator and a credential endpoint, on loopback."""
+def _moto_missing() -> str | None:
+    """Return why moto's STS cannot start here, or None when it can."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return "moto is not installed (pip install 'moto[server]')"
+    return None
 
-    def __init__(
-        self,
-        *,
-        port: int | None = None,
-        endpoint: str | None = None,
-        credential_lifetime: float = 3600.0,
-        sts: bool = False,
-        iam_users: tuple[str, ...] = (),
-    ) -> None:
-        self._port = port or 0
-        self._iam_users = iam_users
-        self._endpoint = endpoint
-        self._lifetime = credential_lifetime
-        self._want_sts = sts
-        self.cluster: Any = None
-        self.emulator: Any = None
-        self.credentials: Any = None
-        self.sts: Any = None
-        self.sts_error: str | None = None
-        self._config_dir: tempfile.TemporaryDirectory[str] | None = None
 
-    async def __aenter__(self) -> Sandbox:
-        testing = _require_testing()
-        try:
-            self.cluster = await asyncio.to_thread(testing.PostgresCluster().start)
-            self.emulator = testing.RDSIAMEmulator(
-                backend_host=self.cluster.host,
-                backend_port=self.cluster.port,
-                backend_user=self.cluster.user,
-                endpoint=self._endpoint or testing.DEFAULT_ENDPOINT,
-                listen_port=self._port,
-                iam_users=[self.cluster.user, *self._iam_users],
-            )
-            try:
-                await self.emulator.start()
-            except OSError as exc:
-                if self._port and exc.errno == errno.EADDRINUSE:
-                    raise SystemExit(_port_in_use(self.emulator.host, self._port)) from None
-                raise
-            for user in self._iam_users:
-                await self.emulator.ensure_role(user)
-            self.credentials = testing.CredentialServer(lifetime=self._lifetime)
-            self.credentials.add_emulator(self.emulator)
-            self.credentials.start()
-            if self._want_sts:
-                try:
-                    self.sts = await asyncio.to_thread(testing.MotoSTS().start)
-                except ImportError:
-                    self.sts_error = "moto is not installed (pip install 'moto[server]')"
-            self._config_dir = tempfile.TemporaryDirectory(prefix="asyncpg-iam-aws-")
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Stop everything and remove the PostgreSQL data directory; safe to call twice."""
-        if self.sts is not None:
-            await asyncio.to_thread(self.sts.stop)
-            self.sts = None
-        if self.credentials is not None:
-            await asyncio.to_thread(self.credentials.stop)
-            self.credentials = None
-        if self.emulator is not None:
-            await self.emulator.stop()
-            self.emulator = None
-        if self.cluster is not None:
-            await asyncio.to_thread(self.cluster.stop)
-            self.cluster = None
-        if self._config_dir is not None:
-            self._config_dir.cleanup()
-            self._config_dir = None
-
-    def environment(self) -> dict[str, str]:
-        """Return the variables that point the AWS chain and TLS at the sandbox."""
-        assert self._config_dir is not None
-        env = {
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.credentials.url,
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_REGION": self.emulator.region,
-            "AWS_CONFIG_FILE": os.path.join(self._config_dir.name, "config"),
-            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(self._config_dir.name, "credentials"),
-            "ASYNCPG_IAM_CA_BUNDLE": self.emulator.ca_path,
-            "PGSSLROOTCERT": self.emulator.ca_path,
-        }
-        if self.sts is not None:
-            env["AWS_ENDPOINT_URL_STS"] = self.sts.endpoint_url
-        return env
-
-    def apply_environment(self) -> None:
-        """Point this process's default credential chain at the sandbox."""
-        for name in AWS_CREDENTIAL_VARIABLES:
-            os.environ.pop(name, None)
-        os.environ.update(self.environment())
+async def _start(sandbox: Any, port: int | None) -> None:
+    """Start `sandbox`; a busy `port` exits with one line naming it."""
+    try:
+        await sandbox.start()
+    except OSError as exc:
+        if port and exc.errno == errno.EADDRINUSE:
+            raise SystemExit(_port_in_use("127.0.0.1", port)) from None
+        raise
 
 
 # -- emulate ------------------------------------------------------------------------------------
 
 
-def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
+def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | None) -> str:
     emu, cluster = sandbox.emulator, sandbox.cluster
     user, database = cluster.user, cluster.database
     host, port, endpoint = emu.host, emu.port, emu.endpoint
@@ -192,13 +102,14 @@ def _emulate_banner(sandbox: Sandbox, *, rejections: bool = True) -> str:
         f"  CA bundle: {emu.ca_path}",
         f"  IAM users: {', '.join(sorted(emu.iam_users))} (and every user you GRANT rds_iam TO; "
         "other users log in with their password)",
-        f"  credentials: {sandbox.credentials.url} (keys live {sandbox._lifetime:g} s)",
+        f"  credentials: {sandbox.credential_server.url} "
+        f"(keys live {sandbox.credential_lifetime:g} s)",
         f"  PostgreSQL data: {cluster.data_dir} (removed on exit)",
     ]
     if sandbox.sts is not None:
         lines.append(f"  STS (moto): {sandbox.sts.endpoint_url}")
-    elif sandbox.sts_error:
-        lines.append(f"  STS: not started: {sandbox.sts_error}")
+    elif sts_error:
+        lines.append(f"  STS: not started: {sts_error}")
     target = f"--host {host} --port {port} --user {user} --signing-host {endpoint}"
     lines += [
         "",
@@ -263,22 +174,29 @@ def _print_rejections(record: Any) -> None:
 
 async def _emulate(args: argparse.Namespace) -> int:
     stop = _stop_event()
-    sandbox = Sandbox(
-        port=args.port,
-        endpoint=args.endpoint,
+    testing = _require_testing()
+    sts_error = None if args.no_sts else _moto_missing()
+    sandbox = testing.Sandbox(
+        port=args.port or 0,
+        endpoint=args.endpoint or testing.DEFAULT_ENDPOINT,
         credential_lifetime=args.credential_lifetime,
-        sts=not args.no_sts,
+        sts=not args.no_sts and sts_error is None,
         iam_users=tuple(args.iam_user),
+        isolate_environment=False,  # printed for another shell, not applied here
     )
-    async with sandbox:
+    await _start(sandbox, args.port)
+    try:
         data_dir = sandbox.cluster.data_dir
         if not args.quiet_rejections:
             sandbox.emulator.on_login = _print_rejections
-        sys.stdout.write(_emulate_banner(sandbox, rejections=not args.quiet_rejections))
+        banner = _emulate_banner(sandbox, rejections=not args.quiet_rejections, sts_error=sts_error)
+        sys.stdout.write(banner)
         sys.stdout.flush()
         await stop.wait()
         sys.stdout.write("stopping...\n")
         sys.stdout.flush()
+    finally:
+        await sandbox.aclose()
     sys.stdout.write(f"stopped; removed {data_dir.parent}\n")
     return 0
 
@@ -333,9 +251,10 @@ async def _demo(args: argparse.Namespace) -> int:
         "endpoint on loopback...\n"
     )
     out.flush()
-    async with Sandbox(credential_lifetime=args.credential_lifetime) as sandbox:
-        sandbox.apply_environment()
-        emu, cluster, creds = sandbox.emulator, sandbox.cluster, sandbox.credentials
+    testing = _require_testing()
+    # The sandbox points this process's AWS chain at its credential server until it stops.
+    async with testing.Sandbox(credential_lifetime=args.credential_lifetime) as sandbox:
+        emu, creds = sandbox.emulator, sandbox.credential_server
         out.write(
             f"IAM pool -> {emu.host}:{emu.port} signing for {emu.endpoint} ({emu.region}); "
             f"{args.workers} workers, max_size {args.max_size}, max_lifetime "
@@ -347,12 +266,7 @@ async def _demo(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         started = time.monotonic()
         pool = await asyncpg_iam.create_pool(
-            host=emu.host,
-            port=emu.port,
-            user=cluster.user,
-            database=cluster.database,
-            ssl=emu.client_ssl_context(),
-            iam=asyncpg_iam.IAMAuth(signing_host=emu.endpoint),
+            **sandbox.pool_kwargs(),
             min_size=2,
             max_size=args.max_size,
             max_lifetime=args.max_lifetime,

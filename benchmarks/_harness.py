@@ -1,13 +1,14 @@
 """What every benchmark case shares: the servers, the AWS environment, statistics and output.
 
-`Environment` starts one throwaway PostgreSQL and two RDS IAM emulators in front of it, in the
-benchmark's own event loop: ``emu_any`` accepts any password (the static-password floor) and
-``emu_iam`` verifies every token (SigV4 signature against a registered key, date, host, port,
-region, user). Both relay to the same backend, so the only difference between the two paths is
-the verification itself. A static access key, registered with ``emu_iam``, is exported as
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` so every signer (boto3, botocore, aiobotocore,
-asyncpg-iam) finds it through its default chain; cases that need expiring credentials switch
-the environment to a `CredentialServer` with `Environment.container_credentials`.
+`Environment` starts (as an `asyncpg_iam.testing.Sandbox`) one throwaway PostgreSQL and two RDS
+IAM emulators in front of it, in the benchmark's own event loop: ``emu_any`` accepts any
+password (the static-password floor) and ``emu_iam`` verifies every token (SigV4 signature
+against a registered key, date, host, port, region, user). Both relay to the same backend, so
+the only difference between the two paths is the verification itself. A static access key,
+registered with both, is exported as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` so every
+signer (boto3, botocore, aiobotocore, asyncpg-iam) finds it through its default chain; cases
+that need expiring credentials switch the environment to a `CredentialServer` with
+`Environment.container_credentials`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ import random
 import secrets
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from asyncpg_iam import Credentials, IAMAuth
-from asyncpg_iam.testing import CredentialServer, PostgresCluster, RDSIAMEmulator
-from asyncpg_iam.testing._aws import AWS_CREDENTIAL_VARIABLES
+from asyncpg_iam.testing import (
+    AccessKey,
+    CredentialServer,
+    PostgresCluster,
+    RDSIAMEmulator,
+    Sandbox,
+    isolated_aws_environment,
+)
+from asyncpg_iam.testing._isolation import patched_environ
 
 __all__ = [
     "CaseResult",
@@ -185,88 +192,58 @@ def versions() -> dict[str, str]:
 # -- environment -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def patched_environ(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or with None, remove) environment variables for the block, then restore them."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 class Environment:
     """One PostgreSQL, two emulators in front of it and a static key every signer can find.
 
-    Use as ``async with Environment() as env``; `start` needs the PostgreSQL server binaries.
+    A thin layer over `asyncpg_iam.testing.Sandbox`. Use as ``async with Environment() as
+    env``; it needs the PostgreSQL server binaries.
     """
 
     def __init__(self, *, max_connections: int = 1200) -> None:
-        self._max_connections = max_connections
-        self._stack = contextlib.ExitStack()
-        self._tmp = Path(tempfile.mkdtemp(prefix="asyncpg-iam-bench-"))
+        self.credentials = Credentials(BENCH_ACCESS_KEY, secrets.token_urlsafe(30))
+        import trustme
+
+        # Both emulators serve certificates of one CA, the one the environment names.
+        self.sandbox = Sandbox(
+            postgres_settings={"max_connections": str(max_connections)},
+            access_key=AccessKey(self.credentials.access_key, self.credentials.secret_key),
+            credential_server=False,
+            ca=trustme.CA(),
+        )
+        self._stack = contextlib.AsyncExitStack()
         self.cluster: PostgresCluster | None = None
         self.emu_any: RDSIAMEmulator | None = None
         self.emu_iam: RDSIAMEmulator | None = None
-        self.credentials = Credentials(BENCH_ACCESS_KEY, secrets.token_urlsafe(30))
         self.server_version = ""
         self._ssl_any: ssl.SSLContext | None = None
         self._ssl_iam: ssl.SSLContext | None = None
 
     async def __aenter__(self) -> Environment:
-        aws = self._tmp / "aws"
-        aws.mkdir()
-        env: dict[str, str | None] = dict.fromkeys(AWS_CREDENTIAL_VARIABLES)
-        env.update(
-            AWS_CONFIG_FILE=str(aws / "config"),
-            AWS_SHARED_CREDENTIALS_FILE=str(aws / "credentials"),
-            AWS_EC2_METADATA_DISABLED="true",
-            AWS_REGION="us-east-1",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ACCESS_KEY_ID=self.credentials.access_key,
-            AWS_SECRET_ACCESS_KEY=self.credentials.secret_key,
-        )
-        self._stack.enter_context(patched_environ(env))
-        self.cluster = self._stack.enter_context(
-            PostgresCluster(settings={"max_connections": str(self._max_connections)})
-        )
-        server = self.cluster.server
-        common = {
-            "backend_host": server.host,
-            "backend_port": server.port,
-            "backend_user": server.user,
-            "iam_users": [server.user],
-        }
-        self.emu_any = RDSIAMEmulator(accept_any_password=True, **common)
-        self.emu_iam = RDSIAMEmulator(**common)
-        self.emu_iam.register_key(self.credentials.access_key, self.credentials.secret_key)
-        await self.emu_any.start()
-        await self.emu_iam.start()
-        self._ssl_any = self.emu_any.client_ssl_context()
-        self._ssl_iam = self.emu_iam.client_ssl_context()
-        import asyncpg
-
-        con = await asyncpg.connect(**self.direct_kwargs())
         try:
-            self.server_version = str(await con.fetchval("SHOW server_version"))
-        finally:
-            await con.close()
+            sandbox = await self._stack.enter_async_context(self.sandbox)
+            # boto3 and botocore read the region from AWS_DEFAULT_REGION.
+            self._stack.enter_context(
+                patched_environ({"AWS_DEFAULT_REGION": sandbox.emulator.region})
+            )
+            self.cluster = sandbox.cluster
+            self.emu_iam = sandbox.emulator
+            self.emu_any = await sandbox.add_emulator(accept_any_password=True)
+            self._ssl_any = self.emu_any.client_ssl_context()
+            self._ssl_iam = self.emu_iam.client_ssl_context()
+            import asyncpg
+
+            con = await asyncpg.connect(**self.direct_kwargs())
+            try:
+                self.server_version = str(await con.fetchval("SHOW server_version"))
+            finally:
+                await con.close()
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for emulator in (self.emu_iam, self.emu_any):
-            if emulator is not None:
-                await emulator.stop()
-        self._stack.close()
+        await self._stack.aclose()
 
     @property
     def user(self) -> str:
@@ -350,19 +327,9 @@ class Environment:
             yield
 
 
-@contextlib.contextmanager
-def isolated_aws() -> Iterator[None]:
+def isolated_aws() -> contextlib.AbstractContextManager[Path]:
     """Hide the host's AWS configuration (for cases that run without an `Environment`)."""
-    with tempfile.TemporaryDirectory(prefix="asyncpg-iam-bench-aws-") as tmp:
-        env: dict[str, str | None] = dict.fromkeys(AWS_CREDENTIAL_VARIABLES)
-        env.update(
-            AWS_CONFIG_FILE=str(Path(tmp) / "config"),
-            AWS_SHARED_CREDENTIALS_FILE=str(Path(tmp) / "credentials"),
-            AWS_EC2_METADATA_DISABLED="true",
-            AWS_REGION="us-east-1",
-        )
-        with patched_environ(env):
-            yield
+    return isolated_aws_environment()
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """How the examples run with one command: serving a web app, and the self-contained mode.
 
-Without ``ASYNCPG_IAM_EXAMPLE_DSN`` the examples start a throwaway PostgreSQL with the RDS IAM
-emulator in front (`local_rds`; needs the PostgreSQL server binaries and the ``testing`` extra)
-and sign with a stand-in key that only the emulator trusts.
+Without ``ASYNCPG_IAM_EXAMPLE_DSN`` the examples start `asyncpg_iam.testing.Sandbox`: a throwaway
+PostgreSQL with the RDS IAM emulator in front (`local_rds`; needs the PostgreSQL server binaries
+and the ``testing`` extra), signing with stand-in keys that only the emulator trusts.
 """
 
 from __future__ import annotations
@@ -10,55 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import asyncpg_iam
-
 if TYPE_CHECKING:
-    from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+    from asyncpg_iam.testing import Sandbox
 
 
-@dataclass
-class LocalRDS:
-    """A running local stand-in for RDS, and how to sign for it."""
+def local_rds() -> Sandbox:
+    """Return a sandbox to start: PostgreSQL, the RDS IAM emulator and a credential endpoint.
 
-    server: PostgresServer
-    emulator: RDSIAMEmulator
-    iam: asyncpg_iam.IAMAuth
+    Inside ``async with`` the default AWS chain finds keys that only this emulator trusts.
+    """
+    from asyncpg_iam.testing import Sandbox
 
-    def pool_kwargs(self) -> dict[str, Any]:
-        """Return create_pool arguments for it."""
-        return self.emulator.pool_kwargs(
-            user=self.server.user, database=self.server.database, iam=self.iam
-        )
-
-
-@contextlib.asynccontextmanager
-async def local_rds() -> AsyncIterator[LocalRDS]:
-    """Start PostgreSQL and the RDS IAM emulator; stop both on exit."""
-    from asyncpg_iam.testing import PostgresCluster, RDSIAMEmulator
-
-    with PostgresCluster() as cluster:
-        server = cluster.server
-        emulator = RDSIAMEmulator(
-            backend_host=server.host,
-            backend_port=server.port,
-            backend_password=server.password,
-            iam_users=[server.user],
-        )
-        # Stand-in AWS credentials that only this emulator trusts.
-        key = asyncpg_iam.Credentials(
-            access_key="AKIAEXAMPLE" + secrets.token_hex(5).upper(),
-            secret_key=secrets.token_urlsafe(30),
-        )
-        emulator.register_key(key.access_key, key.secret_key, None)
-        async with emulator:
-            iam = asyncpg_iam.IAMAuth(signing_host=emulator.endpoint, credentials=key)
-            yield LocalRDS(server, emulator, iam)
+    return Sandbox()
 
 
 async def serve(

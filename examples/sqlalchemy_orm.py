@@ -67,7 +67,7 @@ async def main() -> None:
         url = (
             f"postgresql+asyncpg://{server.user}@{emulator.host}:{emulator.port}/{server.database}"
         )
-        await run(url, iam=rds.iam, connect_args={"ssl": emulator.client_ssl_context()})
+        await run(url, iam=rds.iam_auth(), connect_args={"ssl": emulator.client_ssl_context()})
         print(f"the emulator verified {emulator.logins_accepted} token logins")
 
 

@@ -48,6 +48,7 @@ PUBLIC = {
         "FailoverCluster",
         "FailoverTimeline",
         "LoginRecord",
+        "ManualClock",
         "MotoSTS",
         "PostgresCluster",
         "PostgresNotFoundError",
@@ -55,7 +56,9 @@ PUBLIC = {
         "RDSIAMEmulator",
         "ReaderEndpoint",
         "RelayedConnection",
+        "Sandbox",
         "find_postgres_bin",
+        "isolated_aws_environment",
     ],
     "asyncpg_iam.otel": ["PoolInstrumentation", "instrument_pool"],
     "asyncpg_iam.starlette": ["PoolState", "close_pool", "connection", "get_pool", "lifespan"],
@@ -78,6 +81,12 @@ SIGNATURES = {
     "asyncpg_iam.run_transaction": [
         "target", "fn", "retries", "backoff", "max_backoff", "isolation", "timeout", "clock", "rng"
     ],
+    "asyncpg_iam.testing.Sandbox": [
+        "server", "postgres_settings", "endpoint", "port", "iam_users", "access_key",
+        "credential_server", "credential_lifetime", "sts", "accept_any_password", "ca", "clock",
+        "isolate_environment",
+    ],
+    "asyncpg_iam.testing.isolated_aws_environment": ["region", "variables"],
     "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
     "asyncpg_iam.starlette.lifespan": [
         "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
@@ -127,6 +136,15 @@ def test_root_names_report_the_public_path() -> None:
         if name != "__version__":  # a string
             assert getattr(asyncpg_iam, name).__module__ == "asyncpg_iam", name
     assert repr(asyncpg_iam.IAMAuth).startswith("<class 'asyncpg_iam.IAMAuth'")
+
+
+def test_testing_names_report_the_public_path() -> None:
+    """Classes and functions of asyncpg_iam.testing report it, not a private module."""
+    testing = importlib.import_module("asyncpg_iam.testing")
+    for name in PUBLIC["asyncpg_iam.testing"]:
+        if not name.isupper():  # the DEFAULT_* constants are strings
+            assert getattr(testing, name).__module__ == "asyncpg_iam.testing", name
+    assert repr(testing.Sandbox).startswith("<class 'asyncpg_iam.testing.Sandbox'")
 
 
 @pytest.mark.parametrize("path", sorted(SIGNATURES))

@@ -1,5 +1,6 @@
-"""Test helpers: a throwaway PostgreSQL, a local RDS IAM emulator, a failover rehearsal
-(`FailoverCluster`), and a pytest plugin.
+"""Test helpers: the whole local stack as one (`Sandbox`), a throwaway PostgreSQL, a local RDS
+IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a clock that moves
+only when told (`ManualClock`), an isolated AWS environment, and a pytest plugin.
 
 Enable the fixtures in a test suite with ``pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]``.
 Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certificates.
@@ -7,6 +8,7 @@ Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certi
 
 from __future__ import annotations
 
+from .._clock import ManualClock
 from ._aws import CredentialServer, MotoSTS
 from ._emulator import (
     DEFAULT_DSQL_ENDPOINT,
@@ -24,7 +26,9 @@ from ._failover import (
     FailoverTimeline,
     ReaderEndpoint,
 )
+from ._isolation import isolated_aws_environment
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
+from ._sandbox import Sandbox
 
 __all__ = [
     "DEFAULT_CLUSTER_ENDPOINT",
@@ -37,6 +41,7 @@ __all__ = [
     "FailoverCluster",
     "FailoverTimeline",
     "LoginRecord",
+    "ManualClock",
     "MotoSTS",
     "PostgresCluster",
     "PostgresNotFoundError",
@@ -44,5 +49,13 @@ __all__ = [
     "RDSIAMEmulator",
     "ReaderEndpoint",
     "RelayedConnection",
+    "Sandbox",
     "find_postgres_bin",
+    "isolated_aws_environment",
 ]
+
+# Public names report the public path (in reprs, tracebacks and docs), not the private module.
+for _name in __all__:
+    if not _name.isupper():  # the DEFAULT_* constants are strings
+        globals()[_name].__module__ = __name__
+del _name

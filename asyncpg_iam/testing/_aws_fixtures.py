@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from ._aws import AWS_CREDENTIAL_VARIABLES, CredentialServer, MotoSTS
+from ._isolation import aws_isolation_variables
 
 __all__ = ["AWS_CREDENTIAL_VARIABLES", "credential_server", "isolate_aws_environment", "moto_sts"]
 
@@ -14,14 +15,16 @@ __all__ = ["AWS_CREDENTIAL_VARIABLES", "credential_server", "isolate_aws_environ
 def isolate_aws_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Hide the host's AWS credentials, config files, proxies and instance metadata."""
-    for name in AWS_CREDENTIAL_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    """Hide the host's AWS credentials, config files, proxies and instance metadata.
+
+    The ``monkeypatch`` form of `asyncpg_iam.testing.isolated_aws_environment`.
+    """
     empty = tmp_path_factory.mktemp("aws-config")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    for name, value in aws_isolation_variables(empty, region="us-east-1").items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

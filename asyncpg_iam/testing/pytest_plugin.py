@@ -19,6 +19,9 @@ Fixtures:
 - ``credential_server`` and ``moto_sts``: see `asyncpg_iam.testing.CredentialServer`.
 - ``iam_emulator``: ``rds_emulator`` trusting every key ``credential_server`` issues, so a pool
   on the default AWS chain logs in; ``iam_emulator.pool_kwargs(user=...)`` gives its arguments.
+- ``sandbox``: a started `asyncpg_iam.testing.Sandbox` on ``postgres_server`` (emulator,
+  credential server, the AWS environment isolated and pointed at it for the test);
+  ``sandbox.pool_kwargs()`` gives a pool's arguments.
 
 The pytest header names the backend that will be used, the terminal summary the one that was.
 """
@@ -39,6 +42,7 @@ from ._aws import CredentialServer
 from ._aws_fixtures import credential_server, moto_sts  # noqa: F401
 from ._emulator import AccessKey, RDSIAMEmulator
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
+from ._sandbox import Sandbox
 
 __all__ = [
     "BACKEND_PROVIDERS",
@@ -52,6 +56,7 @@ __all__ = [
     "postgres_server",
     "rds_access_key",
     "rds_emulator",
+    "sandbox",
     "select_backend",
 ]
 
@@ -280,18 +285,14 @@ async def rds_emulator(
 
     The backend's user is enabled for IAM and ``rds_access_key`` is registered.
     """
-    emulator = RDSIAMEmulator(
-        backend_host=postgres_server.host,
-        backend_port=postgres_server.port,
-        backend_user=postgres_server.user,
-        backend_password=postgres_server.password,
-        iam_users=[postgres_server.user],
+    sandbox = Sandbox(
+        server=postgres_server,
+        access_key=rds_access_key,
+        credential_server=False,
+        isolate_environment=False,
     )
-    emulator.register_key(
-        rds_access_key.access_key, rds_access_key.secret_key, rds_access_key.session_token
-    )
-    async with emulator:
-        yield emulator
+    async with sandbox:
+        yield sandbox.emulator
 
 
 @pytest.fixture
@@ -306,3 +307,14 @@ def iam_emulator(
     """
     credential_server.add_emulator(rds_emulator)
     return rds_emulator
+
+
+@pytest_asyncio.fixture
+async def sandbox(postgres_server: PostgresServer) -> AsyncIterator[Sandbox]:
+    """Provide a started `Sandbox` in front of ``postgres_server``, its environment applied.
+
+    The default AWS chain finds the keys of ``sandbox.credential_server`` (which the emulator
+    trusts) for the test; the environment is restored afterwards.
+    """
+    async with Sandbox(server=postgres_server) as started:
+        yield started

@@ -26,12 +26,12 @@ from asyncpg_iam import (
 from asyncpg_iam._auth import credential_cache_for
 from asyncpg_iam.testing import (
     CredentialServer,
-    PostgresCluster,
     PostgresServer,
     RDSIAMEmulator,
+    Sandbox,
     find_postgres_bin,
+    isolated_aws_environment,
 )
-from asyncpg_iam.testing._aws_fixtures import isolate_aws_environment
 from tests._support import wait_for
 
 from .conftest import no_hang, pool_kwargs
@@ -96,26 +96,17 @@ class Load:
         await no_hang(asyncio.gather(*self._tasks))
 
 
-async def test_postgres_restart_under_load(credential_server: CredentialServer) -> None:
+async def test_postgres_restart_under_load() -> None:
     """PostgreSQL stopped and started under load: failures while down, none after, no hang."""
-    cluster = await asyncio.to_thread(PostgresCluster().start)
-    try:
-        emulator = RDSIAMEmulator(
-            backend_host=cluster.host,
-            backend_port=cluster.port,
-            backend_user=cluster.user,
-            iam_users=[cluster.user],
-        )
-        credential_server.add_emulator(emulator)
+    async with Sandbox() as sandbox:
+        cluster, emulator = sandbox.cluster, sandbox.emulator
+        assert cluster is not None
         pg_ctl = str(find_postgres_bin() / "pg_ctl")
         data = str(cluster.data_dir)
         log = str(cluster.data_dir.parent / "postgres.log")
-        async with (
-            emulator,
-            asyncpg_iam.create_pool(
-                **pool_kwargs(emulator, cluster.server, min_size=4, max_size=8)
-            ) as pool,
-        ):
+        async with asyncpg_iam.create_pool(
+            **pool_kwargs(emulator, cluster.server, min_size=4, max_size=8)
+        ) as pool:
             load = Load(pool, workers=12)
             await asyncio.sleep(0.5)
             load.phase = "during"
@@ -129,8 +120,6 @@ async def test_postgres_restart_under_load(credential_server: CredentialServer) 
             await asyncio.sleep(1.0)
             await load.stop()
             stats = pool.stats()
-    finally:
-        await asyncio.to_thread(cluster.stop)
 
     assert load.count("before", "ok") > 0
     assert load.failures("before") == 0
@@ -397,15 +386,18 @@ _STS_ATTEMPTS = 2
 
 
 @pytest.fixture
-def throttling_sts(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ThrottlingSTS]:
+def throttling_sts() -> Iterator[ThrottlingSTS]:
     """A throttling STS that aiobotocore's STS clients are pointed at."""
-    isolate_aws_environment(monkeypatch, tmp_path_factory)
-    with ThrottlingSTS() as sts:
-        monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts.url)
-        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(_STS_ATTEMPTS))
+    with (
+        ThrottlingSTS() as sts,
+        isolated_aws_environment(
+            variables={
+                "AWS_ENDPOINT_URL_STS": sts.url,
+                "AWS_RETRY_MODE": "standard",
+                "AWS_MAX_ATTEMPTS": str(_STS_ATTEMPTS),
+            }
+        ),
+    ):
         yield sts
 
 
