@@ -35,7 +35,7 @@ import functools
 import logging
 import random
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._clock import SYSTEM_CLOCK, Clock, Timer
@@ -248,6 +248,15 @@ class Recycler:
     def deadline(self, con: Connection) -> float | None:
         """Return the clock time at which `con` is due, or None if it has no lifetime."""
         return self._deadlines.get(id(con))
+
+    @property
+    def deadlines(self) -> Mapping[int, float]:
+        """Deadlines (clock times) by ``id()`` of each open connection that has one.
+
+        The same mapping for the recycler's life, updated in place: the pool binds its ``get``
+        once for the check on every acquire.
+        """
+        return self._deadlines
 
     def is_due(self, con: Connection | None) -> bool:
         """Tell whether `con` has reached its deadline (checked on every acquire: kept cheap)."""

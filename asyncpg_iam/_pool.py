@@ -14,9 +14,10 @@ import dataclasses
 import functools
 import inspect
 import logging
+import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -24,7 +25,7 @@ import asyncpg.pool
 
 from . import _dsql
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
-from ._clock import SYSTEM_CLOCK, Clock
+from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError, CredentialsError
@@ -291,6 +292,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )
+        # The acquire check's two lookups, bound once (see _acquire_live).
+        self._deadline_of = self._recycler.deadlines.get
+        # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
+        clock = self._clock
+        self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._failover = FailoverGuard(
             self,
             connector=self._connector,
@@ -432,10 +438,15 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- lifetime --------------------------------------------------------------------------
 
-    async def _acquire(self, timeout: float | None) -> Any:
+    def _acquire(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
+        # Runs on every acquire: dispatch without a coroutine of its own, so the path without
+        # an observer adds one coroutine around asyncpg's, not two.
         observer = self._observer
         if observer is None:
-            return await self._acquire_live(timeout)
+            return self._acquire_live(timeout)
+        return self._acquire_observed(observer, timeout)
+
+    async def _acquire_observed(self, observer: PoolObserver, timeout: float | None) -> Any:
         started = self._clock.monotonic()
         observer.wait_started()
         try:
@@ -449,22 +460,34 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         observer.wait_ended(self._clock.monotonic() - started, holder=proxy._holder)
         return proxy
 
-    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
-        """Return `connection` to the pool (asyncpg's `Pool.release`)."""
+    def release(
+        self, connection: Any, *, timeout: float | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """Return `connection` to the pool (asyncpg's `Pool.release`); await the result."""
         observer = self._observer
         if observer is not None:
             holder = getattr(connection, "_holder", None)
             if holder is not None:
                 observer.connection_released(holder)
-        await super().release(connection, timeout=timeout)
+        # asyncpg's coroutine itself, not one around it: this runs on every release.
+        return super().release(connection, timeout=timeout)  # type: ignore[no-any-return]
 
     async def _acquire_live(self, timeout: float | None) -> Any:
         """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
-        started = self._loop.time()
+        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
         proxy = await super()._acquire(timeout)
+        # Kept to two lookups and a clock read: the recycler's deadlines by id() of the open
+        # connection (empty without max_lifetime).
+        deadline = self._deadline_of(id(proxy._con))
+        if deadline is not None and self._now() >= deadline:
+            proxy = await self._replace_due(proxy, started, timeout)
+        return proxy
+
+    async def _replace_due(self, proxy: Any, started: float, timeout: float | None) -> Any:
+        """Retire `proxy`'s due connection and acquire another (or hand it out once)."""
         while self._recycler.is_due(proxy._con):
             # Lifetimes are clock times: when did this acquire begin by the clock?
-            began = self._clock.monotonic() - (self._loop.time() - started)
+            began = self._clock.monotonic() - (time.monotonic() - started)
             opened = self._recycler.opened_at(proxy._con)
             if opened is not None and opened >= began:
                 # This acquire opened it, and it came due before it could be handed out (its
@@ -476,13 +499,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
             self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
-            remaining = None if timeout is None else started + timeout - self._loop.time()
+            remaining = None if timeout is None else started + timeout - time.monotonic()
             close_timeout = _DISCARD_CLOSE_TIMEOUT
             if remaining is not None:
                 close_timeout = min(close_timeout, max(remaining, 0.1))
             await super().release(proxy, timeout=close_timeout)
             if timeout is not None:
-                remaining = max(0.0, started + timeout - self._loop.time())
+                remaining = max(0.0, started + timeout - time.monotonic())
             proxy = await super()._acquire(remaining)
         return proxy
 

@@ -33,17 +33,9 @@ from asyncpg_iam import build_dsql_token
 from asyncpg_iam._auth import TokenProvider
 from asyncpg_iam.testing import DEFAULT_DSQL_ENDPOINT, RDSIAMEmulator
 
-from ._harness import (
-    CaseResult,
-    Environment,
-    interleave,
-    new_figure,
-    now,
-    percentile,
-    ratio,
-    save_figure,
-)
+from ._harness import CaseResult, Environment, interleave, percentile, ratio
 from ._harness import summarize as _summarize
+from ._shared import per_await, per_call, plot_cdfs, timed_pool_connect
 
 NAME = "dsql"
 TITLE = "9. Aurora DSQL: connect latency and token cost vs aurora-dsql-python-connector"
@@ -81,15 +73,6 @@ def _resolve_to_loopback(loop: asyncio.AbstractEventLoop, name: str) -> Iterator
         yield
     finally:
         del loop.getaddrinfo  # back to the class's method
-
-
-async def _timed_pool_connect(pool: Any) -> float:
-    start = now()
-    proxy = await pool.acquire()
-    elapsed = now() - start
-    await pool.expire_connections()
-    await pool.release(proxy)
-    return elapsed
 
 
 def _aws_connector() -> Any:
@@ -138,6 +121,38 @@ async def _connects(
     quick: bool,
 ) -> None:
     rounds = 20 if quick else 200
+    pools = await _connect_pools(emu, emu_any, connector)
+    accepted_before, rejected_before = emu.logins_accepted, emu.logins_rejected
+    try:
+        variants = {
+            name: functools.partial(timed_pool_connect, pool) for name, pool in pools.items()
+        }
+        for measure in variants.values():  # warm every path once, untimed
+            await measure()
+        samples = await interleave(variants, rounds)
+    finally:
+        for pool in pools.values():
+            await pool.close()
+    verified = emu.logins_accepted - accepted_before
+    rejected = emu.logins_rejected - rejected_before
+    summary = {name: _summarize([s * 1000 for s in values]) for name, values in samples.items()}
+    result.figures["connect"] = {
+        "unit": "ms",
+        "rounds": rounds,
+        "summary": summary,
+        "samples_ms": {
+            name: [round(s * 1000, 4) for s in values] for name, values in samples.items()
+        },
+        "verified_logins": verified,
+        "rejected_logins": rejected,
+    }
+    _connect_rows(result, summary, verified, rejected, (len(samples) - 1) * (rounds + 1))
+
+
+async def _connect_pools(
+    emu: RDSIAMEmulator, emu_any: RDSIAMEmulator, connector: Any
+) -> dict[str, Any]:
+    """Return the floor, ours and (when installed) AWS's pools, each of max_size 1."""
     ssl_context = emu.client_ssl_context()
     floor_pool = await asyncpg.create_pool(
         host=ENDPOINT,
@@ -163,30 +178,12 @@ async def _connects(
         pools["aws"] = await connector.create_pool(
             host=ENDPOINT, port=emu.port, user=USER, ssl=ssl_context, min_size=0, max_size=1
         )
-    accepted_before, rejected_before = emu.logins_accepted, emu.logins_rejected
-    try:
-        variants = {
-            name: functools.partial(_timed_pool_connect, pool) for name, pool in pools.items()
-        }
-        for measure in variants.values():  # warm every path once, untimed
-            await measure()
-        samples = await interleave(variants, rounds)
-    finally:
-        for pool in pools.values():
-            await pool.close()
-    verified = emu.logins_accepted - accepted_before
-    rejected = emu.logins_rejected - rejected_before
-    summary = {name: _summarize([s * 1000 for s in values]) for name, values in samples.items()}
-    result.figures["connect"] = {
-        "unit": "ms",
-        "rounds": rounds,
-        "summary": summary,
-        "samples_ms": {
-            name: [round(s * 1000, 4) for s in values] for name, values in samples.items()
-        },
-        "verified_logins": verified,
-        "rejected_logins": rejected,
-    }
+    return pools
+
+
+def _connect_rows(
+    result: CaseResult, summary: dict[str, Any], verified: int, rejected: int, expected: int
+) -> None:
     for name, label in CONNECT_LABELS.items():
         if name in summary:
             s = summary[name]
@@ -199,7 +196,6 @@ async def _connects(
         result.add("connect ours / aws (p50)", f"{r:.3f}", "< 1 (ours faster)", r < 1)
     floor = ratio(summary["ours"]["p50"], summary["floor"]["p50"])
     result.add("connect ours / floor (p50)", f"{floor:.3f}")
-    expected = (len(samples) - 1) * (rounds + 1)
     result.add(
         "DSQL logins verified by the emulator / rejected",
         f"{verified} / {rejected}",
@@ -220,44 +216,28 @@ async def _tokens(result: CaseResult, env: Environment, connector: Any, quick: b
     provider = TokenProvider(asyncpg_iam.IAMAuth())
     target = provider.target(ENDPOINT, 5432, USER)
 
-    async def ours() -> float:
-        start = now()
-        for _ in range(fast_batch):
-            build_dsql_token(host=ENDPOINT, region=REGION, credentials=credentials, admin=True)
-        return (now() - start) / fast_batch
-
-    async def ours_provider() -> float:
-        start = now()
-        for _ in range(fast_batch):
-            await provider.token(target)
-        return (now() - start) / fast_batch
-
-    async def botocore_token() -> float:
-        start = now()
-        for _ in range(slow_batch):
-            client.generate_db_connect_admin_auth_token(ENDPOINT, REGION)
-        return (now() - start) / slow_batch
-
-    variants = {"ours": ours, "ours_provider": ours_provider, "botocore": botocore_token}
+    sign = functools.partial(
+        build_dsql_token, host=ENDPOINT, region=REGION, credentials=credentials, admin=True
+    )
+    variants = {
+        "ours": per_call(sign, fast_batch),
+        "ours_provider": per_await(functools.partial(provider.token, target), fast_batch),
+        "botocore": per_call(
+            functools.partial(client.generate_db_connect_admin_auth_token, ENDPOINT, REGION),
+            slow_batch,
+        ),
+    }
     if connector is not None:
         from dsql_core.token_manager import TokenManager
 
         params = {"host": ENDPOINT, "region": REGION, "user": USER, "token_duration_secs": 900}
 
-        async def aws_token() -> float:
-            start = now()
-            for _ in range(aws_batch):
-                TokenManager.get_token(params)
-            return (now() - start) / aws_batch
-
-        variants["aws"] = aws_token
+        variants["aws"] = per_call(functools.partial(TokenManager.get_token, params), aws_batch)
     try:
         for measure in variants.values():
             await measure()
         samples = await interleave(variants, rounds)
-        same = build_dsql_token(
-            host=ENDPOINT, region=REGION, credentials=credentials, admin=True
-        ) == client.generate_db_connect_admin_auth_token(ENDPOINT, REGION)
+        same = sign() == client.generate_db_connect_admin_auth_token(ENDPOINT, REGION)
     finally:
         await provider.aclose()
     micros = {name: [s * 1e6 for s in values] for name, values in samples.items()}
@@ -287,17 +267,9 @@ async def _tokens(result: CaseResult, env: Environment, connector: Any, quick: b
 def plot(result: CaseResult, out: Path) -> None:
     """Plot the connect latency CDFs of the DSQL variants."""
     connect = result.figures.get("connect")
-    if not connect:
-        return
-    figure, axes = new_figure(9, 4.5)
-    for name, values in connect["samples_ms"].items():
-        ordered = sorted(values)
-        count = len(ordered)
-        axes.plot(ordered, [(i + 1) / count for i in range(count)], label=CONNECT_LABELS[name])
-    axes.set_xscale("log")
-    axes.set_xlabel("connect latency (ms, log scale)")
-    axes.set_ylabel("fraction of connects")
-    axes.set_title("Aurora DSQL connect latency through the emulator (empirical CDF)")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
-    result.plots.append(save_figure(figure, out / "dsql_connect_latency.png"))
+    if connect:
+        title = "Aurora DSQL connect latency through the emulator (empirical CDF)"
+        path = out / "dsql_connect_latency.png"
+        result.plots.append(
+            plot_cdfs(connect["samples_ms"], CONNECT_LABELS, title=title, path=path)
+        )

@@ -18,6 +18,7 @@ reports its figures alongside.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from pathlib import Path
 
@@ -30,11 +31,11 @@ from ._harness import (
     interleave,
     isolated_aws,
     new_figure,
-    now,
     percentile,
     ratio,
     save_figure,
 )
+from ._shared import per_await, per_call
 
 NAME = "token"
 TITLE = "2. Microseconds per token"
@@ -54,81 +55,75 @@ LABELS = {
 
 async def run(env: Environment | None, quick: bool) -> CaseResult:
     """Time every signer over interleaved batches."""
+    rounds = 5 if quick else 15
+    batches = {"fast": 300 if quick else 3000, "slow": 50 if quick else 400}
+    credentials = Credentials("AKIABENCHTOKEN000001", secrets.token_urlsafe(30))
+    result = CaseResult(NAME, TITLE)
+    with isolated_aws():
+        samples, same = await _sign(credentials, rounds, batches)
+    micros = {name: [s * 1e6 for s in values] for name, values in samples.items()}
+    median = {name: percentile(values, 50) for name, values in micros.items()}
+    result.figures = {
+        "unit": "us per token",
+        "rounds": rounds,
+        "batch": batches,
+        "median": median,
+        "per_round": micros,
+        "identical_token_to_botocore": same,
+    }
+    _rows(result, median, rounds)
+    await _with_session_token(result)
+    if not same:
+        result.notes.append(
+            "The token differed from botocore's for the same second (possible when a second "
+            "boundary fell between the two calls)."
+        )
+    return result
+
+
+async def _sign(
+    credentials: Credentials, rounds: int, batches: dict[str, int]
+) -> tuple[dict[str, list[float]], bool]:
+    """Sample every signer; return seconds per token per round, and whether ours matched."""
     import botocore.session
     from aiobotocore.session import AioSession
 
-    rounds = 5 if quick else 15
-    fast_batch = 300 if quick else 3000
-    slow_batch = 50 if quick else 400
-    access_key = "AKIABENCHTOKEN000001"
-    secret_key = secrets.token_urlsafe(30)
-    credentials = Credentials(access_key, secret_key)
-    keys = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key}
-    result = CaseResult(NAME, TITLE)
-
-    with isolated_aws():
-        sync_client = botocore.session.get_session().create_client(
-            "rds", region_name=REGION, **keys
-        )
-        aio_context = AioSession().create_client("rds", region_name=REGION, **keys)
-        aio_client = await aio_context.__aenter__()
-        provider = TokenProvider(IAMAuth(credentials=credentials))
-        target = provider.target(HOST, PORT, USER)
+    keys = {
+        "aws_access_key_id": credentials.access_key,
+        "aws_secret_access_key": credentials.secret_key,
+    }
+    sync_client = botocore.session.get_session().create_client("rds", region_name=REGION, **keys)
+    provider = TokenProvider(IAMAuth(credentials=credentials))
+    target = provider.target(HOST, PORT, USER)
+    signed = {"host": HOST, "port": PORT, "user": USER, "region": REGION}
+    async with AioSession().create_client("rds", region_name=REGION, **keys) as aio_client:
         try:
-
-            async def ours() -> float:
-                start = now()
-                for _ in range(fast_batch):
-                    build_auth_token(
-                        host=HOST, port=PORT, user=USER, region=REGION, credentials=credentials
-                    )
-                return (now() - start) / fast_batch
-
-            async def ours_provider() -> float:
-                start = now()
-                for _ in range(fast_batch):
-                    await provider.token(target)
-                return (now() - start) / fast_batch
-
-            async def botocore_token() -> float:
-                start = now()
-                for _ in range(slow_batch):
-                    sync_client.generate_db_auth_token(HOST, PORT, USER)
-                return (now() - start) / slow_batch
-
-            async def aiobotocore_token() -> float:
-                start = now()
-                for _ in range(slow_batch):
-                    await aio_client.generate_db_auth_token(HOST, PORT, USER)
-                return (now() - start) / slow_batch
-
+            fast, slow = batches["fast"], batches["slow"]
             variants = {
-                "ours": ours,
-                "ours_provider": ours_provider,
-                "botocore": botocore_token,
-                "aiobotocore": aiobotocore_token,
+                "ours": per_call(
+                    functools.partial(build_auth_token, **signed, credentials=credentials), fast
+                ),
+                "ours_provider": per_await(functools.partial(provider.token, target), fast),
+                "botocore": per_call(
+                    functools.partial(sync_client.generate_db_auth_token, HOST, PORT, USER), slow
+                ),
+                "aiobotocore": per_await(
+                    functools.partial(aio_client.generate_db_auth_token, HOST, PORT, USER), slow
+                ),
             }
             for measure in variants.values():  # warm caches and lazy imports, untimed
                 await measure()
             samples = await interleave(variants, rounds)
             # The tokens are interchangeable: same inputs and second, same bytes.
             same = build_auth_token(
-                host=HOST, port=PORT, user=USER, region=REGION, credentials=credentials
+                **signed, credentials=credentials
             ) == sync_client.generate_db_auth_token(HOST, PORT, USER)
         finally:
-            await aio_context.__aexit__(None, None, None)
             await provider.aclose()
+    return samples, same
 
-    micros = {name: [s * 1e6 for s in values] for name, values in samples.items()}
-    median = {name: percentile(values, 50) for name, values in micros.items()}
-    result.figures = {
-        "unit": "us per token",
-        "rounds": rounds,
-        "batch": {"fast": fast_batch, "slow": slow_batch},
-        "median": median,
-        "per_round": micros,
-        "identical_token_to_botocore": same,
-    }
+
+def _rows(result: CaseResult, median: dict[str, float], rounds: int) -> None:
     for name, label in LABELS.items():
         result.add(f"{label} (median of {rounds} rounds)", f"{median[name]:.1f} us")
     speedup = ratio(median["botocore"], median["ours"])
@@ -142,8 +137,13 @@ async def run(env: Environment | None, quick: bool) -> CaseResult:
     )
     aio = ratio(median["aiobotocore"], median["ours"])
     result.add("aiobotocore / ours", f"{aio:.1f}x")
-    # issue 3's benchmark (benchmarks/bench_token.py): the same comparison with a ~700-character
-    # session token, as temporary credentials carry; run as is and reported alongside.
+
+
+async def _with_session_token(result: CaseResult) -> None:
+    """Run issue 3's benchmark (benchmarks/bench_token.py) as is and report it alongside.
+
+    The same comparison with a ~700-character session token, as temporary credentials carry.
+    """
     from . import bench_token
 
     with isolated_aws():
@@ -163,12 +163,6 @@ async def run(env: Environment | None, quick: bool) -> CaseResult:
         ">= 10x",
         speedup_token >= 10,
     )
-    if not same:
-        result.notes.append(
-            "The token differed from botocore's for the same second (possible when a second "
-            "boundary fell between the two calls)."
-        )
-    return result
 
 
 def plot(result: CaseResult, out: Path) -> None:
