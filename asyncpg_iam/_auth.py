@@ -15,6 +15,7 @@ import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._aws_env import FoundRegion, region_from_environment
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import AssumeRole, CredentialCache, build_cache, configured_region
 from ._errors import AuthFailureContext, ConfigurationError
@@ -36,6 +37,7 @@ __all__ = [
     "auth_from",
     "credential_cache_for",
     "failure_context",
+    "find_region",
 ]
 
 _REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
@@ -219,13 +221,44 @@ class IAMAuth:
             )
 
 
+def _is_dsql(auth: IAMAuth, signing_host: str) -> bool:
+    return auth.service == "dsql" if auth.service is not None else is_dsql_host(signing_host)
+
+
+def find_region(
+    auth: IAMAuth, signing_host: str | None = None, *, given_as: str = "IAMAuth(region=...)"
+) -> FoundRegion | None:
+    """Return the region to sign for and where it came from, or None when there is none.
+
+    In order: `auth.region` (named `given_as`), the region in `signing_host`'s endpoint name,
+    ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's config. Never a default. The pool, the
+    assume-role STS client and the doctor all ask this. Raises ConfigurationError for a profile
+    that is not defined.
+    """
+    if auth.region is not None:
+        return FoundRegion(auth.region, given_as)
+    if signing_host is not None:
+        endpoint_region = region_from_host(signing_host)
+        if endpoint_region is not None:
+            kind = "DSQL" if _is_dsql(auth, signing_host) else "RDS"
+            return FoundRegion(endpoint_region, f"the {kind} endpoint name")
+    from_environment = region_from_environment()
+    if from_environment is not None:
+        return from_environment
+    configured = configured_region(profile=auth.profile, session=auth.session)
+    if configured is None:
+        return None
+    profile = f"the profile {auth.profile!r}" if auth.profile else "the default profile"
+    return FoundRegion(configured, f"{profile} in the AWS config file")
+
+
 def credential_cache_for(
     auth: IAMAuth | None = None, *, clock: Clock = SYSTEM_CLOCK, **tuning: float
 ) -> CredentialCache:
     """Return the credential cache for `auth`'s credential settings (default: the chain).
 
     The settings are valid (`IAMAuth` checked them). The assume-role STS region is
-    ``IAMAuth(region=...)``, else the AWS configuration's (``AWS_REGION``,
+    found by `find_region` without an endpoint (``IAMAuth(region=...)``, ``AWS_REGION``,
     ``AWS_DEFAULT_REGION``, the profile), else the region of the first database endpoint signed
     for; never a silent default. `tuning` names `CredentialCache`'s keyword arguments.
     """
@@ -239,12 +272,9 @@ def credential_cache_for(
             external_id=auth.external_id,
             duration=auth.role_duration,
         )
-        if auth.region is not None:
-            sts_region = (auth.region, "IAMAuth(region=...)")
-        else:
-            found = configured_region(profile=auth.profile, session=auth.session)
-            if found is not None:
-                sts_region = (found, "the AWS configuration")
+        found = find_region(auth)
+        if found is not None:
+            sts_region = (found.name, found.source)
     return build_cache(
         credentials=auth.credentials,
         profile=auth.profile,
@@ -317,7 +347,6 @@ class TokenProvider:
         self.token_reuses = 0
         self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
         self._reusable = OrderedDict()
-        self._configured_region: str | bool | None = False  # False: not looked up yet
 
     def target(self, host: str, port: int, user: str) -> SigningTarget:
         """Resolve what to sign for when dialling `host`:`port` as `user`.
@@ -327,31 +356,18 @@ class TokenProvider:
         signing_host = self.auth.signing_host or host
         signing_port = self.auth.signing_port or port
         endpoint_region = region_from_host(signing_host)
-        dsql = (
-            self.auth.service == "dsql"
-            if self.auth.service is not None
-            else is_dsql_host(signing_host)
-        )
-        if self.auth.region is not None:
-            region, source = self.auth.region, "IAMAuth(region=...)"
-        elif endpoint_region is not None:
-            region = endpoint_region
-            source = "the DSQL endpoint name" if dsql else "the RDS endpoint name"
-        else:
-            if self._configured_region is False:
-                self._configured_region = configured_region(
-                    profile=self.auth.profile, session=self.auth.session
-                )
-            found = self._configured_region
-            if not isinstance(found, str):
-                raise ConfigurationError(
-                    f"no AWS region for {signing_host!r}: it is not an RDS endpoint name and no "
-                    "region is configured. Pass IAMAuth(region='us-east-1') or set AWS_REGION; "
-                    "if you connect through a CNAME, tunnel or IP, also pass "
-                    "IAMAuth(signing_host='<the RDS endpoint name>')"
-                )
-            _check_region(found, "the configured AWS region")
-            region, source = found, "the AWS configuration"
+        dsql = _is_dsql(self.auth, signing_host)
+        found = find_region(self.auth, signing_host)
+        if found is None:
+            raise ConfigurationError(
+                f"no AWS region for {signing_host!r}: it is not an RDS endpoint name and no "
+                "region is configured. Pass IAMAuth(region='us-east-1') or set AWS_REGION; "
+                "if you connect through a CNAME, tunnel or IP, also pass "
+                "IAMAuth(signing_host='<the RDS endpoint name>')"
+            )
+        region, source = found.name, found.source
+        if self.auth.region is None and endpoint_region is None:
+            _check_region(region, f"the AWS region from {source}")
         self.credentials.offer_region(region, source)
         return SigningTarget(
             host=host,

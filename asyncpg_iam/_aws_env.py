@@ -1,5 +1,6 @@
 """Facts about the AWS environment, in one place: proxies, NO_PROXY, the metadata addresses,
-the clock skew that matters and how AWS's answers tell the time.
+the region the environment names, the clock skew that matters and how AWS's answers tell the
+time.
 
 The credential cache's error messages and the doctor's proxy check both ask `proxy_problem`,
 so they can never disagree about whether a proxy captures a credential request.
@@ -20,10 +21,13 @@ __all__ = [
     "CONTAINER_ADDRESS",
     "IMDS_ADDRESS",
     "MAX_CLOCK_SKEW",
+    "REGION_VARIABLES",
+    "FoundRegion",
     "ProxyProblem",
     "bypasses_proxy",
     "env",
     "proxy_problem",
+    "region_from_environment",
     "response_date",
 ]
 
@@ -35,6 +39,25 @@ IMDS_ADDRESS = "169.254.169.254"
 #: The ECS/EKS container credentials endpoint.
 CONTAINER_ADDRESS = "169.254.170.2"
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY")
+#: The variables that name a region, in the order the AWS CLI reads them (then the profile).
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FoundRegion:
+    """An AWS region and where it was found, in the words a message names it with."""
+
+    name: str
+    source: str
+
+
+def region_from_environment() -> FoundRegion | None:
+    """Return the region the first set of `REGION_VARIABLES` names, or None when none is set."""
+    for variable in REGION_VARIABLES:
+        value = os.environ.get(variable)
+        if value:
+            return FoundRegion(value, variable)
+    return None
 
 
 def response_date(response: Mapping[str, Any]) -> dt.datetime | None:

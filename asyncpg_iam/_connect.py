@@ -189,6 +189,28 @@ def check_keywords(
     )
 
 
+_IAM_PASSWORD = (
+    "password cannot be combined with IAM authentication: the token is the "
+    "password. Drop password=..., or pass iam=False for a static password"
+)
+
+
+def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
+    """Return (host, port) pairs of asyncpg's parsed addresses; a Unix socket has port 0."""
+    endpoints: list[tuple[str, int]] = []
+    for addr in addrs:
+        if isinstance(addr, str):
+            if iam:
+                raise ConfigurationError(
+                    f"IAM authentication needs TLS over TCP, but {addr!r} is a Unix socket: "
+                    "pass host='<endpoint>'"
+                )
+            endpoints.append((addr, 0))
+        else:
+            endpoints.append((str(addr[0]), int(addr[1])))
+    return tuple(endpoints)
+
+
 def plan_connect(
     dsn: str | None,
     connect_kwargs: Mapping[str, Any],
@@ -209,10 +231,7 @@ def plan_connect(
         raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
     iam = auth is not None
     if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
-        raise ConfigurationError(
-            "password cannot be combined with IAM authentication: the token is the "
-            "password. Drop password=..., or pass iam=False for a static password"
-        )
+        raise ConfigurationError(_IAM_PASSWORD)
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
@@ -224,22 +243,11 @@ def plan_connect(
         environ=environ,
     )
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
-    endpoints: list[tuple[str, int]] = []
-    for addr in addrs:
-        if isinstance(addr, str):
-            if iam:
-                raise ConfigurationError(
-                    f"IAM authentication needs TLS over TCP, but {addr!r} is a Unix socket: "
-                    "pass host='<endpoint>'"
-                )
-            endpoints.append((addr, 0))
-        else:
-            endpoints.append((str(addr[0]), int(addr[1])))
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
     negotiation = getattr(params, "ssl_negotiation", None)
     return ConnectPlan(
-        endpoints=tuple(endpoints),
+        endpoints=_endpoints(addrs, iam=iam),
         user=str(params.user),
         database=str(params.database),
         tls=tls,
@@ -494,70 +502,12 @@ class Connector:
         """Return the library's error for a connect that failed before a login, or None."""
         if isinstance(exc, IAMError):
             return None
-        where = f"{host}:{port}"
-        tls = self.plan.tls
         if isinstance(exc, ssl.SSLCertVerificationError):
-            detail = exc.verify_message or str(exc)
-            if exc.verify_code in _NAME_MISMATCH or "mismatch" in detail.lower():
-                hint = (
-                    f"The certificate does not name {host!r}: connect by the name on the "
-                    "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
-                    "pass ssl='verify-ca' (the chain is still verified) with "
-                    "IAMAuth(signing_host='<the RDS endpoint name>')"
-                )
-            else:
-                hint = (
-                    "Run `asyncpg-iam ca-bundle` for the RDS CA bundle, or pass "
-                    "sslrootcert='<PEM file of the server's CA>' or an ssl.SSLContext that "
-                    "trusts it"
-                )
-            return TLSVerificationError(
-                f"the TLS certificate of {where} did not verify against {tls.ca_source} "
-                f"({detail}); no password was sent",
-                host=host,
-                port=port,
-                hint=hint,
-                ca=tls.ca_source,
-            )
-        if isinstance(exc, socket.gaierror):
-            return ConnectError(
-                f"cannot resolve {host!r} ({exc.strerror or exc})",
-                host=host,
-                port=port,
-                phase="dns",
-                hint="Check the host name. RDS endpoint names resolve only where DNS can see "
-                "them (a private instance: inside its VPC); try `getent hosts NAME` here",
-            )
-        if isinstance(exc, ConnectionRefusedError):
-            return ConnectError(
-                f"connection to {where} refused",
-                host=host,
-                port=port,
-                phase="tcp",
-                hint="Nothing listens there: check the port (the instance's, 5432 by default) "
-                "and that the database is running",
-            )
+            return _certificate_error(exc, host, port, self.plan.tls)
         if isinstance(exc, asyncio.TimeoutError):
             timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
             return await _explain_timeout(host, port, timeout)
-        if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
-            return ConnectError(
-                f"{where} refused TLS (it answered 'N' to the TLS request)",
-                host=host,
-                port=port,
-                phase="tls",
-                hint="RDS always offers TLS, so this is not RDS itself: a local server, or a "
-                "proxy or tunnel that terminates TLS. No password was sent",
-            )
-        if not isinstance(exc, ssl.SSLError) and exc.__class__ is OSError:
-            return ConnectError(
-                f"cannot connect to {where}: {exc.strerror or exc}",
-                host=host,
-                port=port,
-                phase="tcp",
-                hint="Check the network path to it: routes, security groups, firewalls",
-            )
-        return None
+        return _network_error(exc, host, port)
 
     async def reset(self) -> None:
         """Close the token provider's credential cache and start a fresh one."""
@@ -579,6 +529,75 @@ async def _in_recovery(con: Any) -> bool:
     if reported is not None:
         return bool(reported == "on")
     return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+
+
+def _certificate_error(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, tls: TLSPolicy
+) -> TLSVerificationError:
+    """Explain a server certificate that did not verify (no password was sent)."""
+    detail = exc.verify_message or str(exc)
+    if exc.verify_code in _NAME_MISMATCH or "mismatch" in detail.lower():
+        hint = (
+            f"The certificate does not name {host!r}: connect by the name on the "
+            "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
+            "pass ssl='verify-ca' (the chain is still verified) with "
+            "IAMAuth(signing_host='<the RDS endpoint name>')"
+        )
+    else:
+        hint = (
+            "Run `asyncpg-iam ca-bundle` for the RDS CA bundle, or pass "
+            "sslrootcert='<PEM file of the server's CA>' or an ssl.SSLContext that "
+            "trusts it"
+        )
+    return TLSVerificationError(
+        f"the TLS certificate of {host}:{port} did not verify against {tls.ca_source} "
+        f"({detail}); no password was sent",
+        host=host,
+        port=port,
+        hint=hint,
+        ca=tls.ca_source,
+    )
+
+
+def _network_error(exc: BaseException, host: str, port: int) -> ConnectError | None:
+    """Explain a connect that failed in DNS, TCP or the TLS request, or return None."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(
+            f"cannot resolve {host!r} ({exc.strerror or exc})",
+            host=host,
+            port=port,
+            phase="dns",
+            hint="Check the host name. RDS endpoint names resolve only where DNS can see "
+            "them (a private instance: inside its VPC); try `getent hosts NAME` here",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectError(
+            f"connection to {where} refused",
+            host=host,
+            port=port,
+            phase="tcp",
+            hint="Nothing listens there: check the port (the instance's, 5432 by default) "
+            "and that the database is running",
+        )
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return ConnectError(
+            f"{where} refused TLS (it answered 'N' to the TLS request)",
+            host=host,
+            port=port,
+            phase="tls",
+            hint="RDS always offers TLS, so this is not RDS itself: a local server, or a "
+            "proxy or tunnel that terminates TLS. No password was sent",
+        )
+    if not isinstance(exc, ssl.SSLError) and exc.__class__ is OSError:
+        return ConnectError(
+            f"cannot connect to {where}: {exc.strerror or exc}",
+            host=host,
+            port=port,
+            phase="tcp",
+            hint="Check the network path to it: routes, security groups, firewalls",
+        )
+    return None
 
 
 async def _explain_timeout(host: str, port: int, timeout: float | None) -> ConnectTimeoutError:

@@ -546,25 +546,7 @@ class _AssumeRoleSource:
         try:
             response = await client.assume_role(**params)
         except botocore.exceptions.ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = error.get("Code", "")
-            message = error.get("Message", "")
-            if code in ("AccessDenied", "AccessDeniedException"):
-                identity = await self._identity(client, message)
-                raise CredentialsError(
-                    f"AssumeRole denied for role {self._role_arn} by identity {identity} "
-                    f"(source credentials from {self._inner.source}): {message}. Allow "
-                    f"sts:AssumeRole on {self._role_arn} in that identity's IAM policy and name "
-                    "the identity as a principal in the role's trust policy"
-                    + (" (check the ExternalId too)" if self._external_id else ""),
-                    source=self.description,
-                ) from exc
-            raise CredentialsError(
-                f"AssumeRole for role {self._role_arn} failed with {code} (source credentials "
-                f"from {self._inner.source}, access key {mask_access_key(source.access_key)}): "
-                f"{message}",
-                source=self.description,
-            ) from exc
+            raise await self._refused(exc, client, source) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise CredentialsError(
                 f"AssumeRole for role {self._role_arn} could not reach STS in {self._region} "
@@ -582,6 +564,28 @@ class _AssumeRoleSource:
             issued["SecretAccessKey"],
             issued.get("SessionToken"),
             expiry.astimezone(dt.timezone.utc),
+        )
+
+    async def _refused(self, exc: Any, client: Any, source: Credentials) -> CredentialsError:
+        """Explain an AssumeRole that STS answered with an error."""
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        message = error.get("Message", "")
+        if code in ("AccessDenied", "AccessDeniedException"):
+            identity = await self._identity(client, message)
+            return CredentialsError(
+                f"AssumeRole denied for role {self._role_arn} by identity {identity} "
+                f"(source credentials from {self._inner.source}): {message}. Allow "
+                f"sts:AssumeRole on {self._role_arn} in that identity's IAM policy and name "
+                "the identity as a principal in the role's trust policy"
+                + (" (check the ExternalId too)" if self._external_id else ""),
+                source=self.description,
+            )
+        return CredentialsError(
+            f"AssumeRole for role {self._role_arn} failed with {code} (source credentials "
+            f"from {self._inner.source}, access key {mask_access_key(source.access_key)}): "
+            f"{message}",
+            source=self.description,
         )
 
     async def _identity(self, client: Any, message: str) -> str:

@@ -286,37 +286,13 @@ class FailoverGuard:
                 con = await open_once(**kwargs)
             except Exception as exc:
                 kind = _connect_failure(exc)
-                if kind is None:
+                if kind is None or not self._is_retryable(kind, epoch, recoveries):
                     raise
-                if kind == "read_only" and not self.wants_writer:
-                    raise
-                if self._recoveries != recoveries:
-                    # The pool recovered while this attempt was in flight (it began before the
-                    # endpoint moved): part of the event it recovered from, retried, not a new one.
-                    pass
-                elif kind != "read_only" and not self._recovering:
-                    # A server that is down while the pool saw no failover: say so at once.
-                    if not self._opened_any:
-                        raise
-                    self.report(f"connect_{kind}", epoch, connect=True)
-                    if not self._recovering:
-                        raise
-                elif kind == "read_only":
-                    self.report("connect_read_only", epoch, connect=True)
                 wait = delay * (0.5 + self._rng.random() / 2)
                 remaining -= loop.time() - attempt_began
                 if remaining <= wait:
                     raise
-                self.connect_retries += 1
-                if kind == "read_only":
-                    self.read_only_retries += 1
-                logger.debug(
-                    "pool %s: connect landed on a %s server (%s); retrying in %.2f s",
-                    self._name,
-                    "read-only" if kind == "read_only" else "unavailable",
-                    type(exc).__name__,
-                    wait,
-                )
+                self._count_retry(kind, exc, wait)
                 waited_from = self._clock.monotonic()
                 await self._clock.sleep(wait)
                 remaining -= self._clock.monotonic() - waited_from
@@ -326,6 +302,36 @@ class FailoverGuard:
                 # Signals from it belong to the epoch its login began in.
                 self._login_epochs[con] = epoch
                 return con
+
+    def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
+        """Tell whether a connect that failed as `kind` is retried as part of a failover."""
+        if kind == "read_only" and not self.wants_writer:
+            return False
+        if self._recoveries != recoveries:
+            # The pool recovered while this attempt was in flight (it began before the
+            # endpoint moved): part of the event it recovered from, retried, not a new one.
+            return True
+        if kind != "read_only" and not self._recovering:
+            # A server that is down while the pool saw no failover: say so at once.
+            if not self._opened_any:
+                return False
+            self.report(f"connect_{kind}", epoch, connect=True)
+            return self._recovering
+        if kind == "read_only":
+            self.report("connect_read_only", epoch, connect=True)
+        return True
+
+    def _count_retry(self, kind: str, exc: Exception, wait: float) -> None:
+        self.connect_retries += 1
+        if kind == "read_only":
+            self.read_only_retries += 1
+        logger.debug(
+            "pool %s: connect landed on a %s server (%s); retrying in %.2f s",
+            self._name,
+            "read-only" if kind == "read_only" else "unavailable",
+            type(exc).__name__,
+            wait,
+        )
 
     def watch(self, con: Any) -> None:
         """Attach the signals to a connection the pool just opened."""

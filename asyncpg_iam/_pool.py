@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
+from . import _dsql
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
@@ -203,6 +204,30 @@ def _validate_pool_options(
         )
 
 
+def _connector_for(
+    dsn: str | None,
+    settings: _dsql.PoolSettings,
+    *,
+    auth: IAMAuth | None,
+    name: str | None,
+    clock: Clock,
+    connect: Callable[..., Awaitable[Any]],
+) -> Connector:
+    """Plan the pool's connections and make the connector that opens them."""
+    # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
+    plan = apply_writer_default(
+        plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
+    )
+    return Connector(
+        plan,
+        provider=TokenProvider(auth, clock=clock) if auth is not None else None,
+        max_connect_rate=settings.max_connect_rate,
+        name=name,
+        clock=clock,
+        connect=connect,
+    )
+
+
 class Pool(asyncpg.Pool):  # type: ignore[misc]
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
@@ -235,19 +260,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             max_connect_rate=max_connect_rate,
             connect_kwargs=kwargs,
         )
-        max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
-        # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
-        plan = apply_writer_default(
-            plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
-        )
-        self._connector = Connector(
-            plan,
-            provider=TokenProvider(auth, clock=clock) if auth is not None else None,
-            max_connect_rate=max_connect_rate,
-            name=name,
-            clock=clock,
-            connect=user_connect,
+        max_lifetime = settings.max_lifetime
+        _validate_pool_options(max_lifetime, max_lifetime_jitter, settings.max_connect_rate)
+        self._connector = _connector_for(
+            dsn, settings, auth=auth, name=name, clock=clock, connect=user_connect
         )
         self._clock = clock
         self._counters = _Counters()
@@ -260,16 +276,26 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
+        self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
+        self._refill_task: asyncio.Task[None] | None = None
+        self._shutdown_task: asyncio.Task[None] | None = None
+        # Clock time at which each new connection's login began (read once it joins the pool).
+        self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
+        """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
         self._recycler = Recycler(
             self,
             max_lifetime=max_lifetime,
-            jitter=max_lifetime_jitter,
+            jitter=jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
-            clock=clock,
+            clock=self._clock,
         )
         # The acquire check's two lookups, bound once (see _acquire_live).
         self._deadline_of = self._recycler.deadlines.get
         # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
+        clock = self._clock
         self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._failover = FailoverGuard(
             self,
@@ -278,11 +304,6 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             name=self._name,
             clock=clock,
         )
-        self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
-        self._refill_task: asyncio.Task[None] | None = None
-        self._shutdown_task: asyncio.Task[None] | None = None
-        # Clock time at which each new connection's login began (read once it joins the pool).
-        self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import trustme
 
-from asyncpg_iam.testing._emulator import _start_tls
+from asyncpg_iam.testing._streams import start_tls
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -75,7 +75,7 @@ class Trap:
                         continue
                     writer.write(b"S")
                     await writer.drain()
-                    await _start_tls(writer, self.tls)
+                    await start_tls(writer, self.tls)
                     continue
                 if code == _GSSENC_REQUEST:
                     writer.write(b"N")

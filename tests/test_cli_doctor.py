@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import trustme
 
-from asyncpg_iam._cli_doctor import FAIL, PASS, Doctor, dns_verdict
-from asyncpg_iam.cli import build_parser, iam_auth_from, plan_from
+from asyncpg_iam.cli import build_parser
+from asyncpg_iam.cli.doctor import FAIL, PASS, Context, dns_verdict, run_checks
 from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIAMEmulator
 from tests._support import resolve_as_unknown, run_cli
 
@@ -275,8 +275,7 @@ async def test_dns_failure_skips_the_checks_that_need_an_address(
     for name, value in setup.env.items():
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(setup.args(host="db.nowhere.invalid")[0:])
-    auth = iam_auth_from(args)
-    checks = {c.name: c for c in await Doctor(args, auth, plan_from(args, auth)).run()}
+    checks = {c.name: c for c in await run_checks(Context.from_args(args))}
     assert checks["dns"].status == FAIL
     assert "db.nowhere.invalid" in checks["dns"].detail
     for name in ("tcp", "tls", "login", "select"):
@@ -341,3 +340,45 @@ async def test_a_fix_is_printed_once(setup: Setup, tmp_path: Path) -> None:
     fixes = [line.split("-> fix: ", 1)[1] for line in out.splitlines() if "-> fix: " in line]
     assert fixes
     assert len(fixes) == len(set(fixes))
+
+
+async def test_no_region_anywhere_fails_the_region_check_and_assumes_none(setup: Setup) -> None:
+    """With no region given, in the host, the environment or the profile, the doctor says so."""
+    env = {k: v for k, v in setup.env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    code, checks, output = await setup.doctor(env=env, host="localhost", signing_host=None)
+    assert code == 1
+    assert failing(checks) == ["region", "dns"]
+    region = checks["region"]
+    assert region["detail"].startswith("no AWS region found: no --region, localhost is not")
+    assert "AWS_REGION and AWS_DEFAULT_REGION are not set" in region["detail"]
+    assert "--region" in region["fix"]
+    assert "AWS_REGION" in region["fix"]
+    for name in ("identity", "token"):
+        assert checks[name]["status"] == "skip", name
+        assert "region" in checks[name]["detail"], name
+    assert "us-east-1" not in output  # no region is made up, not even for STS
+    assert setup.emulator.password_messages == 0
+
+
+@pytest.mark.parametrize(
+    ("variables", "config", "source"),
+    [
+        ({"AWS_REGION": "us-east-1"}, "", "AWS_REGION"),
+        ({"AWS_DEFAULT_REGION": "us-east-1"}, "", "AWS_DEFAULT_REGION"),
+        ({}, "[default]\nregion = us-east-1\n", "the default profile in the AWS config file"),
+    ],
+)
+async def test_region_check_names_where_the_region_came_from(
+    setup: Setup, tmp_path: Path, variables: dict[str, str], config: str, source: str
+) -> None:
+    """Dialling an address, the region comes from the environment or the profile: named."""
+    config_file = tmp_path / "config"
+    config_file.write_text(config)
+    env = {k: v for k, v in setup.env.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    env.update(variables, AWS_CONFIG_FILE=str(config_file))
+    code, checks, output = await setup.doctor(env=env, signing_host=None)
+    assert checks["region"]["status"] == PASS, output
+    assert checks["region"]["detail"].startswith(f"us-east-1 (from {source}); 127.0.0.1 is not")
+    assert checks["identity"]["status"] == PASS
+    assert code == 1  # the address is not an RDS name: the dns check fails, the login too
+    assert failing(checks) == ["dns", "login"]

@@ -91,7 +91,7 @@ async def test_region_comes_from_endpoint_then_configuration(
         pool.settings.signing_targets[0].region_source,
     ) == (
         "eu-west-1",
-        "the AWS configuration",
+        "AWS_REGION",
     )
 
 

@@ -407,7 +407,7 @@ async def test_sts_region_is_never_a_silent_default(unreachable_sts: None) -> No
     ("auth_region", "env_region", "expected"),
     [
         (None, None, "STS in eu-west-2 (region from the RDS endpoint name)"),
-        (None, "ca-central-1", "STS in ca-central-1 (region from the AWS configuration)"),
+        (None, "ca-central-1", "STS in ca-central-1 (region from AWS_REGION)"),
         ("ap-south-1", "ca-central-1", "STS in ap-south-1 (region from IAMAuth(region=...))"),
     ],
 )

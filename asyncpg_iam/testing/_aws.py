@@ -22,6 +22,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._clock import SYSTEM_CLOCK, Clock
@@ -66,6 +67,69 @@ class KeyRegistry(Protocol):
 IssueCallback = Callable[[str, str, "str | None"], None]
 
 
+@dataclass(frozen=True, slots=True)
+class _IssuedKey:
+    """One key the server issued, and when (by the clock's monotonic time)."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    token: str = field(repr=False)
+    expiry: dt.datetime
+    issued_at: float
+
+    @classmethod
+    def new(cls, *, now: dt.datetime, monotonic: float, lifetime: float) -> _IssuedKey:
+        """Make random credentials that live `lifetime` seconds from `now`."""
+        # Expiration has whole seconds: round up, so a key never expires before its
+        # lifetime is over (and the next key is out when half of it is).
+        expiry = now + dt.timedelta(seconds=lifetime)
+        if expiry.microsecond:
+            expiry = expiry.replace(microsecond=0) + dt.timedelta(seconds=1)
+        return cls(
+            access_key="ASIA" + secrets.token_hex(8).upper(),
+            secret_key=secrets.token_urlsafe(30),
+            token=secrets.token_urlsafe(96),
+            expiry=expiry,
+            issued_at=monotonic,
+        )
+
+    def announce(self, listeners: list[IssueCallback]) -> None:
+        """Tell each listener about this key."""
+        for listener in listeners:
+            listener(self.access_key, self.secret_key, self.token)
+
+
+class _HttpThread:
+    """An HTTP server on a free port of 127.0.0.1, serving GETs from a thread."""
+
+    def __init__(self, on_get: Callable[[http.server.BaseHTTPRequestHandler], None]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                on_get(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._handler = Handler
+        self.httpd: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str) -> None:
+        """Start serving in a daemon thread called `name`."""
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and wait (up to 5 s) for the thread."""
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
 class CredentialServer:
     """A container-credentials endpoint on 127.0.0.1 that issues rotating credentials.
 
@@ -106,13 +170,12 @@ class CredentialServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._listeners: list[IssueCallback] = []
-        self._current: tuple[str, str, str, dt.datetime, float] | None = None
+        self._current: _IssuedKey | None = None
         for emulator in emulators or ():
             self.add_emulator(emulator)
         if on_issue is not None:
             self._listeners.append(on_issue)
-        self._httpd: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http = _HttpThread(self._handle)
 
     # -- configuration -------------------------------------------------------------------
 
@@ -126,7 +189,7 @@ class CredentialServer:
             self._listeners.append(callback)
             current = self._current
         if current is not None:
-            callback(current[0], current[1], current[2])
+            current.announce([callback])
 
     @property
     def hang(self) -> bool:
@@ -143,9 +206,9 @@ class CredentialServer:
     @property
     def url(self) -> str:
         """The full URI to put in AWS_CONTAINER_CREDENTIALS_FULL_URI."""
-        if self._httpd is None:
+        if self._http.httpd is None:
             raise RuntimeError("CredentialServer is not started")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}{self.path}"
+        return f"http://127.0.0.1:{self._http.httpd.server_address[1]}{self.path}"
 
     def env(self) -> dict[str, str]:
         """Return the environment variables that point the default chain at this server."""
@@ -159,30 +222,18 @@ class CredentialServer:
         mono = self.clock.monotonic()
         with self._lock:
             current = self._current
-            if current is None or mono - current[4] >= self.rotate_every:
-                access_key = "ASIA" + secrets.token_hex(8).upper()
-                secret_key = secrets.token_urlsafe(30)
-                token = secrets.token_urlsafe(96)
-                # Expiration has whole seconds: round up, so a key never expires before its
-                # lifetime is over (and the next key is out when half of it is).
-                expiry = now + dt.timedelta(seconds=self.lifetime)
-                if expiry.microsecond:
-                    expiry = expiry.replace(microsecond=0) + dt.timedelta(seconds=1)
-                current = (access_key, secret_key, token, expiry, mono)
+            listeners = []
+            if current is None or mono - current.issued_at >= self.rotate_every:
+                current = _IssuedKey.new(now=now, monotonic=mono, lifetime=self.lifetime)
                 self._current = current
-                self.issued.append(access_key)
+                self.issued.append(current.access_key)
                 listeners = list(self._listeners)
-            else:
-                listeners = []
-        for listener in listeners:
-            listener(current[0], current[1], current[2])
-        expiry = current[3]
-        if self.expired:
-            expiry = now - dt.timedelta(seconds=60)
+        current.announce(listeners)
+        expiry = now - dt.timedelta(seconds=60) if self.expired else current.expiry
         return {
-            "AccessKeyId": current[0],
-            "SecretAccessKey": current[1],
-            "Token": current[2],
+            "AccessKeyId": current.access_key,
+            "SecretAccessKey": current.secret_key,
+            "Token": current.token,
             "Expiration": expiry.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
 
@@ -190,32 +241,14 @@ class CredentialServer:
 
     def start(self) -> CredentialServer:
         """Start serving on a free port of 127.0.0.1."""
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner._handle(self)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
         self._stopping.clear()
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="CredentialServer", daemon=True
-        )
-        self._thread.start()
+        self._http.start("CredentialServer")
         return self
 
     def stop(self) -> None:
         """Stop serving; later requests are refused."""
         self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._http.stop()
 
     def __enter__(self) -> CredentialServer:
         return self.start()

@@ -64,6 +64,57 @@ def _scram_client_final(
     return f"{without_proof},p={base64.b64encode(proof).decode()}", server_signature
 
 
+class _PasswordExchange:
+    """Answers the backend's authentication requests with the password (cleartext, MD5, SCRAM)."""
+
+    def __init__(self, password: str | None, *, user: str) -> None:
+        self._password = password
+        self._user = user
+        # The SCRAM exchange so far: client nonce, client-first-bare, expected server signature.
+        self._scram: tuple[str, str, bytes] | None = None
+        self.asked = False
+
+    def answer(self, code: int, payload: bytes) -> bytes | None:
+        """Return the reply to authentication request `code`, or None when none is due."""
+        password = self._password
+        if password is None:
+            raise BackendError(
+                f"the backend asks for a password (auth request {code}); "
+                "give the emulator backend_password or use trust authentication"
+            )
+        self.asked = True
+        if code == 3:
+            return encode_message(b"p", password.encode("utf-8") + b"\x00")
+        if code == 5:
+            inner = hashlib.md5((password + self._user).encode("utf-8")).hexdigest()  # noqa: S324
+            outer = hashlib.md5(inner.encode("ascii") + payload[4:8]).hexdigest()  # noqa: S324
+            return encode_message(b"p", b"md5" + outer.encode("ascii") + b"\x00")
+        if code == 10:
+            return self._scram_first(payload[4:])
+        if code == 11 and self._scram is not None:
+            nonce, first_bare, _ = self._scram
+            final, server_sig = _scram_client_final(
+                password, first_bare, payload[4:].decode(), nonce
+            )
+            self._scram = (nonce, first_bare, server_sig)
+            return encode_message(b"p", final.encode())
+        if code == 12 and self._scram is not None:
+            attrs = dict(item.split("=", 1) for item in payload[4:].decode().split(",") if item)
+            if not hmac.compare_digest(base64.b64decode(attrs.get("v", "")), self._scram[2]):
+                raise BackendError("the backend's SCRAM server signature is wrong")
+            return None
+        raise BackendError(f"unsupported backend authentication request {code}")
+
+    def _scram_first(self, mechanisms: bytes) -> bytes:
+        if b"SCRAM-SHA-256" not in mechanisms.split(b"\x00"):
+            raise BackendError("the backend offers no SASL mechanism we speak")
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n=,r={nonce}"
+        first = f"n,,{first_bare}".encode()
+        self._scram = (nonce, first_bare, b"")
+        return encode_message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!i", len(first)) + first)
+
+
 async def open_backend(
     host: str,
     port: int,
@@ -77,11 +128,9 @@ async def open_backend(
     try:
         writer.write(encode_startup(params))
         await writer.drain()
+        exchange = _PasswordExchange(password, user=params.get("user", ""))
         greeting: list[bytes] = []
         pid: int | None = None
-        scram: tuple[str, str, bytes] | None = None  # client nonce, client-first-bare, server sig
-        asked = False
-        user = params.get("user", "")
         while True:
             kind, payload = await read_message(reader, max_length=_MAX_BACKEND_MESSAGE)
             raw = encode_message(kind, payload)
@@ -90,52 +139,17 @@ async def open_backend(
                 raise BackendError(fields.get("M", "backend error"), raw=raw, fields=fields)
             if kind == b"R":
                 (code,) = struct.unpack("!i", payload[:4])
-                if code == 0:
-                    greeting.append(raw)
+                if code != 0:
+                    reply = exchange.answer(code, payload)
+                    if reply is not None:
+                        writer.write(reply)
+                    await writer.drain()
                     continue
-                if password is None:
-                    raise BackendError(
-                        f"the backend asks for a password (auth request {code}); "
-                        "give the emulator backend_password or use trust authentication"
-                    )
-                asked = True
-                if code == 3:
-                    writer.write(encode_message(b"p", password.encode("utf-8") + b"\x00"))
-                elif code == 5:
-                    inner = hashlib.md5((password + user).encode("utf-8")).hexdigest()  # noqa: S324
-                    outer = hashlib.md5(inner.encode("ascii") + payload[4:8]).hexdigest()  # noqa: S324
-                    writer.write(encode_message(b"p", b"md5" + outer.encode("ascii") + b"\x00"))
-                elif code == 10:
-                    mechanisms = payload[4:].split(b"\x00")
-                    if b"SCRAM-SHA-256" not in mechanisms:
-                        raise BackendError("the backend offers no SASL mechanism we speak")
-                    nonce = base64.b64encode(os.urandom(18)).decode()
-                    first_bare = f"n=,r={nonce}"
-                    first = f"n,,{first_bare}".encode()
-                    body = b"SCRAM-SHA-256\x00" + struct.pack("!i", len(first)) + first
-                    writer.write(encode_message(b"p", body))
-                    scram = (nonce, first_bare, b"")
-                elif code == 11 and scram is not None:
-                    final, server_sig = _scram_client_final(
-                        password, scram[1], payload[4:].decode(), scram[0]
-                    )
-                    scram = (scram[0], scram[1], server_sig)
-                    writer.write(encode_message(b"p", final.encode()))
-                elif code == 12 and scram is not None:
-                    attrs = dict(
-                        item.split("=", 1) for item in payload[4:].decode().split(",") if item
-                    )
-                    if not hmac.compare_digest(base64.b64decode(attrs.get("v", "")), scram[2]):
-                        raise BackendError("the backend's SCRAM server signature is wrong")
-                else:
-                    raise BackendError(f"unsupported backend authentication request {code}")
-                await writer.drain()
-                continue
             greeting.append(raw)
             if kind == b"K" and len(payload) >= 4:
                 (pid,) = struct.unpack("!i", payload[:4])
             if kind == b"Z":
-                return BackendSession(reader, writer, pid, b"".join(greeting), asked)
+                return BackendSession(reader, writer, pid, b"".join(greeting), exchange.asked)
     except BaseException:
         writer.close()
         raise

@@ -188,6 +188,20 @@ class RoleDirectory:
                 logger.debug("cannot apply rds_iam grants on the backend: %r", exc)
                 self._drop()
 
+    async def create_login_role(self, user: str, *, password: str | None) -> None:
+        """Create a LOGIN role `user` (with `password`) unless it exists; errors propagate."""
+        import asyncpg
+
+        async with self._lock:
+            conn = await self._connection()
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", user)
+            if not exists:
+                sql = f"CREATE ROLE {_quote_ident(user)} LOGIN"
+                if password is not None:
+                    sql += " PASSWORD '" + password.replace("'", "''") + "'"
+                with contextlib.suppress(asyncpg.DuplicateObjectError):
+                    await conn.execute(sql)
+
     async def lookup(self, user: str, *, with_verifier: bool) -> RoleInfo:
         """Return whether `user` exists and is a member of ``rds_iam``, and its verifier."""
         import asyncpg

@@ -28,19 +28,9 @@ DSQL_MAX_EXPIRES = 604_800
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _SERVICE = "rds-db"
 _DSQL_SERVICE = "dsql"
-_DSQL_REQUIRED = (
-    "Action",
-    "X-Amz-Algorithm",
-    "X-Amz-Credential",
-    "X-Amz-Date",
-    "X-Amz-Expires",
-    "X-Amz-SignedHeaders",
-    "X-Amz-Signature",
-)
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_REQUIRED = (
-    "Action",
-    "DBUser",
+# The SigV4 query parameters of a presigned URL, in the order a missing one is named.
+_SIGV4_QUERY = (
     "X-Amz-Algorithm",
     "X-Amz-Credential",
     "X-Amz-Date",
@@ -48,6 +38,8 @@ _REQUIRED = (
     "X-Amz-SignedHeaders",
     "X-Amz-Signature",
 )
+_REQUIRED = ("Action", "DBUser", *_SIGV4_QUERY)
+_DSQL_REQUIRED = ("Action", *_SIGV4_QUERY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +117,74 @@ def signed_host(host: str, port: str) -> str:
     return host if port == "443" else f"{host}:{port}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Presigned:
+    """A token split into its parts: the host before ``/?``, the query and the credential scope."""
+
+    host: str
+    params: dict[str, str]
+    access_key: str
+    scope_date: str
+    region: str
+    service: str
+
+
+def _parse_presigned(token: str, *, required: tuple[str, ...], kind: str) -> _Presigned | Verdict:
+    """Split a token into its parts, or refuse one that is not a well-formed presigned URL."""
+    host, sep, query = token.partition("/?")
+    if not sep or not host or not query:
+        return _reject("malformed_token", f"the password is not {kind} (no host/?query)")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return _reject("malformed_token", "the token's query string cannot be parsed")
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        return _reject("malformed_token", "the token repeats a query parameter")
+    missing = [name for name in required if name not in params]
+    if missing:
+        return _reject("malformed_token", f"the token lacks {', '.join(missing)}")
+    credential = params["X-Amz-Credential"].split("/")
+    if len(credential) != 5 or credential[4] != "aws4_request":
+        return _reject(
+            "malformed_token", "X-Amz-Credential is not AK/date/region/service/aws4_request"
+        )
+    access_key, scope_date, region, service, _ = credential
+    return _Presigned(host, params, access_key, scope_date, region, service)
+
+
+def _check_scope(token: _Presigned, *, service: str, region: str) -> Verdict | None:
+    """Refuse a token not signed with SigV4 over ``host`` for `service` in `region`."""
+    params, access_key = token.params, token.access_key
+    if params["X-Amz-Algorithm"] != _ALGORITHM:
+        return _reject("malformed_token", f"X-Amz-Algorithm is not {_ALGORITHM}", access_key)
+    if params["X-Amz-SignedHeaders"] != "host":
+        return _reject("malformed_token", "X-Amz-SignedHeaders is not 'host'", access_key)
+    if token.service != service:
+        return _reject(
+            "wrong_service", f"signed for service {token.service!r}, not {service!r}", access_key
+        )
+    if token.region != region:
+        return _reject(
+            "wrong_region", f"signed for region {token.region!r}, this is {region!r}", access_key
+        )
+    return None
+
+
+def _signing_time(token: _Presigned) -> dt.datetime | Verdict:
+    """Return when the token was signed, or refuse a date that is malformed or off-scope."""
+    amz_date = token.params["X-Amz-Date"]
+    try:
+        signed_at = dt.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return _reject("malformed_token", "X-Amz-Date is not yyyymmddThhmmssZ", token.access_key)
+    if amz_date[:8] != token.scope_date:
+        return _reject(
+            "malformed_token", "the credential scope date is not X-Amz-Date's", token.access_key
+        )
+    return signed_at
+
+
 def verify_token(
     token: str,
     *,
@@ -137,41 +197,36 @@ def verify_token(
     max_clock_skew: float = 300.0,
 ) -> Verdict:
     """Check `token` for a login of `user` to `endpoint:port` in `region` at time `now`."""
-    host, sep, query = token.partition("/?")
-    if not sep or not host or not query:
-        return _reject("malformed_token", "the password is not an RDS IAM token (no host/?query)")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-    except ValueError:
-        return _reject("malformed_token", "the token's query string cannot be parsed")
-    params = dict(pairs)
-    if len(params) != len(pairs):
-        return _reject("malformed_token", "the token repeats a query parameter")
-    missing = [name for name in _REQUIRED if name not in params]
-    if missing:
-        return _reject("malformed_token", f"the token lacks {', '.join(missing)}")
-
-    credential = params["X-Amz-Credential"].split("/")
-    access_key = credential[0] if credential else None
-    if len(credential) != 5 or credential[4] != "aws4_request":
-        return _reject(
-            "malformed_token", "X-Amz-Credential is not AK/date/region/service/aws4_request"
-        )
-    _, scope_date, token_region, service, _ = credential
-
+    parsed = _parse_presigned(token, required=_REQUIRED, kind="an RDS IAM token")
+    if isinstance(parsed, Verdict):
+        return parsed
+    params, access_key = parsed.params, parsed.access_key
     if params["Action"] != "connect":
         return _reject("wrong_action", f"Action is {params['Action']!r}, not 'connect'", access_key)
-    if params["X-Amz-Algorithm"] != _ALGORITHM:
-        return _reject("malformed_token", f"X-Amz-Algorithm is not {_ALGORITHM}", access_key)
-    if params["X-Amz-SignedHeaders"] != "host":
-        return _reject("malformed_token", "X-Amz-SignedHeaders is not 'host'", access_key)
-    if service != _SERVICE:
-        return _reject("wrong_service", f"signed for service {service!r}, not 'rds-db'", access_key)
-    if token_region != region:
-        return _reject(
-            "wrong_region", f"signed for region {token_region!r}, this is {region!r}", access_key
-        )
-    token_host, _, token_port = host.rpartition(":")
+    problem = _check_scope(parsed, service=_SERVICE, region=region) or _check_rds_target(
+        parsed, user=user, endpoint=endpoint, port=port
+    )
+    if problem is not None:
+        return problem
+    signed_at = _signing_time(parsed)
+    if isinstance(signed_at, Verdict):
+        return signed_at
+    token_host, _, token_port = parsed.host.rpartition(":")
+    return _check_signed(
+        parsed,
+        host=signed_host(token_host, token_port),
+        signed_at=signed_at,
+        lifetime=TOKEN_LIFETIME,
+        keys=keys,
+        now=now,
+        max_clock_skew=max_clock_skew,
+    )
+
+
+def _check_rds_target(token: _Presigned, *, user: str, endpoint: str, port: int) -> Verdict | None:
+    """Refuse an RDS token for another host, port or user, or with another lifetime."""
+    params, access_key = token.params, token.access_key
+    token_host, _, token_port = token.host.rpartition(":")
     if token_host.lower() != endpoint.lower():
         return _reject(
             "wrong_host", f"signed for host {token_host!r}, this is {endpoint!r}", access_key
@@ -186,108 +241,81 @@ def verify_token(
         return _reject(
             "bad_expires", f"X-Amz-Expires is {params['X-Amz-Expires']!r}, not 900", access_key
         )
-    try:
-        signed_at = dt.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=dt.timezone.utc
-        )
-    except ValueError:
-        return _reject("malformed_token", "X-Amz-Date is not yyyymmddThhmmssZ", access_key)
-    if params["X-Amz-Date"][:8] != scope_date:
-        return _reject(
-            "malformed_token", "the credential scope date is not X-Amz-Date's", access_key
-        )
-    return _check_signed(
-        host=signed_host(token_host, token_port),
-        params=params,
-        scope_date=scope_date,
-        region=token_region,
-        service=service,
-        signed_at=signed_at,
-        lifetime=TOKEN_LIFETIME,
-        access_key=access_key,
-        keys=keys,
-        now=now,
-        max_clock_skew=max_clock_skew,
-    )
+    return None
 
 
 def _check_signed(
+    token: _Presigned,
     *,
     host: str,
-    params: Mapping[str, str],
-    scope_date: str,
-    region: str,
-    service: str,
     signed_at: dt.datetime,
     lifetime: int,
-    access_key: str | None,
     keys: Mapping[str, RegisteredKey],
     now: dt.datetime,
     max_clock_skew: float,
 ) -> Verdict:
     """Check the key, session token, signature, age and credential expiry of a parsed token."""
+    access_key = token.access_key
     age = (now - signed_at).total_seconds()
-
-    key = keys.get(access_key or "")
+    key = keys.get(access_key)
     if key is None:
         return _reject(
             "unknown_access_key", f"access key {access_key} is not registered", access_key, age
         )
-    presented = params.get("X-Amz-Security-Token")
+    problem = _session_token_problem(key, token.params.get("X-Amz-Security-Token"))
+    if problem is not None:
+        return _reject("session_token_mismatch", problem, access_key, age)
+    signature = expected_signature(
+        secret_key=key.secret_key,
+        host=host,
+        params=token.params,
+        amz_date=token.params["X-Amz-Date"],
+        scope_date=token.scope_date,
+        region=token.region,
+        service=token.service,
+    )
+    if not hmac.compare_digest(signature, token.params["X-Amz-Signature"]):
+        return _reject(
+            "signature_mismatch", "the signature does not match the key's secret", access_key, age
+        )
+    refusal = _time_problem(key, age=age, lifetime=lifetime, now=now, max_clock_skew=max_clock_skew)
+    if refusal is not None:
+        return _reject(refusal[0], refusal[1], access_key, age)
+    return Verdict(True, "ok", "token verified", access_key, age)
+
+
+def _session_token_problem(key: RegisteredKey, presented: str | None) -> str | None:
+    """Say how the token's session token disagrees with the key's, if it does."""
     if key.session_token is None and presented is not None:
-        return _reject(
-            "session_token_mismatch",
-            "the token carries a session token; the key has none",
-            access_key,
-            age,
-        )
+        return "the token carries a session token; the key has none"
     if key.session_token is not None and presented is None:
-        return _reject(
-            "session_token_mismatch",
-            "the key needs a session token; the token has none",
-            access_key,
-            age,
-        )
+        return "the key needs a session token; the token has none"
     if (
         key.session_token is not None
         and presented is not None
         and not hmac.compare_digest(key.session_token.encode(), presented.encode())
     ):
-        return _reject(
-            "session_token_mismatch", "the session token is not the key's", access_key, age
-        )
-    signature = expected_signature(
-        secret_key=key.secret_key,
-        host=host,
-        params=params,
-        amz_date=params["X-Amz-Date"],
-        scope_date=scope_date,
-        region=region,
-        service=service,
-    )
-    if not hmac.compare_digest(signature, params["X-Amz-Signature"]):
-        return _reject(
-            "signature_mismatch", "the signature does not match the key's secret", access_key, age
-        )
+        return "the session token is not the key's"
+    return None
+
+
+def _time_problem(
+    key: RegisteredKey, *, age: float, lifetime: int, now: dt.datetime, max_clock_skew: float
+) -> tuple[str, str] | None:
+    """Return the reason and detail when the token is too old, too new, or its key expired."""
     if age > lifetime:
-        return _reject(
-            "expired", f"the token is {age:.0f} s old (limit {lifetime} s)", access_key, age
-        )
+        return "expired", f"the token is {age:.0f} s old (limit {lifetime} s)"
     if -age > max_clock_skew:
-        return _reject(
+        return (
             "future_dated",
             f"the token is dated {-age:.0f} s in the future (allowed skew {max_clock_skew:.0f} s)",
-            access_key,
-            age,
         )
     if key.expiration is not None and now >= key.expiration:
-        return _reject(
+        return (
             "credentials_expired",
             f"the signing credentials expired at {key.expiration.isoformat()}",
-            access_key,
-            age,
         )
-    return Verdict(True, "ok", "token verified", access_key, age)
+    return None
 
 
 def verify_dsql_token(
@@ -305,26 +333,10 @@ def verify_dsql_token(
     The role ``admin`` needs ``Action=DbConnectAdmin``, every other role ``Action=DbConnect``;
     the token names the endpoint without a port and lives ``X-Amz-Expires`` seconds.
     """
-    host, sep, query = token.partition("/?")
-    if not sep or not host or not query:
-        return _reject("malformed_token", "the password is not a DSQL token (no host/?query)")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
-    except ValueError:
-        return _reject("malformed_token", "the token's query string cannot be parsed")
-    params = dict(pairs)
-    if len(params) != len(pairs):
-        return _reject("malformed_token", "the token repeats a query parameter")
-    missing = [name for name in _DSQL_REQUIRED if name not in params]
-    if missing:
-        return _reject("malformed_token", f"the token lacks {', '.join(missing)}")
-    credential = params["X-Amz-Credential"].split("/")
-    access_key = credential[0] if credential else None
-    if len(credential) != 5 or credential[4] != "aws4_request":
-        return _reject(
-            "malformed_token", "X-Amz-Credential is not AK/date/region/service/aws4_request"
-        )
-    _, scope_date, token_region, service, _ = credential
+    parsed = _parse_presigned(token, required=_DSQL_REQUIRED, kind="a DSQL token")
+    if isinstance(parsed, Verdict):
+        return parsed
+    params, access_key = parsed.params, parsed.access_key
     wanted = "DbConnectAdmin" if user == "admin" else "DbConnect"
     if params["Action"] != wanted:
         return _reject(
@@ -332,45 +344,36 @@ def verify_dsql_token(
             f"Action is {params['Action']!r}; role {user!r} logs in with {wanted!r}",
             access_key,
         )
-    if params["X-Amz-Algorithm"] != _ALGORITHM:
-        return _reject("malformed_token", f"X-Amz-Algorithm is not {_ALGORITHM}", access_key)
-    if params["X-Amz-SignedHeaders"] != "host":
-        return _reject("malformed_token", "X-Amz-SignedHeaders is not 'host'", access_key)
-    if service != _DSQL_SERVICE:
-        return _reject("wrong_service", f"signed for service {service!r}, not 'dsql'", access_key)
-    if token_region != region:
-        return _reject(
-            "wrong_region", f"signed for region {token_region!r}, this is {region!r}", access_key
-        )
-    if host.lower() != endpoint.lower():
-        return _reject("wrong_host", f"signed for host {host!r}, this is {endpoint!r}", access_key)
-    expires = params["X-Amz-Expires"]
-    if not expires.isdigit() or not 1 <= int(expires) <= DSQL_MAX_EXPIRES:
-        return _reject(
-            "bad_expires",
-            f"X-Amz-Expires is {expires!r}, not seconds from 1 to {DSQL_MAX_EXPIRES}",
-            access_key,
-        )
-    try:
-        signed_at = dt.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=dt.timezone.utc
-        )
-    except ValueError:
-        return _reject("malformed_token", "X-Amz-Date is not yyyymmddThhmmssZ", access_key)
-    if params["X-Amz-Date"][:8] != scope_date:
-        return _reject(
-            "malformed_token", "the credential scope date is not X-Amz-Date's", access_key
-        )
+    problem = _check_scope(parsed, service=_DSQL_SERVICE, region=region) or _check_dsql_target(
+        parsed, endpoint=endpoint
+    )
+    if problem is not None:
+        return problem
+    signed_at = _signing_time(parsed)
+    if isinstance(signed_at, Verdict):
+        return signed_at
     return _check_signed(
-        host=host,
-        params=params,
-        scope_date=scope_date,
-        region=token_region,
-        service=service,
+        parsed,
+        host=parsed.host,
         signed_at=signed_at,
-        lifetime=int(expires),
-        access_key=access_key,
+        lifetime=int(params["X-Amz-Expires"]),
         keys=keys,
         now=now,
         max_clock_skew=max_clock_skew,
     )
+
+
+def _check_dsql_target(token: _Presigned, *, endpoint: str) -> Verdict | None:
+    """Refuse a DSQL token for another host, or with a lifetime DSQL does not allow."""
+    if token.host.lower() != endpoint.lower():
+        return _reject(
+            "wrong_host", f"signed for host {token.host!r}, this is {endpoint!r}", token.access_key
+        )
+    expires = token.params["X-Amz-Expires"]
+    if not expires.isdigit() or not 1 <= int(expires) <= DSQL_MAX_EXPIRES:
+        return _reject(
+            "bad_expires",
+            f"X-Amz-Expires is {expires!r}, not seconds from 1 to {DSQL_MAX_EXPIRES}",
+            token.access_key,
+        )
+    return None

@@ -22,20 +22,20 @@ TLS is end to end: the forwarders relay bytes, the emulators (one CA for both) t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
 import ssl
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from .._auth import IAMAuth
 from .._errors import ConfigurationError
 from ._emulator import RDSIAMEmulator
 from ._postgres import PostgresCluster
+from ._service import AsyncService
+from ._streams import StreamListener, relay
 
 __all__ = [
     "DEFAULT_CLUSTER_ENDPOINT",
@@ -50,7 +50,6 @@ logger = logging.getLogger("asyncpg_iam.testing.failover")
 
 DEFAULT_CLUSTER_ENDPOINT = "mydb.cluster-abcdefghijkl.us-east-1.rds.amazonaws.com"
 DEFAULT_READER_ENDPOINT = "mydb.cluster-ro-abcdefghijkl.us-east-1.rds.amazonaws.com"
-_RELAY_CHUNK = 1 << 16
 
 
 class HasAddress(Protocol):
@@ -72,15 +71,11 @@ def _address(backend: Backend) -> tuple[str, int]:
     return backend.host, backend.port
 
 
-class _Forwarder:
+class _Forwarder(AsyncService):
     """A TCP relay on loopback that picks a backend for each new connection."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._host = host
-        self._listen_port = port
-        self._port: int | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener = StreamListener(self._handle, host=host, port=port, name="endpoint")
         self._writers: set[asyncio.StreamWriter] = set()
         self._by_backend: Counter[tuple[str, int]] = Counter()
         self._refused = 0
@@ -90,48 +85,25 @@ class _Forwarder:
 
     async def start(self) -> None:
         """Start listening."""
-        if self._server is not None:
-            raise RuntimeError("the endpoint is already started")
-        self._server = await asyncio.start_server(self._handle, self._host, self._listen_port)
-        self._port = self._server.sockets[0].getsockname()[1]
+        await self._listener.start()
 
     async def stop(self) -> None:
         """Stop listening and cut every relayed connection."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
+        await self._listener.stop(cut=self._cut)
+
+    def _cut(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
-
-    async def __aenter__(self) -> Any:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def host(self) -> str:
         """The loopback address it listens on (what the DNS name resolves to)."""
-        return self._host
+        return self._listener.host
 
     @property
     def port(self) -> int:
         """The port it listens on (known once started)."""
-        if self._port is None:
-            raise RuntimeError("the endpoint is not started: await start() first")
-        return self._port
+        return self._listener.port
 
     @property
     def connections_by_backend(self) -> dict[tuple[str, int], int]:
@@ -141,17 +113,18 @@ class _Forwarder:
     @property
     def open_connections(self) -> int:
         """Client connections being relayed now."""
-        return len(self._tasks)
+        return self._listener.active
 
     @property
     def refused(self) -> int:
         """New connections whose backend did not answer (closed at once)."""
         return self._refused
 
+    def _listening(self) -> str:
+        port = self._listener.bound_port
+        return f"{self.host}:{port}" if port else "not started"
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         self._writers.add(writer)
         target = self._choose()
         self._by_backend[target] += 1
@@ -163,7 +136,7 @@ class _Forwarder:
                 self._refused += 1
                 return
             self._writers.add(backend_writer)
-            await _relay(reader, writer, backend_reader, backend_writer)
+            await relay(reader, writer, backend_reader, backend_writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -171,33 +144,6 @@ class _Forwarder:
                 if each is not None:
                     self._writers.discard(each)
                     each.close()
-            if task is not None:
-                self._tasks.discard(task)
-
-
-async def _relay(
-    client_reader: asyncio.StreamReader,
-    client_writer: asyncio.StreamWriter,
-    backend_reader: asyncio.StreamReader,
-    backend_writer: asyncio.StreamWriter,
-) -> None:
-    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while True:
-                data = await source.read(_RELAY_CHUNK)
-                if not data:
-                    return
-                sink.write(data)
-                await sink.drain()
-
-    upstream = asyncio.ensure_future(pipe(client_reader, backend_writer))
-    downstream = asyncio.ensure_future(pipe(backend_reader, client_writer))
-    try:
-        await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (upstream, downstream):
-            task.cancel()
-        await asyncio.gather(upstream, downstream, return_exceptions=True)
 
 
 class ClusterEndpoint(_Forwarder):
@@ -237,7 +183,7 @@ class ClusterEndpoint(_Forwarder):
         )
 
     def __repr__(self) -> str:
-        listening = f"{self._host}:{self._port}" if self._port else "not started"
+        listening = self._listening()
         return f"ClusterEndpoint(listening={listening}, target={self._target[0]}:{self._target[1]})"
 
 
@@ -274,7 +220,7 @@ class ReaderEndpoint(_Forwarder):
         return self._backends[next(self._next) % len(self._backends)]
 
     def __repr__(self) -> str:
-        listening = f"{self._host}:{self._port}" if self._port else "not started"
+        listening = self._listening()
         return f"ReaderEndpoint(listening={listening}, backends={len(self._backends)})"
 
 
@@ -294,7 +240,7 @@ class FailoverTimeline:
     """What became of the old primary: ``"down"`` or ``"read_only"``."""
 
 
-class FailoverCluster:
+class FailoverCluster(AsyncService):
     """A primary and a streaming standby behind IAM emulators and one cluster endpoint.
 
     Both emulators verify tokens signed for `endpoint`:`signing_port` in `region` (from the
@@ -404,18 +350,6 @@ class FailoverCluster:
         for server in self._servers:
             await asyncio.to_thread(server.stop)
         self._servers.clear()
-
-    async def __aenter__(self) -> FailoverCluster:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def __repr__(self) -> str:
         if not self._emulators or self._writer is None:

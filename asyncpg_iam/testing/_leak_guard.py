@@ -217,8 +217,14 @@ def _wrap_init(cls: type, after: Callable[[Any], None], name: str = "__init__") 
 
 def _install() -> None:
     """Hook every place that issues or receives a secret (once per session)."""
-    import asyncpg_iam
+    _hook_constructors()
+    _hook_signer()
+    _hook_emulator()
+    _hook_credential_server()
 
+
+def _hook_constructors() -> None:
+    """Watch the objects that hold secrets, and learn the credentials they are made with."""
     from .. import _auth, _credentials, _errors, _pool, _signing
     from . import _aws, _emulator
 
@@ -240,6 +246,13 @@ def _install() -> None:
 
     _patches.setattr(_errors.IAMError, "__init__", on_error)
 
+
+def _hook_signer() -> None:
+    """Learn every token the library signs, and the credentials it signs with."""
+    import asyncpg_iam
+
+    from .. import _auth, _signing
+
     signer = _signing.build_auth_token
 
     @functools.wraps(signer)
@@ -253,14 +266,19 @@ def _install() -> None:
     _patches.setattr(_signing, "build_auth_token", build_auth_token)
     _patches.setattr(_auth, "build_auth_token", build_auth_token)
 
-    verify = _emulator.verify_token  # type: ignore[attr-defined]
+
+def _hook_emulator() -> None:
+    """Learn every token the emulator verifies and every key registered with it."""
+    from . import _emu_login, _emu_verify, _emulator
+
+    verify = _emu_verify.verify_token
 
     @functools.wraps(verify)
     def verify_token(token: str, **kwargs: Any) -> Any:
         REGISTRY.add_token(token)
         return verify(token, **kwargs)
 
-    _patches.setattr(_emulator, "verify_token", verify_token)
+    _patches.setattr(_emu_login, "verify_token", verify_token)
 
     original_register = _emulator.RDSIAMEmulator.register_key
 
@@ -273,6 +291,11 @@ def _install() -> None:
         original_register(self, access_key, secret_key, session_token, **kw)
 
     _patches.setattr(_emulator.RDSIAMEmulator, "register_key", register_key)
+
+
+def _hook_credential_server() -> None:
+    """Learn every secret the local credential endpoint issues."""
+    from . import _aws
 
     issue = _aws.CredentialServer.current_credentials
 

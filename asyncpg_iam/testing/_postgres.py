@@ -373,20 +373,39 @@ class PostgresCluster:
         return result
 
     def _create(self, bin_dir: Path) -> None:
-        import trustme
-
         assert self._tmp is not None
-        owner: tuple[int, int] | None = None
-        if self._as_postgres():
-            try:
-                entry = pwd.getpwnam("postgres")
-            except KeyError:
-                raise PostgresNotFoundError(
-                    "running as root needs a 'postgres' user to run the server: " + _INSTALL_HINT
-                ) from None
-            owner = (entry.pw_uid, entry.pw_gid)
+        owner = self._server_owner()
         tls = self._tmp / "tls"
         tls.mkdir()
+        tls_files = self._write_tls(tls)
+        (self._tmp / "sock").mkdir()
+        if owner is not None:
+            for path in (self._tmp, tls, *tls_files, self._tmp / "sock"):
+                os.chown(path, *owner)
+        self._tmp.chmod(0o755)  # readable by clients for ca.pem; data dir itself stays 0700
+        if self._standby_of is not None:
+            self._clone(bin_dir)
+        else:
+            self._initdb(bin_dir)
+        self._port = _free_port(self._host)
+        self._write_conf(tls)
+
+    def _server_owner(self) -> tuple[int, int] | None:
+        """Return the uid and gid the server runs as when we are root, else None."""
+        if not self._as_postgres():
+            return None
+        try:
+            entry = pwd.getpwnam("postgres")
+        except KeyError:
+            raise PostgresNotFoundError(
+                "running as root needs a 'postgres' user to run the server: " + _INSTALL_HINT
+            ) from None
+        return (entry.pw_uid, entry.pw_gid)
+
+    def _write_tls(self, tls: Path) -> tuple[Path, Path, Path]:
+        """Write a fresh CA and a server certificate and key for loopback into `tls`."""
+        import trustme
+
         ca = trustme.CA()
         cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
         self._ca_pem = ca.cert_pem.bytes().decode("ascii")
@@ -395,17 +414,10 @@ class PostgresCluster:
         key_path = tls / "server.key"
         cert.private_key_pem.write_to_path(str(key_path))
         key_path.chmod(0o600)
-        (self._tmp / "sock").mkdir()
-        if owner is not None:
-            for path in (self._tmp, tls, tls / "ca.pem", tls / "server.crt", key_path):
-                os.chown(path, *owner)
-            os.chown(self._tmp / "sock", *owner)
-        self._tmp.chmod(0o755)  # readable by clients for ca.pem; data dir itself stays 0700
-        if self._standby_of is not None:
-            self._clone(bin_dir)
-        else:
-            self._initdb(bin_dir)
-        self._port = _free_port(self._host)
+        return tls / "ca.pem", tls / "server.crt", key_path
+
+    def _write_conf(self, tls: Path) -> None:
+        assert self._tmp is not None
         settings = {
             "listen_addresses": f"'{self._host}'",
             "port": str(self._port),
@@ -415,7 +427,7 @@ class PostgresCluster:
             "full_page_writes": "off",
             "ssl": "on",
             "ssl_cert_file": f"'{tls / 'server.crt'}'",
-            "ssl_key_file": f"'{key_path}'",
+            "ssl_key_file": f"'{tls / 'server.key'}'",
             "ssl_ca_file": f"'{tls / 'ca.pem'}'",
             "max_connections": "300",
             "shared_buffers": "32MB",
@@ -478,27 +490,9 @@ class PostgresCluster:
             log.touch()
             entry = pwd.getpwnam("postgres")
             os.chown(log, entry.pw_uid, entry.pw_gid)
-        options = f"-p {self._port}" + "".join(
-            f" -c {name}={value}" for name, value in (settings or {}).items()
-        )
         # The port was free a moment ago; retry on a fresh one if someone took it meanwhile.
         for attempt in range(3):
-            result = self._run(
-                [
-                    str(bin_dir / "pg_ctl"),
-                    "-D",
-                    str(self._tmp / "data"),
-                    "-l",
-                    str(log),
-                    "-w",
-                    "-t",
-                    str(int(self._start_timeout)),
-                    "-o",
-                    options,
-                    "start",
-                ],
-                check=False,
-            )
+            result = self._pg_ctl_start(bin_dir, log, settings)
             if result.returncode == 0:
                 self._running = True
                 break
@@ -523,6 +517,30 @@ class PostgresCluster:
                     self._database,
                 ]
             )
+
+    def _pg_ctl_start(
+        self, bin_dir: Path, log: Path, settings: dict[str, str] | None
+    ) -> subprocess.CompletedProcess[str]:
+        assert self._tmp is not None
+        options = f"-p {self._port}" + "".join(
+            f" -c {name}={value}" for name, value in (settings or {}).items()
+        )
+        return self._run(
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(self._tmp / "data"),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                str(int(self._start_timeout)),
+                "-o",
+                options,
+                "start",
+            ],
+            check=False,
+        )
 
     def _kill_postmaster(self, data: Path) -> None:
         pid_file = data / "postmaster.pid"

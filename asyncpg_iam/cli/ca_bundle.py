@@ -18,10 +18,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ._errors import CABundleError, ConfigurationError
-from ._tls import CA_BUNDLE_FILENAME, cache_dir
+from .._errors import CABundleError, ConfigurationError
+from .._tls import CA_BUNDLE_FILENAME, cache_dir
+from ._options import EXIT_OK, Commands, positive
 
-__all__ = ["DEFAULT_CA_BUNDLE_URL", "CABundleError", "download_ca_bundle", "run_ca_bundle"]
+__all__ = ["DEFAULT_CA_BUNDLE_URL", "CABundleError", "download_ca_bundle", "register", "run"]
 
 DEFAULT_CA_BUNDLE_URL = "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem"
 #: Environment variable naming another URL to download the bundle from.
@@ -31,6 +32,30 @@ _MAX_BYTES = 4 * 1024 * 1024
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----"
 )
+
+
+def register(commands: Commands) -> None:
+    """Add the ``ca-bundle`` command."""
+    parser = commands.add_parser(
+        "ca-bundle",
+        help="download the RDS global CA bundle and print its path",
+        description="Download the RDS global CA bundle, check that it is PEM certificates, "
+        "store it (atomically) and print its path. The pool and `asyncpg-iam psql` use the "
+        "cached bundle by default.",
+    )
+    parser.add_argument("--output", help="where to store it (default: the cache directory)")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help="where to download it from (default: $ASYNCPG_IAM_CA_BUNDLE_URL or the RDS "
+        "global bundle)",
+    )
+    parser.add_argument(
+        "--cafile",
+        help="CA certificates to verify the download server with (default: the system store)",
+    )
+    parser.add_argument("--timeout", type=positive, default=30.0, help="seconds (default 30)")
+    parser.set_defaults(run=run)
 
 
 def validate_pem_bundle(data: bytes) -> int:
@@ -93,11 +118,11 @@ def download_ca_bundle(
     return count
 
 
-def run_ca_bundle(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam ca-bundle``."""
     url = args.url or os.environ.get(CA_BUNDLE_URL_ENV) or DEFAULT_CA_BUNDLE_URL
     output = Path(args.output) if args.output else cache_dir() / CA_BUNDLE_FILENAME
     count = download_ca_bundle(output, url=url, cafile=args.cafile, timeout=args.timeout)
     sys.stderr.write(f"{count} certificates from {url}\n")
     sys.stdout.write(f"{output.resolve()}\n")
-    return 0
+    return EXIT_OK

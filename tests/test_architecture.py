@@ -1,0 +1,132 @@
+"""The package's import rules (ARCHITECTURE.md), read from the source: no import circle, and no
+production module that imports the test helpers."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import asyncpg_iam
+
+PACKAGE = "asyncpg_iam"
+# Where importing `asyncpg_iam.testing` is allowed: the test helpers themselves, and the command
+# line, whose `emulate` and `demo` run them (lazily, naming the extra when it is missing).
+TESTING = f"{PACKAGE}.testing"
+MAY_IMPORT_TESTING = (TESTING, f"{PACKAGE}.cli")
+
+
+def _modules() -> dict[str, Path]:
+    """Return every module of the package by name, with its source file."""
+    root = Path(asyncpg_iam.__file__).parent
+    found = {PACKAGE: root / "__init__.py"}
+    for info in pkgutil.walk_packages([str(root)], prefix=PACKAGE + "."):
+        relative = info.name.split(".")[1:]
+        path = root.joinpath(*relative)
+        found[info.name] = path / "__init__.py" if info.ispkg else path.with_suffix(".py")
+    return found
+
+
+MODULES = _modules()
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """Return the absolute name `from ... import` names, relative to `module`."""
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _imports(module: str) -> set[str]:
+    """Return the package's modules that `module` imports, at any level (lazily too)."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), str(path))
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(module, path.name == "__init__.py", node)
+            for alias in node.names:
+                # `from pkg import mod` imports the module pkg.mod; `from mod import name`, mod.
+                submodule = f"{base}.{alias.name}"
+                targets.add(submodule if submodule in MODULES else base)
+    return {target for target in targets if target in MODULES and target != module}
+
+
+GRAPH = {module: _imports(module) for module in MODULES}
+
+
+def _cycle() -> list[str] | None:
+    """Return one import circle of the package (as a path of module names), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(GRAPH[module]):
+            if state.get(target) == "open":
+                return [*stack[stack.index(target) :], target]
+            if target not in state and (cycle := visit(target)) is not None:
+                return cycle
+        stack.pop()
+        state[module] = "done"
+        return None
+
+    for module in sorted(GRAPH):
+        if module not in state and (cycle := visit(module)) is not None:
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_module_imports(module: str) -> None:
+    """Every module of the package imports on its own (optional extras of the dev install)."""
+    importlib.import_module(module)
+
+
+def test_the_graph_sees_the_imports_it_must() -> None:
+    """The import graph is read correctly: known edges are found, relative ones resolved."""
+    assert f"{PACKAGE}._auth" in GRAPH[f"{PACKAGE}._connect"]
+    assert f"{PACKAGE}.cli._options" in GRAPH[f"{PACKAGE}.cli.doctor"]
+    assert f"{PACKAGE}.cli.doctor" in GRAPH[f"{PACKAGE}.cli"]  # `from . import doctor`
+    assert f"{PACKAGE}._clock" in GRAPH[f"{PACKAGE}.testing._aws"]  # `from .._clock import`
+    assert TESTING in GRAPH[f"{PACKAGE}.cli._options"]  # `from .. import testing`, lazily
+    assert f"{TESTING}._aws" in GRAPH[f"{PACKAGE}.cli.emulate"]  # lazy, inside a function
+
+
+def test_no_import_circle() -> None:
+    """No module imports, at any level or lazily, a module that imports it back."""
+    assert _cycle() is None, " -> ".join(_cycle() or [])
+
+
+def test_production_code_never_imports_testing() -> None:
+    """Only testing/ and the command line import asyncpg_iam.testing, at module level or lazily."""
+    offenders = {
+        module: sorted(t for t in targets if t == TESTING or t.startswith(TESTING + "."))
+        for module, targets in GRAPH.items()
+        if not module.startswith(MAY_IMPORT_TESTING)
+    }
+    assert {module: found for module, found in offenders.items() if found} == {}
+
+
+def test_the_command_line_imports_testing_only_when_emulate_or_demo_runs() -> None:
+    """Importing asyncpg_iam.cli (every command's parser) does not import asyncpg_iam.testing."""
+    probe = (
+        "import sys, asyncpg_iam.cli; "
+        "asyncpg_iam.cli.build_parser(); "
+        f"print(sorted(m for m in sys.modules if m.startswith({TESTING!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
