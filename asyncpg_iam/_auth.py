@@ -116,6 +116,12 @@ class IAMAuth:
     dsql_admin: bool | None = None
 
     def __post_init__(self) -> None:
+        self._check_modes()
+        self._check_source()
+        self._check_role()
+        self._check_signing()
+
+    def _check_modes(self) -> None:
         if not isinstance(self.insecure_unverified_tls, bool):
             raise ConfigurationError(
                 "insecure_unverified_tls must be True or False (False: the server's "
@@ -131,6 +137,8 @@ class IAMAuth:
                 "dsql_admin must be True (DbConnectAdmin), False (DbConnect) or None (admin "
                 f"for the user 'admin'), not {self.dsql_admin!r}"
             )
+
+    def _check_source(self) -> None:
         if self.region is not None:
             _check_region(self.region, "region")
         if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
@@ -154,7 +162,8 @@ class IAMAuth:
                 f"session is for profile {session_profile!r} but profile={self.profile!r} was "
                 "given: pass one or the other"
             )
-        self._check_role()
+
+    def _check_signing(self) -> None:
         if self.signing_host is not None and not _is_host_name(self.signing_host):
             raise ConfigurationError(
                 "signing_host must be the RDS endpoint name to sign for, like "

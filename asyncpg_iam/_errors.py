@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import ssl
+from collections.abc import Callable
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
@@ -175,105 +176,152 @@ def diagnose_auth_failure(ctx: AuthFailureContext) -> list[str]:
     return [hint for _cause, hint in rank_auth_failure(ctx)]
 
 
-def rank_auth_failure(ctx: AuthFailureContext) -> list[tuple[str, str]]:
-    """Return ``(cause, hint)`` pairs, most likely first; each cause is one of `AUTH_CAUSES`."""
-    ranked: list[tuple[str, str]] = []
+Cause = tuple[str, str]
+"""A diagnosed cause of a refused login and its hint: ``(one of AUTH_CAUSES, text)``."""
 
-    def add(cause: str, hint: str) -> None:
-        ranked.append((cause, hint))
 
+def rank_auth_failure(ctx: AuthFailureContext) -> list[Cause]:
+    """Return ``(cause, hint)`` pairs, most likely first; each cause is one of `AUTH_CAUSES`.
+
+    Each rule below adds what the evidence in `ctx` supports, in order; a measured clock skew
+    outranks every guess and goes first, an unmeasured one is named last.
+    """
+    ranked = [cause for rule in _AUTH_RULES for cause in rule(ctx)]
+    skew, measured = _clock_skew(ctx)
+    return [skew, *ranked] if measured else [*ranked, skew]
+
+
+def _no_tls(ctx: AuthFailureContext) -> list[Cause]:
     message = ctx.server_message.lower()
-    if "ssl off" in message or "no encryption" in message:
-        add(
+    if "ssl off" not in message and "no encryption" not in message:
+        return []
+    return [
+        (
             "no_tls",
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
             "with ssl='verify-full' (the default) or 'verify-ca'.",
         )
-    if ctx.endpoint_region is not None and ctx.endpoint_region != ctx.region:
-        add(
+    ]
+
+
+def _region_mismatch(ctx: AuthFailureContext) -> list[Cause]:
+    if ctx.endpoint_region is None or ctx.endpoint_region == ctx.region:
+        return []
+    return [
+        (
             "region_mismatch",
             f"Region mismatch: the token was signed for region {ctx.region!r} "
             f"(from {ctx.region_source}) but the endpoint {ctx.signing_host!r} is in "
             f"{ctx.endpoint_region!r}. Drop IAMAuth(region=...) or set it to "
             f"{ctx.endpoint_region!r}.",
         )
+    ]
+
+
+def _signing_host(ctx: AuthFailureContext) -> list[Cause]:
+    if ctx.endpoint_region is not None:
+        return []
     dsql = ctx.service == "dsql"
-    if ctx.endpoint_region is None:
-        kind = "a DSQL" if dsql else "an RDS"
-        what = "an IP address" if _is_ip(ctx.signing_host) else f"not {kind} endpoint name"
-        example = (
-            "<cluster-id>.dsql.<region>.on.aws'"
-            if dsql
-            else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
-        )
-        add(
+    kind = "a DSQL" if dsql else "an RDS"
+    what = "an IP address" if _is_ip(ctx.signing_host) else f"not {kind} endpoint name"
+    example = (
+        "<cluster-id>.dsql.<region>.on.aws'"
+        if dsql
+        else "<name>.<id>.<region>.rds.amazonaws.com', signing_port=<its port>"
+    )
+    return [
+        (
             "signing_host",
             f"The token was signed for {ctx.signing_host!r}, which is {what}: "
             f"{'DSQL' if dsql else 'RDS'} checks the token against its own endpoint name. If "
             "you connect through a CNAME, tunnel, proxy or IP, pass "
             f"IAMAuth(signing_host='{example}).",
         )
-    if ctx.credentials_expiry is not None:
-        left = ctx.credentials_expiry - ctx.now
-        if left <= _EXPIRY_WARNING:
-            state = "had expired" if left.total_seconds() <= 0 else "were about to expire"
-            add(
-                "credentials_expired",
-                f"The signing credentials (from {ctx.credential_source}) {state} at "
-                f"{ctx.credentials_expiry.isoformat()}: a token dies with its credentials. "
-                "Check that the credential source refreshes them.",
-            )
-    if ctx.token_reused and ctx.token_age is not None:
-        add(
+    ]
+
+
+def _credentials_expired(ctx: AuthFailureContext) -> list[Cause]:
+    if ctx.credentials_expiry is None:
+        return []
+    left = ctx.credentials_expiry - ctx.now
+    if left > _EXPIRY_WARNING:
+        return []
+    state = "had expired" if left.total_seconds() <= 0 else "were about to expire"
+    return [
+        (
+            "credentials_expired",
+            f"The signing credentials (from {ctx.credential_source}) {state} at "
+            f"{ctx.credentials_expiry.isoformat()}: a token dies with its credentials. "
+            "Check that the credential source refreshes them.",
+        )
+    ]
+
+
+def _token_reuse(ctx: AuthFailureContext) -> list[Cause]:
+    if not ctx.token_reused or ctx.token_age is None:
+        return []
+    return [
+        (
             "token_reuse",
             f"The token was reused, {ctx.token_age:.0f} s after it was signed: lower "
             "IAMAuth(token_reuse=...) if the credentials rotate or the clock drifts.",
         )
-    if dsql:
+    ]
+
+
+def _grants_and_permissions(ctx: AuthFailureContext) -> list[Cause]:
+    if ctx.service == "dsql":
         dsql_hints = _dsql_hints(ctx)
+        ranked: list[Cause] = []
         if ctx.user != "admin":  # a role not linked to the identity: DSQL's "GRANT"
-            add("missing_grant", dsql_hints.pop(0))
-        for hint in dsql_hints:
-            add("permission", hint)
-    else:
-        add(
+            ranked.append(("missing_grant", dsql_hints.pop(0)))
+        return ranked + [("permission", hint) for hint in dsql_hints]
+    return [
+        (
             "missing_grant",
             f"The database user {ctx.user!r} may lack the rds_iam role: run "
             f'GRANT rds_iam TO "{ctx.user}"; as an administrator.',
-        )
-        add(
+        ),
+        (
             "permission",
             "The AWS identity (from "
             f"{ctx.credential_source}) may lack permission: allow rds-db:connect on "
             f"{_resource_arn(ctx)}. An assumed role needs the permission on the role, not on "
             "the user that assumes it.",
-        )
+        ),
+    ]
+
+
+def _clock_skew(ctx: AuthFailureContext) -> tuple[Cause, bool]:
+    """Return the clock-skew cause and whether a skew beyond MAX_CLOCK_SKEW was measured."""
     skew = ctx.clock_skew
     if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
         direction = "ahead of" if skew > 0 else "behind"
-        # Measured evidence outranks every guess: it goes first.
-        ranked.insert(
-            0,
-            (
-                "clock_skew",
-                f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's "
-                "(measured against the Date of an AWS response). Tokens are valid for 15 "
-                "minutes from signing by this clock, so RDS sees them as expired or not yet "
-                "valid: sync the clock (NTP).",
-            ),
+        hint = (
+            f"Clock skew: this host's clock is {abs(skew):.0f} s {direction} AWS's "
+            "(measured against the Date of an AWS response). Tokens are valid for 15 "
+            "minutes from signing by this clock, so RDS sees them as expired or not yet "
+            "valid: sync the clock (NTP)."
         )
-    else:
-        measured = (
-            f"; measured against AWS: {skew:+.0f} s" if skew is not None else ", not measured"
-        )
-        add(
-            "clock_skew",
-            f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
-            f"(it read {ctx.now.isoformat(timespec='seconds')}{measured}). If it is more than a "
-            "few minutes off, RDS sees the token as expired or not yet valid: sync the clock "
-            "(NTP).",
-        )
-    return ranked
+        return ("clock_skew", hint), True
+    measured = f"; measured against AWS: {skew:+.0f} s" if skew is not None else ", not measured"
+    hint = (
+        f"Clock skew: tokens are valid for 15 minutes from signing by this host's clock "
+        f"(it read {ctx.now.isoformat(timespec='seconds')}{measured}). If it is more than a "
+        "few minutes off, RDS sees the token as expired or not yet valid: sync the clock "
+        "(NTP)."
+    )
+    return ("clock_skew", hint), False
+
+
+_AUTH_RULES: tuple[Callable[[AuthFailureContext], list[Cause]], ...] = (
+    _no_tls,
+    _region_mismatch,
+    _signing_host,
+    _credentials_expired,
+    _token_reuse,
+    _grants_and_permissions,
+)
 
 
 # How a hint's library settings are spelled on the command line (`asyncpg-iam doctor`).

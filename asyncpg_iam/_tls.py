@@ -182,39 +182,13 @@ def decide_tls(
     env = os.environ if environ is None else environ
     query = _dsn_query(dsn)
     service, service_settings = _service_settings(query, kwargs, env)
-    in_service = f"{{key}}={{value}} in service {service!r}"
-
+    sources = _Sources(query, service_settings, env, f"{{key}}={{value}} in service {service!r}")
     mode_setting: _Setting | None
-    caller_context: ssl.SSLContext | None = None
+    caller_context: ssl.SSLContext | None
     if ssl_arg is not None:
-        if isinstance(ssl_arg, ssl.SSLContext):
-            caller_context = ssl_arg
-            mode_setting = _Setting(_context_mode(ssl_arg), "ssl=<ssl.SSLContext>")
-        elif ssl_arg is True:
-            mode_setting = _Setting("verify-full", "ssl=True")
-        elif ssl_arg is False:
-            mode_setting = _Setting("disable", "ssl=False")
-        else:
-            name = _mode_name(ssl_arg)
-            if name is None:
-                raise ConfigurationError(
-                    f"ssl={ssl_arg!r} is not an sslmode: pass one of {', '.join(SSLMODES)}, "
-                    "True, False or an ssl.SSLContext"
-                )
-            mode_setting = _Setting(name, f"ssl={name!r}")
+        mode_setting, caller_context = _mode_from_argument(ssl_arg)
     else:
-        mode_setting = _first(
-            _from(query, "sslmode", "{key}={value} in the DSN"),
-            _from(service_settings, "sslmode", in_service),
-            _from(env, "PGSSLMODE", "{key}={value} in the environment"),
-        )
-        if mode_setting is not None:
-            name = _mode_name(str(mode_setting.value))
-            if name is None:
-                raise ConfigurationError(
-                    f"{mode_setting.source} is not an sslmode: use one of {', '.join(SSLMODES)}"
-                )
-            mode_setting = _Setting(name, mode_setting.source)
+        mode_setting, caller_context = _mode_from_settings(sources), None
     if mode_setting is None:
         mode_setting = _Setting("verify-full" if iam else "prefer", "the default")
     mode, mode_source = str(mode_setting.value), mode_setting.source
@@ -228,34 +202,79 @@ def decide_tls(
 
     root = _first(
         _Setting(sslrootcert, f"sslrootcert={sslrootcert}") if sslrootcert else None,
-        _from(query, "sslrootcert", "{key}={value} in the DSN"),
-        _from(service_settings, "sslrootcert", in_service),
-        _from(env, "PGSSLROOTCERT", "{key}={value} in the environment"),
-    )
-    cert = _first(
-        _from(query, "sslcert", "{key}={value} in the DSN"),
-        _from(service_settings, "sslcert", in_service),
-        _from(env, "PGSSLCERT", "{key}={value} in the environment"),
-    )
-    key = _first(
-        _from(query, "sslkey", "{key}={value} in the DSN"),
-        _from(service_settings, "sslkey", in_service),
-        _from(env, "PGSSLKEY", "{key}={value} in the environment"),
+        sources.find("sslrootcert", "PGSSLROOTCERT"),
     )
     ca_file, ca_source = _ca_for(root, env)
     context = _build_context(mode, ca_file, ca_source)
-    cert_file = key_file = None
-    if cert is not None:
-        cert_file = str(cert.value)
-        key_file = str(key.value) if key is not None else None
-        try:
-            context.load_cert_chain(cert_file, keyfile=key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(
-                f"cannot load the client certificate ({cert.source}): "
-                f"{exc.__class__.__name__}: {exc}"
-            ) from exc
+    cert_file, key_file = _load_client_cert(
+        context, sources.find("sslcert", "PGSSLCERT"), sources.find("sslkey", "PGSSLKEY")
+    )
     return TLSPolicy(mode, mode_source, context, ca_file, ca_source, cert_file, key_file)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sources:
+    """Where libpq settings come from, in libpq's order: the DSN, the service, the environment."""
+
+    query: Mapping[str, str]
+    service: Mapping[str, str]
+    env: Mapping[str, str]
+    in_service: str
+
+    def find(self, keyword: str, variable: str) -> _Setting | None:
+        """Return the first of the DSN's `keyword`, the service's, and `variable`."""
+        return _first(
+            _from(self.query, keyword, "{key}={value} in the DSN"),
+            _from(self.service, keyword, self.in_service),
+            _from(self.env, variable, "{key}={value} in the environment"),
+        )
+
+
+def _mode_from_argument(ssl_arg: Any) -> tuple[_Setting, ssl.SSLContext | None]:
+    """The sslmode the ``ssl=`` argument asks for, and the caller's context if it is one."""
+    if isinstance(ssl_arg, ssl.SSLContext):
+        return _Setting(_context_mode(ssl_arg), "ssl=<ssl.SSLContext>"), ssl_arg
+    if ssl_arg is True:
+        return _Setting("verify-full", "ssl=True"), None
+    if ssl_arg is False:
+        return _Setting("disable", "ssl=False"), None
+    name = _mode_name(ssl_arg)
+    if name is None:
+        raise ConfigurationError(
+            f"ssl={ssl_arg!r} is not an sslmode: pass one of {', '.join(SSLMODES)}, "
+            "True, False or an ssl.SSLContext"
+        )
+    return _Setting(name, f"ssl={name!r}"), None
+
+
+def _mode_from_settings(sources: _Sources) -> _Setting | None:
+    """The sslmode the DSN, the service or PGSSLMODE names (None: none does)."""
+    setting = sources.find("sslmode", "PGSSLMODE")
+    if setting is None:
+        return None
+    name = _mode_name(str(setting.value))
+    if name is None:
+        raise ConfigurationError(
+            f"{setting.source} is not an sslmode: use one of {', '.join(SSLMODES)}"
+        )
+    return _Setting(name, setting.source)
+
+
+def _load_client_cert(
+    context: ssl.SSLContext, cert: _Setting | None, key: _Setting | None
+) -> tuple[str | None, str | None]:
+    """Load the client certificate (and key) into `context`; return their files."""
+    if cert is None:
+        return None, None
+    cert_file = str(cert.value)
+    key_file = str(key.value) if key is not None else None
+    try:
+        context.load_cert_chain(cert_file, keyfile=key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"cannot load the client certificate ({cert.source}): {exc.__class__.__name__}: {exc}"
+        ) from exc
+    return cert_file, key_file
 
 
 def _check_iam_mode(mode: str, source: str, *, allow_unverified: bool) -> None:

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from ._options import Commands, positive, require_testing
 
@@ -79,11 +79,54 @@ def _recycled(stats: Any) -> int:
     return int(closed.get("max_lifetime", 0) + closed.get("discarded_on_acquire", 0))
 
 
+async def _progress(
+    pool: Any, load: _Workload, creds: Any, started: float, duration: float, out: TextIO
+) -> None:
+    """Print a line of figures every second (every half second, rewritten, on a terminal)."""
+    tty = out.isatty()
+    last_queries, last_at = 0, time.monotonic()
+    deadline = started + duration
+    while (now := time.monotonic()) < deadline:
+        await asyncio.sleep(min(0.5 if tty else 1.0, max(0.0, deadline - now)))
+        now = time.monotonic()
+        rate = (load.queries - last_queries) / max(now - last_at, 1e-6)
+        last_queries, last_at = load.queries, now
+        stats = pool.stats()
+        line = (
+            f"{now - started:5.1f} s  {rate:7.0f} queries/s  "
+            f"open {stats.open_connections:2d}  tokens signed {stats.tokens_signed:4d}  "
+            f"recycled {_recycled(stats):4d}  credential fetches "
+            f"{stats.credential_fetches} (endpoint: {creds.requests} requests, "
+            f"{len(creds.issued)} keys)  failed {load.failures}"
+        )
+        out.write(("\r" + line) if tty else (line + "\n"))
+        out.flush()
+    if tty:
+        out.write("\n")
+
+
+def _summary(
+    out: TextIO, load: _Workload, stats: Any, elapsed: float, emu: Any, creds: Any
+) -> None:
+    """Print what the run did: queries, connections, tokens, logins, credentials, errors."""
+    out.write(
+        f"\nSummary: {load.queries} queries in {elapsed:.1f} s "
+        f"({load.queries / elapsed:.0f}/s), {load.failures} failed\n"
+        f"  connections: {stats.connections_opened} opened, {_recycled(stats)} recycled at "
+        f"max_lifetime, {stats.connect_failures} connect failures\n"
+        f"  tokens signed: {stats.tokens_signed}; emulator logins accepted "
+        f"{emu.logins_accepted}, rejected {emu.logins_rejected}\n"
+        f"  credentials: {stats.credential_fetches} fetches by the pool, "
+        f"{len(creds.issued)} keys issued by the endpoint\n"
+    )
+    for error, count in load.errors.most_common(5):
+        out.write(f"  error x{count}: {error}\n")
+
+
 async def _demo(args: argparse.Namespace) -> int:
     import asyncpg_iam
 
     out = sys.stdout
-    tty = out.isatty()
     out.write(
         "asyncpg-iam demo: starting PostgreSQL, the RDS IAM emulator and a credential "
         "endpoint on loopback...\n"
@@ -114,23 +157,7 @@ async def _demo(args: argparse.Namespace) -> int:
             workers = [
                 asyncio.create_task(_worker(pool, load, stop, n)) for n in range(args.workers)
             ]
-            last_queries, last_at = 0, time.monotonic()
-            deadline = started + args.duration
-            while (now := time.monotonic()) < deadline:
-                await asyncio.sleep(min(0.5 if tty else 1.0, max(0.0, deadline - now)))
-                now = time.monotonic()
-                rate = (load.queries - last_queries) / max(now - last_at, 1e-6)
-                last_queries, last_at = load.queries, now
-                stats = pool.stats()
-                line = (
-                    f"{now - started:5.1f} s  {rate:7.0f} queries/s  "
-                    f"open {stats.open_connections:2d}  tokens signed {stats.tokens_signed:4d}  "
-                    f"recycled {_recycled(stats):4d}  credential fetches "
-                    f"{stats.credential_fetches} (endpoint: {creds.requests} requests, "
-                    f"{len(creds.issued)} keys)  failed {load.failures}"
-                )
-                out.write(("\r" + line) if tty else (line + "\n"))
-                out.flush()
+            await _progress(pool, load, creds, started, args.duration, out)
             stop.set()
             await asyncio.gather(*workers)
             elapsed = time.monotonic() - started
@@ -138,20 +165,7 @@ async def _demo(args: argparse.Namespace) -> int:
         finally:
             stop.set()
             await pool.close()
-        if tty:
-            out.write("\n")
-        out.write(
-            f"\nSummary: {load.queries} queries in {elapsed:.1f} s "
-            f"({load.queries / elapsed:.0f}/s), {load.failures} failed\n"
-            f"  connections: {stats.connections_opened} opened, {_recycled(stats)} recycled at "
-            f"max_lifetime, {stats.connect_failures} connect failures\n"
-            f"  tokens signed: {stats.tokens_signed}; emulator logins accepted "
-            f"{emu.logins_accepted}, rejected {emu.logins_rejected}\n"
-            f"  credentials: {stats.credential_fetches} fetches by the pool, "
-            f"{len(creds.issued)} keys issued by the endpoint\n"
-        )
-        for error, count in load.errors.most_common(5):
-            out.write(f"  error x{count}: {error}\n")
+        _summary(out, load, stats, elapsed, emu, creds)
     ok = load.failures == 0 and load.queries > 0
     out.write("demo: OK\n" if ok else "demo: FAILED (see the errors above)\n")
     return 0 if ok else 1
