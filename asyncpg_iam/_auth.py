@@ -352,6 +352,7 @@ class TokenProvider:
         self._clock = clock
         self.credentials = credentials or credential_cache_for(auth, clock=clock)
         self.tokens_signed = 0
+        self._configured_region: tuple[FoundRegion | None] | None = None  # None: not read yet
         self._closed = False
         self.token_reuses = 0
         self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
@@ -366,7 +367,13 @@ class TokenProvider:
         signing_port = self.auth.signing_port or port
         endpoint_region = region_from_host(signing_host)
         dsql = _is_dsql(self.auth, signing_host)
-        found = find_region(self.auth, signing_host)
+        if self.auth.region is None and endpoint_region is None:
+            # The environment's and the config files' region: read once per provider.
+            if self._configured_region is None:
+                self._configured_region = (find_region(self.auth),)
+            (found,) = self._configured_region
+        else:
+            found = find_region(self.auth, signing_host)
         if found is None:
             raise ConfigurationError(
                 f"no AWS region for {signing_host!r}: it is not an RDS endpoint name and no "
