@@ -357,6 +357,13 @@ class TokenProvider:
         self.token_reuses = 0
         self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
         self._reusable = OrderedDict()
+        # The last token signed: (target, credentials, whole second, token).
+        self._last_signed: tuple[SigningTarget | None, Credentials | None, int, str] = (
+            None,
+            None,
+            -1,
+            "",
+        )
 
     def target(self, host: str, port: int, user: str) -> SigningTarget:
         """Resolve what to sign for when dialling `host`:`port` as `user`.
@@ -401,18 +408,23 @@ class TokenProvider:
 
     async def token(self, target: SigningTarget, record: TokenRecord | None = None) -> str:
         """Return a token for `target`, signed now or (with token_reuse) recently."""
-        credentials = await self.credentials.get()
+        # One clock read serves the credential check and the signing.
         now = self._clock.now()
+        credentials = self.credentials.fresh(now)
+        if credentials is None:
+            credentials = await self.credentials.get()
+            now = self._clock.now()
         if record is not None:
             record.credentials_expiry = credentials.expiry
-        key = (
-            target.signing_host.lower(),
-            target.signing_port,
-            target.user,
-            target.region,
-            credentials.access_key,
-        )
+        key: tuple[Any, ...] = ()
         if self.auth.token_reuse > 0:
+            key = (
+                target.signing_host.lower(),
+                target.signing_port,
+                target.user,
+                target.region,
+                credentials.access_key,
+            )
             cached = self._reusable.get(key)
             if cached is not None:
                 token, signed_at, expiry = cached
@@ -425,7 +437,15 @@ class TokenProvider:
                         record.signed_at, record.reused = signed_at, True
                         record.credentials_expiry = expiry
                     return token
-        if target.service == "dsql":
+        # A token is a function of the target, the credentials and the whole second it is
+        # signed in: a second connect in the same second (a pool filling up, a reconnect wave)
+        # gets the same bytes without computing them again. It counts as signed: it is the
+        # token signing now would produce.
+        second = int(now.timestamp())
+        last = self._last_signed
+        if last[0] is target and last[1] is credentials and last[2] == second:
+            token = last[3]
+        elif target.service == "dsql":
             token = build_dsql_token(
                 host=target.signing_host,
                 region=target.region,
@@ -442,6 +462,7 @@ class TokenProvider:
                 credentials=credentials,
                 now=now,
             )
+        self._last_signed = (target, credentials, second, token)
         self.tokens_signed += 1
         if record is not None:
             record.signed_at, record.reused = now, False

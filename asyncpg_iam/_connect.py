@@ -26,7 +26,7 @@ import ssl
 import struct
 import urllib.parse
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import Any
 
 import asyncpg
@@ -335,6 +335,8 @@ class Connector:
                 plan.tls.mode_source,
             )
         self.plan, self.targets = plan, targets
+        # The connect arguments every login starts from (asyncpg only reads them).
+        self._kwargs = plan.asyncpg_kwargs()
 
     @property
     def auth(self) -> IAMAuth | None:
@@ -343,38 +345,42 @@ class Connector:
 
     # -- connecting ------------------------------------------------------------------------
 
-    async def open(self, **extra: Any) -> tuple[Any, float]:
-        """Open one connection; return it and the clock time its login began.
+    def open(self, **extra: Any) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open one connection; the awaitable returns it and the clock time its login began.
 
         `extra` are further `connect` arguments (the pool's ``loop``, ``connection_class``,
         ``record_class``; a ``timeout`` overrides the plan's).
         """
+        # Runs for every new connection: it returns the coroutine that does the work rather
+        # than awaiting it in one more, since every await inside a connect resumes each
+        # coroutine of the chain.
         self.counters.attempts += 1
+        if self.provider is None:
+            return self._open_without_iam(extra)
+        tsa = self.plan.target_session_attrs
+        if len(self.targets) == 1:
+            return self._login(self.targets[0], extra, tsa)
+        return self._login_any(extra, tsa)
+
+    async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
-            if self.provider is None:
-                return await self._open_without_iam(extra)
-            tsa = self.plan.target_session_attrs
-            if len(self.targets) == 1:
-                return await self._login(self.targets[0], extra, tsa)
-            return await self._login_any(extra, tsa)
+            if self._bucket is not None:
+                await self._throttle()
+            kwargs = {**self._kwargs, **extra}
+            started = self._clock.monotonic()
+            try:
+                return await self._connect(**kwargs), started
+            except (OSError, asyncio.TimeoutError) as exc:
+                endpoints = self.plan.endpoints
+                if len(endpoints) != 1 or not endpoints[0][1]:
+                    raise  # several hosts (asyncpg tried each), or a Unix socket
+                error = await self._explain_connect(exc, *endpoints[0], kwargs)
+                if error is None:
+                    raise
+                raise error from exc
         except BaseException:
             self.counters.failures += 1
             raise
-
-    async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
-        await self._throttle()
-        kwargs = {**self.plan.asyncpg_kwargs(), **extra}
-        started = self._clock.monotonic()
-        try:
-            return await self._connect(**kwargs), started
-        except (OSError, asyncio.TimeoutError) as exc:
-            endpoints = self.plan.endpoints
-            if len(endpoints) != 1 or not endpoints[0][1]:
-                raise  # several hosts (asyncpg tried each), or a Unix socket
-            error = await self._explain_connect(exc, *endpoints[0], kwargs)
-            if error is None:
-                raise
-            raise error from exc
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -388,37 +394,53 @@ class Connector:
             self.counters.rate_limited += 1
 
     async def _login(
-        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str, *, one: bool = True
     ) -> tuple[Any, float]:
-        """Log in to one endpoint with a token signed for it."""
+        """Log in to one endpoint with a token signed for it.
+
+        `one`: this is the whole attempt (a failure counts), not one host of several.
+        """
         provider = self.provider
         assert provider is not None
-        await self._throttle()
-        record = TokenRecord()
-        kwargs = self.plan.asyncpg_kwargs()
-        kwargs.update(extra)
-        kwargs.update(
-            host=target.host,
-            port=target.port,
-            target_session_attrs=attrs,
-            password=functools.partial(provider.token, target, record),
-        )
-        started = self._clock.monotonic()
         try:
-            con = await self._connect(**kwargs)
-        except InvalidAuthorizationSpecificationError as exc:
-            if isinstance(exc, IAMAuthenticationError):
-                raise
-            self.counters.auth_failures += 1
-            raise self.explain(exc, target, record) from exc
-        except (OSError, asyncio.TimeoutError) as exc:
-            error = await self._explain_connect(exc, target.host, target.port, kwargs)
-            if error is None:
-                raise
-            raise error from exc
+            if self._bucket is not None:
+                await self._throttle()
+            record = TokenRecord()
+            kwargs = {**self._kwargs, **extra}
+            kwargs.update(
+                host=target.host,
+                port=target.port,
+                target_session_attrs=attrs,
+                password=functools.partial(provider.token, target, record),
+            )
+            started = self._clock.monotonic()
+            try:
+                con = await self._connect(**kwargs)
+            except InvalidAuthorizationSpecificationError as exc:
+                if isinstance(exc, IAMAuthenticationError):
+                    raise
+                self.counters.auth_failures += 1
+                raise self.explain(exc, target, record) from exc
+            except (OSError, asyncio.TimeoutError) as exc:
+                error = await self._explain_connect(exc, target.host, target.port, kwargs)
+                if error is None:
+                    raise
+                raise error from exc
+        except BaseException:
+            if one:
+                self.counters.failures += 1
+            raise
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
+        """Log in to the first endpoint that answers and has the wanted role (one attempt)."""
+        try:
+            return await self._login_first(extra, tsa)
+        except BaseException:
+            self.counters.failures += 1
+            raise
+
+    async def _login_first(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
         """Log in to the first endpoint that answers and has the wanted role.
 
         At most one login per endpoint: for ``prefer-standby`` the first primary that answers
@@ -443,7 +465,7 @@ class Connector:
                         )
                     per_host["timeout"] = remaining
                 try:
-                    opened = await self._login(target, per_host, attrs)
+                    opened = await self._login(target, per_host, attrs, one=False)
                 except (*_NEXT_HOST_ERRORS, TargetServerAttributeNotMatched) as exc:
                     last_error = exc
                     continue

@@ -142,20 +142,28 @@ class CredentialCache:
 
         Waits only when nothing valid is cached; raises `CredentialsError` when none can be had.
         """
-        current = self._current
+        current = self.fresh(self._clock.now())
         if current is not None:
-            expiry = current.expiry
-            if expiry is None:
-                return current
-            if (expiry - self._clock.now()).total_seconds() > self._margin:
-                if (
-                    self._task is None
-                    and not self._closed
-                    and self._clock.monotonic() >= self._refresh_due
-                ):
-                    self._start_fetch()
-                return current
+            return current
         return await self._get_slow()
+
+    def fresh(self, now: dt.datetime) -> Credentials | None:
+        """Return the cached credentials if they are valid for the safety margin at `now` (this
+        clock's time), else None (then await `get()`). Starts a background refresh when due.
+
+        The synchronous half of `get()`, for a caller that reads the clock anyway.
+        """
+        current = self._current
+        if current is None:
+            return None
+        expiry = current.expiry
+        if expiry is None:
+            return current
+        if (expiry - now).total_seconds() <= self._margin:
+            return None
+        if self._task is None and not self._closed and self._clock.monotonic() >= self._refresh_due:
+            self._start_fetch()
+        return current
 
     def offer_region(self, region: str, source: str) -> None:
         """Give a source that calls AWS (STS) a region to use if it has none of its own.

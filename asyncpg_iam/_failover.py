@@ -70,6 +70,7 @@ from asyncpg.exceptions import (
 )
 
 from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import CredentialsError
 
 __all__ = [
     "FailoverGuard",
@@ -212,6 +213,18 @@ def _closed_by_client(con: Any) -> bool | None:
     return bool(getattr(con, "_asyncpg_iam_client_closed", False))
 
 
+class _Watched:
+    """One watched connection: its termination listener is `terminated`."""
+
+    __slots__ = ("con_ref", "epoch", "guard")
+
+    def __init__(self, guard: FailoverGuard, epoch: int, con_ref: weakref.ref[Any]) -> None:
+        self.guard, self.epoch, self.con_ref = guard, epoch, con_ref
+
+    def terminated(self, _proxy: Any) -> None:
+        self.guard._on_terminated(self.epoch, self.con_ref())
+
+
 class FailoverGuard:
     """Watch one pool's connections for a failover or restart and recover from it.
 
@@ -241,7 +254,6 @@ class FailoverGuard:
         self._epoch = 0
         # Recoveries so far: a connect that began before the last one fails as part of it.
         self._recoveries = 0
-        self._login_epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._recovering = False
         self._opened_any = False
         self.events = 0
@@ -265,8 +277,15 @@ class FailoverGuard:
         base = kwargs.get("connection_class") or asyncpg.Connection
         return {**kwargs, "connection_class": marked_connection_class(base)}
 
-    async def open(self, open_once: Callable[..., Awaitable[Any]], kwargs: dict[str, Any]) -> Any:
+    async def open(
+        self, open_once: Callable[..., Awaitable[tuple[Any, float]]], kwargs: dict[str, Any]
+    ) -> Any:
         """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
+
+        `open_once` returns the connection and the clock time its login began. The opened
+        connection is handed to the pool's ``_connection_opened`` (which calls `watch`) before
+        it is returned; a `CredentialsError` while the pool closes becomes asyncpg's "pool is
+        closing".
 
         Retries pass what is left of the connect timeout as ``timeout``. The timeout is one
         budget spent two ways: connect attempts in real time (asyncpg bounds its own waits by
@@ -283,10 +302,13 @@ class FailoverGuard:
             epoch, recoveries = self._epoch, self._recoveries
             attempt_began = loop.time()  # real time: asyncpg's waits are real
             try:
-                con = await open_once(**kwargs)
+                con, started = await open_once(**kwargs)
             except Exception as exc:
                 kind = _connect_failure(exc)
                 if kind is None or not self._is_retryable(kind, epoch, recoveries):
+                    pool = self._pool_ref()
+                    if isinstance(exc, CredentialsError) and (pool is None or pool.is_closing()):
+                        raise asyncpg.InterfaceError("pool is closing") from exc
                     raise
                 wait = delay * (0.5 + self._rng.random() / 2)
                 remaining -= loop.time() - attempt_began
@@ -299,8 +321,10 @@ class FailoverGuard:
                 delay = min(delay * 2, _MAX_BACKOFF)
                 kwargs["timeout"] = max(remaining, 0.001)
             else:
-                # Signals from it belong to the epoch its login began in.
-                self._login_epochs[con] = epoch
+                pool = self._pool_ref()
+                if pool is not None:
+                    # Signals from it belong to the epoch its login began in.
+                    pool._connection_opened(con, started, epoch)
                 return con
 
     def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
@@ -333,25 +357,25 @@ class FailoverGuard:
             wait,
         )
 
-    def watch(self, con: Any) -> None:
-        """Attach the signals to a connection the pool just opened."""
+    def watch(self, con: Any, epoch: int) -> Callable[[Any], None]:
+        """Watch a connection just opened, whose login began at `epoch`.
+
+        Returns the callable to run when it terminates (the pool's one termination listener
+        per connection calls it; one listener costs less than two on every connect).
+        """
         self._opened_any = True
         if self._recovering:
             self._recovering = False
             self._recoveries += 1
-        epoch = self._login_epochs.pop(con, self._epoch)
-        # asyncpg passes the listener the pool's proxy while the connection is in use: bind
-        # the connection itself (weakly: the listener is stored on it).
-        con.add_termination_listener(
-            functools.partial(self._on_terminated, epoch, weakref.ref(con))
-        )
         if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
             con.add_query_logger(functools.partial(self._on_query, epoch))
+        # asyncpg passes listeners the pool's proxy while the connection is in use: bind the
+        # connection itself (weakly: the listener is stored on it).
+        return _Watched(self, epoch, weakref.ref(con)).terminated
 
     # -- signals ------------------------------------------------------------------------------
 
-    def _on_terminated(self, epoch: int, con_ref: weakref.ref[Any], _proxy: Any) -> None:
-        con = con_ref()
+    def _on_terminated(self, epoch: int, con: Any) -> None:
         if con is None or _closed_by_client(con) is not False:
             return  # closed by the pool or the caller, or not a connection we can tell about
         self.report("connection_lost", epoch)

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
+import heapq
+import itertools
 import logging
+import math
 import random
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -176,14 +178,25 @@ class TokenBucket:
 class _Tracked:
     """The lifetime state of one connection; its termination listener holds it strongly."""
 
-    __slots__ = ("deadline", "key", "opened", "reason", "timer")
+    __slots__ = ("also", "con_ref", "deadline", "due_at", "key", "opened", "reason", "recycler")
 
-    def __init__(self) -> None:
+    def __init__(self, recycler: Recycler, also: Callable[[Any], None] | None) -> None:
+        self.recycler = recycler
+        self.also = also
         self.opened = 0.0
         self.deadline: float | None = None
         self.key: int | None = None
-        self.timer: Timer | None = None
+        self.con_ref: weakref.ref[Any] | None = None
+        # When the recycler looks at it next (None: not scheduled, or closed).
+        self.due_at: float | None = None
         self.reason: str | None = None
+
+    def terminated(self, con: Any) -> None:
+        """The connection's termination listener (a bound method: asyncpg inspects listeners,
+        and a method is the cheap case); then `also`, if given."""
+        self.recycler._closed(self, con)
+        if self.also is not None:
+            self.also(con)
 
 
 class Recycler:
@@ -219,12 +232,30 @@ class Recycler:
         self._deadlines: dict[int, float] = {}
         # When connections were retired at their lifetime and not yet replaced (oldest first).
         self._retired: collections.deque[float] = collections.deque()
+        # One timer for the whole pool, at the earliest time in `_due` (a heap of (time, seq,
+        # state)): a loop timer per connection costs more on every connect. Entries of closed
+        # or rescheduled connections stay until they come up, or until a compaction.
+        self._due: list[tuple[float, int, _Tracked]] = []
+        self._seq = itertools.count()
+        self._stale = 0
+        self._timer: Timer | None = None
+        self._timer_at = math.inf
 
-    def track(self, con: Connection, started: float | None = None) -> None:
-        """Start the lifetime of a newly opened connection, counted from `started` (clock time)."""
-        state = _Tracked()
+    def track(
+        self,
+        con: Connection,
+        started: float | None = None,
+        *,
+        also: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Start the lifetime of a newly opened connection, counted from `started` (clock time).
+
+        `also` is called with asyncpg's argument when the connection terminates, from the same
+        termination listener.
+        """
+        state = _Tracked(self, also)
         self._tracked[con] = state
-        con.add_termination_listener(functools.partial(self._closed, state))
+        con.add_termination_listener(state.terminated)
         now = self._now()
         start = now if started is None else started
         state.opened = start
@@ -238,7 +269,42 @@ class Recycler:
         )
         state.key = id(con)
         self._deadlines[state.key] = state.deadline
-        state.timer = self._clock.call_at(state.deadline, self._on_deadline, weakref.ref(con))
+        state.con_ref = weakref.ref(con)
+        self._schedule(state, state.deadline)
+
+    def _schedule(self, state: _Tracked, when: float) -> None:
+        """Look at `state`'s connection at clock time `when` (replacing an earlier schedule)."""
+        if state.due_at is not None:
+            self._stale += 1
+        state.due_at = when
+        heapq.heappush(self._due, (when, next(self._seq), state))
+        if when < self._timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._clock.call_at(when, self._fire)
+        self._timer_at = when
+
+    def _fire(self) -> None:
+        """The timer: handle every connection whose time has come, then re-arm."""
+        self._timer, self._timer_at = None, math.inf
+        due, now = self._due, self._now()
+        while due and due[0][0] <= now:
+            when, _, state = heapq.heappop(due)
+            if state.due_at != when:
+                self._stale -= 1
+                continue  # closed or rescheduled since
+            state.due_at = None
+            if state.con_ref is not None:
+                self._on_deadline(state, state.con_ref)
+        if self._stale > 64 and self._stale > len(due) // 2:
+            self._due = due = [entry for entry in due if entry[2].due_at == entry[0]]
+            heapq.heapify(due)
+            self._stale = 0
+        if due and self._timer is None:
+            self._arm(due[0][0])
 
     def opened_at(self, con: Connection) -> float | None:
         """Return the clock time at which `con`'s login began, or None if it is not tracked."""
@@ -272,10 +338,13 @@ class Recycler:
 
     def cancel(self) -> None:
         """Cancel every scheduled deadline and pending retirement (the pool is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, math.inf
         for state in list(self._tracked.values()):
-            if state.timer is not None:
-                state.timer.cancel()
-                state.timer = None
+            state.due_at = None
+        self._due.clear()
+        self._stale = 0
         for task in list(self._tasks):
             task.cancel()
 
@@ -295,14 +364,14 @@ class Recycler:
         if state.key is not None:
             self._deadlines.pop(state.key, None)
             state.key = None
-        if state.timer is not None:
-            state.timer.cancel()
-            state.timer = None
+        if state.due_at is not None:
+            state.due_at = None
+            self._stale += 1
         on_closed = self._on_closed()
         if on_closed is not None:
             on_closed(state.reason or "other")
 
-    def _on_deadline(self, con_ref: weakref.ref[Connection]) -> None:
+    def _on_deadline(self, state: _Tracked, con_ref: weakref.ref[Connection]) -> None:
         con = con_ref()
         pool = self._pool_ref()
         if con is None or pool is None or pool.is_closing() or con.is_closed():
@@ -316,11 +385,7 @@ class Recycler:
             # the pool's acquire check discards it if it got through. Look again later in case
             # it went back idle after asyncpg's release check (a reset in progress).
             self.retire_on_release(holder)
-            state = self._tracked.get(con)
-            if state is not None:
-                state.timer = self._clock.call_at(
-                    self._now() + _RECHECK_IN_USE, self._on_deadline, con_ref
-                )
+            self._schedule(state, self._now() + _RECHECK_IN_USE)
             return
         queue.remove(holder)
         holder._maybe_cancel_inactive_callback()

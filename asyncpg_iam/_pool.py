@@ -28,7 +28,7 @@ from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
-from ._errors import ConfigurationError, CredentialsError
+from ._errors import ConfigurationError
 from ._failover import FailoverGuard, apply_writer_default
 from ._lifetime import Recycler
 from ._retry import run_transaction
@@ -69,9 +69,6 @@ _POOL_DEFAULTS = {
 _DISCARD_CLOSE_TIMEOUT = 5.0
 # The keywords Pool takes besides asyncpg's.
 _OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
-# What asyncpg's pool passes its connect callable besides the connection arguments.
-# timeout: the failover guard's retries pass what is left of the connect timeout.
-_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class", "timeout")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -280,8 +277,6 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
-        # Clock time at which each new connection's login began (read once it joins the pool).
-        self._login_started: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
@@ -387,30 +382,31 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- connecting ------------------------------------------------------------------------
 
-    async def _get_new_connection(self) -> Any:
+    def _get_new_connection(self) -> Coroutine[Any, Any, Any]:
+        # Runs for every new connection: without an observer, asyncpg's own coroutine (each
+        # coroutine around a connect is resumed at every await inside it).
         observer = self._observer
-        started = self._clock.monotonic() if observer is not None else 0.0
+        if observer is None:
+            return super()._get_new_connection()  # type: ignore[no-any-return]
+        return self._get_new_connection_observed(observer)
+
+    async def _get_new_connection_observed(self, observer: PoolObserver) -> Any:
+        started = self._clock.monotonic()
         con = await super()._get_new_connection()
-        if observer is not None:
-            observer.connection_created(self._clock.monotonic() - started)
-        self._counters.opened += 1
-        # The lifetime starts at the login, so connect and init time count against it.
-        self._recycler.track(con, self._login_started.pop(con, None))
-        self._failover.watch(con)
-        logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
+        observer.connection_created(self._clock.monotonic() - started)
         return con
 
-    async def _open(self, **kwargs: Any) -> Any:
-        """Open one connection through the connector (asyncpg's connect callback)."""
-        extra = {k: kwargs[k] for k in _POOL_CONNECT_EXTRAS if k in kwargs}
-        try:
-            con, started = await self._connector.open(**extra)
-        except CredentialsError as exc:
-            if self.is_closing():
-                raise asyncpg.InterfaceError("pool is closing") from exc
-            raise
-        self._login_started[con] = started
-        return con
+    def _connection_opened(self, con: Any, started: float, epoch: int) -> None:
+        """Count, watch and track a connection whose login succeeded.
+
+        `started` is the clock time the login began, `epoch` the failover guard's epoch then.
+        """
+        self._counters.opened += 1
+        lost = self._failover.watch(con, epoch)
+        # The lifetime starts at the login, so connect and init time count against it.
+        self._recycler.track(con, started, also=lost)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
 
     async def run_transaction(
         self,
@@ -596,11 +592,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
 
-    async def connect(*_args: Any, **kwargs: Any) -> Any:
+    def connect(*_args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        # asyncpg passes ``loop``, ``connection_class`` and ``record_class``: the connector
+        # passes them on to asyncpg.connect with its own arguments.
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return await pool._failover.open(pool._open, kwargs)
+        return pool._failover.open(pool._connector.open, kwargs)
 
     return connect
 
