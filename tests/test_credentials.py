@@ -525,3 +525,64 @@ async def test_secrets_never_in_repr_or_debug_logs(
     assert creds.token not in text
     assert creds.access_key not in text
     await cache.aclose()
+
+
+async def test_a_token_is_signed_once_a_second_and_follows_rotated_keys(
+    short_lived: CredentialServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one whole second the provider presents the token it signed in that second (the same
+    bytes signing again would give); the next second, or new keys, sign again."""
+    import asyncpg_iam._auth
+
+    clock = short_lived.clock
+    assert isinstance(clock, ManualClock)
+    signed: list[str] = []
+
+    def counting_signer(**kwargs: Any) -> str:
+        signed.append(kwargs["credentials"].access_key)
+        return build_auth_token(**kwargs)
+
+    monkeypatch.setattr(asyncpg_iam._auth, "build_auth_token", counting_signer)
+    provider = TokenProvider(IAMAuth(), clock=clock)
+    target = provider.target("mydb.abcdefghijkl.us-east-1.rds.amazonaws.com", 5432, "app")
+
+    def signed_now(credentials: Credentials) -> str:
+        return build_auth_token(
+            host=target.signing_host,
+            port=5432,
+            user="app",
+            region="us-east-1",
+            credentials=credentials,
+            now=clock.now(),
+        )
+
+    await clock.advance(1 - clock.now().microsecond / 1e6 + 0.05)  # 50 ms into a second
+    first_key = (await provider.credentials.get()).access_key
+    tokens = []
+    for _ in range(5):
+        tokens.append(await provider.token(target))
+        await clock.advance(0.15)
+    assert signed == [first_key]
+    assert provider.tokens_signed == 5
+    assert set(tokens) == {tokens[0]}
+    assert tokens[0] == signed_now(await provider.credentials.get())  # still that second
+
+    await clock.advance(0.3)  # the next second
+    next_second = await provider.token(target)
+    assert next_second != tokens[0]
+    assert next_second == signed_now(await provider.credentials.get())
+    assert len(signed) == 2
+
+    # 200 s into the keys' 300 s, a read starts a refresh and gets the old keys; once the new
+    # ones arrive, a token in that same second is signed with them.
+    await clock.advance(198 - clock.now().microsecond / 1e6)
+    old = await provider.token(target)
+    await settle(provider.credentials, short_lived)
+    new_credentials = await provider.credentials.get()
+    assert new_credentials.access_key != first_key
+    new = await provider.token(target)
+    assert f"X-Amz-Credential={new_credentials.access_key}%2F" in new
+    assert new != old
+    assert new == signed_now(new_credentials)
+    assert signed[-1] == new_credentials.access_key
+    await provider.aclose()
