@@ -416,31 +416,21 @@ class TokenProvider:
             now = self._clock.now()
         if record is not None:
             record.credentials_expiry = credentials.expiry
-        key: tuple[Any, ...] = ()
         if self.auth.token_reuse > 0:
-            key = (
-                target.signing_host.lower(),
-                target.signing_port,
-                target.user,
-                target.region,
-                credentials.access_key,
-            )
-            cached = self._reusable.get(key)
-            if cached is not None:
-                token, signed_at, expiry = cached
-                age = (now - signed_at).total_seconds()
-                if 0 <= age < self.auth.token_reuse and (
-                    expiry is None or now + _REUSE_EXPIRY_MARGIN < expiry
-                ):
-                    self.token_reuses += 1
-                    if record is not None:
-                        record.signed_at, record.reused = signed_at, True
-                        record.credentials_expiry = expiry
-                    return token
-        # A token is a function of the target, the credentials and the whole second it is
-        # signed in: a second connect in the same second (a pool filling up, a reconnect wave)
-        # gets the same bytes without computing them again. It counts as signed: it is the
-        # token signing now would produce.
+            return self._reused_or_signed(target, credentials, now, record)
+        token = self._signed(target, credentials, now)
+        if record is not None:
+            record.signed_at, record.reused = now, False
+        return token
+
+    def _signed(self, target: SigningTarget, credentials: Credentials, now: dt.datetime) -> str:
+        """Return the token for `target` signed with `credentials` at `now`'s whole second.
+
+        A token is a function of the target, the credentials and the whole second it is signed
+        in: a second connect in the same second (a pool filling up, a reconnect wave) gets the
+        same bytes without computing them again. It counts as signed: it is the token signing
+        now would produce.
+        """
         second = int(now.timestamp())
         last = self._last_signed
         if last[0] is target and last[1] is credentials and last[2] == second:
@@ -464,13 +454,42 @@ class TokenProvider:
             )
         self._last_signed = (target, credentials, second, token)
         self.tokens_signed += 1
+        return token
+
+    def _reused_or_signed(
+        self,
+        target: SigningTarget,
+        credentials: Credentials,
+        now: dt.datetime,
+        record: TokenRecord | None,
+    ) -> str:
+        """With ``token_reuse``: present a token signed recently for the same target and key."""
+        key = (
+            target.signing_host.lower(),
+            target.signing_port,
+            target.user,
+            target.region,
+            credentials.access_key,
+        )
+        cached = self._reusable.get(key)
+        if cached is not None:
+            token, signed_at, expiry = cached
+            age = (now - signed_at).total_seconds()
+            if 0 <= age < self.auth.token_reuse and (
+                expiry is None or now + _REUSE_EXPIRY_MARGIN < expiry
+            ):
+                self.token_reuses += 1
+                if record is not None:
+                    record.signed_at, record.reused = signed_at, True
+                    record.credentials_expiry = expiry
+                return token
+        token = self._signed(target, credentials, now)
         if record is not None:
             record.signed_at, record.reused = now, False
-        if self.auth.token_reuse > 0:
-            self._reusable[key] = (token, now, credentials.expiry)
-            self._reusable.move_to_end(key)
-            while len(self._reusable) > _REUSE_CACHE_SIZE:
-                self._reusable.popitem(last=False)
+        self._reusable[key] = (token, now, credentials.expiry)
+        self._reusable.move_to_end(key)
+        while len(self._reusable) > _REUSE_CACHE_SIZE:
+            self._reusable.popitem(last=False)
         return token
 
     async def aclose(self) -> None:
