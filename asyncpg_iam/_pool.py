@@ -67,6 +67,8 @@ _POOL_DEFAULTS = {
 }
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
+# What asyncpg's pool passes its connect callable besides connection arguments.
+_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
 _OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 
@@ -593,12 +595,13 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
 
     def connect(*_args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        # asyncpg passes ``loop``, ``connection_class`` and ``record_class``: the connector
-        # passes them on to asyncpg.connect with its own arguments.
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return pool._failover.open(pool._connector.open, kwargs)
+        # Only what asyncpg's pool adds of its own: connection arguments set on the asyncpg
+        # side (asyncpg.Pool.set_connect_args called on this pool) never reach the connect.
+        extra = {k: kwargs[k] for k in _POOL_CONNECT_EXTRAS if k in kwargs}
+        return pool._failover.open(pool._connector.open, extra)
 
     return connect
 

@@ -189,6 +189,17 @@ async def test_set_connect_args_is_planned_like_create_pool(
     _assert_nothing_sent(trap)
 
 
+async def test_asyncpg_set_connect_args_on_the_pool_changes_nothing(trap: Trap) -> None:
+    """asyncpg's own set_connect_args, called on our pool, cannot turn TLS off."""
+    async with asyncpg_iam.create_pool(
+        host="127.0.0.1", port=trap.port, user="app", iam=_auth(), min_size=0, timeout=5
+    ) as pool:
+        asyncpg.Pool.set_connect_args(pool, host="127.0.0.1", port=trap.port, ssl=False)
+        with pytest.raises(CONNECT_ERRORS):
+            await pool.fetchval("SELECT 1")
+    _assert_nothing_sent(trap)
+
+
 async def test_set_connect_args_signs_for_the_new_host() -> None:
     """An accepted set_connect_args dials and signs for the new host; no ssl means verify-full."""
     async with (
