@@ -365,7 +365,7 @@ class Connector:
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
             if self._bucket is not None:
-                await self._throttle()
+                await self._throttle(self._bucket)
             kwargs = {**self._kwargs, **extra}
             started = self._clock.monotonic()
             try:
@@ -388,9 +388,12 @@ class Connector:
             raise ConfigurationError("this connection plan does not use IAM: there is no token")
         return await self.provider.token(target or self.targets[0])
 
-    async def _throttle(self) -> None:
-        """Take a slot of the connect rate limit; every login attempt takes one."""
-        if self._bucket is not None and await self._bucket.acquire() > 0:
+    async def _throttle(self, bucket: TokenBucket) -> None:
+        """Take a slot of the connect rate limit; every login attempt takes one.
+
+        Callers check for a limit first: without one, no coroutine is made on a connect.
+        """
+        if await bucket.acquire() > 0:
             self.counters.rate_limited += 1
 
     async def _login(
@@ -404,7 +407,7 @@ class Connector:
         assert provider is not None
         try:
             if self._bucket is not None:
-                await self._throttle()
+                await self._throttle(self._bucket)
             record = TokenRecord()
             kwargs = {**self._kwargs, **extra}
             kwargs.update(
