@@ -8,13 +8,13 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator
 
 
 def pool_kwargs(
@@ -89,3 +89,50 @@ async def run_cli(
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def run_in_lock_step(
+    clock: ManualClock,
+    *,
+    workers: int,
+    step: float,
+    until: float,
+    turn: Callable[[int], Awaitable[None]],
+    hang: float = 30.0,
+) -> None:
+    """Run `workers` loops of ``await turn(n)`` until `clock` reaches `until`, in lock-step.
+
+    The clock moves `step` only once every worker has finished its turn and sleeps on it, so
+    real round trips take no clock time and machine load cannot starve a worker of turns.
+    A turn should handle its own errors. Fails the test if the workers stop pausing for `hang`
+    real seconds.
+    """
+    busy = workers
+    paused = asyncio.Event()
+
+    async def worker(n: int) -> None:
+        nonlocal busy
+        try:
+            while clock.monotonic() < until:
+                await turn(n)
+                busy -= 1
+                if busy == 0:
+                    paused.set()
+                await clock.sleep(step)
+        finally:
+            busy -= 1
+            if busy <= 0:
+                paused.set()
+
+    async def drive() -> None:
+        nonlocal busy
+        while clock.monotonic() < until:
+            try:
+                await asyncio.wait_for(paused.wait(), hang)
+            except asyncio.TimeoutError:
+                pytest.fail(f"hung: the workers did not pause within {hang} s")
+            paused.clear()
+            busy = workers
+            await clock.advance(step)
+
+    await asyncio.gather(drive(), *(worker(n) for n in range(workers)))

@@ -21,7 +21,7 @@ from asyncpg_iam.testing import (
     RDSIAMEmulator,
     Sandbox,
 )
-from tests._support import direct_kwargs, pool_kwargs, wait_for
+from tests._support import direct_kwargs, pool_kwargs, run_in_lock_step, wait_for
 
 
 async def test_pool_is_an_asyncpg_pool(
@@ -72,42 +72,16 @@ async def test_default_chain_across_rotations_and_lifetimes(
                 monkeypatch.setenv(name, value)
             uses: list[tuple[int, dt.datetime]] = []
             failures: list[BaseException] = []
-            stop_at = clock.monotonic() + 30.0
-            pause = 0.1
-            workers = 20
-            busy = workers
-            paused = asyncio.Event()
 
-            async def worker(pool: asyncpg_iam.Pool, n: int) -> None:
-                nonlocal busy
+            async def turn(n: int) -> None:
                 try:
-                    while clock.monotonic() < stop_at:
-                        try:
-                            async with pool.acquire(timeout=10) as con:
-                                acquired = clock.now()
-                                pid, value = await con.fetchrow(
-                                    "SELECT pg_backend_pid(), $1::int", n
-                                )
-                                assert value == n
-                                uses.append((pid, acquired))
-                        except Exception as exc:
-                            failures.append(exc)
-                        busy -= 1
-                        if busy == 0:
-                            paused.set()
-                        await clock.sleep(pause)
-                finally:
-                    busy -= 1
-                    if busy <= 0:
-                        paused.set()
-
-            async def drive() -> None:
-                nonlocal busy
-                while clock.monotonic() < stop_at:
-                    await asyncio.wait_for(paused.wait(), timeout=30)
-                    paused.clear()
-                    busy = workers
-                    await clock.advance(pause)
+                    async with pool.acquire(timeout=10) as con:
+                        acquired = clock.now()
+                        pid, value = await con.fetchrow("SELECT pg_backend_pid(), $1::int", n)
+                        assert value == n
+                        uses.append((pid, acquired))
+                except Exception as exc:
+                    failures.append(exc)
 
             kwargs = pool_kwargs(
                 rds_emulator,
@@ -118,7 +92,9 @@ async def test_default_chain_across_rotations_and_lifetimes(
                 clock=clock,
             )
             async with asyncpg_iam.create_pool(**kwargs) as pool:
-                await asyncio.gather(drive(), *(worker(pool, n) for n in range(workers)))
+                await run_in_lock_step(
+                    clock, workers=20, step=0.1, until=clock.monotonic() + 30.0, turn=turn
+                )
                 stats = pool.stats()
             issued = len(creds.issued)
 

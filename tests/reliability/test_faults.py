@@ -32,7 +32,7 @@ from asyncpg_iam.testing import (
     find_postgres_bin,
     isolated_aws_environment,
 )
-from tests._support import wait_for
+from tests._support import run_in_lock_step, wait_for
 
 from .conftest import no_hang, pool_kwargs
 
@@ -438,39 +438,19 @@ async def test_sts_throttling_backs_off_with_bounded_retries(
     )
     calls = 0
     errors: Counter[bool] = Counter()
-    stop_at = clock.monotonic() + 1.5
-    callers = 10
-    busy = callers
-    paused = asyncio.Event()
 
-    async def caller() -> None:
-        nonlocal calls, busy
+    async def turn(_n: int) -> None:
+        nonlocal calls
+        calls += 1
         try:
-            while clock.monotonic() < stop_at:
-                calls += 1
-                try:
-                    await no_hang(cache.get())
-                except CredentialsError as exc:
-                    errors["Throttling" in str(exc)] += 1
-                busy -= 1
-                if busy == 0:
-                    paused.set()
-                await clock.sleep(0.01)
-        finally:
-            busy -= 1
-            if busy <= 0:
-                paused.set()
-
-    async def drive() -> None:
-        nonlocal busy
-        while clock.monotonic() < stop_at:
-            await no_hang(paused.wait())
-            paused.clear()
-            busy = callers
-            await clock.advance(0.01)
+            await no_hang(cache.get())
+        except CredentialsError as exc:
+            errors["Throttling" in str(exc)] += 1
 
     try:
-        await asyncio.gather(drive(), *(caller() for _ in range(callers)))
+        await run_in_lock_step(
+            clock, workers=10, step=0.01, until=clock.monotonic() + 1.5, turn=turn
+        )
     finally:
         await cache.aclose()
 
