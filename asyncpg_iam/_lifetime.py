@@ -303,7 +303,9 @@ class Recycler:
             self._due = due = [entry for entry in due if entry[2].due_at == entry[0]]
             heapq.heapify(due)
             self._stale = 0
-        if due and self._timer is None:
+        # A connection found in use was rescheduled (and the timer armed) for later than the
+        # next deadline in the heap: arm for the earliest.
+        if due and due[0][0] < self._timer_at:
             self._arm(due[0][0])
 
     def opened_at(self, con: Connection) -> float | None:

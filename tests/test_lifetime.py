@@ -276,3 +276,35 @@ async def test_system_clock_timers_follow_the_running_loop() -> None:
     when = clock.monotonic() + 0.05
     clock.call_at(when, lambda: fired.set_result(clock.monotonic()))
     assert await asyncio.wait_for(fired, 5) >= when - 0.002  # uvloop's clock has 1 ms steps
+
+
+async def test_an_idle_connection_is_retired_on_time_while_an_earlier_one_is_busy(
+    postgres_server: PostgresServer,
+) -> None:
+    """A busy connection's later recheck does not delay an idle one due before it."""
+    clock = ManualClock()
+    pool = await asyncpg_iam.create_pool(
+        # First lifetimes fall in [0.1, 0.4] s: the two deadlines are closer together than the
+        # recheck of a connection found in use (0.5 s).
+        **direct_kwargs(postgres_server, min_size=2, max_size=2, max_lifetime=0.4),
+        clock=clock,
+    )
+    async with pool:
+        held = [await pool.acquire(), await pool.acquire()]
+        try:
+            held.sort(key=lambda proxy: pool._recycler.deadline(proxy._con) or 0.0)
+            busy, idle = held
+            idle_due = pool._recycler.deadline(idle._con)
+            assert idle_due is not None
+            await pool.release(held.pop())
+            await clock.advance(idle_due - clock.monotonic() + 0.001)  # past both deadlines
+            await wait_for(lambda: _retired(pool) == 1, timeout=3.0)
+            assert await busy.fetchval("SELECT 1") == 1  # the busy one was not interrupted
+        finally:
+            for proxy in held:
+                await pool.release(proxy)
+        await wait_for(lambda: _retired(pool) == 2)
+
+
+def _retired(pool: asyncpg_iam.Pool) -> int:
+    return pool.stats().connections_closed.get("max_lifetime", 0)
