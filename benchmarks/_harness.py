@@ -48,6 +48,7 @@ __all__ = [
     "Row",
     "interleave",
     "machine_info",
+    "median_interval",
     "percentile",
     "ratio",
     "summarize",
@@ -111,6 +112,27 @@ def percentile(values: Sequence[float], q: float) -> float:
     if low == high:
         return ordered[low]
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Return a distribution-free confidence interval for the median of `values`.
+
+    The order statistics x(k) and x(n-k+1), with k the largest such that a Binomial(n, 1/2)
+    falls below k with probability at most (1 - confidence) / 2. No resampling, so repeatable.
+    With too few values for the confidence asked, the whole range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2.0
+    below, k = 0.0, 0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return ordered[0], ordered[-1]
+    return ordered[k - 1], ordered[n - k]
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

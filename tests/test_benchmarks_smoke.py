@@ -114,3 +114,16 @@ def test_quick_fleet_simulation_keeps_other_cases(tmp_path: Path) -> None:
     assert "Fleet simulation" in markdown
     for scenario in ("deploy", "rolling", "steady", "drop"):
         assert (tmp_path / f"fleet_{scenario}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_median_interval_is_the_binomial_order_statistics() -> None:
+    """The benchmarks' confidence interval for a median: x(k) and x(n-k+1), by the binomial."""
+    from benchmarks._harness import median_interval
+
+    # n = 10: P(Bin(10, 1/2) <= 1) = 11/1024 <= 2.5 % < P(<= 2) = 56/1024, so k = 2.
+    assert median_interval([float(v) for v in range(10, 0, -1)]) == (2.0, 9.0)
+    # n = 160 (the pool-overhead case): k = 68.
+    assert median_interval([float(v) for v in range(1, 161)]) == (68.0, 93.0)
+    # Too few values for 95 %: the whole range.
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert median_interval([0.5]) == (0.5, 0.5)
