@@ -49,6 +49,7 @@ __all__ = [
     "interleave",
     "machine_info",
     "median_interval",
+    "paired_ratio_interval",
     "percentile",
     "ratio",
     "summarize",
@@ -133,6 +134,36 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     if k == 0:
         return ordered[0], ordered[-1]
     return ordered[k - 1], ordered[n - k]
+
+
+def paired_ratio_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    q: float = 50.0,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 1000,
+) -> tuple[float, float]:
+    """Return a bootstrap confidence interval for ``percentile(numerators, q) /
+    percentile(denominators, q)``, resampling rounds (the i-th values of both stay together).
+
+    Seeded, so a run's figures are repeatable from its samples.
+    """
+    n = len(numerators)
+    if n == 0 or n != len(denominators):
+        raise ValueError("paired_ratio_interval needs two non-empty samples of the same length")
+    rng = random.Random(20261203)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(
+            ratio(
+                percentile([numerators[i] for i in picks], q),
+                percentile([denominators[i] for i in picks], q),
+            )
+        )
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    return percentile(ratios, tail), percentile(ratios, 100.0 - tail)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

@@ -127,3 +127,26 @@ def test_median_interval_is_the_binomial_order_statistics() -> None:
     # Too few values for 95 %: the whole range.
     assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
     assert median_interval([0.5]) == (0.5, 0.5)
+
+
+def test_paired_ratio_interval_brackets_the_ratio_and_repeats() -> None:
+    """The bootstrap interval of a ratio of medians holds the ratio, narrows with more rounds,
+    is repeatable, and refuses samples that are not paired."""
+    import random
+
+    import pytest
+
+    from benchmarks._harness import paired_ratio_interval, percentile
+
+    rng = random.Random(7)
+    fair = [10.0 + rng.gauss(0, 1.5) for _ in range(2000)]
+    iam = [value * 1.01 + rng.gauss(0, 0.5) for value in fair]
+    point = percentile(iam, 50) / percentile(fair, 50)
+    low, high = paired_ratio_interval(iam, fair, resamples=200)
+    assert low <= point <= high
+    assert high - low < 0.02
+    assert paired_ratio_interval(iam, fair, resamples=200) == (low, high)
+    few_low, few_high = paired_ratio_interval(iam[:100], fair[:100], resamples=200)
+    assert few_high - few_low > high - low
+    with pytest.raises(ValueError, match="same length"):
+        paired_ratio_interval(iam, fair[:-1])
