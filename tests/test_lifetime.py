@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from typing import Any
 
 import pytest
 
@@ -183,6 +184,20 @@ async def test_unstaggered_buckets_grant_in_lockstep() -> None:
     assert waited == [0.0] * 100
 
 
+async def _pool_on(
+    clock: ManualClock, server: PostgresServer, **overrides: Any
+) -> asyncpg_iam.Pool:
+    """A static-password pool on `server` whose lifetimes `clock` drives."""
+    pool = asyncpg_iam.create_pool(**direct_kwargs(server, **overrides), clock=clock)
+    await pool  # opens min_size connections
+    return pool
+
+
+def _retired(pool: asyncpg_iam.Pool) -> int:
+    """Return how many of the pool's connections were retired at their max lifetime."""
+    return pool.stats().connections_closed.get("max_lifetime", 0)
+
+
 def _deadlines(pool: asyncpg_iam.Pool) -> list[float]:
     """Return the deadlines of the pool's open connections."""
     cons = [holder._con for holder in pool._holders if holder._con is not None]
@@ -196,11 +211,8 @@ async def test_pool_spreads_first_lifetimes_then_replaces_within_jitter(
     """A pool filled at once comes due over most of max_lifetime; a replacement within jitter."""
     clock = ManualClock()
     started = clock.monotonic()
-    pool = await asyncpg_iam.create_pool(
-        **direct_kwargs(
-            postgres_server, min_size=20, max_size=20, max_lifetime=900, max_lifetime_jitter=0.1
-        ),
-        clock=clock,
+    pool = await _pool_on(
+        clock, postgres_server, min_size=20, max_size=20, max_lifetime=900, max_lifetime_jitter=0.1
     )
     async with pool:
         deadlines = _deadlines(pool)
@@ -215,7 +227,7 @@ async def test_pool_spreads_first_lifetimes_then_replaces_within_jitter(
         await clock.advance(first - clock.monotonic() + 0.001)
         await wait_for(
             lambda: (
-                pool.stats().connections_closed.get("max_lifetime", 0) == 1
+                _retired(pool) == 1
                 and pool.stats().connections_opened == 21
                 and len(_deadlines(pool)) == 20
             )
@@ -223,7 +235,7 @@ async def test_pool_spreads_first_lifetimes_then_replaces_within_jitter(
         replacement = sorted(set(_deadlines(pool)) - set(deadlines))
         assert len(replacement) == 1
         assert 810 <= replacement[0] - clock.monotonic() <= 900
-        assert pool.stats().connections_closed.get("max_lifetime", 0) == 1
+        assert _retired(pool) == 1
 
 
 async def test_pool_retires_every_connection_within_max_lifetime_on_the_clock(
@@ -231,16 +243,13 @@ async def test_pool_retires_every_connection_within_max_lifetime_on_the_clock(
 ) -> None:
     """Advancing the manual clock by max_lifetime retires each of the pool's first connections."""
     clock = ManualClock()
-    pool = await asyncpg_iam.create_pool(
-        **direct_kwargs(postgres_server, min_size=5, max_size=5, max_lifetime=60),
-        clock=clock,
-    )
+    pool = await _pool_on(clock, postgres_server, min_size=5, max_size=5, max_lifetime=60)
     async with pool:
         originals = {holder._con for holder in pool._holders}
         await clock.advance(14.0)  # shorter than any first lifetime (60 * 0.25)
-        assert pool.stats().connections_closed.get("max_lifetime", 0) == 0
+        assert _retired(pool) == 0
         await clock.advance(46.0)
-        await wait_for(lambda: pool.stats().connections_closed.get("max_lifetime", 0) == 5)
+        await wait_for(lambda: _retired(pool) == 5)
         await wait_for(lambda: pool.get_size() == 5)
         assert originals.isdisjoint(holder._con for holder in pool._holders)
         async with pool.acquire() as con:
@@ -252,10 +261,7 @@ async def test_connections_dropped_together_get_first_lifetimes(
 ) -> None:
     """Connections that replace dropped ones (not retired ones) spread over the wide window."""
     clock = ManualClock()
-    pool = await asyncpg_iam.create_pool(
-        **direct_kwargs(postgres_server, min_size=10, max_size=10, max_lifetime=900),
-        clock=clock,
-    )
+    pool = await _pool_on(clock, postgres_server, min_size=10, max_size=10, max_lifetime=900)
     async with pool:
         for holder in pool._holders:
             holder._con.terminate()
@@ -283,12 +289,9 @@ async def test_an_idle_connection_is_retired_on_time_while_an_earlier_one_is_bus
 ) -> None:
     """A busy connection's later recheck does not delay an idle one due before it."""
     clock = ManualClock()
-    pool = await asyncpg_iam.create_pool(
-        # First lifetimes fall in [0.1, 0.4] s: the two deadlines are closer together than the
-        # recheck of a connection found in use (0.5 s).
-        **direct_kwargs(postgres_server, min_size=2, max_size=2, max_lifetime=0.4),
-        clock=clock,
-    )
+    # First lifetimes fall in [0.1, 0.4] s: the two deadlines are closer together than the
+    # recheck of a connection found in use (0.5 s).
+    pool = await _pool_on(clock, postgres_server, min_size=2, max_size=2, max_lifetime=0.4)
     async with pool:
         held = [await pool.acquire(), await pool.acquire()]
         try:
@@ -304,7 +307,3 @@ async def test_an_idle_connection_is_retired_on_time_while_an_earlier_one_is_bus
             for proxy in held:
                 await pool.release(proxy)
         await wait_for(lambda: _retired(pool) == 2)
-
-
-def _retired(pool: asyncpg_iam.Pool) -> int:
-    return pool.stats().connections_closed.get("max_lifetime", 0)
