@@ -297,8 +297,7 @@ class Recycler:
                 self._stale -= 1
                 continue  # closed or rescheduled since
             state.due_at = None
-            if state.con_ref is not None:
-                self._on_deadline(state, state.con_ref)
+            self._on_deadline(state)
         if self._stale > 64 and self._stale > len(due) // 2:
             self._due = due = [entry for entry in due if entry[2].due_at == entry[0]]
             heapq.heapify(due)
@@ -373,8 +372,8 @@ class Recycler:
         if on_closed is not None:
             on_closed(state.reason or "other")
 
-    def _on_deadline(self, state: _Tracked, con_ref: weakref.ref[Connection]) -> None:
-        con = con_ref()
+    def _on_deadline(self, state: _Tracked) -> None:
+        con = state.con_ref() if state.con_ref is not None else None
         pool = self._pool_ref()
         if con is None or pool is None or pool.is_closing() or con.is_closed():
             return
