@@ -68,6 +68,9 @@ _RECHECK_IN_USE = 0.5
 FIRST_LIFETIME_SPREAD = 0.75
 # A connection opened within this many seconds of one retired at its lifetime replaces it.
 _REPLACEMENT_WINDOW = 60.0
+# Stale deadline-heap entries tolerated before a compaction (which also waits until they are
+# at least half the heap): memory per closed connection stays bounded, and amortised O(1).
+_COMPACT_SLACK = 64
 
 
 def lifetime_window(max_lifetime: float, jitter: float, *, first: bool) -> tuple[float, float]:
@@ -195,8 +198,11 @@ class _Tracked:
         """The connection's termination listener (a bound method: asyncpg inspects listeners,
         and a method is the cheap case); then `also`, if given."""
         self.recycler._closed(self, con)
-        if self.also is not None:
-            self.also(con)
+        # Dropped once called: a closed connection's state may wait in the deadline heap
+        # until a compaction, and should not keep what the failover guard attached.
+        also, self.also = self.also, None
+        if also is not None:
+            also(con)
 
 
 class Recycler:
@@ -298,14 +304,24 @@ class Recycler:
                 continue  # closed or rescheduled since
             state.due_at = None
             self._on_deadline(state)
-        if self._stale > 64 and self._stale > len(due) // 2:
-            self._due = due = [entry for entry in due if entry[2].due_at == entry[0]]
-            heapq.heapify(due)
-            self._stale = 0
+        self._compact()
+        due = self._due
         # A connection found in use was rescheduled (and the timer armed) for later than the
         # next deadline in the heap: arm for the earliest.
         if due and due[0][0] < self._timer_at:
             self._arm(due[0][0])
+
+    def _compact(self) -> None:
+        """Drop the heap's entries of closed or rescheduled connections once they are most of it.
+
+        Runs when a connection closes too, not only when the timer fires: otherwise every
+        connection closed within one lifetime (reconnect rate x `max_lifetime` of them) would
+        stay referenced until its old deadline came up.
+        """
+        if self._stale > _COMPACT_SLACK and self._stale > len(self._due) // 2:
+            self._due = [entry for entry in self._due if entry[2].due_at == entry[0]]
+            heapq.heapify(self._due)
+            self._stale = 0
 
     def opened_at(self, con: Connection) -> float | None:
         """Return the clock time at which `con`'s login began, or None if it is not tracked."""
@@ -368,6 +384,7 @@ class Recycler:
         if state.due_at is not None:
             state.due_at = None
             self._stale += 1
+            self._compact()
         on_closed = self._on_closed()
         if on_closed is not None:
             on_closed(state.reason or "other")
