@@ -280,6 +280,20 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
+    # Forgetting `await` (or writing a plain `with`) must say what to write instead.
+    _NOT_STARTED = "use `await create_pool(...)` or `async with create_pool(...)`"
+
+    def _check_init(self) -> None:
+        if not self._initialized and not self._initializing and not self._closed:
+            raise asyncpg.InterfaceError(f"the pool was never started: {self._NOT_STARTED}")
+        super()._check_init()
+
+    def __enter__(self) -> None:
+        raise TypeError(f"a pool is an async context manager: {self._NOT_STARTED}")
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
     def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
         self._recycler = Recycler(

@@ -1,0 +1,55 @@
+"""A user's first day: the rough edges of issue 31, each as the user met it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import asyncpg_iam
+from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+
+ROOT = Path(__file__).resolve().parent.parent
+# `pip install asyncpg-iam[x]` unquoted: zsh reads the brackets as a glob and fails.
+_UNQUOTED_EXTRA = re.compile(r"pip install (?!['\"])\S*\[")
+
+
+def test_extras_hints_are_quoted_for_zsh() -> None:
+    """Every `pip install ...[extra]` hint in code and docs quotes its argument."""
+    paths = [ROOT / "README.md", *ROOT.glob("docs/**/*.md")]
+    for folder in ("asyncpg_iam", "benchmarks", "examples"):
+        paths += (ROOT / folder).rglob("*.py")
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in paths
+        for match in _UNQUOTED_EXTRA.finditer(path.read_text())
+    ]
+    assert found == []
+    assert _UNQUOTED_EXTRA.search("pip install asyncpg-iam[starlette]")
+    assert not _UNQUOTED_EXTRA.search("pip install 'asyncpg-iam[starlette]'")
+
+
+async def test_forgotten_await_says_what_to_write(iam_emulator: RDSIAMEmulator) -> None:
+    """A pool used without `await` names `await create_pool(...)` / `async with create_pool(...)`."""
+    pool = asyncpg_iam.create_pool(**iam_emulator.pool_kwargs(user="postgres"), min_size=0)
+    with pytest.raises(asyncpg.InterfaceError, match=r"await create_pool\(\.\.\.\)`"):
+        await pool.fetchval("SELECT 1")
+    with pytest.raises(asyncpg.InterfaceError, match=r"async with create_pool\(\.\.\.\)`"):
+        async with pool.acquire():
+            pass
+    await pool  # still usable the right way afterwards
+    try:
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await pool.fetchval("SELECT 1")
+
+
+async def test_plain_with_says_what_to_write() -> None:
+    """`with create_pool(...)` raises a TypeError naming `async with create_pool(...)`."""
+    pool = asyncpg_iam.create_pool(host="127.0.0.1", user="app", iam=False, min_size=0)
+    with pytest.raises(TypeError, match=r"async with create_pool\(\.\.\.\)"), pool:
+        pass
