@@ -47,6 +47,7 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    is_iam_refusal,
     rank_auth_failure,
 )
 from ._lifetime import TokenBucket
@@ -420,7 +421,7 @@ class Connector:
             try:
                 con = await self._connect(**kwargs)
             except InvalidAuthorizationSpecificationError as exc:
-                if isinstance(exc, IAMAuthenticationError):
+                if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
                 raise self.explain(exc, target, record) from exc

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import DEFAULT_DSQL_ENDPOINT, RDSIAMEmulator, Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 # `pip install asyncpg-iam[x]` unquoted: zsh reads the brackets as a glob and fails.
@@ -53,3 +53,27 @@ async def test_plain_with_says_what_to_write() -> None:
     pool = asyncpg_iam.create_pool(host="127.0.0.1", user="app", iam=False, min_size=0)
     with pytest.raises(TypeError, match=r"async with create_pool\(\.\.\.\)"), pool:
         pass
+
+
+async def test_dsql_emulator_lets_admin_log_in_and_create_tables() -> None:
+    """The emulator's DSQL mode has the role admin, as a DSQL cluster does; it may create tables."""
+    async with Sandbox(endpoint=DEFAULT_DSQL_ENDPOINT) as sandbox:
+        kwargs = sandbox.pool_kwargs(user="admin", database=None)
+        async with asyncpg_iam.create_pool(**kwargs, min_size=1) as pool:
+            assert await pool.fetchval("SELECT current_user") == "admin"
+            await pool.execute("CREATE TABLE first_day (x int)")
+        assert sandbox.emulator.logins_rejected == 0
+
+
+async def test_server_errors_that_are_not_refusals_pass_through() -> None:
+    """A verified token for a role the server lacks raises asyncpg's error, without IAM hints."""
+    async with Sandbox(endpoint=DEFAULT_DSQL_ENDPOINT) as sandbox:
+        sandbox.emulator.enable_iam_user("nobody")
+        kwargs = sandbox.pool_kwargs(user="nobody", database=None)
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError) as caught:
+            await asyncpg_iam.create_pool(**kwargs, min_size=1)
+        assert not isinstance(caught.value, asyncpg_iam.IAMAuthenticationError)
+        assert 'role "nobody" does not exist' in str(caught.value)
+        assert "DbConnect" not in str(caught.value)
+        # The token passed; the backend refused the role.
+        assert [r.reason for r in sandbox.emulator.records] == ["backend_error"]
