@@ -77,3 +77,28 @@ async def test_server_errors_that_are_not_refusals_pass_through() -> None:
         assert "DbConnect" not in str(caught.value)
         # The token passed; the backend refused the role.
         assert [r.reason for r in sandbox.emulator.records] == ["backend_error"]
+
+
+async def test_emulate_banner_shows_a_connect_line_that_works_per_iam_user() -> None:
+    """The banner's line for IAM user app logs in; its CREATE DATABASE gives app a database."""
+    from asyncpg_iam.cli.emulate import _emulate_banner
+
+    async with Sandbox(iam_users=["app"]) as sandbox:
+        banner = _emulate_banner(sandbox, sts_error=None)
+        login = re.search(r"^  app: asyncpg-iam psql .*--user app --dbname (\S+)", banner, re.M)
+        create = re.search(r"^    as (\S+): asyncpg-iam psql .* -- -c '(.*)'$", banner, re.M)
+        assert login is not None, banner
+        assert create is not None, banner
+        kwargs = sandbox.pool_kwargs(user="app", database=login.group(1), min_size=1)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            assert await pool.fetchval("SELECT current_user") == "app"
+        admin_kwargs = sandbox.pool_kwargs(user=create.group(1), min_size=1)
+        async with asyncpg_iam.create_pool(**admin_kwargs) as admin:
+            await admin.execute(create.group(2))
+        then = re.search(r"^    then --dbname (\S+)", banner, re.M)
+        assert then is not None
+        async with asyncpg_iam.create_pool(
+            **sandbox.pool_kwargs(user="app", database=then.group(1), min_size=1)
+        ) as pool:
+            await pool.execute("CREATE TABLE mine (x int)")
+        assert sandbox.emulator.logins_rejected == 0
