@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -9,7 +11,8 @@ import asyncpg
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam.testing import DEFAULT_DSQL_ENDPOINT, RDSIAMEmulator, Sandbox
+from asyncpg_iam.testing import DEFAULT_DSQL_ENDPOINT, PostgresServer, RDSIAMEmulator, Sandbox
+from tests._support import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 # `pip install asyncpg-iam[x]` unquoted: zsh reads the brackets as a glob and fails.
@@ -102,3 +105,31 @@ async def test_emulate_banner_shows_a_connect_line_that_works_per_iam_user() -> 
         ) as pool:
             await pool.execute("CREATE TABLE mine (x int)")
         assert sandbox.emulator.logins_rejected == 0
+
+
+async def test_doctor_against_emulate_without_sts_skips_the_identity_check(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, credential_server: object
+) -> None:
+    """As against `emulate` in a `[cli]` install (no STS): identity is skipped, saying why."""
+    env = dict(os.environ)
+    for name in ("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"):
+        env.pop(name, None)
+    # Were STS asked anyway, it goes to a proxy on loopback that refuses: never off this host.
+    env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    code, out, err = await run_cli(
+        "doctor",
+        "--host", iam_emulator.host,
+        "--port", str(iam_emulator.port),
+        "--user", postgres_server.user,
+        "--dbname", postgres_server.database,
+        "--signing-host", iam_emulator.endpoint,
+        "--ca", iam_emulator.ca_path,
+        "--timeout", "3",
+        "--json",
+        env=env,
+    )  # fmt: skip
+    checks = {check["name"]: check for check in json.loads(out)["checks"]}
+    assert checks["identity"]["status"] == "skip", checks["identity"]
+    assert "no STS endpoint is set" in checks["identity"]["detail"]
+    assert checks["login"]["status"] == "pass", checks["login"]
+    assert [n for n, c in checks.items() if c["status"] == "fail"] in ([], ["proxy"]), out + err
