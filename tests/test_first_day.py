@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -133,3 +134,55 @@ async def test_doctor_against_emulate_without_sts_skips_the_identity_check(
     assert "no STS endpoint is set" in checks["identity"]["detail"]
     assert checks["login"]["status"] == "pass", checks["login"]
     assert [n for n, c in checks.items() if c["status"] == "fail"] in ([], ["proxy"]), out + err
+
+
+async def test_a_pool_signing_for_an_ip_address_warns(
+    credential_server: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pool whose tokens would be signed for an IP address says so once, at creation."""
+    caplog.set_level(logging.WARNING, logger="asyncpg_iam")
+    iam = asyncpg_iam.IAMAuth(region="us-east-1")
+    async with asyncpg_iam.create_pool(host="10.0.0.1", user="app", iam=iam, min_size=0):
+        pass
+    warnings = [r.getMessage() for r in caplog.records if "an IP address" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "10.0.0.1" in warnings[0]
+    assert "signing_host=" in warnings[0]
+    caplog.clear()
+    iam = asyncpg_iam.IAMAuth(signing_host="app.cluster-abc123.us-east-1.rds.amazonaws.com")
+    async with asyncpg_iam.create_pool(host="10.0.0.1", user="app", iam=iam, min_size=0):
+        pass
+    assert not [r for r in caplog.records if "an IP address" in r.getMessage()]
+
+
+async def test_token_command_signing_for_an_ip_address_warns(credential_server: object) -> None:
+    """`asyncpg-iam token --host 10.0.0.1` prints the token and a warning naming --signing-host."""
+    args = ["token", "--host", "10.0.0.1", "--user", "app", "--region", "us-east-1"]
+    code, out, err = await run_cli(*args, env=dict(os.environ))
+    assert code == 0, err
+    assert out.strip()
+    assert "10.0.0.1, an IP address" in err
+    assert "--signing-host" in err
+    named = ["--signing-host", "app.cluster-abc123.us-east-1.rds.amazonaws.com"]
+    code, out, err = await run_cli(*args, *named, env=dict(os.environ))
+    assert code == 0, err
+    assert "an IP address" not in err
+
+
+async def test_psql_command_signing_for_an_ip_address_warns(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, credential_server: object
+) -> None:
+    """`asyncpg-iam psql --host 127.0.0.1` without --signing-host warns before psql runs."""
+    code, out, err = await run_cli(
+        "psql",
+        "--host", "127.0.0.1",
+        "--port", str(iam_emulator.port),
+        "--user", postgres_server.user,
+        "--region", "us-east-1",
+        "--ca", iam_emulator.ca_path,
+        "--", "-c", "SELECT 1",
+        env=dict(os.environ),
+    )  # fmt: skip
+    assert "127.0.0.1, an IP address" in err, out + err
+    assert code != 0  # and RDS (here the emulator) refuses the token, as the warning said
+    assert iam_emulator.logins_rejected == 1
