@@ -49,6 +49,7 @@ from ._errors import (
     TLSVerificationError,
     is_iam_refusal,
     rank_auth_failure,
+    without_traceback,
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
@@ -378,7 +379,7 @@ class Connector:
                 error = await self._explain_connect(exc, *endpoints[0], kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
@@ -424,12 +425,12 @@ class Connector:
                 if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from exc
+                raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = await self._explain_connect(exc, target.host, target.port, kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             if one:
                 self.counters.failures += 1
@@ -511,7 +512,8 @@ class Connector:
         cause = ranked[0][0]
         self.counters.auth_failures_by_cause[cause] += 1
         error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
-        logger.warning(
+        # DEBUG: the error itself says all of this; a background refill logs it when it fails.
+        logger.debug(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,
             target.user,

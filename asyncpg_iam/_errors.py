@@ -46,6 +46,7 @@ __all__ = [
     "in_cli_words",
     "is_iam_refusal",
     "rank_auth_failure",
+    "without_traceback",
 ]
 
 
@@ -344,6 +345,18 @@ _NOT_A_REFUSAL = re.compile(r'role ".*" does not exist')
 def is_iam_refusal(exc: InvalidAuthorizationSpecificationError) -> bool:
     """Tell a refused IAM login (RDS's PAM failure, DSQL's refusal, no TLS) from other 28000s."""
     return not _NOT_A_REFUSAL.search(str(exc))
+
+
+def without_traceback(exc: BaseException) -> BaseException:
+    """Return `exc`, to chain as a cause, without its traceback and its own context.
+
+    The library's error already says what the cause said, where and why; the cause's type and
+    message stay (`__cause__`), the frames inside asyncpg and asyncio that raised it go, so a
+    failed connect prints one clear error instead of two stack traces.
+    """
+    exc.__traceback__ = None
+    exc.__suppress_context__ = True
+    return exc
 
 
 def in_cli_words(hint: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -186,3 +188,48 @@ async def test_psql_command_signing_for_an_ip_address_warns(
     assert "127.0.0.1, an IP address" in err, out + err
     assert code != 0  # and RDS (here the emulator) refuses the token, as the warning said
     assert iam_emulator.logins_rejected == 1
+
+
+_FAILING_PROGRAM = """
+import asyncio, logging, sys
+import asyncpg_iam
+from asyncpg_iam.testing import Sandbox
+
+logging.basicConfig(level=logging.WARNING)  # as an application logs
+
+
+async def main(kind):
+    async with Sandbox() as sandbox:
+        kwargs = sandbox.pool_kwargs(min_size=1)
+        if kind == "refused-login":
+            sandbox.emulator.disable_iam_user(sandbox.user)
+        else:
+            kwargs["port"] = 1  # nothing listens there
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await pool.fetchval("SELECT 1")
+
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [("refused-login", "IAMAuthenticationError"), ("refused-port", "ConnectError")],
+)
+async def test_a_failed_connect_prints_one_clear_error(
+    kind: str, error: str, tmp_path: Path
+) -> None:
+    """An uncaught connect failure prints the library's error once, no asyncpg internals, no log."""
+    program = tmp_path / "program.py"
+    program.write_text(_FAILING_PROGRAM)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(program), kind, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert text.count(f"asyncpg_iam.{error}: ") == 1, text
+    assert "asyncpg/connect_utils.py" not in text, text  # the cause's frames are not printed
+    assert "WARNING" not in text, text  # the error is not logged a second time
