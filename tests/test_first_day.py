@@ -38,7 +38,7 @@ def test_extras_hints_are_quoted_for_zsh() -> None:
 
 
 async def test_forgotten_await_says_what_to_write(iam_emulator: RDSIAMEmulator) -> None:
-    """A pool used without `await` names `await create_pool(...)` / `async with create_pool(...)`."""
+    """A pool used without `await` names `await create_pool(...)` and `async with`."""
     pool = asyncpg_iam.create_pool(**iam_emulator.pool_kwargs(user="postgres"), min_size=0)
     with pytest.raises(asyncpg.InterfaceError, match=r"await create_pool\(\.\.\.\)`"):
         await pool.fetchval("SELECT 1")
@@ -119,7 +119,7 @@ async def test_doctor_against_emulate_without_sts_skips_the_identity_check(
         env.pop(name, None)
     # Were STS asked anyway, it goes to a proxy on loopback that refuses: never off this host.
     env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
-    code, out, err = await run_cli(
+    _, out, err = await run_cli(
         "doctor",
         "--host", iam_emulator.host,
         "--port", str(iam_emulator.port),
