@@ -127,6 +127,16 @@ def test_readme_and_docs_have_blocks() -> None:
     assert len(readme_blocks()) >= 12
 
 
+def test_readme_is_a_landing_page_whose_links_resolve() -> None:
+    """The README stays under 250 lines, and each of its relative links names a file here."""
+    text = README.read_text()
+    assert text.count("\n") < 250
+    targets = re.findall(r"\]\((?!https?:|#)([^)#\s]+)", text)
+    assert "docs/index.md" in targets
+    missing = [target for target in targets if not (ROOT / target).exists()]
+    assert missing == []
+
+
 @pytest.mark.parametrize("block", readme_blocks(), ids=str)
 def test_block_is_marked(block: Block) -> None:
     """Each block carries a marker; programs compile; fragments repeat their program's lines."""
