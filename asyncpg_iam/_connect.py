@@ -47,7 +47,9 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    is_iam_refusal,
     rank_auth_failure,
+    without_traceback,
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
@@ -377,7 +379,7 @@ class Connector:
                 error = await self._explain_connect(exc, *endpoints[0], kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
@@ -420,15 +422,15 @@ class Connector:
             try:
                 con = await self._connect(**kwargs)
             except InvalidAuthorizationSpecificationError as exc:
-                if isinstance(exc, IAMAuthenticationError):
+                if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from exc
+                raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = await self._explain_connect(exc, target.host, target.port, kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             if one:
                 self.counters.failures += 1
@@ -510,7 +512,8 @@ class Connector:
         cause = ranked[0][0]
         self.counters.auth_failures_by_cause[cause] += 1
         error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
-        logger.warning(
+        # DEBUG: the error itself says all of this; a background refill logs it when it fails.
+        logger.debug(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,
             target.user,

@@ -270,6 +270,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._name = self._connector.name
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
+        # Login times of connections opened before an observer came: the first one gets them.
+        self._unobserved_creates: list[float] = []
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
@@ -279,6 +281,20 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
+
+    # Forgetting `await` (or writing a plain `with`) must say what to write instead.
+    _NOT_STARTED = "use `await create_pool(...)` or `async with create_pool(...)`"
+
+    def _check_init(self) -> None:
+        if not self._initialized and not self._initializing and not self._closed:
+            raise asyncpg.InterfaceError(f"the pool was never started: {self._NOT_STARTED}")
+        super()._check_init()
+
+    def __enter__(self) -> None:
+        raise TypeError(f"a pool is an async context manager: {self._NOT_STARTED}")
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
 
     def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
@@ -365,9 +381,14 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def set_observer(self, observer: PoolObserver | None) -> None:
         """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
 
-        Without one the acquire and connect paths do no extra work.
+        Without one the acquire and connect paths do no extra work. An observer installed
+        after the pool opened connections is told their login times first (up to 1,024).
         """
         self._observer = observer
+        if observer is not None:
+            history, self._unobserved_creates = self._unobserved_creates, []
+            for seconds in history:
+                observer.connection_created(seconds)
 
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Use new connection arguments for the connections opened from now on.
@@ -404,6 +425,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         `started` is the clock time the login began, `epoch` the failover guard's epoch then.
         """
         self._counters.opened += 1
+        if self._observer is None and len(self._unobserved_creates) < 1024:
+            self._unobserved_creates.append(self._clock.monotonic() - started)
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, started, also=lost)

@@ -40,7 +40,7 @@ try:
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "asyncpg_iam.sqlalchemy needs SQLAlchemy 2: pip install asyncpg-iam[sqlalchemy]"
+        "asyncpg_iam.sqlalchemy needs SQLAlchemy 2: pip install 'asyncpg-iam[sqlalchemy]'"
     ) from exc
 
 import asyncpg

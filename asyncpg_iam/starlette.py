@@ -33,7 +33,7 @@ try:
     from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "asyncpg_iam.starlette needs Starlette: pip install asyncpg-iam[starlette]"
+        "asyncpg_iam.starlette needs Starlette: pip install 'asyncpg-iam[starlette]'"
     ) from exc
 
 import asyncpg
