@@ -1,5 +1,6 @@
-"""The package's import rules (ARCHITECTURE.md), read from the source: no import circle, and no
-production module that imports the test helpers."""
+"""The package's import rules (ARCHITECTURE.md), read from the source: no import circle, no
+production module that imports the test helpers, and asyncpg's private pool names reached from
+one adapter module only."""
 
 from __future__ import annotations
 
@@ -130,3 +131,49 @@ def test_the_command_line_imports_testing_only_when_emulate_or_demo_runs() -> No
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# asyncpg's private pool names (pool, holder, proxy): only the adapter may reach them.
+ADAPTER = f"{PACKAGE}._asyncpg_pool"
+ASYNCPG_PRIVATE = frozenset(
+    {
+        "_acquire",
+        "_async__init__",
+        "_con",
+        "_generation",
+        "_get_new_connection",
+        "_holder",
+        "_holders",
+        "_in_use",
+        "_initialized",
+        "_maybe_cancel_inactive_callback",
+        "_minsize",
+        "_maxsize",
+        "_queue",
+        "_schedule_min_size_maintenance",
+    }
+)
+
+
+def _private_names(module: str) -> set[str]:
+    """Return the asyncpg private names `module` reaches: as attributes, or as strings (getattr)."""
+    path = MODULES[module]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in ASYNCPG_PRIVATE:
+            found.add(node.attr)
+        elif isinstance(node, ast.Constant) and node.value in ASYNCPG_PRIVATE:
+            found.add(str(node.value))
+    return found
+
+
+def test_the_private_name_check_sees_the_adapter() -> None:
+    """The check finds the names where they are: the adapter reaches holders and the queue."""
+    assert {"_con", "_queue", "_holders", "_generation"} <= _private_names(ADAPTER)
+
+
+def test_only_the_adapter_reaches_asyncpg_private_pool_names() -> None:
+    """No module but _asyncpg_pool names asyncpg's private pool attributes (one module to adapt
+    when asyncpg changes them)."""
+    offenders = {module: sorted(_private_names(module)) for module in MODULES if module != ADAPTER}
+    assert {module: names for module, names in offenders.items() if names} == {}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._auth import IAMAuth, TokenProvider
 from .._connect import Connector, ConnectPlan, plan_connect
-from .._dsql import connect_defaults
+from .._dsql import is_dsql
 
 if TYPE_CHECKING:
     Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -135,9 +135,8 @@ def plan_from(args: argparse.Namespace, auth: IAMAuth, *, tls: bool = True) -> C
     if not tls:
         # Printing a token sends nothing: no TLS decision to make or to refuse.
         kwargs["ssl"] = ssl.create_default_context()
-    # Aurora DSQL: database postgres and the system CA store unless given.
-    _, kwargs = connect_defaults(dsn=None, auth=auth, connect_kwargs=kwargs)
-    if hasattr(args, "dbname"):
+    if hasattr(args, "dbname") and not is_dsql(auth, [args.host]):
+        # The user name, as --dbname's help says (not $PGDATABASE); DSQL's plan says postgres.
         kwargs.setdefault("database", args.user)
     return plan_connect(None, kwargs, auth=auth)
 
