@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import functools
 import inspect
 import logging
@@ -95,6 +96,12 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+    auth_failures_by_cause: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Refused logins by their most likely cause (``IAMAuthenticationError.cause``)."""
+    credential_fetch_failures: int = 0
+    """Fetches from the AWS credential source that failed."""
+    credentials_expiry: datetime.datetime | None = None
+    """When the cached AWS credentials expire (None: none cached, or they never expire)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,6 +294,7 @@ class Pool(AsyncpgPool):
         counters = self._counters
         connects = self._connector.counters
         provider = self._connector.provider
+        cached = provider.credentials.peek() if provider is not None else None
         return PoolStats(
             connections_opened=counters.opened,
             connections_closed=dict(counters.closed),
@@ -303,6 +311,9 @@ class Pool(AsyncpgPool):
             failover_retired=self._failover.retired,
             read_only_retries=self._failover.read_only_retries,
             connect_retries=self._failover.connect_retries,
+            auth_failures_by_cause=dict(connects.auth_failures_by_cause),
+            credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
+            credentials_expiry=cached.expiry if cached is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -311,6 +322,16 @@ class Pool(AsyncpgPool):
             f"max_lifetime={self._max_lifetime} size={self.get_size()}"
             f"/{self.get_max_size()}>"
         )
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the pool's tokens, lifetimes, rate limit and backoff read."""
+        return self._clock
+
+    @property
+    def observer(self) -> PoolObserver | None:
+        """The observer installed with `set_observer`, or None."""
+        return self._observer
 
     def set_observer(self, observer: PoolObserver | None) -> None:
         """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
