@@ -38,6 +38,7 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _options
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._dsn import DSN, parse_dsn
@@ -203,7 +204,7 @@ def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
                 )
             endpoints.append((addr, 0))
         else:
-            endpoints.append((str(addr[0]), int(addr[1])))
+            endpoints.append((_options.host("host", addr[0]), _options.port("port", addr[1])))
     return tuple(endpoints)
 
 

@@ -33,6 +33,7 @@ from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
 from ._failover import FailoverGuard, retire_pool_connections
 from ._lifetime import Recycler
+from ._options import PoolOptions
 from ._retry import run_transaction
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
@@ -163,34 +164,6 @@ class _Counters:
         self.handed_out_due = 0
 
 
-def _validate_pool_options(
-    max_lifetime: float | None, jitter: float, max_connect_rate: float | None
-) -> None:
-    if max_lifetime is not None and (
-        isinstance(max_lifetime, bool)
-        or not isinstance(max_lifetime, (int, float))
-        or not 0 < max_lifetime < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_lifetime must be seconds > 0 (900 matches the token's validity) or None to "
-            f"keep connections forever, not {max_lifetime!r}"
-        )
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-        raise ConfigurationError(
-            f"max_lifetime_jitter must be a fraction in [0, 1) (0.1 spreads reconnects over "
-            f"the last 10% of the lifetime), not {jitter!r}"
-        )
-    if max_connect_rate is not None and (
-        isinstance(max_connect_rate, bool)
-        or not isinstance(max_connect_rate, (int, float))
-        or not 0 < max_connect_rate < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_connect_rate must be new connections per second > 0, or None for no limit, "
-            f"not {max_connect_rate!r}"
-        )
-
-
 class Pool(AsyncpgPool):
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
@@ -217,19 +190,19 @@ class Pool(AsyncpgPool):
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
         # The one plan assembly (DSQL and writer defaults, TLS); then the limits it implies.
         plan = plan_connect(dsn, kwargs, auth=auth)
-        max_lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, rate)
+        lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
+        options = PoolOptions(lifetime, max_lifetime_jitter, rate)
         self._connector = Connector(
             plan,
             provider=TokenProvider(auth, clock=clock) if auth is not None else None,
-            max_connect_rate=rate,
+            max_connect_rate=options.max_connect_rate,
             name=name,
             clock=clock,
             connect=user_connect,
         )
         self._clock = clock
         self._counters = _Counters()
-        self._max_lifetime = max_lifetime
+        self._max_lifetime = options.max_lifetime
         self._name = self._connector.name
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
@@ -238,17 +211,17 @@ class Pool(AsyncpgPool):
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
-        self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        self._start_upkeep(options)
         self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
-    def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
+    def _start_upkeep(self, options: PoolOptions) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
         self._recycler = Recycler(
             self,
-            max_lifetime=max_lifetime,
-            jitter=jitter,
+            max_lifetime=options.max_lifetime,
+            jitter=options.max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )

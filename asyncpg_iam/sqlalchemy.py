@@ -51,7 +51,7 @@ from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._failover import FailoverGuard
 from ._lifetime import draw_lifetime
-from ._pool import _validate_pool_options
+from ._options import PoolOptions
 
 __all__ = ["create_async_engine"]
 
@@ -117,13 +117,10 @@ class _EngineFailover:
 
 
 def _install_hooks(
-    engine: AsyncEngine,
-    max_lifetime: float | None,
-    jitter: float,
-    connector: Connector,
-    failover: _EngineFailover,
+    engine: AsyncEngine, options: PoolOptions, connector: Connector, failover: _EngineFailover
 ) -> None:
     sync_engine = engine.sync_engine
+    max_lifetime, jitter = options.max_lifetime, options.max_lifetime_jitter
     rng = random.Random()
 
     @event.listens_for(sync_engine, "engine_disposed")
@@ -230,17 +227,17 @@ def create_async_engine(
     # read later changes nothing. Then the limits it implies.
     plan = plan_connect(None, _connect_kwargs(parsed, connect_args), auth=auth)
     lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
-    _validate_pool_options(lifetime, max_lifetime_jitter, rate)
-    if lifetime is not None:
-        engine_kwargs.setdefault("pool_recycle", lifetime)
+    options = PoolOptions(lifetime, max_lifetime_jitter, rate)
+    if options.max_lifetime is not None:
+        engine_kwargs.setdefault("pool_recycle", options.max_lifetime)
     connector = Connector(
         plan,
         provider=TokenProvider(auth) if auth is not None else None,
-        max_connect_rate=rate,
+        max_connect_rate=options.max_connect_rate,
         name=name,
         kind="engine",
     )
     failover = _EngineFailover(connector)
     engine = _sa_create_async_engine(parsed, async_creator=failover.connect, **engine_kwargs)
-    _install_hooks(engine, lifetime, max_lifetime_jitter, connector, failover)
+    _install_hooks(engine, options, connector, failover)
     return engine

@@ -177,3 +177,28 @@ def test_only_the_adapter_reaches_asyncpg_private_pool_names() -> None:
     when asyncpg changes them)."""
     offenders = {module: sorted(_private_names(module)) for module in MODULES if module != ADAPTER}
     assert {module: names for module, names in offenders.items() if names} == {}
+
+
+INTEGRATIONS = (f"{PACKAGE}.otel", f"{PACKAGE}.sqlalchemy", f"{PACKAGE}.starlette")
+
+
+def _private_uses_of_the_pool(module: str) -> set[str]:
+    """Return the private names `module` imports from _pool or reads off a `pool` object."""
+    path = MODULES[module]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_pool"):
+            found.update(alias.name for alias in node.names if alias.name.startswith("_"))
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+            if name == "pool" and not node.attr.startswith("__"):
+                found.add(f"pool.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize("module", INTEGRATIONS)
+def test_integrations_use_the_pool_public_api_only(module: str) -> None:
+    """otel, sqlalchemy and starlette import nothing private from _pool and read no private
+    attribute of a pool, as a user's code would not."""
+    assert _private_uses_of_the_pool(module) == set()
