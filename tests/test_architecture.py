@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,68 @@ def test_integrations_use_the_pool_public_api_only(module: str) -> None:
     """otel, sqlalchemy and starlette import nothing private from _pool and read no private
     attribute of a pool, as a user's code would not."""
     assert _private_uses_of_the_pool(module) == set()
+
+
+# -- the written map -----------------------------------------------------------------------------
+
+MAP = Path(__file__).resolve().parent.parent / "ARCHITECTURE.md"
+# The fenced block of ARCHITECTURE.md that lists the layers: "<n>  <module> <module> ...".
+LAYERS_BLOCK = re.compile(r"```text\n(layer\s.*?)```", re.S)
+# cli/ and testing/ are one group each: their modules import one another freely.
+GROUPS = (f"{PACKAGE}.cli", TESTING)
+
+
+def _group(module: str) -> str:
+    """Return the map's name for `module`: its group for cli/ and testing/, else its own."""
+    for group in GROUPS:
+        if module == group or module.startswith(group + "."):
+            return group.removeprefix(PACKAGE + ".") + "/"
+    return "__init__" if module == PACKAGE else module.removeprefix(PACKAGE + ".")
+
+
+def _written_layers(text: str) -> dict[str, int]:
+    """Return each module's layer as ARCHITECTURE.md writes it (a name ending in ? is planned)."""
+    found = LAYERS_BLOCK.search(text)
+    assert found, "ARCHITECTURE.md has no ```text block starting with 'layer'"
+    layers: dict[str, int] = {}
+    for line in found.group(1).splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            for name in fields[1:]:
+                assert name.rstrip("?") not in layers, f"{name} is written in two layers"
+                layers[name.rstrip("?")] = int(fields[0])
+    return layers
+
+
+def _map_violations(layers: dict[str, int]) -> list[str]:
+    """Return how the real imports (lazy ones included) break the written layers."""
+    problems = sorted(
+        f"{name} is not on the map"
+        for name in {_group(module) for module in MODULES}
+        if name not in layers
+    )
+    for module, targets in sorted(GRAPH.items()):
+        source = _group(module)
+        for target in sorted(targets):
+            imported = _group(target)
+            if imported == source or source not in layers or imported not in layers:
+                continue
+            if layers[imported] >= layers[source]:
+                problems.append(
+                    f"{source} (layer {layers[source]}) imports {imported} "
+                    f"(layer {layers[imported]}): imports point down only"
+                )
+    return sorted(set(problems))
+
+
+def test_the_written_layers_hold() -> None:
+    """Every module is on ARCHITECTURE.md's map and imports (at any level, lazily too) only from
+    layers below its own."""
+    assert _map_violations(_written_layers(MAP.read_text())) == []
+
+
+def test_the_layer_check_catches_an_upward_import() -> None:
+    """The check fails a map where a module sits below one it imports (_connect under _lifetime)."""
+    layers = _written_layers(MAP.read_text())
+    layers["_lifetime"] = layers["_connect"] + 1
+    assert any("_connect" in problem for problem in _map_violations(layers))
