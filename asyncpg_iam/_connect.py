@@ -24,7 +24,6 @@ import os
 import re
 import socket
 import ssl
-import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import Any
@@ -54,7 +53,7 @@ from ._errors import (
 )
 from ._lifetime import TokenBucket
 from ._signing import is_writer_endpoint
-from ._tls import TLSPolicy, decide_tls
+from ._tls import SSL_REQUEST, TLSPolicy, decide_tls
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -90,10 +89,9 @@ _RESOLVED = frozenset(
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's.
-_OWN_KEYWORDS = frozenset({"sslrootcert"})
+_PLAN_KEYWORDS = frozenset({"sslrootcert"})
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
@@ -170,7 +168,7 @@ def check_keywords(
 ) -> None:
     """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
     (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
-    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    known = set(_CONNECT_DEFAULTS) | _PLAN_KEYWORDS
     unknown = sorted(name for name in given if name not in known)
     if not unknown:
         return
@@ -677,7 +675,7 @@ async def _explain_timeout(host: str, port: int, timeout: float | None) -> Conne
         phase = "tcp"
     else:
         try:
-            writer.write(_SSL_REQUEST)
+            writer.write(SSL_REQUEST)
             await writer.drain()
             if not await asyncio.wait_for(reader.read(1), probe):
                 phase = "startup"

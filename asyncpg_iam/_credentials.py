@@ -31,7 +31,7 @@ import os
 import re
 from typing import Any, Protocol
 
-from ._aws_env import proxy_hint, response_date
+from ._aws_env import proxy_hint, region_from_environment, response_date
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, CredentialsError
 from ._options import positive_seconds, seconds
@@ -637,10 +637,9 @@ def configured_region(*, profile: str | None = None, session: Any = None) -> str
 
     Reads config files synchronously (once, at configuration time).
     """
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        value = os.environ.get(name)
-        if value:
-            return value
+    found = region_from_environment()
+    if found is not None:
+        return found.name
     if session is None:
         session = _new_session(profile)
     if profile is not None:

@@ -53,7 +53,7 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_POOL_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,7 +186,7 @@ class Pool(AsyncpgPool):
     ) -> None:
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
-        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_POOL_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
         # The one plan assembly (DSQL and writer defaults, TLS); then the limits it implies.
         plan = plan_connect(dsn, kwargs, auth=auth)

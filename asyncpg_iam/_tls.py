@@ -19,6 +19,7 @@ import configparser
 import dataclasses
 import os
 import ssl
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from typing import Any
 from ._dsn import DSN
 from ._errors import ConfigurationError
 
-__all__ = ["TLSPolicy", "ca_bundle_path", "decide_tls", "default_ssl_context"]
+__all__ = ["SSL_REQUEST", "TLSPolicy", "ca_bundle_path", "decide_tls", "default_ssl_context"]
+
+#: PostgreSQL's SSLRequest: the first message of a connection that asks for TLS.
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 #: Environment variable naming a CA bundle to use instead of the cached RDS bundle.
 CA_BUNDLE_ENV = "ASYNCPG_IAM_CA_BUNDLE"
