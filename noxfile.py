@@ -24,7 +24,7 @@ def _oldest_python() -> str:
     return PYTHON
 
 
-# Every asyncpg minor version the pool supports (see asyncpg_iam/_pool.py SUPPORTED_ASYNCPG).
+# Every asyncpg minor version the pool supports (asyncpg_iam/_asyncpg_pool.py SUPPORTED_ASYNCPG).
 ASYNCPG_VERSIONS = ["0.30", "0.31", "0.32"]
 # The tests that exercise the pool's use of asyncpg internals.
 POOL_TESTS = [

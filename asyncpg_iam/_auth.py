@@ -68,11 +68,11 @@ def _is_host_name(value: object) -> bool:
     else:
         return True
     labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
-    return all(_HOST_LABEL_RE.match(label) for label in labels)
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _check_region(region: str, what: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
         raise ConfigurationError(
             f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
         )
@@ -205,14 +205,14 @@ class IAMAuth:
                     "<account>:role/<name>' or drop them"
                 )
             return
-        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.match(self.role_arn):
+        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.fullmatch(self.role_arn):
             raise ConfigurationError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN like "
                 "'arn:aws:iam::123456789012:role/app'"
             )
         if self.role_session_name is not None and (
             not isinstance(self.role_session_name, str)
-            or not _SESSION_NAME_RE.match(self.role_session_name)
+            or not _SESSION_NAME_RE.fullmatch(self.role_session_name)
         ):
             raise ConfigurationError(
                 "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"

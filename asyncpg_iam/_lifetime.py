@@ -22,9 +22,8 @@ that replace them. With ``jitter=0`` every connection lives exactly ``max_lifeti
 All timing goes through the pool's `Clock` (its ``monotonic()`` and ``call_at()``), so a
 `ManualClock` drives hours of recycling in a test or a simulation.
 
-This module touches asyncpg's private pool internals (holders, their queue and generation);
-``tests/test_asyncpg_internals.py`` pins each of them, so an asyncpg release that changes them
-fails loudly rather than silently.
+asyncpg's pool internals (holders, their queue and generation) are reached through
+`_asyncpg_pool`, the one module that names them.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import _asyncpg_pool
 from ._clock import SYSTEM_CLOCK, Clock, Timer
 from ._errors import ConfigurationError
 
@@ -57,9 +57,6 @@ __all__ = [
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
-# A holder whose generation differs from its pool's is closed by asyncpg on release and replaced
-# on acquire; pool generations start at 0 and only grow, so -1 never matches.
-_STALE_GENERATION = -1
 # How long a graceful close of a retired idle connection may take before it is terminated.
 _CLOSE_TIMEOUT = 5.0
 # How often a connection in use past its deadline is looked at again, until it is released.
@@ -348,8 +345,8 @@ class Recycler:
 
     def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
         """Make asyncpg close the holder's connection when it is released."""
-        holder._generation = _STALE_GENERATION
-        state = self._tracked.get(holder._con) if holder._con is not None else None
+        con = _asyncpg_pool.retire_on_release(holder)
+        state = self._tracked.get(con) if con is not None else None
         if state is not None and state.reason is None:
             state.reason = reason
 
@@ -394,19 +391,16 @@ class Recycler:
         pool = self._pool_ref()
         if con is None or pool is None or pool.is_closing() or con.is_closed():
             return
-        holder = next((h for h in pool._holders if h._con is con), None)
+        holder = _asyncpg_pool.find_holder(pool, con)
         if holder is None:
             return
-        queue = pool._queue._queue
-        if holder._in_use is not None or holder not in queue:
+        if not _asyncpg_pool.take_idle(pool, holder):
             # In use, or being handed out or reset right now: asyncpg closes it on release, and
             # the pool's acquire check discards it if it got through. Look again later in case
             # it went back idle after asyncpg's release check (a reset in progress).
             self.retire_on_release(holder)
             self._schedule(state, self._now() + _RECHECK_IN_USE)
             return
-        queue.remove(holder)
-        holder._maybe_cancel_inactive_callback()
         task = asyncio.get_running_loop().create_task(self._close_idle(pool, holder, con))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -424,6 +418,4 @@ class Recycler:
             con.terminate()
             raise
         finally:
-            if holder._con is con:
-                holder._con = None
-            pool._queue.put_nowait(holder)
+            _asyncpg_pool.put_back(pool, holder, con)

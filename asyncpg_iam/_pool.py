@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import functools
 import inspect
 import logging
@@ -23,40 +24,22 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from . import _dsql
+from . import _asyncpg_pool
+from ._asyncpg_pool import AsyncpgPool, connection_of, holder_of
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
-from ._dsql import UNSET, Unset, connect_defaults, pool_settings
+from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
-from ._failover import FailoverGuard, apply_writer_default
+from ._failover import FailoverGuard, retire_pool_connections
 from ._lifetime import Recycler
+from ._options import PoolOptions
 from ._retry import run_transaction
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
-#: The asyncpg versions whose private pool internals this module is tested against.
-SUPPORTED_ASYNCPG = ((0, 30), (0, 32))
-
-
-def asyncpg_version() -> tuple[int, int]:
-    major, minor = asyncpg.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def _check_asyncpg_version() -> None:
-    low, high = SUPPORTED_ASYNCPG
-    if not low <= asyncpg_version() <= high:
-        raise ImportError(
-            f"asyncpg-iam supports asyncpg {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
-            f"{asyncpg.__version__}: its pool overrides asyncpg internals that change between "
-            "minor versions. Install a supported asyncpg or upgrade asyncpg-iam."
-        )
-
-
-_check_asyncpg_version()
 
 T = TypeVar("T")
 
@@ -70,7 +53,7 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_POOL_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,6 +97,12 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+    auth_failures_by_cause: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Refused logins by their most likely cause (``IAMAuthenticationError.cause``)."""
+    credential_fetch_failures: int = 0
+    """Fetches from the AWS credential source that failed."""
+    credentials_expiry: datetime.datetime | None = None
+    """When the cached AWS credentials expire (None: none cached, or they never expire)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,59 +164,7 @@ class _Counters:
         self.handed_out_due = 0
 
 
-def _validate_pool_options(
-    max_lifetime: float | None, jitter: float, max_connect_rate: float | None
-) -> None:
-    if max_lifetime is not None and (
-        isinstance(max_lifetime, bool)
-        or not isinstance(max_lifetime, (int, float))
-        or not 0 < max_lifetime < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_lifetime must be seconds > 0 (900 matches the token's validity) or None to "
-            f"keep connections forever, not {max_lifetime!r}"
-        )
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-        raise ConfigurationError(
-            f"max_lifetime_jitter must be a fraction in [0, 1) (0.1 spreads reconnects over "
-            f"the last 10% of the lifetime), not {jitter!r}"
-        )
-    if max_connect_rate is not None and (
-        isinstance(max_connect_rate, bool)
-        or not isinstance(max_connect_rate, (int, float))
-        or not 0 < max_connect_rate < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_connect_rate must be new connections per second > 0, or None for no limit, "
-            f"not {max_connect_rate!r}"
-        )
-
-
-def _connector_for(
-    dsn: str | None,
-    settings: _dsql.PoolSettings,
-    *,
-    auth: IAMAuth | None,
-    name: str | None,
-    clock: Clock,
-    connect: Callable[..., Awaitable[Any]],
-) -> Connector:
-    """Plan the pool's connections and make the connector that opens them."""
-    # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
-    plan = apply_writer_default(
-        plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
-    )
-    return Connector(
-        plan,
-        provider=TokenProvider(auth, clock=clock) if auth is not None else None,
-        max_connect_rate=settings.max_connect_rate,
-        name=name,
-        clock=clock,
-        connect=connect,
-    )
-
-
-class Pool(asyncpg.Pool):  # type: ignore[misc]
+class Pool(AsyncpgPool):
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
     Create it with `create_pool()`; it is awaitable and an async context manager, and every
@@ -249,24 +186,23 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     ) -> None:
         auth = auth_from(iam)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
-        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_POOL_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
-        # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
-        settings = pool_settings(
-            dsn=dsn,
-            auth=auth,
-            max_lifetime=max_lifetime,
-            max_connect_rate=max_connect_rate,
-            connect_kwargs=kwargs,
-        )
-        max_lifetime = settings.max_lifetime
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, settings.max_connect_rate)
-        self._connector = _connector_for(
-            dsn, settings, auth=auth, name=name, clock=clock, connect=user_connect
+        # The one plan assembly (DSQL and writer defaults, TLS); then the limits it implies.
+        plan = plan_connect(dsn, kwargs, auth=auth)
+        lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
+        options = PoolOptions(lifetime, max_lifetime_jitter, rate)
+        self._connector = Connector(
+            plan,
+            provider=TokenProvider(auth, clock=clock) if auth is not None else None,
+            max_connect_rate=options.max_connect_rate,
+            name=name,
+            clock=clock,
+            connect=user_connect,
         )
         self._clock = clock
         self._counters = _Counters()
-        self._max_lifetime = max_lifetime
+        self._max_lifetime = options.max_lifetime
         self._name = self._connector.name
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
@@ -277,31 +213,23 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
-        self._start_upkeep(max_lifetime, max_lifetime_jitter)
-        self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
+        self._start_upkeep(options)
+        self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
-    # Forgetting `await` (or writing a plain `with`) must say what to write instead.
-    _NOT_STARTED = "use `await create_pool(...)` or `async with create_pool(...)`"
-
-    def _check_init(self) -> None:
-        if not self._initialized and not self._initializing and not self._closed:
-            raise asyncpg.InterfaceError(f"the pool was never started: {self._NOT_STARTED}")
-        super()._check_init()
-
     def __enter__(self) -> None:
-        raise TypeError(f"a pool is an async context manager: {self._NOT_STARTED}")
+        raise TypeError(f"a pool is an async context manager: {_asyncpg_pool.NOT_STARTED}")
 
     def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raises
         return None
 
-    def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
+    def _start_upkeep(self, options: PoolOptions) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
         self._recycler = Recycler(
             self,
-            max_lifetime=max_lifetime,
-            jitter=jitter,
+            max_lifetime=options.max_lifetime,
+            jitter=options.max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )
@@ -310,13 +238,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
         clock = self._clock
         self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
-        self._failover = FailoverGuard(
-            self,
-            connector=self._connector,
-            mark_retired=functools.partial(self._recycler.retire_on_release, reason="failover"),
-            name=self._name,
-            clock=clock,
-        )
+        self._failover = _failover_guard(weakref.ref(self), self._connector, self._recycler, clock)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -353,6 +275,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         counters = self._counters
         connects = self._connector.counters
         provider = self._connector.provider
+        cached = provider.credentials.peek() if provider is not None else None
         return PoolStats(
             connections_opened=counters.opened,
             connections_closed=dict(counters.closed),
@@ -369,6 +292,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             failover_retired=self._failover.retired,
             read_only_retries=self._failover.read_only_retries,
             connect_retries=self._failover.connect_retries,
+            auth_failures_by_cause=dict(connects.auth_failures_by_cause),
+            credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
+            credentials_expiry=cached.expiry if cached is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -377,6 +303,16 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             f"max_lifetime={self._max_lifetime} size={self.get_size()}"
             f"/{self.get_max_size()}>"
         )
+
+    @property
+    def clock(self) -> Clock:
+        """The clock the pool's tokens, lifetimes, rate limit and backoff read."""
+        return self._clock
+
+    @property
+    def observer(self) -> PoolObserver | None:
+        """The observer installed with `set_observer`, or None."""
+        return self._observer
 
     def set_observer(self, observer: PoolObserver | None) -> None:
         """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
@@ -398,24 +334,22 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         previous arguments in force. Open connections stay until they are retired; call
         `expire_connections()` to replace them sooner.
         """
-        auth = self._connector.auth
-        _, connect_kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
-        plan = plan_connect(dsn, connect_kwargs, auth=auth)
-        self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
+        self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
 
     # -- connecting ------------------------------------------------------------------------
 
-    def _get_new_connection(self) -> Coroutine[Any, Any, Any]:
-        # Runs for every new connection: without an observer, asyncpg's own coroutine (each
-        # coroutine around a connect is resumed at every await inside it).
+    def _new_connection(self) -> Coroutine[Any, Any, Any]:
+        # asyncpg's _get_new_connection (see _asyncpg_pool). Runs for every new connection:
+        # without an observer, asyncpg's own coroutine (each coroutine around a connect is
+        # resumed at every await inside it).
         observer = self._observer
         if observer is None:
-            return super()._get_new_connection()  # type: ignore[no-any-return]
-        return self._get_new_connection_observed(observer)
+            return self.asyncpg_new_connection()  # type: ignore[no-any-return]
+        return self._new_connection_observed(observer)
 
-    async def _get_new_connection_observed(self, observer: PoolObserver) -> Any:
+    async def _new_connection_observed(self, observer: PoolObserver) -> Any:
         started = self._clock.monotonic()
-        con = await super()._get_new_connection()
+        con = await self.asyncpg_new_connection()
         observer.connection_created(self._clock.monotonic() - started)
         return con
 
@@ -460,9 +394,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- lifetime --------------------------------------------------------------------------
 
-    def _acquire(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
-        # Runs on every acquire: dispatch without a coroutine of its own, so the path without
-        # an observer adds one coroutine around asyncpg's, not two.
+    def _acquire_connection(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
+        # asyncpg's _acquire (see _asyncpg_pool). Runs on every acquire: dispatch without a
+        # coroutine of its own, so the path without an observer adds one coroutine around
+        # asyncpg's, not two.
         observer = self._observer
         if observer is None:
             return self._acquire_live(timeout)
@@ -479,7 +414,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except BaseException:
             observer.wait_ended(None, holder=None)
             raise
-        observer.wait_ended(self._clock.monotonic() - started, holder=proxy._holder)
+        observer.wait_ended(self._clock.monotonic() - started, holder=holder_of(proxy))
         return proxy
 
     def release(
@@ -488,7 +423,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         """Return `connection` to the pool (asyncpg's `Pool.release`); await the result."""
         observer = self._observer
         if observer is not None:
-            holder = getattr(connection, "_holder", None)
+            holder = holder_of(connection)
             if holder is not None:
                 observer.connection_released(holder)
         # asyncpg's coroutine itself, not one around it: this runs on every release.
@@ -497,30 +432,30 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _acquire_live(self, timeout: float | None) -> Any:
         """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
         started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
-        proxy = await super()._acquire(timeout)
+        proxy = await self.asyncpg_acquire(timeout)
         # Kept to two lookups and a clock read: the recycler's deadlines by id() of the open
         # connection (empty without max_lifetime).
-        deadline = self._deadline_of(id(proxy._con))
+        deadline = self._deadline_of(id(connection_of(proxy)))
         if deadline is not None and self._now() >= deadline:
             proxy = await self._replace_due(proxy, started, timeout)
         return proxy
 
     async def _replace_due(self, proxy: Any, started: float, timeout: float | None) -> Any:
         """Retire `proxy`'s due connection and acquire another (or hand it out once)."""
-        while self._recycler.is_due(proxy._con):
+        while self._recycler.is_due(connection_of(proxy)):
             # Lifetimes are clock times: when did this acquire begin by the clock?
             began = self._clock.monotonic() - (time.monotonic() - started)
-            opened = self._recycler.opened_at(proxy._con)
+            opened = self._recycler.opened_at(connection_of(proxy))
             if opened is not None and opened >= began:
                 # This acquire opened it, and it came due before it could be handed out (its
                 # connect, init or setup took that long): hand it out once rather than loop
                 # forever; it closes on release.
-                self._recycler.retire_on_release(proxy._holder)
+                self._recycler.retire_on_release(holder_of(proxy))
                 self._note_due_on_handout()
                 break
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
-            self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
+            self._recycler.retire_on_release(holder_of(proxy), "discarded_on_acquire")
             remaining = None if timeout is None else started + timeout - time.monotonic()
             close_timeout = _DISCARD_CLOSE_TIMEOUT
             if remaining is not None:
@@ -528,7 +463,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             await super().release(proxy, timeout=close_timeout)
             if timeout is not None:
                 remaining = max(0.0, started + timeout - time.monotonic())
-            proxy = await super()._acquire(remaining)
+            proxy = await self.asyncpg_acquire(remaining)
         return proxy
 
     def _note_due_on_handout(self) -> None:
@@ -552,7 +487,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         if (
             self._refill_task is not None
             or self.is_closing()
-            or not self._initialized
+            or not _asyncpg_pool.initialized(self)
             or self.get_min_size() == 0
         ):
             return
@@ -562,10 +497,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- opening and closing ---------------------------------------------------------------
 
-    async def _async__init__(self) -> Any:
-        starting = not self._initialized
+    async def _start(self) -> Any:
+        # asyncpg's _async__init__ (see _asyncpg_pool).
+        starting = not _asyncpg_pool.initialized(self)
         try:
-            result = await super()._async__init__()
+            result = await self.asyncpg_start()
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
             self._recycler.cancel()
@@ -614,6 +550,42 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         await self._connector.aclose()  # idempotent
 
 
+def _failover_guard(
+    pool_ref: weakref.ref[Pool], connector: Connector, recycler: Recycler, clock: Clock
+) -> FailoverGuard:
+    """Make the pool's failover guard; its callbacks hold the pool weakly (no cycle)."""
+
+    def opened(con: Any, started: float, epoch: int) -> None:
+        pool = pool_ref()
+        if pool is not None:
+            pool._connection_opened(con, started, epoch)
+
+    def retire_all() -> int:
+        pool = pool_ref()
+        if pool is None:
+            return 0
+        return retire_pool_connections(pool, mark_retired)
+
+    def closing() -> bool:
+        pool = pool_ref()
+        return pool is None or pool.is_closing()
+
+    def started() -> bool:
+        pool = pool_ref()
+        return pool is not None and _asyncpg_pool.initialized(pool)
+
+    mark_retired = functools.partial(recycler.retire_on_release, reason="failover")
+    return FailoverGuard(
+        connector=connector,
+        opened=opened,
+        retire_all=retire_all,
+        closing=closing,
+        started=started,
+        name=connector.name,
+        clock=clock,
+    )
+
+
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
 
@@ -640,15 +612,12 @@ async def _refill(pool_ref: weakref.ref[Pool]) -> None:
             pool = pool_ref()
             if pool is None or pool.is_closing() or pool.get_size() >= pool.get_min_size():
                 return
-            queue = pool._queue._queue
-            holder = next((h for h in reversed(queue) if not h.is_connected()), None)
+            holder = _asyncpg_pool.empty_idle_holder(pool)
             if holder is None:
                 return  # every empty holder is being connected by an acquirer
-            queue.remove(holder)
             failed = False
             try:
-                holder._con = None
-                await holder.connect()
+                await _asyncpg_pool.reconnect(holder)
             except Exception:
                 failed = True
                 logger.warning(
@@ -658,7 +627,7 @@ async def _refill(pool_ref: weakref.ref[Pool]) -> None:
                     exc_info=True,
                 )
             finally:
-                pool._queue.put_nowait(holder)
+                _asyncpg_pool.put_back(pool, holder)
             clock = pool._clock
             del pool, holder  # not held across the wait
             if failed:

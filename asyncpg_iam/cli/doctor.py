@@ -21,7 +21,6 @@ import ipaddress
 import json
 import socket
 import ssl
-import struct
 import sys
 import time
 import urllib.parse
@@ -53,6 +52,7 @@ from .._errors import (
     in_cli_words,
 )
 from .._signing import Credentials, mask_access_key, region_from_host
+from .._tls import SSL_REQUEST
 from ._options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -76,7 +76,6 @@ __all__ = [
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _T = TypeVar("_T")
 
 
@@ -557,7 +556,7 @@ async def _tls_handshake(ctx: Context, plan: ConnectPlan) -> str:
     except (OSError, asyncio.TimeoutError) as exc:
         raise _Refused(Check("tls", FAIL, f"cannot connect to {host}:{port}: {exc}")) from None
     try:
-        writer.write(_SSL_REQUEST)
+        writer.write(SSL_REQUEST)
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(1), timeout)
         if answer != b"S":
