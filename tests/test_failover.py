@@ -220,7 +220,9 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await pool.execute("INSERT INTO failover_ro VALUES (1)")
             await wait_for(lambda: pool.stats().failover_events == 1)
+            # asyncpg may be refilling to min_size meanwhile: count from the same moment.
             logins_before = iam_emulator.logins_accepted
+            retries_before = pool.stats().read_only_retries
             acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
             await wait_for(lambda: pool.stats().read_only_retries >= 2)
             assert not acquiring.done()
@@ -233,7 +235,7 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
         assert stats.failover_retired == 2
         # Every retry was a fresh login with a fresh token, and counted.
         logins = iam_emulator.logins_accepted - logins_before
-        assert logins >= stats.read_only_retries + 1
+        assert logins >= stats.read_only_retries - retries_before + 1
         assert stats.connect_retries >= stats.read_only_retries
     finally:
         await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
