@@ -20,6 +20,7 @@ import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 import socket
 import ssl
@@ -38,6 +39,7 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import (
@@ -86,7 +88,7 @@ _RESOLVED = frozenset(
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's.
-_OWN_KEYWORDS = frozenset({"sslrootcert"})
+_OWN_KEYWORDS = frozenset({"sslrootcert", _proxy.KEYWORD})
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -113,6 +115,8 @@ class ConnectPlan:
     connect_kwargs: Mapping[str, Any]
     auth: IAMAuth | None
     direct_tls: bool = False
+    rds_proxy: bool = False
+    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -225,7 +229,8 @@ def plan_connect(
     in clear or to an unverified server. Callers check unknown keywords first
     (`check_keywords`), so that the message can name their own.
     """
-    kwargs = dict(connect_kwargs)
+    env = os.environ if environ is None else environ
+    rds_proxy, kwargs = _proxy.proxy_defaults(dsn, connect_kwargs, auth=auth, environ=env)
     sslrootcert = kwargs.pop("sslrootcert", None)
     if sslrootcert is not None and not isinstance(sslrootcert, str):
         raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
@@ -243,6 +248,8 @@ def plan_connect(
         environ=environ,
     )
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    if rds_proxy:
+        _proxy.refuse_options(params.server_settings, dsn)
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
     negotiation = getattr(params, "ssl_negotiation", None)
@@ -256,6 +263,7 @@ def plan_connect(
         connect_kwargs=passthrough,
         auth=auth,
         direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        rds_proxy=rds_proxy,
         password=None if iam else params.password,
     )
 
@@ -369,7 +377,7 @@ class Connector:
             kwargs = {**self._kwargs, **extra}
             started = self._clock.monotonic()
             try:
-                return await self._connect(**kwargs), started
+                con = await self._connect(**kwargs)
             except (OSError, asyncio.TimeoutError) as exc:
                 endpoints = self.plan.endpoints
                 if len(endpoints) != 1 or not endpoints[0][1]:
@@ -381,6 +389,9 @@ class Connector:
         except BaseException:
             self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
+        return con, started
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -433,6 +444,8 @@ class Connector:
             if one:
                 self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:

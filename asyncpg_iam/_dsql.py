@@ -109,6 +109,21 @@ def is_dsql(auth: IAMAuth | None, hosts: Iterable[str]) -> bool:
     return any(is_dsql_host(host) for host in hosts)
 
 
+def root_chosen(
+    kwargs: Mapping[str, Any], dsn_query: Mapping[str, Any], env: Mapping[str, str]
+) -> bool:
+    """Tell whether the caller chose what verifies the server: a TLS context, a root
+    certificate or a service (arguments, DSN or environment)."""
+    return bool(
+        isinstance(kwargs.get("ssl"), ssl.SSLContext)
+        or kwargs.get("sslrootcert")
+        or {"sslrootcert", "service"} & dsn_query.keys()
+        or kwargs.get("service")
+        or env.get("PGSSLROOTCERT")
+        or env.get("PGSERVICE")
+    )
+
+
 def connect_defaults(
     *,
     dsn: str | None,
@@ -136,16 +151,7 @@ def connect_defaults(
     )
     if not named_database:
         kwargs["database"] = DEFAULT_DATABASE
-    chose_root = (
-        isinstance(kwargs.get("ssl"), ssl.SSLContext)
-        or kwargs.get("sslrootcert")
-        or {"sslrootcert", "service"} & dsn_query.keys()
-        or kwargs.get("service")
-        or env.get("PGSSLROOTCERT")
-        or env.get("PGSERVICE")
-        or env.get(CA_BUNDLE_ENV)
-    )
-    if not chose_root:
+    if not (root_chosen(kwargs, dsn_query, env) or env.get(CA_BUNDLE_ENV)):
         kwargs["sslrootcert"] = "system"
     return True, kwargs
 

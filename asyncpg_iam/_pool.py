@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from . import _dsql
+from . import _dsql, _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
@@ -264,6 +264,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._connector = _connector_for(
             dsn, settings, auth=auth, name=name, clock=clock, connect=user_connect
         )
+        if self._connector.plan.rds_proxy:
+            _proxy.warn_session_state(self._connector.name, pool_kwargs)
         self._clock = clock
         self._counters = _Counters()
         self._max_lifetime = max_lifetime
