@@ -45,13 +45,14 @@ from typing import Any
 from .._auth import IAMAuth
 from .._clock import SYSTEM_CLOCK, Clock
 from .._errors import ConfigurationError
+from .._proxy import is_proxy_host
 from ._emu_faults import FaultSwitches
 from ._emu_frontend import Frontend, FrontendSettings
 from ._emu_login import LoginChecker
 from ._emu_records import LoginLog, LoginRecord, RelayedConnection
 from ._emu_roles import RoleDirectory
 from ._emu_verify import RegisteredKey
-from ._proxy import PinRules, ProxyLog, ProxyReport
+from ._proxy import PinEvent, PinRules, ProxyLog, ProxyReport
 from ._service import AsyncService
 from ._streams import StreamListener
 
@@ -85,12 +86,6 @@ def _is_dsql_endpoint(labels: list[str]) -> bool:
     # <id>.dsql[-suffix].<region>.on.aws
     dsql_label = labels[1] == "dsql" or labels[1].startswith("dsql-") if len(labels) > 1 else False
     return len(labels) == 5 and dsql_label and labels[3:] == ["on", "aws"]
-
-
-def _is_proxy_endpoint(endpoint: str) -> bool:
-    # <name>.proxy-<id>.<region>.rds.amazonaws.com[.cn]
-    labels = endpoint.lower().rstrip(".").split(".")
-    return len(labels) >= 6 and labels[1].startswith("proxy-") and labels[3] == "rds"
 
 
 def region_from_endpoint(endpoint: str) -> str | None:
@@ -159,7 +154,7 @@ class RDSIAMEmulator(AsyncService):
         if dsql is None:
             dsql = _is_dsql_endpoint(endpoint.lower().rstrip(".").split("."))
         if proxy is None:
-            proxy = _is_proxy_endpoint(endpoint)
+            proxy = is_proxy_host(endpoint)
         rules = proxy if isinstance(proxy, PinRules) else PinRules() if proxy else None
         self._proxy = ProxyLog(rules) if rules is not None else None
         self._endpoint = endpoint
@@ -287,6 +282,17 @@ class RDSIAMEmulator(AsyncService):
         if self._proxy is None:
             raise RuntimeError("the emulator is not in RDS Proxy mode: pass proxy=True")
         return self._proxy.report()
+
+    @property
+    def on_pin(self) -> Callable[[PinEvent], None] | None:
+        """Called with each pinned session's `PinEvent` (`emulate --proxy` prints them)."""
+        return self._proxy.on_pin if self._proxy is not None else None
+
+    @on_pin.setter
+    def on_pin(self, callback: Callable[[PinEvent], None] | None) -> None:
+        if self._proxy is None:
+            raise RuntimeError("the emulator is not in RDS Proxy mode: pass proxy=True")
+        self._proxy.on_pin = callback
 
     def reset_proxy_counts(self) -> None:
         """Forget the RDS Proxy mode's counts (between the runs of a benchmark)."""

@@ -35,7 +35,7 @@ import itertools
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 __all__ = [
@@ -286,6 +286,7 @@ class ProxyLog:
         self.sessions = 0
         self.options_refused = 0
         self.events: list[PinEvent] = []
+        self.on_pin: Callable[[PinEvent], None] | None = None
 
     def session(self, client: object, backend_pid: int | None) -> ProxySession:
         """Start watching one client session."""
@@ -344,3 +345,5 @@ class ProxySession:
         self.pinned = event
         self._log.events.append(event)
         logger.warning(_PIN_LOG, self._client, self._backend_pid, event.reason)
+        if self._log.on_pin is not None:
+            self._log.on_pin(event)
