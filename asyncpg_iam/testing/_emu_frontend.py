@@ -145,6 +145,22 @@ class Frontend:
             logger.debug("dropped %d connections", len(connections))
         return len(connections)
 
+    def silence_all_connections(self) -> int:
+        """Stop relaying on every open connection without closing it; return how many.
+
+        As after a NAT's idle drop or a frozen peer: no FIN, no RST, no answer; a client
+        notices only by a timeout. The sockets close when the emulator stops.
+        """
+        connections = list(self._connections)
+        for conn in connections:
+            for writer in (conn.client, conn.backend):
+                if writer is not None and not writer.transport.is_closing():
+                    # A socket or TLS transport, which reads as well (typed as a writer's).
+                    writer.transport.pause_reading()  # type: ignore[attr-defined]
+        if connections:
+            logger.debug("silenced %d connections", len(connections))
+        return len(connections)
+
     # -- one connection -----------------------------------------------------------------------
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

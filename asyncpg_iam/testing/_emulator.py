@@ -516,6 +516,11 @@ class RDSIAMEmulator(AsyncService):
         """Abort every open client connection (and its backend); return how many."""
         return self._frontend.drop_all_connections()
 
+    def silence_all_connections(self) -> int:
+        """Stop relaying on every open connection without closing it (no FIN, no RST), as
+        after a NAT's idle drop; return how many. They close when the emulator stops."""
+        return self._frontend.silence_all_connections()
+
     def pause_accepting(self) -> None:
         """Hold new connections unanswered (as a saturated server does) until resumed."""
         self._faults.accepting.clear()
