@@ -30,6 +30,7 @@ from . import (
     case_loop_lag,
     case_metrics,
     case_pool_overhead,
+    case_proxy,
     case_recycling,
     case_token,
 )
@@ -47,6 +48,7 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_proxy,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
