@@ -7,7 +7,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 `max_lifetime`, and AWS credentials come from the standard chain through aiobotocore, cached.
 """
 
-from importlib import metadata as _metadata
+from typing import Any as _Any
 
 from ._auth import IAMAuth, SigningTarget
 from ._errors import (
@@ -47,11 +47,22 @@ __all__ = [
     "run_transaction",
 ]
 
-try:
-    __version__: str = _metadata.version("asyncpg-iam")
-    """The installed distribution's version (from its metadata)."""
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> _Any:
+    # __version__ is read from the distribution's metadata on first use: importlib.metadata
+    # costs ~40 ms to import, a tenth of a cold start on AWS Lambda.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import metadata
+
+    try:
+        version = metadata.version("asyncpg-iam")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version
+
 
 # Public names report the public path (in reprs, tracebacks and docs), not the private module.
 for _name in __all__:
