@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 
-
 def __getattr__(name: str) -> _Any:
     # __version__ is read from the distribution's metadata on first use: importlib.metadata
     # costs ~40 ms to import, a tenth of a cold start on AWS Lambda.

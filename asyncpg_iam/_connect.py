@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import functools
 import inspect
 import logging
@@ -182,6 +181,8 @@ def check_keywords(
     if not unknown:
         return
     name = unknown[0]
+    import difflib  # on a failure path only
+
     close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
     valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
     if own:
