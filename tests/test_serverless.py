@@ -189,7 +189,11 @@ async def _thaw_and_query(
     after = [r.at for r in emulator.records if r.accepted and r.at > frozen_at]
     assert len(after) >= 3
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(after)]
-    assert min(gaps) >= 1 / RATE - 0.06, gaps  # no burst beyond the rate (one clock step)
+    # Paced, not a burst: logins 1/RATE apart by the bucket (a burst lands within one clock
+    # step); the emulator stamps each when its password arrives, after a handshake during which
+    # the driven clock moves on, hence the margin.
+    assert min(gaps) >= 0.4 / RATE, gaps
+    assert pool.stats().connects_rate_limited >= 2
     return pool
 
 
