@@ -17,13 +17,15 @@ Both IAM variants log in through the verifying emulator with the same key.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from asyncpg_iam.testing import AccessKey
+from asyncpg_iam.testing._isolation import lambda_environment
 
 from ._harness import CaseResult, Environment, interleave, percentile, ratio, summarize
 
@@ -96,25 +98,16 @@ async def _spawn(script: str, env: dict[str, str]) -> float:
     return elapsed
 
 
-def _environment(env: Environment, home: Path, key: Any, *, emulator: Any) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(home),
-        "AWS_ACCESS_KEY_ID": key[0],
-        "AWS_SECRET_ACCESS_KEY": key[1],
-        "AWS_SESSION_TOKEN": key[2],
-        "AWS_REGION": emulator.region,
-        "AWS_DEFAULT_REGION": emulator.region,
-        "AWS_LAMBDA_FUNCTION_NAME": "bench",
-        "AWS_CONFIG_FILE": str(home / "missing-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "missing-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "BENCH_PORT": str(emulator.port),
-        "BENCH_USER": env.user,
-        "BENCH_DATABASE": env.database,
-        "BENCH_CA": emulator.ca_path,
-        "BENCH_ENDPOINT": emulator.endpoint,
-    }
+def _environment(env: Environment, home: Path, key: AccessKey, *, emulator: Any) -> dict[str, str]:
+    variables = lambda_environment(key, region=emulator.region, home=home)
+    variables.update(
+        BENCH_PORT=str(emulator.port),
+        BENCH_USER=env.user,
+        BENCH_DATABASE=env.database,
+        BENCH_CA=emulator.ca_path,
+        BENCH_ENDPOINT=emulator.endpoint,
+    )
+    return variables
 
 
 async def run(env: Environment, quick: bool) -> CaseResult:
@@ -122,8 +115,8 @@ async def run(env: Environment, quick: bool) -> CaseResult:
     rounds = 3 if quick else 15
     assert env.emu_iam is not None
     assert env.emu_any is not None
-    key = ("ASIACOLDSTARTBENCH01", secrets.token_urlsafe(30), secrets.token_urlsafe(40))
-    env.emu_iam.register_key(*key)
+    key = AccessKey("ASIACOLDSTARTBENCH01", secrets.token_urlsafe(30), secrets.token_urlsafe(40))
+    env.emu_iam.register_key(key.access_key, key.secret_key, key.session_token)
     with tempfile.TemporaryDirectory(prefix="asyncpg-iam-cold-") as home:
         iam_env = _environment(env, Path(home), key, emulator=env.emu_iam)
         any_env = _environment(env, Path(home), key, emulator=env.emu_any)

@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ import asyncpg_iam
 import asyncpg_iam.starlette
 from asyncpg_iam import Credentials, IAMAuth
 from asyncpg_iam.testing import AccessKey, ManualClock, PostgresServer, RDSIAMEmulator, Sandbox
+from asyncpg_iam.testing._isolation import lambda_environment
 from tests._support import wait_for
 
 # -- cold start -----------------------------------------------------------------------------------
@@ -44,24 +44,6 @@ asyncio.run(main())
 """
 
 
-def _lambda_environment(emulator: RDSIAMEmulator, key: AccessKey, home: Path) -> dict[str, str]:
-    """The variables AWS Lambda sets (keys, session token, region, function name), no others."""
-    assert key.session_token is not None
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(home),
-        "AWS_ACCESS_KEY_ID": key.access_key,
-        "AWS_SECRET_ACCESS_KEY": key.secret_key,
-        "AWS_SESSION_TOKEN": key.session_token,
-        "AWS_REGION": emulator.region,
-        "AWS_DEFAULT_REGION": emulator.region,
-        "AWS_LAMBDA_FUNCTION_NAME": "app",
-        "AWS_CONFIG_FILE": str(home / "missing-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "missing-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-
-
 async def test_cold_start_with_keys_in_the_environment_never_imports_aiobotocore(
     rds_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
@@ -69,7 +51,7 @@ async def test_cold_start_with_keys_in_the_environment_never_imports_aiobotocore
     aiobotocore or botocore."""
     key = AccessKey("ASIALAMBDAEXAMPLE01", secrets.token_urlsafe(30), secrets.token_urlsafe(40))
     rds_emulator.register_key(key.access_key, key.secret_key, key.session_token)
-    env = _lambda_environment(rds_emulator, key, tmp_path)
+    env = lambda_environment(key, region=rds_emulator.region, home=tmp_path)
     env.update(
         EMU_PORT=str(rds_emulator.port),
         EMU_USER=postgres_server.user,
@@ -112,6 +94,28 @@ async def test_environment_keys_are_read_as_the_chain_reads_them(
     assert found.expiry is not None
     assert found.expiry.year == 2030
     assert "environment" in cache.source
+
+
+async def test_partial_environment_keys_fall_through_to_the_chain(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An access key without its secret is not taken: aiobotocore's chain reports it as it
+    always did."""
+    from asyncpg_iam import CredentialsError
+    from asyncpg_iam._auth import credential_cache_for
+
+    for name, value in lambda_environment(
+        AccessKey("AKIAPARTIALEXAMPLE1", "unused"), region="us-east-1", home=tmp_path
+    ).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    cache = credential_cache_for()
+    try:
+        with pytest.raises(CredentialsError, match="AWS_SECRET_ACCESS_KEY"):
+            await cache.get()
+    finally:
+        await cache.aclose()
 
 
 # -- freeze and thaw ------------------------------------------------------------------------------
