@@ -360,3 +360,20 @@ async def test_proxy_verifies_against_the_system_store(
     with pytest.raises(TLSVerificationError):
         await asyncpg_iam.create_pool(**{**kwargs, "min_size": 1})
     assert rds_proxy_emulator.password_messages == before
+
+
+def test_options_in_the_dsn_and_a_reset_hook_on_a_proxy(caplog: pytest.LogCaptureFixture) -> None:
+    """A DSN's options is refused, naming the DSN; a reset hook is named once as a place that
+    runs on every release."""
+    auth = IAMAuth(region="us-east-1", credentials=Credentials("AKIDEXAMPLE", "secret"))
+    dsn = f"postgresql://app@{PROXY}/app?options=-c%20statement_timeout%3D5s"
+    with pytest.raises(ConfigurationError, match="from the DSN"):
+        asyncpg_iam.create_pool(dsn, iam=auth)
+
+    async def reset(con: Any) -> None:
+        await con.execute("RESET ALL")
+
+    with caplog.at_level(logging.WARNING, logger="asyncpg_iam.pool"):
+        asyncpg_iam.create_pool(host=PROXY, user="app", iam=auth, reset=reset)
+    (warning,) = [r.getMessage() for r in caplog.records if "RDS Proxy endpoint" in r.getMessage()]
+    assert "reset runs your code on every release" in warning
