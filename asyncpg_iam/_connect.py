@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import functools
 import inspect
 import logging
@@ -38,7 +37,7 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
-from . import _options
+from . import _options, _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._dsn import DSN, parse_dsn
@@ -92,7 +91,7 @@ _RESOLVED = frozenset(
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's.
-_PLAN_KEYWORDS = frozenset({"sslrootcert"})
+_PLAN_KEYWORDS = frozenset({"sslrootcert", _proxy.KEYWORD})
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
@@ -120,6 +119,8 @@ class ConnectPlan:
     direct_tls: bool = False
     dsql: bool = False
     """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
+    rds_proxy: bool = False
+    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -176,6 +177,8 @@ def check_keywords(
     if not unknown:
         return
     name = unknown[0]
+    import difflib  # on a failure path only
+
     close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
     valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
     if own:
@@ -230,7 +233,8 @@ def plan_connect(
     env = os.environ if environ is None else environ
     parsed = parse_dsn(dsn)
     dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
-    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env)
+    rds_proxy, kwargs = _proxy.proxy_defaults(parsed, kwargs, auth=auth, environ=env)
+    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)
     attrs = _writer_default(plan, parsed, kwargs, env)
     if dsql or (attrs is not None and attrs != plan.target_session_attrs):
         plan = dataclasses.replace(
@@ -265,6 +269,7 @@ def _resolve(
     *,
     auth: IAMAuth | None,
     environ: Mapping[str, str],
+    rds_proxy: bool,
 ) -> ConnectPlan:
     """Resolve the arguments into a plan as asyncpg would; validate them (TLS included)."""
     kwargs = dict(connect_kwargs)
@@ -285,6 +290,8 @@ def _resolve(
         environ=environ,
     )
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    if rds_proxy:
+        _proxy.refuse_options(params.server_settings, dsn)
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
     negotiation = getattr(params, "ssl_negotiation", None)
@@ -298,6 +305,7 @@ def _resolve(
         connect_kwargs=passthrough,
         auth=auth,
         direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        rds_proxy=rds_proxy,
         password=None if iam else params.password,
     )
 
@@ -411,7 +419,7 @@ class Connector:
             kwargs = {**self._kwargs, **extra}
             started = self._clock.monotonic()
             try:
-                return await self._connect(**kwargs), started
+                con = await self._connect(**kwargs)
             except (OSError, asyncio.TimeoutError) as exc:
                 endpoints = self.plan.endpoints
                 if len(endpoints) != 1 or not endpoints[0][1]:
@@ -423,6 +431,9 @@ class Connector:
         except BaseException:
             self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
+        return con, started
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -475,6 +486,8 @@ class Connector:
             if one:
                 self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:

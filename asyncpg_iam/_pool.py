@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from . import _asyncpg_pool
+from . import _asyncpg_pool, _proxy
 from ._asyncpg_pool import AsyncpgPool, connection_of, holder_of
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -200,6 +200,8 @@ class Pool(AsyncpgPool):
             clock=clock,
             connect=user_connect,
         )
+        if self._connector.plan.rds_proxy:
+            _proxy.warn_session_state(self._connector.name, pool_kwargs)
         self._clock = clock
         self._counters = _Counters()
         self._max_lifetime = options.max_lifetime

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from . import (
     _harness,
+    case_cold_start,
     case_connect,
     case_dsql,
     case_failover,
@@ -30,6 +31,7 @@ from . import (
     case_loop_lag,
     case_metrics,
     case_pool_overhead,
+    case_proxy,
     case_recycling,
     case_token,
 )
@@ -47,6 +49,8 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_proxy,
+    case_cold_start,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 

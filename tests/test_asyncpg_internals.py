@@ -92,3 +92,18 @@ def test_failover_hooks_exist() -> None:
     assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
     assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
     assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)
+
+
+def test_reset_query_and_jit_switch_for_rds_proxy() -> None:
+    """What `_proxy.adopt` changes: get_reset_query returns `_reset_query` once set, and the
+    type introspection sets jit only when `_server_caps.jit` says so."""
+    connection = asyncpg.connection.Connection
+    assert "_reset_query" in connection.__slots__
+    assert "_server_caps" in connection.__slots__
+    reset_source = inspect.getsource(connection.get_reset_query)
+    assert re.search(
+        r"if self\._reset_query is not None:\s+return self\._reset_query", reset_source
+    )
+    introspect = inspect.getsource(connection._introspect_types)
+    assert re.search(r"if self\._server_caps\.jit:", introspect)
+    assert "jit" in asyncpg.connection.ServerCapabilities._fields

@@ -41,6 +41,7 @@ PUBLIC = {
         "DEFAULT_CLUSTER_ENDPOINT",
         "DEFAULT_DSQL_ENDPOINT",
         "DEFAULT_ENDPOINT",
+        "DEFAULT_PROXY_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
         "ClusterEndpoint",
@@ -50,9 +51,12 @@ PUBLIC = {
         "LoginRecord",
         "ManualClock",
         "MotoSTS",
+        "PinEvent",
+        "PinRules",
         "PostgresCluster",
         "PostgresNotFoundError",
         "PostgresServer",
+        "ProxyReport",
         "RDSIAMEmulator",
         "ReaderEndpoint",
         "RelayedConnection",
@@ -89,7 +93,7 @@ SIGNATURES = {
     "asyncpg_iam.testing.isolated_aws_environment": ["region", "variables"],
     "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
     "asyncpg_iam.starlette.lifespan": [
-        "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
+        "dsn", "close_timeout", "app_lifespan", "metrics", "keep_pool", "create_pool_kwargs"
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",

@@ -13,6 +13,7 @@ from ._aws import CredentialServer, MotoSTS
 from ._emulator import (
     DEFAULT_DSQL_ENDPOINT,
     DEFAULT_ENDPOINT,
+    DEFAULT_PROXY_ENDPOINT,
     AccessKey,
     LoginRecord,
     RDSIAMEmulator,
@@ -28,12 +29,14 @@ from ._failover import (
 )
 from ._isolation import isolated_aws_environment
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
+from ._proxy import PinEvent, PinRules, ProxyReport
 from ._sandbox import Sandbox
 
 __all__ = [
     "DEFAULT_CLUSTER_ENDPOINT",
     "DEFAULT_DSQL_ENDPOINT",
     "DEFAULT_ENDPOINT",
+    "DEFAULT_PROXY_ENDPOINT",
     "DEFAULT_READER_ENDPOINT",
     "AccessKey",
     "ClusterEndpoint",
@@ -43,9 +46,12 @@ __all__ = [
     "LoginRecord",
     "ManualClock",
     "MotoSTS",
+    "PinEvent",
+    "PinRules",
     "PostgresCluster",
     "PostgresNotFoundError",
     "PostgresServer",
+    "ProxyReport",
     "RDSIAMEmulator",
     "ReaderEndpoint",
     "RelayedConnection",
