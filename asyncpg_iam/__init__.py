@@ -18,6 +18,7 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    SwitchoverTimeoutError,
     TLSVerificationError,
 )
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
@@ -38,6 +39,7 @@ __all__ = [
     "PoolSettings",
     "PoolStats",
     "SigningTarget",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "__version__",
     "build_auth_token",

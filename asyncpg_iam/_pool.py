@@ -25,6 +25,7 @@ import asyncpg.pool
 
 from . import _dsql
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
+from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
@@ -70,7 +71,15 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_OWN_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "blue_green",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -245,6 +254,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        blue_green: bool | BlueGreenSettings | None = None,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
@@ -276,6 +286,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        bg = blue_green_settings(blue_green, self._connector)
+        self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -548,6 +560,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             self._recycler.cancel()
             await self._shutdown()
             raise
+        if starting and self._bluegreen is not None:
+            self._bluegreen.start()
         if starting:
             logger.info(
                 "pool %s: ready with %d connection(s) (min_size=%d, max_size=%d, iam=%s, "
@@ -566,6 +580,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
         self._recycler.cancel()
+        if self._bluegreen is not None:
+            self._bluegreen.stop()
         try:
             await super().close()
         finally:
@@ -575,6 +591,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
+        if self._bluegreen is not None:
+            self._bluegreen.stop()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -589,6 +607,53 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         if self._refill_task is not None:
             self._refill_task.cancel()
         await self._connector.aclose()  # idempotent
+
+
+# adapter: what a blue/green switchover needs of asyncpg's pool (retire every connection,
+# hold acquires while the switch is in progress: an instance attribute shadows _acquire
+# only then, so acquires cost nothing more without a switch).
+def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMonitor:
+    pool_ref = weakref.ref(pool)
+
+    def retire() -> int:
+        live = pool_ref()
+        if live is None:
+            return 0
+        before = live._failover.retired
+        live._failover.report("blue_green_switchover", live._failover._epoch)
+        return int(live._failover.retired - before)
+
+    def hold_acquires(gate: Callable[[], Awaitable[None]] | None) -> None:
+        live = pool_ref()
+        if live is None:
+            return
+        if gate is None:
+            live.__dict__.pop("_acquire", None)
+            return
+
+        async def held(timeout: float | None) -> Any:
+            started = time.monotonic()
+            await gate()
+            if timeout is not None:
+                timeout = max(0.001, timeout - (time.monotonic() - started))
+            holder = pool_ref()
+            if holder is None:
+                raise asyncpg.InterfaceError("the pool was garbage-collected")
+            return await Pool._acquire(holder, timeout)
+
+        live._acquire = held  # type: ignore[method-assign]
+
+    return BlueGreenMonitor(
+        pool,
+        connector=pool._connector,
+        retire=retire,
+        hold_acquires=hold_acquires,
+        borrow=lambda: pool_ref().acquire(timeout=10),  # type: ignore[union-attr]
+        hold=settings.hold,
+        resolver=settings.resolver,
+        clock=pool._clock,
+        name=pool._name,
+    )
 
 
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
