@@ -461,6 +461,7 @@ class BlueGreenMonitor:
         self._task: asyncio.Task[None] | None = None
         self._gate: _Gate | None = None
         self._con: Any = None
+        self._con_on_green = False
         self._green: tuple[Member, tuple[str, int]] | None = None
         self._blue_address: tuple[str, int] | None = None
         self._dns_caught_up = False
@@ -570,7 +571,7 @@ class BlueGreenMonitor:
 
     @property
     def _on_green(self) -> bool:
-        return self._con is not None and getattr(self._con, "_bluegreen_green", False)
+        return self._con is not None and self._con_on_green
 
     async def _connection(self) -> Any:
         con = self._con
@@ -581,10 +582,9 @@ class BlueGreenMonitor:
         self._con = None
         if self._green is not None:
             con, _ = await self._login_green(("any",), count=False)
-            con._bluegreen_green = True
         else:
             con, _ = await self._connector.open_planned({}, attrs="any")
-        self._con = con
+        self._con, self._con_on_green = con, self._green is not None
         return con
 
     # -- acting -------------------------------------------------------------------------------
