@@ -10,6 +10,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 from importlib import metadata as _metadata
 
 from ._auth import IAMAuth, SigningTarget
+from ._bluegreen import BlueGreenSettings
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -26,6 +27,7 @@ from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "BlueGreenSettings",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",

@@ -30,13 +30,13 @@ while the switch is in progress the monitor polls *green* and ends the hold as s
 deployment, accepts writes (``pg_is_in_recovery()`` false and ``transaction_read_only`` off).
 Each is what a client can see of the switch having happened; neither needs the metadata.
 
-**The poller** (`BlueGreenMonitor`): one check at pool start on a pooled connection (no
-login of its own when the pool has an idle one); on a database with neither metadata source
-(function missing, ``rds_tools`` missing or older than 1.7, no right to call it) nothing is
-polled again. With a source it polls every 60 s, every 1 s once a deployment exists, every
-100 ms during a switchover, on one connection of its own opened through the pool's connector
-(so its IAM logins count against ``max_connect_rate``). It runs on the pool's clock, holds the
-pool weakly and stops when the pool closes.
+**The poller** (`BlueGreenMonitor`): one check on the pool's first new connection, before
+asyncpg gets it (one catalog query; no login, no pool slot of its own); on a database with
+neither metadata source (function missing, ``rds_tools`` missing or older than 1.7, no right
+to call it) nothing is polled again. With a source it polls every 60 s, every 1 s once a
+deployment exists, every 100 ms during a switchover, on one connection of its own opened
+through the pool's connector (so its IAM logins count against ``max_connect_rate``). It runs
+on the pool's clock, holds the pool weakly and stops when the pool closes.
 """
 
 from __future__ import annotations
@@ -430,7 +430,7 @@ class BlueGreenMonitor:
     `connector` is the pool's `Connector` (the monitor installs its ``route`` only while a
     switch needs one). `retire()` retires every open connection of the pool;
     `hold_acquires(gate)` makes the pool's acquires await ``gate()`` first (None removes it).
-    `borrow()` is an async context manager giving a pooled connection for the first check.
+    `start()` makes the pool's next new connection carry the first check.
     """
 
     def __init__(
@@ -440,7 +440,6 @@ class BlueGreenMonitor:
         connector: Any,
         retire: Callable[[], int],
         hold_acquires: Callable[[Callable[[], Awaitable[None]] | None], None],
-        borrow: Callable[[], Any],
         hold: float = DEFAULT_HOLD,
         resolver: Resolver | None = None,
         clock: Clock = SYSTEM_CLOCK,
@@ -450,7 +449,6 @@ class BlueGreenMonitor:
         self._connector = connector
         self._retire = retire
         self._hold_acquires = hold_acquires
-        self._borrow = borrow
         self._resolve = resolver or resolve_with_dns
         self._clock = clock
         self._name = name
@@ -461,7 +459,10 @@ class BlueGreenMonitor:
         self._task: asyncio.Task[None] | None = None
         self._gate: _Gate | None = None
         self._con: Any = None
+        self._checked = False
         self._con_on_green = False
+        self.first_hold_at: float | None = None
+        """When the monitor first held traffic for a switch (the clock's monotonic time)."""
         self._green: tuple[Member, tuple[str, int]] | None = None
         self._blue_address: tuple[str, int] | None = None
         self._dns_caught_up = False
@@ -471,11 +472,24 @@ class BlueGreenMonitor:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the first check in the background (once)."""
-        if self._task is None:
+        """Check the pool's next new connection for metadata before it is handed out."""
+        if not self._checked:
+            self._connector.route = self._first_connect
+
+    def _first_connect(self, extra: dict[str, Any]) -> Coroutine[Any, Any, tuple[Any, float]]:
+        if self._checked:  # connects that began together: only the first one checks
+            return self._connector.open_planned(extra)  # type: ignore[no-any-return]
+        self._checked = True
+        self._connector.route = None
+        return self._open_and_check(extra)
+
+    async def _open_and_check(self, extra: dict[str, Any]) -> tuple[Any, float]:
+        opened: tuple[Any, float] = await self._connector.open_planned(extra)
+        if await self.first_check(opened[0]):
             self._task = asyncio.get_running_loop().create_task(
                 _run(weakref.ref(self)), name=f"asyncpg_iam blue/green {self._name}"
             )
+        return opened
 
     def stop(self) -> None:
         """Stop polling; release anything held; close the monitor's connection."""
@@ -493,14 +507,14 @@ class BlueGreenMonitor:
 
     # -- polling ------------------------------------------------------------------------------
 
-    async def first_check(self) -> bool:
-        """Find the metadata source on a pooled connection; return whether there is one."""
+    async def first_check(self, con: Any) -> bool:
+        """Find the metadata source on `con` (new, not handed out yet); return whether there
+        is one that this user may read."""
         try:
-            async with self._borrow() as con:
-                aurora, rds = await con.fetchrow(SOURCE_PROBE)
-                self.source = "aurora" if aurora else "rds" if rds else None
-                if self.source is not None:
-                    await self._read(con)  # a right to call it, too
+            aurora, rds = await con.fetchrow(SOURCE_PROBE)
+            self.source = "aurora" if aurora else "rds" if rds else None
+            if self.source is not None:
+                await self._read(con)  # a right to call it, too
         except PostgresError as exc:
             logger.info(
                 "pool %s: blue/green metadata not readable (%s): switchovers are not followed",
@@ -595,6 +609,8 @@ class BlueGreenMonitor:
             logger.warning("pool %s: blue/green switchover rolled back", self._name)
         elif event == "hold":
             self.counters.switchovers += 1
+            if self.first_hold_at is None:
+                self.first_hold_at = self._clock.monotonic()
             logger.warning("pool %s: blue/green switchover in progress: holding", self._name)
         elif event == "done":
             logger.warning("pool %s: blue/green switchover completed", self._name)
@@ -681,9 +697,9 @@ class BlueGreenMonitor:
 
 
 async def _run(monitor_ref: weakref.ref[BlueGreenMonitor]) -> None:
-    """The first check, then polls at the phase's cadence until the pool goes away."""
+    """Poll at the phase's cadence until the pool goes away."""
     monitor = monitor_ref()
-    if monitor is None or not await monitor.first_check():
+    if monitor is None:
         return
     clock = monitor._clock
     name = monitor._name

@@ -288,6 +288,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         self._start_upkeep(max_lifetime, max_lifetime_jitter)
         bg = blue_green_settings(blue_green, self._connector)
         self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
+        if self._bluegreen is not None:
+            self._bluegreen.start()  # the first new connection checks for metadata
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -560,8 +562,6 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             self._recycler.cancel()
             await self._shutdown()
             raise
-        if starting and self._bluegreen is not None:
-            self._bluegreen.start()
         if starting:
             logger.info(
                 "pool %s: ready with %d connection(s) (min_size=%d, max_size=%d, iam=%s, "
@@ -648,7 +648,6 @@ def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMon
         connector=pool._connector,
         retire=retire,
         hold_acquires=hold_acquires,
-        borrow=lambda: pool_ref().acquire(timeout=10),  # type: ignore[union-attr]
         hold=settings.hold,
         resolver=settings.resolver,
         clock=pool._clock,
@@ -744,6 +743,11 @@ def create_pool(
       interval waits a random part of one interval, so pools that lose their connections
       together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
+    - `blue_green`: follow RDS Blue/Green switchovers (hold connects and acquires while one is
+      in progress, then send the blue name to green; see `BlueGreenSettings`). None (the
+      default) turns it on for an IAM pool on one RDS endpoint name, where it costs one
+      catalog query on the first new connection when the database has no blue/green
+      metadata; False turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from . import (
     _harness,
+    case_bluegreen,
     case_connect,
     case_dsql,
     case_failover,
@@ -47,6 +48,7 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_bluegreen,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 

@@ -15,7 +15,7 @@
   ``BlueGreenSettings(resolver=...)`` takes). After a switch the blue name keeps pointing at
   blue for `dns_lag` seconds.
 - **the switch** (`switchover(duration=..., dns_lag=...)`): SWITCHOVER_INITIATED for
-  `prepare` seconds; then SWITCHOVER_IN_PROGRESS and blue read-only
+  `prepare` seconds; then SWITCHOVER_IN_PROGRESS, and at once blue read-only
   (``default_transaction_read_only``); `duration` seconds later green is promoted, the
   endpoints are renamed (green's emulator accepts tokens signed for the blue name only, blue's
   for ``<blue>-old1``), the certificates follow the names, and the metadata reports
@@ -308,11 +308,12 @@ class BlueGreenDeployment(AsyncService):
         function = _FUNCTIONS[self.source]
         if self.source == "rds":
             await self._admin(blue, "CREATE SCHEMA rds_tools")
+        body = f"SELECT version, endpoint, port, role, status FROM {_SCHEMA}.metadata"  # noqa: S608
         await self._admin(
             blue,
             f"CREATE FUNCTION {function}(text) RETURNS TABLE (version text, endpoint text, "
             "port int, role text, status text) LANGUAGE sql STABLE SECURITY DEFINER AS "
-            f"'SELECT version, endpoint, port, role, status FROM {_SCHEMA}.metadata'",
+            f"'{body}'",
         )
 
     async def _write_rows(self, server: PostgresCluster, status: str | None) -> None:
@@ -323,10 +324,10 @@ class BlueGreenDeployment(AsyncService):
         try:
             async with con.transaction(readonly=False):
                 await con.execute("SET LOCAL transaction_read_only = off")
-                await con.execute(f"DELETE FROM {_SCHEMA}.metadata")
+                await con.execute(f"DELETE FROM {_SCHEMA}.metadata")  # noqa: S608 (a constant)
                 if status is not None:
                     await con.execute(
-                        f"INSERT INTO {_SCHEMA}.metadata VALUES ('1.0', $1, $3, $4, $6), "
+                        f"INSERT INTO {_SCHEMA}.metadata VALUES ('1.0', $1, $3, $4, $6), "  # noqa: S608
                         "('1.0', $2, $3, $5, $6)",
                         self.blue_endpoint,
                         self.green_endpoint,
@@ -358,10 +359,10 @@ class BlueGreenDeployment(AsyncService):
         await self.set_status("SWITCHOVER_INITIATED")
         initiated = loop.time()
         await asyncio.sleep(prepare)
+        await self.set_status("SWITCHOVER_IN_PROGRESS")
         await self._admin(self.blue, "ALTER SYSTEM SET default_transaction_read_only = on")
         await self._admin(self.blue, "SELECT pg_reload_conf()")
         read_only = loop.time()
-        await self.set_status("SWITCHOVER_IN_PROGRESS")
         logger.info("switchover in progress: blue is read-only")
         return initiated, read_only
 
