@@ -44,9 +44,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import ipaddress
 import logging
 import re
 import socket
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
@@ -297,6 +299,54 @@ class Tracker:
             green_known=green_known,
             dns_caught_up=dns_caught_up,
         )
+
+
+# -- TLS to an address, verified for a name ----------------------------------------------------
+
+
+class _PinnedNames(ssl.SSLObject):
+    """TLS objects that verify the name pinned for the address dialled (see `pin_name`)."""
+
+    names: dict[str, str] = {}  # noqa: RUF012 (each context gets its own subclass)
+
+    @classmethod
+    def _create(
+        cls,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> ssl.SSLObject:
+        if server_hostname is not None:
+            server_hostname = cls.names.get(server_hostname, server_hostname)
+        created: ssl.SSLObject = super()._create(  # type: ignore[misc]
+            incoming, outgoing, server_side, server_hostname, session, context
+        )
+        return created
+
+
+def pin_name(context: Any, address: str, name: str) -> None:
+    """Make `context`'s TLS connections to the IP `address` verify (and send SNI for) `name`.
+
+    asyncpg verifies the host it dials; green is dialled by address (DNS still gives the blue
+    name blue's), so the certificate is checked for the name the token is signed for. Only
+    for a verifying context and an IP address: a name dialled is verified as itself.
+    """
+    if not isinstance(context, ssl.SSLContext) or not context.check_hostname:
+        return
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return
+    found = context.__dict__.get("sslobject_class")
+    if isinstance(found, type) and issubclass(found, _PinnedNames):
+        pinned: type[_PinnedNames] = found
+    else:
+        pinned = type("PinnedNames", (_PinnedNames,), {"names": {}})
+        context.sslobject_class = pinned
+    pinned.names[address] = name
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -681,9 +731,10 @@ class BlueGreenMonitor:
             target = dataclasses.replace(
                 base, host=host, port=port, signing_host=name, signing_port=member.port
             )
+            pin_name(self._connector.plan.tls.context, host, name)
             try:
                 opened = await self._connector.open_at(target, dict(extra or {}), *attrs)
-            except InvalidAuthorizationSpecificationError as exc:
+            except (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError) as exc:
                 self.counters.fallback_refusals += 1
                 last = exc
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from asyncpg_iam._bluegreen import (
     blue_name_of,
     decide,
     parse_rows,
+    pin_name,
     poll_interval,
 )
 from asyncpg_iam.testing import (
@@ -150,6 +152,24 @@ async def test_hold_is_bounded_on_the_clock() -> None:
     waiter = asyncio.ensure_future(released.wait())
     released.release()
     await waiter  # released before the bound: no error
+
+
+def test_a_pinned_name_is_verified_for_its_address() -> None:
+    """A verifying context checks (and sends SNI for) the name pinned for an IP address; other
+    hosts and non-verifying contexts are left alone."""
+    context = ssl.create_default_context()
+    pin_name(context, "127.0.0.2", BLUE)
+    pin_name(context, "not-an-ip.example", GREEN)  # a name is verified as itself
+    pinned = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.2")
+    other = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.3")
+    named = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="not-an-ip.example")
+    assert pinned.server_hostname == BLUE
+    assert other.server_hostname == "127.0.0.3"
+    assert named.server_hostname == "not-an-ip.example"
+    unverified = ssl.create_default_context()
+    unverified.check_hostname = False
+    pin_name(unverified, "127.0.0.2", BLUE)
+    assert "sslobject_class" not in unverified.__dict__
 
 
 def test_settings_are_validated() -> None:

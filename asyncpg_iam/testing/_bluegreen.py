@@ -24,7 +24,10 @@
   `rollback()` and `complete_switchover()` are the steps one at a time.
 
 **Certificates.** One CA signs every certificate; each names ``127.0.0.1`` and ``localhost``
-(where the test bed is dialled) and the names the server answers to now: before the switch
+(where the blue name's forwarder listens) and the names the server answers to now; green's
+emulator listens on ``127.0.0.2``, which no certificate names, so a client that dials green's
+address directly must verify the name it signs for (as with RDS, whose certificates name no
+address): before the switch
 blue's names the blue endpoint and green's the green endpoint; at the rename both are
 reissued, green's for the blue endpoint and blue's for ``<blue>-old1``. That is what RDS does:
 its server certificates name the endpoints of the instance, and a switchover regenerates them
@@ -150,6 +153,9 @@ class BlueGreenDeployment(AsyncService):
                 self._certify(context, name)
                 self._contexts.append(context)
                 emulator = RDSIAMEmulator(
+                    # Green on an address of its own that no certificate names: a pool that
+                    # dials it must verify the name it signs for (as with RDS's addresses).
+                    listen_host="127.0.0.1" if server is blue else "127.0.0.2",
                     backend_host=server.host,
                     backend_port=server.port,
                     backend_user=server.user,
