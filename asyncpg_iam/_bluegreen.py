@@ -640,15 +640,15 @@ class BlueGreenMonitor:
     async def _connection(self) -> Any:
         con = self._con
         if con is not None and not con.is_closed():
-            if self._green is None or self._on_green:
+            if self._green is None or self._on_green or self._dns_caught_up:
                 return con
             con.terminate()  # move the poller to green once it is known
         self._con = None
-        if self._green is not None:
+        if self._green is not None and not self._dns_caught_up:
             con, _ = await self._login_green(("any",), count=False)
         else:
             con, _ = await self._connector.open_planned({}, attrs="any")
-        self._con, self._con_on_green = con, self._green is not None
+        self._con, self._con_on_green = con, self._green is not None and not self._dns_caught_up
         return con
 
     # -- acting -------------------------------------------------------------------------------
