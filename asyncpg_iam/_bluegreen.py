@@ -514,7 +514,6 @@ class BlueGreenMonitor:
         self.first_hold_at: float | None = None
         """When the monitor first held traffic for a switch (the clock's monotonic time)."""
         self._green: tuple[Member, tuple[str, int]] | None = None
-        self._blue_address: tuple[str, int] | None = None
         self._dns_caught_up = False
         self._names: list[str] = []
         self._routing = False
@@ -535,7 +534,19 @@ class BlueGreenMonitor:
 
     async def _open_and_check(self, extra: dict[str, Any]) -> tuple[Any, float]:
         opened: tuple[Any, float] = await self._connector.open_planned(extra)
-        if await self.first_check(opened[0]):
+        try:
+            found = await self.first_check(opened[0])
+        except BaseException as exc:
+            # The check must never cost the connect: the next new connection checks again.
+            self._checked = False
+            if self._connector.route is None:
+                self.start()
+            if not isinstance(exc, Exception):
+                opened[0].terminate()  # cancelled: asyncpg never gets it
+                raise
+            logger.debug("pool %s: blue/green check failed: %r", self._name, exc)
+            return opened
+        if found:
             self._task = asyncio.get_running_loop().create_task(
                 _run(weakref.ref(self)), name=f"asyncpg_iam blue/green {self._name}"
             )
@@ -588,6 +599,7 @@ class BlueGreenMonitor:
         now = self._clock.monotonic()
         for event in self.tracker.update(deployment, now):
             self._on(event)
+        self._apply()  # hold at once: what follows awaits
         if deployment.phase >= Phase.CREATED:
             await self._learn(deployment)
         if self.tracker.phase >= Phase.PREPARATION and self._green is not None:
@@ -645,7 +657,7 @@ class BlueGreenMonitor:
             con.terminate()  # move the poller to green once it is known
         self._con = None
         if self._green is not None and not self._dns_caught_up:
-            con, _ = await self._login_green(("any",), count=False)
+            con, _ = await self._login_green(("any",))
         else:
             con, _ = await self._connector.open_planned({}, attrs="any")
         self._con, self._con_on_green = con, self._green is not None and not self._dns_caught_up
@@ -715,12 +727,12 @@ class BlueGreenMonitor:
         await self._wait()
         if self._routing and self._green is not None:
             self.counters.rerouted += 1
-            return await self._login_green((), count=True, extra=extra)
+            return await self._login_green((), extra)
         opened: tuple[Any, float] = await self._connector.open_planned(extra)
         return opened
 
     async def _login_green(
-        self, attrs: tuple[str, ...], *, count: bool, extra: Mapping[str, Any] | None = None
+        self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None = None
     ) -> tuple[Any, float]:
         """Log in at green's address: signed for the name that worked last, then the other."""
         assert self._green is not None

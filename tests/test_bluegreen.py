@@ -280,7 +280,7 @@ async def test_rollback_releases_the_hold(bed: BlueGreenDeployment) -> None:
         await _monitor_phase(pool, Phase.CREATED)
         assert pool._bluegreen.source == "rds"
         await bed.begin_switchover(prepare=1.2)
-        await _monitor_phase(pool, Phase.IN_PROGRESS)
+        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
         held = asyncio.ensure_future(pool.fetchval("SELECT 1"))
         await asyncio.sleep(0.3)
         assert not held.done()
@@ -302,7 +302,7 @@ async def test_completion_the_metadata_never_shows_releases_traffic(
     ) as pool:
         await _monitor_phase(pool, Phase.CREATED)
         await bed.begin_switchover(prepare=1.2)
-        await _monitor_phase(pool, Phase.IN_PROGRESS)
+        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
         held = asyncio.ensure_future(pool.fetchval("SELECT pg_is_in_recovery()"))
         await asyncio.sleep(0.5)
         await bed.complete_switchover(dns_lag=600.0, report_completion=False)
@@ -316,13 +316,34 @@ async def test_completion_the_metadata_never_shows_releases_traffic(
 async def test_hold_bound_gives_a_clear_error(bed: BlueGreenDeployment) -> None:
     """A switch longer than the hold gives SwitchoverTimeoutError at the bound, then stops
     holding."""
-    async with asyncpg_iam.create_pool(**bed.pool_kwargs(hold=1.0, min_size=1, max_size=2)) as pool:
+    async with asyncpg_iam.create_pool(**bed.pool_kwargs(hold=3.0, min_size=1, max_size=2)) as pool:
         await _monitor_phase(pool, Phase.CREATED)
         await bed.begin_switchover(prepare=1.2)
-        await _monitor_phase(pool, Phase.IN_PROGRESS)
+        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
         with pytest.raises(SwitchoverTimeoutError, match="hold"):
             await pool.fetchval("SELECT 1")
         assert pool._bluegreen.counters.hold_timeouts >= 1
         assert await pool.fetchval("SELECT 1") == 1  # not held again: reads reach blue
         with contextlib.suppress(asyncpg.PostgresError):
             await bed.rollback()
+
+
+@pytest.mark.parametrize("bed", [{"source": "rds"}], indirect=True)
+async def test_no_right_to_read_the_metadata_means_nothing_polled(
+    bed: BlueGreenDeployment,
+) -> None:
+    """A user who may not call rds_tools.show_topology gets its connections as usual, and the
+    pool polls nothing."""
+    await bed.query(bed.blue, "CREATE ROLE app LOGIN")
+    await bed.query(bed.blue, "GRANT rds_iam TO app")
+    await bed.query(
+        bed.blue, "REVOKE EXECUTE ON FUNCTION rds_tools.show_topology(text) FROM PUBLIC"
+    )
+    kwargs = bed.pool_kwargs(user="app", min_size=1, max_size=2)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        assert await pool.fetchval("SELECT current_user") == "app"
+        monitor = pool._bluegreen
+        assert monitor._checked
+        assert monitor.source is None
+        assert monitor._task is None
+        assert pool._connector.route is None
