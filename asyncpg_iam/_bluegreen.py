@@ -516,6 +516,8 @@ class BlueGreenMonitor:
         self._green: tuple[Member, tuple[str, int]] | None = None
         self._dns_caught_up = False
         self._names: list[str] = []
+        self._confirmed: str | None = None
+        self._finding = asyncio.Lock()
         self._routing = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -676,6 +678,8 @@ class BlueGreenMonitor:
             logger.warning("pool %s: blue/green switchover in progress: holding", self._name)
         elif event == "done":
             logger.warning("pool %s: blue/green switchover completed", self._name)
+            # Green takes the blue names at the switch: find which one it answers to now.
+            self._confirmed = None
             self.counters.retired += self._retire()
 
     def _apply(self) -> None:
@@ -734,7 +738,20 @@ class BlueGreenMonitor:
     async def _login_green(
         self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None = None
     ) -> tuple[Any, float]:
-        """Log in at green's address: signed for the name that worked last, then the other."""
+        """Log in at green's address: signed for the name that worked last, then the other.
+
+        Until a name is confirmed (after the switch: again), one login at a time finds it, so
+        a pool refilling at once costs one refused token, not one per connection.
+        """
+        if self._confirmed is None:
+            async with self._finding:
+                if self._confirmed is None:
+                    return await self._login_green_once(attrs, extra)
+        return await self._login_green_once(attrs, extra)
+
+    async def _login_green_once(
+        self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None
+    ) -> tuple[Any, float]:
         assert self._green is not None
         member, (host, port) = self._green
         base = self.base_target
@@ -748,12 +765,15 @@ class BlueGreenMonitor:
                 opened = await self._connector.open_at(target, dict(extra or {}), *attrs)
             except (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError) as exc:
                 self.counters.fallback_refusals += 1
+                if self._confirmed == name:
+                    self._confirmed = None  # renamed since: find the name again
                 last = exc
                 continue
             if self._names[0] != name:
                 self._names.remove(name)
                 self._names.insert(0, name)
                 logger.info("pool %s: green accepts tokens signed for %s", self._name, name)
+            self._confirmed = name
             return opened  # type: ignore[no-any-return]
         assert last is not None
         raise last
