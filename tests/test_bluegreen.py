@@ -179,6 +179,24 @@ def test_settings_are_validated() -> None:
             BlueGreenSettings(hold=bad)  # type: ignore[arg-type]
 
 
+async def test_on_by_default_only_for_iam_pools_on_an_rds_name() -> None:
+    """blue_green=None follows switchovers for an IAM pool on an RDS name only; True on a pool
+    it cannot serve is a ConfigurationError."""
+    common = {"user": "app", "database": "app", "min_size": 0}
+    on_rds = asyncpg_iam.Pool(host=BLUE, **common)
+    assert on_rds._bluegreen is not None
+    assert on_rds._connector.route is not None  # the first connection will check
+    assert asyncpg_iam.Pool(host=BLUE, blue_green=False, **common)._bluegreen is None
+    proxy = "app.proxy-abc123.us-east-1.rds.amazonaws.com"
+    assert asyncpg_iam.Pool(host=proxy, **common)._bluegreen is None
+    plain = {**common, "host": "127.0.0.1", "iam": False, "password": "x"}
+    assert asyncpg_iam.Pool(**plain)._bluegreen is None
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="blue_green"):
+        asyncpg_iam.Pool(blue_green=True, **plain)
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="blue_green"):
+        asyncpg_iam.Pool(host=BLUE, blue_green="yes", **common)
+
+
 # -- on the test bed -----------------------------------------------------------------------------
 
 
@@ -290,6 +308,11 @@ async def test_rollback_releases_the_hold(bed: BlueGreenDeployment) -> None:
         assert "_acquire" not in pool.__dict__
         assert pool._connector.route is None
         assert await pool.fetchval("SELECT 1") == 1
+        monitor = pool._bluegreen
+    assert monitor._task is not None
+    await asyncio.sleep(0)
+    assert monitor._task.done()  # the poller stops when the pool closes
+    assert monitor._con is None
 
 
 async def test_completion_the_metadata_never_shows_releases_traffic(
