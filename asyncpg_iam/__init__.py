@@ -8,6 +8,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 """
 
 from ._auth import IAMAuth, SigningTarget
+from ._bluegreen import BlueGreenSettings
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -16,6 +17,7 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    SwitchoverTimeoutError,
     TLSVerificationError,
 )
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
@@ -23,6 +25,7 @@ from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "BlueGreenSettings",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
@@ -36,6 +39,7 @@ __all__ = [
     "PoolSettings",
     "PoolStats",
     "SigningTarget",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "__version__",
     "build_auth_token",

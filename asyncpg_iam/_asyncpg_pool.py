@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "connection_of",
     "empty_idle_holder",
     "find_holder",
+    "hold_acquires",
     "holder_of",
     "initialized",
     "open_holders",
@@ -209,3 +211,28 @@ async def reconnect(holder: Any) -> None:
     """Open a new connection in an empty holder taken with `empty_idle_holder`."""
     holder._con = None
     await holder.connect()
+
+
+def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None:
+    """Make every acquire of `pool` wait for ``gate()`` first, within its timeout (None: stop).
+
+    An instance attribute shadows asyncpg's ``_acquire`` only while a gate is set, so acquires
+    cost nothing more without one.
+    """
+    if gate is None:
+        pool.__dict__.pop("_acquire", None)
+        return
+    own = type(pool)._acquire
+    pool_ref = weakref.ref(pool)
+
+    async def held(timeout: float | None) -> Any:
+        started = time.monotonic()
+        await gate()
+        if timeout is not None:
+            timeout = max(0.001, timeout - (time.monotonic() - started))
+        live = pool_ref()
+        if live is None:
+            raise asyncpg.InterfaceError("the pool was garbage-collected")
+        return await own(live, timeout)
+
+    pool._acquire = held

@@ -361,6 +361,8 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
+        """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
         self.use_plan(plan)
 
     def use_plan(self, plan: ConnectPlan) -> None:
@@ -405,12 +407,28 @@ class Connector:
         # than awaiting it in one more, since every await inside a connect resumes each
         # coroutine of the chain.
         self.counters.attempts += 1
+        route = self.route
+        if route is not None:
+            return route(extra)
+        return self.open_planned(extra)
+
+    def open_planned(
+        self, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open one connection where the plan says (`open` without a route); `attrs`
+        overrides the plan's ``target_session_attrs``."""
         if self.provider is None:
             return self._open_without_iam(extra)
-        tsa = self.plan.target_session_attrs
+        tsa = attrs or self.plan.target_session_attrs
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
+
+    def open_at(
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Log in to `target` (dial its host and port, sign for its signing name)."""
+        return self._login(target, extra, attrs or self.plan.target_session_attrs)
 
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:

@@ -11,8 +11,10 @@
     │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
     │   └── TLSVerificationError              the server's certificate did not verify (also
     │                                         ssl.SSLCertVerificationError)
-    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
-                                              transaction may or may not have committed
+    ├── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+    │                                         transaction may or may not have committed
+    └── SwitchoverTimeoutError                a blue/green switchover held a connect or
+                                              acquire for the hold's bound (also TimeoutError)
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -42,6 +44,7 @@ __all__ = [
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "in_cli_words",
     "is_iam_refusal",
@@ -63,6 +66,11 @@ class CommitOutcomeUnknownError(IAMError):
 
     The transaction may have committed or not: `run_transaction` never runs it again.
     """
+
+
+class SwitchoverTimeoutError(IAMError, asyncio.TimeoutError):
+    """A blue/green switchover held a new connect or an acquire for the hold's bound (30 s
+    by default) without completing; traffic is no longer held after it."""
 
 
 class CABundleError(IAMError):

@@ -27,6 +27,7 @@ import asyncpg.pool
 from . import _asyncpg_pool, _proxy
 from ._asyncpg_pool import AsyncpgPool, connection_of, holder_of
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
+from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
@@ -53,7 +54,15 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_POOL_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_POOL_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "blue_green",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,6 +191,7 @@ class Pool(AsyncpgPool):
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        blue_green: bool | BlueGreenSettings | None = None,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
@@ -216,6 +226,10 @@ class Pool(AsyncpgPool):
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(options)
+        bg = blue_green_settings(blue_green, self._connector)
+        self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
+        if self._bluegreen is not None:
+            self._bluegreen.start()  # the first new connection checks for metadata
         self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -516,6 +530,8 @@ class Pool(AsyncpgPool):
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
         self._recycler.cancel()
+        if self._bluegreen is not None:
+            self._bluegreen.stop()
         try:
             await super().close()
         finally:
@@ -525,6 +541,8 @@ class Pool(AsyncpgPool):
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
+        if self._bluegreen is not None:
+            self._bluegreen.stop()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -574,6 +592,37 @@ def _failover_guard(
         started=started,
         name=connector.name,
         clock=clock,
+    )
+
+
+# What a blue/green switchover needs of the pool: retire every connection, and hold acquires
+# while the switch is in progress (`_asyncpg_pool.hold_acquires`: nothing more per acquire
+# without a switch).
+def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMonitor:
+    pool_ref = weakref.ref(pool)
+
+    def retire() -> int:
+        live = pool_ref()
+        if live is None:
+            return 0
+        before = live._failover.retired
+        live._failover.report("blue_green_switchover", live._failover._epoch)
+        return int(live._failover.retired - before)
+
+    def hold_acquires(gate: Callable[[], Awaitable[None]] | None) -> None:
+        live = pool_ref()
+        if live is not None:
+            _asyncpg_pool.hold_acquires(live, gate)
+
+    return BlueGreenMonitor(
+        pool,
+        connector=pool._connector,
+        retire=retire,
+        hold_acquires=hold_acquires,
+        hold=settings.hold,
+        resolver=settings.resolver,
+        clock=pool._clock,
+        name=pool._name,
     )
 
 
@@ -662,6 +711,11 @@ def create_pool(
       interval waits a random part of one interval, so pools that lose their connections
       together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
+    - `blue_green`: follow RDS Blue/Green switchovers (hold connects and acquires while one is
+      in progress, then send the blue name to green; see `BlueGreenSettings`). None (the
+      default) turns it on for an IAM pool on one RDS endpoint name, where it costs one
+      catalog query on the first new connection when the database has no blue/green
+      metadata; False turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 

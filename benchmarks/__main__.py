@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from . import (
     _harness,
+    case_bluegreen,
     case_cold_start,
     case_connect,
     case_dsql,
@@ -49,6 +50,7 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_bluegreen,
     case_proxy,
     case_cold_start,
 ]

@@ -16,6 +16,7 @@ import asyncpg_iam
 
 PUBLIC = {
     "asyncpg_iam": [
+        "BlueGreenSettings",
         "CommitOutcomeUnknownError",
         "ConfigurationError",
         "ConnectError",
@@ -29,6 +30,7 @@ PUBLIC = {
         "PoolSettings",
         "PoolStats",
         "SigningTarget",
+        "SwitchoverTimeoutError",
         "TLSVerificationError",
         "__version__",
         "build_auth_token",
@@ -38,12 +40,15 @@ PUBLIC = {
         "run_transaction",
     ],
     "asyncpg_iam.testing": [
+        "DEFAULT_BLUE_ENDPOINT",
         "DEFAULT_CLUSTER_ENDPOINT",
         "DEFAULT_DSQL_ENDPOINT",
         "DEFAULT_ENDPOINT",
+        "DEFAULT_GREEN_ENDPOINT",
         "DEFAULT_PROXY_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
+        "BlueGreenDeployment",
         "ClusterEndpoint",
         "CredentialServer",
         "FailoverCluster",
@@ -61,6 +66,7 @@ PUBLIC = {
         "ReaderEndpoint",
         "RelayedConnection",
         "Sandbox",
+        "SwitchoverTimeline",
         "find_postgres_bin",
         "isolated_aws_environment",
     ],

@@ -1,5 +1,6 @@
 """Test helpers: the whole local stack as one (`Sandbox`), a throwaway PostgreSQL, a local RDS
-IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a clock that moves
+IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a blue/green switchover
+(`BlueGreenDeployment`), a clock that moves
 only when told (`ManualClock`), an isolated AWS environment, and a pytest plugin.
 
 Enable the fixtures in a test suite with ``pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]``.
@@ -10,6 +11,12 @@ from __future__ import annotations
 
 from .._clock import ManualClock
 from ._aws import CredentialServer, MotoSTS
+from ._bluegreen import (
+    DEFAULT_BLUE_ENDPOINT,
+    DEFAULT_GREEN_ENDPOINT,
+    BlueGreenDeployment,
+    SwitchoverTimeline,
+)
 from ._emulator import (
     DEFAULT_DSQL_ENDPOINT,
     DEFAULT_ENDPOINT,
@@ -33,12 +40,15 @@ from ._proxy import PinEvent, PinRules, ProxyReport
 from ._sandbox import Sandbox
 
 __all__ = [
+    "DEFAULT_BLUE_ENDPOINT",
     "DEFAULT_CLUSTER_ENDPOINT",
     "DEFAULT_DSQL_ENDPOINT",
     "DEFAULT_ENDPOINT",
+    "DEFAULT_GREEN_ENDPOINT",
     "DEFAULT_PROXY_ENDPOINT",
     "DEFAULT_READER_ENDPOINT",
     "AccessKey",
+    "BlueGreenDeployment",
     "ClusterEndpoint",
     "CredentialServer",
     "FailoverCluster",
@@ -56,6 +66,7 @@ __all__ = [
     "ReaderEndpoint",
     "RelayedConnection",
     "Sandbox",
+    "SwitchoverTimeline",
     "find_postgres_bin",
     "isolated_aws_environment",
 ]

@@ -270,6 +270,14 @@ class RDSIAMEmulator(AsyncService):
         """The RDS (or DSQL) host name tokens must be signed for."""
         return self._endpoint
 
+    def rename(self, endpoint: str) -> None:
+        """Answer to `endpoint` from now on: only tokens signed for it are accepted (as RDS
+        renames endpoints at a blue/green switchover). The certificate is not changed."""
+        _check_settings(endpoint, self._region, 1, 1.0, 0.0)
+        self._endpoint = endpoint
+        self._checker.rename(endpoint)
+        logger.info("RDS IAM emulator now answers to %s", endpoint)
+
     @property
     def dsql(self) -> bool:
         """Whether it stands in for Aurora DSQL rather than RDS."""
