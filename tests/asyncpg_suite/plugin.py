@@ -80,7 +80,9 @@ def _replace_pools(patch: pytest.MonkeyPatch, pool: str) -> None:
     SuitePool.lifetime_kwargs = {"max_lifetime": None} if pool == "no-lifetime" else {}
     patch.setattr(asyncpg.pool, "Pool", SuitePool)
     patch.setattr(asyncpg, "Pool", SuitePool)
-    patch.setattr(asyncpg._testbase, "create_pool", _suite_create_pool(asyncpg._testbase.create_pool))
+    patch.setattr(
+        asyncpg._testbase, "create_pool", _suite_create_pool(asyncpg._testbase.create_pool)
+    )
     patch.setattr(_ASYNCPG_POOL, "__init__", _guarded_init(_ASYNCPG_POOL.__init__))
 
 
