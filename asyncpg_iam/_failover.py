@@ -20,9 +20,10 @@ so the guard attaches two public asyncpg hooks to every connection the pool open
   lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
   guard through the termination listener.)
 
-Connect attempts are a third source: a new connection that lands on a read-only server
-(``in_hot_standby``/``default_transaction_read_only``, checked by asyncpg for
-``target_session_attrs``), ``57P03``, a refused connection or a ``08`` error at login.
+Connect attempts are a third source: ``57P03``, a refused connection or a ``08`` error at
+login. A new connection that lands on a read-only server (``in_hot_standby``/
+``default_transaction_read_only``, checked by asyncpg for ``target_session_attrs``) is not: by
+itself it says nothing of a failover.
 
 A log listener was considered and left out: asyncpg removes log listeners on every release
 (`Connection.reset`), and PostgreSQL reports a shutdown to an idle session as a FATAL error
@@ -39,13 +40,14 @@ failover makes every connection fail: signals from connections whose login began
 last event, and connect failures before the pool has opened a connection since, belong to the
 same event and are not counted again.
 
-**Landing on the right server.** With ``target_session_attrs`` ``read-write`` (the default for
-an IAM pool on one Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new
-connection that lands on a read-only server is closed and retried with backoff within the
-connect timeout; while the pool is recovering from an event (no connection opened since),
-connects that fail because the server is down or starting are retried the same way. Each retry
-is a new login: a fresh token, and a slot of the connect rate limit. Reader endpoints
-(``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
+**Landing on the right server.** While the pool is recovering from an event (no connection
+opened since), with ``target_session_attrs`` ``read-write`` (the default for an IAM pool on one
+Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new connection that
+lands on a read-only server is closed and retried with backoff within the connect timeout, and
+so are connects that fail because the server is down or starting. Outside a recovery such a
+login fails at once with asyncpg's error, as on asyncpg's pool (whose ``min_size`` upkeep then
+backs off). Each retry is a new login: a fresh token, and a slot of the connect rate limit.
+Reader endpoints (``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
 """
 
 from __future__ import annotations
@@ -271,8 +273,11 @@ class FailoverGuard:
                 delay = min(delay * 2, _MAX_BACKOFF)
                 kwargs["timeout"] = max(remaining, 0.001)
             else:
-                # Signals from it belong to the epoch its login began in.
-                self._opened(con, started, epoch)
+                # Anything else (a connect= callback's mistake) goes to asyncpg's pool
+                # unwatched: it refuses it with its own error.
+                if isinstance(con, asyncpg.Connection):
+                    # Signals from it belong to the epoch its login began in.
+                    self._opened(con, started, epoch)
                 return con
 
     def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
@@ -283,14 +288,16 @@ class FailoverGuard:
             # The pool recovered while this attempt was in flight (it began before the
             # endpoint moved): part of the event it recovered from, retried, not a new one.
             return True
-        if kind != "read_only" and not self._recovering:
+        if kind == "read_only":
+            # Outside a failover a read-only server is no sign of one: fail at once, as
+            # asyncpg does (its min_size upkeep backs off and tries again).
+            return self._recovering
+        if not self._recovering:
             # A server that is down while the pool saw no failover: say so at once.
             if not self._opened_any:
                 return False
             self.report(f"connect_{kind}", epoch, connect=True)
             return self._recovering
-        if kind == "read_only":
-            self.report("connect_read_only", epoch, connect=True)
         return True
 
     def _count_retry(self, kind: str, exc: Exception, wait: float) -> None:
