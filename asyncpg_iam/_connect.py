@@ -49,6 +49,7 @@ from ._errors import (
     TLSVerificationError,
     rank_auth_failure,
 )
+from ._health import HostSilentError
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
 
@@ -311,6 +312,9 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
+        """What a login to (host, port) waits for first, if anything (the pool's health
+        check: a host that went silent)."""
         self.use_plan(plan)
 
     def use_plan(self, plan: ConnectPlan) -> None:
@@ -367,6 +371,11 @@ class Connector:
             if self._bucket is not None:
                 await self._throttle(self._bucket)
             kwargs = {**self._kwargs, **extra}
+            gate = self.login_gate
+            if gate is not None and len(self.plan.endpoints) == 1:
+                waiting = gate(*self.plan.endpoints[0])
+                if waiting is not None:
+                    await _wait_at_gate(waiting, *self.plan.endpoints[0], kwargs)
             started = self._clock.monotonic()
             try:
                 return await self._connect(**kwargs), started
@@ -416,6 +425,10 @@ class Connector:
                 target_session_attrs=attrs,
                 password=functools.partial(provider.token, target, record),
             )
+            gate = self.login_gate
+            waiting = gate(target.host, target.port) if gate is not None else None
+            if waiting is not None:
+                await _wait_at_gate(waiting, target.host, target.port, kwargs)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
@@ -546,6 +559,25 @@ class Connector:
         """Release the credential cache's resources (idempotent)."""
         if self.provider is not None:
             await self.provider.aclose()
+
+
+async def _wait_at_gate(
+    waiting: Awaitable[None], host: str, port: int, kwargs: dict[str, Any]
+) -> None:
+    """Wait for a silent host to answer, within the connect timeout (what is left of it
+    goes to the login)."""
+    loop = asyncio.get_running_loop()
+    timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+    began = loop.time()
+    try:
+        await asyncio.wait_for(waiting, timeout)
+    except asyncio.TimeoutError:
+        raise HostSilentError(
+            f"{host}:{port} went silent and has not answered a probe within the connect "
+            f"timeout ({timeout:g} s); no login was tried"
+        ) from None
+    if timeout is not None:
+        kwargs["timeout"] = max(timeout - (loop.time() - began), 0.001)
 
 
 async def _in_recovery(con: Any) -> bool:

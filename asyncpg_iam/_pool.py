@@ -17,7 +17,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -30,6 +30,7 @@ from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError
 from ._failover import FailoverGuard, apply_writer_default
+from ._health import Address, HealthCheck, HealthMonitor, check_health_option
 from ._lifetime import Recycler
 from ._retry import run_transaction
 
@@ -70,7 +71,17 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_OWN_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "health_check",
+)
+#: The default silent-host detection (see `HealthCheck`).
+DEFAULT_HEALTH_CHECK = HealthCheck()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -79,8 +90,9 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
-    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart),
+    ``"silent_host"`` (on a host that stopped answering, not the writer) and ``"other"``
+    (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -114,6 +126,10 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+    silent_hosts: int = 0
+    """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
+    health_probes: int = 0
+    """Health-check probes sent (a TCP connection each; no login, no token)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,9 +261,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
+        health = check_health_option(health_check)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
@@ -276,6 +294,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        self._health = self._start_health(health)
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -301,6 +320,40 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             name=self._name,
             clock=clock,
         )
+
+    def _start_health(self, settings: HealthCheck | None) -> HealthMonitor | None:
+        """Make the silent-host monitor (it starts with the first connection)."""
+        if settings is None:
+            return None
+        ref = weakref.ref(self)
+        monitor = HealthMonitor(
+            settings,
+            hosts_in_use=functools.partial(_hosts_in_use, ref),
+            on_silent=functools.partial(_on_silent_host, ref),
+            name=self._name,
+            clock=self._clock,
+        )
+        self._connector.login_gate = monitor.login_gate
+        return monitor
+
+    @property
+    def health_check(self) -> HealthCheck | None:
+        """The silent-host detection settings (None: off)."""
+        return self._health.settings if self._health is not None else None
+
+    def _retire_host(self, host: Address) -> int:
+        """Terminate every connection on `host`: idle ones at once, so none is handed out;
+        queries in flight fail with `ConnectionDoesNotExistError`."""
+        health = self._health
+        assert health is not None
+        retired = 0
+        for holder, con, in_use in _open_connections(self):
+            if health.address_of(con) != host:
+                continue
+            retired += 1
+            self._recycler.retire_on_release(holder, "silent_host")
+            _terminate_holder_connection(self, holder, con, in_use)
+        return retired
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -353,6 +406,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             failover_retired=self._failover.retired,
             read_only_retries=self._failover.read_only_retries,
             connect_retries=self._failover.connect_retries,
+            silent_hosts=self._health.silent_events if self._health is not None else 0,
+            health_probes=self._health.probes if self._health is not None else 0,
         )
 
     def __repr__(self) -> str:
@@ -407,6 +462,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, started, also=lost)
+        if self._health is not None:
+            self._health.track(con)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
 
@@ -566,6 +623,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
         self._recycler.cancel()
+        if self._health is not None:
+            self._health.stop()
         try:
             await super().close()
         finally:
@@ -575,6 +634,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
+        if self._health is not None:
+            self._health.stop()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -604,6 +665,53 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         return pool._failover.open(pool._connector.open, extra)
 
     return connect
+
+
+# adapter: asyncpg's holders and their connections (0.30-0.32; issue 26 moves this).
+def _open_connections(pool: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """Yield (holder, connection, in use) for each open connection of an asyncpg pool."""
+    for holder in pool._holders:
+        con = holder._con
+        if con is not None and not con.is_closed():
+            yield holder, con, holder._in_use is not None
+
+
+def _terminate_holder_connection(pool: Any, holder: Any, con: Any, in_use: bool) -> None:
+    """Terminate `con`; an idle holder is left empty in the queue (reconnects on acquire)."""
+    if not in_use and holder in pool._queue._queue:
+        holder._maybe_cancel_inactive_callback()
+        con.terminate()
+        if holder._con is con:
+            holder._con = None
+    else:
+        con.terminate()  # the caller's query fails now; asyncpg cleans up on release
+
+
+def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:
+    """The health monitor's view of a pool: the hosts its connections in use are on."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        raise asyncpg.InterfaceError("the pool is closed")
+    health = pool._health
+    assert health is not None
+    hosts = set()
+    for _, con, in_use in _open_connections(pool):
+        if in_use and (host := health.address_of(con)) is not None:
+            hosts.add(host)
+    return hosts
+
+
+def _on_silent_host(pool_ref: weakref.ref[Pool], host: Address, label: str, cause: str) -> None:
+    """Retire what a silent host holds: on a writer pool, a failover (every connection)."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        return
+    what = f"host {label} silent: {cause}"
+    if pool._failover.wants_writer and pool._failover.report_now(what):
+        pool._retire_host(host)  # those the failover left (connecting when it ran)
+        return
+    retired = pool._retire_host(host)
+    logger.warning("pool %s: %s; retired %d connection(s) to it", pool.name, what, retired)
 
 
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:
@@ -656,6 +764,7 @@ def create_pool(
     max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
     max_connect_rate: float | Unset | None = UNSET,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -679,6 +788,9 @@ def create_pool(
       interval waits a random part of one interval, so pools that lose their connections
       together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
+    - `health_check`: how hosts that stop answering without closing their connections are
+      found (`HealthCheck`: keepalive and ``TCP_USER_TIMEOUT`` on every socket, and a probe
+      each second of the hosts with connections in use; no login). None turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 
@@ -699,5 +811,6 @@ def create_pool(
         max_lifetime=max_lifetime,
         max_lifetime_jitter=max_lifetime_jitter,
         max_connect_rate=max_connect_rate,
+        health_check=health_check,
         **asyncpg_kwargs,
     )

@@ -22,6 +22,7 @@ PUBLIC = {
         "ConnectTimeoutError",
         "Credentials",
         "CredentialsError",
+        "HealthCheck",
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
@@ -67,7 +68,8 @@ PUBLIC = {
 
 SIGNATURES = {
     "asyncpg_iam.create_pool": [
-        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "asyncpg_kwargs"
+        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "health_check",
+        "asyncpg_kwargs",
     ],
     "asyncpg_iam.IAMAuth": [
         "region", "profile", "role_arn", "role_session_name", "external_id", "role_duration",
@@ -101,7 +103,7 @@ POOL_STATS = [
     "connections_opened", "connections_closed", "connect_attempts", "connect_failures",
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
-    "failover_retired", "read_only_retries", "connect_retries",
+    "failover_retired", "read_only_retries", "connect_retries", "silent_hosts", "health_probes",
 ]  # fmt: skip
 
 
