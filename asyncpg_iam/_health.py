@@ -237,6 +237,7 @@ class HealthMonitor:
         self._connections: weakref.WeakKeyDictionary[Any, Address] = weakref.WeakKeyDictionary()
         self._task: asyncio.Task[None] | None = None
         self._probing: dict[Address, asyncio.Task[None]] = {}
+        self._wanted: set[Address] = set()
         self.probes = 0
         """Probes sent (each one TCP connection, no login)."""
         self.silent_events = 0
@@ -333,7 +334,7 @@ class HealthMonitor:
             await self._clock.sleep(self.settings.interval)
 
     def tick(self) -> None:
-        """Start a probe for each host in use or silent that has none in flight."""
+        """Find the hosts to probe (in use, or silent) and start a watcher for each new one."""
         try:
             wanted = set(self._hosts_in_use())
         except Exception:  # the pool is gone or closing
@@ -351,15 +352,23 @@ class HealthMonitor:
                 del self._hosts[host]
                 continue
             wanted.add(host)
+        self._wanted = wanted
         for host in wanted:
             if host not in self._probing:
-                self._probing[host] = asyncio.get_running_loop().create_task(self._probe_once(host))
+                self._probing[host] = asyncio.get_running_loop().create_task(self._watch(host))
 
-    async def _probe_once(self, host: Address) -> None:
+    async def _watch(self, host: Address) -> None:
+        """Probe `host` every interval (a probe that timed out is followed at once by the
+        next) for as long as it is wanted."""
         try:
-            self.probes += 1
-            cause = await self._probe(host[0], host[1], self.settings.timeout)
-            self.record(host, cause)
+            while host in self._wanted or host in self._hosts:
+                began = self._clock.monotonic()
+                self.probes += 1
+                cause = await self._probe(host[0], host[1], self.settings.timeout)
+                self.record(host, cause)
+                if host not in self._wanted and host not in self._hosts:
+                    return
+                await self._clock.sleep(began + self.settings.interval - self._clock.monotonic())
         finally:
             self._probing.pop(host, None)
 
