@@ -268,6 +268,14 @@ class HealthMonitor:
         except TypeError:  # not weakly referenceable: never tracked
             return None
 
+    def connections_on(self, host: Address) -> list[Any]:
+        """Return the open tracked connections on `host`."""
+        return [
+            con
+            for con, peer in list(self._connections.items())
+            if peer == host and not con.is_closed()
+        ]
+
     def is_silent(self, host: Address) -> bool:
         """Tell whether `host` (a peer address) is silent now."""
         state = self._hosts.get(host)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
 from typing import Any
 
 try:
@@ -49,8 +50,9 @@ from ._auth import IAMAuth, TokenProvider, auth_from
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, pool_settings
 from ._errors import ConfigurationError, IAMAuthenticationError
+from ._health import Address, HealthCheck, HealthMonitor, check_health_option
 from ._lifetime import draw_lifetime
-from ._pool import _validate_pool_options
+from ._pool import DEFAULT_HEALTH_CHECK, _validate_pool_options
 
 __all__ = ["create_async_engine"]
 
@@ -134,6 +136,62 @@ def _install_lifetime(
             record.invalidate()
 
 
+def _install_health(
+    engine: AsyncEngine, settings: HealthCheck | None, connector: Connector
+) -> HealthMonitor | None:
+    """Find silent hosts as the pool does: probe the hosts of connections checked out, and
+    on silence terminate that host's connections (idle ones are then refused on checkout)."""
+    if settings is None:
+        return None
+    sync_engine = engine.sync_engine
+    engine_ref = weakref.ref(sync_engine)
+    in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def hosts_in_use() -> set[Address]:
+        if engine_ref() is None:
+            raise ConfigurationError("the engine is gone")
+        return {host for con in in_use if (host := monitor.address_of(con)) is not None}
+
+    def on_silent(host: Address, label: str, cause: str) -> None:
+        retired = 0
+        for con in monitor.connections_on(host):
+            retired += 1
+            con.terminate()  # a query in flight fails with ConnectionDoesNotExistError
+        logger.warning(
+            "engine %s: host %s silent: %s; terminated %d connection(s) to it",
+            connector.name,
+            label,
+            cause,
+            retired,
+        )
+
+    monitor = HealthMonitor(
+        settings,
+        hosts_in_use=hosts_in_use,
+        on_silent=on_silent,
+        name=connector.name,
+    )
+    connector.login_gate = monitor.login_gate
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        con = dbapi_connection.driver_connection
+        if con.is_closed():  # terminated on a silent host (or lost): never handed out
+            raise DisconnectionError("the connection's host went silent or it was lost")
+        in_use.add(con)
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None:
+            in_use.discard(dbapi_connection.driver_connection)
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        monitor.stop()
+
+    return monitor
+
+
 def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
@@ -143,6 +201,7 @@ def create_async_engine(
     max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -151,13 +210,15 @@ def create_async_engine(
     (``postgresql://`` is taken as asyncpg). `connect_args` are further `asyncpg.connect`
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
-    mean for `asyncpg_iam.create_pool`; `name` names the engine in log lines. Every other
-    keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``, ``pool_pre_ping``,
-    ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+    mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
+    are terminated; the engine has no failover handling); `name` names the engine in log
+    lines. Every other keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``,
+    ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
     auth = auth_from(iam)
+    health = check_health_option(health_check)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
             raise ConfigurationError(
@@ -185,9 +246,12 @@ def create_async_engine(
     if max_lifetime is not None:
         engine_kwargs.setdefault("pool_recycle", max_lifetime)
     holder: list[Connector] = []
+    monitors: list[HealthMonitor | None] = []
 
     async def creator() -> asyncpg.Connection:
         con, _started = await holder[0].open()
+        if monitors[0] is not None:
+            monitors[0].track(con)
         return con
 
     engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
@@ -202,4 +266,5 @@ def create_async_engine(
     )
     holder.append(connector)
     _install_lifetime(engine, max_lifetime, max_lifetime_jitter, connector)
+    monitors.append(_install_health(engine, health, connector))
     return engine

@@ -329,6 +329,52 @@ async def test_a_silent_host_of_a_reader_pool_retires_only_its_connections(
             first.resume()
 
 
+async def test_the_engine_terminates_a_hung_hosts_connections(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLAlchemy engine does the same: its query in flight fails as a lost connection,
+    its idle connection is never checked out again, one WARNING, and it serves afterwards."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    caplog.set_level(logging.WARNING, logger="asyncpg_iam")
+    async with ClusterEndpoint((postgres_server.host, postgres_server.port)) as endpoint:
+        url = (
+            f"postgresql+asyncpg://{postgres_server.user}@{endpoint.host}:{endpoint.port}/"
+            f"{postgres_server.database}"
+        )
+        engine = create_async_engine(
+            url, iam=False, connect_args={"password": postgres_server.password}, pool_size=2
+        )
+        try:
+            busy = await engine.connect()
+            async with engine.connect() as idle:  # a second connection, left idle in the pool
+                old = {await idle.scalar(text("SELECT pg_backend_pid()"))}
+            async with busy:
+                old.add(await busy.scalar(text("SELECT pg_backend_pid()")))
+                assert len(old) == 2
+                endpoint.silence()
+                with pytest.raises(DBAPIError) as caught:
+                    await asyncio.wait_for(
+                        busy.execute(text("SELECT pg_sleep(60)")), DETECTED_WITHIN
+                    )
+                assert isinstance(caught.value.orig.__cause__, asyncpg.ConnectionDoesNotExistError)
+            warnings = _warnings(caplog)
+            assert len(warnings) == 1
+            assert f"{endpoint.host}:{endpoint.port}" in warnings[0]
+            endpoint.resume()
+            async with engine.connect() as fresh:
+                pid = await asyncio.wait_for(
+                    fresh.scalar(text("SELECT pg_backend_pid()")), DETECTED_WITHIN
+                )
+            assert pid not in old
+        finally:
+            await engine.dispose()
+
+
 # -- a saturated server is not a silent one -----------------------------------------------------
 
 

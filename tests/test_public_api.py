@@ -95,7 +95,7 @@ SIGNATURES = {
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "engine_kwargs",
+        "name", "health_check", "engine_kwargs",
     ],
 }  # fmt: skip
 
