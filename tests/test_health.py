@@ -353,7 +353,7 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
             busy = await engine.connect()
             async with engine.connect() as idle:  # a second connection, left idle in the pool
                 old = {await idle.scalar(text("SELECT pg_backend_pid()"))}
-            async with busy:
+            try:
                 old.add(await busy.scalar(text("SELECT pg_backend_pid()")))
                 assert len(old) == 2
                 endpoint.silence()
@@ -362,6 +362,8 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
                         busy.execute(text("SELECT pg_sleep(60)")), DETECTED_WITHIN
                     )
                 assert isinstance(caught.value.orig.__cause__, asyncpg.ConnectionDoesNotExistError)
+            finally:
+                await busy.close()
             warnings = _warnings(caplog)
             assert len(warnings) == 1
             assert f"{endpoint.host}:{endpoint.port}" in warnings[0]
