@@ -12,12 +12,15 @@ bound that, each covering what the other cannot:
   see a server that is hung while its kernel still acknowledges (a stopped process, a full
   disk, a proxy that accepts and holds).
 - **A probe per host** (`HealthMonitor`): every ``interval`` seconds, for each host that has a
-  connection in use, open a TCP connection and send an SSLRequest (8 bytes, no login, no IAM
-  token). PostgreSQL answers ``S`` or ``N`` at once, before any authentication, even when every
-  backend is busy; a hung server, or a black hole, does not. After ``count`` probes in a row
-  that get no answer within ``timeout``, the host is declared silent: the pool terminates its
-  connections (queries in flight fail with asyncpg's `ConnectionDoesNotExistError`), a silent
-  writer counts as a failover, and new logins to it wait until a probe is answered again.
+  connection in use, open a TCP connection and send a GSSENCRequest (8 bytes, no login, no IAM
+  token). PostgreSQL answers ``G`` or ``N`` at once, before any authentication, even when every
+  backend is busy; a hung server, or a black hole, does not. (An SSLRequest would do as well,
+  but a server with TLS on logs "could not accept SSL connection: EOF detected" for each probe
+  that hangs up after the ``S``; after a GSSENCRequest it logs nothing.) After ``count``
+  probes in a row that get no answer within ``timeout``, the host is declared silent: the
+  pool terminates its connections (queries in flight fail with asyncpg's
+  `ConnectionDoesNotExistError`), a silent writer counts as a failover, and new logins to it
+  wait until a probe is answered again.
 
 Nothing runs on the acquire path: the monitor asks the pool, once a tick, which hosts have
 connections in use. Hosts are keyed by the connection's peer address (the server actually
@@ -46,7 +49,8 @@ logger = logging.getLogger("asyncpg_iam.pool")
 Address = tuple[str, int]
 """A (host, port) pair: an IP address and port, or a dialled name and port."""
 
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+# GSSENCRequest: answered at once, before authentication; hanging up after it logs nothing.
+_GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)
 # A silent host that no connection is on any more is probed this long, then forgotten.
 _FORGET_AFTER = 300.0
 
@@ -56,7 +60,7 @@ class HealthCheck:
     """How a pool finds hosts that went silent (see the guide "Silent hosts").
 
     A host with connections in use is probed every `interval` seconds (a TCP connect and an
-    8-byte SSLRequest, no login); `count` probes in a row without an answer within `timeout`
+    8-byte GSSENCRequest, no login); `count` probes in a row without an answer within `timeout`
     declare it silent, so detection takes at most about ``interval + count * max(interval,
     timeout)`` seconds (4 s by default). `tcp_user_timeout` is the kernel's bound on
     unacknowledged data and keepalives on each connection's socket (None: leave the kernel's
@@ -116,10 +120,11 @@ class HostSilentError(ConnectionError):
 
 
 async def probe_host(host: str, port: int, timeout: float) -> str | None:
-    """Ask the postmaster at `host`:`port` for TLS; return None when it answered, else why not.
+    """Ask the postmaster at `host`:`port` for GSS encryption; return None when it answered,
+    else why not.
 
-    No login and no token: the server answers an SSLRequest before authentication, even when
-    every backend is busy. The connection is closed right after the one-byte answer.
+    No login and no token: the server answers before authentication, even when every backend
+    is busy (``G`` or ``N``; any answer will do). The connection is dropped right after it.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -130,17 +135,15 @@ async def probe_host(host: str, port: int, timeout: float) -> str | None:
     except OSError as exc:
         return f"TCP connect failed ({exc.strerror or type(exc).__name__})"
     try:
-        writer.write(_SSL_REQUEST)
+        writer.write(_GSSENC_REQUEST)
         answer = await asyncio.wait_for(reader.read(1), max(deadline - loop.time(), 0.001))
     except asyncio.TimeoutError:
-        return f"no answer to a TLS request within {timeout:g} s"
+        return f"no answer to an encryption request within {timeout:g} s"
     except OSError as exc:
-        return f"TLS request failed ({exc.strerror or type(exc).__name__})"
+        return f"encryption request failed ({exc.strerror or type(exc).__name__})"
     finally:
         writer.transport.abort()  # no FIN handshake to wait for
-    if answer not in (b"S", b"N"):
-        return "closed without answering a TLS request" if not answer else None
-    return None
+    return None if answer else "closed without answering an encryption request"
 
 
 # -- the kernel's part --------------------------------------------------------------------

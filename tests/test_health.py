@@ -114,7 +114,7 @@ async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None
         assert events == []  # two in a row
         probe.answer = None
         await clock.advance(1.0, step=0.5)  # an answer starts the count again
-        probe.answer = "no answer to a TLS request within 1 s"
+        probe.answer = "no answer to an encryption request within 1 s"
         await clock.advance(2.0, step=0.5)
         assert events == []
         await clock.advance(1.0, step=0.5)
@@ -122,7 +122,8 @@ async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None
             (
                 "silent",
                 HOST,
-                "3 probes in a row unanswered, the last: no answer to a TLS request within 1 s",
+                "3 probes in a row unanswered, the last: "
+                "no answer to an encryption request within 1 s",
             )
         ]
         await clock.advance(5.0, step=0.5)
@@ -202,7 +203,7 @@ async def test_probe_reports_a_port_that_accepts_and_never_answers() -> None:
     try:
         cause = await probe_host("127.0.0.1", port, 0.3)
         assert cause is not None
-        assert "no answer to a TLS request" in cause
+        assert "no answer to an encryption request" in cause
     finally:
         server.close()
         for writer in held:
@@ -210,7 +211,7 @@ async def test_probe_reports_a_port_that_accepts_and_never_answers() -> None:
 
 
 async def test_probe_passes_on_a_real_postmaster(postgres_server: PostgresServer) -> None:
-    """The postmaster answers the SSLRequest (no login)."""
+    """The postmaster answers the probe's GSSENCRequest (no login)."""
     assert await probe_host(postgres_server.host, postgres_server.port, 5.0) is None
 
 
