@@ -26,9 +26,9 @@ from asyncpg_iam.testing import (
     CredentialServer,
     FailoverCluster,
     ManualClock,
+    NetworkPartition,
     PostgresServer,
 )
-from asyncpg_iam.testing._netns import NetworkPartition
 from tests._support import direct_kwargs
 
 HOST = ("10.0.0.1", 5432)  # only a key here: nothing dials it

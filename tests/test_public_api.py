@@ -51,6 +51,7 @@ PUBLIC = {
         "LoginRecord",
         "ManualClock",
         "MotoSTS",
+        "NetworkPartition",
         "PostgresCluster",
         "PostgresNotFoundError",
         "PostgresServer",

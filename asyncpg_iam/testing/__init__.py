@@ -27,6 +27,7 @@ from ._failover import (
     ReaderEndpoint,
 )
 from ._isolation import isolated_aws_environment
+from ._netns import NetworkPartition
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
 from ._sandbox import Sandbox
 
@@ -43,6 +44,7 @@ __all__ = [
     "LoginRecord",
     "ManualClock",
     "MotoSTS",
+    "NetworkPartition",
     "PostgresCluster",
     "PostgresNotFoundError",
     "PostgresServer",
