@@ -61,7 +61,7 @@ def test_health_check_refuses_settings_that_cannot_work(kwargs: dict[str, Any]) 
 def test_pool_refuses_a_health_check_that_is_not_one() -> None:
     """health_check takes a HealthCheck or None, nothing else."""
     with pytest.raises(ConfigurationError, match="health_check"):
-        asyncpg_iam.create_pool(host="localhost", iam=False, health_check=3)
+        asyncpg_iam.create_pool(host="localhost", iam=False, health_check=3)  # type: ignore[arg-type]
 
 
 def test_default_detection_time_is_within_the_target() -> None:
@@ -100,7 +100,8 @@ def _monitor(
 
 async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None:
     """Three unanswered probes in a row declare the host silent, once; fewer do not."""
-    clock, probe, events = ManualClock(), _Scripted(), []
+    clock, probe = ManualClock(), _Scripted()
+    events: list[Any] = []
     monitor = _monitor(clock, probe, {HOST}, events)
     monitor._labels[HOST] = "db:5432"  # as track() records it
     monitor.start()
@@ -136,7 +137,8 @@ async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None
 
 async def test_only_hosts_in_use_are_probed_and_a_silent_one_until_it_answers() -> None:
     """No connection in use, no probe; a silent host is probed until it answers, then let go."""
-    clock, probe, events = ManualClock(), _Scripted(), []
+    clock, probe = ManualClock(), _Scripted()
+    events: list[Any] = []
     in_use: set[tuple[str, int]] = set()
     monitor = _monitor(clock, probe, in_use, events)
     monitor._labels[HOST] = "db:5432"
@@ -166,7 +168,8 @@ async def test_only_hosts_in_use_are_probed_and_a_silent_one_until_it_answers() 
 async def test_logins_to_a_silent_host_wait_until_it_answers() -> None:
     """The login gate is free normally, and while a host is silent holds logins to the name
     that led there until a probe is answered."""
-    clock, probe, events = ManualClock(), _Scripted(), []
+    clock, probe = ManualClock(), _Scripted()
+    events: list[Any] = []
     monitor = _monitor(clock, probe, {HOST}, events)
     monitor._labels[HOST] = "db:5432"
     monitor._dialled[("db", 5432)] = {HOST}
@@ -241,7 +244,7 @@ async def _all_pids(pool: Any) -> set[int]:
         return {con.get_server_pid() for con in cons}
 
 
-async def _in_flight(pool: Any, n: int) -> tuple[list[asyncio.Future[Any]], set[int]]:
+async def _in_flight(pool: Any, n: int) -> tuple[list[asyncio.Task[Any]], set[int]]:
     """Start `n` long queries on their own connections; return them and their server pids."""
     started = asyncio.Event()
     pids: set[int] = set()
@@ -362,7 +365,10 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
                     await asyncio.wait_for(
                         busy.execute(text("SELECT pg_sleep(60)")), DETECTED_WITHIN
                     )
-                assert isinstance(caught.value.orig.__cause__, asyncpg.ConnectionDoesNotExistError)
+                orig = caught.value.orig
+                assert isinstance(
+                    orig.__cause__ if orig else None, asyncpg.ConnectionDoesNotExistError
+                )
             finally:
                 await busy.close()
             warnings = _warnings(caplog)
