@@ -87,7 +87,9 @@ async def _load(
 ) -> dict[str, Any]:
     """Run the load on this thread's loop; silence and restore the host on the way."""
     pool = await _pool(kind, address, server, ct)
-    calls: list[tuple[float, float, str | None]] = []  # (began, seconds, error)
+    # (began, seconds in the query call, error); and the seconds until it was released
+    calls: list[tuple[float, float, str | None]] = []
+    blocks: list[tuple[float, float]] = []
     stop = asyncio.Event()
 
     async def worker() -> None:
@@ -96,12 +98,16 @@ async def _load(
             try:
                 async with pool.acquire(timeout=60) as con:
                     began = time.monotonic()
-                    await con.fetchval("SELECT pg_sleep(0.1)")
-            except Exception as exc:
-                calls.append((began, time.monotonic() - began, type(exc).__name__))
+                    try:
+                        await con.fetchval("SELECT pg_sleep(0.1)")
+                    except Exception as exc:
+                        calls.append((began, time.monotonic() - began, type(exc).__name__))
+                        raise
+                    calls.append((began, time.monotonic() - began, None))
+            except Exception:
                 await asyncio.sleep(0.05)
-            else:
-                calls.append((began, time.monotonic() - began, None))
+            finally:
+                blocks.append((began, time.monotonic() - began))
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(WORKERS)]
     await asyncio.sleep(warmup)
@@ -122,12 +128,14 @@ async def _load(
         for began, seconds, error in calls
         if began < silenced < began + seconds  # the calls the silence caught
     ]
+    released = [seconds for began, seconds in blocks if began < silenced < began + seconds]
     ok_after = [began + seconds for began, seconds, error in calls if error is None]
     first_ok = min((at for at in ok_after if at > restored), default=None)
     return {
         "in_flight_calls": len(in_flight) + len(pending),
         "in_flight_max_s": max((s for s, _ in in_flight), default=None),
         "in_flight_errors": dict(Counter(e or "ok" for _, e in in_flight)),
+        "in_flight_released_max_s": max(released, default=None),
         "longest_call_s": max((s for _, s, _ in calls), default=None),
         "stuck_at_end": len(pending),
         "first_ok_after_restore_s": None if first_ok is None else first_ok - restored,
@@ -205,14 +213,14 @@ async def run_silent_writer(result: CaseResult, *, quick: bool) -> None:
         worst = f["in_flight_max_s"]
         stuck = f["stuck_at_end"]
         result.add(
-            f"silent writer ({name}): queries in flight end after (max), errors",
+            f"silent writer ({name}): query calls in flight end after (max), errors",
             f"{'stuck' if stuck else _s(worst)}, {_errors(f['in_flight_errors'])}",
             "<= 10 s (aim 5 s), ConnectionDoesNotExistError" if ours else "",
             (not stuck and worst is not None and worst <= 10.0) if ours else None,
         )
         result.add(
-            f"silent writer ({name}): longest query call / stuck at end",
-            f"{_s(f['longest_call_s'])} / {stuck}",
+            f"silent writer ({name}): ... and released (max) / longest query call / stuck",
+            f"{_s(f['in_flight_released_max_s'])} / {_s(f['longest_call_s'])} / {stuck}",
         )
         first = f["first_ok_after_restore_s"]
         result.add(
