@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -20,7 +21,12 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam import ConfigurationError, HealthCheck
-from asyncpg_iam._health import HealthMonitor, HostSilentError, probe_host
+from asyncpg_iam._health import (
+    HealthMonitor,
+    HostSilentError,
+    connection_endpoints,
+    probe_host,
+)
 from asyncpg_iam.testing import (
     ClusterEndpoint,
     CredentialServer,
@@ -68,6 +74,24 @@ def test_default_detection_time_is_within_the_target() -> None:
     """On defaults a silent host with connections in use is found within 5 s."""
     assert HealthCheck().detection_time <= 5.0
     assert HealthCheck(interval=2, timeout=3, count=2).detection_time == 8.0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket option")
+@pytest.mark.parametrize("health_check", [HealthCheck(), None])
+async def test_each_connection_socket_gets_keepalive_and_a_user_timeout(
+    postgres_server: PostgresServer, health_check: HealthCheck | None
+) -> None:
+    """With the health check on, a connection's socket has keepalive and TCP_USER_TIMEOUT
+    (10 s); with it off, the kernel's defaults."""
+    kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1, health_check=health_check)
+    async with asyncpg_iam.create_pool(**kwargs) as pool, pool.acquire() as con:
+        _, _, sock = connection_endpoints(con._con)
+        user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if health_check is None:
+        assert (user_timeout, keepalive) == (0, 0)
+    else:
+        assert (user_timeout, keepalive) == (10_000, 1)
 
 
 # -- the monitor, on a manual clock -------------------------------------------------------------
