@@ -200,6 +200,8 @@ class HostState:
     last_cause: str = ""
     answered: asyncio.Event | None = None
     """Set when a silent host answers again (logins to it wait for it)."""
+    cleared: set[Address] = dataclasses.field(default_factory=set)
+    """Dialled names that led here and have answered since (DNS moved them): not held."""
 
 
 Probe = Callable[[str, int, float], Awaitable[str | None]]
@@ -306,6 +308,7 @@ class HealthMonitor:
             if (state := self._hosts.get(peer)) is not None
             and state.silent_since is not None
             and state.answered is not None
+            and (host, port) not in state.cleared
         ]
         if not waiting:
             return None
@@ -419,11 +422,12 @@ class HealthMonitor:
                 state.label,
                 silent_for,
             )
-        # A dialled name answering also frees the peers it led to (the login goes ahead).
+        # A dialled name that answers while the peer it led to is silent leads elsewhere now
+        # (DNS moved it): logins to it go ahead.
         for peer in self._dialled.get(host, ()):
             peer_state = self._hosts.get(peer)
             if peer_state is not None and peer_state.answered is not None:
-                peer_state.answered.set()
+                peer_state.cleared.add(host)
         if self._on_answering is not None and host in self._labels:
             self._on_answering(host, state.label)
 

@@ -149,7 +149,7 @@ def _install_health(
 
     def hosts_in_use() -> set[Address]:
         if engine_ref() is None:
-            raise ConfigurationError("the engine is gone")
+            raise RuntimeError("the engine is gone: stop probing")
         return {host for con in in_use if (host := monitor.address_of(con)) is not None}
 
     def on_silent(host: Address, label: str, cause: str) -> None:

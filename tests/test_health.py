@@ -102,11 +102,12 @@ class _Scripted:
 
     def __init__(self) -> None:
         self.answer: str | None = None
+        self.answers: dict[tuple[str, int], str | None] = {}  # per host, over `answer`
         self.calls: list[tuple[str, int]] = []
 
     async def __call__(self, host: str, port: int, timeout: float) -> str | None:
         self.calls.append((host, port))
-        return self.answer
+        return self.answers.get((host, port), self.answer)
 
 
 def _monitor(
@@ -212,6 +213,30 @@ async def test_logins_to_a_silent_host_wait_until_it_answers() -> None:
         probe.answer = None
         await clock.advance(1.0, step=0.5)
         await asyncio.wait_for(waiting, 1.0)
+        assert monitor.login_gate("db", 5432) is None
+    finally:
+        monitor.stop()
+
+
+async def test_logins_go_ahead_once_the_name_leads_to_a_host_that_answers() -> None:
+    """A name whose last host went silent but which now answers (DNS moved it) holds no login,
+    while the old host stays silent."""
+    clock, probe = ManualClock(), _Scripted()
+    events: list[Any] = []
+    monitor = _monitor(clock, probe, {HOST}, events)
+    monitor._labels[HOST] = "db (10.0.0.1:5432)"
+    monitor._dialled[("db", 5432)] = {HOST}
+    monitor.start()
+    try:
+        probe.answer = "no TCP connection within 1 s"
+        await clock.advance(4.0, step=0.5)
+        gate = monitor.login_gate("db", 5432)
+        assert gate is not None
+        waiting = asyncio.ensure_future(gate)
+        probe.answers[("db", 5432)] = None  # the name answers; the old address does not
+        await clock.advance(1.0, step=0.5)
+        await asyncio.wait_for(waiting, 1.0)
+        assert monitor.is_silent(HOST)
         assert monitor.login_gate("db", 5432) is None
     finally:
         monitor.stop()
