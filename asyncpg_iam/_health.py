@@ -42,7 +42,14 @@ from typing import Any
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError
 
-__all__ = ["HealthCheck", "HealthMonitor", "HostSilentError", "probe_host", "tune_socket"]
+__all__ = [
+    "HealthCheck",
+    "HealthMonitor",
+    "HostSilentError",
+    "probe_host",
+    "socket_options",
+    "tune_socket",
+]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
@@ -149,27 +156,38 @@ async def probe_host(host: str, port: int, timeout: float) -> str | None:
 # -- the kernel's part --------------------------------------------------------------------
 
 
-def tune_socket(sock: Any, settings: HealthCheck) -> bool:
-    """Turn on keepalive and ``TCP_USER_TIMEOUT`` on a connection's socket (where the platform
-    has them); return whether the user timeout was set."""
+def socket_options(settings: HealthCheck) -> tuple[tuple[int, int, int], ...]:
+    """Return the (level, option, value) triples `tune_socket` sets (those the platform has)."""
     user_timeout = settings.tcp_user_timeout
-    if sock is None or user_timeout is None:
-        return False
+    if user_timeout is None:
+        return ()
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     for name, value in (
         ("TCP_KEEPIDLE", max(1, int(user_timeout / 2))),
         ("TCP_KEEPINTVL", max(1, int(settings.interval))),
-        ("TCP_KEEPCNT", max(1, settings.count)),
         ("TCP_USER_TIMEOUT", int(user_timeout * 1000)),
     ):
         if hasattr(socket, name):
             options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    if not hasattr(socket, "TCP_USER_TIMEOUT") and hasattr(socket, "TCP_KEEPCNT"):
+        # Without a user timeout the keepalive count decides when to give up (with one, the
+        # user timeout does: one system call less on every connect).
+        keepcnt = max(1, round(user_timeout / 2 / max(1, int(settings.interval))))
+        options.append((socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepcnt))
+    return tuple(options)
+
+
+def tune_socket(sock: Any, options: tuple[tuple[int, int, int], ...]) -> bool:
+    """Set keepalive and ``TCP_USER_TIMEOUT`` (`socket_options`) on a connection's socket;
+    return whether they were set."""
+    if sock is None or not options:
+        return False
     try:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
     except OSError:  # not a TCP socket (a Unix socket), or the platform refuses
         return False
-    return hasattr(socket, "TCP_USER_TIMEOUT")
+    return True
 
 
 # adapter: asyncpg keeps a connection's transport and dialled address private (0.30-0.32).
@@ -229,6 +247,7 @@ class HealthMonitor:
         probe: Probe = probe_host,
     ) -> None:
         self.settings = settings
+        self._socket_options = socket_options(settings)
         self._hosts_in_use = hosts_in_use
         self._on_silent = on_silent
         self._on_answering = on_answering
@@ -248,7 +267,7 @@ class HealthMonitor:
         self.silent_events = 0
         """Hosts declared silent."""
         self.sockets_tuned = 0
-        """Connections whose socket got ``TCP_USER_TIMEOUT``."""
+        """Connections whose socket got keepalive and ``TCP_USER_TIMEOUT``."""
 
     # -- connections ----------------------------------------------------------------------
 
@@ -262,7 +281,7 @@ class HealthMonitor:
             self._labels[peer] = _label(dialled, peer)
         if dialled is not None:
             self._dialled.setdefault(dialled, set()).add(peer)
-        if tune_socket(sock, self.settings):
+        if tune_socket(sock, self._socket_options):
             self.sockets_tuned += 1
         self.start()
 
