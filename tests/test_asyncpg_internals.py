@@ -72,3 +72,11 @@ def test_failover_hooks_exist() -> None:
     assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
     assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
     assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)
+
+
+def test_connection_keeps_its_address_and_transport() -> None:
+    """Connections keep the dialled address in _addr and the transport in _transport (the
+    health check reads the peer address and the socket from them)."""
+    source = inspect.getsource(asyncpg.Connection.__init__)
+    assert "self._transport = transport" in source
+    assert "self._addr = addr" in source
