@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -33,7 +34,10 @@ from asyncpg_iam.testing import (
     FailoverCluster,
     ManualClock,
     NetworkPartition,
+    PostgresCluster,
+    PostgresNotFoundError,
     PostgresServer,
+    find_postgres_bin,
 )
 from tests._support import direct_kwargs
 
@@ -265,6 +269,35 @@ async def test_probe_reports_a_port_that_accepts_and_never_answers() -> None:
 async def test_probe_passes_on_a_real_postmaster(postgres_server: PostgresServer) -> None:
     """The postmaster answers the probe's GSSENCRequest (no login)."""
     assert await probe_host(postgres_server.host, postgres_server.port, 5.0) is None
+
+
+async def test_probes_leave_no_line_in_a_tls_servers_log() -> None:
+    """A server with TLS on logs nothing for the probe (it logs a hung-up SSLRequest, which
+    is why the probe sends a GSSENCRequest)."""
+    try:
+        find_postgres_bin()
+    except PostgresNotFoundError as exc:
+        pytest.skip(f"needs a local PostgreSQL to read its log: {exc}")
+    server = PostgresCluster()
+    try:
+        await asyncio.to_thread(server.start)
+        log = server.data_dir.parent / "postgres.log"
+        before = log.read_text()
+        for _ in range(3):
+            assert await probe_host(server.host, server.port, 5.0) is None
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(struct.pack("!ii", 8, 80877103))  # an SSLRequest, then hang up
+        assert await reader.read(1) == b"S"
+        writer.transport.abort()
+        for _ in range(250):
+            if "could not accept SSL connection" in log.read_text()[len(before) :]:
+                break
+            await asyncio.sleep(0.02)
+        new = log.read_text()[len(before) :]
+        assert new.count("could not accept SSL connection") == 1, new
+        assert new.count("LOG:") == 1, new
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 # -- a hung writer (the forwarder goes silent) --------------------------------------------------
