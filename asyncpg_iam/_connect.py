@@ -49,7 +49,6 @@ from ._errors import (
     TLSVerificationError,
     rank_auth_failure,
 )
-from ._health import HostSilentError
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
 
@@ -572,9 +571,15 @@ async def _wait_at_gate(
     try:
         await asyncio.wait_for(waiting, timeout)
     except asyncio.TimeoutError:
-        raise HostSilentError(
-            f"{host}:{port} went silent and has not answered a probe within the connect "
-            f"timeout ({timeout:g} s); no login was tried"
+        raise ConnectTimeoutError(
+            f"{host}:{port} went silent and answered no probe within the connect timeout "
+            f"({timeout:g} s); no login was tried",
+            host=host,
+            port=port,
+            phase="silent",
+            hint="The host or the network path to it is down or hung (see the pool's WARNING "
+            "that named it); it is probed every second and logins go ahead once it answers",
+            timeout=timeout,
         ) from None
     if timeout is not None:
         kwargs["timeout"] = max(timeout - (loop.time() - began), 0.001)

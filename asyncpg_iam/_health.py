@@ -45,7 +45,6 @@ from ._errors import ConfigurationError
 __all__ = [
     "HealthCheck",
     "HealthMonitor",
-    "HostSilentError",
     "probe_host",
     "socket_options",
     "tune_socket",
@@ -117,10 +116,6 @@ def check_health_option(value: object) -> HealthCheck | None:
     raise ConfigurationError(
         f"health_check must be a HealthCheck(...) or None (no silent-host detection), not {value!r}"
     )
-
-
-class HostSilentError(ConnectionError):
-    """A login was not tried: the host has not answered a probe since it went silent."""
 
 
 # -- the probe ------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import asyncpg_iam
 from asyncpg_iam import ConfigurationError, HealthCheck
 from asyncpg_iam._health import (
     HealthMonitor,
-    HostSilentError,
     connection_endpoints,
     probe_host,
 )
@@ -466,6 +465,26 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
             await engine.dispose()
 
 
+async def test_a_login_to_a_host_still_silent_fails_at_the_connect_timeout(
+    postgres_server: PostgresServer,
+) -> None:
+    """A connection needed while its host is silent is not dialled into the silence: after the
+    connect timeout it fails as a ConnectTimeoutError in phase "silent"."""
+    async with ClusterEndpoint((postgres_server.host, postgres_server.port)) as endpoint:
+        kwargs = direct_kwargs(postgres_server, host=endpoint.host, port=endpoint.port, timeout=2.0)
+        async with asyncpg_iam.create_pool(**kwargs, min_size=1, max_size=1) as pool:
+            queries, _ = await _in_flight(pool, 1)
+            endpoint.silence()
+            await asyncio.wait_for(
+                asyncio.gather(*queries, return_exceptions=True), DETECTED_WITHIN
+            )
+            with pytest.raises(asyncpg_iam.ConnectTimeoutError) as caught:
+                await asyncio.wait_for(pool.fetchval("SELECT 1"), DETECTED_WITHIN)
+            assert caught.value.phase == "silent"  # held at the gate, never dialled
+            endpoint.resume()
+            assert await asyncio.wait_for(pool.fetchval("SELECT 1"), DETECTED_WITHIN) == 1
+
+
 # -- a saturated server is not a silent one -----------------------------------------------------
 
 
@@ -585,8 +604,3 @@ async def test_logins_while_packets_are_dropped_wait_and_then_succeed(
         value, stats = await path.run_client(client)
     assert value == 1
     assert stats.connect_failures == 0
-
-
-def test_host_silent_error_is_a_connection_error() -> None:
-    """A login given up on a silent host fails as a connection error (failover retries it)."""
-    assert issubclass(HostSilentError, ConnectionError)
