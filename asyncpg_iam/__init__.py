@@ -7,8 +7,6 @@ Every new connection gets a freshly signed token as its password, no connection 
 `max_lifetime`, and AWS credentials come from the standard chain through aiobotocore, cached.
 """
 
-from importlib import metadata as _metadata
-
 from ._auth import IAMAuth, SigningTarget
 from ._errors import (
     CommitOutcomeUnknownError,
@@ -49,11 +47,8 @@ __all__ = [
     "run_transaction",
 ]
 
-try:
-    __version__: str = _metadata.version("asyncpg-iam")
-    """The installed distribution's version (from its metadata)."""
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+# The one place the version is written: hatchling reads it from here for the distribution.
+__version__ = "0.1.0"
 
 # Public names report the public path (in reprs, tracebacks and docs), not the private module.
 for _name in __all__:

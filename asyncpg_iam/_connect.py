@@ -20,11 +20,10 @@ import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 import socket
 import ssl
-import struct
-import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import Any
@@ -38,8 +37,11 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _options
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
+from ._dsn import DSN, parse_dsn
+from ._dsql import connect_defaults
 from ._errors import (
     ConfigurationError,
     ConnectError,
@@ -47,10 +49,13 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    is_iam_refusal,
     rank_auth_failure,
+    without_traceback,
 )
 from ._lifetime import TokenBucket
-from ._tls import TLSPolicy, decide_tls
+from ._signing import is_writer_endpoint
+from ._tls import SSL_REQUEST, TLSPolicy, decide_tls
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -86,10 +91,9 @@ _RESOLVED = frozenset(
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's.
-_OWN_KEYWORDS = frozenset({"sslrootcert"})
+_PLAN_KEYWORDS = frozenset({"sslrootcert"})
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
@@ -113,6 +117,8 @@ class ConnectPlan:
     connect_kwargs: Mapping[str, Any]
     auth: IAMAuth | None
     direct_tls: bool = False
+    dsql: bool = False
+    """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -133,15 +139,6 @@ class ConnectPlan:
         if self.auth is None:
             kwargs["password"] = self.password
         return kwargs
-
-
-def _dsn_password(dsn: str | None) -> str | None:
-    if not dsn:
-        return None
-    try:
-        return urllib.parse.urlsplit(dsn).password
-    except ValueError:
-        return None  # _parse reports the malformed DSN
 
 
 def _check_session_attrs(value: Any) -> None:
@@ -173,7 +170,7 @@ def check_keywords(
 ) -> None:
     """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
     (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
-    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    known = set(_CONNECT_DEFAULTS) | _PLAN_KEYWORDS
     unknown = sorted(name for name in given if name not in known)
     if not unknown:
         return
@@ -207,7 +204,7 @@ def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
                 )
             endpoints.append((addr, 0))
         else:
-            endpoints.append((str(addr[0]), int(addr[1])))
+            endpoints.append((_options.host("host", addr[0]), _options.port("port", addr[1])))
     return tuple(endpoints)
 
 
@@ -218,24 +215,68 @@ def plan_connect(
     auth: IAMAuth | None,
     environ: Mapping[str, str] | None = None,
 ) -> ConnectPlan:
-    """Resolve `dsn` and `connect_kwargs` (`asyncpg.connect`'s) into a plan; validate them.
+    """Assemble the complete plan from `dsn` and `connect_kwargs` (`asyncpg.connect`'s).
 
-    Also takes ``sslrootcert=`` (a CA file, or ``"system"``) as a keyword. Raises
-    `ConfigurationError` for anything that could not connect, or that could send an IAM token
-    in clear or to an unverified server. Callers check unknown keywords first
-    (`check_keywords`), so that the message can name their own.
+    The one assembly every route makes (the pool, `Pool.set_connect_args`, the SQLAlchemy
+    engine, the command line): the DSN parsed once, Aurora DSQL's defaults, the TLS policy and
+    the writer default (``target_session_attrs="read-write"`` for IAM on one Aurora cluster
+    endpoint when nothing chose the attributes). `environ` is the environment to read
+    (default: ``os.environ``, read here once). Also takes ``sslrootcert=`` (a CA file, or
+    ``"system"``) as a keyword. Raises `ConfigurationError` for anything that could not
+    connect, or that could send an IAM token in clear or to an unverified server. Callers check
+    unknown keywords first (`check_keywords`), so that the message can name their own.
     """
+    env = os.environ if environ is None else environ
+    parsed = parse_dsn(dsn)
+    dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
+    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env)
+    attrs = _writer_default(plan, parsed, kwargs, env)
+    if dsql or (attrs is not None and attrs != plan.target_session_attrs):
+        plan = dataclasses.replace(
+            plan, dsql=dsql, target_session_attrs=attrs or plan.target_session_attrs
+        )
+    return plan
+
+
+def _writer_default(
+    plan: ConnectPlan, dsn: DSN, kwargs: Mapping[str, Any], environ: Mapping[str, str]
+) -> str | None:
+    """Return ``"read-write"`` when an IAM plan on one cluster endpoint chose no attributes.
+
+    Anything the caller chose (``target_session_attrs=``, the DSN's query, the
+    ``PGTARGETSESSIONATTRS`` variable) wins; any other host keeps asyncpg's ``any``, since an
+    instance name says nothing about whether it is a replica.
+    """
+    if plan.auth is None or kwargs.get("target_session_attrs") is not None:
+        return None
+    if environ.get("PGTARGETSESSIONATTRS") or "target_session_attrs" in dsn.query:
+        return None
+    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
+    if len(hosts) == 1 and is_writer_endpoint(hosts[0]):
+        return "read-write"
+    return None
+
+
+def _resolve(
+    dsn: str | None,
+    parsed: DSN,
+    connect_kwargs: Mapping[str, Any],
+    *,
+    auth: IAMAuth | None,
+    environ: Mapping[str, str],
+) -> ConnectPlan:
+    """Resolve the arguments into a plan as asyncpg would; validate them (TLS included)."""
     kwargs = dict(connect_kwargs)
     sslrootcert = kwargs.pop("sslrootcert", None)
     if sslrootcert is not None and not isinstance(sslrootcert, str):
         raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
     iam = auth is not None
-    if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
+    if iam and (kwargs.get("password") is not None or parsed.password):
         raise ConfigurationError(_IAM_PASSWORD)
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
-        dsn=dsn,
+        dsn=parsed,
         kwargs=kwargs,
         iam=iam,
         allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
@@ -385,7 +426,7 @@ class Connector:
                 error = await self._explain_connect(exc, *endpoints[0], kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
@@ -432,15 +473,15 @@ class Connector:
             try:
                 con = await self._connect(**kwargs)
             except InvalidAuthorizationSpecificationError as exc:
-                if isinstance(exc, IAMAuthenticationError):
+                if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from exc
+                raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = await self._explain_connect(exc, target.host, target.port, kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             if one:
                 self.counters.failures += 1
@@ -522,7 +563,8 @@ class Connector:
         cause = ranked[0][0]
         self.counters.auth_failures_by_cause[cause] += 1
         error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
-        logger.warning(
+        # DEBUG: the error itself says all of this; a background refill logs it when it fails.
+        logger.debug(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,
             target.user,
@@ -673,7 +715,7 @@ async def _explain_timeout(host: str, port: int, timeout: float | None) -> Conne
         phase = "tcp"
     else:
         try:
-            writer.write(_SSL_REQUEST)
+            writer.write(SSL_REQUEST)
             await writer.drain()
             if not await asyncio.wait_for(reader.read(1), probe):
                 phase = "startup"

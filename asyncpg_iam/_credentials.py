@@ -31,9 +31,10 @@ import os
 import re
 from typing import Any, Protocol
 
-from ._aws_env import proxy_hint, response_date
+from ._aws_env import proxy_hint, region_from_environment, response_date
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, CredentialsError
+from ._options import positive_seconds, seconds
 from ._signing import Credentials, mask_access_key
 
 __all__ = ["AssumeRole", "CredentialCache", "build_cache", "configured_region"]
@@ -96,10 +97,8 @@ class CredentialCache:
             ("retry_delay", retry_delay),
             ("max_retry_delay", max_retry_delay),
         ):
-            if not value >= 0:
-                raise ConfigurationError(f"{name} must be >= 0 seconds, not {value!r}")
-        if not fetch_timeout > 0:
-            raise ConfigurationError(f"fetch_timeout must be > 0 seconds, not {fetch_timeout!r}")
+            seconds(name, value)
+        positive_seconds("fetch_timeout", fetch_timeout)
         self._source = source
         self._clock = clock
         self._refresh_ahead = refresh_ahead
@@ -638,10 +637,9 @@ def configured_region(*, profile: str | None = None, session: Any = None) -> str
 
     Reads config files synchronously (once, at configuration time).
     """
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        value = os.environ.get(name)
-        if value:
-            return value
+    found = region_from_environment()
+    if found is not None:
+        return found.name
     if session is None:
         session = _new_session(profile)
     if profile is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import re
 import ssl
 from collections.abc import Callable
 
@@ -43,7 +44,9 @@ __all__ = [
     "IAMError",
     "TLSVerificationError",
     "in_cli_words",
+    "is_iam_refusal",
     "rank_auth_failure",
+    "without_traceback",
 ]
 
 
@@ -332,6 +335,28 @@ _CLI_WORDS = (
     (", signing_port=<its port>)", " --signing-port <its port>"),
     ("IAMAuth(token_reuse=...)", "token_reuse"),
 )
+
+
+# SQLSTATE 28000 errors that are not a refused token: the login itself was fine, the server
+# has no such role. They pass through as asyncpg raised them, without IAM hints.
+_NOT_A_REFUSAL = re.compile(r'role ".*" does not exist')
+
+
+def is_iam_refusal(exc: InvalidAuthorizationSpecificationError) -> bool:
+    """Tell a refused IAM login (RDS's PAM failure, DSQL's refusal, no TLS) from other 28000s."""
+    return not _NOT_A_REFUSAL.search(str(exc))
+
+
+def without_traceback(exc: BaseException) -> BaseException:
+    """Return `exc`, to chain as a cause, without its traceback and its own context.
+
+    The library's error already says what the cause said, where and why; the cause's type and
+    message stay (`__cause__`), the frames inside asyncpg and asyncio that raised it go, so a
+    failed connect prints one clear error instead of two stack traces.
+    """
+    exc.__traceback__ = None
+    exc.__suppress_context__ = True
+    return exc
 
 
 def in_cli_words(hint: str) -> str:

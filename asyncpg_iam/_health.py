@@ -39,10 +39,13 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ._asyncpg_pool import connection_endpoints
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError
+from ._options import count, positive_seconds
 
 __all__ = [
+    "DEFAULT_HEALTH_CHECK",
     "HealthCheck",
     "HealthMonitor",
     "probe_host",
@@ -79,23 +82,21 @@ class HealthCheck:
     tcp_user_timeout: float | None = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("interval", "timeout"):
-            value = getattr(self, name)
-            if not _positive(value):
+        positive_seconds("HealthCheck(interval=...)", self.interval)
+        positive_seconds("HealthCheck(timeout=...)", self.timeout)
+        count("HealthCheck(count=...)", self.count, minimum=1, maximum=1000)
+        if self.tcp_user_timeout is not None:
+            positive_seconds(
+                "HealthCheck(tcp_user_timeout=...)",
+                self.tcp_user_timeout,
+                hint=", or None for the kernel's default",
+            )
+            if self.tcp_user_timeout < 2:
                 raise ConfigurationError(
-                    f"HealthCheck({name}=...) must be seconds > 0, not {value!r}"
+                    "HealthCheck(tcp_user_timeout=...) must be at least 2 s (or None, the "
+                    f"kernel's default): a shorter one drops live connections, not "
+                    f"{self.tcp_user_timeout!r}"
                 )
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ConfigurationError(
-                f"HealthCheck(count=...) must be a whole number >= 1 of probes, not {self.count!r}"
-            )
-        if self.tcp_user_timeout is not None and not (
-            _positive(self.tcp_user_timeout) and self.tcp_user_timeout >= 2
-        ):
-            raise ConfigurationError(
-                "HealthCheck(tcp_user_timeout=...) must be seconds >= 2 or None (the "
-                f"kernel's default), not {self.tcp_user_timeout!r}"
-            )
 
     @property
     def detection_time(self) -> float:
@@ -103,10 +104,8 @@ class HealthCheck:
         return self.interval + self.count * max(self.interval, self.timeout)
 
 
-def _positive(value: object) -> bool:
-    return (
-        not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
-    )
+#: The default silent-host detection of pools and engines.
+DEFAULT_HEALTH_CHECK = HealthCheck()
 
 
 def check_health_option(value: object) -> HealthCheck | None:
@@ -183,19 +182,6 @@ def tune_socket(sock: Any, options: tuple[tuple[int, int, int], ...]) -> bool:
     except OSError:  # not a TCP socket (a Unix socket), or the platform refuses
         return False
     return True
-
-
-# adapter: asyncpg keeps a connection's transport and dialled address private (0.30-0.32).
-def connection_endpoints(con: Any) -> tuple[Address | None, Address | None, Any]:
-    """Return a connection's dialled (host, port), its peer address and its socket."""
-    transport = getattr(con, "_transport", None)
-    addr = getattr(con, "_addr", None)
-    dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
-    if transport is None:
-        return dialled, None, None
-    peer = transport.get_extra_info("peername")
-    peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-    return dialled, peer_addr, transport.get_extra_info("socket")
 
 
 # -- the monitor ----------------------------------------------------------------------------

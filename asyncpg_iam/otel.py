@@ -124,7 +124,7 @@ class _Recorder:
         self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
 
     def bind(self, pool: Pool) -> None:
-        self._clock = pool._clock
+        self._clock = pool.clock
 
     def connection_created(self, seconds: float) -> None:
         if self._create is not None:
@@ -178,7 +178,7 @@ class PoolInstrumentation:
         """Stop recording: the pool's observer is removed and callbacks report nothing."""
         self._active = False
         self._recorder.flush()
-        if self.pool._observer is self._recorder:
+        if self.pool.observer is self._recorder:
             self.pool.set_observer(None)
 
     # -- the conventions' pool instruments ---------------------------------------------------
@@ -291,7 +291,7 @@ class PoolInstrumentation:
         instruments += [
             meter.create_observable_counter(
                 "asyncpg_iam.credentials.fetch_failures",
-                [self._gauge(_fetch_failures)],
+                [self._gauge(_stat("credential_fetch_failures"))],
                 unit="{fetch}",
                 description="Fetches from the AWS credential source that failed.",
             ),
@@ -333,30 +333,24 @@ class PoolInstrumentation:
         if not self._active:
             return []
         by_cause = dict.fromkeys(AUTH_CAUSES, 0)
-        by_cause.update(self.pool._connector.counters.auth_failures_by_cause)
+        by_cause.update(self.pool.stats().auth_failures_by_cause)
         return [
             Observation(count, {**self._attributes, AUTH_CAUSE: cause})
             for cause, count in sorted(by_cause.items())
         ]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
-        provider = self.pool._connector.provider
-        if not self._active or provider is None:
+        if not self._active:
             return []
-        cached = provider.credentials.peek()
-        if cached is None or cached.expiry is None:
+        expiry = self.pool.stats().credentials_expiry
+        if expiry is None:
             return []
-        left = (cached.expiry - self.pool._clock.now()).total_seconds()
+        left = (expiry - self.pool.clock.now()).total_seconds()
         return [Observation(left, self._attributes)]
 
 
 def _stat(field: str) -> Any:
     return lambda pool: getattr(pool.stats(), field)
-
-
-def _fetch_failures(pool: Pool) -> int:
-    provider = pool._connector.provider
-    return provider.credentials.fetch_failures if provider is not None else 0
 
 
 def instrument_pool(

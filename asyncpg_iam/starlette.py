@@ -33,12 +33,13 @@ try:
     from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "asyncpg_iam.starlette needs Starlette: pip install asyncpg-iam[starlette]"
+        "asyncpg_iam.starlette needs Starlette: pip install 'asyncpg-iam[starlette]'"
     ) from exc
 
 import asyncpg
 
 from ._errors import ConfigurationError
+from ._options import seconds
 from ._pool import Pool, create_pool
 
 __all__ = ["PoolState", "close_pool", "connection", "get_pool", "lifespan"]
@@ -79,15 +80,7 @@ def lifespan(
     global MeterProvider, or a MeterProvider; needs the ``otel`` extra.
     A new pool is created each time the application starts.
     """
-    if (
-        isinstance(close_timeout, bool)
-        or not isinstance(close_timeout, (int, float))
-        or not close_timeout >= 0
-    ):
-        raise ConfigurationError(
-            f"close_timeout must be seconds >= 0 to wait for connections in use at shutdown, "
-            f"not {close_timeout!r}"
-        )
+    seconds("close_timeout", close_timeout, hint=" to wait for connections in use at shutdown")
 
     @contextlib.asynccontextmanager
     async def run(app: Any) -> AsyncIterator[PoolState]:

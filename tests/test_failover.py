@@ -22,7 +22,7 @@ import trustme
 
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
-from asyncpg_iam._failover import is_reader_endpoint, is_writer_endpoint
+from asyncpg_iam._signing import is_reader_endpoint, is_writer_endpoint
 from asyncpg_iam.testing import (
     DEFAULT_CLUSTER_ENDPOINT,
     DEFAULT_READER_ENDPOINT,
@@ -352,6 +352,60 @@ async def test_iam_pool_under_load_survives_a_failover_with_dns_lag(
         f"\nfailover under load: {len(acknowledged)} writes acknowledged, {len(failed)} failed "
         f"(all begun before the event), {len(logins)} logins after the stop, {stats}"
     )
+
+
+@pytest.mark.slow
+async def test_sqlalchemy_engine_on_a_cluster_endpoint_writes_to_the_new_writer(
+    cluster: FailoverCluster,
+) -> None:
+    """An engine on a cluster endpoint wants the writer: after the switch every write succeeds
+    on the new primary (the old writer, back read-only, gets none)."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import text
+
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    kwargs = cluster.pool_kwargs()
+    url = f"postgresql+asyncpg://{kwargs['user']}@{kwargs['host']}:{kwargs['port']}/{kwargs['database']}"
+    engine = create_async_engine(
+        url,
+        iam=kwargs["iam"],
+        connect_args={"ssl": kwargs["ssl"]},
+        pool_size=4,
+        max_lifetime=None,
+    )
+    loop = asyncio.get_running_loop()
+    results: list[tuple[float, int | None]] = []  # (loop time begun, port or None if it failed)
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            began = loop.time()
+            try:
+                async with engine.begin() as con:
+                    port = await con.scalar(
+                        text("INSERT INTO ledger VALUES (inet_server_port()) RETURNING port")
+                    )
+            except Exception:
+                results.append((began, None))
+            else:
+                results.append((began, int(port)))
+            await asyncio.sleep(0.01)
+
+    try:
+        async with engine.begin() as con:
+            await con.execute(text("CREATE TABLE ledger (port int)"))
+        tasks = [asyncio.ensure_future(writer()) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        timeline = await cluster.failover(lag=1.0, old_writer="read_only")
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        await engine.dispose()
+    after = [port for began, port in results if began > timeline.switched_at]
+    assert after, results
+    assert set(after) == {cluster.primary.port}, after
 
 
 # -- reader endpoints --------------------------------------------------------------------------

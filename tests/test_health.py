@@ -22,9 +22,9 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam import ConfigurationError, HealthCheck
+from asyncpg_iam._asyncpg_pool import connection_endpoints
 from asyncpg_iam._health import (
     HealthMonitor,
-    connection_endpoints,
     probe_host,
 )
 from asyncpg_iam.testing import (

@@ -131,8 +131,8 @@ async def test_every_instrument_with_names_units_and_values(
     assert value(metrics["db.client.connection.idle.min"]) == 1
     assert value(metrics["db.client.connection.pending_requests"]) == 0
     assert value(metrics["db.client.connection.timeouts"]) == 1
-    # Connections opened after instrumenting: the min_size one was opened before.
-    assert value(metrics["db.client.connection.create_time"]) == stats.connections_opened - 1
+    # Every connection, the min_size one opened before instrumenting included (the pool's history).
+    assert value(metrics["db.client.connection.create_time"]) == stats.connections_opened
     assert value(metrics["db.client.connection.wait_time"]) == acquires
     assert value(metrics["db.client.connection.use_time"]) == acquires
     assert value(metrics["asyncpg_iam.tokens.signed"]) == stats.tokens_signed
@@ -178,7 +178,9 @@ async def test_uninstrumented_pool_has_no_observer_and_reports_nothing(
     """uninstrument() removes the pool's observer; callbacks then report no data points."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    async with asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server)) as pool:
+    # min_size 0: no connection before instrumenting, so no history is replayed.
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert pool._observer is None
         instrumentation = instrument_pool(pool, provider)
         assert pool._observer is not None

@@ -104,7 +104,8 @@ POOL_STATS = [
     "connections_opened", "connections_closed", "connect_attempts", "connect_failures",
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
-    "failover_retired", "read_only_retries", "connect_retries", "silent_hosts", "health_probes",
+    "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
+    "credential_fetch_failures", "credentials_expiry", "silent_hosts", "health_probes",
 ]  # fmt: skip
 
 

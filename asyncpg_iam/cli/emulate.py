@@ -101,6 +101,30 @@ async def _start(sandbox: Any, port: int | None) -> None:
         raise
 
 
+def _iam_user_lines(sandbox: Any, admin: str) -> list[str]:
+    """Return a connect line that works for each IAM user, and how to give it a database."""
+    emu, database = sandbox.emulator, sandbox.cluster.database
+    users = sorted(u for u in emu.iam_users if u != admin)
+    if not users:
+        return []
+    target = f"--host {emu.host} --port {emu.port}"
+    signing = f"--signing-host {emu.endpoint}"
+    lines = [
+        "",
+        "IAM users: as on RDS, a new user has no database of its own, and no CREATE on schema",
+        f"public (PostgreSQL 15 and later). Each logs in to {database}; to give one a database:",
+    ]
+    for name in users:
+        quoted = shlex.quote(name)
+        create = shlex.quote(f'CREATE DATABASE "{name}" OWNER "{name}"')
+        lines += [
+            f"  {name}: asyncpg-iam psql {target} --user {quoted} --dbname {database} {signing}",
+            f"    as {admin}: asyncpg-iam psql {target} --user {admin} {signing} -- -c {create}",
+            f"    then --dbname {quoted}",
+        ]
+    return lines
+
+
 def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | None) -> str:
     from ..testing._aws import AWS_CREDENTIAL_VARIABLES
 
@@ -139,6 +163,7 @@ def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | N
         f"  asyncpg-iam doctor {target}",
         f"  python: await asyncpg_iam.create_pool(host={host!r}, port={port}, user={user!r}, "
         f"database={database!r}, iam=asyncpg_iam.IAMAuth(signing_host={endpoint!r}))",
+        *_iam_user_lines(sandbox, user),
         "",
         "Rejected logins are printed below with the reason RDS would not tell the client."
         if rejections

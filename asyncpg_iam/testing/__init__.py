@@ -3,7 +3,7 @@ IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a c
 only when told (`ManualClock`), an isolated AWS environment, and a pytest plugin.
 
 Enable the fixtures in a test suite with ``pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]``.
-Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certificates.
+Needs the ``testing`` extra (``pip install 'asyncpg-iam[testing]'``) for TLS certificates.
 """
 
 from __future__ import annotations

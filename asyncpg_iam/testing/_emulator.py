@@ -198,6 +198,9 @@ class RDSIAMEmulator(AsyncService):
         await self._listener.start()
         if not self._accept_any_password and not self._dsql:
             await self._roles.setup()
+        if self._dsql and not self._accept_any_password:
+            # A DSQL cluster comes with the role admin, which may create tables.
+            await self._roles.ensure_dsql_admin(password=self._backend.backend_password)
         logger.info(
             "RDS IAM emulator for %s listening on %s:%s, backend %s:%s",
             self._endpoint,
