@@ -414,11 +414,16 @@ async def test_a_silent_host_of_a_reader_pool_retires_only_its_connections(
             first.resume()
 
 
+@pytest.mark.parametrize(
+    ("attrs", "warning"),
+    [("any", "terminated"), ("read-write", "failover or restart detected")],
+)
 async def test_the_engine_terminates_a_hung_hosts_connections(
-    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture, attrs: str, warning: str
 ) -> None:
     """The SQLAlchemy engine does the same: its query in flight fails as a lost connection,
-    its idle connection is never checked out again, one WARNING, and it serves afterwards."""
+    its idle connection is never checked out again, one WARNING (a failover on a writer
+    engine), and it serves afterwards."""
     pytest.importorskip("sqlalchemy")
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
@@ -432,7 +437,10 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
             f"{postgres_server.database}"
         )
         engine = create_async_engine(
-            url, iam=False, connect_args={"password": postgres_server.password}, pool_size=2
+            url,
+            iam=False,
+            connect_args={"password": postgres_server.password, "target_session_attrs": attrs},
+            pool_size=2,
         )
         try:
             busy = await engine.connect()
@@ -455,6 +463,7 @@ async def test_the_engine_terminates_a_hung_hosts_connections(
             warnings = _warnings(caplog)
             assert len(warnings) == 1
             assert f"{endpoint.host}:{endpoint.port}" in warnings[0]
+            assert warning in warnings[0]
             endpoint.resume()
             async with engine.connect() as fresh:
                 pid = await asyncio.wait_for(
