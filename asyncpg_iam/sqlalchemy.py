@@ -281,9 +281,10 @@ def create_async_engine(
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
     mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
-    are terminated; the engine has no failover handling); `name` names the engine in log
-    lines. Every other keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``,
-    ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+    are terminated and refused on checkout; on a writer engine it is a failover); `name` names
+    the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
+    (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
+    `max_lifetime`.
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
