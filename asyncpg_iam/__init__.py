@@ -20,6 +20,7 @@ from ._errors import (
     SwitchoverTimeoutError,
     TLSVerificationError,
 )
+from ._health import HealthCheck
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
@@ -32,6 +33,7 @@ __all__ = [
     "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
+    "HealthCheck",
     "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",

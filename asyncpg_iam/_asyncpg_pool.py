@@ -3,7 +3,8 @@
 `Pool` subclasses `asyncpg.Pool` and relies on what asyncpg does not publish: the hooks it
 overrides (``_acquire``, ``_get_new_connection``, ``_async__init__``), the pool's holders
 (``_holders``, each with ``_con``, ``_in_use`` and ``_generation``), the free-holder queue
-(``_queue``), ``_initialized``, and the proxy's ``_con``/``_holder``. They change between
+(``_queue``), ``_initialized``, the proxy's ``_con``/``_holder``, and a connection's
+``_transport`` and ``_addr`` (`connection_endpoints`, for the health check). They change between
 minor versions: this module is where a new asyncpg is adapted, and
 ``tests/test_asyncpg_internals.py`` pins each of them. ``tests/test_architecture.py`` checks
 that no other module of the package names them.
@@ -31,6 +32,7 @@ __all__ = [
     "SUPPORTED_ASYNCPG",
     "AsyncpgPool",
     "asyncpg_version",
+    "connection_endpoints",
     "connection_of",
     "empty_idle_holder",
     "find_holder",
@@ -236,3 +238,16 @@ def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None
         return await own(live, timeout)
 
     pool._acquire = held
+
+
+def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Any]:
+    """Return a connection's dialled (host, port), its peer address and its socket (the
+    health check's view: asyncpg keeps the transport and the address private)."""
+    transport = getattr(con, "_transport", None)
+    addr = getattr(con, "_addr", None)
+    dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
+    if transport is None:
+        return dialled, None, None
+    peer = transport.get_extra_info("peername")
+    peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+    return dialled, peer_addr, transport.get_extra_info("socket")

@@ -363,6 +363,9 @@ class Connector:
         self.targets: tuple[SigningTarget, ...] = ()
         self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
         """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
+        self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
+        """What a login to (host, port) waits for first, if anything (the pool's health
+        check: a host that went silent)."""
         self.use_plan(plan)
 
     def use_plan(self, plan: ConnectPlan) -> None:
@@ -435,6 +438,11 @@ class Connector:
             if self._bucket is not None:
                 await self._throttle(self._bucket)
             kwargs = {**self._kwargs, **extra}
+            gate = self.login_gate
+            if gate is not None and len(self.plan.endpoints) == 1:
+                waiting = gate(*self.plan.endpoints[0])
+                if waiting is not None:
+                    await _wait_at_gate(waiting, *self.plan.endpoints[0], kwargs)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
@@ -487,6 +495,10 @@ class Connector:
                 target_session_attrs=attrs,
                 password=functools.partial(provider.token, target, record),
             )
+            gate = self.login_gate
+            waiting = gate(target.host, target.port) if gate is not None else None
+            if waiting is not None:
+                await _wait_at_gate(waiting, target.host, target.port, kwargs)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
@@ -620,6 +632,31 @@ class Connector:
         """Release the credential cache's resources (idempotent)."""
         if self.provider is not None:
             await self.provider.aclose()
+
+
+async def _wait_at_gate(
+    waiting: Awaitable[None], host: str, port: int, kwargs: dict[str, Any]
+) -> None:
+    """Wait for a silent host to answer, within the connect timeout (what is left of it
+    goes to the login)."""
+    loop = asyncio.get_running_loop()
+    timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+    began = loop.time()
+    try:
+        await asyncio.wait_for(waiting, timeout)
+    except asyncio.TimeoutError:
+        raise ConnectTimeoutError(
+            f"{host}:{port} went silent and answered no probe within the connect timeout "
+            f"({timeout:g} s); no login was tried",
+            host=host,
+            port=port,
+            phase="silent",
+            hint="The host or the network path to it is down or hung (see the pool's WARNING "
+            "that named it); it is probed every second and logins go ahead once it answers",
+            timeout=timeout,
+        ) from None
+    if timeout is not None:
+        kwargs["timeout"] = max(timeout - (loop.time() - began), 0.001)
 
 
 async def _in_recovery(con: Any) -> bool:

@@ -437,7 +437,8 @@ class ConnectError(IAMError, OSError):
     """The server could not be reached, or stopped answering, before a login was attempted.
 
     `phase` is how far the connection got: ``"dns"``, ``"tcp"``, ``"tls"``, ``"startup"``
-    (TCP open, no answer to the TLS request) or ``"login"``; `hint` says what to check.
+    (TCP open, no answer to the TLS request), ``"login"``, or ``"silent"`` (not tried: the
+    host went silent and answered no health-check probe since); `hint` says what to check.
     Chained to the underlying error.
     """
 

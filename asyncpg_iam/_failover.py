@@ -340,6 +340,10 @@ class FailoverGuard:
         if kind is not None:
             self.report(kind, epoch)
 
+    def report_now(self, cause: str) -> bool:
+        """Handle a signal that is news whenever it comes (a silent host); see `report`."""
+        return self.report(cause, self._epoch)
+
     def report(self, cause: str, epoch: int, *, connect: bool = False) -> bool:
         """Handle a signal seen at `epoch`; return True when it starts a new event."""
         if self._closing() or not self._started():

@@ -33,6 +33,13 @@ from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
 from ._failover import FailoverGuard, retire_pool_connections
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import Recycler
 from ._options import PoolOptions
 from ._retry import run_transaction
@@ -62,6 +69,7 @@ _POOL_KEYWORDS = (
     "name",
     "clock",
     "blue_green",
+    "health_check",
 )
 
 
@@ -71,8 +79,9 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
-    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart),
+    ``"silent_host"`` (on a host that stopped answering, not the writer) and ``"other"``
+    (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -112,6 +121,10 @@ class PoolStats:
     """Fetches from the AWS credential source that failed."""
     credentials_expiry: datetime.datetime | None = None
     """When the cached AWS credentials expire (None: none cached, or they never expire)."""
+    silent_hosts: int = 0
+    """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
+    health_probes: int = 0
+    """Health-check probes sent (a TCP connection each; no login, no token)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,9 +205,11 @@ class Pool(AsyncpgPool):
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         blue_green: bool | BlueGreenSettings | None = None,
+        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
+        health = check_health_option(health_check)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_POOL_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
@@ -230,6 +245,7 @@ class Pool(AsyncpgPool):
         self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
         if self._bluegreen is not None:
             self._bluegreen.start()  # the first new connection checks for metadata
+        self._health = self._start_health(health)
         self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -255,6 +271,43 @@ class Pool(AsyncpgPool):
         clock = self._clock
         self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._failover = _failover_guard(weakref.ref(self), self._connector, self._recycler, clock)
+
+    def _start_health(self, settings: HealthCheck | None) -> HealthMonitor | None:
+        """Make the silent-host monitor (it starts with the first connection)."""
+        if settings is None:
+            return None
+        ref = weakref.ref(self)
+        monitor = HealthMonitor(
+            settings,
+            hosts_in_use=functools.partial(_hosts_in_use, ref),
+            on_silent=functools.partial(_on_silent_host, ref),
+            name=self._name,
+            clock=self._clock,
+        )
+        self._connector.login_gate = monitor.login_gate
+        return monitor
+
+    @property
+    def health_check(self) -> HealthCheck | None:
+        """The silent-host detection settings (None: off)."""
+        return self._health.settings if self._health is not None else None
+
+    def _retire_host(self, host: Address) -> int:
+        """Terminate every connection on `host`: idle ones at once, so none is handed out;
+        queries in flight fail with `ConnectionDoesNotExistError`."""
+        health = self._health
+        assert health is not None
+        retired = 0
+        for holder, con, idle in _asyncpg_pool.open_holders(self):
+            if health.address_of(con) != host:
+                continue
+            retired += 1
+            self._recycler.retire_on_release(holder, "silent_host")
+            if idle:
+                _asyncpg_pool.terminate_idle(holder, con)
+            else:
+                con.terminate()  # the caller's query fails now; asyncpg cleans up on release
+        return retired
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -311,6 +364,8 @@ class Pool(AsyncpgPool):
             auth_failures_by_cause=dict(connects.auth_failures_by_cause),
             credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
             credentials_expiry=cached.expiry if cached is not None else None,
+            silent_hosts=self._health.silent_events if self._health is not None else 0,
+            health_probes=self._health.probes if self._health is not None else 0,
         )
 
     def __repr__(self) -> str:
@@ -380,6 +435,8 @@ class Pool(AsyncpgPool):
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, started, also=lost)
+        if self._health is not None:
+            self._health.track(con)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
 
@@ -532,6 +589,8 @@ class Pool(AsyncpgPool):
         self._recycler.cancel()
         if self._bluegreen is not None:
             self._bluegreen.stop()
+        if self._health is not None:
+            self._health.stop()
         try:
             await super().close()
         finally:
@@ -543,6 +602,8 @@ class Pool(AsyncpgPool):
         self._recycler.cancel()
         if self._bluegreen is not None:
             self._bluegreen.stop()
+        if self._health is not None:
+            self._health.stop()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -641,6 +702,33 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     return connect
 
 
+def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:
+    """The health monitor's view of a pool: the hosts its connections in use are on."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        raise asyncpg.InterfaceError("the pool is closed")
+    health = pool._health
+    assert health is not None
+    hosts = set()
+    for _, con, idle in _asyncpg_pool.open_holders(pool):
+        if not idle and (host := health.address_of(con)) is not None:
+            hosts.add(host)
+    return hosts
+
+
+def _on_silent_host(pool_ref: weakref.ref[Pool], host: Address, label: str, cause: str) -> None:
+    """Retire what a silent host holds: on a writer pool, a failover (every connection)."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        return
+    what = f"host {label} silent: {cause}"
+    if pool._failover.wants_writer and pool._failover.report_now(what):
+        pool._retire_host(host)  # those the failover left (connecting when it ran)
+        return
+    retired = pool._retire_host(host)
+    logger.warning("pool %s: %s; retired %d connection(s) to it", pool.name, what, retired)
+
+
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:
     """Reconnect idle holders until the pool is back at min_size (asyncpg < 0.32 only).
 
@@ -688,6 +776,7 @@ def create_pool(
     max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
     max_connect_rate: float | Unset | None = UNSET,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -716,6 +805,9 @@ def create_pool(
       default) turns it on for an IAM pool on one RDS endpoint name, where it costs one
       catalog query on the first new connection when the database has no blue/green
       metadata; False turns it off.
+    - `health_check`: how hosts that stop answering without closing their connections are
+      found (`HealthCheck`: keepalive and ``TCP_USER_TIMEOUT`` on every socket, and a probe
+      each second of the hosts with connections in use; no login). None turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 
@@ -736,5 +828,6 @@ def create_pool(
         max_lifetime=max_lifetime,
         max_lifetime_jitter=max_lifetime_jitter,
         max_connect_rate=max_connect_rate,
+        health_check=health_check,
         **asyncpg_kwargs,
     )

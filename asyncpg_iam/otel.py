@@ -29,8 +29,9 @@ fetches and their failures, refused logins by the diagnosed cause
 (``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
 ``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
-``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
-before the cached AWS credentials expire.
+``failover``, ``silent_host``, ``other``), connects that waited for ``max_connect_rate``, hosts
+found silent and the health check's probes, and the seconds left before the cached AWS
+credentials expire.
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed by a
@@ -68,7 +69,7 @@ STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
 AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
-CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "silent_host")
 #: Wait and use times kept per histogram between two collections (older ones are dropped).
 MAX_BUFFERED = 65_536
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
@@ -268,6 +269,18 @@ class PoolInstrumentation:
                 "Login attempts that waited for max_connect_rate.",
                 "connects_rate_limited",
             ),
+            (
+                "asyncpg_iam.hosts.silent",
+                "{host}",
+                "Hosts declared silent: no answer to the health check's probes.",
+                "silent_hosts",
+            ),
+            (
+                "asyncpg_iam.health.probes",
+                "{probe}",
+                "Health-check probes sent (a TCP connection each, no login).",
+                "health_probes",
+            ),
         )
         instruments: list[Any] = [
             meter.create_observable_counter(
@@ -294,7 +307,7 @@ class PoolInstrumentation:
                 [self._closed],
                 unit="{connection}",
                 description="Connections closed, by reason (max_lifetime: retired by the "
-                "recycler; failover; discarded_on_acquire; other).",
+                "recycler; failover; discarded_on_acquire; silent_host; other).",
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",

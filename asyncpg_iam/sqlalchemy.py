@@ -37,6 +37,7 @@ import logging
 import random
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -57,6 +58,13 @@ from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._failover import FailoverGuard
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import draw_lifetime
 from ._options import PoolOptions
 
@@ -104,6 +112,8 @@ class _EngineFailover:
             name=connector.name,
         )
         self._open = connector.open
+        self.also_opened: Callable[[Any], None] | None = None
+        """Called with each connection opened (the health check tracks it)."""
 
     async def connect(self) -> Any:
         """Open a connection (SQLAlchemy's ``async_creator``)."""
@@ -112,6 +122,8 @@ class _EngineFailover:
     def _opened(self, con: Any, _started: float, epoch: int) -> None:
         self.epochs[con] = epoch
         con.add_termination_listener(self.guard.watch(con, epoch))
+        if self.also_opened is not None:
+            self.also_opened(con)
 
     def _retire_all(self) -> int:
         return sum(1 for con in list(self.epochs) if not con.is_closed())
@@ -192,6 +204,71 @@ def _install_hooks(
             record.invalidate()
 
 
+def _install_health(
+    engine: AsyncEngine,
+    settings: HealthCheck | None,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> HealthMonitor | None:
+    """Find silent hosts as the pool does: probe the hosts of connections checked out; on
+    silence terminate that host's connections (idle ones are then refused on checkout), and
+    on a writer engine count a failover."""
+    if settings is None:
+        return None
+    sync_engine = engine.sync_engine
+    engine_ref = weakref.ref(sync_engine)
+    in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def hosts_in_use() -> set[Address]:
+        if engine_ref() is None:
+            raise RuntimeError("the engine is gone: stop probing")
+        return {host for con in in_use if (host := monitor.address_of(con)) is not None}
+
+    def on_silent(host: Address, label: str, cause: str) -> None:
+        what = f"host {label} silent: {cause}"
+        writer = failover.guard.wants_writer and failover.guard.report_now(what)
+        retired = 0
+        for con in monitor.connections_on(host):
+            retired += 1
+            con.terminate()  # a query in flight fails with ConnectionDoesNotExistError
+        if writer:
+            return  # the failover's WARNING named the host
+        logger.warning(
+            "engine %s: host %s silent: %s; terminated %d connection(s) to it",
+            connector.name,
+            label,
+            cause,
+            retired,
+        )
+
+    monitor = HealthMonitor(
+        settings,
+        hosts_in_use=hosts_in_use,
+        on_silent=on_silent,
+        name=connector.name,
+    )
+    connector.login_gate = monitor.login_gate
+    failover.also_opened = monitor.track
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        con = dbapi_connection.driver_connection
+        if con.is_closed():  # terminated on a silent host (or lost): never handed out
+            raise DisconnectionError("the connection's host went silent or it was lost")
+        in_use.add(con)
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None:
+            in_use.discard(dbapi_connection.driver_connection)
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        monitor.stop()
+
+    return monitor
+
+
 def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
@@ -201,6 +278,7 @@ def create_async_engine(
     max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -209,13 +287,16 @@ def create_async_engine(
     (``postgresql://`` is taken as asyncpg). `connect_args` are further `asyncpg.connect`
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
-    mean for `asyncpg_iam.create_pool`; `name` names the engine in log lines. Every other
-    keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``, ``pool_pre_ping``,
-    ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+    mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
+    are terminated and refused on checkout; on a writer engine it is a failover); `name` names
+    the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
+    (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
+    `max_lifetime`.
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
     auth = auth_from(iam)
+    health = check_health_option(health_check)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
             raise ConfigurationError(
@@ -247,4 +328,5 @@ def create_async_engine(
     failover = _EngineFailover(connector)
     engine = _sa_create_async_engine(parsed, async_creator=failover.connect, **engine_kwargs)
     _install_hooks(engine, options, connector, failover)
+    _install_health(engine, health, connector, failover)
     return engine

@@ -107,3 +107,11 @@ def test_reset_query_and_jit_switch_for_rds_proxy() -> None:
     introspect = inspect.getsource(connection._introspect_types)
     assert re.search(r"if self\._server_caps\.jit:", introspect)
     assert "jit" in asyncpg.connection.ServerCapabilities._fields
+
+
+def test_connection_keeps_its_address_and_transport() -> None:
+    """Connections keep the dialled address in _addr and the transport in _transport (the
+    health check reads the peer address and the socket from them)."""
+    source = inspect.getsource(asyncpg.Connection.__init__)
+    assert "self._transport = transport" in source
+    assert "self._addr = addr" in source

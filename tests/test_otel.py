@@ -46,6 +46,8 @@ IAM = {
     "asyncpg_iam.credentials.fetch_failures": "{fetch}",
     "asyncpg_iam.auth.failures": "{login}",
     "asyncpg_iam.connects.rate_limited": "{connect}",
+    "asyncpg_iam.hosts.silent": "{host}",
+    "asyncpg_iam.health.probes": "{probe}",
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
 }

@@ -23,6 +23,7 @@ PUBLIC = {
         "ConnectTimeoutError",
         "Credentials",
         "CredentialsError",
+        "HealthCheck",
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
@@ -56,6 +57,7 @@ PUBLIC = {
         "LoginRecord",
         "ManualClock",
         "MotoSTS",
+        "NetworkPartition",
         "PinEvent",
         "PinRules",
         "PostgresCluster",
@@ -77,7 +79,8 @@ PUBLIC = {
 
 SIGNATURES = {
     "asyncpg_iam.create_pool": [
-        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "asyncpg_kwargs"
+        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "health_check",
+        "asyncpg_kwargs",
     ],
     "asyncpg_iam.IAMAuth": [
         "region", "profile", "role_arn", "role_session_name", "external_id", "role_duration",
@@ -103,7 +106,7 @@ SIGNATURES = {
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "engine_kwargs",
+        "name", "health_check", "engine_kwargs",
     ],
 }  # fmt: skip
 
@@ -112,7 +115,7 @@ POOL_STATS = [
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
     "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
-    "credential_fetch_failures", "credentials_expiry",
+    "credential_fetch_failures", "credentials_expiry", "silent_hosts", "health_probes",
 ]  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from ._failover import (
     ReaderEndpoint,
 )
 from ._isolation import isolated_aws_environment
+from ._netns import NetworkPartition
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
 from ._proxy import PinEvent, PinRules, ProxyReport
 from ._sandbox import Sandbox
@@ -56,6 +57,7 @@ __all__ = [
     "LoginRecord",
     "ManualClock",
     "MotoSTS",
+    "NetworkPartition",
     "PinEvent",
     "PinRules",
     "PostgresCluster",
