@@ -157,8 +157,15 @@ def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     arguments["dsn"] = dsn
     try:
         addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
-        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
+    except (
+        ClientConfigurationError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
+        # asyncpg's parser fails on wrongly typed values with AttributeError (host=1) and
+        # OverflowError (port=inf) too.
         text = str(exc)
         if "target_session_attrs" in text:
             found = re.search(r"got (.+)$", text)
