@@ -18,13 +18,16 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    NoWriterError,
     TLSVerificationError,
 )
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
+from ._topology import AuroraTopology
 
 __all__ = [
+    "AuroraTopology",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
@@ -34,6 +37,7 @@ __all__ = [
     "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",
+    "NoWriterError",
     "Pool",
     "PoolSettings",
     "PoolStats",

@@ -27,7 +27,7 @@ import struct
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import asyncpg.connect_utils
@@ -51,6 +51,9 @@ from ._errors import (
 )
 from ._lifetime import TokenBucket
 from ._tls import TLSPolicy, decide_tls
+
+if TYPE_CHECKING:
+    from ._topology import Router
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -311,6 +314,8 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self.router: Router | None = None
+        """Chooses an instance endpoint per connect from a cluster's topology (`_topology`)."""
         self.use_plan(plan)
 
     def use_plan(self, plan: ConnectPlan) -> None:
@@ -358,9 +363,49 @@ class Connector:
         if self.provider is None:
             return self._open_without_iam(extra)
         tsa = self.plan.target_session_attrs
+        if self.router is not None:
+            return self._login_routed(self.router, extra, tsa)
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
+
+    async def _login_routed(
+        self, router: Router, extra: Mapping[str, Any], tsa: str
+    ) -> tuple[Any, float]:
+        """Log in where the cluster's topology says (see `_topology.Router`)."""
+        if not router.searching:
+            target = router.route()
+        else:
+            timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                target = await router.wait(timeout)
+            except BaseException:
+                self.counters.failures += 1
+                raise
+            if timeout is not None:
+                extra = {**extra, "timeout": max(timeout - (loop.time() - began), 0.001)}
+        if target is None:
+            return await self._login(self.targets[0], extra, tsa)
+        try:
+            opened = await self._login(target, extra, tsa)
+        except _NEXT_HOST_ERRORS:
+            # A reader that left: one more try on another (a writer has no other).
+            other = router.failed(target)
+            if other is None:
+                raise
+            target = other
+            opened = await self._login(target, extra, tsa)
+        router.track(opened[0], target)
+        return opened
+
+    def open_to(
+        self, target: SigningTarget | None, attrs: str, timeout: float
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open a connection of the library's own to `target` (default: the plan's first
+        endpoint) with `attrs` as ``target_session_attrs``; not counted as the pool's."""
+        return self._login(target or self.targets[0], {"timeout": timeout}, attrs, one=False)
 
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:

@@ -79,6 +79,7 @@ __all__ = [
     "default_session_attrs",
     "is_reader_endpoint",
     "is_writer_endpoint",
+    "retire_connections",
 ]
 
 logger = logging.getLogger("asyncpg_iam.pool")
@@ -264,6 +265,11 @@ class FailoverGuard:
         """Connect attempts that landed on a read-only server and were retried."""
         self.connect_retries = 0
         """Connect attempts retried during recovery, read-only ones included."""
+        self.on_event: Callable[[str], None] | None = None
+        """Called with the cause when an event begins (the topology monitor refreshes)."""
+        self.on_lost: Callable[[Any], bool] | None = None
+        """Called with a connection the server or network dropped; True when that loss
+        concerns its host alone (a reader that left), so it is not a pool-wide event."""
 
     @property
     def wants_writer(self) -> bool:
@@ -378,6 +384,8 @@ class FailoverGuard:
     def _on_terminated(self, epoch: int, con: Any) -> None:
         if con is None or _closed_by_client(con) is not False:
             return  # closed by the pool or the caller, or not a connection we can tell about
+        if self.on_lost is not None and self.on_lost(con):
+            return
         self.report("connection_lost", epoch)
 
     def _on_query(self, epoch: int, record: Any) -> None:
@@ -403,23 +411,43 @@ class FailoverGuard:
             cause,
             retired,
         )
+        if self.on_event is not None:
+            self.on_event(cause)
         return True
 
     def _retire_all(self, pool: Any) -> int:
         # A stale generation per holder rather than expire_connections()'s bump of the pool's:
         # a holder that is connecting now keeps the pool's generation, so a connection that
         # lands on the new writer after retries is not thrown away on its first release.
-        idle = pool._queue._queue
-        retired = 0
-        for holder in list(pool._holders):
-            con = holder._con
-            if con is None or con.is_closed():
-                continue
-            retired += 1
-            self._mark_retired(holder)
-            if holder._in_use is None and holder in idle:
-                holder._maybe_cancel_inactive_callback()
-                con.terminate()
-                if holder._con is con:
-                    holder._con = None
-        return retired
+        return retire_connections(pool, self._mark_retired)
+
+
+def retire_connections(  # adapter: moves to _asyncpg_pool.py
+    pool: Any,
+    mark_retired: Callable[[Any], None],
+    where: Callable[[Any], bool] | None = None,
+    *,
+    idle_only: bool = False,
+    limit: int | None = None,
+) -> int:
+    """Retire `pool`'s open connections that `where` accepts (all by default): idle ones are
+    closed at once, those in use when released (unless `idle_only`); at most `limit`."""
+    idle = pool._queue._queue
+    retired = 0
+    for holder in list(pool._holders):
+        if limit is not None and retired >= limit:
+            break
+        con = holder._con
+        if con is None or con.is_closed() or (where is not None and not where(con)):
+            continue
+        is_idle = holder._in_use is None and holder in idle
+        if idle_only and not is_idle:
+            continue
+        retired += 1
+        mark_retired(holder)
+        if is_idle:
+            holder._maybe_cancel_inactive_callback()
+            con.terminate()
+            if holder._con is con:
+                holder._con = None
+    return retired

@@ -29,9 +29,10 @@ from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError
-from ._failover import FailoverGuard, apply_writer_default
+from ._failover import FailoverGuard, apply_writer_default, retire_connections
 from ._lifetime import Recycler
 from ._retry import run_transaction
+from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
@@ -70,7 +71,15 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_OWN_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "topology",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -114,6 +123,10 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+    topology_refreshes: int = 0
+    """Aurora topology queries answered (0 when the pool connects through DNS only)."""
+    connections_by_instance: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Open connections per cluster instance the topology routed them to (by identifier)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,6 +258,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        topology: bool | AuroraTopology = True,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
@@ -276,6 +290,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        self._topology = self._start_topology(topology)
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -301,6 +316,22 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             name=self._name,
             clock=clock,
         )
+
+    def _start_topology(self, setting: bool | AuroraTopology) -> TopologyMonitor | None:
+        """Route connects by the Aurora cluster's topology (see `_topology`), where it applies."""
+        monitor = topology_for(
+            self._connector,
+            setting,
+            retire=_bound_retire(weakref.ref(self)),
+            name=self._name,
+            clock=self._clock,
+        )
+        if monitor is not None:
+            router = monitor.router
+            self._failover.on_event = monitor.signal
+            if router.role != "writer":
+                self._failover.on_lost = functools.partial(_reader_lost, monitor)
+        return monitor
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -353,6 +384,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             failover_retired=self._failover.retired,
             read_only_retries=self._failover.read_only_retries,
             connect_retries=self._failover.connect_retries,
+            topology_refreshes=self._topology.refreshes if self._topology else 0,
+            connections_by_instance=(
+                self._topology.router.connections_by_instance() if self._topology else {}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -542,6 +577,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _async__init__(self) -> Any:
         starting = not self._initialized
         try:
+            if starting and self._topology is not None:
+                await self._topology.start()  # the first connects already go by it
             result = await super()._async__init__()
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
@@ -575,6 +612,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
+        if self._topology is not None:
+            self._topology.close()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -588,6 +627,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
     async def _shutdown(self) -> None:
         if self._refill_task is not None:
             self._refill_task.cancel()
+        if self._topology is not None:
+            await self._topology.aclose()
         await self._connector.aclose()  # idempotent
 
 
@@ -604,6 +645,30 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         return pool._failover.open(pool._connector.open, extra)
 
     return connect
+
+
+def _bound_retire(
+    pool_ref: weakref.ref[Pool],
+) -> Callable[[Callable[[Any], bool], bool, int | None], int]:
+    """Return the topology monitor's retire callback, holding the pool weakly."""
+
+    def retire(where: Callable[[Any], bool], idle_only: bool, limit: int | None) -> int:
+        pool = pool_ref()
+        if pool is None or pool.is_closing() or not pool._initialized:
+            return 0
+        mark = functools.partial(pool._recycler.retire_on_release, reason="topology")
+        return retire_connections(pool, mark, where, idle_only=idle_only, limit=limit)
+
+    return retire
+
+
+def _reader_lost(monitor: TopologyMonitor, con: Any) -> bool:
+    """A reader pool's connection was dropped: refresh the topology; True when it was routed
+    to one reader (that reader's loss, not a pool-wide event)."""
+    if monitor.router.instance_of(con) is None:
+        return False
+    monitor.wake()
+    return True
 
 
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:

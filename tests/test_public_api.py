@@ -16,6 +16,7 @@ import asyncpg_iam
 
 PUBLIC = {
     "asyncpg_iam": [
+        "AuroraTopology",
         "CommitOutcomeUnknownError",
         "ConfigurationError",
         "ConnectError",
@@ -25,6 +26,7 @@ PUBLIC = {
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
+        "NoWriterError",
         "Pool",
         "PoolSettings",
         "PoolStats",
@@ -43,6 +45,8 @@ PUBLIC = {
         "DEFAULT_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
+        "AuroraCluster",
+        "AuroraInstance",
         "ClusterEndpoint",
         "CredentialServer",
         "FailoverCluster",
@@ -101,7 +105,8 @@ POOL_STATS = [
     "connections_opened", "connections_closed", "connect_attempts", "connect_failures",
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
-    "failover_retired", "read_only_retries", "connect_retries",
+    "failover_retired", "read_only_retries", "connect_retries", "topology_refreshes",
+    "connections_by_instance",
 ]  # fmt: skip
 
 

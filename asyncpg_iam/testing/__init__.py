@@ -1,5 +1,6 @@
 """Test helpers: the whole local stack as one (`Sandbox`), a throwaway PostgreSQL, a local RDS
-IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a clock that moves
+IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), an Aurora-like
+cluster with instance endpoints (`AuroraCluster`), a clock that moves
 only when told (`ManualClock`), an isolated AWS environment, and a pytest plugin.
 
 Enable the fixtures in a test suite with ``pytest_plugins = ["asyncpg_iam.testing.pytest_plugin"]``.
@@ -9,6 +10,7 @@ Needs the ``testing`` extra (``pip install asyncpg-iam[testing]``) for TLS certi
 from __future__ import annotations
 
 from .._clock import ManualClock
+from ._aurora import AuroraCluster, AuroraInstance
 from ._aws import CredentialServer, MotoSTS
 from ._emulator import (
     DEFAULT_DSQL_ENDPOINT,
@@ -36,6 +38,8 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "DEFAULT_READER_ENDPOINT",
     "AccessKey",
+    "AuroraCluster",
+    "AuroraInstance",
     "ClusterEndpoint",
     "CredentialServer",
     "FailoverCluster",
