@@ -488,6 +488,7 @@ class TopologyMonitor:
         self._fast_until = float("-inf")
         self._search_began: float | None = None
         self._probed: dict[str, float] = {}
+        self._probes: set[asyncio.Task[None]] = set()
         self._last_rebalance = float("-inf")
         self.available: bool | None = None
         """Whether the cluster answers a topology query (None: not asked yet)."""
@@ -522,6 +523,8 @@ class TopologyMonitor:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for probe in list(self._probes):
+            probe.cancel()
         con, self._con = self._con, None
         if con is not None and not con.is_closed():
             con.terminate()
@@ -573,7 +576,7 @@ class TopologyMonitor:
             if gone:
                 logger.info("pool %s: instances left the topology: %s", self._name, sorted(gone))
         if self.router.searching:
-            await self._probe_writer(topology)
+            self._probe_writer(topology)
         elif self.router.role != "writer":
             self._rebalance(topology)
         return topology
@@ -645,9 +648,10 @@ class TopologyMonitor:
 
     # -- failover: confirm the new writer -----------------------------------------------------
 
-    async def _probe_writer(self, topology: Topology) -> None:
-        """Log in to the listed writer read-write; release waiting connects when it accepts."""
-        router, writer = self.router, topology.writer
+    def _probe_writer(self, topology: Topology) -> None:
+        """Log in to the listed writer read-write (in a task); waiting connects are released
+        when it accepts."""
+        writer = topology.writer
         now = self._clock.monotonic()
         if writer is None:
             self._check_no_writer(now, "the topology lists no writer")
@@ -656,17 +660,32 @@ class TopologyMonitor:
         if last is not None and now - last < _REPROBE_INTERVAL:
             return
         self._probed[writer.id] = now
+        # In a task of its own: a probe of a host that does not answer must not hold up the
+        # refreshes that will name the next writer.
+        probe = asyncio.get_running_loop().create_task(self._probe(writer))
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+
+    async def _probe(self, writer: Instance) -> None:
+        router = self.router
         self.logins += 1
         try:
             con, _ = await self._open(router._targets[writer.id], "read-write", _MONITOR_TIMEOUT)
         except TargetServerAttributeNotMatched:
-            self._check_no_writer(now, f"the listed writer {writer.id} is read-only")
+            self._check_no_writer(
+                self._clock.monotonic(), f"the listed writer {writer.id} is read-only"
+            )
             return
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
             logger.debug("pool %s: writer probe of %s failed: %s", self._name, writer.id, exc)
             return
+        current = router.topology.writer if router.topology is not None else None
+        if self._closed or not router.searching or current is None or current.id != writer.id:
+            con.terminate()  # the topology moved on while it logged in
+            return
         # The probe stays as the monitor's connection: the writer knows the topology.
         self._drop_connection()
+        now = self._clock.monotonic()
         self._con = con
         self._search_began = None
         self._probed.clear()

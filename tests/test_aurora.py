@@ -7,8 +7,12 @@ behind the RDS IAM emulator under an instance endpoint name of its own, answerin
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
 import pytest_asyncio
 
 import asyncpg_iam
@@ -40,3 +44,98 @@ async def test_the_pool_learns_the_topology_and_dials_the_writer_instance(
     accepted = [r for r in writer.emulator.records if r.accepted]
     by_alias = [r for r in accepted if "alias" in r.detail]
     assert len(accepted) - len(by_alias) >= 2  # signed for the instance's own name
+
+
+@dataclasses.dataclass
+class _Write:
+    began: float
+    ended: float
+    ok: bool
+    error: str = ""
+
+
+async def _write_load(pool: Any, writes: list[_Write], stop: asyncio.Event, n: int) -> None:
+    """Run `n` writers until `stop`, recording each write (loop times) and its outcome."""
+    loop = asyncio.get_running_loop()
+
+    async def writer() -> None:
+        while not stop.is_set():
+            began = loop.time()
+            try:
+                await pool.execute("INSERT INTO writes (at) VALUES (now())")
+            except Exception as exc:
+                writes.append(_Write(began, loop.time(), False, type(exc).__name__))
+                await asyncio.sleep(0.01)
+            else:
+                writes.append(_Write(began, loop.time(), True))
+                await asyncio.sleep(0.005)
+
+    await asyncio.gather(*(writer() for _ in range(n)))
+
+
+async def _first(condition: Any, timeout: float = 60.0) -> float:
+    """Return the loop time at which `condition()` first held (polled every 10 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+    return loop.time()
+
+
+async def test_failover_reaches_the_new_writer_without_waiting_for_dns(
+    cluster: AuroraCluster,
+) -> None:
+    """With a 20 s DNS lag, writes land on the promoted instance well before DNS moves: no
+    write begun after the pool's failover signal fails, and the logins from the old writer's
+    stop to the first write on the new one stay within twice the pool size."""
+    kwargs = cluster.pool_kwargs(min_size=10, max_size=10)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        await pool.execute("CREATE TABLE writes (at timestamptz)")
+        writes: list[_Write] = []
+        stop = asyncio.Event()
+        load = asyncio.ensure_future(_write_load(pool, writes, stop, 16))
+        await _first(lambda: sum(w.ok for w in writes) > 50)
+        logins_before = cluster.logins()
+        failover = asyncio.ensure_future(cluster.failover(old_writer="down"))
+        signalled = await _first(lambda: pool.stats().failover_events > 0)
+        promoted_by = await _first(lambda: cluster.writer_instance.id != "instance-1")
+        first_ok = await _first(lambda: any(w.ok and w.began > promoted_by for w in writes))
+        logins = cluster.logins() - logins_before
+        on = await pool.fetchval("SELECT aurora_db_instance_identifier()")
+        await asyncio.sleep(1.0)
+        stop.set()
+        await load
+        timeline = await failover  # the DNS switch, 20 s after the promotion
+    assert on == "instance-2"
+    first_write = first_ok - timeline.promoted_at
+    failed_after_signal = [w for w in writes if not w.ok and w.began >= signalled]
+    assert failed_after_signal == []
+    assert logins <= 2 * 10, logins
+    # The issue's target is 2 s; a loaded 2-core machine gets half the DNS lag as its bound.
+    assert first_write < 10.0, first_write
+    assert first_ok < timeline.switched_at
+    assert sum(cluster.writer.connections_by_backend.values()) == 1  # the monitor's first
+    print(f"first write {first_write:.2f} s after promotion, {logins} logins")
+
+
+async def test_a_cluster_left_without_a_writer_fails_fast(
+    credential_server: CredentialServer,
+) -> None:
+    """A lone writer back read-only: connects fail with NoWriterError within seconds, not
+    after the whole connect timeout."""
+    async with AuroraCluster(replicas=0) as lone:
+        credential_server.add_emulator(lone)
+        topology = asyncpg_iam.AuroraTopology(no_writer_timeout=1.0)
+        kwargs = lone.pool_kwargs(min_size=1, max_size=2, topology=topology, timeout=60)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await pool.execute("SELECT 1")
+            await lone.restart("instance-1", read_only=True)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(asyncpg_iam.NoWriterError, match="read-only"):
+                for _ in range(100):
+                    await pool.execute("CREATE TABLE IF NOT EXISTS t (x int)")
+                    await asyncio.sleep(0.1)
+            assert loop.time() - began < 30.0  # the connect timeout is 60 s

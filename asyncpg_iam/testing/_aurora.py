@@ -424,6 +424,15 @@ class AuroraCluster(AsyncService):
         await asyncio.to_thread(instance.server.stop)
         logger.info("aurora cluster: removed replica %s", instance_id)
 
+    async def restart(self, instance_id: str, *, read_only: bool = False) -> None:
+        """Crash and restart one instance's server (connections to it are cut); with
+        `read_only` it comes back refusing writes while the topology still lists its role
+        (a lone writer back as a standby)."""
+        instance = self._instances[instance_id]
+        settings = {"default_transaction_read_only": "on"} if read_only else None
+        await asyncio.to_thread(instance.server.stop_server, mode="immediate")
+        await asyncio.to_thread(instance.server.start_server, settings=settings)
+
     async def failover(
         self,
         *,
