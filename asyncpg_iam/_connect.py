@@ -396,8 +396,15 @@ class Connector:
             if other is None:
                 raise
             target = other
-            opened = await self._login(target, extra, tsa)
-        router.track(opened[0], target)
+            try:
+                opened = await self._login(target, extra, tsa)
+            except BaseException:
+                router.settle(target)
+                raise
+        except BaseException:
+            router.settle(target)
+            raise
+        router.settle(target, opened[0])
         return opened
 
     def open_to(

@@ -386,7 +386,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             connect_retries=self._failover.connect_retries,
             topology_refreshes=self._topology.refreshes if self._topology else 0,
             connections_by_instance=(
-                self._topology.router.connections_by_instance() if self._topology else {}
+                dict(self._topology.router.connections_by_instance()) if self._topology else {}
             ),
         )
 

@@ -314,6 +314,8 @@ class Router:
         self._by_con: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._turn = itertools.count()
         self._excluded: dict[str, float] = {}
+        # Connects routed and not yet finished, by instance: least connections counts them.
+        self._pending: Counter[str] = Counter()
         # A failover signal: until a writer is confirmed, writer connects wait (see `wait`).
         self._searching: asyncio.Event | None = None
         self._no_writer: str | None = None
@@ -379,6 +381,7 @@ class Router:
         if chosen is None:
             return None
         self.routed += 1
+        self._pending[chosen.id] += 1
         return self._targets[chosen.id]
 
     def failed(self, target: SigningTarget) -> SigningTarget | None:
@@ -387,6 +390,7 @@ class Router:
         if self.role == "writer":
             return None
         instance_id = target.signing_host.split(".", 1)[0]
+        self.settle(target)
         self._excluded[instance_id] = self._clock.monotonic() + _EXCLUDE_FOR
         other = self.route()
         return None if other is None or other.signing_host == target.signing_host else other
@@ -406,6 +410,7 @@ class Router:
         if self.settings.reader_strategy == "round_robin":
             return readers[next(self._turn) % len(readers)]
         counts = self.connections_by_instance()
+        counts.update(self._pending)
         # Ties go round robin, so connects opened together spread too.
         start = next(self._turn)
         ring = readers[start % len(readers) :] + readers[: start % len(readers)]
@@ -437,17 +442,21 @@ class Router:
 
     # -- what it routed -----------------------------------------------------------------------
 
-    def track(self, con: Any, target: SigningTarget) -> None:
-        """Note that `con` was opened to `target` (an instance endpoint)."""
-        self._by_con[con] = target.signing_host.split(".", 1)[0]
+    def settle(self, target: SigningTarget, con: Any = None) -> None:
+        """A connect `route()` sent to `target` finished: with `con` opened, else failed."""
+        instance_id = target.signing_host.split(".", 1)[0]
+        if self._pending[instance_id] > 0:
+            self._pending[instance_id] -= 1
+        if con is not None:
+            self._by_con[con] = instance_id
 
-    def connections_by_instance(self) -> dict[str, int]:
+    def connections_by_instance(self) -> Counter[str]:
         """Open connections routed to each instance (by identifier)."""
         counts: Counter[str] = Counter()
         for con, instance_id in list(self._by_con.items()):
             if not con.is_closed():
                 counts[instance_id] += 1
-        return dict(counts)
+        return counts
 
     def instance_of(self, con: Any) -> str | None:
         """Return the identifier of the instance `con` was routed to, or None."""

@@ -139,3 +139,74 @@ async def test_a_cluster_left_without_a_writer_fails_fast(
                     await pool.execute("CREATE TABLE IF NOT EXISTS t (x int)")
                     await asyncio.sleep(0.1)
             assert loop.time() - began < 30.0  # the connect timeout is 60 s
+
+
+@pytest_asyncio.fixture
+async def readers(credential_server: CredentialServer) -> AsyncIterator[AuroraCluster]:
+    """Provide a started AuroraCluster with two replicas."""
+    async with AuroraCluster(replicas=2, lag=20.0) as started:
+        credential_server.add_emulator(started)
+        yield started
+
+
+async def _read_load(pool: Any, stop: asyncio.Event, failures: list[str], n: int = 3) -> None:
+    async def reader() -> None:
+        while not stop.is_set():
+            try:
+                await pool.fetchval("SELECT pg_sleep(0.02)")
+            except Exception as exc:
+                failures.append(type(exc).__name__)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(reader() for _ in range(n)))
+
+
+async def test_readers_share_the_pool_and_a_new_replica_gets_its_share(
+    readers: AuroraCluster,
+) -> None:
+    """A pool of 10 on the reader endpoint: neither reader holds more than 6 at start; a
+    third replica added later holds at least 25 % within 60 s on the default settings."""
+    kwargs = readers.pool_kwargs(reader=True, min_size=10, max_size=10)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        start = pool.stats().connections_by_instance
+        assert sorted(start) == ["instance-2", "instance-3"]
+        assert max(start.values()) <= 6
+        stop, failures = asyncio.Event(), []
+        load = asyncio.ensure_future(_read_load(pool, stop, failures))
+        added = await readers.add_replica()
+
+        def share() -> float:
+            counts = pool.stats().connections_by_instance
+            return counts.get(added.id, 0) / max(sum(counts.values()), 1)
+
+        await _first(lambda: share() >= 0.25, timeout=60.0)
+        stop.set()
+        await load
+        stats = pool.stats()
+    assert failures == []
+    assert stats.failover_events == 0
+    assert stats.connections_closed.get("topology", 0) >= 2
+
+
+async def test_a_reader_that_leaves_costs_only_its_in_flight_queries(
+    readers: AuroraCluster,
+) -> None:
+    """Removing a replica fails at most the queries running on it; the pool sees no failover
+    and keeps its connections to the other reader."""
+    kwargs = readers.pool_kwargs(reader=True, min_size=6, max_size=6)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        stop, failures = asyncio.Event(), []
+        load = asyncio.ensure_future(_read_load(pool, stop, failures, n=4))
+        await asyncio.sleep(0.5)
+        before = pool.stats()
+        await readers.remove_replica("instance-3")
+        await asyncio.sleep(2.0)
+        stop.set()
+        await load
+        after = pool.stats()
+        on = {await pool.fetchval("SELECT aurora_db_instance_identifier()") for _ in range(6)}
+    assert before.connections_by_instance.get("instance-3", 0) >= 1
+    assert len(failures) <= 4  # at most one query per worker was running on it
+    assert after.failover_events == 0
+    assert after.connections_closed.get("failover", 0) == 0
+    assert on == {"instance-2"}

@@ -175,7 +175,7 @@ def _spread(router: Router, n: int) -> dict[str, int]:
         assert target is not None
         con = _Con()
         cons.append(con)
-        router.track(con, target)
+        router.settle(target, con)
     return router.connections_by_instance()
 
 

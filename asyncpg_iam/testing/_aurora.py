@@ -133,7 +133,12 @@ class AuroraCluster(AsyncService):
         self._lag = lag
         self._replicas = replicas
         self._iam_users = list(iam_users)
-        self._settings = {"synchronous_commit": "on", **(settings or {})}
+        # WAL is kept for replicas cloned in parallel or added later.
+        self._settings = {
+            "synchronous_commit": "on",
+            "wal_keep_size": "'256MB'",
+            **(settings or {}),
+        }
         self._instances: dict[str, AuroraInstance] = {}
         self._numbers = 0
         self._keys: list[tuple[str, str, str | None]] = []
