@@ -48,6 +48,7 @@ IAM = {
     "asyncpg_iam.connects.rate_limited": "{connect}",
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
+    "asyncpg_iam.topology.refreshes": "{refresh}",
 }
 
 
