@@ -218,3 +218,22 @@ async def test_a_reader_that_leaves_costs_only_its_in_flight_queries(
     assert after.failover_events == 0
     assert after.connections_closed.get("failover", 0) == 0
     assert on == {"instance-2"}
+
+
+async def test_my_service_writes_through_an_aurora_failover(
+    credential_server: CredentialServer,
+) -> None:
+    """The guide's rehearsal: a write after the failover lands on the promoted instance."""
+    async with AuroraCluster(replicas=1, lag=20.0) as cluster:
+        credential_server.add_emulator(cluster)
+        kwargs = cluster.pool_kwargs(min_size=2, max_size=8)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await pool.execute("CREATE TABLE t (x int)")
+            failover = asyncio.ensure_future(cluster.failover())
+            # Long before the cluster endpoint's DNS moves, writes reach the new writer.
+            await cluster.promoted.wait()
+            await pool.execute("INSERT INTO t VALUES (1)")
+            assert not failover.done()
+            on = await pool.fetchval("SELECT aurora_db_instance_identifier()")
+            assert on == cluster.writer_instance.id
+            await failover

@@ -146,6 +146,9 @@ class AuroraCluster(AsyncService):
         self._ssl: ssl.SSLContext | None = None
         self._writer: ClusterEndpoint | None = None
         self._reader: ReaderEndpoint | None = None
+        self.promoted = asyncio.Event()
+        """Set once a `failover()` has promoted its target and listed it as the writer (the
+        cluster endpoint moves `lag` seconds later)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -346,7 +349,8 @@ class AuroraCluster(AsyncService):
         con = await asyncpg.connect(
             instance.server.dsn,
             ssl=False,
-            server_settings={"default_transaction_read_only": "off"},
+            # local: an old writer back read-only still names standbys that never come.
+            server_settings={"default_transaction_read_only": "off", "synchronous_commit": "local"},
         )
         try:
             if args:
@@ -487,6 +491,7 @@ class AuroraCluster(AsyncService):
             self.reader.add_backend(old.emulator)
         if _address(new.emulator) in backends and len(self.reader.backends) > 1:
             self.reader.remove_backend(new.emulator)
+        self.promoted.set()
         logger.info("aurora cluster: promoted %s; cluster endpoint moves in %s s", new.id, lag)
         await self.writer.switch(new.emulator, lag=lag)
         return FailoverTimeline(
