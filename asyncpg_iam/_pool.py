@@ -290,6 +290,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(max_lifetime, max_lifetime_jitter)
+        self._topology_setting = topology
+        self._topology_start: asyncio.Task[None] | None = None
         self._topology = self._start_topology(topology)
         self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
         self._refill_task: asyncio.Task[None] | None = None
@@ -332,6 +334,21 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             if router.role != "writer":
                 self._failover.on_lost = functools.partial(_reader_lost, monitor)
         return monitor
+
+    def _replan_topology(self) -> None:
+        """Route by the new plan's cluster (or by DNS) after `set_connect_args`."""
+        old = self._topology
+        if old is not None:
+            old.close()
+            self._connector.router = None
+            self._failover.on_event = self._failover.on_lost = None
+        self._topology = self._start_topology(self._topology_setting)
+        if self._topology is not None and self._initialized:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: its router has no topology and connects go through DNS
+            self._topology_start = loop.create_task(self._topology.start())
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -416,6 +433,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         _, connect_kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
         plan = plan_connect(dsn, connect_kwargs, auth=auth)
         self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
+        self._replan_topology()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -629,6 +647,8 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             self._refill_task.cancel()
         if self._topology is not None:
             await self._topology.aclose()
+        if self._topology_start is not None:
+            self._topology_start.cancel()
         await self._connector.aclose()  # idempotent
 
 

@@ -419,6 +419,14 @@ def _aurora_rows(
     """Add the AuroraCluster scenarios' rows: asyncpg.Pool vs DNS-only vs topology-aware."""
     result.figures["aurora_lag"] = {"lag_s": lag, **aurora}
     result.figures["reader_added"] = {"watch_s": watch, **readers}
+    result.notes.append(
+        f"The Aurora rows run on AuroraCluster (one cluster per pool): 16 writers on a pool of "
+        f"10, the old writer back read-only, the cluster endpoint moving {lag:g} s after the "
+        "promotion; and a pool of 10 on the reader endpoint over two replicas under light "
+        "read load, a third added (its share counts the connections open at its emulator; "
+        "the topology-aware pool's own monitoring connection is one of the pool's 11). "
+        "DNS-only is asyncpg_iam.Pool with topology=False."
+    )
 
     def three(table: dict[str, dict[str, Any]], key: str, fmt: str) -> str:
         values = [table[kind][key] for kind in AURORA_KINDS]

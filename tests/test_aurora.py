@@ -237,3 +237,21 @@ async def test_my_service_writes_through_an_aurora_failover(
             on = await pool.fetchval("SELECT aurora_db_instance_identifier()")
             assert on == cluster.writer_instance.id
             await failover
+
+
+async def test_set_connect_args_plans_the_topology_again(cluster: AuroraCluster) -> None:
+    """A writer pool switched to read-only by set_connect_args routes to the reader."""
+    async with asyncpg_iam.create_pool(**cluster.pool_kwargs(min_size=1, max_size=2)) as pool:
+        assert await pool.fetchval("SELECT aurora_db_instance_identifier()") == "instance-1"
+        pool.set_connect_args(
+            host=cluster.writer.host,
+            port=cluster.writer.port,
+            user=cluster.user,
+            database=cluster.database,
+            ssl=cluster.client_ssl_context(),
+            target_session_attrs="read-only",
+        )
+        await pool.expire_connections()
+        await _first(lambda: pool.stats().topology_refreshes >= 1)
+        on = await pool.fetchval("SELECT aurora_db_instance_identifier()")
+    assert on == "instance-2"
