@@ -377,6 +377,8 @@ class Connector:
             target = router.route()
         else:
             timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+            if timeout is None:
+                timeout = _CONNECT_DEFAULTS.get("timeout")
             loop = asyncio.get_running_loop()
             began = loop.time()
             try:

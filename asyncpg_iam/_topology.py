@@ -719,7 +719,7 @@ class TopologyMonitor:
         shares = fair_shares(
             self.router.connections_by_instance(), [r.id for r in topology.readers]
         )
-        return any(v < -0 for v in shares.values()) and any(v > 0 for v in shares.values())
+        return any(v < 0 for v in shares.values()) and any(v > 0 for v in shares.values())
 
     def _rebalance(self, topology: Topology) -> None:
         """Retire one idle connection of the most over-served reader when another is short."""

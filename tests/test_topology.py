@@ -133,7 +133,7 @@ def test_multi_az_rows_name_the_writer_by_resource_id() -> None:
     assert [r.id for r in topology.readers] == ["one"]
 
 
-def test_settings_are_validated() -> None:
+async def test_settings_are_validated() -> None:
     """Unknown strategies, bad durations and patterns are configuration errors."""
     with pytest.raises(ConfigurationError, match="reader_strategy"):
         AuroraTopology(reader_strategy="random")  # type: ignore[arg-type]
