@@ -86,6 +86,31 @@ async def _first(condition: Any, timeout: float = 60.0) -> float:
     return loop.time()
 
 
+async def test_topology_shows_in_stats_and_opentelemetry(cluster: AuroraCluster) -> None:
+    """Refreshes and connections per instance reach PoolStats and the OpenTelemetry metrics."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from asyncpg_iam.otel import instrument_pool
+
+    reader = InMemoryMetricReader()
+    kwargs = cluster.pool_kwargs(reader=True, min_size=3, max_size=3)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        instrument_pool(pool, meter_provider=MeterProvider(metric_readers=[reader]))
+        stats = pool.stats()
+        data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {m.name: m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
+    by_instance = {
+        p.attributes["asyncpg_iam.instance.id"]: p.value
+        for p in metrics["asyncpg_iam.connections.by_instance"].data.data_points
+    }
+    refreshes = list(metrics["asyncpg_iam.topology.refreshes"].data.data_points)
+    assert by_instance == stats.connections_by_instance == {"instance-2": 3}
+    assert refreshes[0].value == stats.topology_refreshes >= 1
+
+
 async def test_failover_reaches_the_new_writer_without_waiting_for_dns(
     cluster: AuroraCluster,
 ) -> None:
