@@ -280,3 +280,20 @@ async def test_set_connect_args_plans_the_topology_again(cluster: AuroraCluster)
         await _first(lambda: pool.stats().topology_refreshes >= 1)
         on = await pool.fetchval("SELECT aurora_db_instance_identifier()")
     assert on == "instance-2"
+
+
+async def test_a_new_replica_is_used_before_the_reader_endpoint_lists_it(
+    credential_server: CredentialServer,
+) -> None:
+    """With the reader endpoint's DNS 30 s behind, the topology already sends connections to
+    a replica added to the cluster."""
+    async with AuroraCluster(replicas=1, reader_lag=30.0) as lagging:
+        credential_server.add_emulator(lagging)
+        topology = asyncpg_iam.AuroraTopology(refresh_interval=1.0)
+        kwargs = lagging.pool_kwargs(reader=True, min_size=4, max_size=4, topology=topology)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            added = await lagging.add_replica()
+            await _first(
+                lambda: pool.stats().connections_by_instance.get(added.id, 0) >= 1, timeout=30.0
+            )
+            assert len(lagging.reader.backends) == 1  # DNS has not moved yet

@@ -26,7 +26,7 @@ import asyncio
 import dataclasses
 import logging
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from .._auth import IAMAuth
@@ -99,7 +99,8 @@ class AuroraCluster(AsyncService):
 
     `endpoint` is the cluster (writer) endpoint's name; the reader endpoint's is derived from
     it (``.cluster-`` becomes ``.cluster-ro-``), and so is each instance's
-    (``instance-1.<suffix>``...). `lag` is the cluster endpoint's DNS lag in a `failover()`.
+    (``instance-1.<suffix>``...). `lag` is the cluster endpoint's DNS lag in a `failover()`;
+    `reader_lag` the reader endpoint's, for replicas added, removed or changing role.
     Register the keys that sign with `register_key()` (or
     ``credential_server.add_emulator(cluster)``). Use ``async with AuroraCluster() as cluster``.
     """
@@ -112,11 +113,12 @@ class AuroraCluster(AsyncService):
         signing_port: int = 5432,
         region: str | None = None,
         lag: float = 5.0,
+        reader_lag: float = 0.0,
         iam_users: Iterable[str] = (),
         settings: Mapping[str, str] | None = None,
     ) -> None:
-        if lag < 0:
-            raise ConfigurationError(f"lag must be seconds >= 0, not {lag!r}")
+        if lag < 0 or reader_lag < 0:
+            raise ConfigurationError(f"lags must be seconds >= 0, not {lag!r}, {reader_lag!r}")
         if replicas < 0:
             raise ConfigurationError(f"replicas must be >= 0, not {replicas!r}")
         pattern = instance_host_pattern(endpoint)
@@ -131,6 +133,8 @@ class AuroraCluster(AsyncService):
         self._signing_port = signing_port
         self._region = region
         self._lag = lag
+        self._reader_lag = reader_lag
+        self._reader_changes: set[asyncio.Task[None]] = set()
         self._replicas = replicas
         self._iam_users = list(iam_users)
         # WAL is kept for replicas cloned in parallel or added later.
@@ -214,6 +218,8 @@ class AuroraCluster(AsyncService):
 
     async def stop(self) -> None:
         """Stop the endpoints, the emulators and every server, and remove their data."""
+        for change in list(self._reader_changes):
+            change.cancel()
         for endpoint in (self._writer, self._reader):
             if endpoint is not None:
                 await endpoint.stop()
@@ -409,7 +415,7 @@ class AuroraCluster(AsyncService):
     async def add_replica(self) -> AuroraInstance:
         """Add a streaming replica: listed in the topology and behind the reader endpoint."""
         instance = await self._add(self.writer_instance)
-        self.reader.add_backend(instance.emulator)
+        self._reader_add(instance)
         logger.info("aurora cluster: added replica %s", instance.id)
         return instance
 
@@ -426,8 +432,7 @@ class AuroraCluster(AsyncService):
         )
         if not self.readers[1:]:
             await self._synchronous(self.writer_instance, None)
-        if _address(instance.emulator) in self.reader.backends:
-            self.reader.remove_backend(instance.emulator)
+        self._reader_remove(instance)
         del self._instances[instance_id]
         await instance.emulator.stop()
         await asyncio.to_thread(instance.server.stop)
@@ -486,11 +491,9 @@ class AuroraCluster(AsyncService):
         for other in self.readers:
             if other is not old:
                 await self._follow(other, new)
-        backends = self.reader.backends
         if old_writer == "read_only":
-            self.reader.add_backend(old.emulator)
-        if _address(new.emulator) in backends and len(self.reader.backends) > 1:
-            self.reader.remove_backend(new.emulator)
+            self._reader_add(old)
+        self._reader_remove(new)
         self.promoted.set()
         logger.info("aurora cluster: promoted %s; cluster endpoint moves in %s s", new.id, lag)
         await self.writer.switch(new.emulator, lag=lag)
@@ -501,6 +504,36 @@ class AuroraCluster(AsyncService):
             switched_at=loop.time(),
             old_writer=old_writer,
         )
+
+    def _reader_add(self, instance: AuroraInstance) -> None:
+        def add() -> None:
+            if _address(instance.emulator) not in self.reader.backends:
+                self.reader.add_backend(instance.emulator)
+
+        self._reader_change(add)
+
+    def _reader_remove(self, instance: AuroraInstance) -> None:
+        def remove() -> None:
+            backends = self.reader.backends
+            if _address(instance.emulator) in backends and len(backends) > 1:
+                self.reader.remove_backend(instance.emulator)
+
+        self._reader_change(remove)
+
+    def _reader_change(self, change: Callable[[], None]) -> None:
+        """Apply a change of the reader endpoint's DNS now, or `reader_lag` s from now."""
+        if self._reader_lag <= 0:
+            change()
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(self._reader_lag)
+            if self._reader is not None:
+                change()
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._reader_changes.add(task)
+        task.add_done_callback(self._reader_changes.discard)
 
     async def _rewrite_topology(self, on: AuroraInstance) -> None:
         """Write the post-failover topology on `on`'s server."""
