@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import logging
 import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +41,8 @@ __all__ = [
     "find_region",
 ]
 
+logger = logging.getLogger("asyncpg_iam.connect")
+
 _REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 _SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
@@ -65,11 +68,11 @@ def _is_host_name(value: object) -> bool:
     else:
         return True
     labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
-    return all(_HOST_LABEL_RE.match(label) for label in labels)
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _check_region(region: str, what: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
         raise ConfigurationError(
             f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
         )
@@ -202,14 +205,14 @@ class IAMAuth:
                     "<account>:role/<name>' or drop them"
                 )
             return
-        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.match(self.role_arn):
+        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.fullmatch(self.role_arn):
             raise ConfigurationError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN like "
                 "'arn:aws:iam::123456789012:role/app'"
             )
         if self.role_session_name is not None and (
             not isinstance(self.role_session_name, str)
-            or not _SESSION_NAME_RE.match(self.role_session_name)
+            or not _SESSION_NAME_RE.fullmatch(self.role_session_name)
         ):
             raise ConfigurationError(
                 "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"
@@ -338,6 +341,22 @@ class TokenRecord:
     reused: bool = False
 
 
+def _warn_if_ip(signing_host: str, *, dsql: bool) -> None:
+    """Warn that a token signed for an IP address will be refused (RDS checks the name)."""
+    try:
+        ipaddress.ip_address(signing_host.strip("[]"))
+    except ValueError:
+        return
+    logger.warning(
+        "signing IAM tokens for %s, an IP address: %s checks the token against its endpoint "
+        "name, so the login will be refused. Pass IAMAuth(signing_host='%s') "
+        "(--signing-host on the command line)",
+        signing_host,
+        "DSQL" if dsql else "RDS",
+        "<cluster-id>.dsql.<region>.on.aws" if dsql else "<name>.<id>.<region>.rds.amazonaws.com",
+    )
+
+
 class TokenProvider:
     """Sign a token per connect from cached credentials; no I/O in the steady state."""
 
@@ -392,6 +411,7 @@ class TokenProvider:
         if self.auth.region is None and endpoint_region is None:
             _check_region(region, f"the AWS region from {source}")
         self.credentials.offer_region(region, source)
+        _warn_if_ip(signing_host, dsql=dsql)
         return SigningTarget(
             host=host,
             port=port,

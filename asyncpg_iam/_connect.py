@@ -2,7 +2,8 @@
 
 Every route that logs in goes through a `Connector`: the pool (creation, refill, ``min_size``,
 `Pool.set_connect_args`), the SQLAlchemy engine, the Starlette lifespan (through the pool) and
-the command line's ``psql``, ``token`` and ``doctor``. `plan_connect` reads the arguments and
+the command line's ``psql``, ``token`` and ``doctor``. `plan_connect`, the one plan assembly
+(every default applied there: Aurora DSQL's, TLS, the writer default), reads the arguments and
 the environment once (DSN, host, port, user, database, ``PGSSLMODE``, ``PGSSLROOTCERT``, a
 service file, ...) into a frozen `ConnectPlan`; every connect then passes asyncpg explicit
 arguments, an `ssl.SSLContext` among them, and no DSN, so nothing read later (the environment,
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 import socket
 import ssl
-import struct
-import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,8 +37,11 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _options, _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
+from ._dsn import DSN, parse_dsn
+from ._dsql import connect_defaults
 from ._errors import (
     ConfigurationError,
     ConnectError,
@@ -47,10 +49,13 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    is_iam_refusal,
     rank_auth_failure,
+    without_traceback,
 )
 from ._lifetime import TokenBucket
-from ._tls import TLSPolicy, decide_tls
+from ._signing import is_writer_endpoint
+from ._tls import SSL_REQUEST, TLSPolicy, decide_tls
 
 if TYPE_CHECKING:
     from ._topology import Router
@@ -89,10 +94,9 @@ _RESOLVED = frozenset(
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's.
-_OWN_KEYWORDS = frozenset({"sslrootcert"})
+_PLAN_KEYWORDS = frozenset({"sslrootcert", _proxy.KEYWORD})
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
@@ -116,6 +120,10 @@ class ConnectPlan:
     connect_kwargs: Mapping[str, Any]
     auth: IAMAuth | None
     direct_tls: bool = False
+    dsql: bool = False
+    """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
+    rds_proxy: bool = False
+    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -138,15 +146,6 @@ class ConnectPlan:
         return kwargs
 
 
-def _dsn_password(dsn: str | None) -> str | None:
-    if not dsn:
-        return None
-    try:
-        return urllib.parse.urlsplit(dsn).password
-    except ValueError:
-        return None  # _parse reports the malformed DSN
-
-
 def _check_session_attrs(value: Any) -> None:
     if value is not None and str(getattr(value, "value", value)) not in _SESSION_ATTRS:
         raise ConfigurationError(
@@ -161,8 +160,15 @@ def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     arguments["dsn"] = dsn
     try:
         addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
-        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
+    except (
+        ClientConfigurationError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
+        # asyncpg's parser fails on wrongly typed values with AttributeError (host=1) and
+        # OverflowError (port=inf) too.
         text = str(exc)
         if "target_session_attrs" in text:
             found = re.search(r"got (.+)$", text)
@@ -176,11 +182,13 @@ def check_keywords(
 ) -> None:
     """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
     (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
-    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    known = set(_CONNECT_DEFAULTS) | _PLAN_KEYWORDS
     unknown = sorted(name for name in given if name not in known)
     if not unknown:
         return
     name = unknown[0]
+    import difflib  # on a failure path only
+
     close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
     valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
     if own:
@@ -210,7 +218,7 @@ def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
                 )
             endpoints.append((addr, 0))
         else:
-            endpoints.append((str(addr[0]), int(addr[1])))
+            endpoints.append((_options.host("host", addr[0]), _options.port("port", addr[1])))
     return tuple(endpoints)
 
 
@@ -221,24 +229,70 @@ def plan_connect(
     auth: IAMAuth | None,
     environ: Mapping[str, str] | None = None,
 ) -> ConnectPlan:
-    """Resolve `dsn` and `connect_kwargs` (`asyncpg.connect`'s) into a plan; validate them.
+    """Assemble the complete plan from `dsn` and `connect_kwargs` (`asyncpg.connect`'s).
 
-    Also takes ``sslrootcert=`` (a CA file, or ``"system"``) as a keyword. Raises
-    `ConfigurationError` for anything that could not connect, or that could send an IAM token
-    in clear or to an unverified server. Callers check unknown keywords first
-    (`check_keywords`), so that the message can name their own.
+    The one assembly every route makes (the pool, `Pool.set_connect_args`, the SQLAlchemy
+    engine, the command line): the DSN parsed once, Aurora DSQL's defaults, the TLS policy and
+    the writer default (``target_session_attrs="read-write"`` for IAM on one Aurora cluster
+    endpoint when nothing chose the attributes). `environ` is the environment to read
+    (default: ``os.environ``, read here once). Also takes ``sslrootcert=`` (a CA file, or
+    ``"system"``) as a keyword. Raises `ConfigurationError` for anything that could not
+    connect, or that could send an IAM token in clear or to an unverified server. Callers check
+    unknown keywords first (`check_keywords`), so that the message can name their own.
     """
+    env = os.environ if environ is None else environ
+    parsed = parse_dsn(dsn)
+    dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
+    rds_proxy, kwargs = _proxy.proxy_defaults(parsed, kwargs, auth=auth, environ=env)
+    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)
+    attrs = _writer_default(plan, parsed, kwargs, env)
+    if dsql or (attrs is not None and attrs != plan.target_session_attrs):
+        plan = dataclasses.replace(
+            plan, dsql=dsql, target_session_attrs=attrs or plan.target_session_attrs
+        )
+    return plan
+
+
+def _writer_default(
+    plan: ConnectPlan, dsn: DSN, kwargs: Mapping[str, Any], environ: Mapping[str, str]
+) -> str | None:
+    """Return ``"read-write"`` when an IAM plan on one cluster endpoint chose no attributes.
+
+    Anything the caller chose (``target_session_attrs=``, the DSN's query, the
+    ``PGTARGETSESSIONATTRS`` variable) wins; any other host keeps asyncpg's ``any``, since an
+    instance name says nothing about whether it is a replica.
+    """
+    if plan.auth is None or kwargs.get("target_session_attrs") is not None:
+        return None
+    if environ.get("PGTARGETSESSIONATTRS") or "target_session_attrs" in dsn.query:
+        return None
+    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
+    if len(hosts) == 1 and is_writer_endpoint(hosts[0]):
+        return "read-write"
+    return None
+
+
+def _resolve(
+    dsn: str | None,
+    parsed: DSN,
+    connect_kwargs: Mapping[str, Any],
+    *,
+    auth: IAMAuth | None,
+    environ: Mapping[str, str],
+    rds_proxy: bool,
+) -> ConnectPlan:
+    """Resolve the arguments into a plan as asyncpg would; validate them (TLS included)."""
     kwargs = dict(connect_kwargs)
     sslrootcert = kwargs.pop("sslrootcert", None)
     if sslrootcert is not None and not isinstance(sslrootcert, str):
         raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
     iam = auth is not None
-    if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
+    if iam and (kwargs.get("password") is not None or parsed.password):
         raise ConfigurationError(_IAM_PASSWORD)
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
-        dsn=dsn,
+        dsn=parsed,
         kwargs=kwargs,
         iam=iam,
         allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
@@ -246,6 +300,8 @@ def plan_connect(
         environ=environ,
     )
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    if rds_proxy:
+        _proxy.refuse_options(params.server_settings, dsn)
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
     negotiation = getattr(params, "ssl_negotiation", None)
@@ -259,6 +315,7 @@ def plan_connect(
         connect_kwargs=passthrough,
         auth=auth,
         direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        rds_proxy=rds_proxy,
         password=None if iam else params.password,
     )
 
@@ -315,7 +372,14 @@ class Connector:
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
         self.router: Router | None = None
-        """Chooses an instance endpoint per connect from a cluster's topology (`_topology`)."""
+        """Chooses an instance endpoint per connect from a cluster's topology (`_topology`);
+        consulted by `open_planned`, so a blue/green `route` (which wins while set) and the
+        `login_gate` (which holds a login to whatever host it picks) compose with it."""
+        self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
+        """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
+        self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
+        """What a login to (host, port) waits for first, if anything (the pool's health
+        check: a host that went silent)."""
         self.use_plan(plan)
 
     def use_plan(self, plan: ConnectPlan) -> None:
@@ -360,11 +424,24 @@ class Connector:
         # than awaiting it in one more, since every await inside a connect resumes each
         # coroutine of the chain.
         self.counters.attempts += 1
+        route = self.route
+        if route is not None:
+            return route(extra)
+        return self.open_planned(extra)
+
+    def open_planned(
+        self, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open one connection where the plan says (`open` without a route); `attrs`
+        overrides the plan's ``target_session_attrs``."""
         if self.provider is None:
             return self._open_without_iam(extra)
-        tsa = self.plan.target_session_attrs
-        if self.router is not None:
-            return self._login_routed(self.router, extra, tsa)
+        router = self.router
+        if router is not None and attrs is None:
+            # The pool's connections go where the topology says; the library's own (an
+            # `attrs` override) where the plan says.
+            return self._login_routed(router, extra, self.plan.target_session_attrs)
+        tsa = attrs or self.plan.target_session_attrs
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
@@ -416,14 +493,25 @@ class Connector:
         endpoint) with `attrs` as ``target_session_attrs``; not counted as the pool's."""
         return self._login(target or self.targets[0], {"timeout": timeout}, attrs, one=False)
 
+    def open_at(
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Log in to `target` (dial its host and port, sign for its signing name)."""
+        return self._login(target, extra, attrs or self.plan.target_session_attrs)
+
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
             if self._bucket is not None:
                 await self._throttle(self._bucket)
             kwargs = {**self._kwargs, **extra}
+            gate = self.login_gate
+            if gate is not None and len(self.plan.endpoints) == 1:
+                waiting = gate(*self.plan.endpoints[0])
+                if waiting is not None:
+                    await _wait_at_gate(waiting, *self.plan.endpoints[0], kwargs)
             started = self._clock.monotonic()
             try:
-                return await self._connect(**kwargs), started
+                con = await self._connect(**kwargs)
             except (OSError, asyncio.TimeoutError) as exc:
                 endpoints = self.plan.endpoints
                 if len(endpoints) != 1 or not endpoints[0][1]:
@@ -431,10 +519,13 @@ class Connector:
                 error = await self._explain_connect(exc, *endpoints[0], kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
+        return con, started
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -470,23 +561,29 @@ class Connector:
                 target_session_attrs=attrs,
                 password=functools.partial(provider.token, target, record),
             )
+            gate = self.login_gate
+            waiting = gate(target.host, target.port) if gate is not None else None
+            if waiting is not None:
+                await _wait_at_gate(waiting, target.host, target.port, kwargs)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
             except InvalidAuthorizationSpecificationError as exc:
-                if isinstance(exc, IAMAuthenticationError):
+                if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from exc
+                raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = await self._explain_connect(exc, target.host, target.port, kwargs)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             if one:
                 self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
@@ -564,7 +661,8 @@ class Connector:
         cause = ranked[0][0]
         self.counters.auth_failures_by_cause[cause] += 1
         error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
-        logger.warning(
+        # DEBUG: the error itself says all of this; a background refill logs it when it fails.
+        logger.debug(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,
             target.user,
@@ -600,6 +698,31 @@ class Connector:
         """Release the credential cache's resources (idempotent)."""
         if self.provider is not None:
             await self.provider.aclose()
+
+
+async def _wait_at_gate(
+    waiting: Awaitable[None], host: str, port: int, kwargs: dict[str, Any]
+) -> None:
+    """Wait for a silent host to answer, within the connect timeout (what is left of it
+    goes to the login)."""
+    loop = asyncio.get_running_loop()
+    timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
+    began = loop.time()
+    try:
+        await asyncio.wait_for(waiting, timeout)
+    except asyncio.TimeoutError:
+        raise ConnectTimeoutError(
+            f"{host}:{port} went silent and answered no probe within the connect timeout "
+            f"({timeout:g} s); no login was tried",
+            host=host,
+            port=port,
+            phase="silent",
+            hint="The host or the network path to it is down or hung (see the pool's WARNING "
+            "that named it); it is probed every second and logins go ahead once it answers",
+            timeout=timeout,
+        ) from None
+    if timeout is not None:
+        kwargs["timeout"] = max(timeout - (loop.time() - began), 0.001)
 
 
 async def _in_recovery(con: Any) -> bool:
@@ -690,7 +813,7 @@ async def _explain_timeout(host: str, port: int, timeout: float | None) -> Conne
         phase = "tcp"
     else:
         try:
-            writer.write(_SSL_REQUEST)
+            writer.write(SSL_REQUEST)
             await writer.drain()
             if not await asyncio.wait_for(reader.read(1), probe):
                 phase = "startup"

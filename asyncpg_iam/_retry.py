@@ -31,6 +31,7 @@ import asyncpg.pool
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CommitOutcomeUnknownError, ConfigurationError
+from ._options import count, seconds
 
 __all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "run_transaction"]
 
@@ -53,18 +54,9 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def _check(retries: int, backoff: float, max_backoff: float, isolation: str | None) -> None:
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigurationError(
-            f"retries must be a whole number >= 0 (retries after the first attempt), "
-            f"not {retries!r}"
-        )
-    for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value < float("inf")
-        ):
-            raise ConfigurationError(f"{name} must be seconds >= 0, not {value!r}")
+    count("retries", retries, maximum=1000)
+    seconds("backoff", backoff)
+    seconds("max_backoff", max_backoff)
     if isolation not in _ISOLATION_LEVELS:
         raise ConfigurationError(
             f"isolation must be one of {', '.join(map(str, _ISOLATION_LEVELS))}, not {isolation!r}"

@@ -19,14 +19,18 @@ import configparser
 import dataclasses
 import os
 import ssl
-import urllib.parse
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ._dsn import DSN
 from ._errors import ConfigurationError
 
-__all__ = ["TLSPolicy", "ca_bundle_path", "decide_tls", "default_ssl_context"]
+__all__ = ["SSL_REQUEST", "TLSPolicy", "ca_bundle_path", "decide_tls", "default_ssl_context"]
+
+#: PostgreSQL's SSLRequest: the first message of a connection that asks for TLS.
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 #: Environment variable naming a CA bundle to use instead of the cached RDS bundle.
 CA_BUNDLE_ENV = "ASYNCPG_IAM_CA_BUNDLE"
@@ -120,18 +124,6 @@ def _context_mode(context: ssl.SSLContext) -> str:
     return "verify-full" if context.check_hostname else "verify-ca"
 
 
-def _dsn_query(dsn: str | None) -> dict[str, str]:
-    if not dsn:
-        return {}
-    try:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"invalid dsn: {exc}; pass one like 'postgresql://user@host:5432/database'"
-        ) from exc
-    return {key: values[-1] for key, values in query.items() if values}
-
-
 def _service_settings(
     query: Mapping[str, str], kwargs: Mapping[str, Any], environ: Mapping[str, str]
 ) -> tuple[str | None, dict[str, str]]:
@@ -166,12 +158,12 @@ def _from(mapping: Mapping[str, Any], key: str, source: str) -> _Setting | None:
 def decide_tls(
     *,
     ssl_arg: Any,
-    dsn: str | None,
+    dsn: DSN,
     kwargs: Mapping[str, Any],
     iam: bool,
     allow_unverified: bool = False,
     sslrootcert: str | None = None,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str],
 ) -> TLSPolicy:
     """Decide, once, how logins are protected; raise `ConfigurationError` for a refused mode.
 
@@ -179,10 +171,11 @@ def decide_tls(
     certificate setting. Without IAM the caller's choice is kept (asyncpg's ``prefer`` when
     there is none), only frozen.
     """
-    env = os.environ if environ is None else environ
-    query = _dsn_query(dsn)
-    service, service_settings = _service_settings(query, kwargs, env)
-    sources = _Sources(query, service_settings, env, f"{{key}}={{value}} in service {service!r}")
+    query = dsn.query
+    service, service_settings = _service_settings(query, kwargs, environ)
+    sources = _Sources(
+        query, service_settings, environ, f"{{key}}={{value}} in service {service!r}"
+    )
     mode_setting: _Setting | None
     caller_context: ssl.SSLContext | None
     if ssl_arg is not None:
@@ -204,7 +197,7 @@ def decide_tls(
         _Setting(sslrootcert, f"sslrootcert={sslrootcert}") if sslrootcert else None,
         sources.find("sslrootcert", "PGSSLROOTCERT"),
     )
-    ca_file, ca_source = _ca_for(root, env)
+    ca_file, ca_source = _ca_for(root, environ)
     context = _build_context(mode, ca_file, ca_source)
     cert_file, key_file = _load_client_cert(
         context, sources.find("sslcert", "PGSSLCERT"), sources.find("sslkey", "PGSSLKEY")

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import asyncpg
 from asyncpg.exceptions import TargetServerAttributeNotMatched
 
+from . import _options
 from ._auth import SigningTarget
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, NoWriterError
@@ -128,28 +129,31 @@ class AuroraTopology:
                 f"reader_strategy must be one of {', '.join(READER_STRATEGIES)}, "
                 f"not {self.reader_strategy!r}"
             )
-        for name in ("refresh_interval", "no_writer_timeout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigurationError(f"{name} must be seconds > 0, not {value!r}")
-        lag = self.max_reader_lag
-        if lag is not None and (isinstance(lag, bool) or not isinstance(lag, (int, float))):
-            raise ConfigurationError(f"max_reader_lag must be seconds or None, not {lag!r}")
+        _options.positive_seconds("refresh_interval", self.refresh_interval)
+        _options.positive_seconds("no_writer_timeout", self.no_writer_timeout)
+        if self.max_reader_lag is not None:
+            _options.seconds("max_reader_lag", self.max_reader_lag, hint=" (or None)")
+        if self.resolve is not None and not callable(self.resolve):
+            raise ConfigurationError(
+                f"resolve must be a function (name, port) -> (host, port), not {self.resolve!r}"
+            )
         if self.instance_host_pattern is not None:
             _split_pattern(self.instance_host_pattern)
 
 
 def _split_pattern(pattern: str) -> tuple[str, int | None]:
     """Return (host pattern, port or None) of an `instance_host_pattern`."""
-    host, _, port = pattern.partition(":")
+    host, _, port = _options.host("instance_host_pattern", pattern).partition(":")
     if host.count("?") != 1 or not host.startswith("?."):
         raise ConfigurationError(
             f"instance_host_pattern must start with '?.' (the instance identifier, then the "
             f"DNS suffix), as in '?.abc123.us-east-1.rds.amazonaws.com', not {pattern!r}"
         )
-    if port and not port.isdigit():
+    if not port:
+        return host, None
+    if not (port.isascii() and port.isdigit()):
         raise ConfigurationError(f"the port of instance_host_pattern {pattern!r} is not a number")
-    return host, int(port) if port else None
+    return host, _options.port("the port of instance_host_pattern", int(port))
 
 
 def instance_host_pattern(cluster_host: str) -> str | None:
@@ -490,7 +494,7 @@ class TopologyMonitor:
         self._retire = retire
         self._name = name
         self._clock = clock
-        self._con: Any = None
+        self._link: Any = None  # the monitor's own connection, for the topology queries
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
@@ -534,7 +538,7 @@ class TopologyMonitor:
             self._task = None
         for probe in list(self._probes):
             probe.cancel()
-        con, self._con = self._con, None
+        con, self._link = self._link, None
         if con is not None and not con.is_closed():
             con.terminate()
 
@@ -550,6 +554,20 @@ class TopologyMonitor:
     def wake(self) -> None:
         """Refresh now (an instance may have left)."""
         self._wake.set()
+
+    def lost(self, con: Any) -> bool:
+        """A reader pool's connection was dropped: refresh now; True when the router sent it
+        to one reader (that reader's loss, not a pool-wide event). `FailoverGuard.on_lost`."""
+        if self.router.instance_of(con) is None:
+            return False
+        self.wake()
+        return True
+
+    def follow(self, guard: Any) -> None:
+        """Hook into a `FailoverGuard` (the pool's or the engine's): its events refresh the
+        topology, and on a reader pool a lost connection is that reader's loss (`lost`)."""
+        guard.on_event = self.signal
+        guard.on_lost = self.lost if self.router.role != "writer" else None
 
     def next_interval(self) -> float:
         """Seconds until the next refresh."""
@@ -591,10 +609,10 @@ class TopologyMonitor:
         return topology
 
     async def _connection(self) -> Any:
-        con = self._con
+        con = self._link
         if con is not None and not con.is_closed():
             return con
-        self._con = None
+        self._link = None
         last: BaseException | None = None
         for target in self._candidates():
             self.logins += 1
@@ -603,7 +621,7 @@ class TopologyMonitor:
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
                 last = exc
                 continue
-            self._con = opened
+            self._link = opened
             return opened
         raise last or ConnectionError("no instance to read the topology from")
 
@@ -651,7 +669,7 @@ class TopologyMonitor:
         self._drop_connection()
 
     def _drop_connection(self) -> None:
-        con, self._con = self._con, None
+        con, self._link = self._link, None
         if con is not None and not con.is_closed():
             con.terminate()
 
@@ -695,7 +713,7 @@ class TopologyMonitor:
         # The probe stays as the monitor's connection: the writer knows the topology.
         self._drop_connection()
         now = self._clock.monotonic()
-        self._con = con
+        self._link = con
         self._search_began = None
         self._probed.clear()
         self._fast_until = now + _FAST_PERIOD

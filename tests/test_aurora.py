@@ -147,6 +147,52 @@ async def test_failover_reaches_the_new_writer_without_waiting_for_dns(
     print(f"first write {first_write:.2f} s after promotion, {logins} logins")
 
 
+async def test_sqlalchemy_engine_follows_the_topology_through_a_failover(
+    cluster: AuroraCluster,
+) -> None:
+    """An engine on the cluster endpoint reads the topology through the same Connector as the
+    pool: it dials the writer's instance endpoint, and after a failover reaches the promoted
+    instance while DNS (20 s lag) still names the old one."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import text
+
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    kwargs = cluster.pool_kwargs()
+    url = f"postgresql+asyncpg://{kwargs['user']}@{kwargs['host']}:{kwargs['port']}/{kwargs['database']}"
+    engine = create_async_engine(
+        url,
+        iam=kwargs["iam"],
+        topology=kwargs["topology"],
+        connect_args={"ssl": kwargs["ssl"]},
+        pool_size=2,
+        max_lifetime=None,
+    )
+    query = text("SELECT aurora_db_instance_identifier()")
+    try:
+        async with engine.connect() as con:
+            before = await con.scalar(query)
+        failover = asyncio.ensure_future(cluster.failover(old_writer="down"))
+        await _first(lambda: cluster.writer_instance.id != "instance-1")
+        loop = asyncio.get_running_loop()
+        after, deadline = None, loop.time() + 60.0
+        while after != "instance-2" and loop.time() < deadline:
+            with contextlib.suppress(Exception):
+                async with engine.begin() as con:
+                    await con.execute(text("CREATE TABLE IF NOT EXISTS t (x int)"))
+                    after = await con.scalar(query)
+            await asyncio.sleep(0.1)
+        reached = loop.time()
+        timeline = await failover  # the DNS switch, 20 s after the promotion
+    finally:
+        await engine.dispose()
+    assert before == "instance-1"
+    assert after == "instance-2"
+    assert reached < timeline.switched_at
+    # Only the monitor's first login went through the cluster endpoint's name.
+    assert sum(cluster.writer.connections_by_backend.values()) == 1
+
+
 async def _write_until_refused(pool: Any) -> None:
     """Write every 0.1 s for 10 s; a lost connection (the restart) is not the answer."""
     for _ in range(100):
@@ -297,3 +343,22 @@ async def test_a_new_replica_is_used_before_the_reader_endpoint_lists_it(
                 lambda: pool.stats().connections_by_instance.get(added.id, 0) >= 1, timeout=30.0
             )
             assert len(lagging.reader.backends) == 1  # DNS has not moved yet
+
+
+async def test_close_and_terminate_stop_the_topology_monitor(cluster: AuroraCluster) -> None:
+    """Pool.close() and Pool.terminate() stop the topology's background refresh, as they stop
+    the other monitors: no refresh task outlives the pool."""
+
+    def refreshers() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() if t.get_name().startswith("asyncpg_iam topology")}
+
+    for end in ("close", "terminate"):
+        pool = await asyncpg_iam.create_pool(**cluster.pool_kwargs(min_size=1, max_size=1))
+        running = refreshers()
+        assert running, "the monitor refreshes in the background while the pool is open"
+        if end == "close":
+            await pool.close()
+        else:
+            pool.terminate()
+        _, pending = await asyncio.wait(running, timeout=10.0)
+        assert pending == set(), end

@@ -139,6 +139,16 @@ async def test_settings_are_validated() -> None:
         AuroraTopology(reader_strategy="random")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="refresh_interval"):
         AuroraTopology(refresh_interval=0)
+    with pytest.raises(ConfigurationError, match="no_writer_timeout"):
+        AuroraTopology(no_writer_timeout=float("nan"))
+    with pytest.raises(ConfigurationError, match="max_reader_lag"):
+        AuroraTopology(max_reader_lag=-1)
+    with pytest.raises(ConfigurationError, match="resolve"):
+        AuroraTopology(resolve="127.0.0.1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="port of instance_host_pattern"):
+        AuroraTopology(instance_host_pattern="?.abc.us-east-1.rds.amazonaws.com:70000")
+    with pytest.raises(ConfigurationError, match="instance_host_pattern"):
+        AuroraTopology(instance_host_pattern="?.abc.us-east-1.rds.amazonaws.com\n")
     with pytest.raises(ConfigurationError, match="instance_host_pattern"):
         AuroraTopology(instance_host_pattern="db.example.com")
     with pytest.raises(ConfigurationError, match="topology"):
