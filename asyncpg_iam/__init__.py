@@ -17,6 +17,7 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    NoWriterError,
     SwitchoverTimeoutError,
     TLSVerificationError,
 )
@@ -24,8 +25,10 @@ from ._health import HealthCheck
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
+from ._topology import AuroraTopology
 
 __all__ = [
+    "AuroraTopology",
     "BlueGreenSettings",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
@@ -37,6 +40,7 @@ __all__ = [
     "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",
+    "NoWriterError",
     "Pool",
     "PoolSettings",
     "PoolStats",

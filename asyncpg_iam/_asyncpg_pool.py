@@ -42,6 +42,7 @@ __all__ = [
     "open_holders",
     "put_back",
     "reconnect",
+    "retire_connections",
     "retire_on_release",
     "take_idle",
     "terminate_idle",
@@ -198,6 +199,37 @@ def terminate_idle(holder: Any, con: Any) -> None:
     con.terminate()
     if holder._con is con:
         holder._con = None
+
+
+def retire_connections(
+    pool: Any,
+    mark_retired: Callable[[Any], None],
+    where: Callable[[Any], bool] | None = None,
+    *,
+    idle_only: bool = False,
+    limit: int | None = None,
+) -> int:
+    """Retire `pool`'s open connections that `where` accepts (all by default); return how many.
+
+    `mark_retired(holder)` is called for each (the pool counts the close under its reason,
+    typically by `retire_on_release`). Idle ones are terminated at once; asyncpg closes the
+    ones in use when they are released (unless `idle_only`: those are left alone). At most
+    `limit`. A stale generation per holder (failover) rather than expire_connections()'s bump
+    of the pool's: a holder that is connecting now keeps the pool's generation, so a
+    connection that lands on the new writer after retries is not thrown away on its first
+    release.
+    """
+    retired = 0
+    for holder, con, idle in open_holders(pool):
+        if limit is not None and retired >= limit:
+            break
+        if (where is not None and not where(con)) or (idle_only and not idle):
+            continue
+        retired += 1
+        mark_retired(holder)
+        if idle:
+            terminate_idle(holder, con)
+    return retired
 
 
 def empty_idle_holder(pool: Any) -> Any:

@@ -26,7 +26,7 @@ import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import asyncpg.connect_utils
@@ -56,6 +56,9 @@ from ._errors import (
 from ._lifetime import TokenBucket
 from ._signing import is_writer_endpoint
 from ._tls import SSL_REQUEST, TLSPolicy, decide_tls
+
+if TYPE_CHECKING:
+    from ._topology import Router
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -368,6 +371,10 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self.router: Router | None = None
+        """Chooses an instance endpoint per connect from a cluster's topology (`_topology`);
+        consulted by `open_planned`, so a blue/green `route` (which wins while set) and the
+        `login_gate` (which holds a login to whatever host it picks) compose with it."""
         self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
         """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
         self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
@@ -429,10 +436,62 @@ class Connector:
         overrides the plan's ``target_session_attrs``."""
         if self.provider is None:
             return self._open_without_iam(extra)
+        router = self.router
+        if router is not None and attrs is None:
+            # The pool's connections go where the topology says; the library's own (an
+            # `attrs` override) where the plan says.
+            return self._login_routed(router, extra, self.plan.target_session_attrs)
         tsa = attrs or self.plan.target_session_attrs
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
+
+    async def _login_routed(
+        self, router: Router, extra: Mapping[str, Any], tsa: str
+    ) -> tuple[Any, float]:
+        """Log in where the cluster's topology says (see `_topology.Router`)."""
+        if not router.searching:
+            target = router.route()
+        else:
+            timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+            if timeout is None:
+                timeout = _CONNECT_DEFAULTS.get("timeout")
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                target = await router.wait(timeout)
+            except BaseException:
+                self.counters.failures += 1
+                raise
+            if timeout is not None:
+                extra = {**extra, "timeout": max(timeout - (loop.time() - began), 0.001)}
+        if target is None:
+            return await self._login(self.targets[0], extra, tsa)
+        try:
+            opened = await self._login(target, extra, tsa)
+        except _NEXT_HOST_ERRORS:
+            # A reader that left: one more try on another (a writer has no other).
+            other = router.failed(target)
+            if other is None:
+                raise
+            target = other
+            try:
+                opened = await self._login(target, extra, tsa)
+            except BaseException:
+                router.settle(target)
+                raise
+        except BaseException:
+            router.settle(target)
+            raise
+        router.settle(target, opened[0])
+        return opened
+
+    def open_to(
+        self, target: SigningTarget | None, attrs: str, timeout: float
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open a connection of the library's own to `target` (default: the plan's first
+        endpoint) with `attrs` as ``target_session_attrs``; not counted as the pool's."""
+        return self._login(target or self.targets[0], {"timeout": timeout}, attrs, one=False)
 
     def open_at(
         self, target: SigningTarget, extra: Mapping[str, Any], attrs: str | None = None

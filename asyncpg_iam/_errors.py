@@ -9,6 +9,7 @@
     ├── ConnectError (also OSError)           the server could not be reached or did not answer:
     │   │                                     host, port, the phase reached and a hint
     │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+    │   ├── NoWriterError                     after a failover, no instance accepts writes
     │   └── TLSVerificationError              the server's certificate did not verify (also
     │                                         ssl.SSLCertVerificationError)
     ├── CommitOutcomeUnknownError             the connection broke during COMMIT: the
@@ -44,6 +45,7 @@ __all__ = [
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "NoWriterError",
     "SwitchoverTimeoutError",
     "TLSVerificationError",
     "in_cli_words",
@@ -461,6 +463,14 @@ class ConnectError(IAMError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NoWriterError(ConnectError):
+    """After a failover, the cluster's topology found no instance that accepts writes.
+
+    Raised at once to a pool that wants the writer (``phase`` is ``"topology"``) rather than
+    retrying for the whole connect timeout; the pool tries again on the next connect.
+    """
 
 
 class ConnectTimeoutError(ConnectError, asyncio.TimeoutError):

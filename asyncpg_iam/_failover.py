@@ -67,14 +67,12 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
-from . import _asyncpg_pool
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CredentialsError
 
 __all__ = [
     "FailoverGuard",
     "classify_error",
-    "retire_pool_connections",
 ]
 
 logger = logging.getLogger("asyncpg_iam.pool")
@@ -212,6 +210,11 @@ class FailoverGuard:
         """Connect attempts that landed on a read-only server and were retried."""
         self.connect_retries = 0
         """Connect attempts retried during recovery, read-only ones included."""
+        self.on_event: Callable[[str], None] | None = None
+        """Called with the cause when an event begins (the topology monitor refreshes)."""
+        self.on_lost: Callable[[Any], bool] | None = None
+        """Called with a connection the server or network dropped; True when that loss
+        concerns its host alone (a reader that left), so it is not a pool-wide event."""
 
     @property
     def epoch(self) -> int:
@@ -333,6 +336,8 @@ class FailoverGuard:
     def _on_terminated(self, epoch: int, con: Any) -> None:
         if con is None or _closed_by_client(con) is not False:
             return  # closed by the pool or the caller, or not a connection we can tell about
+        if self.on_lost is not None and self.on_lost(con):
+            return
         self.report("connection_lost", epoch)
 
     def _on_query(self, epoch: int, record: Any) -> None:
@@ -361,22 +366,6 @@ class FailoverGuard:
             cause,
             retired,
         )
+        if self.on_event is not None:
+            self.on_event(cause)
         return True
-
-
-def retire_pool_connections(pool: Any, mark_retired: Callable[[Any], None]) -> int:
-    """Retire every open connection of an asyncpg `pool`; return how many.
-
-    `mark_retired(holder)` is called for each (the pool counts the close under its reason).
-    A stale generation per holder rather than expire_connections()'s bump of the pool's: a
-    holder that is connecting now keeps the pool's generation, so a connection that lands on
-    the new writer after retries is not thrown away on its first release. Idle ones are
-    terminated at once; asyncpg closes the ones in use when they are released.
-    """
-    retired = 0
-    for holder, con, idle in _asyncpg_pool.open_holders(pool):
-        retired += 1
-        mark_retired(holder)
-        if idle:
-            _asyncpg_pool.terminate_idle(holder, con)
-    return retired

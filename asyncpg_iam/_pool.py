@@ -32,7 +32,7 @@ from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
-from ._failover import FailoverGuard, retire_pool_connections
+from ._failover import FailoverGuard
 from ._health import (
     DEFAULT_HEALTH_CHECK,
     Address,
@@ -43,6 +43,7 @@ from ._health import (
 from ._lifetime import Recycler
 from ._options import PoolOptions
 from ._retry import run_transaction
+from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
@@ -68,6 +69,7 @@ _POOL_KEYWORDS = (
     "max_connect_rate",
     "name",
     "clock",
+    "topology",
     "blue_green",
     "health_check",
 )
@@ -125,6 +127,10 @@ class PoolStats:
     """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
     health_probes: int = 0
     """Health-check probes sent (a TCP connection each; no login, no token)."""
+    topology_refreshes: int = 0
+    """Aurora topology queries answered (0 when the pool connects through DNS only)."""
+    connections_by_instance: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Open connections per cluster instance the topology routed them to (by identifier)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,6 +210,7 @@ class Pool(AsyncpgPool):
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        topology: bool | AuroraTopology = True,
         blue_green: bool | BlueGreenSettings | None = None,
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
@@ -241,6 +248,9 @@ class Pool(AsyncpgPool):
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(options)
+        self._topology_setting = topology
+        self._topology_start: asyncio.Task[None] | None = None
+        self._topology = self._start_topology(topology)
         bg = blue_green_settings(blue_green, self._connector)
         self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
         if self._bluegreen is not None:
@@ -309,6 +319,34 @@ class Pool(AsyncpgPool):
                 con.terminate()  # the caller's query fails now; asyncpg cleans up on release
         return retired
 
+    def _start_topology(self, setting: bool | AuroraTopology) -> TopologyMonitor | None:
+        """Route connects by the Aurora cluster's topology (see `_topology`), where it applies."""
+        monitor = topology_for(
+            self._connector,
+            setting,
+            retire=_bound_retire(weakref.ref(self)),
+            name=self._name,
+            clock=self._clock,
+        )
+        if monitor is not None:
+            monitor.follow(self._failover)
+        return monitor
+
+    def _replan_topology(self) -> None:
+        """Route by the new plan's cluster (or by DNS) after `set_connect_args`."""
+        old = self._topology
+        if old is not None:
+            old.close()
+            self._connector.router = None
+            self._failover.on_event = self._failover.on_lost = None
+        self._topology = self._start_topology(self._topology_setting)
+        if self._topology is not None and _asyncpg_pool.initialized(self):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: its router has no topology and connects go through DNS
+            self._topology_start = loop.create_task(self._topology.start())
+
     # -- introspection ---------------------------------------------------------------------
 
     @property
@@ -366,6 +404,10 @@ class Pool(AsyncpgPool):
             credentials_expiry=cached.expiry if cached is not None else None,
             silent_hosts=self._health.silent_events if self._health is not None else 0,
             health_probes=self._health.probes if self._health is not None else 0,
+            topology_refreshes=self._topology.refreshes if self._topology else 0,
+            connections_by_instance=(
+                dict(self._topology.router.connections_by_instance()) if self._topology else {}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -406,6 +448,7 @@ class Pool(AsyncpgPool):
         `expire_connections()` to replace them sooner.
         """
         self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
+        self._replan_topology()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -563,6 +606,8 @@ class Pool(AsyncpgPool):
         # asyncpg's _async__init__ (see _asyncpg_pool).
         starting = not _asyncpg_pool.initialized(self)
         try:
+            if starting and self._topology is not None:
+                await self._topology.start()  # the first connects already go by it
             result = await self.asyncpg_start()
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
@@ -584,13 +629,19 @@ class Pool(AsyncpgPool):
             )
         return result
 
-    async def close(self) -> None:
-        """Wait for every connection to be released, close them all, then the pool."""
-        self._recycler.cancel()
+    def _stop_monitors(self) -> None:
+        """Stop the background monitors (blue/green, health, topology)."""
         if self._bluegreen is not None:
             self._bluegreen.stop()
         if self._health is not None:
             self._health.stop()
+        if self._topology is not None:
+            self._topology.close()
+
+    async def close(self) -> None:
+        """Wait for every connection to be released, close them all, then the pool."""
+        self._recycler.cancel()
+        self._stop_monitors()
         try:
             await super().close()
         finally:
@@ -600,10 +651,7 @@ class Pool(AsyncpgPool):
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
-        if self._bluegreen is not None:
-            self._bluegreen.stop()
-        if self._health is not None:
-            self._health.stop()
+        self._stop_monitors()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -617,6 +665,10 @@ class Pool(AsyncpgPool):
     async def _shutdown(self) -> None:
         if self._refill_task is not None:
             self._refill_task.cancel()
+        if self._topology is not None:
+            await self._topology.aclose()
+        if self._topology_start is not None:
+            self._topology_start.cancel()
         await self._connector.aclose()  # idempotent
 
 
@@ -634,7 +686,7 @@ def _failover_guard(
         pool = pool_ref()
         if pool is None:
             return 0
-        return retire_pool_connections(pool, mark_retired)
+        return _asyncpg_pool.retire_connections(pool, mark_retired)
 
     def closing() -> bool:
         pool = pool_ref()
@@ -700,6 +752,21 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         return pool._failover.open(pool._connector.open, extra)
 
     return connect
+
+
+def _bound_retire(
+    pool_ref: weakref.ref[Pool],
+) -> Callable[[Callable[[Any], bool], bool, int | None], int]:
+    """Return the topology monitor's retire callback, holding the pool weakly."""
+
+    def retire(where: Callable[[Any], bool], idle_only: bool, limit: int | None) -> int:
+        pool = pool_ref()
+        if pool is None or pool.is_closing() or not _asyncpg_pool.initialized(pool):
+            return 0
+        mark = functools.partial(pool._recycler.retire_on_release, reason="topology")
+        return _asyncpg_pool.retire_connections(pool, mark, where, idle_only=idle_only, limit=limit)
+
+    return retire
 
 
 def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:

@@ -29,9 +29,10 @@ fetches and their failures, refused logins by the diagnosed cause
 (``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
 ``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
-``failover``, ``silent_host``, ``other``), connects that waited for ``max_connect_rate``, hosts
-found silent and the health check's probes, and the seconds left before the cached AWS
-credentials expire.
+``failover``, ``topology``, ``silent_host``, ``other``), connects that waited for
+``max_connect_rate``, hosts found silent and the health check's probes, the seconds left before
+the cached AWS credentials expire, and on an Aurora cluster the topology refreshes and the open
+connections per instance (``asyncpg_iam.instance.id``).
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed by a
@@ -68,6 +69,7 @@ POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
 AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
+INSTANCE = "asyncpg_iam.instance.id"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "silent_host")
 #: Wait and use times kept per histogram between two collections (older ones are dropped).
@@ -270,6 +272,12 @@ class PoolInstrumentation:
                 "connects_rate_limited",
             ),
             (
+                "asyncpg_iam.topology.refreshes",
+                "{refresh}",
+                "Aurora topology queries answered (0 for a pool on DNS only).",
+                "topology_refreshes",
+            ),
+            (
                 "asyncpg_iam.hosts.silent",
                 "{host}",
                 "Hosts declared silent: no answer to the health check's probes.",
@@ -307,7 +315,14 @@ class PoolInstrumentation:
                 [self._closed],
                 unit="{connection}",
                 description="Connections closed, by reason (max_lifetime: retired by the "
-                "recycler; failover; discarded_on_acquire; silent_host; other).",
+                "recycler; failover; topology; discarded_on_acquire; silent_host; other).",
+            ),
+            meter.create_observable_up_down_counter(
+                "asyncpg_iam.connections.by_instance",
+                [self._by_instance],
+                unit="{connection}",
+                description="Open connections per Aurora instance the topology routed them to "
+                "(asyncpg_iam.instance.id).",
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",
@@ -327,6 +342,15 @@ class PoolInstrumentation:
         return [
             Observation(count, {**self._attributes, CLOSE_REASON: reason})
             for reason, count in sorted(closed.items())
+        ]
+
+    def _by_instance(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        counts = self.pool.stats().connections_by_instance
+        return [
+            Observation(count, {**self._attributes, INSTANCE: instance})
+            for instance, count in sorted(counts.items())
         ]
 
     def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:

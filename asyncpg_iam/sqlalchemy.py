@@ -28,16 +28,20 @@ failover handling: on an Aurora cluster endpoint the engine wants the writer
 (``target_session_attrs="read-write"`` unless chosen otherwise), a login that lands on a
 read-only server is retried within the connect timeout, and once any connection shows a
 failover (``25006`` on a writer engine, a shutdown, a dropped connection) every connection
-opened before it is discarded at checkout or closed at checkin. Needs the ``sqlalchemy`` extra.
+opened before it is discarded at checkout or closed at checkin. On an Aurora cluster or reader
+endpoint the engine follows the cluster's topology as the pool does (``topology=``): its first
+connect reads it, and each new connection goes to the writer's (or a reader's) instance endpoint.
+Needs the ``sqlalchemy`` extra.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 try:
@@ -67,6 +71,7 @@ from ._health import (
 )
 from ._lifetime import draw_lifetime
 from ._options import PoolOptions
+from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["create_async_engine"]
 
@@ -114,9 +119,14 @@ class _EngineFailover:
         self._open = connector.open
         self.also_opened: Callable[[Any], None] | None = None
         """Called with each connection opened (the health check tracks it)."""
+        self.first: Callable[[], Awaitable[None]] | None = None
+        """What connects wait for until it is done once (the topology's first read)."""
 
     async def connect(self) -> Any:
         """Open a connection (SQLAlchemy's ``async_creator``)."""
+        if self.first is not None:
+            await asyncio.shield(self.first())
+            self.first = None
         return await self.guard.open(self._open, {})
 
     def _opened(self, con: Any, _started: float, epoch: int) -> None:
@@ -269,6 +279,41 @@ def _install_health(
     return monitor
 
 
+def _install_topology(
+    engine: AsyncEngine,
+    setting: bool | AuroraTopology,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> TopologyMonitor | None:
+    """Route the engine's connects by the Aurora cluster's topology, as the pool does: read
+    on the first connect, refreshed in the background until the engine is disposed. The
+    engine retires connections by failover epoch only (nothing to rebalance idle ones)."""
+    monitor = topology_for(connector, setting, retire=None, name=connector.name)
+    if monitor is None:
+        return None
+    monitor.follow(failover.guard)
+    started: asyncio.Future[None] | None = None
+
+    def first() -> Awaitable[None]:
+        # One read for the connects that arrive together; they all wait for it.
+        nonlocal started
+        if started is None:
+            started = asyncio.ensure_future(monitor.start())
+        return started
+
+    failover.first = first
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        # Stop, and connect through DNS from now on (the last topology read goes stale).
+        monitor.close()
+        connector.router = None
+        failover.guard.on_event = failover.guard.on_lost = None
+        failover.first = None
+
+    return monitor
+
+
 def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
@@ -279,6 +324,7 @@ def create_async_engine(
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
+    topology: bool | AuroraTopology = True,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -288,7 +334,8 @@ def create_async_engine(
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
     mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
-    are terminated and refused on checkout; on a writer engine it is a failover); `name` names
+    are terminated and refused on checkout; on a writer engine it is a failover) and `topology`
+    (an Aurora cluster's instances, read on the first connect); `name` names
     the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
     (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
     `max_lifetime`.
@@ -329,4 +376,5 @@ def create_async_engine(
     engine = _sa_create_async_engine(parsed, async_creator=failover.connect, **engine_kwargs)
     _install_hooks(engine, options, connector, failover)
     _install_health(engine, health, connector, failover)
+    _install_topology(engine, topology, connector, failover)
     return engine

@@ -50,6 +50,7 @@ IAM = {
     "asyncpg_iam.health.probes": "{probe}",
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
+    "asyncpg_iam.topology.refreshes": "{refresh}",
 }
 
 

@@ -16,6 +16,7 @@ import asyncpg_iam
 
 PUBLIC = {
     "asyncpg_iam": [
+        "AuroraTopology",
         "BlueGreenSettings",
         "CommitOutcomeUnknownError",
         "ConfigurationError",
@@ -27,6 +28,7 @@ PUBLIC = {
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
+        "NoWriterError",
         "Pool",
         "PoolSettings",
         "PoolStats",
@@ -49,6 +51,8 @@ PUBLIC = {
         "DEFAULT_PROXY_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
+        "AuroraCluster",
+        "AuroraInstance",
         "BlueGreenDeployment",
         "ClusterEndpoint",
         "CredentialServer",
@@ -106,7 +110,7 @@ SIGNATURES = {
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "health_check", "engine_kwargs",
+        "name", "health_check", "topology", "engine_kwargs",
     ],
 }  # fmt: skip
 
@@ -116,6 +120,7 @@ POOL_STATS = [
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
     "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
     "credential_fetch_failures", "credentials_expiry", "silent_hosts", "health_probes",
+    "topology_refreshes", "connections_by_instance",
 ]  # fmt: skip
 
 

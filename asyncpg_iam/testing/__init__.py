@@ -1,5 +1,6 @@
 """Test helpers: the whole local stack as one (`Sandbox`), a throwaway PostgreSQL, a local RDS
-IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), a blue/green switchover
+IAM emulator, local AWS endpoints, a failover rehearsal (`FailoverCluster`), an Aurora-like
+cluster with instance endpoints (`AuroraCluster`), a blue/green switchover
 (`BlueGreenDeployment`), a clock that moves
 only when told (`ManualClock`), an isolated AWS environment, and a pytest plugin.
 
@@ -10,6 +11,7 @@ Needs the ``testing`` extra (``pip install 'asyncpg-iam[testing]'``) for TLS cer
 from __future__ import annotations
 
 from .._clock import ManualClock
+from ._aurora import AuroraCluster, AuroraInstance
 from ._aws import CredentialServer, MotoSTS
 from ._bluegreen import (
     DEFAULT_BLUE_ENDPOINT,
@@ -49,6 +51,8 @@ __all__ = [
     "DEFAULT_PROXY_ENDPOINT",
     "DEFAULT_READER_ENDPOINT",
     "AccessKey",
+    "AuroraCluster",
+    "AuroraInstance",
     "BlueGreenDeployment",
     "ClusterEndpoint",
     "CredentialServer",

@@ -120,6 +120,8 @@ class RDSIAMEmulator(AsyncService):
     With `accept_any_password`, tokens are not checked (static-password mode for benchmarks)
     but TLS is still required. `dsql` stands in for Aurora DSQL instead of RDS (None: when
     `endpoint` is a DSQL name); the role ``admin`` is then enabled for IAM without being named.
+    `aliases` are further host names whose tokens it accepts (an Aurora instance is also
+    reached through the cluster and reader endpoints); its certificate names them too.
     `proxy` stands in for an RDS Proxy endpoint (None: when `endpoint` is a proxy name; a
     `PinRules` chooses the rules where AWS's documentation is silent).
     Start it with `await start()` or `async with`.
@@ -146,6 +148,7 @@ class RDSIAMEmulator(AsyncService):
         max_password_length: int = 8192,
         login_timeout: float = 60.0,
         dsql: bool | None = None,
+        aliases: Iterable[str] = (),
         proxy: bool | PinRules | None = None,
     ) -> None:
         region = _check_settings(
@@ -158,13 +161,16 @@ class RDSIAMEmulator(AsyncService):
         rules = proxy if isinstance(proxy, PinRules) else PinRules() if proxy else None
         self._proxy = ProxyLog(rules) if rules is not None else None
         self._endpoint = endpoint
+        self._aliases = tuple(aliases)
         self._region = region
         self._endpoint_port = endpoint_port
         self._dsql = dsql
         self._accept_any_password = accept_any_password
         self._backend_user = backend_user
         self._clock: Clock = clock or SYSTEM_CLOCK
-        self._ca_pem, server_ssl_context = _tls_setup(endpoint, server_ssl_context, ca)
+        self._ca_pem, server_ssl_context = _tls_setup(
+            (endpoint, *self._aliases), server_ssl_context, ca
+        )
         self._ca_path: str | None = None
         self._backend = FrontendSettings(
             backend_host=backend_host,
@@ -190,6 +196,7 @@ class RDSIAMEmulator(AsyncService):
         )
         self._checker = LoginChecker(
             endpoint=self._endpoint,
+            aliases=self._aliases,
             region=self._region,
             endpoint_port=lambda: self.endpoint_port,
             dsql=self._dsql,
@@ -615,14 +622,14 @@ def _check_settings(
 
 
 def _tls_setup(
-    endpoint: str, server_ssl_context: ssl.SSLContext | None, ca: Any
+    names: tuple[str, ...], server_ssl_context: ssl.SSLContext | None, ca: Any
 ) -> tuple[str | None, ssl.SSLContext]:
     """Return the CA's PEM (when known) and the server context (a trustme one by default)."""
     if server_ssl_context is None:
         import trustme
 
         ca = ca if ca is not None else trustme.CA()
-        cert = ca.issue_cert("127.0.0.1", "localhost", "::1", endpoint)
+        cert = ca.issue_cert("127.0.0.1", "localhost", "::1", *names)
         server_ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(server_ssl_context)
     ca_pem = ca.cert_pem.bytes().decode("ascii") if ca is not None else None
