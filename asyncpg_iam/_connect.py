@@ -50,7 +50,7 @@ from ._errors import (
     rank_auth_failure,
 )
 from ._lifetime import TokenBucket
-from ._tls import TLSPolicy, decide_tls
+from ._tls import TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -85,8 +85,8 @@ _RESOLVED = frozenset(
     }
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
-# Keywords a plan takes besides asyncpg.connect's.
-_OWN_KEYWORDS = frozenset({"sslrootcert"})
+# Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...).
+_OWN_KEYWORDS = TLS_KEYWORDS
 # How long a failed connect's follow-up probe (which phase was reached) may take per step.
 _PROBE_TIMEOUT = 3.0
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -142,6 +142,21 @@ def _dsn_password(dsn: str | None) -> str | None:
         return urllib.parse.urlsplit(dsn).password
     except ValueError:
         return None  # _parse reports the malformed DSN
+
+
+def _without_query(dsn: str | None, names: Collection[str]) -> str | None:
+    """Return `dsn` without the query parameters `names`."""
+    if not dsn:
+        return dsn
+    parts = urllib.parse.urlsplit(dsn)
+    if not parts.query:
+        return dsn
+    kept = [
+        (key, value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if key not in names
+    ]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
 
 
 def _check_session_attrs(value: Any) -> None:
@@ -220,15 +235,19 @@ def plan_connect(
 ) -> ConnectPlan:
     """Resolve `dsn` and `connect_kwargs` (`asyncpg.connect`'s) into a plan; validate them.
 
-    Also takes ``sslrootcert=`` (a CA file, or ``"system"``) as a keyword. Raises
+    Also takes libpq's TLS parameters (`TLS_KEYWORDS`: ``sslrootcert=`` (a CA file, or
+    ``"system"``), ``sslcrl=``, ...) as keywords. Raises
     `ConfigurationError` for anything that could not connect, or that could send an IAM token
     in clear or to an unverified server. Callers check unknown keywords first
     (`check_keywords`), so that the message can name their own.
     """
     kwargs = dict(connect_kwargs)
-    sslrootcert = kwargs.pop("sslrootcert", None)
-    if sslrootcert is not None and not isinstance(sslrootcert, str):
-        raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
+    tls_arguments = {name: kwargs.pop(name) for name in TLS_KEYWORDS if name in kwargs}
+    for name, value in tls_arguments.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(
+                f"{name} must be a string (libpq's parameter), not {type(value).__name__}"
+            )
     iam = auth is not None
     if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
         raise ConfigurationError(_IAM_PASSWORD)
@@ -239,9 +258,13 @@ def plan_connect(
         kwargs=kwargs,
         iam=iam,
         allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
-        sslrootcert=sslrootcert,
+        arguments=tls_arguments,
         environ=environ,
     )
+    if tls.context is not None:
+        # The policy applied (or refused) the DSN's TLS parameters; asyncpg would pass the
+        # ones it does not know to the server as settings.
+        dsn = _without_query(dsn, TLS_PARAMETERS)
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
@@ -255,7 +278,9 @@ def plan_connect(
         server_settings=dict(params.server_settings) if params.server_settings else None,
         connect_kwargs=passthrough,
         auth=auth,
-        direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        direct_tls=tls.direct
+        or bool(kwargs.get("direct_tls"))
+        or getattr(negotiation, "value", negotiation) == "direct",
         password=None if iam else params.password,
     )
 
@@ -354,6 +379,8 @@ class Connector:
         # Runs for every new connection: it returns the coroutine that does the work rather
         # than awaiting it in one more, since every await inside a connect resumes each
         # coroutine of the chain.
+        # A caller's context is used as given: refuse it if it stopped verifying (two reads).
+        self.plan.tls.check_unchanged()
         self.counters.attempts += 1
         if self.provider is None:
             return self._open_without_iam(extra)
@@ -565,8 +592,9 @@ def _certificate_error(
         hint = (
             f"The certificate does not name {host!r}: connect by the name on the "
             "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
-            "pass ssl='verify-ca' (the chain is still verified) with "
-            "IAMAuth(signing_host='<the RDS endpoint name>')"
+            "pass ssl='verify-ca' with the RDS CA bundle (sslrootcert='<bundle>' or "
+            "`asyncpg-iam ca-bundle`; never the system store, which trusts any public "
+            "certificate) and IAMAuth(signing_host='<the RDS endpoint name>')"
         )
     else:
         hint = (
