@@ -40,9 +40,9 @@ __all__ = [
     "find_region",
 ]
 
-_REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
-_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-_SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+_REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
+_ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
+_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 # RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
 # connect that presents it.
 MAX_TOKEN_REUSE = 840.0
@@ -51,7 +51,7 @@ _REUSE_EXPIRY_MARGIN = dt.timedelta(seconds=30)
 _REUSE_CACHE_SIZE = 64
 
 
-_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def _is_host_name(value: object) -> bool:
@@ -65,11 +65,11 @@ def _is_host_name(value: object) -> bool:
     else:
         return True
     labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
-    return all(_HOST_LABEL_RE.match(label) for label in labels)
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
 
 
 def _check_region(region: str, what: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
         raise ConfigurationError(
             f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
         )
@@ -202,14 +202,14 @@ class IAMAuth:
                     "<account>:role/<name>' or drop them"
                 )
             return
-        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.match(self.role_arn):
+        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.fullmatch(self.role_arn):
             raise ConfigurationError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN like "
                 "'arn:aws:iam::123456789012:role/app'"
             )
         if self.role_session_name is not None and (
             not isinstance(self.role_session_name, str)
-            or not _SESSION_NAME_RE.match(self.role_session_name)
+            or not _SESSION_NAME_RE.fullmatch(self.role_session_name)
         ):
             raise ConfigurationError(
                 "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"

@@ -15,6 +15,7 @@ gets its own connect call with a token signed for it, at most one login per host
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -136,12 +137,37 @@ class ConnectPlan:
 
 
 def _dsn_password(dsn: str | None) -> str | None:
+    """Return the password a DSN carries, in its user info or its query (``?password=``)."""
     if not dsn:
         return None
     try:
-        return urllib.parse.urlsplit(dsn).password
+        parts = urllib.parse.urlsplit(dsn)
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        return parts.password or next(iter(query.get("password", [])), None)
     except ValueError:
         return None  # _parse reports the malformed DSN
+
+
+# Kerberos settings, which an IAM login (a password over TLS) has no use for.
+_GSS_SETTINGS = (("krbsrvname", "PGKRBSRVNAME"), ("gsslib", "PGGSSLIB"))
+
+
+def _check_gss(dsn: str | None, kwargs: Mapping[str, Any]) -> None:
+    """Refuse Kerberos settings given for an IAM login (argument or DSN): they would be unused."""
+    query: dict[str, list[str]] = {}
+    if dsn:
+        with contextlib.suppress(ValueError):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    for name, _variable in _GSS_SETTINGS:
+        source = f"{name}= in the DSN" if name in query else None
+        if kwargs.get(name) is not None:
+            source = f"{name}={kwargs[name]!r}"
+        if source is not None:
+            raise ConfigurationError(
+                f"{source} is a Kerberos (GSSAPI) setting, and an IAM login uses a token as "
+                "its password, never Kerberos: drop it, or pass iam=False to log in with "
+                "Kerberos"
+            )
 
 
 def _without_query(dsn: str | None, names: Collection[str]) -> str | None:
@@ -204,6 +230,62 @@ def check_keywords(
     )
 
 
+#: Bounds of the numbers a plan and a pool take.
+MAX_TIMEOUT = 86_400.0
+"""Seconds: the longest connect or command timeout (a day)."""
+MAX_LIFETIME_BOUND = 366 * 86_400.0
+"""Seconds: the longest max_lifetime (a year; None keeps connections forever)."""
+MIN_CONNECT_RATE = 0.01
+"""New connections per second: one per 100 s (a lower rate would wait past any timeout)."""
+MAX_CONNECT_RATE = 1_000_000.0
+
+
+def check_number(
+    name: str, value: object, low: float, high: float, *, what: str, above: bool = False
+) -> float:
+    """Return `value` as a float if it is a real number from `low` to `high` (`above`: more
+    than `low`); else raise `ConfigurationError` naming `name`, `what` it counts and the
+    bounds. Booleans, NaN, infinities and ints too large for a float are refused."""
+    number: float | None = None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    if number is None or not (low < number if above else low <= number) or not number <= high:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        bounds = f"more than {low:g} and at most {high:g}" if above else f"{low:g} to {high:g}"
+        raise ConfigurationError(f"{name} must be {what} from {bounds}, not {shown}")
+    return number
+
+
+def check_timeout(name: str, value: object) -> None:
+    """Refuse a timeout that is not None or seconds in (0, `MAX_TIMEOUT`]."""
+    if value is not None:
+        check_number(name, value, 0, MAX_TIMEOUT, what="seconds", above=True)
+
+
+def _check_ports(port: Any) -> None:
+    """Refuse a port argument (a number or a list of them) outside 1-65535 (asyncpg would
+    read 0 as its default)."""
+    ports = port if isinstance(port, (list, tuple)) else [port]
+    for value in ports:
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 65535:
+            raise ConfigurationError(f"port {value} is not a TCP port: use 1 to 65535")
+
+
+def check_endpoint(host: str, port: int) -> None:
+    """Refuse a blank host, one with spaces or control characters, or a port outside 1-65535."""
+    if not host.strip() or any(c.isspace() or not c.isprintable() for c in host):
+        raise ConfigurationError(
+            f"host {host!r} is not a host name or address: pass one like "
+            "'mydb.abc123.us-east-1.rds.amazonaws.com' (no spaces or control characters)"
+        )
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"port {port} of {host} is not a TCP port: use 1 to 65535")
+
+
 _IAM_PASSWORD = (
     "password cannot be combined with IAM authentication: the token is the "
     "password. Drop password=..., or pass iam=False for a static password"
@@ -222,6 +304,7 @@ def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
                 )
             endpoints.append((addr, 0))
         else:
+            check_endpoint(str(addr[0]), int(addr[1]))
             endpoints.append((str(addr[0]), int(addr[1])))
     return tuple(endpoints)
 
@@ -249,8 +332,13 @@ def plan_connect(
                 f"{name} must be a string (libpq's parameter), not {type(value).__name__}"
             )
     iam = auth is not None
-    if iam and (kwargs.get("password") is not None or _dsn_password(dsn)):
+    if iam and (kwargs.get("password") is not None or _dsn_password(dsn) is not None):
         raise ConfigurationError(_IAM_PASSWORD)
+    if iam:
+        _check_gss(dsn, kwargs)
+    _check_ports(kwargs.get("port"))
+    check_timeout("timeout", kwargs.get("timeout"))
+    check_timeout("command_timeout", kwargs.get("command_timeout"))
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
@@ -268,6 +356,12 @@ def plan_connect(
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
+    if not iam:
+        # Kerberos settings from any source go to asyncpg as resolved.
+        for name, _variable in _GSS_SETTINGS:
+            value = getattr(params, name, None)
+            if value is not None and name in _CONNECT_DEFAULTS:
+                passthrough[name] = value
     negotiation = getattr(params, "ssl_negotiation", None)
     return ConnectPlan(
         endpoints=_endpoints(addrs, iam=iam),

@@ -26,7 +26,15 @@ import asyncpg.pool
 from . import _dsql
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
-from ._connect import Connector, check_keywords, plan_connect
+from ._connect import (
+    MAX_CONNECT_RATE,
+    MAX_LIFETIME_BOUND,
+    MIN_CONNECT_RATE,
+    Connector,
+    check_keywords,
+    check_number,
+    plan_connect,
+)
 from ._dsql import UNSET, Unset, connect_defaults, pool_settings
 from ._errors import ConfigurationError
 from ._failover import FailoverGuard, apply_writer_default
@@ -178,28 +186,27 @@ class _Counters:
 def _validate_pool_options(
     max_lifetime: float | None, jitter: float, max_connect_rate: float | None
 ) -> None:
-    if max_lifetime is not None and (
-        isinstance(max_lifetime, bool)
-        or not isinstance(max_lifetime, (int, float))
-        or not 0 < max_lifetime < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_lifetime must be seconds > 0 (900 matches the token's validity) or None to "
-            f"keep connections forever, not {max_lifetime!r}"
+    if max_lifetime is not None:
+        check_number(
+            "max_lifetime",
+            max_lifetime,
+            0,
+            MAX_LIFETIME_BOUND,
+            what="seconds (900 matches the token's validity; None keeps connections forever)",
+            above=True,
         )
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
         raise ConfigurationError(
             f"max_lifetime_jitter must be a fraction in [0, 1) (0.1 spreads reconnects over "
             f"the last 10% of the lifetime), not {jitter!r}"
         )
-    if max_connect_rate is not None and (
-        isinstance(max_connect_rate, bool)
-        or not isinstance(max_connect_rate, (int, float))
-        or not 0 < max_connect_rate < float("inf")
-    ):
-        raise ConfigurationError(
-            f"max_connect_rate must be new connections per second > 0, or None for no limit, "
-            f"not {max_connect_rate!r}"
+    if max_connect_rate is not None:
+        check_number(
+            "max_connect_rate",
+            max_connect_rate,
+            MIN_CONNECT_RATE,
+            MAX_CONNECT_RATE,
+            what="new connections per second (or None for no limit)",
         )
 
 

@@ -983,3 +983,31 @@ async def test_tls_parameters_beside_a_context(
             with pytest.raises(CONNECT_ERRORS):
                 await pool.fetchval("SELECT 1")
     _assert_nothing_sent(trap)
+
+
+# -- the caller's AWS session is the identity (class 8) ---------------------------------------
+
+
+@pytest.mark.parametrize("when", ["before IAMAuth", "after create_pool"])
+async def test_a_sessions_own_credentials_sign(
+    when: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """IAMAuth(session=s) signs with the keys set by s.set_credentials(...), not with the
+    environment's, whether they were set before the IAMAuth or after the pool was made."""
+    from aiobotocore.session import AioSession
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENVIRONMENTKEY01")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret-" + "e" * 21)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    session = AioSession()
+    if when == "before IAMAuth":
+        session.set_credentials(KEY.access_key, KEY.secret_key)
+    auth = IAMAuth(region="us-east-1", signing_host=ENDPOINT, session=session)
+    async with asyncpg_iam.create_pool(
+        host="127.0.0.1", port=5432, user="app", iam=auth, min_size=0
+    ) as pool:
+        if when == "after create_pool":
+            session.set_credentials(KEY.access_key, KEY.secret_key)
+        token = await pool._connector.sign()
+    assert f"X-Amz-Credential={KEY.access_key}%2F" in token
