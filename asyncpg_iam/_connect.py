@@ -88,8 +88,13 @@ _RESOLVED = frozenset(
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
 # Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...).
 _OWN_KEYWORDS = TLS_KEYWORDS
-# How long a failed connect's follow-up probe (which phase was reached) may take per step.
+# How long a failed connect's follow-up probe (which phase was reached) may take at most.
 _PROBE_TIMEOUT = 3.0
+# The part of a connect's timeout kept for that probe: a tenth, at most a second. A probe
+# with less than _MIN_PROBE left is skipped.
+_DIAGNOSIS_SHARE = 0.1
+_DIAGNOSIS_RESERVE = 1.0
+_MIN_PROBE = 0.02
 _SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
@@ -379,6 +384,34 @@ def plan_connect(
     )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Budget:
+    """The time one connect attempt may take, its failure diagnosis included (`timeout`)."""
+
+    timeout: float | None
+    deadline: float | None
+
+    @classmethod
+    def start(cls, timeout: float | None) -> _Budget:
+        if timeout is None:
+            return cls(None, None)
+        return cls(timeout, asyncio.get_running_loop().time() + timeout)
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no limit)."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - asyncio.get_running_loop().time(), 0.0)
+
+    def for_connect(self, *, reserve: bool) -> float | None:
+        """The connect's own timeout: what is left, less a share kept for explaining a
+        timeout (`reserve`) so that the explanation fits in the budget too."""
+        remaining = self.remaining()
+        if remaining is None or not reserve:
+            return remaining
+        return remaining - min(_DIAGNOSIS_RESERVE, remaining * _DIAGNOSIS_SHARE)
+
+
 @dataclasses.dataclass(slots=True)
 class ConnectCounters:
     """What a connector has done (the pool's stats read them)."""
@@ -485,17 +518,20 @@ class Connector:
 
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
+            budget = _Budget.start(self._timeout(extra))
             if self._bucket is not None:
-                await self._throttle(self._bucket)
+                await self._throttle(self._bucket, budget)
             kwargs = {**self._kwargs, **extra}
+            endpoints = self.plan.endpoints
+            explained = len(endpoints) == 1 and bool(endpoints[0][1])
+            kwargs["timeout"] = budget.for_connect(reserve=explained)
             started = self._clock.monotonic()
             try:
                 return await self._connect(**kwargs), started
             except (OSError, asyncio.TimeoutError) as exc:
-                endpoints = self.plan.endpoints
-                if len(endpoints) != 1 or not endpoints[0][1]:
+                if not explained:
                     raise  # several hosts (asyncpg tried each), or a Unix socket
-                error = await self._explain_connect(exc, *endpoints[0], kwargs)
+                error = await self._explain_connect(exc, *endpoints[0], budget)
                 if error is None:
                     raise
                 raise error from exc
@@ -509,12 +545,32 @@ class Connector:
             raise ConfigurationError("this connection plan does not use IAM: there is no token")
         return await self.provider.token(target or self.targets[0])
 
-    async def _throttle(self, bucket: TokenBucket) -> None:
-        """Take a slot of the connect rate limit; every login attempt takes one.
+    def _timeout(self, extra: Mapping[str, Any]) -> float | None:
+        """The connect timeout of this attempt (seconds; None: none)."""
+        timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+        return _CONNECT_DEFAULTS.get("timeout") if timeout is None else float(timeout)
+
+    async def _throttle(self, bucket: TokenBucket, budget: _Budget) -> None:
+        """Take a slot of the connect rate limit within the attempt's budget; every login
+        attempt takes one.
 
         Callers check for a limit first: without one, no coroutine is made on a connect.
         """
-        if await bucket.acquire() > 0:
+        try:
+            waited = await asyncio.wait_for(bucket.acquire(), budget.remaining())
+        except asyncio.TimeoutError:
+            self.counters.rate_limited += 1
+            raise ConnectTimeoutError(
+                f"no connect slot within {budget.timeout:g} s (max_connect_rate="
+                f"{bucket.rate:g} per second)",
+                host=self.name,
+                port=0,
+                phase="rate limit",
+                hint="More connects are asked for than max_connect_rate allows: raise it, "
+                "or the timeout, or lower the pool's demand for new connections",
+                timeout=budget.timeout,
+            ) from None
+        if waited > 0:
             self.counters.rate_limited += 1
 
     async def _login(
@@ -527,8 +583,9 @@ class Connector:
         provider = self.provider
         assert provider is not None
         try:
+            budget = _Budget.start(self._timeout(extra))
             if self._bucket is not None:
-                await self._throttle(self._bucket)
+                await self._throttle(self._bucket, budget)
             record = TokenRecord()
             kwargs = {**self._kwargs, **extra}
             kwargs.update(
@@ -536,6 +593,7 @@ class Connector:
                 port=target.port,
                 target_session_attrs=attrs,
                 password=functools.partial(provider.token, target, record),
+                timeout=budget.for_connect(reserve=True),
             )
             started = self._clock.monotonic()
             try:
@@ -546,7 +604,7 @@ class Connector:
                 self.counters.auth_failures += 1
                 raise self.explain(exc, target, record) from exc
             except (OSError, asyncio.TimeoutError) as exc:
-                error = await self._explain_connect(exc, target.host, target.port, kwargs)
+                error = await self._explain_connect(exc, target.host, target.port, budget)
                 if error is None:
                     raise
                 raise error from exc
@@ -643,7 +701,7 @@ class Connector:
         return error
 
     async def _explain_connect(
-        self, exc: BaseException, host: str, port: int, kwargs: Mapping[str, Any]
+        self, exc: BaseException, host: str, port: int, budget: _Budget
     ) -> ConnectError | None:
         """Return the library's error for a connect that failed before a login, or None."""
         if isinstance(exc, IAMError):
@@ -651,8 +709,7 @@ class Connector:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return _certificate_error(exc, host, port, self.plan.tls)
         if isinstance(exc, asyncio.TimeoutError):
-            timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
-            return await _explain_timeout(host, port, timeout)
+            return await _explain_timeout(host, port, budget)
         return _network_error(exc, host, port)
 
     async def reset(self) -> None:
@@ -747,20 +804,38 @@ def _network_error(exc: BaseException, host: str, port: int) -> ConnectError | N
     return None
 
 
-async def _explain_timeout(host: str, port: int, timeout: float | None) -> ConnectTimeoutError:
-    """Find how far a timed-out connect gets (a short probe, on the failure path only)."""
+async def _explain_timeout(host: str, port: int, budget: _Budget) -> ConnectTimeoutError:
+    """Find how far a timed-out connect gets (a short probe, on the failure path only),
+    within what is left of the attempt's budget; skip it when nothing is left."""
+    timeout = budget.timeout
     where, limit = f"{host}:{port}", f"{timeout:g} s" if timeout is not None else "the timeout"
-    probe = min(_PROBE_TIMEOUT, timeout or _PROBE_TIMEOUT)
+    remaining = budget.remaining()
+    probe = _PROBE_TIMEOUT if remaining is None else min(_PROBE_TIMEOUT, remaining)
+    if probe < _MIN_PROBE:
+        return ConnectTimeoutError(
+            f"no answer from {where} within {limit}",
+            host=host,
+            port=port,
+            phase="unknown",
+            hint="The timeout left no time to find how far the connect got: check the "
+            "host, the port and the network path, or raise timeout=...",
+            timeout=timeout,
+        )
+    deadline = asyncio.get_running_loop().time() + probe
+
+    def left() -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
     phase = "login"
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), probe)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), left())
     except (OSError, asyncio.TimeoutError):
         phase = "tcp"
     else:
         try:
             writer.write(_SSL_REQUEST)
             await writer.drain()
-            if not await asyncio.wait_for(reader.read(1), probe):
+            if not await asyncio.wait_for(reader.read(1), left()):
                 phase = "startup"
         except (OSError, asyncio.TimeoutError):
             phase = "startup"

@@ -1011,3 +1011,78 @@ async def test_a_sessions_own_credentials_sign(
             session.set_credentials(KEY.access_key, KEY.secret_key)
         token = await pool._connector.sign()
     assert f"X-Amz-Credential={KEY.access_key}%2F" in token
+
+
+# -- timeouts are budgets (class 7) --------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _silent_port() -> AsyncIterator[int]:
+    """A port that accepts TCP and never answers (the diagnosis's probe waits on it too)."""
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
+async def _connect_once(entry: str, port: int, timeout: float, started: list[float]) -> None:
+    """Connect once through `entry` to 127.0.0.1:`port`; append when the connect began."""
+    loop = asyncio.get_running_loop()
+    target = {"host": "127.0.0.1", "port": port, "user": "app"}
+    context = ssl.create_default_context()
+    if entry in ("pool", "no IAM"):
+        auth: Any = False if entry == "no IAM" else _auth()
+        extra = {"password": "x", "ssl": "prefer"} if entry == "no IAM" else {"ssl": context}
+        async with asyncpg_iam.create_pool(
+            **target, **extra, iam=auth, min_size=0, timeout=timeout
+        ) as pool:
+            started.append(loop.time())
+            await pool.fetchval("SELECT 1")
+    elif entry == "set_connect_args":
+        async with asyncpg_iam.create_pool(
+            host="127.0.0.1", port=1, user="app", iam=_auth(), min_size=0
+        ) as pool:
+            pool.set_connect_args(**target, ssl=context, timeout=timeout)
+            started.append(loop.time())
+            await pool.fetchval("SELECT 1")
+    elif entry == "engine":
+        from asyncpg_iam.sqlalchemy import create_async_engine
+
+        engine = create_async_engine(
+            f"postgresql+asyncpg://app@127.0.0.1:{port}/app",
+            iam=_auth(),
+            connect_args={"ssl": context, "timeout": timeout},
+        )
+        try:
+            started.append(loop.time())
+            async with engine.connect():
+                pass
+        finally:
+            await engine.dispose()
+    else:
+        from asyncpg_iam.starlette import lifespan
+
+        started.append(loop.time())
+        async with lifespan(**target, iam=_auth(), ssl=context, timeout=timeout)(object()):
+            pass
+
+
+@pytest.mark.parametrize("entry", ["pool", "set_connect_args", "engine", "Starlette", "no IAM"])
+async def test_a_connect_and_its_diagnosis_fit_in_the_timeout(entry: str) -> None:
+    """A connect to a silent port, its failure diagnosis included, ends within `timeout`
+    (generous slack for a loaded machine; main took timeout + ~3 s for the probe)."""
+    timeout = 3.0
+    started: list[float] = []
+    async with _silent_port() as port:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - each entry wraps it its way
+            await _connect_once(entry, port, timeout, started)
+        elapsed = asyncio.get_running_loop().time() - started[0]
+    assert "within 3 s" in str(caught.value)
+    assert elapsed < timeout + 1.5, f"took {elapsed:.1f} s with timeout={timeout}"
