@@ -1086,3 +1086,118 @@ async def test_a_connect_and_its_diagnosis_fit_in_the_timeout(entry: str) -> Non
         elapsed = asyncio.get_running_loop().time() - started[0]
     assert "within 3 s" in str(caught.value)
     assert elapsed < timeout + 1.5, f"took {elapsed:.1f} s with timeout={timeout}"
+
+
+# -- ca-bundle: https on every hop, what is stored is checked (class 4) ---------------------------
+
+
+class _Web:
+    """An HTTP(S) server on 127.0.0.1: each path answers a body, or a redirect to a URL."""
+
+    def __init__(self, routes: dict[str, bytes | tuple[int, str]], tls: trustme.CA | None) -> None:
+        import http.server
+        import threading
+
+        self.routes = routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                answer = routes.get(self.path, (404, ""))
+                if isinstance(answer, bytes):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
+                status, location = answer
+                self.send_response(status)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.issue_cert("127.0.0.1").configure_cert(context)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.base = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("hops", ["https->http", "https->https->http"])
+async def test_ca_bundle_refuses_a_hop_that_is_not_https(
+    status: int, hops: str, tmp_path: Path
+) -> None:
+    """A redirect to http (directly or after an https hop) is refused; the cached bundle
+    stays as it was and nothing claims the download came from https."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "download-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    old = trustme.CA().cert_pem.bytes()
+    served = trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes()
+    plain = _Web({"/bundle.pem": served}, tls=None)
+    secure = _Web({}, tls=ca)
+    secure.routes["/start"] = (
+        (status, f"{plain.base}/bundle.pem")
+        if hops == "https->http"
+        else (status, f"{secure.base}/next")
+    )
+    secure.routes["/next"] = (status, f"{plain.base}/bundle.pem")
+    output = tmp_path / "bundle.pem"
+    output.write_bytes(old)
+    try:
+        code, out, err = await run_cli(
+            "ca-bundle",
+            "--url",
+            f"{secure.base}/start",
+            "--cafile",
+            str(ca_file),
+            "--output",
+            str(output),
+            env=_cli_env(tmp_path),
+        )
+    finally:
+        plain.close()
+        secure.close()
+    assert code == 1, out + err
+    assert "not https" in err
+    assert output.read_bytes() == old
+    assert out == ""
+
+
+async def test_ca_bundle_follows_https_redirects_and_names_the_source(tmp_path: Path) -> None:
+    """Control: an https-to-https redirect is followed; the message names the final URL."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "download-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    served = trustme.CA().cert_pem.bytes()
+    secure = _Web({"/bundle.pem": served}, tls=ca)
+    secure.routes["/start"] = (302, f"{secure.base}/bundle.pem")
+    output = tmp_path / "bundle.pem"
+    try:
+        code, _out, err = await run_cli(
+            "ca-bundle",
+            "--url",
+            f"{secure.base}/start",
+            "--cafile",
+            str(ca_file),
+            "--output",
+            str(output),
+            env=_cli_env(tmp_path),
+        )
+    finally:
+        secure.close()
+    assert code == 0, err
+    assert f"from {secure.base}/bundle.pem" in err
+    assert output.read_bytes() == served
