@@ -53,7 +53,7 @@ from ._errors import (
 from ._lifetime import TokenBucket
 from ._tls import TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
 
-__all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
+__all__ = ["ConnectCounters", "ConnectPlan", "Connector", "in_recovery", "plan_connect"]
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
@@ -651,7 +651,7 @@ class Connector:
                 except (*_NEXT_HOST_ERRORS, TargetServerAttributeNotMatched) as exc:
                     last_error = exc
                     continue
-                if tsa != "prefer-standby" or await _in_recovery(opened[0]):
+                if tsa != "prefer-standby" or await in_recovery(opened[0]):
                     return opened
                 if fallback is None:
                     fallback = opened
@@ -726,7 +726,7 @@ class Connector:
             await self.provider.aclose()
 
 
-async def _in_recovery(con: Any) -> bool:
+async def in_recovery(con: Any) -> bool:
     """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
     reported = getattr(con.get_settings(), "in_hot_standby", None)
     if reported is not None:
