@@ -626,7 +626,7 @@ async def _plan_through(entry: str, dsn: str | None, kwargs: dict[str, Any]) -> 
         from asyncpg_iam.sqlalchemy import create_async_engine
 
         if dsn is not None:
-            pytest.skip("the engine takes a URL, not a DSN (its query: issue 27, class 9)")
+            pytest.skip("the engine takes a URL, not a DSN: see test_an_engine_url_*")
         port = kwargs.pop("port")
         connect_args = {k: v for k, v in kwargs.items() if k != "host"}
         engine = create_async_engine(
@@ -1201,3 +1201,46 @@ async def test_ca_bundle_follows_https_redirects_and_names_the_source(tmp_path: 
     assert code == 0, err
     assert f"from {secure.base}/bundle.pem" in err
     assert output.read_bytes() == served
+
+
+# -- the engine's URL is planned like the pool's arguments (class 9) --------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_engine_url_sslmode_is_planned_like_the_pool(
+    trap: Trap, mode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """?sslmode= in a SQLAlchemy URL is refused or applied at engine creation, as the pool's
+    sslmode is (it was a TypeError at the first connect, even verify-full)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    monkeypatch.setenv("ASYNCPG_IAM_CA_BUNDLE", _other_ca(tmp_path))
+    url = f"postgresql+asyncpg://app@127.0.0.1:{trap.port}/app?sslmode={mode}"
+    if mode in REFUSED:
+        with pytest.raises(ConfigurationError, match=f"'{mode}'"):
+            create_async_engine(url, iam=_auth())
+        assert trap.connections == 0
+        return
+    engine = create_async_engine(url, iam=_auth(), connect_args={"timeout": 5})
+    try:
+        with pytest.raises((DBAPIError, *CONNECT_ERRORS)) as caught:
+            async with engine.connect():
+                pass
+        assert not isinstance(caught.value.__cause__, TypeError)
+    finally:
+        await engine.dispose()
+    _assert_nothing_sent(trap)
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [("sslcrl=/nonexistent/crl.pem", "sslcrl="), ("sslsni=0", "sslsni="), ("bogus=1", "bogus")],
+)
+def test_an_engine_url_tls_parameter_is_applied_or_refused(query: str, named: str) -> None:
+    """A TLS parameter (or an unknown one) in the engine's URL is refused at creation."""
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    with pytest.raises(ConfigurationError, match=named):
+        create_async_engine(f"postgresql+asyncpg://app@127.0.0.1:5432/app?{query}", iam=_auth())
