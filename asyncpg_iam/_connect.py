@@ -463,7 +463,18 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self._stopped = False
+        # Tasks waiting for a slot of the rate limit: stop() wakes them.
+        self._waiting: set[asyncio.Task[Any]] = set()
         self.use_plan(plan)
+
+    def stop(self) -> None:
+        """Start no connect from now on: callers, those waiting for the rate limit included
+        (woken at once), get asyncpg's "pool is closing" (the pool's close() and terminate()
+        call it)."""
+        self._stopped = True
+        for task in self._waiting:
+            task.cancel()
 
     def use_plan(self, plan: ConnectPlan) -> None:
         """Connect as `plan` says from now on; raise `ConfigurationError` and change nothing
@@ -506,6 +517,8 @@ class Connector:
         # Runs for every new connection: it returns the coroutine that does the work rather
         # than awaiting it in one more, since every await inside a connect resumes each
         # coroutine of the chain.
+        if self._stopped:
+            raise asyncpg.InterfaceError("pool is closing")
         # A caller's context is used as given: refuse it if it stopped verifying (two reads).
         self.plan.tls.check_unchanged()
         self.counters.attempts += 1
@@ -556,8 +569,17 @@ class Connector:
 
         Callers check for a limit first: without one, no coroutine is made on a connect.
         """
+        task = asyncio.current_task()
+        if task is not None:
+            self._waiting.add(task)
         try:
             waited = await asyncio.wait_for(bucket.acquire(), budget.remaining())
+        except asyncio.CancelledError:
+            if not self._stopped or task is None:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # the cancel was stop()'s, not the caller's
+            raise asyncpg.InterfaceError("pool is closing") from None
         except asyncio.TimeoutError:
             self.counters.rate_limited += 1
             raise ConnectTimeoutError(
@@ -570,8 +592,12 @@ class Connector:
                 "or the timeout, or lower the pool's demand for new connections",
                 timeout=budget.timeout,
             ) from None
+        finally:
+            self._waiting.discard(task)
         if waited > 0:
             self.counters.rate_limited += 1
+        if self._stopped:
+            raise asyncpg.InterfaceError("pool is closing")
 
     async def _login(
         self, target: SigningTarget, extra: Mapping[str, Any], attrs: str, *, one: bool = True

@@ -572,6 +572,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
+        self._connector.stop()
         self._recycler.cancel()
         try:
             await super().close()
@@ -581,6 +582,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
+        self._connector.stop()
         self._recycler.cancel()
         super().terminate()
         if self._refill_task is not None:

@@ -29,7 +29,7 @@ import trustme
 import asyncpg_iam
 from asyncpg_iam import ConfigurationError, Credentials, IAMAuth
 
-from ._support import run_cli
+from ._support import run_cli, wait_for
 from ._traps import Trap, untrusted_server_context
 
 ENDPOINT = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
@@ -1244,3 +1244,39 @@ def test_an_engine_url_tls_parameter_is_applied_or_refused(query: str, named: st
 
     with pytest.raises(ConfigurationError, match=named):
         create_async_engine(f"postgresql+asyncpg://app@127.0.0.1:5432/app?{query}", iam=_auth())
+
+
+# -- nothing outlives close (class 5) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close", "terminate"])
+async def test_no_connect_attempt_starts_after_close(how: str) -> None:
+    """Callers waiting for the connect rate limit get "pool is closing" as soon as the pool
+    closes, and no connect attempt starts afterwards (main kept dialling one per slot)."""
+    async with Trap() as trap:
+        pool = asyncpg_iam.create_pool(
+            host="127.0.0.1",
+            port=trap.port,
+            user="app",
+            iam=_auth(),
+            min_size=0,
+            max_size=6,
+            timeout=60,
+            max_connect_rate=0.2,
+        )
+        await pool
+        callers = [asyncio.ensure_future(pool.fetchval("SELECT 1")) for _ in range(5)]
+        await wait_for(lambda: trap.connections >= 1)
+        attempts = pool._connector.counters.attempts
+        if how == "close":
+            await asyncio.wait_for(pool.close(), 30)
+        else:
+            pool.terminate()
+        results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+        dialled = trap.connections
+        await asyncio.sleep(6)  # one slot of the rate limit and more
+    closing = [r for r in results if isinstance(r, asyncpg.InterfaceError)]
+    assert len(closing) >= 4, results
+    assert all("pool is closing" in str(r) for r in closing)
+    assert trap.connections == dialled, "a connect started after close"
+    assert pool._connector.counters.attempts <= attempts + 1
