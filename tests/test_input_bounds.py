@@ -223,3 +223,20 @@ def test_kerberos_settings_are_applied_without_iam(
         monkeypatch.setenv("PGKRBSRVNAME", "kerb")
     pool = _pool(dsn, iam=False, **kwargs)
     assert pool._connector.plan.asyncpg_kwargs()["krbsrvname"] == "kerb"
+
+
+@PROPERTY
+@given(value=_rates)
+@example(value=10**400)
+def test_max_lifetime_is_bounded(value: Any) -> None:
+    """max_lifetime is seconds more than 0 and at most a year (or None), else refused."""
+    inside = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and 0 < value <= 366 * 86_400
+    )
+    if inside:
+        _pool(host=ENDPOINT, user="app", iam=_iam(), max_lifetime=value)
+        return
+    with pytest.raises(ConfigurationError, match="max_lifetime must be"):
+        _pool(host=ENDPOINT, user="app", iam=_iam(), max_lifetime=value)
