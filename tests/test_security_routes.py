@@ -1280,3 +1280,21 @@ async def test_no_connect_attempt_starts_after_close(how: str) -> None:
     assert all("pool is closing" in str(r) for r in closing)
     assert trap.connections == dialled, "a connect started after close"
     assert pool._connector.counters.attempts <= attempts + 1
+
+
+async def test_a_context_changed_under_a_starlette_pool_is_refused(sandbox: Any) -> None:
+    """The Starlette lifespan's pool re-checks the context too: weakened after start-up, the
+    next new connection is refused and the emulator sees no further login."""
+    from asyncpg_iam.starlette import lifespan
+
+    context = sandbox.emulator.client_ssl_context()
+    kwargs = sandbox.pool_kwargs(ssl=context, min_size=0, timeout=10)
+    async with lifespan(**kwargs)(object()) as state:
+        pool = state["pool"]
+        assert await pool.fetchval("SELECT 1") == 1
+        logins = sandbox.emulator.logins_accepted
+        _weaken(context, "CERT_NONE")
+        await pool.expire_connections()
+        with pytest.raises(ConfigurationError, match="changed after the TLS decision"):
+            await pool.fetchval("SELECT 1")
+        assert sandbox.emulator.logins_accepted == logins
