@@ -1298,3 +1298,32 @@ async def test_a_context_changed_under_a_starlette_pool_is_refused(sandbox: Any)
         with pytest.raises(ConfigurationError, match="changed after the TLS decision"):
             await pool.fetchval("SELECT 1")
         assert sandbox.emulator.logins_accepted == logins
+
+
+@pytest.mark.parametrize("revoked", [True, False], ids=["PGSSLCRL", "control"])
+async def test_psql_honours_a_revocation_list(revoked: bool, tmp_path: Path) -> None:
+    """psql gets the plan's revocation list: a revoked server certificate receives no token;
+    without the list (control) the same trusted server receives it from the password file."""
+    psql = _psql_or_skip()
+    trusted = _trusted_server(tmp_path)
+    variables = {"PGSSLCRL": trusted.crl_path} if revoked else {}
+    async with Trap(tls=trusted.context) as trap:
+        code, out, err = await _cli(
+            "psql",
+            trap.port,
+            tmp_path,
+            "--ca",
+            trusted.ca_path,
+            "--psql",
+            psql,
+            "--",
+            "-c",
+            "SELECT 1",
+            **variables,
+        )
+    assert code != 0, out + err
+    assert trap.connections >= 1, err
+    if revoked:
+        assert trap.passwords == [], trap.summary()
+    else:
+        assert len(trap.passwords) == 1, trap.summary()

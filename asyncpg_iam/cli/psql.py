@@ -42,6 +42,8 @@ __all__ = ["check_psql_arguments", "psql_command", "psql_environment", "register
 _PSQL_KEPT = frozenset(
     {"PGAPPNAME", "PGCLIENTENCODING", "PGCONNECT_TIMEOUT", "PGDATESTYLE", "PGTZ", "PGGEQO"}
 )
+# TLS parameters at libpq's default value (left out of psql's connection string).
+_LIBPQ_DEFAULTS = {"sslsni": "1", "sslcertmode": "allow"}
 # Variables outside PG* that change how psql reads its arguments: POSIXLY_CORRECT stops
 # getopt at the first name, so our trailing --dbname would become a name.
 _DROPPED = frozenset({"POSIXLY_CORRECT"})
@@ -117,7 +119,10 @@ def connection_string(plan: ConnectPlan, passfile: str) -> str:
     if plan.direct_tls:
         settings["sslnegotiation"] = "direct"
     for setting in tls.settings:
-        if setting.name not in ("sslrootcert", "sslpassword", "sslnegotiation"):
+        if setting.name in ("sslrootcert", "sslpassword", "sslnegotiation"):
+            continue
+        # libpq's own defaults are left out: an older psql may not know the parameter.
+        if _LIBPQ_DEFAULTS.get(setting.name) != setting.value:
             settings[setting.name] = setting.value
     if tls.cert_file is not None:
         settings["sslcert"] = tls.cert_file
