@@ -188,6 +188,8 @@ class TLSPolicy:
 class _Setting:
     value: Any
     source: str
+    origin: str = ""
+    """Where from: ``"argument"``, ``"dsn"``, ``"service"`` or ``"environment"``."""
 
 
 def _mode_name(value: Any) -> str | None:
@@ -241,12 +243,12 @@ def _first(*settings: _Setting | None) -> _Setting | None:
     return next((s for s in settings if s is not None and s.value not in (None, "")), None)
 
 
-def _from(mapping: Mapping[str, Any], key: str, source: str) -> _Setting | None:
+def _from(mapping: Mapping[str, Any], key: str, source: str, origin: str) -> _Setting | None:
     value = mapping.get(key)
     if value is None or value == "":
         return None
     shown = "<hidden>" if key in _SECRET else value
-    return _Setting(value, source.format(key=key, value=shown))
+    return _Setting(value, source.format(key=key, value=shown), origin)
 
 
 def decide_tls(
@@ -293,10 +295,10 @@ def decide_tls(
 
     if iam:
         _check_iam_mode(mode, mode_source, allow_unverified=allow_unverified)
-    sni = _check_sni(found["sslsni"])
+    _check_sni(found["sslsni"])
     direct = _negotiation(found["sslnegotiation"])
     if caller_context is not None:
-        _refuse_beside_context(found, sources)
+        _refuse_beside_context(found)
         checked = (caller_context.verify_mode, caller_context.check_hostname)
         return TLSPolicy(
             mode,
@@ -309,7 +311,15 @@ def decide_tls(
             _checked=checked,
         )
     if mode in PLAINTEXT_MODES and not iam:
-        # asyncpg negotiates these modes itself, reading the same settings.
+        # asyncpg negotiates these modes itself, reading the DSN's, the service's and the
+        # environment's settings; it takes none of them as a keyword.
+        for setting in found.values():
+            if setting is not None and setting.origin == "argument":
+                raise ConfigurationError(
+                    f"{setting.source} needs TLS that this library sets up: with sslmode "
+                    f"{mode!r} ({mode_source}) asyncpg negotiates TLS itself and would not "
+                    "apply it. Pass ssl='verify-full' (or 'require'), or put it in the DSN"
+                )
         return TLSPolicy(mode, mode_source, None, None, "none", direct=direct)
 
     ca_file, ca_source = _ca_for(root, env)
@@ -321,7 +331,6 @@ def decide_tls(
     cert_file, key_file = _load_client_cert(
         context, found["sslcert"], found["sslkey"], found["sslpassword"], found["sslcertmode"]
     )
-    del sni  # asyncpg always sends SNI: sslsni=1 is all it can do (checked above)
     return TLSPolicy(
         mode,
         mode_source,
@@ -361,30 +370,23 @@ class _Sources:
         """Return the first of the argument `keyword`, the DSN's, the service's, and its
         environment variable."""
         variable = TLS_PARAMETERS[keyword]
-        return _first(*self.each(keyword, variable))
-
-    def outranked(self, setting: _Setting) -> bool:
-        """Whether `setting` came from the service or the environment (an explicit
-        ssl.SSLContext outranks them)."""
-        return setting.source.endswith(("in the environment", self.in_service.split("}", 2)[-1]))
-
-    def each(self, keyword: str, variable: str | None) -> tuple[_Setting | None, ...]:
-        """Return `keyword` from each source, in libpq's order."""
-        return (
-            _from(self.arguments, keyword, "{key}={value!r}"),
-            _from(self.query, keyword, "{key}={value} in the DSN"),
-            _from(self.service, keyword, self.in_service),
-            _from(self.env, variable, "{key}={value} in the environment") if variable else None,
+        return _first(
+            _from(self.arguments, keyword, "{key}={value!r}", "argument"),
+            _from(self.query, keyword, "{key}={value} in the DSN", "dsn"),
+            _from(self.service, keyword, self.in_service, "service"),
+            _from(self.env, variable, "{key}={value} in the environment", "environment")
+            if variable
+            else None,
         )
 
 
-def _refuse_beside_context(found: Mapping[str, _Setting | None], sources: _Sources) -> None:
+def _refuse_beside_context(found: Mapping[str, _Setting | None]) -> None:
     """Refuse settings given for this connection that would have to change a caller's
     context (it is used as given). A service's and the environment's are outranked by the
     context, as libpq's explicit settings outrank them."""
     for name in _CONTEXT_PARAMETERS:
         setting = found.get(name)
-        if setting is not None and not sources.outranked(setting):
+        if setting is not None and setting.origin in ("argument", "dsn"):
             raise ConfigurationError(
                 f"{setting.source} cannot be applied to the ssl.SSLContext passed as ssl= "
                 f"(it is used as given, never changed): set {name} on the context yourself "
@@ -393,9 +395,10 @@ def _refuse_beside_context(found: Mapping[str, _Setting | None], sources: _Sourc
             )
 
 
-def _check_sni(setting: _Setting | None) -> bool:
+def _check_sni(setting: _Setting | None) -> None:
+    """Accept sslsni=1 (asyncpg always sends the server name); refuse anything else."""
     if setting is None or str(setting.value) == "1":
-        return True
+        return
     raise ConfigurationError(
         f"{setting.source} is not supported: asyncpg always sends the server name (SNI) in "
         "the TLS handshake. Drop it (or set it to 1)" + _unset_hint(setting.source)

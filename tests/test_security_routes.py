@@ -1327,3 +1327,13 @@ async def test_psql_honours_a_revocation_list(revoked: bool, tmp_path: Path) -> 
         assert trap.passwords == [], trap.summary()
     else:
         assert len(trap.passwords) == 1, trap.summary()
+
+
+@pytest.mark.parametrize("name", sorted(UNUSABLE))
+def test_tls_keywords_without_iam_in_a_mode_asyncpg_negotiates(name: str) -> None:
+    """Without IAM, in sslmode prefer (which asyncpg negotiates itself, taking no TLS
+    keyword), a TLS parameter given as a keyword is refused rather than dropped."""
+    with pytest.raises(ConfigurationError, match=f"{name}="):
+        asyncpg_iam.create_pool(
+            host="127.0.0.1", user="app", password="x", iam=False, **{name: UNUSABLE[name]}
+        )
