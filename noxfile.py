@@ -24,7 +24,7 @@ def _oldest_python() -> str:
     return PYTHON
 
 
-# Every asyncpg minor version the pool supports (see asyncpg_iam/_pool.py SUPPORTED_ASYNCPG).
+# Every asyncpg minor version the pool supports (asyncpg_iam/_asyncpg_pool.py SUPPORTED_ASYNCPG).
 ASYNCPG_VERSIONS = ["0.30", "0.31", "0.32"]
 # The tests that exercise the pool's use of asyncpg internals.
 POOL_TESTS = [
@@ -63,6 +63,19 @@ def uvloop(session: nox.Session) -> None:
     session.run("pytest", "-p", "tests._uvloop", *POOL_TESTS, *session.posargs)
 
 
+@nox.session(name="asyncpg_suite", python=PYTHON)
+def asyncpg_suite(session: nox.Session) -> None:
+    """Run asyncpg's own tests/test_pool.py on asyncpg_iam.Pool(iam=False) (.ci/asyncpg-suite).
+
+    Both variants (the default max_lifetime and None); ASYNCPG_SUITE_POOLS chooses others.
+    """
+    session.install("-e", ".[test]")
+    python = os.path.join(session.bin, "python")
+    session.run(
+        "bash", ".ci/asyncpg-suite", *session.posargs, env={"PYTHON": python}, external=True
+    )
+
+
 # The integration tests the container lane runs (those present), and its own proof test.
 CONTAINER_TESTS = [
     "tests/test_container_backend.py",
@@ -98,6 +111,13 @@ def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy --strict."""
     session.install("-e", ".[test]", "mypy>=1.11")
     session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with --strict: a broken link or reference fails."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(python=PYTHON)

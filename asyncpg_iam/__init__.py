@@ -7,9 +7,8 @@ Every new connection gets a freshly signed token as its password, no connection 
 `max_lifetime`, and AWS credentials come from the standard chain through aiobotocore, cached.
 """
 
-from importlib import metadata as _metadata
-
 from ._auth import IAMAuth, SigningTarget
+from ._bluegreen import BlueGreenSettings
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -18,19 +17,23 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    SwitchoverTimeoutError,
     TLSVerificationError,
 )
+from ._health import HealthCheck
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
 
 __all__ = [
+    "BlueGreenSettings",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
+    "HealthCheck",
     "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",
@@ -38,6 +41,7 @@ __all__ = [
     "PoolSettings",
     "PoolStats",
     "SigningTarget",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "__version__",
     "build_auth_token",
@@ -47,11 +51,8 @@ __all__ = [
     "run_transaction",
 ]
 
-try:
-    __version__: str = _metadata.version("asyncpg-iam")
-    """The installed distribution's version (from its metadata)."""
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+# The one place the version is written: hatchling reads it from here for the distribution.
+__version__ = "0.1.0"
 
 # Public names report the public path (in reprs, tracebacks and docs), not the private module.
 for _name in __all__:

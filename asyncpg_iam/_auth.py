@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import logging
 import re
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +40,8 @@ __all__ = [
     "failure_context",
     "find_region",
 ]
+
+logger = logging.getLogger("asyncpg_iam.connect")
 
 _REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
 _ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
@@ -338,6 +341,22 @@ class TokenRecord:
     reused: bool = False
 
 
+def _warn_if_ip(signing_host: str, *, dsql: bool) -> None:
+    """Warn that a token signed for an IP address will be refused (RDS checks the name)."""
+    try:
+        ipaddress.ip_address(signing_host.strip("[]"))
+    except ValueError:
+        return
+    logger.warning(
+        "signing IAM tokens for %s, an IP address: %s checks the token against its endpoint "
+        "name, so the login will be refused. Pass IAMAuth(signing_host='%s') "
+        "(--signing-host on the command line)",
+        signing_host,
+        "DSQL" if dsql else "RDS",
+        "<cluster-id>.dsql.<region>.on.aws" if dsql else "<name>.<id>.<region>.rds.amazonaws.com",
+    )
+
+
 class TokenProvider:
     """Sign a token per connect from cached credentials; no I/O in the steady state."""
 
@@ -392,6 +411,7 @@ class TokenProvider:
         if self.auth.region is None and endpoint_region is None:
             _check_region(region, f"the AWS region from {source}")
         self.credentials.offer_region(region, source)
+        _warn_if_ip(signing_host, dsql=dsql)
         return SigningTarget(
             host=host,
             port=port,

@@ -2,7 +2,8 @@
 
 Every route that logs in goes through a `Connector`: the pool (creation, refill, ``min_size``,
 `Pool.set_connect_args`), the SQLAlchemy engine, the Starlette lifespan (through the pool) and
-the command line's ``psql``, ``token`` and ``doctor``. `plan_connect` reads the arguments and
+the command line's ``psql``, ``token`` and ``doctor``. `plan_connect`, the one plan assembly
+(every default applied there: Aurora DSQL's, TLS, the writer default), reads the arguments and
 the environment once (DSN, host, port, user, database, ``PGSSLMODE``, ``PGSSLROOTCERT``, a
 service file, ...) into a frozen `ConnectPlan`; every connect then passes asyncpg explicit
 arguments, an `ssl.SSLContext` among them, and no DSN, so nothing read later (the environment,
@@ -15,16 +16,14 @@ gets its own connect call with a token signed for it, at most one login per host
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import difflib
 import functools
 import inspect
 import logging
+import os
 import re
 import socket
 import ssl
-import struct
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
@@ -39,8 +38,11 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _options, _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
+from ._dsn import DSN, parse_dsn
+from ._dsql import connect_defaults
 from ._errors import (
     ConfigurationError,
     ConnectError,
@@ -48,12 +50,16 @@ from ._errors import (
     IAMAuthenticationError,
     IAMError,
     TLSVerificationError,
+    is_iam_refusal,
     rank_auth_failure,
+    without_traceback,
 )
 from ._lifetime import TokenBucket
-from ._tls import TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
+from ._retry import in_recovery
+from ._signing import is_writer_endpoint
+from ._tls import SSL_REQUEST, TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
 
-__all__ = ["ConnectCounters", "ConnectPlan", "Connector", "in_recovery", "plan_connect"]
+__all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
@@ -86,8 +92,9 @@ _RESOLVED = frozenset(
     }
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
-# Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...).
-_OWN_KEYWORDS = TLS_KEYWORDS
+# Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...)
+# and RDS Proxy's.
+_PLAN_KEYWORDS = TLS_KEYWORDS | {_proxy.KEYWORD}
 # How long a failed connect's follow-up probe (which phase was reached) may take at most.
 _PROBE_TIMEOUT = 3.0
 # The part of a connect's timeout kept for that probe: a tenth, at most a second. A probe
@@ -95,7 +102,6 @@ _PROBE_TIMEOUT = 3.0
 _DIAGNOSIS_SHARE = 0.1
 _DIAGNOSIS_RESERVE = 1.0
 _MIN_PROBE = 0.02
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
@@ -119,6 +125,10 @@ class ConnectPlan:
     connect_kwargs: Mapping[str, Any]
     auth: IAMAuth | None
     direct_tls: bool = False
+    dsql: bool = False
+    """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
+    rds_proxy: bool = False
+    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -141,30 +151,14 @@ class ConnectPlan:
         return kwargs
 
 
-def _dsn_password(dsn: str | None) -> str | None:
-    """Return the password a DSN carries, in its user info or its query (``?password=``)."""
-    if not dsn:
-        return None
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-        return parts.password or next(iter(query.get("password", [])), None)
-    except ValueError:
-        return None  # _parse reports the malformed DSN
-
-
 # Kerberos settings, which an IAM login (a password over TLS) has no use for.
-_GSS_SETTINGS = (("krbsrvname", "PGKRBSRVNAME"), ("gsslib", "PGGSSLIB"))
+_GSS_SETTINGS = ("krbsrvname", "gsslib")
 
 
-def _check_gss(dsn: str | None, kwargs: Mapping[str, Any]) -> None:
+def _check_gss(dsn: DSN, kwargs: Mapping[str, Any]) -> None:
     """Refuse Kerberos settings given for an IAM login (argument or DSN): they would be unused."""
-    query: dict[str, list[str]] = {}
-    if dsn:
-        with contextlib.suppress(ValueError):
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
-    for name, _variable in _GSS_SETTINGS:
-        source = f"{name}= in the DSN" if name in query else None
+    for name in _GSS_SETTINGS:
+        source = f"{name}= in the DSN" if name in dsn.query else None
         if kwargs.get(name) is not None:
             source = f"{name}={kwargs[name]!r}"
         if source is not None:
@@ -204,8 +198,15 @@ def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     arguments["dsn"] = dsn
     try:
         addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
-        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
+    except (
+        ClientConfigurationError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
+        # asyncpg's parser fails on wrongly typed values with AttributeError (host=1) and
+        # OverflowError (port=inf) too.
         text = str(exc)
         if "target_session_attrs" in text:
             found = re.search(r"got (.+)$", text)
@@ -219,11 +220,13 @@ def check_keywords(
 ) -> None:
     """Raise `ConfigurationError` for a keyword that is not asyncpg.connect's, nor in `pool`
     (asyncpg.create_pool's) or `own` (the caller's), naming the closest valid one."""
-    known = set(_CONNECT_DEFAULTS) | _OWN_KEYWORDS
+    known = set(_CONNECT_DEFAULTS) | _PLAN_KEYWORDS
     unknown = sorted(name for name in given if name not in known)
     if not unknown:
         return
     name = unknown[0]
+    import difflib  # on a failure path only
+
     close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
     valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
     if own:
@@ -235,60 +238,12 @@ def check_keywords(
     )
 
 
-#: Bounds of the numbers a plan and a pool take.
-MAX_TIMEOUT = 86_400.0
-"""Seconds: the longest connect or command timeout (a day)."""
-MAX_LIFETIME_BOUND = 366 * 86_400.0
-"""Seconds: the longest max_lifetime (a year; None keeps connections forever)."""
-MIN_CONNECT_RATE = 0.01
-"""New connections per second: one per 100 s (a lower rate would wait past any timeout)."""
-MAX_CONNECT_RATE = 1_000_000.0
-
-
-def check_number(
-    name: str, value: object, low: float, high: float, *, what: str, above: bool = False
-) -> float:
-    """Return `value` as a float if it is a real number from `low` to `high` (`above`: more
-    than `low`); else raise `ConfigurationError` naming `name`, `what` it counts and the
-    bounds. Booleans, NaN, infinities and ints too large for a float are refused."""
-    number: float | None = None
-    if not isinstance(value, bool) and isinstance(value, (int, float)):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = None
-    if number is None or not (low < number if above else low <= number) or not number <= high:
-        shown = repr(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        bounds = f"more than {low:g} and at most {high:g}" if above else f"{low:g} to {high:g}"
-        raise ConfigurationError(f"{name} must be {what} from {bounds}, not {shown}")
-    return number
-
-
-def check_timeout(name: str, value: object) -> None:
-    """Refuse a timeout that is not None or seconds in (0, `MAX_TIMEOUT`]."""
-    if value is not None:
-        check_number(name, value, 0, MAX_TIMEOUT, what="seconds", above=True)
-
-
 def _check_ports(port: Any) -> None:
     """Refuse a port argument (a number or a list of them) outside 1-65535 (asyncpg would
     read 0 as its default)."""
-    ports = port if isinstance(port, (list, tuple)) else [port]
-    for value in ports:
-        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 65535:
-            raise ConfigurationError(f"port {value} is not a TCP port: use 1 to 65535")
-
-
-def check_endpoint(host: str, port: int) -> None:
-    """Refuse a blank host, one with spaces or control characters, or a port outside 1-65535."""
-    if not host.strip() or any(c.isspace() or not c.isprintable() for c in host):
-        raise ConfigurationError(
-            f"host {host!r} is not a host name or address: pass one like "
-            "'mydb.abc123.us-east-1.rds.amazonaws.com' (no spaces or control characters)"
-        )
-    if not 1 <= port <= 65535:
-        raise ConfigurationError(f"port {port} of {host} is not a TCP port: use 1 to 65535")
+    for value in port if isinstance(port, (list, tuple)) else [port]:
+        if isinstance(value, int):
+            _options.port("port", value)
 
 
 _IAM_PASSWORD = (
@@ -309,8 +264,7 @@ def _endpoints(addrs: list[Any], *, iam: bool) -> tuple[tuple[str, int], ...]:
                 )
             endpoints.append((addr, 0))
         else:
-            check_endpoint(str(addr[0]), int(addr[1]))
-            endpoints.append((str(addr[0]), int(addr[1])))
+            endpoints.append((_options.host("host", addr[0]), _options.port("port", addr[1])))
     return tuple(endpoints)
 
 
@@ -321,14 +275,60 @@ def plan_connect(
     auth: IAMAuth | None,
     environ: Mapping[str, str] | None = None,
 ) -> ConnectPlan:
-    """Resolve `dsn` and `connect_kwargs` (`asyncpg.connect`'s) into a plan; validate them.
+    """Assemble the complete plan from `dsn` and `connect_kwargs` (`asyncpg.connect`'s).
 
-    Also takes libpq's TLS parameters (`TLS_KEYWORDS`: ``sslrootcert=`` (a CA file, or
-    ``"system"``), ``sslcrl=``, ...) as keywords. Raises
-    `ConfigurationError` for anything that could not connect, or that could send an IAM token
-    in clear or to an unverified server. Callers check unknown keywords first
+    The one assembly every route makes (the pool, `Pool.set_connect_args`, the SQLAlchemy
+    engine, the command line): the DSN parsed once, Aurora DSQL's defaults, the TLS policy and
+    the writer default (``target_session_attrs="read-write"`` for IAM on one Aurora cluster
+    endpoint when nothing chose the attributes). `environ` is the environment to read
+    (default: ``os.environ``, read here once). Also takes libpq's TLS parameters
+    (`TLS_KEYWORDS`: ``sslrootcert=`` (a CA file, or ``"system"``), ``sslcrl=``, ...) as
+    keywords. Raises `ConfigurationError` for anything that could not connect, or that could
+    send an IAM token in clear or to an unverified server. Callers check unknown keywords first
     (`check_keywords`), so that the message can name their own.
     """
+    env = os.environ if environ is None else environ
+    parsed = parse_dsn(dsn)
+    dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
+    rds_proxy, kwargs = _proxy.proxy_defaults(parsed, kwargs, auth=auth, environ=env)
+    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)
+    attrs = _writer_default(plan, parsed, kwargs, env)
+    if dsql or (attrs is not None and attrs != plan.target_session_attrs):
+        plan = dataclasses.replace(
+            plan, dsql=dsql, target_session_attrs=attrs or plan.target_session_attrs
+        )
+    return plan
+
+
+def _writer_default(
+    plan: ConnectPlan, dsn: DSN, kwargs: Mapping[str, Any], environ: Mapping[str, str]
+) -> str | None:
+    """Return ``"read-write"`` when an IAM plan on one cluster endpoint chose no attributes.
+
+    Anything the caller chose (``target_session_attrs=``, the DSN's query, the
+    ``PGTARGETSESSIONATTRS`` variable) wins; any other host keeps asyncpg's ``any``, since an
+    instance name says nothing about whether it is a replica.
+    """
+    if plan.auth is None or kwargs.get("target_session_attrs") is not None:
+        return None
+    if environ.get("PGTARGETSESSIONATTRS") or "target_session_attrs" in dsn.query:
+        return None
+    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
+    if len(hosts) == 1 and is_writer_endpoint(hosts[0]):
+        return "read-write"
+    return None
+
+
+def _resolve(
+    dsn: str | None,
+    parsed: DSN,
+    connect_kwargs: Mapping[str, Any],
+    *,
+    auth: IAMAuth | None,
+    environ: Mapping[str, str],
+    rds_proxy: bool,
+) -> ConnectPlan:
+    """Resolve the arguments into a plan as asyncpg would; validate them (TLS included)."""
     kwargs = dict(connect_kwargs)
     tls_arguments = {name: kwargs.pop(name) for name in TLS_KEYWORDS if name in kwargs}
     for name, value in tls_arguments.items():
@@ -337,17 +337,17 @@ def plan_connect(
                 f"{name} must be a string (libpq's parameter), not {type(value).__name__}"
             )
     iam = auth is not None
-    if iam and (kwargs.get("password") is not None or _dsn_password(dsn) is not None):
+    if iam and (kwargs.get("password") is not None or parsed.password is not None):
         raise ConfigurationError(_IAM_PASSWORD)
     if iam:
-        _check_gss(dsn, kwargs)
+        _check_gss(parsed, kwargs)
     _check_ports(kwargs.get("port"))
-    check_timeout("timeout", kwargs.get("timeout"))
-    check_timeout("command_timeout", kwargs.get("command_timeout"))
+    _options.timeout("timeout", kwargs.get("timeout"))
+    _options.timeout("command_timeout", kwargs.get("command_timeout"))
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
-        dsn=dsn,
+        dsn=parsed,
         kwargs=kwargs,
         iam=iam,
         allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
@@ -359,11 +359,13 @@ def plan_connect(
         # ones it does not know to the server as settings.
         dsn = _without_query(dsn, TLS_PARAMETERS)
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    if rds_proxy:
+        _proxy.refuse_options(params.server_settings, dsn)
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
     if not iam:
         # Kerberos settings from any source go to asyncpg as resolved.
-        for name, _variable in _GSS_SETTINGS:
+        for name in _GSS_SETTINGS:
             value = getattr(params, name, None)
             if value is not None and name in _CONNECT_DEFAULTS:
                 passthrough[name] = value
@@ -380,6 +382,7 @@ def plan_connect(
         direct_tls=tls.direct
         or bool(kwargs.get("direct_tls"))
         or getattr(negotiation, "value", negotiation) == "direct",
+        rds_proxy=rds_proxy,
         password=None if iam else params.password,
     )
 
@@ -466,15 +469,28 @@ class Connector:
         self._stopped = False
         # Tasks waiting for a slot of the rate limit: stop() wakes them.
         self._waiting: set[asyncio.Task[Any]] = set()
+        # What stop() stops besides: the monitors that hang off the connects (blue/green, health).
+        self._also_stop: list[Callable[[], None]] = []
+        self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
+        """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
+        self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
+        """What a login to (host, port) waits for first, if anything (the pool's health
+        check: a host that went silent)."""
         self.use_plan(plan)
 
     def stop(self) -> None:
         """Start no connect from now on: callers, those waiting for the rate limit included
-        (woken at once), get asyncpg's "pool is closing" (the pool's close() and terminate()
-        call it)."""
+        (woken at once), get asyncpg's "pool is closing"; the monitors given to `stop_with`
+        stop too (the pool's close() and terminate() call it)."""
         self._stopped = True
         for task in self._waiting:
             task.cancel()
+        for stop in self._also_stop:
+            stop()
+
+    def stop_with(self, stop: Callable[[], None]) -> None:
+        """Call `stop` (idempotent) when the connector stops: a monitor of its connects."""
+        self._also_stop.append(stop)
 
     def use_plan(self, plan: ConnectPlan) -> None:
         """Connect as `plan` says from now on; raise `ConfigurationError` and change nothing
@@ -500,6 +516,8 @@ class Connector:
         self.plan, self.targets = plan, targets
         # The connect arguments every login starts from (asyncpg only reads them).
         self._kwargs = plan.asyncpg_kwargs()
+        # A caller's context is used as given: each connect re-checks it (None: nothing to).
+        self._recheck = plan.tls.check_unchanged if plan.tls.rechecked else None
 
     @property
     def auth(self) -> IAMAuth | None:
@@ -519,15 +537,32 @@ class Connector:
         # coroutine of the chain.
         if self._stopped:
             raise asyncpg.InterfaceError("pool is closing")
-        # A caller's context is used as given: refuse it if it stopped verifying (two reads).
-        self.plan.tls.check_unchanged()
+        recheck = self._recheck
+        if recheck is not None:
+            recheck()  # refuse a caller's context that stopped verifying
         self.counters.attempts += 1
+        route = self.route
+        if route is not None:
+            return route(extra)
+        return self.open_planned(extra)
+
+    def open_planned(
+        self, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open one connection where the plan says (`open` without a route); `attrs`
+        overrides the plan's ``target_session_attrs``."""
         if self.provider is None:
             return self._open_without_iam(extra)
-        tsa = self.plan.target_session_attrs
+        tsa = attrs or self.plan.target_session_attrs
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
+
+    def open_at(
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Log in to `target` (dial its host and port, sign for its signing name)."""
+        return self._login(target, extra, attrs or self.plan.target_session_attrs)
 
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
@@ -538,19 +573,27 @@ class Connector:
             endpoints = self.plan.endpoints
             explained = len(endpoints) == 1 and bool(endpoints[0][1])
             kwargs["timeout"] = budget.for_connect(reserve=explained)
+            gate = self.login_gate
+            if gate is not None and len(endpoints) == 1:
+                waiting = gate(*endpoints[0])
+                if waiting is not None:
+                    await _wait_at_gate(waiting, *endpoints[0], budget, kwargs, reserve=explained)
             started = self._clock.monotonic()
             try:
-                return await self._connect(**kwargs), started
+                con = await self._connect(**kwargs)
             except (OSError, asyncio.TimeoutError) as exc:
                 if not explained:
                     raise  # several hosts (asyncpg tried each), or a Unix socket
                 error = await self._explain_connect(exc, *endpoints[0], budget)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
+        return con, started
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -621,23 +664,29 @@ class Connector:
                 password=functools.partial(provider.token, target, record),
                 timeout=budget.for_connect(reserve=True),
             )
+            gate = self.login_gate
+            waiting = gate(target.host, target.port) if gate is not None else None
+            if waiting is not None:
+                await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
             except InvalidAuthorizationSpecificationError as exc:
-                if isinstance(exc, IAMAuthenticationError):
+                if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from exc
+                raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
                 error = await self._explain_connect(exc, target.host, target.port, budget)
                 if error is None:
                     raise
-                raise error from exc
+                raise error from without_traceback(exc)
         except BaseException:
             if one:
                 self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
@@ -715,7 +764,8 @@ class Connector:
         cause = ranked[0][0]
         self.counters.auth_failures_by_cause[cause] += 1
         error = IAMAuthenticationError(context, [hint for _, hint in ranked], cause)
-        logger.warning(
+        # DEBUG: the error itself says all of this; a background refill logs it when it fails.
+        logger.debug(
             "%s: IAM login refused for %s at %s:%s (region %s): %s",
             self._owner,
             target.user,
@@ -752,12 +802,34 @@ class Connector:
             await self.provider.aclose()
 
 
-async def in_recovery(con: Any) -> bool:
-    """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
-    reported = getattr(con.get_settings(), "in_hot_standby", None)
-    if reported is not None:
-        return bool(reported == "on")
-    return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+async def _wait_at_gate(
+    waiting: Awaitable[None],
+    host: str,
+    port: int,
+    budget: _Budget,
+    kwargs: dict[str, Any],
+    *,
+    reserve: bool,
+) -> None:
+    """Wait for a silent host to answer, within the attempt's budget (what is left of it goes
+    to the login, less the diagnosis share when `reserve`)."""
+    try:
+        await asyncio.wait_for(waiting, budget.for_connect(reserve=reserve))
+    except asyncio.TimeoutError:
+        timeout = budget.timeout
+        raise ConnectTimeoutError(
+            f"{host}:{port} went silent and answered no probe within the connect timeout "
+            f"({timeout:g} s); no login was tried",
+            host=host,
+            port=port,
+            phase="silent",
+            hint="The host or the network path to it is down or hung (see the pool's WARNING "
+            "that named it); it is probed every second and logins go ahead once it answers",
+            timeout=timeout,
+        ) from None
+    left = budget.for_connect(reserve=reserve)
+    if left is not None:
+        kwargs["timeout"] = max(left, 0.001)
 
 
 def _certificate_error(
@@ -859,7 +931,7 @@ async def _explain_timeout(host: str, port: int, budget: _Budget) -> ConnectTime
         phase = "tcp"
     else:
         try:
-            writer.write(_SSL_REQUEST)
+            writer.write(SSL_REQUEST)
             await writer.drain()
             if not await asyncio.wait_for(reader.read(1), left()):
                 phase = "startup"

@@ -3,20 +3,18 @@
 DSQL accepts IAM logins only, with tokens for the ``dsql`` service (`build_dsql_token`). It ends
 every connection after one hour, refuses more than 100 new connections per second per cluster
 (SQLSTATE 53400), serves the database ``postgres``, and presents a certificate from a public CA
-(not the RDS bundle). `pool_settings` turns what the caller passed into the settings a pool or an
-engine uses: the same for RDS, DSQL defaults and limits for DSQL.
+(not the RDS bundle). `connect_defaults` adds DSQL's connect defaults to the
+plan (`_connect.plan_connect` calls it) and `limits` its lifetime and rate limits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import os
 import ssl
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._dsn import DSN
 from ._errors import ConfigurationError
 from ._signing import is_dsql_host
 from ._tls import CA_BUNDLE_ENV
@@ -30,11 +28,10 @@ __all__ = [
     "DEFAULT_MAX_LIFETIME",
     "MAX_LIFETIME",
     "UNSET",
-    "PoolSettings",
     "Unset",
     "connect_defaults",
     "is_dsql",
-    "pool_settings",
+    "limits",
 ]
 
 #: DSQL closes a connection one hour after it opened.
@@ -58,43 +55,14 @@ class Unset(enum.Enum):
 UNSET = Unset.UNSET
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """The settings a pool or engine runs with once DSQL has been accounted for."""
-
-    dsql: bool
-    max_lifetime: float | None
-    max_connect_rate: float | None
-    connect_kwargs: dict[str, Any]
-
-
-def _dsn_parts(dsn: str | None) -> tuple[list[str], str, dict[str, list[str]]]:
-    """Return the hosts, the path and the query of a DSN (empty when it has none)."""
-    if not dsn:
-        return [], "", {}
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-    except ValueError:
-        return [], "", {}  # the pool's own parse reports a malformed DSN
-    netloc = parts.netloc.rpartition("@")[2]
-    hosts = []
-    for item in netloc.split(","):
-        host = item[1:].partition("]")[0] if item.startswith("[") else item.partition(":")[0]
-        if host:
-            hosts.append(urllib.parse.unquote(host))
-    return hosts, parts.path.lstrip("/"), urllib.parse.parse_qs(parts.query)
-
-
-def _hosts(
-    dsn_hosts: list[str], connect_kwargs: Mapping[str, Any], env: Mapping[str, str]
-) -> list[str]:
+def _hosts(dsn: DSN, connect_kwargs: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     host = connect_kwargs.get("host")
     if isinstance(host, str):
         return [host]
     if isinstance(host, Iterable):
         return [h for h in host if isinstance(h, str)]
-    if dsn_hosts:
-        return dsn_hosts
+    if dsn.hosts:
+        return list(dsn.hosts)
     return [h for h in env.get("PGHOST", "").split(",") if h]
 
 
@@ -109,12 +77,27 @@ def is_dsql(auth: IAMAuth | None, hosts: Iterable[str]) -> bool:
     return any(is_dsql_host(host) for host in hosts)
 
 
+def root_chosen(
+    kwargs: Mapping[str, Any], dsn_query: Mapping[str, Any], env: Mapping[str, str]
+) -> bool:
+    """Tell whether the caller chose what verifies the server: a TLS context, a root
+    certificate or a service (arguments, DSN or environment)."""
+    return bool(
+        isinstance(kwargs.get("ssl"), ssl.SSLContext)
+        or kwargs.get("sslrootcert")
+        or {"sslrootcert", "service"} & dsn_query.keys()
+        or kwargs.get("service")
+        or env.get("PGSSLROOTCERT")
+        or env.get("PGSERVICE")
+    )
+
+
 def connect_defaults(
-    *,
-    dsn: str | None,
-    auth: IAMAuth | None,
+    dsn: DSN,
     connect_kwargs: Mapping[str, Any],
-    environ: Mapping[str, str] | None = None,
+    *,
+    auth: IAMAuth | None,
+    environ: Mapping[str, str],
 ) -> tuple[bool, dict[str, Any]]:
     """Return whether the arguments describe a DSQL endpoint, and the connect arguments to plan.
 
@@ -122,54 +105,35 @@ def connect_defaults(
     unless a TLS context, a root certificate, a service or ``$ASYNCPG_IAM_CA_BUNDLE`` is given:
     DSQL's certificates come from a public CA, which the cached RDS bundle would refuse.
     """
-    env = os.environ if environ is None else environ
     kwargs = dict(connect_kwargs)
-    dsn_hosts, dsn_path, dsn_query = _dsn_parts(dsn)
-    if not is_dsql(auth, _hosts(dsn_hosts, kwargs, env)):
+    if not is_dsql(auth, _hosts(dsn, kwargs, environ)):
         return False, kwargs
     named_database = (
         kwargs.get("database")
-        or dsn_path
-        or "dbname" in dsn_query
-        or "database" in dsn_query
-        or env.get("PGDATABASE")
+        or dsn.path
+        or "dbname" in dsn.query
+        or "database" in dsn.query
+        or environ.get("PGDATABASE")
     )
     if not named_database:
         kwargs["database"] = DEFAULT_DATABASE
-    chose_root = (
-        isinstance(kwargs.get("ssl"), ssl.SSLContext)
-        or kwargs.get("sslrootcert")
-        or {"sslrootcert", "service"} & dsn_query.keys()
-        or kwargs.get("service")
-        or env.get("PGSSLROOTCERT")
-        or env.get("PGSERVICE")
-        or env.get(CA_BUNDLE_ENV)
-    )
-    if not chose_root:
+    if not (root_chosen(kwargs, dsn.query, environ) or environ.get(CA_BUNDLE_ENV)):
         kwargs["sslrootcert"] = "system"
     return True, kwargs
 
 
-def pool_settings(
-    *,
-    dsn: str | None,
-    auth: IAMAuth | None,
-    max_lifetime: float | Unset | None,
-    max_connect_rate: float | Unset | None,
-    connect_kwargs: dict[str, Any],
-) -> PoolSettings:
-    """Fill in the defaults (and check the limits) of an RDS or DSQL pool.
+def limits(
+    dsql: bool, max_lifetime: float | Unset | None, max_connect_rate: float | Unset | None
+) -> tuple[float | None, float | None]:
+    """Return the `max_lifetime` and `max_connect_rate` of an RDS or DSQL pool or engine.
 
-    For DSQL: `connect_defaults`, `max_lifetime` 3300 s by default and at most 3600 s,
-    `max_connect_rate` 50 per second by default. For RDS: `max_lifetime` 900 s, no rate.
+    For DSQL: `max_lifetime` 3300 s by default and at most 3600 s, `max_connect_rate` 50 per
+    second by default. For RDS: `max_lifetime` 900 s, no rate.
     """
-    dsql, kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
     if not dsql:
-        return PoolSettings(
-            dsql=False,
-            max_lifetime=RDS_MAX_LIFETIME if max_lifetime is UNSET else max_lifetime,
-            max_connect_rate=None if max_connect_rate is UNSET else max_connect_rate,
-            connect_kwargs=kwargs,
+        return (
+            RDS_MAX_LIFETIME if max_lifetime is UNSET else max_lifetime,
+            None if max_connect_rate is UNSET else max_connect_rate,
         )
     if max_lifetime is UNSET:
         max_lifetime = DEFAULT_MAX_LIFETIME
@@ -184,9 +148,4 @@ def pool_settings(
         )
     if max_connect_rate is UNSET:
         max_connect_rate = DEFAULT_CONNECT_RATE
-    return PoolSettings(
-        dsql=True,
-        max_lifetime=max_lifetime,
-        max_connect_rate=max_connect_rate,
-        connect_kwargs=kwargs,
-    )
+    return max_lifetime, max_connect_rate

@@ -11,8 +11,10 @@
     │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
     │   └── TLSVerificationError              the server's certificate did not verify (also
     │                                         ssl.SSLCertVerificationError)
-    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
-                                              transaction may or may not have committed
+    ├── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+    │                                         transaction may or may not have committed
+    └── SwitchoverTimeoutError                a blue/green switchover held a connect or
+                                              acquire for the hold's bound (also TimeoutError)
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import re
 import ssl
 from collections.abc import Callable
 
@@ -41,9 +44,12 @@ __all__ = [
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "in_cli_words",
+    "is_iam_refusal",
     "rank_auth_failure",
+    "without_traceback",
 ]
 
 
@@ -60,6 +66,11 @@ class CommitOutcomeUnknownError(IAMError):
 
     The transaction may have committed or not: `run_transaction` never runs it again.
     """
+
+
+class SwitchoverTimeoutError(IAMError, asyncio.TimeoutError):
+    """A blue/green switchover held a new connect or an acquire for the hold's bound (30 s
+    by default) without completing; traffic is no longer held after it."""
 
 
 class CABundleError(IAMError):
@@ -334,6 +345,28 @@ _CLI_WORDS = (
 )
 
 
+# SQLSTATE 28000 errors that are not a refused token: the login itself was fine, the server
+# has no such role. They pass through as asyncpg raised them, without IAM hints.
+_NOT_A_REFUSAL = re.compile(r'role ".*" does not exist')
+
+
+def is_iam_refusal(exc: InvalidAuthorizationSpecificationError) -> bool:
+    """Tell a refused IAM login (RDS's PAM failure, DSQL's refusal, no TLS) from other 28000s."""
+    return not _NOT_A_REFUSAL.search(str(exc))
+
+
+def without_traceback(exc: BaseException) -> BaseException:
+    """Return `exc`, to chain as a cause, without its traceback and its own context.
+
+    The library's error already says what the cause said, where and why; the cause's type and
+    message stay (`__cause__`), the frames inside asyncpg and asyncio that raised it go, so a
+    failed connect prints one clear error instead of two stack traces.
+    """
+    exc.__traceback__ = None
+    exc.__suppress_context__ = True
+    return exc
+
+
 def in_cli_words(hint: str) -> str:
     """Return `hint` with the library's settings named as the command line's options."""
     for library, cli in _CLI_WORDS:
@@ -404,7 +437,8 @@ class ConnectError(IAMError, OSError):
     """The server could not be reached, or stopped answering, before a login was attempted.
 
     `phase` is how far the connection got: ``"dns"``, ``"tcp"``, ``"tls"``, ``"startup"``
-    (TCP open, no answer to the TLS request) or ``"login"``; `hint` says what to check.
+    (TCP open, no answer to the TLS request), ``"login"``, or ``"silent"`` (not tried: the
+    host went silent and answered no health-check probe since); `hint` says what to check.
     Chained to the underlying error.
     """
 

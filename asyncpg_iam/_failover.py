@@ -20,9 +20,10 @@ so the guard attaches two public asyncpg hooks to every connection the pool open
   lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
   guard through the termination listener.)
 
-Connect attempts are a third source: a new connection that lands on a read-only server
-(``in_hot_standby``/``default_transaction_read_only``, checked by asyncpg for
-``target_session_attrs``), ``57P03``, a refused connection or a ``08`` error at login.
+Connect attempts are a third source: ``57P03``, a refused connection or a ``08`` error at
+login. A new connection that lands on a read-only server (``in_hot_standby``/
+``default_transaction_read_only``, checked by asyncpg for ``target_session_attrs``) is not: by
+itself it says nothing of a failover.
 
 A log listener was considered and left out: asyncpg removes log listeners on every release
 (`Connection.reset`), and PostgreSQL reports a shutdown to an idle session as a FATAL error
@@ -39,27 +40,24 @@ failover makes every connection fail: signals from connections whose login began
 last event, and connect failures before the pool has opened a connection since, belong to the
 same event and are not counted again.
 
-**Landing on the right server.** With ``target_session_attrs`` ``read-write`` (the default for
-an IAM pool on one Aurora cluster endpoint, see `default_session_attrs`) or ``primary``, a new
-connection that lands on a read-only server is closed and retried with backoff within the
-connect timeout; while the pool is recovering from an event (no connection opened since),
-connects that fail because the server is down or starting are retried the same way. Each retry
-is a new login: a fresh token, and a slot of the connect rate limit. Reader endpoints
-(``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
+**Landing on the right server.** While the pool is recovering from an event (no connection
+opened since), with ``target_session_attrs`` ``read-write`` (the default for an IAM pool on one
+Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new connection that
+lands on a read-only server is closed and retried with backoff within the connect timeout, and
+so are connects that fail because the server is down or starting. Outside a recovery such a
+login fails at once with asyncpg's error, as on asyncpg's pool (whose ``min_size`` upkeep then
+backs off). Each retry is a new login: a fresh token, and a slot of the connect rate limit.
+Reader endpoints (``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
-import os
 import random
-import re
-import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -69,16 +67,14 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
+from . import _asyncpg_pool
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CredentialsError
 
 __all__ = [
     "FailoverGuard",
-    "apply_writer_default",
     "classify_error",
-    "default_session_attrs",
-    "is_reader_endpoint",
-    "is_writer_endpoint",
+    "retire_pool_connections",
 ]
 
 logger = logging.getLogger("asyncpg_iam.pool")
@@ -91,61 +87,6 @@ WRITER_ATTRS = frozenset({"read-write", "primary"})
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
 _DEFAULT_CONNECT_TIMEOUT = 60.0  # asyncpg.connect's default
-
-# <cluster>.cluster-<id>.<region>.rds.amazonaws.com[.cn]; readers are cluster-ro-, custom
-# endpoints cluster-custom- (either may point at readers).
-_CLUSTER = re.compile(
-    r"^[^.]+\.cluster-(ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(\.cn)?\.?$"
-)
-
-
-def is_writer_endpoint(host: str) -> bool:
-    """Tell whether `host` is an Aurora cluster (writer) endpoint name."""
-    match = _CLUSTER.match(host.lower())
-    return match is not None and match.group(1) is None
-
-
-def is_reader_endpoint(host: str) -> bool:
-    """Tell whether `host` is an Aurora reader endpoint name (``*.cluster-ro-*``)."""
-    match = _CLUSTER.match(host.lower())
-    return match is not None and match.group(1) == "ro-"
-
-
-def default_session_attrs(
-    dsn: str | None, connect_kwargs: Mapping[str, Any], signing_hosts: list[str]
-) -> str | None:
-    """Return ``"read-write"`` when an IAM pool on one cluster endpoint chose no attributes.
-
-    Anything the caller chose (``target_session_attrs=``, the DSN's query, the
-    ``PGTARGETSESSIONATTRS`` variable) wins; any other host keeps asyncpg's ``any``, since an
-    instance name says nothing about whether it is a replica.
-    """
-    if connect_kwargs.get("target_session_attrs") is not None:
-        return None
-    if os.environ.get("PGTARGETSESSIONATTRS"):
-        return None
-    if dsn:
-        try:
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
-        except ValueError:
-            return None
-        if "target_session_attrs" in query:
-            return None
-    if len(signing_hosts) == 1 and is_writer_endpoint(signing_hosts[0]):
-        return "read-write"
-    return None
-
-
-def apply_writer_default(plan: Any, dsn: str | None, connect_kwargs: Mapping[str, Any]) -> Any:
-    """Return the connect plan with ``target_session_attrs="read-write"`` where it is the
-    default (see `default_session_attrs`), else `plan` itself."""
-    if plan.auth is None:
-        return plan
-    hosts = [plan.auth.signing_host or host for host, _ in plan.endpoints]
-    attrs = default_session_attrs(dsn, connect_kwargs, hosts)
-    if attrs is None or attrs == plan.target_session_attrs:
-        return plan
-    return dataclasses.replace(plan, target_session_attrs=attrs)
 
 
 def classify_error(exc: BaseException | None, *, wants_writer: bool) -> str | None:
@@ -226,28 +167,35 @@ class _Watched:
 
 
 class FailoverGuard:
-    """Watch one pool's connections for a failover or restart and recover from it.
+    """Watch one pool's (or engine's) connections for a failover or restart and recover.
 
-    `pool` is held weakly. `connector` (the pool's `Connector`) says, through its current
-    plan, whether the pool wants the writer (a read-only server is then a failure) and the
-    connect timeout. `mark_retired(holder)` is called for each holder retired by an event (the
-    pool counts the close under its reason). Backoff between connect retries waits on `clock`
-    (the pool's).
+    The owner is reached only through callbacks, so the guard serves an asyncpg pool and a
+    SQLAlchemy engine alike and holds neither: `opened(con, started, epoch)` takes each
+    connection the guard opened (and calls `watch`); `retire_all()` retires every open
+    connection and returns how many; `closing()` tells whether the owner is closing and
+    `started()` whether it has started (signals before that are not failovers).
+    `connector` (the owner's `Connector`) says, through its current plan, whether the owner
+    wants the writer (a read-only server is then a failure) and the connect timeout. Backoff
+    between connect retries waits on `clock` (the owner's).
     """
 
     def __init__(
         self,
-        pool: Any,
         *,
         connector: Any,
-        mark_retired: Callable[[Any], None],
+        opened: Callable[[Any, float, int], None],
+        retire_all: Callable[[], int],
+        closing: Callable[[], bool],
+        started: Callable[[], bool],
         name: str,
         rng: random.Random | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
         self._connector = connector
-        self._mark_retired = mark_retired
+        self._opened = opened
+        self._retire_all = retire_all
+        self._closing = closing
+        self._started = started
         self._name = name
         self._rng = rng or random.Random()
         self._clock = clock
@@ -264,6 +212,12 @@ class FailoverGuard:
         """Connect attempts that landed on a read-only server and were retried."""
         self.connect_retries = 0
         """Connect attempts retried during recovery, read-only ones included."""
+
+    @property
+    def epoch(self) -> int:
+        """Events handled so far: a connection whose login began at an earlier epoch is
+        retired."""
+        return self._epoch
 
     @property
     def wants_writer(self) -> bool:
@@ -283,9 +237,8 @@ class FailoverGuard:
         """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
 
         `open_once` returns the connection and the clock time its login began. The opened
-        connection is handed to the pool's ``_connection_opened`` (which calls `watch`) before
-        it is returned; a `CredentialsError` while the pool closes becomes asyncpg's "pool is
-        closing".
+        connection is handed to `opened` (which calls `watch`) before it is returned; a
+        `CredentialsError` while the owner closes becomes asyncpg's "pool is closing".
 
         Retries pass what is left of the connect timeout as ``timeout``. The timeout is one
         budget spent two ways: connect attempts in real time (asyncpg bounds its own waits by
@@ -306,8 +259,7 @@ class FailoverGuard:
             except Exception as exc:
                 kind = _connect_failure(exc)
                 if kind is None or not self._is_retryable(kind, epoch, recoveries):
-                    pool = self._pool_ref()
-                    if isinstance(exc, CredentialsError) and (pool is None or pool.is_closing()):
+                    if isinstance(exc, CredentialsError) and self._closing():
                         raise asyncpg.InterfaceError("pool is closing") from exc
                     raise
                 wait = delay * (0.5 + self._rng.random() / 2)
@@ -318,17 +270,17 @@ class FailoverGuard:
                 waited_from = self._clock.monotonic()
                 await self._clock.sleep(wait)
                 remaining -= self._clock.monotonic() - waited_from
-                pool = self._pool_ref()
-                if pool is None or pool.is_closing():
+                if self._closing():
                     # Nothing outlives close(): no retry starts once the pool is closing.
                     raise asyncpg.InterfaceError("pool is closing") from exc
                 delay = min(delay * 2, _MAX_BACKOFF)
                 kwargs["timeout"] = max(remaining, 0.001)
             else:
-                pool = self._pool_ref()
-                if pool is not None:
+                # Anything else (a connect= callback's mistake) goes to asyncpg's pool
+                # unwatched: it refuses it with its own error.
+                if isinstance(con, asyncpg.Connection):
                     # Signals from it belong to the epoch its login began in.
-                    pool._connection_opened(con, started, epoch)
+                    self._opened(con, started, epoch)
                 return con
 
     def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
@@ -339,14 +291,16 @@ class FailoverGuard:
             # The pool recovered while this attempt was in flight (it began before the
             # endpoint moved): part of the event it recovered from, retried, not a new one.
             return True
-        if kind != "read_only" and not self._recovering:
+        if kind == "read_only":
+            # Outside a failover a read-only server is no sign of one: fail at once, as
+            # asyncpg does (its min_size upkeep backs off and tries again).
+            return self._recovering
+        if not self._recovering:
             # A server that is down while the pool saw no failover: say so at once.
             if not self._opened_any:
                 return False
             self.report(f"connect_{kind}", epoch, connect=True)
             return self._recovering
-        if kind == "read_only":
-            self.report("connect_read_only", epoch, connect=True)
         return True
 
     def _count_retry(self, kind: str, exc: Exception, wait: float) -> None:
@@ -389,17 +343,20 @@ class FailoverGuard:
         if kind is not None:
             self.report(kind, epoch)
 
+    def report_now(self, cause: str) -> bool:
+        """Handle a signal that is news whenever it comes (a silent host); see `report`."""
+        return self.report(cause, self._epoch)
+
     def report(self, cause: str, epoch: int, *, connect: bool = False) -> bool:
         """Handle a signal seen at `epoch`; return True when it starts a new event."""
-        pool = self._pool_ref()
-        if pool is None or pool.is_closing() or not pool._initialized:
+        if self._closing() or not self._started():
             return False
         if epoch < self._epoch or (connect and self._recovering):
             return False  # part of an event already handled
         self._epoch += 1
         self._recovering = True
         self.events += 1
-        retired = self._retire_all(pool)
+        retired = self._retire_all()
         self.retired += retired
         logger.warning(
             "pool %s: failover or restart detected (%s); retired %d connection(s)",
@@ -409,21 +366,20 @@ class FailoverGuard:
         )
         return True
 
-    def _retire_all(self, pool: Any) -> int:
-        # A stale generation per holder rather than expire_connections()'s bump of the pool's:
-        # a holder that is connecting now keeps the pool's generation, so a connection that
-        # lands on the new writer after retries is not thrown away on its first release.
-        idle = pool._queue._queue
-        retired = 0
-        for holder in list(pool._holders):
-            con = holder._con
-            if con is None or con.is_closed():
-                continue
-            retired += 1
-            self._mark_retired(holder)
-            if holder._in_use is None and holder in idle:
-                holder._maybe_cancel_inactive_callback()
-                con.terminate()
-                if holder._con is con:
-                    holder._con = None
-        return retired
+
+def retire_pool_connections(pool: Any, mark_retired: Callable[[Any], None]) -> int:
+    """Retire every open connection of an asyncpg `pool`; return how many.
+
+    `mark_retired(holder)` is called for each (the pool counts the close under its reason).
+    A stale generation per holder rather than expire_connections()'s bump of the pool's: a
+    holder that is connecting now keeps the pool's generation, so a connection that lands on
+    the new writer after retries is not thrown away on its first release. Idle ones are
+    terminated at once; asyncpg closes the ones in use when they are released.
+    """
+    retired = 0
+    for holder, con, idle in _asyncpg_pool.open_holders(pool):
+        retired += 1
+        mark_retired(holder)
+        if idle:
+            _asyncpg_pool.terminate_idle(holder, con)
+    return retired

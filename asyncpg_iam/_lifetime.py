@@ -22,9 +22,8 @@ that replace them. With ``jitter=0`` every connection lives exactly ``max_lifeti
 All timing goes through the pool's `Clock` (its ``monotonic()`` and ``call_at()``), so a
 `ManualClock` drives hours of recycling in a test or a simulation.
 
-This module touches asyncpg's private pool internals (holders, their queue and generation);
-``tests/test_asyncpg_internals.py`` pins each of them, so an asyncpg release that changes them
-fails loudly rather than silently.
+asyncpg's pool internals (holders, their queue and generation) are reached through
+`_asyncpg_pool`, the one module that names them.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import _asyncpg_pool
 from ._clock import SYSTEM_CLOCK, Clock, Timer
 from ._errors import ConfigurationError
 
@@ -57,9 +57,6 @@ __all__ = [
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
-# A holder whose generation differs from its pool's is closed by asyncpg on release and replaced
-# on acquire; pool generations start at 0 and only grow, so -1 never matches.
-_STALE_GENERATION = -1
 # How long a graceful close of a retired idle connection may take before it is terminated.
 _CLOSE_TIMEOUT = 5.0
 # How often a connection in use past its deadline is looked at again, until it is released.
@@ -68,6 +65,9 @@ _RECHECK_IN_USE = 0.5
 FIRST_LIFETIME_SPREAD = 0.75
 # A connection opened within this many seconds of one retired at its lifetime replaces it.
 _REPLACEMENT_WINDOW = 60.0
+# Stale deadline-heap entries tolerated before a compaction (which also waits until they are
+# at least half the heap): memory per closed connection stays bounded, and amortised O(1).
+_COMPACT_SLACK = 64
 
 
 def lifetime_window(max_lifetime: float, jitter: float, *, first: bool) -> tuple[float, float]:
@@ -195,8 +195,11 @@ class _Tracked:
         """The connection's termination listener (a bound method: asyncpg inspects listeners,
         and a method is the cheap case); then `also`, if given."""
         self.recycler._closed(self, con)
-        if self.also is not None:
-            self.also(con)
+        # Dropped once called: a closed connection's state may wait in the deadline heap
+        # until a compaction, and should not keep what the failover guard attached.
+        also, self.also = self.also, None
+        if also is not None:
+            also(con)
 
 
 class Recycler:
@@ -298,14 +301,24 @@ class Recycler:
                 continue  # closed or rescheduled since
             state.due_at = None
             self._on_deadline(state)
-        if self._stale > 64 and self._stale > len(due) // 2:
-            self._due = due = [entry for entry in due if entry[2].due_at == entry[0]]
-            heapq.heapify(due)
-            self._stale = 0
+        self._compact()
+        due = self._due
         # A connection found in use was rescheduled (and the timer armed) for later than the
         # next deadline in the heap: arm for the earliest.
         if due and due[0][0] < self._timer_at:
             self._arm(due[0][0])
+
+    def _compact(self) -> None:
+        """Drop the heap's entries of closed or rescheduled connections once they are most of it.
+
+        Runs when a connection closes too, not only when the timer fires: otherwise every
+        connection closed within one lifetime (reconnect rate x `max_lifetime` of them) would
+        stay referenced until its old deadline came up.
+        """
+        if self._stale > _COMPACT_SLACK and self._stale > len(self._due) // 2:
+            self._due = [entry for entry in self._due if entry[2].due_at == entry[0]]
+            heapq.heapify(self._due)
+            self._stale = 0
 
     def opened_at(self, con: Connection) -> float | None:
         """Return the clock time at which `con`'s login began, or None if it is not tracked."""
@@ -332,8 +345,8 @@ class Recycler:
 
     def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
         """Make asyncpg close the holder's connection when it is released."""
-        holder._generation = _STALE_GENERATION
-        state = self._tracked.get(holder._con) if holder._con is not None else None
+        con = _asyncpg_pool.retire_on_release(holder)
+        state = self._tracked.get(con) if con is not None else None
         if state is not None and state.reason is None:
             state.reason = reason
 
@@ -368,6 +381,7 @@ class Recycler:
         if state.due_at is not None:
             state.due_at = None
             self._stale += 1
+            self._compact()
         on_closed = self._on_closed()
         if on_closed is not None:
             on_closed(state.reason or "other")
@@ -377,19 +391,16 @@ class Recycler:
         pool = self._pool_ref()
         if con is None or pool is None or pool.is_closing() or con.is_closed():
             return
-        holder = next((h for h in pool._holders if h._con is con), None)
+        holder = _asyncpg_pool.find_holder(pool, con)
         if holder is None:
             return
-        queue = pool._queue._queue
-        if holder._in_use is not None or holder not in queue:
+        if not _asyncpg_pool.take_idle(pool, holder):
             # In use, or being handed out or reset right now: asyncpg closes it on release, and
             # the pool's acquire check discards it if it got through. Look again later in case
             # it went back idle after asyncpg's release check (a reset in progress).
             self.retire_on_release(holder)
             self._schedule(state, self._now() + _RECHECK_IN_USE)
             return
-        queue.remove(holder)
-        holder._maybe_cancel_inactive_callback()
         task = asyncio.get_running_loop().create_task(self._close_idle(pool, holder, con))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -407,6 +418,4 @@ class Recycler:
             con.terminate()
             raise
         finally:
-            if holder._con is con:
-                holder._con = None
-            pool._queue.put_nowait(holder)
+            _asyncpg_pool.put_back(pool, holder, con)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import functools
 import inspect
 import logging
@@ -23,48 +24,30 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from . import _dsql
+from . import _asyncpg_pool, _proxy
+from ._asyncpg_pool import AsyncpgPool, connection_of, holder_of
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
+from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
-from ._connect import (
-    MAX_CONNECT_RATE,
-    MAX_LIFETIME_BOUND,
-    MIN_CONNECT_RATE,
-    Connector,
-    check_keywords,
-    check_number,
-    plan_connect,
-)
-from ._dsql import UNSET, Unset, connect_defaults, pool_settings
+from ._connect import Connector, check_keywords, plan_connect
+from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
-from ._failover import FailoverGuard, apply_writer_default
+from ._failover import FailoverGuard, retire_pool_connections
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import Recycler
+from ._options import PoolOptions
 from ._retry import run_transaction
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
 logger = logging.getLogger("asyncpg_iam.pool")
 
-#: The asyncpg versions whose private pool internals this module is tested against.
-SUPPORTED_ASYNCPG = ((0, 30), (0, 32))
-
-
-def asyncpg_version() -> tuple[int, int]:
-    major, minor = asyncpg.__version__.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def _check_asyncpg_version() -> None:
-    low, high = SUPPORTED_ASYNCPG
-    if not low <= asyncpg_version() <= high:
-        raise ImportError(
-            f"asyncpg-iam supports asyncpg {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
-            f"{asyncpg.__version__}: its pool overrides asyncpg internals that change between "
-            "minor versions. Install a supported asyncpg or upgrade asyncpg-iam."
-        )
-
-
-_check_asyncpg_version()
 
 T = TypeVar("T")
 
@@ -78,7 +61,16 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_OWN_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_POOL_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "blue_green",
+    "health_check",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,8 +79,9 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
-    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart),
+    ``"silent_host"`` (on a host that stopped answering, not the writer) and ``"other"``
+    (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -122,6 +115,16 @@ class PoolStats:
     """New connections that landed on a read-only server and were retried."""
     connect_retries: int = 0
     """Connect attempts retried while recovering from a failover (read-only ones included)."""
+    auth_failures_by_cause: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Refused logins by their most likely cause (``IAMAuthenticationError.cause``)."""
+    credential_fetch_failures: int = 0
+    """Fetches from the AWS credential source that failed."""
+    credentials_expiry: datetime.datetime | None = None
+    """When the cached AWS credentials expire (None: none cached, or they never expire)."""
+    silent_hosts: int = 0
+    """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
+    health_probes: int = 0
+    """Health-check probes sent (a TCP connection each; no login, no token)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,58 +186,7 @@ class _Counters:
         self.handed_out_due = 0
 
 
-def _validate_pool_options(
-    max_lifetime: float | None, jitter: float, max_connect_rate: float | None
-) -> None:
-    if max_lifetime is not None:
-        check_number(
-            "max_lifetime",
-            max_lifetime,
-            0,
-            MAX_LIFETIME_BOUND,
-            what="seconds (900 matches the token's validity; None keeps connections forever)",
-            above=True,
-        )
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-        raise ConfigurationError(
-            f"max_lifetime_jitter must be a fraction in [0, 1) (0.1 spreads reconnects over "
-            f"the last 10% of the lifetime), not {jitter!r}"
-        )
-    if max_connect_rate is not None:
-        check_number(
-            "max_connect_rate",
-            max_connect_rate,
-            MIN_CONNECT_RATE,
-            MAX_CONNECT_RATE,
-            what="new connections per second (or None for no limit)",
-        )
-
-
-def _connector_for(
-    dsn: str | None,
-    settings: _dsql.PoolSettings,
-    *,
-    auth: IAMAuth | None,
-    name: str | None,
-    clock: Clock,
-    connect: Callable[..., Awaitable[Any]],
-) -> Connector:
-    """Plan the pool's connections and make the connector that opens them."""
-    # One Aurora cluster endpoint with IAM: insist on the writer unless told otherwise.
-    plan = apply_writer_default(
-        plan_connect(dsn, settings.connect_kwargs, auth=auth), dsn, settings.connect_kwargs
-    )
-    return Connector(
-        plan,
-        provider=TokenProvider(auth, clock=clock) if auth is not None else None,
-        max_connect_rate=settings.max_connect_rate,
-        name=name,
-        clock=clock,
-        connect=connect,
-    )
-
-
-class Pool(asyncpg.Pool):  # type: ignore[misc]
+class Pool(AsyncpgPool):
     """An `asyncpg.Pool` with IAM tokens, max-lifetime recycling and a connect rate limit.
 
     Create it with `create_pool()`; it is awaitable and an async context manager, and every
@@ -252,47 +204,67 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        blue_green: bool | BlueGreenSettings | None = None,
+        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
+        health = check_health_option(health_check)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
-        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_OWN_KEYWORDS)
+        check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_POOL_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
-        # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
-        settings = pool_settings(
-            dsn=dsn,
-            auth=auth,
-            max_lifetime=max_lifetime,
-            max_connect_rate=max_connect_rate,
-            connect_kwargs=kwargs,
+        # The one plan assembly (DSQL and writer defaults, TLS); then the limits it implies.
+        plan = plan_connect(dsn, kwargs, auth=auth)
+        lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
+        options = PoolOptions(lifetime, max_lifetime_jitter, rate)
+        self._connector = Connector(
+            plan,
+            provider=TokenProvider(auth, clock=clock) if auth is not None else None,
+            max_connect_rate=options.max_connect_rate,
+            name=name,
+            clock=clock,
+            connect=user_connect,
         )
-        max_lifetime = settings.max_lifetime
-        _validate_pool_options(max_lifetime, max_lifetime_jitter, settings.max_connect_rate)
-        self._connector = _connector_for(
-            dsn, settings, auth=auth, name=name, clock=clock, connect=user_connect
-        )
+        if self._connector.plan.rds_proxy:
+            _proxy.warn_session_state(self._connector.name, pool_kwargs)
         self._clock = clock
         self._counters = _Counters()
-        self._max_lifetime = max_lifetime
+        self._max_lifetime = options.max_lifetime
         self._name = self._connector.name
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
+        # Login times of connections opened before an observer came: the first one gets them.
+        self._unobserved_creates: list[float] = []
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
-        self._start_upkeep(max_lifetime, max_lifetime_jitter)
-        self._own_refill = not hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
+        self._start_upkeep(options)
+        bg = blue_green_settings(blue_green, self._connector)
+        self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
+        if self._bluegreen is not None:
+            self._bluegreen.start()  # the first new connection checks for metadata
+            self._connector.stop_with(self._bluegreen.stop)
+        self._health = self._start_health(health)
+        if self._health is not None:
+            self._connector.stop_with(self._health.stop)
+        self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
-    def _start_upkeep(self, max_lifetime: float | None, jitter: float) -> None:
+    def __enter__(self) -> None:
+        raise TypeError(f"a pool is an async context manager: {_asyncpg_pool.NOT_STARTED}")
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
+    def _start_upkeep(self, options: PoolOptions) -> None:
         """Make the lifetime recycler and the failover guard (both hold the pool weakly)."""
         self._recycler = Recycler(
             self,
-            max_lifetime=max_lifetime,
-            jitter=jitter,
+            max_lifetime=options.max_lifetime,
+            jitter=options.max_lifetime_jitter,
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )
@@ -301,13 +273,44 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
         clock = self._clock
         self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
-        self._failover = FailoverGuard(
-            self,
-            connector=self._connector,
-            mark_retired=functools.partial(self._recycler.retire_on_release, reason="failover"),
+        self._failover = _failover_guard(weakref.ref(self), self._connector, self._recycler, clock)
+
+    def _start_health(self, settings: HealthCheck | None) -> HealthMonitor | None:
+        """Make the silent-host monitor (it starts with the first connection)."""
+        if settings is None:
+            return None
+        ref = weakref.ref(self)
+        monitor = HealthMonitor(
+            settings,
+            hosts_in_use=functools.partial(_hosts_in_use, ref),
+            on_silent=functools.partial(_on_silent_host, ref),
             name=self._name,
-            clock=clock,
+            clock=self._clock,
         )
+        self._connector.login_gate = monitor.login_gate
+        return monitor
+
+    @property
+    def health_check(self) -> HealthCheck | None:
+        """The silent-host detection settings (None: off)."""
+        return self._health.settings if self._health is not None else None
+
+    def _retire_host(self, host: Address) -> int:
+        """Terminate every connection on `host`: idle ones at once, so none is handed out;
+        queries in flight fail with `ConnectionDoesNotExistError`."""
+        health = self._health
+        assert health is not None
+        retired = 0
+        for holder, con, idle in _asyncpg_pool.open_holders(self):
+            if health.address_of(con) != host:
+                continue
+            retired += 1
+            self._recycler.retire_on_release(holder, "silent_host")
+            if idle:
+                _asyncpg_pool.terminate_idle(holder, con)
+            else:
+                con.terminate()  # the caller's query fails now; asyncpg cleans up on release
+        return retired
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -344,6 +347,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         counters = self._counters
         connects = self._connector.counters
         provider = self._connector.provider
+        cached = provider.credentials.peek() if provider is not None else None
         return PoolStats(
             connections_opened=counters.opened,
             connections_closed=dict(counters.closed),
@@ -360,6 +364,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             failover_retired=self._failover.retired,
             read_only_retries=self._failover.read_only_retries,
             connect_retries=self._failover.connect_retries,
+            auth_failures_by_cause=dict(connects.auth_failures_by_cause),
+            credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
+            credentials_expiry=cached.expiry if cached is not None else None,
+            silent_hosts=self._health.silent_events if self._health is not None else 0,
+            health_probes=self._health.probes if self._health is not None else 0,
         )
 
     def __repr__(self) -> str:
@@ -369,12 +378,27 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             f"/{self.get_max_size()}>"
         )
 
+    @property
+    def clock(self) -> Clock:
+        """The clock the pool's tokens, lifetimes, rate limit and backoff read."""
+        return self._clock
+
+    @property
+    def observer(self) -> PoolObserver | None:
+        """The observer installed with `set_observer`, or None."""
+        return self._observer
+
     def set_observer(self, observer: PoolObserver | None) -> None:
         """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
 
-        Without one the acquire and connect paths do no extra work.
+        Without one the acquire and connect paths do no extra work. An observer installed
+        after the pool opened connections is told their login times first (up to 1,024).
         """
         self._observer = observer
+        if observer is not None:
+            history, self._unobserved_creates = self._unobserved_creates, []
+            for seconds in history:
+                observer.connection_created(seconds)
 
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Use new connection arguments for the connections opened from now on.
@@ -384,24 +408,22 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         previous arguments in force. Open connections stay until they are retired; call
         `expire_connections()` to replace them sooner.
         """
-        auth = self._connector.auth
-        _, connect_kwargs = connect_defaults(dsn=dsn, auth=auth, connect_kwargs=connect_kwargs)
-        plan = plan_connect(dsn, connect_kwargs, auth=auth)
-        self._connector.use_plan(apply_writer_default(plan, dsn, connect_kwargs))
+        self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
 
     # -- connecting ------------------------------------------------------------------------
 
-    def _get_new_connection(self) -> Coroutine[Any, Any, Any]:
-        # Runs for every new connection: without an observer, asyncpg's own coroutine (each
-        # coroutine around a connect is resumed at every await inside it).
+    def _new_connection(self) -> Coroutine[Any, Any, Any]:
+        # asyncpg's _get_new_connection (see _asyncpg_pool). Runs for every new connection:
+        # without an observer, asyncpg's own coroutine (each coroutine around a connect is
+        # resumed at every await inside it).
         observer = self._observer
         if observer is None:
-            return super()._get_new_connection()  # type: ignore[no-any-return]
-        return self._get_new_connection_observed(observer)
+            return self.asyncpg_new_connection()  # type: ignore[no-any-return]
+        return self._new_connection_observed(observer)
 
-    async def _get_new_connection_observed(self, observer: PoolObserver) -> Any:
+    async def _new_connection_observed(self, observer: PoolObserver) -> Any:
         started = self._clock.monotonic()
-        con = await super()._get_new_connection()
+        con = await self.asyncpg_new_connection()
         observer.connection_created(self._clock.monotonic() - started)
         return con
 
@@ -411,9 +433,13 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         `started` is the clock time the login began, `epoch` the failover guard's epoch then.
         """
         self._counters.opened += 1
+        if self._observer is None and len(self._unobserved_creates) < 1024:
+            self._unobserved_creates.append(self._clock.monotonic() - started)
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, started, also=lost)
+        if self._health is not None:
+            self._health.track(con)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
 
@@ -444,9 +470,10 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- lifetime --------------------------------------------------------------------------
 
-    def _acquire(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
-        # Runs on every acquire: dispatch without a coroutine of its own, so the path without
-        # an observer adds one coroutine around asyncpg's, not two.
+    def _acquire_connection(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
+        # asyncpg's _acquire (see _asyncpg_pool). Runs on every acquire: dispatch without a
+        # coroutine of its own, so the path without an observer adds one coroutine around
+        # asyncpg's, not two.
         observer = self._observer
         if observer is None:
             return self._acquire_live(timeout)
@@ -463,7 +490,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         except BaseException:
             observer.wait_ended(None, holder=None)
             raise
-        observer.wait_ended(self._clock.monotonic() - started, holder=proxy._holder)
+        observer.wait_ended(self._clock.monotonic() - started, holder=holder_of(proxy))
         return proxy
 
     def release(
@@ -472,39 +499,28 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         """Return `connection` to the pool (asyncpg's `Pool.release`); await the result."""
         observer = self._observer
         if observer is not None:
-            holder = getattr(connection, "_holder", None)
+            holder = holder_of(connection)
             if holder is not None:
                 observer.connection_released(holder)
         # asyncpg's coroutine itself, not one around it: this runs on every release.
         return super().release(connection, timeout=timeout)  # type: ignore[no-any-return]
 
-    async def _acquire_live(self, timeout: float | None) -> Any:
-        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
-        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
-        proxy = await super()._acquire(timeout)
-        # Kept to two lookups and a clock read: the recycler's deadlines by id() of the open
-        # connection (empty without max_lifetime).
-        deadline = self._deadline_of(id(proxy._con))
-        if deadline is not None and self._now() >= deadline:
-            proxy = await self._replace_due(proxy, started, timeout)
-        return proxy
-
     async def _replace_due(self, proxy: Any, started: float, timeout: float | None) -> Any:
         """Retire `proxy`'s due connection and acquire another (or hand it out once)."""
-        while self._recycler.is_due(proxy._con):
+        while self._recycler.is_due(connection_of(proxy)):
             # Lifetimes are clock times: when did this acquire begin by the clock?
             began = self._clock.monotonic() - (time.monotonic() - started)
-            opened = self._recycler.opened_at(proxy._con)
+            opened = self._recycler.opened_at(connection_of(proxy))
             if opened is not None and opened >= began:
                 # This acquire opened it, and it came due before it could be handed out (its
                 # connect, init or setup took that long): hand it out once rather than loop
                 # forever; it closes on release.
-                self._recycler.retire_on_release(proxy._holder)
+                self._recycler.retire_on_release(holder_of(proxy))
                 self._note_due_on_handout()
                 break
             # Due while it waited to be handed out: retire it and try again within the
             # caller's timeout.
-            self._recycler.retire_on_release(proxy._holder, "discarded_on_acquire")
+            self._recycler.retire_on_release(holder_of(proxy), "discarded_on_acquire")
             remaining = None if timeout is None else started + timeout - time.monotonic()
             close_timeout = _DISCARD_CLOSE_TIMEOUT
             if remaining is not None:
@@ -512,7 +528,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
             await super().release(proxy, timeout=close_timeout)
             if timeout is not None:
                 remaining = max(0.0, started + timeout - time.monotonic())
-            proxy = await super()._acquire(remaining)
+            proxy = await self.asyncpg_acquire(remaining)
         return proxy
 
     def _note_due_on_handout(self) -> None:
@@ -536,7 +552,7 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         if (
             self._refill_task is not None
             or self.is_closing()
-            or not self._initialized
+            or not _asyncpg_pool.initialized(self)
             or self.get_min_size() == 0
         ):
             return
@@ -546,10 +562,11 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     # -- opening and closing ---------------------------------------------------------------
 
-    async def _async__init__(self) -> Any:
-        starting = not self._initialized
+    async def _start(self) -> Any:
+        # asyncpg's _async__init__ (see _asyncpg_pool).
+        starting = not _asyncpg_pool.initialized(self)
         try:
-            result = await super()._async__init__()
+            result = await self.asyncpg_start()
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
             self._recycler.cancel()
@@ -572,8 +589,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
-        self._connector.stop()
         self._recycler.cancel()
+        # No connect starts from now on; the blue/green and health monitors stop too.
+        self._connector.stop()
         try:
             await super().close()
         finally:
@@ -582,8 +600,9 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
 
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
-        self._connector.stop()
         self._recycler.cancel()
+        # No connect starts from now on; the blue/green and health monitors stop too.
+        self._connector.stop()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -598,6 +617,73 @@ class Pool(asyncpg.Pool):  # type: ignore[misc]
         if self._refill_task is not None:
             self._refill_task.cancel()
         await self._connector.aclose()  # idempotent
+
+
+def _failover_guard(
+    pool_ref: weakref.ref[Pool], connector: Connector, recycler: Recycler, clock: Clock
+) -> FailoverGuard:
+    """Make the pool's failover guard; its callbacks hold the pool weakly (no cycle)."""
+
+    def opened(con: Any, started: float, epoch: int) -> None:
+        pool = pool_ref()
+        if pool is not None:
+            pool._connection_opened(con, started, epoch)
+
+    def retire_all() -> int:
+        pool = pool_ref()
+        if pool is None:
+            return 0
+        return retire_pool_connections(pool, mark_retired)
+
+    def closing() -> bool:
+        pool = pool_ref()
+        return pool is None or pool.is_closing()
+
+    def started() -> bool:
+        pool = pool_ref()
+        return pool is not None and _asyncpg_pool.initialized(pool)
+
+    mark_retired = functools.partial(recycler.retire_on_release, reason="failover")
+    return FailoverGuard(
+        connector=connector,
+        opened=opened,
+        retire_all=retire_all,
+        closing=closing,
+        started=started,
+        name=connector.name,
+        clock=clock,
+    )
+
+
+# What a blue/green switchover needs of the pool: retire every connection, and hold acquires
+# while the switch is in progress (`_asyncpg_pool.hold_acquires`: nothing more per acquire
+# without a switch).
+def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMonitor:
+    pool_ref = weakref.ref(pool)
+
+    def retire() -> int:
+        live = pool_ref()
+        if live is None:
+            return 0
+        before = live._failover.retired
+        live._failover.report("blue_green_switchover", live._failover._epoch)
+        return int(live._failover.retired - before)
+
+    def hold_acquires(gate: Callable[[], Awaitable[None]] | None) -> None:
+        live = pool_ref()
+        if live is not None:
+            _asyncpg_pool.hold_acquires(live, gate)
+
+    return BlueGreenMonitor(
+        pool,
+        connector=pool._connector,
+        retire=retire,
+        hold_acquires=hold_acquires,
+        hold=settings.hold,
+        resolver=settings.resolver,
+        clock=pool._clock,
+        name=pool._name,
+    )
 
 
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
@@ -615,6 +701,33 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     return connect
 
 
+def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:
+    """The health monitor's view of a pool: the hosts its connections in use are on."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        raise asyncpg.InterfaceError("the pool is closed")
+    health = pool._health
+    assert health is not None
+    hosts = set()
+    for _, con, idle in _asyncpg_pool.open_holders(pool):
+        if not idle and (host := health.address_of(con)) is not None:
+            hosts.add(host)
+    return hosts
+
+
+def _on_silent_host(pool_ref: weakref.ref[Pool], host: Address, label: str, cause: str) -> None:
+    """Retire what a silent host holds: on a writer pool, a failover (every connection)."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        return
+    what = f"host {label} silent: {cause}"
+    if pool._failover.wants_writer and pool._failover.report_now(what):
+        pool._retire_host(host)  # those the failover left (connecting when it ran)
+        return
+    retired = pool._retire_host(host)
+    logger.warning("pool %s: %s; retired %d connection(s) to it", pool.name, what, retired)
+
+
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:
     """Reconnect idle holders until the pool is back at min_size (asyncpg < 0.32 only).
 
@@ -626,15 +739,12 @@ async def _refill(pool_ref: weakref.ref[Pool]) -> None:
             pool = pool_ref()
             if pool is None or pool.is_closing() or pool.get_size() >= pool.get_min_size():
                 return
-            queue = pool._queue._queue
-            holder = next((h for h in reversed(queue) if not h.is_connected()), None)
+            holder = _asyncpg_pool.empty_idle_holder(pool)
             if holder is None:
                 return  # every empty holder is being connected by an acquirer
-            queue.remove(holder)
             failed = False
             try:
-                holder._con = None
-                await holder.connect()
+                await _asyncpg_pool.reconnect(holder)
             except Exception:
                 failed = True
                 logger.warning(
@@ -644,7 +754,7 @@ async def _refill(pool_ref: weakref.ref[Pool]) -> None:
                     exc_info=True,
                 )
             finally:
-                pool._queue.put_nowait(holder)
+                _asyncpg_pool.put_back(pool, holder)
             clock = pool._clock
             del pool, holder  # not held across the wait
             if failed:
@@ -665,6 +775,7 @@ def create_pool(
     max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
     max_connect_rate: float | Unset | None = UNSET,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -688,6 +799,14 @@ def create_pool(
       interval waits a random part of one interval, so pools that lose their connections
       together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
+    - `blue_green`: follow RDS Blue/Green switchovers (hold connects and acquires while one is
+      in progress, then send the blue name to green; see `BlueGreenSettings`). None (the
+      default) turns it on for an IAM pool on one RDS endpoint name, where it costs one
+      catalog query on the first new connection when the database has no blue/green
+      metadata; False turns it off.
+    - `health_check`: how hosts that stop answering without closing their connections are
+      found (`HealthCheck`: keepalive and ``TCP_USER_TIMEOUT`` on every socket, and a probe
+      each second of the hosts with connections in use; no login). None turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 
@@ -708,5 +827,6 @@ def create_pool(
         max_lifetime=max_lifetime,
         max_lifetime_jitter=max_lifetime_jitter,
         max_connect_rate=max_connect_rate,
+        health_check=health_check,
         **asyncpg_kwargs,
     )

@@ -38,12 +38,11 @@ import asyncpg
 import asyncpg.pool
 
 from ._clock import SYSTEM_CLOCK, Clock
-from ._connect import in_recovery
-from ._dsql import is_dsql
 from ._errors import CommitOutcomeUnknownError, ConfigurationError
+from ._options import count, seconds
 from ._signing import is_dsql_host
 
-__all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "run_transaction"]
+__all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "in_recovery", "run_transaction"]
 
 logger = logging.getLogger("asyncpg_iam.retry")
 
@@ -64,18 +63,9 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def _check(retries: int, backoff: float, max_backoff: float, isolation: str | None) -> None:
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ConfigurationError(
-            f"retries must be a whole number >= 0 (retries after the first attempt), "
-            f"not {retries!r}"
-        )
-    for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not 0 <= value < float("inf")
-        ):
-            raise ConfigurationError(f"{name} must be seconds >= 0, not {value!r}")
+    count("retries", retries, maximum=1000)
+    seconds("backoff", backoff)
+    seconds("max_backoff", max_backoff)
     if isolation not in _ISOLATION_LEVELS:
         raise ConfigurationError(
             f"isolation must be one of {', '.join(map(str, _ISOLATION_LEVELS))}, not {isolation!r}"
@@ -95,6 +85,14 @@ def _outcome_unknown(what: str) -> CommitOutcomeUnknownError:
     )
 
 
+async def in_recovery(con: Any) -> bool:
+    """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
+    reported = getattr(con.get_settings(), "in_hot_standby", None)
+    if reported is not None:
+        return bool(reported == "on")
+    return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+
+
 async def _default_isolation(connection: Any, *, dsql: bool) -> str | None:
     """Return the isolation level for a transaction that asked for none (see the module)."""
     if dsql:
@@ -108,7 +106,7 @@ def _on_dsql(target: Any) -> bool:
     """Tell whether `target` (a pool of ours, or a connection) talks to Aurora DSQL."""
     connector = getattr(target, "_connector", None)
     if connector is not None:
-        return is_dsql(connector.auth, [host for host, _ in connector.plan.endpoints])
+        return bool(connector.plan.dsql)  # the plan assembly decided it
     address = getattr(target, "_addr", None)  # asyncpg's connection: the address it dialled
     return isinstance(address, tuple) and is_dsql_host(str(address[0]))
 

@@ -28,6 +28,8 @@ __all__ = [
     "build_auth_token",
     "build_dsql_token",
     "is_dsql_host",
+    "is_reader_endpoint",
+    "is_writer_endpoint",
     "region_from_host",
 ]
 
@@ -281,3 +283,22 @@ def region_from_host(host: str) -> str | None:
         return match.group("region") or match.group("region2")
     match = _DSQL_HOST.fullmatch(name)
     return None if match is None else match.group("region")
+
+
+# <cluster>.cluster-<id>.<region>.rds.amazonaws.com[.cn]; readers are cluster-ro-, custom
+# endpoints cluster-custom- (either may point at readers).
+_CLUSTER = re.compile(
+    r"[^.]+\.cluster-(ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(\.cn)?\.?"
+)
+
+
+def is_writer_endpoint(host: str) -> bool:
+    """Tell whether `host` is an Aurora cluster (writer) endpoint name."""
+    match = _CLUSTER.fullmatch(host.lower())
+    return match is not None and match.group(1) is None
+
+
+def is_reader_endpoint(host: str) -> bool:
+    """Tell whether `host` is an Aurora reader endpoint name (``*.cluster-ro-*``)."""
+    match = _CLUSTER.fullmatch(host.lower())
+    return match is not None and match.group(1) == "ro-"

@@ -24,14 +24,16 @@ import configparser
 import dataclasses
 import os
 import ssl
-import urllib.parse
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ._dsn import DSN
 from ._errors import ConfigurationError
 
 __all__ = [
+    "SSL_REQUEST",
     "TLS_KEYWORDS",
     "TLS_PARAMETERS",
     "TLSPolicy",
@@ -40,6 +42,9 @@ __all__ = [
     "decide_tls",
     "default_ssl_context",
 ]
+
+#: PostgreSQL's SSLRequest: the first message of a connection that asks for TLS.
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 #: Environment variable naming a CA bundle to use instead of the cached RDS bundle.
 CA_BUNDLE_ENV = "ASYNCPG_IAM_CA_BUNDLE"
@@ -169,6 +174,11 @@ class TLSPolicy:
         """Return the applied libpq parameter `name`, or None."""
         return next((s for s in self.settings if s.name == name), None)
 
+    @property
+    def rechecked(self) -> bool:
+        """Whether each connect calls `check_unchanged` (a caller's context)."""
+        return self._checked is not None
+
     def check_unchanged(self) -> None:
         """Raise `ConfigurationError` when the context's verify_mode or check_hostname changed
         since the decision (a caller's context is not copied: it could be changed later)."""
@@ -207,18 +217,6 @@ def _context_mode(context: ssl.SSLContext) -> str:
     return "verify-full" if context.check_hostname else "verify-ca"
 
 
-def _dsn_query(dsn: str | None) -> dict[str, str]:
-    if not dsn:
-        return {}
-    try:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(
-            f"invalid dsn: {exc}; pass one like 'postgresql://user@host:5432/database'"
-        ) from exc
-    return {key: values[-1] for key, values in query.items() if values}
-
-
 def _service_settings(
     query: Mapping[str, str], kwargs: Mapping[str, Any], environ: Mapping[str, str]
 ) -> tuple[str | None, dict[str, str]]:
@@ -254,12 +252,12 @@ def _from(mapping: Mapping[str, Any], key: str, source: str, origin: str) -> _Se
 def decide_tls(
     *,
     ssl_arg: Any,
-    dsn: str | None,
+    dsn: DSN,
     kwargs: Mapping[str, Any],
     iam: bool,
     allow_unverified: bool = False,
     arguments: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str],
 ) -> TLSPolicy:
     """Decide, once, how logins are protected; raise `ConfigurationError` for a refused setting.
 
@@ -269,14 +267,13 @@ def decide_tls(
     its source. Without IAM the caller's choice is kept (asyncpg's ``prefer`` when there is
     none), only frozen.
     """
-    env = os.environ if environ is None else environ
-    query = _dsn_query(dsn)
-    service, service_settings = _service_settings(query, kwargs, env)
+    query = dsn.query
+    service, service_settings = _service_settings(query, kwargs, environ)
     sources = _Sources(
         dict(arguments or {}),
         query,
         service_settings,
-        env,
+        environ,
         f"{{key}}={{value}} in service {service!r}",
     )
     mode_setting: _Setting | None
@@ -322,7 +319,7 @@ def decide_tls(
                 )
         return TLSPolicy(mode, mode_source, None, None, "none", direct=direct)
 
-    ca_file, ca_source = _ca_for(root, env)
+    ca_file, ca_source = _ca_for(root, environ)
     if mode == "verify-ca" and ca_file is None:
         _refuse_public_verify_ca(mode_source, ca_source, iam=iam, explicit=root is not None)
     context = _build_context(mode, ca_file, ca_source)

@@ -29,8 +29,9 @@ fetches and their failures, refused logins by the diagnosed cause
 (``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
 ``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
-``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
-before the cached AWS credentials expire.
+``failover``, ``silent_host``, ``other``), connects that waited for ``max_connect_rate``, hosts
+found silent and the health check's probes, and the seconds left before the cached AWS
+credentials expire.
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed by a
@@ -68,7 +69,7 @@ STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
 AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
-CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "silent_host")
 #: Wait and use times kept per histogram between two collections (older ones are dropped).
 MAX_BUFFERED = 65_536
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
@@ -123,7 +124,7 @@ class _Recorder:
         self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
 
     def bind(self, pool: Pool) -> None:
-        self._clock = pool._clock
+        self._clock = pool.clock
 
     def connection_created(self, seconds: float) -> None:
         if self._create is not None:
@@ -177,7 +178,7 @@ class PoolInstrumentation:
         """Stop recording: the pool's observer is removed and callbacks report nothing."""
         self._active = False
         self._recorder.flush()
-        if self.pool._observer is self._recorder:
+        if self.pool.observer is self._recorder:
             self.pool.set_observer(None)
 
     # -- the conventions' pool instruments ---------------------------------------------------
@@ -268,6 +269,18 @@ class PoolInstrumentation:
                 "Login attempts that waited for max_connect_rate.",
                 "connects_rate_limited",
             ),
+            (
+                "asyncpg_iam.hosts.silent",
+                "{host}",
+                "Hosts declared silent: no answer to the health check's probes.",
+                "silent_hosts",
+            ),
+            (
+                "asyncpg_iam.health.probes",
+                "{probe}",
+                "Health-check probes sent (a TCP connection each, no login).",
+                "health_probes",
+            ),
         )
         instruments: list[Any] = [
             meter.create_observable_counter(
@@ -278,7 +291,7 @@ class PoolInstrumentation:
         instruments += [
             meter.create_observable_counter(
                 "asyncpg_iam.credentials.fetch_failures",
-                [self._gauge(_fetch_failures)],
+                [self._gauge(_stat("credential_fetch_failures"))],
                 unit="{fetch}",
                 description="Fetches from the AWS credential source that failed.",
             ),
@@ -294,7 +307,7 @@ class PoolInstrumentation:
                 [self._closed],
                 unit="{connection}",
                 description="Connections closed, by reason (max_lifetime: retired by the "
-                "recycler; failover; discarded_on_acquire; other).",
+                "recycler; failover; discarded_on_acquire; silent_host; other).",
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",
@@ -320,30 +333,24 @@ class PoolInstrumentation:
         if not self._active:
             return []
         by_cause = dict.fromkeys(AUTH_CAUSES, 0)
-        by_cause.update(self.pool._connector.counters.auth_failures_by_cause)
+        by_cause.update(self.pool.stats().auth_failures_by_cause)
         return [
             Observation(count, {**self._attributes, AUTH_CAUSE: cause})
             for cause, count in sorted(by_cause.items())
         ]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
-        provider = self.pool._connector.provider
-        if not self._active or provider is None:
+        if not self._active:
             return []
-        cached = provider.credentials.peek()
-        if cached is None or cached.expiry is None:
+        expiry = self.pool.stats().credentials_expiry
+        if expiry is None:
             return []
-        left = (cached.expiry - self.pool._clock.now()).total_seconds()
+        left = (expiry - self.pool.clock.now()).total_seconds()
         return [Observation(left, self._attributes)]
 
 
 def _stat(field: str) -> Any:
     return lambda pool: getattr(pool.stats(), field)
-
-
-def _fetch_failures(pool: Pool) -> int:
-    provider = pool._connector.provider
-    return provider.credentials.fetch_failures if provider is not None else 0
 
 
 def instrument_pool(

@@ -21,7 +21,14 @@ what SQLAlchemy's pool allows:
 
 SQLAlchemy's pool has no background reaper, so an idle connection past its deadline stays open
 until it is next checked out (and then closed, not used). Pass ``pool_pre_ping=True`` to test
-each connection on checkout as well. Needs the ``sqlalchemy`` extra.
+each connection on checkout as well.
+
+The plan is the pool's (`asyncpg_iam.create_pool`'s defaults, Aurora DSQL's included), and so is
+failover handling: on an Aurora cluster endpoint the engine wants the writer
+(``target_session_attrs="read-write"`` unless chosen otherwise), a login that lands on a
+read-only server is retried within the connect timeout, and once any connection shows a
+failover (``25006`` on a writer engine, a shutdown, a dropped connection) every connection
+opened before it is discarded at checkout or closed at checkin. Needs the ``sqlalchemy`` extra.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -40,17 +49,24 @@ try:
     from sqlalchemy.util import await_only
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "asyncpg_iam.sqlalchemy needs SQLAlchemy 2: pip install asyncpg-iam[sqlalchemy]"
+        "asyncpg_iam.sqlalchemy needs SQLAlchemy 2: pip install 'asyncpg-iam[sqlalchemy]'"
     ) from exc
 
-import asyncpg
 
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._connect import Connector, check_keywords, plan_connect
-from ._dsql import UNSET, Unset, pool_settings
+from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError, IAMAuthenticationError
+from ._failover import FailoverGuard
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import draw_lifetime
-from ._pool import _validate_pool_options
+from ._options import PoolOptions
 
 __all__ = ["create_async_engine"]
 
@@ -62,10 +78,10 @@ _DEADLINE = "asyncpg_iam.deadline"
 _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
-def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) -> dict[str, Any]:
+def _connect_kwargs(url: URL, connect_args: dict[str, Any] | None) -> dict[str, Any]:
     """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
     check_keywords(connect_args or {}, what="connect_args")
-    _args, params = engine.sync_engine.dialect.create_connect_args(engine.url)
+    _args, params = url.get_dialect()().create_connect_args(url)
     params = dict(params)
     if "sslmode" in params:
         # The dialect passes the URL's sslmode on as a keyword asyncpg.connect does not take
@@ -89,10 +105,55 @@ def _connect_kwargs(engine: AsyncEngine, connect_args: dict[str, Any] | None) ->
     return {**params, **(connect_args or {})}
 
 
-def _install_lifetime(
-    engine: AsyncEngine, max_lifetime: float | None, jitter: float, connector: Connector
+class _EngineFailover:
+    """The pool's failover handling for an engine: the same `FailoverGuard` on its connects.
+
+    New connections land on the writer (read-only logins are retried within the connect
+    timeout, as in the pool); a failover seen on any connection (``25006`` on a writer
+    engine, a shutdown, a lost connection) retires every connection opened before it: the
+    checkout hook discards them and the checkin hook closes the ones in use.
+    """
+
+    def __init__(self, connector: Connector) -> None:
+        # Each open connection's epoch (the guard's when its login began).
+        self.epochs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.guard = FailoverGuard(
+            connector=connector,
+            opened=self._opened,
+            retire_all=self._retire_all,
+            closing=lambda: False,
+            started=lambda: True,
+            name=connector.name,
+        )
+        self._open = connector.open
+        self.also_opened: Callable[[Any], None] | None = None
+        """Called with each connection opened (the health check tracks it)."""
+
+    async def connect(self) -> Any:
+        """Open a connection (SQLAlchemy's ``async_creator``)."""
+        return await self.guard.open(self._open, {})
+
+    def _opened(self, con: Any, _started: float, epoch: int) -> None:
+        self.epochs[con] = epoch
+        con.add_termination_listener(self.guard.watch(con, epoch))
+        if self.also_opened is not None:
+            self.also_opened(con)
+
+    def _retire_all(self) -> int:
+        return sum(1 for con in list(self.epochs) if not con.is_closed())
+
+    def retired(self, dbapi_connection: Any) -> bool:
+        """Tell whether a DBAPI connection was opened before the last failover."""
+        con = getattr(dbapi_connection, "driver_connection", None)
+        epoch = self.epochs.get(con) if con is not None else None
+        return epoch is not None and epoch < self.guard.epoch
+
+
+def _install_hooks(
+    engine: AsyncEngine, options: PoolOptions, connector: Connector, failover: _EngineFailover
 ) -> None:
     sync_engine = engine.sync_engine
+    max_lifetime, jitter = options.max_lifetime, options.max_lifetime_jitter
     rng = random.Random()
 
     @event.listens_for(sync_engine, "engine_disposed")
@@ -122,20 +183,24 @@ def _install_lifetime(
             return cause
         return None
 
-    if max_lifetime is None:
-        return
-
     def due(record: Any) -> bool:
         deadline = record.info.get(_DEADLINE)
         return deadline is not None and time.monotonic() >= deadline
 
-    @event.listens_for(sync_engine, "connect")
-    def _connected(_dbapi_connection: Any, record: Any) -> None:
-        lifetime = draw_lifetime(max_lifetime, jitter, rng)
-        record.info[_DEADLINE] = time.monotonic() + lifetime
+    if max_lifetime is not None:
+
+        @event.listens_for(sync_engine, "connect")
+        def _connected(_dbapi_connection: Any, record: Any) -> None:
+            lifetime = draw_lifetime(max_lifetime, jitter, rng)
+            record.info[_DEADLINE] = time.monotonic() + lifetime
 
     @event.listens_for(sync_engine, "checkout")
-    def _checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if failover.retired(dbapi_connection):
+            logger.debug(
+                "engine %s: discarding a connection from before a failover", connector.name
+            )
+            raise DisconnectionError("connection opened before a failover")
         if due(record):
             logger.debug("engine %s: discarding a connection past its max lifetime", connector.name)
             # SQLAlchemy closes this connection and checks out a freshly opened one.
@@ -143,9 +208,79 @@ def _install_lifetime(
 
     @event.listens_for(sync_engine, "checkin")
     def _checkin(dbapi_connection: Any, record: Any) -> None:
-        if dbapi_connection is not None and due(record):
+        if dbapi_connection is None:
+            return
+        if failover.retired(dbapi_connection):
+            logger.debug("engine %s: closing a connection from before a failover", connector.name)
+            record.invalidate()
+        elif due(record):
             logger.debug("engine %s: closing a connection past its max lifetime", connector.name)
             record.invalidate()
+
+
+def _install_health(
+    engine: AsyncEngine,
+    settings: HealthCheck | None,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> HealthMonitor | None:
+    """Find silent hosts as the pool does: probe the hosts of connections checked out; on
+    silence terminate that host's connections (idle ones are then refused on checkout), and
+    on a writer engine count a failover."""
+    if settings is None:
+        return None
+    sync_engine = engine.sync_engine
+    engine_ref = weakref.ref(sync_engine)
+    in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def hosts_in_use() -> set[Address]:
+        if engine_ref() is None:
+            raise RuntimeError("the engine is gone: stop probing")
+        return {host for con in in_use if (host := monitor.address_of(con)) is not None}
+
+    def on_silent(host: Address, label: str, cause: str) -> None:
+        what = f"host {label} silent: {cause}"
+        writer = failover.guard.wants_writer and failover.guard.report_now(what)
+        retired = 0
+        for con in monitor.connections_on(host):
+            retired += 1
+            con.terminate()  # a query in flight fails with ConnectionDoesNotExistError
+        if writer:
+            return  # the failover's WARNING named the host
+        logger.warning(
+            "engine %s: host %s silent: %s; terminated %d connection(s) to it",
+            connector.name,
+            label,
+            cause,
+            retired,
+        )
+
+    monitor = HealthMonitor(
+        settings,
+        hosts_in_use=hosts_in_use,
+        on_silent=on_silent,
+        name=connector.name,
+    )
+    connector.login_gate = monitor.login_gate
+    failover.also_opened = monitor.track
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        con = dbapi_connection.driver_connection
+        if con.is_closed():  # terminated on a silent host (or lost): never handed out
+            raise DisconnectionError("the connection's host went silent or it was lost")
+        in_use.add(con)
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None:
+            in_use.discard(dbapi_connection.driver_connection)
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        monitor.stop()
+
+    return monitor
 
 
 def create_async_engine(
@@ -157,6 +292,7 @@ def create_async_engine(
     max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -165,13 +301,16 @@ def create_async_engine(
     (``postgresql://`` is taken as asyncpg). `connect_args` are further `asyncpg.connect`
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
-    mean for `asyncpg_iam.create_pool`; `name` names the engine in log lines. Every other
-    keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``, ``pool_pre_ping``,
-    ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+    mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
+    are terminated and refused on checkout; on a writer engine it is a failover); `name` names
+    the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
+    (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
+    `max_lifetime`.
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
     auth = auth_from(iam)
+    health = check_health_option(health_check)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
             raise ConfigurationError(
@@ -186,34 +325,22 @@ def create_async_engine(
             f"asyncpg_iam's engine speaks asyncpg: use a postgresql+asyncpg:// URL, not "
             f"{parsed.drivername}://"
         )
-    # RDS and Aurora DSQL differ in defaults and limits; decided once, here.
-    settings = pool_settings(
-        dsn=parsed.render_as_string(hide_password=True),
-        auth=auth,
-        max_lifetime=max_lifetime,
-        max_connect_rate=max_connect_rate,
-        connect_kwargs=dict(connect_args or {}),
-    )
-    max_lifetime, max_connect_rate = settings.max_lifetime, settings.max_connect_rate
-    _validate_pool_options(max_lifetime, max_lifetime_jitter, max_connect_rate)
-    if max_lifetime is not None:
-        engine_kwargs.setdefault("pool_recycle", max_lifetime)
-    holder: list[Connector] = []
-
-    async def creator() -> asyncpg.Connection:
-        con, _started = await holder[0].open()
-        return con
-
-    engine = _sa_create_async_engine(parsed, async_creator=creator, **engine_kwargs)
-    # The plan is made once, here: the environment read later changes nothing.
-    plan = plan_connect(None, _connect_kwargs(engine, settings.connect_kwargs), auth=auth)
+    # The one plan assembly (DSQL and writer defaults, TLS), made once, here: the environment
+    # read later changes nothing. Then the limits it implies.
+    plan = plan_connect(None, _connect_kwargs(parsed, connect_args), auth=auth)
+    lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
+    options = PoolOptions(lifetime, max_lifetime_jitter, rate)
+    if options.max_lifetime is not None:
+        engine_kwargs.setdefault("pool_recycle", options.max_lifetime)
     connector = Connector(
         plan,
         provider=TokenProvider(auth) if auth is not None else None,
-        max_connect_rate=max_connect_rate,
+        max_connect_rate=options.max_connect_rate,
         name=name,
         kind="engine",
     )
-    holder.append(connector)
-    _install_lifetime(engine, max_lifetime, max_lifetime_jitter, connector)
+    failover = _EngineFailover(connector)
+    engine = _sa_create_async_engine(parsed, async_creator=failover.connect, **engine_kwargs)
+    _install_hooks(engine, options, connector, failover)
+    _install_health(engine, health, connector, failover)
     return engine

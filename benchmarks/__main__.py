@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from . import (
     _harness,
+    case_bluegreen,
+    case_cold_start,
     case_connect,
     case_dsql,
     case_failover,
@@ -30,6 +32,7 @@ from . import (
     case_loop_lag,
     case_metrics,
     case_pool_overhead,
+    case_proxy,
     case_recycling,
     case_token,
 )
@@ -47,6 +50,9 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_bluegreen,
+    case_proxy,
+    case_cold_start,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 

@@ -221,7 +221,7 @@ async def _wrapper_variant(env: Environment) -> Callable[[], Awaitable[float]] |
     try:
         from aws_advanced_python_wrapper.aio.psycopg import connect
     except ImportError as exc:
-        return f"not installed ({exc}; pip install asyncpg-iam[bench])"
+        return f"not installed ({exc}; pip install 'asyncpg-iam[bench]')"
     assert env.emu_iam is not None
     emu = env.emu_iam
     conninfo = (

@@ -89,7 +89,7 @@ async def run(env: Environment, quick: bool) -> CaseResult:
     connector = _aws_connector()
     if connector is None:
         result.notes.append(
-            "aurora-dsql-python-connector is not installed (pip install asyncpg-iam[bench]): "
+            "aurora-dsql-python-connector is not installed (pip install 'asyncpg-iam[bench]'): "
             "the AWS connector's rows are missing; botocore is the only comparison."
         )
     assert env.cluster is not None

@@ -37,6 +37,7 @@ from asyncpg_iam import Credentials, build_auth_token
 from asyncpg_iam.testing import FailoverCluster
 
 from ._harness import CaseResult, isolated_aws, new_figure, patched_environ, save_figure
+from ._silent_writer import run_silent_writer
 
 NAME = "failover"
 TITLE = "7. Failover under load (64 workers, max_size 20, 5 s DNS lag)"
@@ -250,6 +251,7 @@ async def run(env: Any, quick: bool) -> CaseResult:
         "so its writes keep failing with ReadOnlySQLTransactionError after the switch. "
         "Timings are from a 2-core machine shared with other work: noisy."
     )
+    await run_silent_writer(result, quick=quick)
     return result
 
 

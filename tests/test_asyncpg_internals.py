@@ -1,4 +1,5 @@
-"""Pin the private asyncpg internals the pool relies on, so an asyncpg change fails here first."""
+"""Pin the private asyncpg internals `asyncpg_iam._asyncpg_pool` relies on (the one module that
+names them), so an asyncpg change fails here first."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import asyncpg
 import asyncpg.connect_utils
 import asyncpg.pool
 
-from asyncpg_iam import _pool
+import asyncpg_iam
+from asyncpg_iam import _asyncpg_pool
 
 
 def test_supported_version() -> None:
     """The installed asyncpg is inside the range the pool states it supports."""
-    low, high = _pool.SUPPORTED_ASYNCPG
-    assert low <= _pool.asyncpg_version() <= high
+    low, high = _asyncpg_pool.SUPPORTED_ASYNCPG
+    assert low <= _asyncpg_pool.asyncpg_version() <= high
 
 
 def test_pool_methods_we_override_exist() -> None:
@@ -26,8 +28,26 @@ def test_pool_methods_we_override_exist() -> None:
     assert list(inspect.signature(pool_cls._get_new_connection).parameters) == ["self"]
     assert "timeout" in inspect.signature(pool_cls.release).parameters
     assert list(inspect.signature(pool_cls._async__init__).parameters) == ["self"]
-    for name in ("_holders", "_queue", "_generation", "_initialized", "_minsize"):
+    assert list(inspect.signature(pool_cls._check_init).parameters) == ["self"]
+    pinned = ("_holders", "_queue", "_generation", "_initialized", "_initializing", "_closed")
+    for name in (*pinned, "_minsize"):
         assert name in pool_cls.__slots__ or name in inspect.getsource(pool_cls.__init__)
+
+
+def test_the_adapter_routes_asyncpg_hooks_to_the_pool_without_a_layer() -> None:
+    """asyncpg's _acquire, _get_new_connection and _async__init__ are the Pool's own methods, and
+    the adapter's asyncpg_* names are asyncpg's originals."""
+    for hook, ours in _asyncpg_pool._HOOKS.items():
+        assert callable(getattr(asyncpg.pool.Pool, hook))
+        assert getattr(asyncpg_iam.Pool, hook) is getattr(asyncpg_iam.Pool, ours)
+    assert _asyncpg_pool.AsyncpgPool.asyncpg_acquire is asyncpg.pool.Pool._acquire
+    assert _asyncpg_pool.AsyncpgPool.asyncpg_new_connection is asyncpg.pool.Pool._get_new_connection
+    assert _asyncpg_pool.AsyncpgPool.asyncpg_start is asyncpg.pool.Pool._async__init__
+
+
+def test_pool_connection_proxy_keeps_its_connection_and_holder() -> None:
+    """A proxy handed out by acquire keeps _con and _holder, which the adapter reads."""
+    assert {"_con", "_holder"} <= set(asyncpg.pool.PoolConnectionProxy.__slots__)
 
 
 def test_holder_attributes_and_generation_check() -> None:
@@ -72,3 +92,26 @@ def test_failover_hooks_exist() -> None:
     assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
     assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
     assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)
+
+
+def test_reset_query_and_jit_switch_for_rds_proxy() -> None:
+    """What `_proxy.adopt` changes: get_reset_query returns `_reset_query` once set, and the
+    type introspection sets jit only when `_server_caps.jit` says so."""
+    connection = asyncpg.connection.Connection
+    assert "_reset_query" in connection.__slots__
+    assert "_server_caps" in connection.__slots__
+    reset_source = inspect.getsource(connection.get_reset_query)
+    assert re.search(
+        r"if self\._reset_query is not None:\s+return self\._reset_query", reset_source
+    )
+    introspect = inspect.getsource(connection._introspect_types)
+    assert re.search(r"if self\._server_caps\.jit:", introspect)
+    assert "jit" in asyncpg.connection.ServerCapabilities._fields
+
+
+def test_connection_keeps_its_address_and_transport() -> None:
+    """Connections keep the dialled address in _addr and the transport in _transport (the
+    health check reads the peer address and the socket from them)."""
+    source = inspect.getsource(asyncpg.Connection.__init__)
+    assert "self._transport = transport" in source
+    assert "self._addr = addr" in source

@@ -4,6 +4,7 @@ staggered buckets, and a real pool whose lifetimes the manual clock drives."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import random
 from typing import Any
@@ -14,8 +15,10 @@ import asyncpg_iam
 from asyncpg_iam import ConfigurationError
 from asyncpg_iam._clock import ManualClock, SystemClock
 from asyncpg_iam._lifetime import (
+    _COMPACT_SLACK,
     FIRST_LIFETIME_SPREAD,
     TokenBucket,
+    _Tracked,
     draw_lifetime,
     lifetime_window,
     spread_deadline,
@@ -307,3 +310,24 @@ async def test_an_idle_connection_is_retired_on_time_while_an_earlier_one_is_bus
             for proxy in held:
                 await pool.release(proxy)
         await wait_for(lambda: _retired(pool) == 2)
+
+
+async def test_closed_connections_leave_no_lifetime_state_behind(
+    postgres_server: PostgresServer,
+) -> None:
+    """200 reconnects within one lifetime keep only a bounded slack of closed connections' state."""
+    clock = ManualClock()  # no deadline comes up: only closing can free the heap's entries
+    pool = await _pool_on(clock, postgres_server, min_size=1, max_size=1, max_lifetime=900)
+    async with pool:
+        for _ in range(200):
+            await pool.expire_connections()
+            async with pool.acquire() as con:
+                assert await con.fetchval("SELECT 1") == 1
+        assert pool.stats().connections_opened == 201
+        gc.collect()
+        states = [o for o in gc.get_objects() if isinstance(o, _Tracked)]
+        mine = [state for state in states if state.recycler is pool._recycler]
+        # One open connection, and at most the compaction's slack of closed ones, none of
+        # which still holds what the failover guard attached.
+        assert len(mine) <= 1 + _COMPACT_SLACK
+        assert sum(state.also is not None for state in mine) <= 1

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 
 import asyncpg_iam
 from asyncpg_iam.otel import instrument_pool
-from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._leak_guard import LeakGuard
 
 from ._support import pool_kwargs, wait_for
@@ -46,6 +46,8 @@ IAM = {
     "asyncpg_iam.credentials.fetch_failures": "{fetch}",
     "asyncpg_iam.auth.failures": "{login}",
     "asyncpg_iam.connects.rate_limited": "{connect}",
+    "asyncpg_iam.hosts.silent": "{host}",
+    "asyncpg_iam.health.probes": "{probe}",
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
 }
@@ -129,8 +131,8 @@ async def test_every_instrument_with_names_units_and_values(
     assert value(metrics["db.client.connection.idle.min"]) == 1
     assert value(metrics["db.client.connection.pending_requests"]) == 0
     assert value(metrics["db.client.connection.timeouts"]) == 1
-    # Connections opened after instrumenting: the min_size one was opened before.
-    assert value(metrics["db.client.connection.create_time"]) == stats.connections_opened - 1
+    # Every connection, the min_size one opened before instrumenting included (the pool's history).
+    assert value(metrics["db.client.connection.create_time"]) == stats.connections_opened
     assert value(metrics["db.client.connection.wait_time"]) == acquires
     assert value(metrics["db.client.connection.use_time"]) == acquires
     assert value(metrics["asyncpg_iam.tokens.signed"]) == stats.tokens_signed
@@ -176,7 +178,9 @@ async def test_uninstrumented_pool_has_no_observer_and_reports_nothing(
     """uninstrument() removes the pool's observer; callbacks then report no data points."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    async with asyncpg_iam.create_pool(**pool_kwargs(iam_emulator, postgres_server)) as pool:
+    # min_size 0: no connection before instrumenting, so no history is replayed.
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert pool._observer is None
         instrumentation = instrument_pool(pool, provider)
         assert pool._observer is not None
@@ -206,12 +210,15 @@ async def test_asyncpg_traces_work_and_telemetry_carries_no_secret(
     instrumentor = AsyncPGInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
-        kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_lifetime=0.5)
+        clock = ManualClock(datetime.datetime.now(datetime.timezone.utc))
+        kwargs = pool_kwargs(
+            iam_emulator, postgres_server, min_size=0, max_lifetime=0.5, clock=clock
+        )
         async with asyncpg_iam.create_pool(**kwargs) as pool:
             instrument_pool(pool, MeterProvider(metric_readers=[reader]))
             for n in range(3):
                 assert await pool.fetchval("SELECT $1::int", n) == n
-                await asyncio.sleep(0.3)  # connections come due: new logins, new tokens
+                await clock.advance(1.0)  # connections come due: new logins, new tokens
             stats = pool.stats()
     finally:
         instrumentor.uninstrument()

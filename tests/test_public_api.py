@@ -16,12 +16,14 @@ import asyncpg_iam
 
 PUBLIC = {
     "asyncpg_iam": [
+        "BlueGreenSettings",
         "CommitOutcomeUnknownError",
         "ConfigurationError",
         "ConnectError",
         "ConnectTimeoutError",
         "Credentials",
         "CredentialsError",
+        "HealthCheck",
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
@@ -29,6 +31,7 @@ PUBLIC = {
         "PoolSettings",
         "PoolStats",
         "SigningTarget",
+        "SwitchoverTimeoutError",
         "TLSVerificationError",
         "__version__",
         "build_auth_token",
@@ -38,11 +41,15 @@ PUBLIC = {
         "run_transaction",
     ],
     "asyncpg_iam.testing": [
+        "DEFAULT_BLUE_ENDPOINT",
         "DEFAULT_CLUSTER_ENDPOINT",
         "DEFAULT_DSQL_ENDPOINT",
         "DEFAULT_ENDPOINT",
+        "DEFAULT_GREEN_ENDPOINT",
+        "DEFAULT_PROXY_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
+        "BlueGreenDeployment",
         "ClusterEndpoint",
         "CredentialServer",
         "FailoverCluster",
@@ -50,13 +57,18 @@ PUBLIC = {
         "LoginRecord",
         "ManualClock",
         "MotoSTS",
+        "NetworkPartition",
+        "PinEvent",
+        "PinRules",
         "PostgresCluster",
         "PostgresNotFoundError",
         "PostgresServer",
+        "ProxyReport",
         "RDSIAMEmulator",
         "ReaderEndpoint",
         "RelayedConnection",
         "Sandbox",
+        "SwitchoverTimeline",
         "find_postgres_bin",
         "isolated_aws_environment",
     ],
@@ -67,7 +79,8 @@ PUBLIC = {
 
 SIGNATURES = {
     "asyncpg_iam.create_pool": [
-        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "asyncpg_kwargs"
+        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "health_check",
+        "asyncpg_kwargs",
     ],
     "asyncpg_iam.IAMAuth": [
         "region", "profile", "role_arn", "role_session_name", "external_id", "role_duration",
@@ -89,11 +102,11 @@ SIGNATURES = {
     "asyncpg_iam.testing.isolated_aws_environment": ["region", "variables"],
     "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
     "asyncpg_iam.starlette.lifespan": [
-        "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
+        "dsn", "close_timeout", "app_lifespan", "metrics", "keep_pool", "create_pool_kwargs"
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "engine_kwargs",
+        "name", "health_check", "engine_kwargs",
     ],
 }  # fmt: skip
 
@@ -101,7 +114,8 @@ POOL_STATS = [
     "connections_opened", "connections_closed", "connect_attempts", "connect_failures",
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
-    "failover_retired", "read_only_retries", "connect_retries",
+    "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
+    "credential_fetch_failures", "credentials_expiry", "silent_hosts", "health_probes",
 ]  # fmt: skip
 
 

@@ -1,13 +1,18 @@
-"""Docs that run: every README code block and every example, against the RDS IAM emulator.
+"""Docs that run: every code block of README.md and docs/, and every example, against the emulator.
 
-Each ```python block in README.md follows a marker comment that says what it is:
+Each ```python block in README.md and in docs/**/*.md follows a marker comment that says what it
+is (a block without one fails `test_block_is_marked`):
 
 - ``<!-- program -->``: a complete program; it runs as written, in a fresh process;
 - ``<!-- app: GET /path -->``: a module defining a Starlette or FastAPI ``app``; its lifespan
   runs and the request is made;
 - ``<!-- conftest -->``, ``<!-- pytest-config -->`` (a toml block) and ``<!-- pytest -->``:
-  a user's test suite, run with pytest in a new project made of exactly those blocks;
-- ``<!-- fragment of PATH -->``: part of the complete program PATH, whose lines it repeats.
+  a user's test suite, run with pytest in a new project made of exactly those blocks of one page;
+- ``<!-- fragment of PATH -->``: part of the complete program PATH, whose lines it repeats;
+- ``<!-- not run: REASON -->``: a block that cannot run here (a Lambda handler, a step that
+  needs AWS itself); REASON says why.
+
+Shell sessions are ```console or ```bash blocks and output is ```text: those are not run.
 
 The blocks name a real RDS endpoint (``app.cluster-abc123.us-east-1.rds.amazonaws.com``) and
 run unchanged: the emulator answers for that name on loopback (the name resolves to 127.0.0.1
@@ -35,11 +40,15 @@ from asyncpg_iam.testing import CredentialServer, MotoSTS, PostgresServer, RDSIA
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+# Every Markdown page whose blocks run: the README and the documentation site's pages.
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 ENDPOINT = "app.cluster-abc123.us-east-1.rds.amazonaws.com"
 _BLOCK = re.compile(
     r"(?:<!-- (?P<marker>[^>]*?) -->\n)?```(?P<lang>python|toml)\n(?P<code>.*?)```", re.S
 )
-_MARKERS = re.compile(r"program|app: GET \S+|conftest|pytest-config|pytest|fragment of \S+")
+_MARKERS = re.compile(
+    r"program|app: GET \S+|conftest|pytest-config|pytest|fragment of \S+|not run: \S.*"
+)
 # Resolves the README's endpoint names to the emulator on loopback, in the block's process.
 _SITECUSTOMIZE = """
 import socket
@@ -73,45 +82,85 @@ with TestClient(namespace["app"]) as client:
 
 @dataclass(frozen=True)
 class Block:
-    """One code block of the README."""
+    """One python or toml code block of a Markdown page."""
 
     marker: str
     lang: str
     code: str
     line: int
+    path: Path = README
 
     def __str__(self) -> str:
-        return f"README.md:{self.line} <!-- {self.marker} -->"
+        return f"{self.path.relative_to(ROOT)}:{self.line} <!-- {self.marker} -->"
 
 
-def readme_blocks() -> list[Block]:
-    """Return the README's python and toml blocks with their markers."""
-    text = README.read_text()
+def page_blocks(path: Path) -> list[Block]:
+    """Return the python and toml blocks of one page with their markers."""
+    text = path.read_text()
     return [
-        Block(m["marker"] or "", m["lang"], m["code"], text.count("\n", 0, m.start()) + 1)
+        Block(m["marker"] or "", m["lang"], m["code"], text.count("\n", 0, m.start()) + 1, path)
         for m in _BLOCK.finditer(text)
     ]
 
 
+def readme_blocks() -> list[Block]:
+    """Return the python and toml blocks of the README and of every documentation page."""
+    return [block for path in DOCS for block in page_blocks(path)]
+
+
 def _blocks(kind: str) -> list[Block]:
-    return [b for b in readme_blocks() if b.marker == kind or b.marker.startswith(kind + ":")]
+    """Return the blocks marked `kind`; a block repeated word for word (README and site) once."""
+    seen: set[str] = set()
+    found = []
+    for block in readme_blocks():
+        if (block.marker == kind or block.marker.startswith(kind + ":")) and block.code not in seen:
+            seen.add(block.code)
+            found.append(block)
+    return found
 
 
-def test_every_block_is_a_program_or_a_marked_fragment() -> None:
+def test_readme_and_docs_have_blocks() -> None:
+    """The README and the site's pages are found, with their code blocks."""
+    assert README in DOCS
+    assert len(DOCS) >= 10
+    assert len(page_blocks(README)) >= 2
+    assert len(readme_blocks()) >= 12
+
+
+def test_readme_is_a_landing_page_whose_links_resolve() -> None:
+    """The README stays under 250 lines, and each of its relative links names a file here."""
+    text = README.read_text()
+    assert text.count("\n") < 250
+    targets = re.findall(r"\]\((?!https?:|#)([^)#\s]+)", text)
+    assert "docs/index.md" in targets
+    missing = [target for target in targets if not (ROOT / target).exists()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("block", readme_blocks(), ids=str)
+def test_block_is_marked(block: Block) -> None:
     """Each block carries a marker; programs compile; fragments repeat their program's lines."""
-    blocks = readme_blocks()
-    assert len(blocks) >= 8
-    for block in blocks:
-        assert _MARKERS.fullmatch(block.marker), f"{block}: unmarked or unknown marker"
-        if block.marker.startswith(("program", "app", "pytest", "conftest")):
-            compile(block.code, str(block), "exec")  # no top-level await, no syntax error
-        if block.marker.startswith("fragment of "):
-            program = ROOT / block.marker.removeprefix("fragment of ")
-            assert program.is_file(), f"{block}: {program} does not exist"
-            lines = {line.strip() for line in program.read_text().splitlines()}
-            for line in block.code.splitlines():
-                if line.strip() and line.strip() != "..." and not line.strip().startswith("#"):
-                    assert line.strip() in lines, f"{block}: {line.strip()!r} not in {program}"
+    assert _MARKERS.fullmatch(block.marker), f"{block}: unmarked or unknown marker"
+    if block.marker.startswith(("program", "app", "pytest", "conftest")) and block.lang == "python":
+        compile(block.code, str(block), "exec")  # no top-level await, no syntax error
+    if block.marker.startswith("fragment of "):
+        program = ROOT / block.marker.removeprefix("fragment of ")
+        assert program.is_file(), f"{block}: {program} does not exist"
+        lines = {line.strip() for line in program.read_text().splitlines()}
+        for line in block.code.splitlines():
+            if line.strip() and line.strip() != "..." and not line.strip().startswith("#"):
+                assert line.strip() in lines, f"{block}: {line.strip()!r} not in {program}"
+
+
+def test_an_unmarked_block_is_found(tmp_path: Path) -> None:
+    """A python block without a marker, or with an empty reason, is reported as unmarked."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Page\n\n```python\nprint(1)\n```\n\n<!-- not run:  -->\n```python\nx = 1\n```\n"
+    )
+    markers = [block.marker for block in page_blocks(page)]
+    assert markers == ["", "not run: "]
+    assert not any(_MARKERS.fullmatch(marker) for marker in markers)
 
 
 @dataclass
@@ -208,11 +257,17 @@ async def test_app_block_serves(block: Block, rds_lookalike: LookAlike, tmp_path
     assert rds_lookalike.emulator.logins_accepted >= 1
 
 
-async def test_pytest_example_passes_in_a_new_project(tmp_path: Path) -> None:
-    """The README's conftest, pytest configuration and test pass in a new project as written."""
-    (conftest,) = _blocks("conftest")
-    (config,) = _blocks("pytest-config")
-    (test,) = _blocks("pytest")
+def _pages_with(kind: str) -> list[Path]:
+    return [path for path in DOCS if any(b.marker == kind for b in page_blocks(path))]
+
+
+@pytest.mark.parametrize("page", _pages_with("conftest"), ids=lambda p: str(p.relative_to(ROOT)))
+async def test_pytest_example_passes_in_a_new_project(page: Path, tmp_path: Path) -> None:
+    """A page's conftest, pytest configuration and test pass in a new project as written."""
+    blocks = page_blocks(page)
+    (conftest,) = [b for b in blocks if b.marker == "conftest"]
+    (config,) = [b for b in blocks if b.marker == "pytest-config"]
+    (test,) = [b for b in blocks if b.marker == "pytest"]
     project = tmp_path / "project"
     project.mkdir()
     (project / "conftest.py").write_text(conftest.code)
@@ -311,11 +366,11 @@ async def _failure(name: str, lookalike: LookAlike, monkeypatch: pytest.MonkeyPa
 
 
 def _readme_failures() -> dict[str, str]:
-    return {m["name"]: m["text"] for m in _FAILURE.finditer(README.read_text())}
+    return {m["name"]: m["text"] for path in DOCS for m in _FAILURE.finditer(path.read_text())}
 
 
 def test_when_it_fails_lists_six_failures() -> None:
-    """The README's "When it fails" section shows six failures."""
+    """The errors guide's "six failures new users meet most" shows six failures."""
     assert len(_readme_failures()) == 6
 
 

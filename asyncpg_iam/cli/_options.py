@@ -7,9 +7,11 @@ import argparse
 import ssl
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .. import _options as options
 from .._auth import IAMAuth, TokenProvider
 from .._connect import Connector, ConnectPlan, plan_connect
-from .._dsql import connect_defaults
+from .._dsql import is_dsql
+from .._errors import ConfigurationError
 
 if TYPE_CHECKING:
     Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -39,23 +41,17 @@ EXIT_USAGE = 2
 def tcp_port(text: str) -> int:
     """Parse a TCP port number (1 to 65535)."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is not in 1..65535")
-    return value
+        return options.port("port", int(text))
+    except (ValueError, ConfigurationError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number (1..65535)") from None
 
 
 def positive(text: str) -> float:
     """Parse a number of seconds greater than 0."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 seconds")
-    return value
+        return options.positive_seconds("seconds", float(text))
+    except (ValueError, ConfigurationError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0") from None
 
 
 def add_target(parser: argparse.ArgumentParser, *, database: bool) -> None:
@@ -135,9 +131,8 @@ def plan_from(args: argparse.Namespace, auth: IAMAuth, *, tls: bool = True) -> C
     if not tls:
         # Printing a token sends nothing: no TLS decision to make or to refuse.
         kwargs["ssl"] = ssl.create_default_context()
-    # Aurora DSQL: database postgres and the system CA store unless given.
-    _, kwargs = connect_defaults(dsn=None, auth=auth, connect_kwargs=kwargs)
-    if hasattr(args, "dbname"):
+    if hasattr(args, "dbname") and not is_dsql(auth, [args.host]):
+        # The user name, as --dbname's help says (not $PGDATABASE); DSQL's plan says postgres.
         kwargs.setdefault("database", args.user)
     return plan_connect(None, kwargs, auth=auth)
 

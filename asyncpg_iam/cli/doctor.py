@@ -17,10 +17,10 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import socket
 import ssl
-import struct
 import sys
 import time
 import urllib.parse
@@ -52,6 +52,7 @@ from .._errors import (
     in_cli_words,
 )
 from .._signing import Credentials, mask_access_key, region_from_host
+from .._tls import SSL_REQUEST
 from ._options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -75,7 +76,6 @@ __all__ = [
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 _MARKS = {PASS: "[ OK ]", FAIL: "[FAIL]", SKIP: "[SKIP]"}
-_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 _T = TypeVar("_T")
 
 
@@ -359,6 +359,15 @@ async def check_identity(ctx: Context, checks: Mapping[str, Check]) -> Check:
         return Check("identity", SKIP, "needs credentials")
     if ctx.region is None:
         return Check("identity", SKIP, "needs a region to choose the STS endpoint (region check)")
+    local = _local_credential_endpoint()
+    if local is not None and not (env("AWS_ENDPOINT_URL_STS") or env("AWS_ENDPOINT_URL")):
+        return Check(
+            "identity",
+            SKIP,
+            f"the credentials come from a credential endpoint on this machine ({local}, as "
+            "`asyncpg-iam emulate` sets up) and no STS endpoint is set (AWS_ENDPOINT_URL_STS): "
+            "there is no STS to ask who they belong to",
+        )
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -383,6 +392,18 @@ async def check_identity(ctx: Context, checks: Mapping[str, Check]) -> Check:
     answered = None if date is None else AWSTime(date, before + (after - before) / 2)
     arn = str(response.get("Arn", "?"))
     return Check("identity", PASS, f"{arn}: {_describe_identity(arn)}", found=answered)
+
+
+def _local_credential_endpoint() -> str | None:
+    """Return the container-credentials URL when it is on loopback (a local stand-in)."""
+    url = env("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    if not url or env("AWS_ACCESS_KEY_ID"):  # keys in the environment come first in the chain
+        return None
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return url if ipaddress.ip_address(host).is_loopback else None
+    except ValueError:
+        return url if host == "localhost" else None
 
 
 async def _caller_identity(
@@ -535,7 +556,7 @@ async def _tls_handshake(ctx: Context, plan: ConnectPlan) -> str:
     except (OSError, asyncio.TimeoutError) as exc:
         raise _Refused(Check("tls", FAIL, f"cannot connect to {host}:{port}: {exc}")) from None
     try:
-        writer.write(_SSL_REQUEST)
+        writer.write(SSL_REQUEST)
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(1), timeout)
         if answer != b"S":

@@ -117,6 +117,10 @@ class LoginChecker:
         for user in self.iam_users:
             roles.queue_grant(user)
 
+    def rename(self, endpoint: str) -> None:
+        """Accept tokens signed for `endpoint` (and no longer the old name)."""
+        self._endpoint = endpoint
+
     # -- keys and users -----------------------------------------------------------------------
 
     def register_key(self, key: RegisteredKey) -> None:

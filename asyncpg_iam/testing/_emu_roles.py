@@ -202,6 +202,20 @@ class RoleDirectory:
                 with contextlib.suppress(asyncpg.DuplicateObjectError):
                     await conn.execute(sql)
 
+    async def ensure_dsql_admin(self, *, password: str | None) -> None:
+        """Create DSQL's ``admin`` role with CREATE on schema public, unless it exists.
+
+        Best effort, like `setup`: a backend that cannot be reached is reported at login.
+        """
+        try:
+            await self.create_login_role("admin", password=password)
+            async with self._lock:
+                conn = await self._connection()
+                await conn.execute("GRANT CREATE, USAGE ON SCHEMA public TO admin")
+        except Exception as exc:
+            logger.debug("cannot create DSQL's admin role on the backend: %r", exc)
+            self._drop()
+
     async def lookup(self, user: str, *, with_verifier: bool) -> RoleInfo:
         """Return whether `user` exists and is a member of ``rds_iam``, and its verifier."""
         import asyncpg

@@ -1,0 +1,253 @@
+"""asyncpg's private pool internals, behind one adapter: the only module that names them.
+
+`Pool` subclasses `asyncpg.Pool` and relies on what asyncpg does not publish: the hooks it
+overrides (``_acquire``, ``_get_new_connection``, ``_async__init__``), the pool's holders
+(``_holders``, each with ``_con``, ``_in_use`` and ``_generation``), the free-holder queue
+(``_queue``), ``_initialized``, the proxy's ``_con``/``_holder``, and a connection's
+``_transport`` and ``_addr`` (`connection_endpoints`, for the health check). They change between
+minor versions: this module is where a new asyncpg is adapted, and
+``tests/test_asyncpg_internals.py`` pins each of them. ``tests/test_architecture.py`` checks
+that no other module of the package names them.
+
+`AsyncpgPool` routes asyncpg's hooks to methods with our names (``_acquire_connection``,
+``_new_connection``, ``_start``) by assignment when a subclass is made, so asyncpg calls them
+without a layer in between; the subclass calls asyncpg's own through `asyncpg_acquire`,
+`asyncpg_new_connection` and `asyncpg_start`. Recycling and failover handling use the holder
+functions below (retire on release, close an idle connection, retire them all).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import asyncpg.pool
+
+__all__ = [
+    "REFILLS_MIN_SIZE",
+    "SUPPORTED_ASYNCPG",
+    "AsyncpgPool",
+    "asyncpg_version",
+    "connection_endpoints",
+    "connection_of",
+    "empty_idle_holder",
+    "find_holder",
+    "hold_acquires",
+    "holder_of",
+    "initialized",
+    "open_holders",
+    "put_back",
+    "reconnect",
+    "retire_on_release",
+    "take_idle",
+    "terminate_idle",
+]
+
+# A holder whose generation differs from its pool's is closed by asyncpg on release and replaced
+# on acquire; pool generations start at 0 and only grow, so -1 never matches.
+_STALE_GENERATION = -1
+# asyncpg's hook -> the name of the subclass's method that replaces it.
+_HOOKS = {
+    "_acquire": "_acquire_connection",
+    "_get_new_connection": "_new_connection",
+    "_async__init__": "_start",
+}
+
+#: What to write instead when a pool is used without being started (a forgotten `await`, a
+#: plain `with`).
+NOT_STARTED = "use `await create_pool(...)` or `async with create_pool(...)`"
+
+#: The asyncpg versions whose private pool internals this module is tested against.
+SUPPORTED_ASYNCPG = ((0, 30), (0, 32))
+
+
+def asyncpg_version() -> tuple[int, int]:
+    """Return the installed asyncpg's (major, minor) version."""
+    major, minor = asyncpg.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _check_asyncpg_version() -> None:
+    low, high = SUPPORTED_ASYNCPG
+    if not low <= asyncpg_version() <= high:
+        raise ImportError(
+            f"asyncpg-iam supports asyncpg {low[0]}.{low[1]} to {high[0]}.{high[1]}, found "
+            f"{asyncpg.__version__}: its pool overrides asyncpg internals that change between "
+            "minor versions. Install a supported asyncpg or upgrade asyncpg-iam."
+        )
+
+
+_check_asyncpg_version()
+
+#: Whether asyncpg refills its pool to ``min_size`` itself (0.32+); older ones need our refill.
+REFILLS_MIN_SIZE = hasattr(asyncpg.pool.Pool, "_schedule_min_size_maintenance")
+
+#: The connection a pool proxy (what `Pool.acquire` hands out) wraps, or None once released.
+connection_of: Callable[[Any], Any] = operator.attrgetter("_con")
+
+
+class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
+    """`asyncpg.Pool` with its private hooks under names of ours.
+
+    A subclass defines ``_acquire_connection(timeout)``, ``_new_connection()`` and ``_start()``
+    to replace asyncpg's ``_acquire``, ``_get_new_connection`` and ``_async__init__``: asyncpg
+    then calls those very functions. `_acquire_live` is asyncpg's acquire with the lifetime
+    check, for the subclass's ``_acquire_connection``.
+    """
+
+    asyncpg_acquire = asyncpg.pool.Pool._acquire
+    """asyncpg's acquire (``_acquire(timeout)``), for the subclass to call."""
+    asyncpg_new_connection = asyncpg.pool.Pool._get_new_connection
+    """asyncpg's connect of a new pool connection (``_get_new_connection()``)."""
+    asyncpg_start = asyncpg.pool.Pool._async__init__
+    """asyncpg's pool start (``_async__init__()``)."""
+
+    def _check_init(self) -> None:
+        # asyncpg's own message for a pool used before it started says nothing of the
+        # forgotten `await` that is almost always the cause.
+        if not self._initialized and not self._initializing and not self._closed:
+            raise asyncpg.InterfaceError(f"the pool was never started: {NOT_STARTED}")
+        super()._check_init()
+
+    # Set by the subclass: the recycler's deadline lookup by id() of an open connection, the
+    # clock's monotonic(), and what replaces a due connection.
+    _deadline_of: Callable[[int], float | None]
+    _now: Callable[[], float]
+    _replace_due: Callable[[Any, float, float | None], Awaitable[Any]]
+
+    async def _acquire_live(self, timeout: float | None) -> Any:
+        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked).
+
+        Here rather than in the pool because it reads the proxy's connection, and it runs on
+        every acquire: kept to two lookups and a clock read (the recycler's deadlines by id()
+        of the open connection, empty without max_lifetime), with no call in between.
+        """
+        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
+        proxy = await self.asyncpg_acquire(timeout)
+        deadline = self._deadline_of(id(proxy._con))
+        if deadline is not None and self._now() >= deadline:
+            proxy = await self._replace_due(proxy, started, timeout)
+        return proxy
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook, ours in _HOOKS.items():
+            method = cls.__dict__.get(ours)
+            if method is not None:
+                setattr(cls, hook, method)
+
+
+def initialized(pool: Any) -> bool:
+    """Tell whether `pool` (an `asyncpg.Pool`) has started."""
+    return bool(pool._initialized)
+
+
+def holder_of(proxy: Any) -> Any:
+    """Return the holder (the pool slot) of a connection `Pool.acquire` handed out, or None."""
+    return getattr(proxy, "_holder", None)
+
+
+def retire_on_release(holder: Any) -> Any:
+    """Make asyncpg close the holder's connection when it is released; return the connection."""
+    holder._generation = _STALE_GENERATION
+    return holder._con
+
+
+def find_holder(pool: Any, con: Any) -> Any:
+    """Return the holder of `con` in `pool`, or None."""
+    return next((h for h in pool._holders if h._con is con), None)
+
+
+def take_idle(pool: Any, holder: Any) -> bool:
+    """Take an idle holder out of the free queue, so nobody can be handed it; False when it is
+    in use or being handed out or reset (it stays where it is)."""
+    queue = pool._queue._queue
+    if holder._in_use is not None or holder not in queue:
+        return False
+    queue.remove(holder)
+    holder._maybe_cancel_inactive_callback()
+    return True
+
+
+def put_back(pool: Any, holder: Any, closed: Any = None) -> None:
+    """Return a holder taken with `take_idle` (or `empty_idle_holder`) to the free queue;
+    empty it first when its connection is `closed`."""
+    if closed is not None and holder._con is closed:
+        holder._con = None
+    pool._queue.put_nowait(holder)
+
+
+def open_holders(pool: Any) -> Iterator[tuple[Any, Any, bool]]:
+    """Yield ``(holder, connection, idle)`` for each holder with an open connection; idle ones
+    sit in the free queue (nobody can be handed them while the caller runs synchronously)."""
+    idle = pool._queue._queue
+    for holder in list(pool._holders):
+        con = holder._con
+        if con is None or con.is_closed():
+            continue
+        yield holder, con, holder._in_use is None and holder in idle
+
+
+def terminate_idle(holder: Any, con: Any) -> None:
+    """Terminate the connection of an idle holder (from `open_holders`) and empty it."""
+    holder._maybe_cancel_inactive_callback()
+    con.terminate()
+    if holder._con is con:
+        holder._con = None
+
+
+def empty_idle_holder(pool: Any) -> Any:
+    """Take an idle holder without a connection out of the free queue, or return None."""
+    queue = pool._queue._queue
+    holder = next((h for h in reversed(queue) if not h.is_connected()), None)
+    if holder is not None:
+        queue.remove(holder)
+    return holder
+
+
+async def reconnect(holder: Any) -> None:
+    """Open a new connection in an empty holder taken with `empty_idle_holder`."""
+    holder._con = None
+    await holder.connect()
+
+
+def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None:
+    """Make every acquire of `pool` wait for ``gate()`` first, within its timeout (None: stop).
+
+    An instance attribute shadows asyncpg's ``_acquire`` only while a gate is set, so acquires
+    cost nothing more without one.
+    """
+    if gate is None:
+        pool.__dict__.pop("_acquire", None)
+        return
+    own = type(pool)._acquire
+    pool_ref = weakref.ref(pool)
+
+    async def held(timeout: float | None) -> Any:
+        started = time.monotonic()
+        await gate()
+        if timeout is not None:
+            timeout = max(0.001, timeout - (time.monotonic() - started))
+        live = pool_ref()
+        if live is None:
+            raise asyncpg.InterfaceError("the pool was garbage-collected")
+        return await own(live, timeout)
+
+    pool._acquire = held
+
+
+def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Any]:
+    """Return a connection's dialled (host, port), its peer address and its socket (the
+    health check's view: asyncpg keeps the transport and the address private)."""
+    transport = getattr(con, "_transport", None)
+    addr = getattr(con, "_addr", None)
+    dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
+    if transport is None:
+        return dialled, None, None
+    peer = transport.get_extra_info("peername")
+    peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+    return dialled, peer_addr, transport.get_extra_info("socket")
