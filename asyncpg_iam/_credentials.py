@@ -480,6 +480,12 @@ class _ChainSource:
             self._session = _new_session(self._profile)
         import botocore.exceptions
 
+        # Keys the caller set on the session (set_credentials) are its identity: botocore
+        # keeps them there and would use them before any provider of the chain.
+        chosen = getattr(self._session, "_credentials", None)
+        if chosen is not None:
+            self._method = getattr(chosen, "method", None) or "explicit"
+            return await _freeze(chosen)
         if self._resolver is None:
             self._resolver = self._session.get_component("credential_provider")
         try:

@@ -212,7 +212,7 @@ def _no_tls(ctx: AuthFailureContext) -> list[Cause]:
         (
             "no_tls",
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'verify-ca'.",
+            "with ssl='verify-full' (the default), or 'verify-ca' with the RDS CA bundle.",
         )
     ]
 

@@ -273,6 +273,9 @@ class FailoverGuard:
                 waited_from = self._clock.monotonic()
                 await self._clock.sleep(wait)
                 remaining -= self._clock.monotonic() - waited_from
+                if self._closing():
+                    # Nothing outlives close(): no retry starts once the pool is closing.
+                    raise asyncpg.InterfaceError("pool is closing") from exc
                 delay = min(delay * 2, _MAX_BACKOFF)
                 kwargs["timeout"] = max(remaining, 0.001)
             else:

@@ -255,7 +255,10 @@ class Pool(AsyncpgPool):
         self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
         if self._bluegreen is not None:
             self._bluegreen.start()  # the first new connection checks for metadata
+            self._connector.stop_with(self._bluegreen.stop)
         self._health = self._start_health(health)
+        if self._health is not None:
+            self._connector.stop_with(self._health.stop)
         self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -630,11 +633,9 @@ class Pool(AsyncpgPool):
         return result
 
     def _stop_monitors(self) -> None:
-        """Stop the background monitors (blue/green, health, topology)."""
-        if self._bluegreen is not None:
-            self._bluegreen.stop()
-        if self._health is not None:
-            self._health.stop()
+        """Stop connecting: no connect starts from now on, and the background monitors stop
+        (blue/green and health through the connector, which runs their stops; the topology)."""
+        self._connector.stop()
         if self._topology is not None:
             self._topology.close()
 

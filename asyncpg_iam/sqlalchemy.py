@@ -87,6 +87,20 @@ def _connect_kwargs(url: URL, connect_args: dict[str, Any] | None) -> dict[str, 
     """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
     check_keywords(connect_args or {}, what="connect_args")
     _args, params = url.get_dialect()().create_connect_args(url)
+    params = dict(params)
+    if "sslmode" in params:
+        # The dialect passes the URL's sslmode on as a keyword asyncpg.connect does not take
+        # (a TypeError at the first connect): it is the plan's ssl=, decided here.
+        mode = params.pop("sslmode")
+        if "ssl" in params or "ssl" in (connect_args or {}):
+            raise ConfigurationError(
+                f"sslmode={mode} in the URL and ssl= both choose the TLS mode: keep one"
+            )
+        params["ssl"] = mode
+    check_keywords(
+        {name: value for name, value in params.items() if name not in _DIALECT_ONLY},
+        what="the URL's query",
+    )
     for name in _DIALECT_ONLY:
         if name in params:
             raise ConfigurationError(
