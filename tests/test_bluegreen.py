@@ -341,7 +341,8 @@ async def test_completion_the_metadata_never_shows_releases_traffic(
 async def test_hold_bound_gives_a_clear_error(bed: BlueGreenDeployment) -> None:
     """A switch longer than the hold gives SwitchoverTimeoutError at the bound, then stops
     holding."""
-    async with asyncpg_iam.create_pool(**bed.pool_kwargs(hold=3.0, min_size=1, max_size=2)) as pool:
+    # A bound well above how late a loaded machine may see the gate appear.
+    async with asyncpg_iam.create_pool(**bed.pool_kwargs(hold=8.0, min_size=1, max_size=2)) as pool:
         await _monitor_phase(pool, Phase.CREATED)
         await bed.begin_switchover(prepare=1.2)
         await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
