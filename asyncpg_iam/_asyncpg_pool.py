@@ -18,7 +18,8 @@ functions below (retire on release, close an idle connection, retire them all).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -90,7 +91,8 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
 
     A subclass defines ``_acquire_connection(timeout)``, ``_new_connection()`` and ``_start()``
     to replace asyncpg's ``_acquire``, ``_get_new_connection`` and ``_async__init__``: asyncpg
-    then calls those very functions.
+    then calls those very functions. `_acquire_live` is asyncpg's acquire with the lifetime
+    check, for the subclass's ``_acquire_connection``.
     """
 
     asyncpg_acquire = asyncpg.pool.Pool._acquire
@@ -106,6 +108,26 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
         if not self._initialized and not self._initializing and not self._closed:
             raise asyncpg.InterfaceError(f"the pool was never started: {NOT_STARTED}")
         super()._check_init()
+
+    # Set by the subclass: the recycler's deadline lookup by id() of an open connection, the
+    # clock's monotonic(), and what replaces a due connection.
+    _deadline_of: Callable[[int], float | None]
+    _now: Callable[[], float]
+    _replace_due: Callable[[Any, float, float | None], Awaitable[Any]]
+
+    async def _acquire_live(self, timeout: float | None) -> Any:
+        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked).
+
+        Here rather than in the pool because it reads the proxy's connection, and it runs on
+        every acquire: kept to two lookups and a clock read (the recycler's deadlines by id()
+        of the open connection, empty without max_lifetime), with no call in between.
+        """
+        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
+        proxy = await self.asyncpg_acquire(timeout)
+        deadline = self._deadline_of(id(proxy._con))
+        if deadline is not None and self._now() >= deadline:
+            proxy = await self._replace_due(proxy, started, timeout)
+        return proxy
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

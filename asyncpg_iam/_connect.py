@@ -2,7 +2,8 @@
 
 Every route that logs in goes through a `Connector`: the pool (creation, refill, ``min_size``,
 `Pool.set_connect_args`), the SQLAlchemy engine, the Starlette lifespan (through the pool) and
-the command line's ``psql``, ``token`` and ``doctor``. `plan_connect` reads the arguments and
+the command line's ``psql``, ``token`` and ``doctor``. `plan_connect`, the one plan assembly
+(every default applied there: Aurora DSQL's, TLS, the writer default), reads the arguments and
 the environment once (DSN, host, port, user, database, ``PGSSLMODE``, ``PGSSLROOTCERT``, a
 service file, ...) into a frozen `ConnectPlan`; every connect then passes asyncpg explicit
 arguments, an `ssl.SSLContext` among them, and no DSN, so nothing read later (the environment,

@@ -429,17 +429,6 @@ class Pool(AsyncpgPool):
         # asyncpg's coroutine itself, not one around it: this runs on every release.
         return super().release(connection, timeout=timeout)  # type: ignore[no-any-return]
 
-    async def _acquire_live(self, timeout: float | None) -> Any:
-        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked)."""
-        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
-        proxy = await self.asyncpg_acquire(timeout)
-        # Kept to two lookups and a clock read: the recycler's deadlines by id() of the open
-        # connection (empty without max_lifetime).
-        deadline = self._deadline_of(id(connection_of(proxy)))
-        if deadline is not None and self._now() >= deadline:
-            proxy = await self._replace_due(proxy, started, timeout)
-        return proxy
-
     async def _replace_due(self, proxy: Any, started: float, timeout: float | None) -> Any:
         """Retire `proxy`'s due connection and acquire another (or hand it out once)."""
         while self._recycler.is_due(connection_of(proxy)):

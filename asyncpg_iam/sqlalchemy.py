@@ -21,7 +21,14 @@ what SQLAlchemy's pool allows:
 
 SQLAlchemy's pool has no background reaper, so an idle connection past its deadline stays open
 until it is next checked out (and then closed, not used). Pass ``pool_pre_ping=True`` to test
-each connection on checkout as well. Needs the ``sqlalchemy`` extra.
+each connection on checkout as well.
+
+The plan is the pool's (`asyncpg_iam.create_pool`'s defaults, Aurora DSQL's included), and so is
+failover handling: on an Aurora cluster endpoint the engine wants the writer
+(``target_session_attrs="read-write"`` unless chosen otherwise), a login that lands on a
+read-only server is retried within the connect timeout, and once any connection shows a
+failover (``25006`` on a writer engine, a shutdown, a dropped connection) every connection
+opened before it is discarded at checkout or closed at checkin. Needs the ``sqlalchemy`` extra.
 """
 
 from __future__ import annotations

@@ -270,3 +270,41 @@ def test_the_layer_check_catches_an_upward_import() -> None:
     layers = _written_layers(MAP.read_text())
     layers["_lifetime"] = layers["_connect"] + 1
     assert any("_connect" in problem for problem in _map_violations(layers))
+
+
+# What only the plan assembly (_connect.plan_connect) may use: the pieces of a plan's defaults.
+PLAN_PIECES = {
+    f"{PACKAGE}._dsn": {"parse_dsn"},
+    f"{PACKAGE}._dsql": {"connect_defaults"},
+    f"{PACKAGE}._tls": {"decide_tls"},
+}
+
+
+def _imported_names(module: str) -> set[tuple[str, str]]:
+    """Return the (module, name) pairs `module` imports with ``from ... import``."""
+    path = MODULES[module]
+    pairs: set[tuple[str, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            base = _resolve(module, path.name == "__init__.py", node)
+            pairs.update((base, alias.name) for alias in node.names)
+    return pairs
+
+
+def test_only_the_plan_assembly_applies_defaults() -> None:
+    """Only _connect imports the DSN parser, DSQL's connect defaults and the TLS decision: every
+    other route (pool, set_connect_args, engine, command line) calls plan_connect."""
+    offenders = {
+        module: sorted(
+            name for source, name in _imported_names(module) if name in PLAN_PIECES.get(source, ())
+        )
+        for module in MODULES
+        if module != f"{PACKAGE}._connect"
+    }
+    assert {module: names for module, names in offenders.items() if names} == {}
+
+
+@pytest.mark.parametrize("module", [f"{PACKAGE}._dsql", f"{PACKAGE}._failover"])
+def test_modules_under_the_plan_do_not_read_the_environment(module: str) -> None:
+    """_dsql and _failover take the environment from the plan assembly, never os.environ."""
+    assert "os.environ" not in MODULES[module].read_text()

@@ -47,6 +47,25 @@ async def cluster(credential_server: CredentialServer) -> AsyncIterator[Failover
         yield started
 
 
+async def set_read_only(admin: asyncpg.Connection, dsn: str, *, on: bool) -> None:
+    """Make new sessions of the server read-only (or not again); return once one sees it."""
+    if on:
+        await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+    else:
+        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+    await admin.execute("SELECT pg_reload_conf()")
+    wanted = "on" if on else "off"
+    for _ in range(500):
+        probe = await asyncpg.connect(dsn)
+        try:
+            if await probe.fetchval("SHOW default_transaction_read_only") == wanted:
+                return
+        finally:
+            await probe.close()
+        await asyncio.sleep(0.01)
+    pytest.fail(f"default_transaction_read_only did not become {wanted}")
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
@@ -111,9 +130,15 @@ async def test_cluster_endpoint_points_at_the_old_writer_until_the_lag_is_over(
     assert await where() == (old_port, False)
     failover = asyncio.ensure_future(cluster.failover(lag=1.0, old_writer="read_only"))
     await wait_for(lambda: cluster.servers[1].running and not failover.done(), timeout=10)
-    await asyncio.sleep(0.6)  # the promotion and the old writer's restart take ~0.2 s
+    # The promotion and the old writer's restart (read-only) take ~0.2 s: poll for them.
+    during: tuple[int, bool] | None = None
+    while during is None or not during[1]:
+        try:
+            during = await where()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await asyncio.sleep(0.02)
     assert not failover.done()
-    assert await where() == (old_port, True)
+    assert during == (old_port, True)
     timeline = await failover
     assert timeline.started_at <= timeline.stopped_at <= timeline.promoted_at
     assert timeline.switched_at - timeline.promoted_at >= 1.0
@@ -163,9 +188,13 @@ async def test_connection_lost_while_in_use_retires_the_idle_ones(
         async with pool.acquire() as con:
             pid = con.get_server_pid()
             query = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
-            await asyncio.sleep(0.2)
             admin = await asyncpg.connect(postgres_server.dsn)
             try:
+                running = "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = $1"
+                for _ in range(500):
+                    if await admin.fetchval(running, pid):
+                        break
+                    await asyncio.sleep(0.02)
                 assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
             finally:
                 await admin.close()
@@ -187,13 +216,13 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
     try:
         async with asyncpg_iam.create_pool(**kwargs) as pool:
             await pool.execute("CREATE TABLE IF NOT EXISTS failover_ro (x int)")
-            await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-            await admin.execute("SELECT pg_reload_conf()")
-            await asyncio.sleep(0.2)
+            await set_read_only(admin, postgres_server.dsn, on=True)
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await pool.execute("INSERT INTO failover_ro VALUES (1)")
             await wait_for(lambda: pool.stats().failover_events == 1)
+            # asyncpg may be refilling to min_size meanwhile: count from the same moment.
             logins_before = iam_emulator.logins_accepted
+            retries_before = pool.stats().read_only_retries
             acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
             await wait_for(lambda: pool.stats().read_only_retries >= 2)
             assert not acquiring.done()
@@ -206,7 +235,7 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
         assert stats.failover_retired == 2
         # Every retry was a fresh login with a fresh token, and counted.
         logins = iam_emulator.logins_accepted - logins_before
-        assert logins >= stats.read_only_retries + 1
+        assert logins >= stats.read_only_retries - retries_before + 1
         assert stats.connect_retries >= stats.read_only_retries
     finally:
         await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
@@ -231,9 +260,7 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
     admin = await asyncpg.connect(postgres_server.dsn)
     try:
         async with asyncpg_iam.create_pool(**kwargs) as pool:
-            await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-            await admin.execute("SELECT pg_reload_conf()")
-            await asyncio.sleep(0.2)
+            await set_read_only(admin, postgres_server.dsn, on=True)
             acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
             await wait_for(lambda: pool.stats().read_only_retries == 1)
             logins = iam_emulator.logins_accepted
@@ -243,9 +270,7 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
             assert iam_emulator.logins_accepted == logins
             await clock.advance(0.05)
             await wait_for(lambda: pool.stats().read_only_retries == 2)
-            await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
-            await admin.execute("SELECT pg_reload_conf()")
-            await asyncio.sleep(0.2)
+            await set_read_only(admin, postgres_server.dsn, on=False)
             assert not acquiring.done()
             await clock.advance(0.1)
             assert await asyncio.wait_for(acquiring, 10) == 1
@@ -264,9 +289,7 @@ async def test_any_pool_accepts_a_read_only_server(
     """A pool that takes any server neither retries on nor reports a read-only one."""
     admin = await asyncpg.connect(postgres_server.dsn)
     try:
-        await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-        await admin.execute("SELECT pg_reload_conf()")
-        await asyncio.sleep(0.2)
+        await set_read_only(admin, postgres_server.dsn, on=True)
         kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=1)
         async with asyncpg_iam.create_pool(**kwargs) as pool:
             assert await pool.fetchval("SHOW transaction_read_only") == "on"
@@ -445,16 +468,23 @@ async def test_max_lifetime_spreads_connections_onto_a_replica_added_later(
         "min_size": 4,
         "max_size": 4,
     }
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
     try:
         recycled = await asyncpg_iam.create_pool(
-            **common, max_lifetime=1.5, max_lifetime_jitter=0.5, name="recycled"
+            **common, max_lifetime=1.5, max_lifetime_jitter=0.5, name="recycled", clock=clock
         )
         kept = await asyncpg_iam.create_pool(**common, max_lifetime=None, name="kept")
         assert recycled._connector.plan.target_session_attrs == "any"
         first = {c.backend_pid for c in replicas[0].relayed_connections()}
         assert len(first) == 8
         endpoint.add_backend(replicas[1])
-        await asyncio.sleep(2.5)  # more than one lifetime: every recycled connection replaced
+        await clock.advance(2.5)  # more than one lifetime: every recycled connection retired
+        await wait_for(
+            lambda: (
+                recycled.stats().connections_closed.get("max_lifetime", 0) >= 4
+                and recycled.get_size() == 4
+            )
+        )
         for pool in (recycled, kept):
             assert await pool.fetchval("SELECT 1") == 1
         on_new = {c.backend_pid for c in replicas[1].relayed_connections()}

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 
 import asyncpg_iam
 from asyncpg_iam.otel import instrument_pool
-from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator
+from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator
 from asyncpg_iam.testing._leak_guard import LeakGuard
 
 from ._support import pool_kwargs, wait_for
@@ -208,12 +208,15 @@ async def test_asyncpg_traces_work_and_telemetry_carries_no_secret(
     instrumentor = AsyncPGInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
-        kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_lifetime=0.5)
+        clock = ManualClock(datetime.datetime.now(datetime.timezone.utc))
+        kwargs = pool_kwargs(
+            iam_emulator, postgres_server, min_size=0, max_lifetime=0.5, clock=clock
+        )
         async with asyncpg_iam.create_pool(**kwargs) as pool:
             instrument_pool(pool, MeterProvider(metric_readers=[reader]))
             for n in range(3):
                 assert await pool.fetchval("SELECT $1::int", n) == n
-                await asyncio.sleep(0.3)  # connections come due: new logins, new tokens
+                await clock.advance(1.0)  # connections come due: new logins, new tokens
             stats = pool.stats()
     finally:
         instrumentor.uninstrument()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
+import math
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -117,6 +118,7 @@ async def test_in_use_connection_outlives_deadline_then_closes_on_release(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A connection held across its deadline keeps working and is closed when released."""
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
     kwargs = pool_kwargs(
         iam_emulator,
         postgres_server,
@@ -124,11 +126,12 @@ async def test_in_use_connection_outlives_deadline_then_closes_on_release(
         max_size=1,
         max_lifetime=0.5,
         max_lifetime_jitter=0,
+        clock=clock,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         async with pool.acquire() as con:
             pid = await con.fetchval("SELECT pg_backend_pid()")
-            await asyncio.sleep(0.8)
+            await clock.advance(0.8)
             assert await con.fetchval("SELECT pg_backend_pid()") == pid
             assert pid in {c.backend_pid for c in iam_emulator.relayed_connections()}
         await wait_for(
@@ -162,10 +165,18 @@ async def test_idle_due_connection_closed_without_acquire_and_min_size_restored(
         assert pool.stats().connections_closed["max_lifetime"] >= 2
 
 
+class _StalledTimers(ManualClock):
+    """A manual clock whose timers never run: a deadline passes before its timer fires."""
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Any:
+        return super().call_at(math.inf, callback, *args)
+
+
 async def test_due_connection_is_never_handed_out(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """A connection past its deadline whose timer has not fired yet is replaced on acquire."""
+    clock = _StalledTimers(dt.datetime.now(dt.timezone.utc))
     kwargs = pool_kwargs(
         iam_emulator,
         postgres_server,
@@ -173,11 +184,11 @@ async def test_due_connection_is_never_handed_out(
         max_size=1,
         max_lifetime=0.3,
         max_lifetime_jitter=0,
+        clock=clock,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         old = await pool.fetchval("SELECT pg_backend_pid()")
-        # Block the loop so the deadline timer cannot run before the acquire.
-        time.sleep(0.4)  # noqa: ASYNC251
+        await clock.advance(0.4)  # past the deadline; its timer does not run
         async with pool.acquire() as con:
             assert await con.fetchval("SELECT pg_backend_pid()") != old
         assert pool.stats().connections_closed == {"discarded_on_acquire": 1}, pool.stats()

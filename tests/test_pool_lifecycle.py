@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import weakref
 
@@ -10,7 +11,7 @@ import asyncpg
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam.testing import PostgresServer, RDSIAMEmulator, _leak_guard
+from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator, _leak_guard
 from tests._support import direct_kwargs
 
 
@@ -82,10 +83,11 @@ async def test_connection_due_during_release_is_retired_once_idle(
 ) -> None:
     """A connection whose deadline passes while asyncpg resets it is closed once it is idle."""
     reset_started = asyncio.Event()
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
 
     async def slow_reset(con: asyncpg.Connection) -> None:
         reset_started.set()
-        await asyncio.sleep(0.6)  # the deadline passes here, after asyncpg's own check
+        await clock.advance(0.6)  # the deadline passes here, after asyncpg's own check
 
     kwargs = iam_emulator.pool_kwargs(
         user=postgres_server.user,
@@ -94,6 +96,7 @@ async def test_connection_due_during_release_is_retired_once_idle(
         max_lifetime=0.5,
         max_lifetime_jitter=0,
         reset=slow_reset,
+        clock=clock,
     )
     async with asyncpg_iam.create_pool(**kwargs) as pool:
         async with pool.acquire() as con:
@@ -105,6 +108,7 @@ async def test_connection_due_during_release_is_retired_once_idle(
                 c.backend_pid for c in iam_emulator.relayed_connections()
             } and pool.stats().connections_closed.get("max_lifetime"):
                 break
+            await clock.advance(0.1)  # the recycler looks again at a connection it found busy
             await asyncio.sleep(0.02)
         assert pid not in {c.backend_pid for c in iam_emulator.relayed_connections()}
         assert pool.stats().connections_closed.get("max_lifetime") == 1
