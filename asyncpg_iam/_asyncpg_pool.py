@@ -22,14 +22,11 @@ import asyncio
 import operator
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import asyncpg.compat
 import asyncpg.pool
-
-if TYPE_CHECKING:
-    from ._acquire_times import AcquireTimes
 
 __all__ = [
     "REFILLS_MIN_SIZE",
@@ -113,7 +110,7 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
     _deadline_of: Callable[[int], float | None]
     _now: Callable[[], float]
     _retire_due: Callable[[Any, bool], Awaitable[bool]]
-    _acquire_times: AcquireTimes | None
+    _acquire_times: Any  # an AcquireTimes (waits, acquired), or None
     _acquire_timeouts: int
 
     def _check_init(self) -> None:
@@ -191,9 +188,10 @@ def waiting_acquires(pool: Any) -> int:
 
 
 def timed_release(
-    pool: AsyncpgPool, times: AcquireTimes, now: Callable[[], float]
+    pool: AsyncpgPool, times: Any, now: Callable[[], float]
 ) -> Callable[..., Coroutine[Any, Any, None]]:
-    """Return a `release` for `pool` that records each connection's use time into `times`.
+    """Return a `release` for `pool` that records each connection's use time into `times`
+    (an `AcquireTimes`).
 
     The pool sets it as an instance attribute while it records, so a pool that records
     nothing runs asyncpg's release with no call around it. Holds the pool weakly (it is

@@ -54,7 +54,6 @@ import asyncio
 import functools
 import logging
 import random
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -153,15 +152,15 @@ def _closed_by_client(con: Any) -> bool | None:
 
 
 class _Watched:
-    """One watched connection: its termination listener is `terminated`."""
+    """One watched connection: `terminated` is called with it (or None) when it terminates."""
 
-    __slots__ = ("con_ref", "epoch", "guard")
+    __slots__ = ("epoch", "guard")
 
-    def __init__(self, guard: FailoverGuard, epoch: int, con_ref: weakref.ref[Any]) -> None:
-        self.guard, self.epoch, self.con_ref = guard, epoch, con_ref
+    def __init__(self, guard: FailoverGuard, epoch: int) -> None:
+        self.guard, self.epoch = guard, epoch
 
-    def terminated(self, _proxy: Any) -> None:
-        self.guard._on_terminated(self.epoch, self.con_ref())
+    def terminated(self, con: Any) -> None:
+        self.guard._on_terminated(self.epoch, con)
 
 
 class FailoverGuard:
@@ -308,8 +307,10 @@ class FailoverGuard:
     def watch(self, con: Any, epoch: int) -> Callable[[Any], None]:
         """Watch a connection just opened, whose login began at `epoch`.
 
-        Returns the callable to run when it terminates (the pool's one termination listener
-        per connection calls it; one listener costs less than two on every connect).
+        Returns the callable to run with the connection itself (not a pool's proxy of it; None
+        if it is gone) when it terminates: the pool's one termination listener per connection
+        calls it (one listener costs less than two on every connect), and a SQLAlchemy engine
+        adds it as the listener (no proxies there).
         """
         self._opened_any = True
         if self._recovering:
@@ -317,9 +318,7 @@ class FailoverGuard:
             self._recoveries += 1
         if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
             con.add_query_logger(functools.partial(self._on_query, epoch))
-        # asyncpg passes listeners the pool's proxy while the connection is in use: bind the
-        # connection itself (weakly: the listener is stored on it).
-        return _Watched(self, epoch, weakref.ref(con)).terminated
+        return _Watched(self, epoch).terminated
 
     # -- signals ------------------------------------------------------------------------------
 

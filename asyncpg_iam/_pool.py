@@ -9,6 +9,7 @@ that says what was signed for whom and what most likely went wrong.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
 import datetime
@@ -208,8 +209,9 @@ class Pool(AsyncpgPool):
         self._observer: PoolObserver | None = None
         self._acquire_times = None
         self._acquire_timeouts = 0
-        # Login times of connections opened before an observer came: the first one gets them.
-        self._unobserved_creates: list[float] = []
+        # Login times of connections opened before an observer came: the first one gets them
+        # (8 bytes each, at most 1,024).
+        self._unobserved_creates = array.array("d")
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
@@ -335,7 +337,7 @@ class Pool(AsyncpgPool):
             # asyncpg's release with no call around it.
             self.__dict__["release"] = timed_release(self, times, self._now)
         if observer is not None:
-            history, self._unobserved_creates = self._unobserved_creates, []
+            history, self._unobserved_creates = self._unobserved_creates, array.array("d")
             for seconds in history:
                 observer.connection_created(seconds)
 

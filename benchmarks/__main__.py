@@ -28,6 +28,7 @@ from . import (
     case_fetches,
     case_fleet,
     case_loop_lag,
+    case_memory,
     case_metrics,
     case_pool_overhead,
     case_recycling,
@@ -47,6 +48,7 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_memory,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
