@@ -193,6 +193,7 @@ POOLS = {
     "iam": "asyncpg_iam.Pool",
     "otel": "asyncpg_iam.Pool, OpenTelemetry",
     "otel_counters": "asyncpg_iam.Pool, OpenTelemetry histograms=False",
+    "writer": "asyncpg_iam.Pool, target_session_attrs=read-write (failover query logger)",
 }
 
 
@@ -209,7 +210,8 @@ async def _pools(
         if name.startswith("plain"):
             pools[POOLS[name]] = await asyncpg.create_pool(**plain_kwargs, **extra)
             continue
-        pool = await asyncpg_iam.create_pool(**iam_kwargs, iam=iam, **extra)
+        writer = {"target_session_attrs": "read-write"} if name == "writer" else {}
+        pool = await asyncpg_iam.create_pool(**iam_kwargs, iam=iam, **extra, **writer)
         if name.startswith("otel"):
             from opentelemetry.sdk.metrics import MeterProvider
             from opentelemetry.sdk.metrics.export import InMemoryMetricReader
