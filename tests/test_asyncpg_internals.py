@@ -135,3 +135,15 @@ def test_failover_hooks_exist() -> None:
     assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
     assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
     assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)
+
+
+def test_connection_queries_go_through_execute_and_executemany() -> None:
+    """Every fetch runs through Connection._execute and executemany through _executemany, the
+    methods the failover guard's reporting connection class wraps."""
+    con = asyncpg.Connection
+    for method in (con.fetch, con.fetchval, con.fetchrow):
+        assert "self._execute(" in inspect.getsource(method)
+    assert "self._execute(" in inspect.getsource(con.execute)
+    assert "self._executemany(" in inspect.getsource(con.executemany)
+    assert inspect.iscoroutinefunction(con._execute)
+    assert inspect.iscoroutinefunction(con._executemany)

@@ -16,7 +16,7 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam.testing import PostgresServer
-from tests._support import direct_kwargs
+from tests._support import direct_kwargs, wait_for
 
 pytest.importorskip("opentelemetry.sdk")
 
@@ -100,3 +100,22 @@ async def test_release_is_asyncpgs_own_unless_times_are_recorded(
         assert not times.acquired  # every acquired holder was released
         instrumentation.uninstrument()
         assert pool.release.__func__ is asyncpg.Pool.release
+
+
+async def test_writer_pool_reports_query_errors_without_a_query_logger(
+    postgres_server: PostgresServer,
+) -> None:
+    """A pool that wants the writer sees failed queries through its connection class, not
+    asyncpg's query logger (a context manager, a record and a callback per query)."""
+    kwargs = direct_kwargs(
+        postgres_server, min_size=1, max_size=1, target_session_attrs="read-write"
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        assert pool._failover.wants_writer
+        async with pool.acquire() as con:
+            raw = con._con
+            assert raw._asyncpg_iam_on_error is not None
+            assert not raw._query_loggers
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await con.execute("SET TRANSACTION READ ONLY; CREATE TEMP TABLE t (x int)")
+        await wait_for(lambda: pool.stats().failover_events == 1)
