@@ -180,13 +180,15 @@ class _Tracked:
 
     __slots__ = ("also", "con_ref", "deadline", "due_at", "key", "opened", "reason", "recycler")
 
-    def __init__(self, recycler: Recycler, con: Any, also: Callable[[Any], None] | None) -> None:
+    def __init__(
+        self, recycler: Recycler, key: int, con: Any, also: Callable[[Any], None] | None
+    ) -> None:
         self.recycler = recycler
         self.also = also
         self.opened = 0.0
         self.deadline: float | None = None
         # id() of the open connection (None once it closed), the recycler's key for it.
-        self.key: int | None = id(con)
+        self.key: int | None = key
         self.con_ref: weakref.ref[Any] = weakref.ref(con)
         # When the recycler looks at it next (None: not scheduled, or closed).
         self.due_at: float | None = None
@@ -260,8 +262,9 @@ class Recycler:
         `also` is called with the connection (None if it is gone) when it terminates, from
         the same termination listener.
         """
-        state = _Tracked(self, con, also)
-        self._tracked[id(con)] = state
+        key = id(con)  # one int object for both tables and the state
+        state = _Tracked(self, key, con, also)
+        self._tracked[key] = state
         con.add_termination_listener(state.terminated)
         now = self._now()
         start = now if started is None else started
@@ -274,7 +277,7 @@ class Recycler:
         state.deadline = spread_deadline(
             start + shortest, start + longest, self._deadlines.values(), self._rng
         )
-        self._deadlines[id(con)] = state.deadline
+        self._deadlines[key] = state.deadline
         self._schedule(state, state.deadline)
 
     def _schedule(self, state: _Tracked, when: float) -> None:
