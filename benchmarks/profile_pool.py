@@ -193,7 +193,7 @@ POOLS = {
     "iam": "asyncpg_iam.Pool",
     "otel": "asyncpg_iam.Pool, OpenTelemetry",
     "otel_counters": "asyncpg_iam.Pool, OpenTelemetry histograms=False",
-    "writer": "asyncpg_iam.Pool, target_session_attrs=read-write (failover query logger)",
+    "writer": "asyncpg_iam.Pool, target_session_attrs=read-write (failover watches queries)",
 }
 
 
