@@ -63,6 +63,19 @@ def uvloop(session: nox.Session) -> None:
     session.run("pytest", "-p", "tests._uvloop", *POOL_TESTS, *session.posargs)
 
 
+@nox.session(name="asyncpg_suite", python=PYTHON)
+def asyncpg_suite(session: nox.Session) -> None:
+    """Run asyncpg's own tests/test_pool.py on asyncpg_iam.Pool(iam=False) (.ci/asyncpg-suite).
+
+    Both variants (the default max_lifetime and None); ASYNCPG_SUITE_POOLS chooses others.
+    """
+    session.install("-e", ".[test]")
+    python = os.path.join(session.bin, "python")
+    session.run(
+        "bash", ".ci/asyncpg-suite", *session.posargs, env={"PYTHON": python}, external=True
+    )
+
+
 # The integration tests the container lane runs (those present), and its own proof test.
 CONTAINER_TESTS = [
     "tests/test_container_backend.py",

@@ -8,6 +8,7 @@ Every new connection gets a freshly signed token as its password, no connection 
 """
 
 from ._auth import IAMAuth, SigningTarget
+from ._bluegreen import BlueGreenSettings
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -16,26 +17,35 @@ from ._errors import (
     CredentialsError,
     IAMAuthenticationError,
     IAMError,
+    NoWriterError,
+    SwitchoverTimeoutError,
     TLSVerificationError,
 )
+from ._health import HealthCheck
 from ._pool import Pool, PoolSettings, PoolStats, create_pool
 from ._retry import run_transaction
 from ._signing import Credentials, build_auth_token, build_dsql_token, region_from_host
+from ._topology import AuroraTopology
 
 __all__ = [
+    "AuroraTopology",
+    "BlueGreenSettings",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectError",
     "ConnectTimeoutError",
     "Credentials",
     "CredentialsError",
+    "HealthCheck",
     "IAMAuth",
     "IAMAuthenticationError",
     "IAMError",
+    "NoWriterError",
     "Pool",
     "PoolSettings",
     "PoolStats",
     "SigningTarget",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "__version__",
     "build_auth_token",

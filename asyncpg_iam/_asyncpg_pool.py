@@ -3,7 +3,8 @@
 `Pool` subclasses `asyncpg.Pool` and relies on what asyncpg does not publish: the hooks it
 overrides (``_acquire``, ``_get_new_connection``, ``_async__init__``), the pool's holders
 (``_holders``, each with ``_con``, ``_in_use`` and ``_generation``), the free-holder queue
-(``_queue``), ``_initialized``, and the proxy's ``_con``/``_holder``. They change between
+(``_queue``), ``_initialized``, the proxy's ``_con``/``_holder``, and a connection's
+``_transport`` and ``_addr`` (`connection_endpoints`, for the health check). They change between
 minor versions: this module is where a new asyncpg is adapted, and
 ``tests/test_asyncpg_internals.py`` pins each of them. ``tests/test_architecture.py`` checks
 that no other module of the package names them.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
@@ -33,14 +35,17 @@ __all__ = [
     "SUPPORTED_ASYNCPG",
     "AsyncpgPool",
     "asyncpg_version",
+    "connection_endpoints",
     "connection_of",
     "empty_idle_holder",
     "find_holder",
+    "hold_acquires",
     "holder_of",
     "initialized",
     "open_holders",
     "put_back",
     "reconnect",
+    "retire_connections",
     "retire_on_release",
     "take_idle",
     "terminate_idle",
@@ -133,7 +138,11 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
         """
         if timeout is not None:
             try:
-                proxy = await asyncpg.compat.wait_for(self._acquire(None), timeout=timeout)
+                # AsyncpgPool's, not self's: blue/green's `hold_acquires` may shadow
+                # self._acquire, and its gate was already passed.
+                proxy = await asyncpg.compat.wait_for(
+                    AsyncpgPool._acquire(self, None), timeout=timeout
+                )
             except asyncio.TimeoutError:
                 self._acquire_timeouts += 1
                 raise
@@ -266,6 +275,37 @@ def terminate_idle(holder: Any, con: Any) -> None:
         holder._con = None
 
 
+def retire_connections(
+    pool: Any,
+    mark_retired: Callable[[Any], None],
+    where: Callable[[Any], bool] | None = None,
+    *,
+    idle_only: bool = False,
+    limit: int | None = None,
+) -> int:
+    """Retire `pool`'s open connections that `where` accepts (all by default); return how many.
+
+    `mark_retired(holder)` is called for each (the pool counts the close under its reason,
+    typically by `retire_on_release`). Idle ones are terminated at once; asyncpg closes the
+    ones in use when they are released (unless `idle_only`: those are left alone). At most
+    `limit`. A stale generation per holder (failover) rather than expire_connections()'s bump
+    of the pool's: a holder that is connecting now keeps the pool's generation, so a
+    connection that lands on the new writer after retries is not thrown away on its first
+    release.
+    """
+    retired = 0
+    for holder, con, idle in open_holders(pool):
+        if limit is not None and retired >= limit:
+            break
+        if (where is not None and not where(con)) or (idle_only and not idle):
+            continue
+        retired += 1
+        mark_retired(holder)
+        if idle:
+            terminate_idle(holder, con)
+    return retired
+
+
 def empty_idle_holder(pool: Any) -> Any:
     """Take an idle holder without a connection out of the free queue, or return None."""
     queue = pool._queue._queue
@@ -279,3 +319,41 @@ async def reconnect(holder: Any) -> None:
     """Open a new connection in an empty holder taken with `empty_idle_holder`."""
     holder._con = None
     await holder.connect()
+
+
+def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None:
+    """Make every acquire of `pool` wait for ``gate()`` first, within its timeout (None: stop).
+
+    An instance attribute shadows asyncpg's ``_acquire`` only while a gate is set, so acquires
+    cost nothing more without one.
+    """
+    if gate is None:
+        pool.__dict__.pop("_acquire", None)
+        return
+    own = type(pool)._acquire
+    pool_ref = weakref.ref(pool)
+
+    async def held(timeout: float | None) -> Any:
+        started = time.monotonic()
+        await gate()
+        if timeout is not None:
+            timeout = max(0.001, timeout - (time.monotonic() - started))
+        live = pool_ref()
+        if live is None:
+            raise asyncpg.InterfaceError("the pool was garbage-collected")
+        return await own(live, timeout)
+
+    pool._acquire = held
+
+
+def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Any]:
+    """Return a connection's dialled (host, port), its peer address and its socket (the
+    health check's view: asyncpg keeps the transport and the address private)."""
+    transport = getattr(con, "_transport", None)
+    addr = getattr(con, "_addr", None)
+    dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
+    if transport is None:
+        return dialled, None, None
+    peer = transport.get_extra_info("peername")
+    peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+    return dialled, peer_addr, transport.get_extra_info("socket")

@@ -43,9 +43,9 @@ __all__ = [
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
-_REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z]+)+-\d{1,2}$")
-_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
-_SESSION_NAME_RE = re.compile(r"^[\w+=,.@-]{2,64}$")
+_REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
+_ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
+_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 # RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
 # connect that presents it.
 MAX_TOKEN_REUSE = 840.0
@@ -54,7 +54,7 @@ _REUSE_EXPIRY_MARGIN = dt.timedelta(seconds=30)
 _REUSE_CACHE_SIZE = 64
 
 
-_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
 def _is_host_name(value: object) -> bool:

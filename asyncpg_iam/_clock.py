@@ -170,6 +170,16 @@ class ManualClock:
             if self._mono >= target:
                 return
 
+    async def jump(self, seconds: float) -> None:
+        """Move time forward at once, as a thawed process sees it (AWS Lambda's freeze):
+        every sleeper and timer due in between fires late, together, at the new time."""
+        if seconds < 0:
+            raise ValueError("a clock cannot go back: jump() takes seconds >= 0")
+        self._move_to(self._mono + seconds)
+        self._fire_due()
+        for _ in range(5):
+            await asyncio.sleep(0)
+
     def _drop_cancelled(self) -> None:
         sleepers = self._sleepers
         while sleepers:

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import inspect
 import logging
 import os
 import re
 import socket
 import ssl
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import asyncpg.connect_utils
@@ -37,7 +37,7 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
-from . import _options
+from . import _options, _proxy
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._dsn import DSN, parse_dsn
@@ -54,8 +54,12 @@ from ._errors import (
     without_traceback,
 )
 from ._lifetime import TokenBucket
+from ._retry import in_recovery
 from ._signing import is_writer_endpoint
-from ._tls import SSL_REQUEST, TLSPolicy, decide_tls
+from ._tls import SSL_REQUEST, TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
+
+if TYPE_CHECKING:
+    from ._topology import Router
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
@@ -90,10 +94,16 @@ _RESOLVED = frozenset(
     }
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
-# Keywords a plan takes besides asyncpg.connect's.
-_PLAN_KEYWORDS = frozenset({"sslrootcert"})
-# How long a failed connect's follow-up probe (which phase was reached) may take per step.
+# Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...)
+# and RDS Proxy's.
+_PLAN_KEYWORDS = TLS_KEYWORDS | {_proxy.KEYWORD}
+# How long a failed connect's follow-up probe (which phase was reached) may take at most.
 _PROBE_TIMEOUT = 3.0
+# The part of a connect's timeout kept for that probe: a tenth, at most a second. A probe
+# with less than _MIN_PROBE left is skipped.
+_DIAGNOSIS_SHARE = 0.1
+_DIAGNOSIS_RESERVE = 1.0
+_MIN_PROBE = 0.02
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 _NAME_MISMATCH = frozenset({62, 64})
 # Errors after which the next host is tried (asyncpg's own rule for multi-host DSNs).
@@ -119,6 +129,8 @@ class ConnectPlan:
     direct_tls: bool = False
     dsql: bool = False
     """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
+    rds_proxy: bool = False
+    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
     password: Any = dataclasses.field(default=None, repr=False)
     """The static password of a plan without IAM (a string or a callable), never printed."""
 
@@ -141,6 +153,39 @@ class ConnectPlan:
         return kwargs
 
 
+# Kerberos settings, which an IAM login (a password over TLS) has no use for.
+_GSS_SETTINGS = ("krbsrvname", "gsslib")
+
+
+def _check_gss(dsn: DSN, kwargs: Mapping[str, Any]) -> None:
+    """Refuse Kerberos settings given for an IAM login (argument or DSN): they would be unused."""
+    for name in _GSS_SETTINGS:
+        source = f"{name}= in the DSN" if name in dsn.query else None
+        if kwargs.get(name) is not None:
+            source = f"{name}={kwargs[name]!r}"
+        if source is not None:
+            raise ConfigurationError(
+                f"{source} is a Kerberos (GSSAPI) setting, and an IAM login uses a token as "
+                "its password, never Kerberos: drop it, or pass iam=False to log in with "
+                "Kerberos"
+            )
+
+
+def _without_query(dsn: str | None, names: Collection[str]) -> str | None:
+    """Return `dsn` without the query parameters `names`."""
+    if not dsn:
+        return dsn
+    parts = urllib.parse.urlsplit(dsn)
+    if not parts.query:
+        return dsn
+    kept = [
+        (key, value)
+        for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if key not in names
+    ]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
+
+
 def _check_session_attrs(value: Any) -> None:
     if value is not None and str(getattr(value, "value", value)) not in _SESSION_ATTRS:
         raise ConfigurationError(
@@ -155,8 +200,15 @@ def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     arguments["dsn"] = dsn
     try:
         addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
-    except (ClientConfigurationError, ValueError, TypeError, AttributeError) as exc:
-        # asyncpg's parser fails on wrongly typed values (host=1) with AttributeError too.
+    except (
+        ClientConfigurationError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
+        # asyncpg's parser fails on wrongly typed values with AttributeError (host=1) and
+        # OverflowError (port=inf) too.
         text = str(exc)
         if "target_session_attrs" in text:
             found = re.search(r"got (.+)$", text)
@@ -175,6 +227,8 @@ def check_keywords(
     if not unknown:
         return
     name = unknown[0]
+    import difflib  # on a failure path only
+
     close = difflib.get_close_matches(name, sorted(known | set(pool) | set(own)), n=1)
     valid = "asyncpg.connect's arguments" + (", asyncpg.create_pool's" if pool else "")
     if own:
@@ -184,6 +238,14 @@ def check_keywords(
         + (f": did you mean {close[0]!r}?" if close else ".")
         + f" It takes {valid}"
     )
+
+
+def _check_ports(port: Any) -> None:
+    """Refuse a port argument (a number or a list of them) outside 1-65535 (asyncpg would
+    read 0 as its default)."""
+    for value in port if isinstance(port, (list, tuple)) else [port]:
+        if isinstance(value, int):
+            _options.port("port", value)
 
 
 _IAM_PASSWORD = (
@@ -221,15 +283,17 @@ def plan_connect(
     engine, the command line): the DSN parsed once, Aurora DSQL's defaults, the TLS policy and
     the writer default (``target_session_attrs="read-write"`` for IAM on one Aurora cluster
     endpoint when nothing chose the attributes). `environ` is the environment to read
-    (default: ``os.environ``, read here once). Also takes ``sslrootcert=`` (a CA file, or
-    ``"system"``) as a keyword. Raises `ConfigurationError` for anything that could not
-    connect, or that could send an IAM token in clear or to an unverified server. Callers check
-    unknown keywords first (`check_keywords`), so that the message can name their own.
+    (default: ``os.environ``, read here once). Also takes libpq's TLS parameters
+    (`TLS_KEYWORDS`: ``sslrootcert=`` (a CA file, or ``"system"``), ``sslcrl=``, ...) as
+    keywords. Raises `ConfigurationError` for anything that could not connect, or that could
+    send an IAM token in clear or to an unverified server. Callers check unknown keywords first
+    (`check_keywords`), so that the message can name their own.
     """
     env = os.environ if environ is None else environ
     parsed = parse_dsn(dsn)
     dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
-    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env)
+    rds_proxy, kwargs = _proxy.proxy_defaults(parsed, kwargs, auth=auth, environ=env)
+    plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)
     attrs = _writer_default(plan, parsed, kwargs, env)
     if dsql or (attrs is not None and attrs != plan.target_session_attrs):
         plan = dataclasses.replace(
@@ -264,15 +328,24 @@ def _resolve(
     *,
     auth: IAMAuth | None,
     environ: Mapping[str, str],
+    rds_proxy: bool,
 ) -> ConnectPlan:
     """Resolve the arguments into a plan as asyncpg would; validate them (TLS included)."""
     kwargs = dict(connect_kwargs)
-    sslrootcert = kwargs.pop("sslrootcert", None)
-    if sslrootcert is not None and not isinstance(sslrootcert, str):
-        raise ConfigurationError("sslrootcert must be the path of a PEM file, or 'system'")
+    tls_arguments = {name: kwargs.pop(name) for name in TLS_KEYWORDS if name in kwargs}
+    for name, value in tls_arguments.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(
+                f"{name} must be a string (libpq's parameter), not {type(value).__name__}"
+            )
     iam = auth is not None
-    if iam and (kwargs.get("password") is not None or parsed.password):
+    if iam and (kwargs.get("password") is not None or parsed.password is not None):
         raise ConfigurationError(_IAM_PASSWORD)
+    if iam:
+        _check_gss(parsed, kwargs)
+    _check_ports(kwargs.get("port"))
+    _options.timeout("timeout", kwargs.get("timeout"))
+    _options.timeout("command_timeout", kwargs.get("command_timeout"))
     _check_session_attrs(kwargs.get("target_session_attrs"))
     tls = decide_tls(
         ssl_arg=kwargs.get("ssl"),
@@ -280,12 +353,24 @@ def _resolve(
         kwargs=kwargs,
         iam=iam,
         allow_unverified=bool(auth is not None and auth.insecure_unverified_tls),
-        sslrootcert=sslrootcert,
+        arguments=tls_arguments,
         environ=environ,
     )
+    if tls.context is not None:
+        # The policy applied (or refused) the DSN's TLS parameters; asyncpg would pass the
+        # ones it does not know to the server as settings.
+        dsn = _without_query(dsn, TLS_PARAMETERS)
     addrs, params = _parse(dsn, {**kwargs, "ssl": tls.asyncpg_ssl()})
+    if rds_proxy:
+        _proxy.refuse_options(params.server_settings, dsn)
     tsa = getattr(params.target_session_attrs, "value", str(params.target_session_attrs))
     passthrough = {k: v for k, v in kwargs.items() if k not in _RESOLVED}
+    if not iam:
+        # Kerberos settings from any source go to asyncpg as resolved.
+        for name in _GSS_SETTINGS:
+            value = getattr(params, name, None)
+            if value is not None and name in _CONNECT_DEFAULTS:
+                passthrough[name] = value
     negotiation = getattr(params, "ssl_negotiation", None)
     return ConnectPlan(
         endpoints=_endpoints(addrs, iam=iam),
@@ -296,9 +381,40 @@ def _resolve(
         server_settings=dict(params.server_settings) if params.server_settings else None,
         connect_kwargs=passthrough,
         auth=auth,
-        direct_tls=getattr(negotiation, "value", negotiation) == "direct",
+        direct_tls=tls.direct
+        or bool(kwargs.get("direct_tls"))
+        or getattr(negotiation, "value", negotiation) == "direct",
+        rds_proxy=rds_proxy,
         password=None if iam else params.password,
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Budget:
+    """The time one connect attempt may take, its failure diagnosis included (`timeout`)."""
+
+    timeout: float | None
+    deadline: float | None
+
+    @classmethod
+    def start(cls, timeout: float | None) -> _Budget:
+        if timeout is None:
+            return cls(None, None)
+        return cls(timeout, asyncio.get_running_loop().time() + timeout)
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no limit)."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - asyncio.get_running_loop().time(), 0.0)
+
+    def for_connect(self, *, reserve: bool) -> float | None:
+        """The connect's own timeout: what is left, less a share kept for explaining a
+        timeout (`reserve`) so that the explanation fits in the budget too."""
+        remaining = self.remaining()
+        if remaining is None or not reserve:
+            return remaining
+        return remaining - min(_DIAGNOSIS_RESERVE, remaining * _DIAGNOSIS_SHARE)
 
 
 @dataclasses.dataclass(slots=True)
@@ -372,7 +488,35 @@ class Connector:
         self._owner = f"{kind} {self.name}"
         self.plan = plan
         self.targets: tuple[SigningTarget, ...] = ()
+        self.router: Router | None = None
+        """Chooses an instance endpoint per connect from a cluster's topology (`_topology`);
+        consulted by `open_planned`, so a blue/green `route` (which wins while set) and the
+        `login_gate` (which holds a login to whatever host it picks) compose with it."""
+        self._stopped = False
+        # Tasks waiting for a slot of the rate limit: stop() wakes them.
+        self._waiting: set[asyncio.Task[Any]] = set()
+        # What stop() stops besides: the monitors that hang off the connects (blue/green, health).
+        self._also_stop: list[Callable[[], None]] = []
+        self.route: Callable[[dict[str, Any]], Coroutine[Any, Any, tuple[Any, float]]] | None = None
+        """Set by a blue/green switchover while it holds or reroutes connects (else None)."""
+        self.login_gate: Callable[[str, int], Awaitable[None] | None] | None = None
+        """What a login to (host, port) waits for first, if anything (the pool's health
+        check: a host that went silent)."""
         self.use_plan(plan)
+
+    def stop(self) -> None:
+        """Start no connect from now on: callers, those waiting for the rate limit included
+        (woken at once), get asyncpg's "pool is closing"; the monitors given to `stop_with`
+        stop too (the pool's close() and terminate() call it)."""
+        self._stopped = True
+        for task in self._waiting:
+            task.cancel()
+        for stop in self._also_stop:
+            stop()
+
+    def stop_with(self, stop: Callable[[], None]) -> None:
+        """Call `stop` (idempotent) when the connector stops: a monitor of its connects."""
+        self._also_stop.append(stop)
 
     def use_plan(self, plan: ConnectPlan) -> None:
         """Connect as `plan` says from now on; raise `ConfigurationError` and change nothing
@@ -398,6 +542,8 @@ class Connector:
         self.plan, self.targets = plan, targets
         # The connect arguments every login starts from (asyncpg only reads them).
         self._kwargs = plan.asyncpg_kwargs()
+        # A caller's context is used as given: each connect re-checks it (None: nothing to).
+        self._recheck = plan.tls.check_unchanged if plan.tls.rechecked else None
 
     @property
     def auth(self) -> IAMAuth | None:
@@ -415,33 +561,117 @@ class Connector:
         # Runs for every new connection: it returns the coroutine that does the work rather
         # than awaiting it in one more, since every await inside a connect resumes each
         # coroutine of the chain.
+        if self._stopped:
+            raise asyncpg.InterfaceError("pool is closing")
+        recheck = self._recheck
+        if recheck is not None:
+            recheck()  # refuse a caller's context that stopped verifying
         self.counters.attempts += 1
+        route = self.route
+        if route is not None:
+            return route(extra)
+        return self.open_planned(extra)
+
+    def open_planned(
+        self, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open one connection where the plan says (`open` without a route); `attrs`
+        overrides the plan's ``target_session_attrs``."""
         if self.provider is None:
             return self._open_without_iam(extra)
-        tsa = self.plan.target_session_attrs
+        router = self.router
+        if router is not None and attrs is None:
+            # The pool's connections go where the topology says; the library's own (an
+            # `attrs` override) where the plan says.
+            return self._login_routed(router, extra, self.plan.target_session_attrs)
+        tsa = attrs or self.plan.target_session_attrs
         if len(self.targets) == 1:
             return self._login(self.targets[0], extra, tsa)
         return self._login_any(extra, tsa)
 
+    async def _login_routed(
+        self, router: Router, extra: Mapping[str, Any], tsa: str
+    ) -> tuple[Any, float]:
+        """Log in where the cluster's topology says (see `_topology.Router`)."""
+        if not router.searching:
+            target = router.route()
+        else:
+            timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+            if timeout is None:
+                timeout = _CONNECT_DEFAULTS.get("timeout")
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                target = await router.wait(timeout)
+            except BaseException:
+                self.counters.failures += 1
+                raise
+            if timeout is not None:
+                extra = {**extra, "timeout": max(timeout - (loop.time() - began), 0.001)}
+        if target is None:
+            return await self._login(self.targets[0], extra, tsa)
+        try:
+            opened = await self._login(target, extra, tsa)
+        except _NEXT_HOST_ERRORS:
+            # A reader that left: one more try on another (a writer has no other).
+            other = router.failed(target)
+            if other is None:
+                raise
+            target = other
+            try:
+                opened = await self._login(target, extra, tsa)
+            except BaseException:
+                router.settle(target)
+                raise
+        except BaseException:
+            router.settle(target)
+            raise
+        router.settle(target, opened[0])
+        return opened
+
+    def open_to(
+        self, target: SigningTarget | None, attrs: str, timeout: float
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Open a connection of the library's own to `target` (default: the plan's first
+        endpoint) with `attrs` as ``target_session_attrs``; not counted as the pool's."""
+        return self._login(target or self.targets[0], {"timeout": timeout}, attrs, one=False)
+
+    def open_at(
+        self, target: SigningTarget, extra: Mapping[str, Any], attrs: str | None = None
+    ) -> Coroutine[Any, Any, tuple[Any, float]]:
+        """Log in to `target` (dial its host and port, sign for its signing name)."""
+        return self._login(target, extra, attrs or self.plan.target_session_attrs)
+
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
+            budget = _Budget.start(self._timeout(extra))
             if self._bucket is not None:
-                await self._throttle(self._bucket)
+                await self._throttle(self._bucket, budget)
             kwargs = {**self._kwargs, **extra}
+            endpoints = self.plan.endpoints
+            explained = len(endpoints) == 1 and bool(endpoints[0][1])
+            kwargs["timeout"] = budget.for_connect(reserve=explained)
+            gate = self.login_gate
+            if gate is not None and len(endpoints) == 1:
+                waiting = gate(*endpoints[0])
+                if waiting is not None:
+                    await _wait_at_gate(waiting, *endpoints[0], budget, kwargs, reserve=explained)
             started = self._clock.monotonic()
             try:
-                return await self._connect(**kwargs), started
+                con = await self._connect(**kwargs)
             except (OSError, asyncio.TimeoutError) as exc:
-                endpoints = self.plan.endpoints
-                if len(endpoints) != 1 or not endpoints[0][1]:
+                if not explained:
                     raise  # several hosts (asyncpg tried each), or a Unix socket
-                error = await self._explain_connect(exc, *endpoints[0], kwargs)
+                error = await self._explain_connect(exc, *endpoints[0], budget)
                 if error is None:
                     raise
                 raise error from without_traceback(exc)
         except BaseException:
             self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
+        return con, started
 
     async def sign(self, target: SigningTarget | None = None) -> str:
         """Return a token for `target` (default: the first endpoint), as a connect would."""
@@ -449,13 +679,46 @@ class Connector:
             raise ConfigurationError("this connection plan does not use IAM: there is no token")
         return await self.provider.token(target or self.targets[0])
 
-    async def _throttle(self, bucket: TokenBucket) -> None:
-        """Take a slot of the connect rate limit; every login attempt takes one.
+    def _timeout(self, extra: Mapping[str, Any]) -> float | None:
+        """The connect timeout of this attempt (seconds; None: none)."""
+        timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
+        return _CONNECT_DEFAULTS.get("timeout") if timeout is None else float(timeout)
+
+    async def _throttle(self, bucket: TokenBucket, budget: _Budget) -> None:
+        """Take a slot of the connect rate limit within the attempt's budget; every login
+        attempt takes one.
 
         Callers check for a limit first: without one, no coroutine is made on a connect.
         """
-        if await bucket.acquire() > 0:
+        task = asyncio.current_task()
+        if task is not None:
+            self._waiting.add(task)
+        try:
+            waited = await asyncio.wait_for(bucket.acquire(), budget.remaining())
+        except asyncio.CancelledError:
+            if not self._stopped or task is None:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # the cancel was stop()'s, not the caller's
+            raise asyncpg.InterfaceError("pool is closing") from None
+        except asyncio.TimeoutError:
             self.counters.rate_limited += 1
+            raise ConnectTimeoutError(
+                f"no connect slot within {budget.timeout:g} s (max_connect_rate="
+                f"{bucket.rate:g} per second)",
+                host=self.name,
+                port=0,
+                phase="rate limit",
+                hint="More connects are asked for than max_connect_rate allows: raise it, "
+                "or the timeout, or lower the pool's demand for new connections",
+                timeout=budget.timeout,
+            ) from None
+        finally:
+            self._waiting.discard(task)
+        if waited > 0:
+            self.counters.rate_limited += 1
+        if self._stopped:
+            raise asyncpg.InterfaceError("pool is closing")
 
     async def _login(
         self, target: SigningTarget, extra: Mapping[str, Any], attrs: str, *, one: bool = True
@@ -467,8 +730,9 @@ class Connector:
         provider = self.provider
         assert provider is not None
         try:
+            budget = _Budget.start(self._timeout(extra))
             if self._bucket is not None:
-                await self._throttle(self._bucket)
+                await self._throttle(self._bucket, budget)
             record = TokenRecord()
             password = _TokenPassword(provider, target, record)
             kwargs = {**self._kwargs, **extra}
@@ -477,7 +741,12 @@ class Connector:
                 port=target.port,
                 target_session_attrs=attrs,
                 password=password,
+                timeout=budget.for_connect(reserve=True),
             )
+            gate = self.login_gate
+            waiting = gate(target.host, target.port) if gate is not None else None
+            if waiting is not None:
+                await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
@@ -488,7 +757,7 @@ class Connector:
                 self.counters.auth_failures += 1
                 raise self.explain(exc, target, record) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
-                error = await self._explain_connect(exc, target.host, target.port, kwargs)
+                error = await self._explain_connect(exc, target.host, target.port, budget)
                 if error is None:
                     raise
                 raise error from without_traceback(exc)
@@ -496,6 +765,8 @@ class Connector:
             if one:
                 self.counters.failures += 1
             raise
+        if self.plan.rds_proxy:
+            _proxy.adopt(con)
         return con, started
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
@@ -535,7 +806,7 @@ class Connector:
                 except (*_NEXT_HOST_ERRORS, TargetServerAttributeNotMatched) as exc:
                     last_error = exc
                     continue
-                if tsa != "prefer-standby" or await _in_recovery(opened[0]):
+                if tsa != "prefer-standby" or await in_recovery(opened[0]):
                     return opened
                 if fallback is None:
                     fallback = opened
@@ -586,7 +857,7 @@ class Connector:
         return error
 
     async def _explain_connect(
-        self, exc: BaseException, host: str, port: int, kwargs: Mapping[str, Any]
+        self, exc: BaseException, host: str, port: int, budget: _Budget
     ) -> ConnectError | None:
         """Return the library's error for a connect that failed before a login, or None."""
         if isinstance(exc, IAMError):
@@ -594,8 +865,7 @@ class Connector:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return _certificate_error(exc, host, port, self.plan.tls)
         if isinstance(exc, asyncio.TimeoutError):
-            timeout = kwargs.get("timeout", _CONNECT_DEFAULTS.get("timeout"))
-            return await _explain_timeout(host, port, timeout)
+            return await _explain_timeout(host, port, budget)
         return _network_error(exc, host, port)
 
     async def reset(self) -> None:
@@ -612,12 +882,34 @@ class Connector:
             await self.provider.aclose()
 
 
-async def _in_recovery(con: Any) -> bool:
-    """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
-    reported = getattr(con.get_settings(), "in_hot_standby", None)
-    if reported is not None:
-        return bool(reported == "on")
-    return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+async def _wait_at_gate(
+    waiting: Awaitable[None],
+    host: str,
+    port: int,
+    budget: _Budget,
+    kwargs: dict[str, Any],
+    *,
+    reserve: bool,
+) -> None:
+    """Wait for a silent host to answer, within the attempt's budget (what is left of it goes
+    to the login, less the diagnosis share when `reserve`)."""
+    try:
+        await asyncio.wait_for(waiting, budget.for_connect(reserve=reserve))
+    except asyncio.TimeoutError:
+        timeout = budget.timeout
+        raise ConnectTimeoutError(
+            f"{host}:{port} went silent and answered no probe within the connect timeout "
+            f"({timeout:g} s); no login was tried",
+            host=host,
+            port=port,
+            phase="silent",
+            hint="The host or the network path to it is down or hung (see the pool's WARNING "
+            "that named it); it is probed every second and logins go ahead once it answers",
+            timeout=timeout,
+        ) from None
+    left = budget.for_connect(reserve=reserve)
+    if left is not None:
+        kwargs["timeout"] = max(left, 0.001)
 
 
 def _certificate_error(
@@ -629,8 +921,9 @@ def _certificate_error(
         hint = (
             f"The certificate does not name {host!r}: connect by the name on the "
             "certificate (the RDS endpoint), or, through a tunnel, CNAME or IP address, "
-            "pass ssl='verify-ca' (the chain is still verified) with "
-            "IAMAuth(signing_host='<the RDS endpoint name>')"
+            "pass ssl='verify-ca' with the RDS CA bundle (sslrootcert='<bundle>' or "
+            "`asyncpg-iam ca-bundle`; never the system store, which trusts any public "
+            "certificate) and IAMAuth(signing_host='<the RDS endpoint name>')"
         )
     else:
         hint = (
@@ -689,20 +982,38 @@ def _network_error(exc: BaseException, host: str, port: int) -> ConnectError | N
     return None
 
 
-async def _explain_timeout(host: str, port: int, timeout: float | None) -> ConnectTimeoutError:
-    """Find how far a timed-out connect gets (a short probe, on the failure path only)."""
+async def _explain_timeout(host: str, port: int, budget: _Budget) -> ConnectTimeoutError:
+    """Find how far a timed-out connect gets (a short probe, on the failure path only),
+    within what is left of the attempt's budget; skip it when nothing is left."""
+    timeout = budget.timeout
     where, limit = f"{host}:{port}", f"{timeout:g} s" if timeout is not None else "the timeout"
-    probe = min(_PROBE_TIMEOUT, timeout or _PROBE_TIMEOUT)
+    remaining = budget.remaining()
+    probe = _PROBE_TIMEOUT if remaining is None else min(_PROBE_TIMEOUT, remaining)
+    if probe < _MIN_PROBE:
+        return ConnectTimeoutError(
+            f"no answer from {where} within {limit}",
+            host=host,
+            port=port,
+            phase="unknown",
+            hint="The timeout left no time to find how far the connect got: check the "
+            "host, the port and the network path, or raise timeout=...",
+            timeout=timeout,
+        )
+    deadline = asyncio.get_running_loop().time() + probe
+
+    def left() -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
     phase = "login"
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), probe)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), left())
     except (OSError, asyncio.TimeoutError):
         phase = "tcp"
     else:
         try:
             writer.write(SSL_REQUEST)
             await writer.drain()
-            if not await asyncio.wait_for(reader.read(1), probe):
+            if not await asyncio.wait_for(reader.read(1), left()):
                 phase = "startup"
         except (OSError, asyncio.TimeoutError):
             phase = "startup"

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ._aws_env import proxy_hint, region_from_environment, response_date
@@ -425,8 +426,37 @@ class _StaticSource:
         pass
 
 
+def _environment_credentials(env: Mapping[str, str]) -> Credentials | None:
+    """Return the keys the environment holds, as botocore's first provider reads them, or None.
+
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` (both, else None), ``AWS_SESSION_TOKEN``
+    (or ``AWS_SECURITY_TOKEN``) and ``AWS_CREDENTIAL_EXPIRATION`` (ISO 8601).
+    """
+    access_key = env.get("AWS_ACCESS_KEY_ID")
+    secret_key = env.get("AWS_SECRET_ACCESS_KEY")
+    if not access_key or not secret_key:
+        return None
+    token = env.get("AWS_SESSION_TOKEN") or env.get("AWS_SECURITY_TOKEN") or None
+    expiry = None
+    stamp = env.get("AWS_CREDENTIAL_EXPIRATION")
+    if stamp:
+        try:
+            expiry = dt.datetime.fromisoformat(stamp.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None  # botocore's chain reports it
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+    return Credentials(access_key, secret_key, token, expiry)
+
+
 class _ChainSource:
-    """The aiobotocore credential chain of a session (and so of its profile)."""
+    """The aiobotocore credential chain of a session (and so of its profile).
+
+    Without a session (the default chain, no profile) the environment's keys are read first,
+    as the chain's first provider would, and aiobotocore (half a second to import) is loaded
+    only when the environment has none: a cold start with keys in the environment (AWS Lambda)
+    never imports it.
+    """
 
     def __init__(self, session: Any, profile: str | None) -> None:
         self._session = session
@@ -442,8 +472,20 @@ class _ChainSource:
         return f"{self._base} ({_METHODS.get(self._method, self._method)})"
 
     async def fetch(self) -> Credentials:
+        if self._session is None:
+            found = _environment_credentials(os.environ)
+            if found is not None:
+                self._method = "env"
+                return found
+            self._session = _new_session(self._profile)
         import botocore.exceptions
 
+        # Keys the caller set on the session (set_credentials) are its identity: botocore
+        # keeps them there and would use them before any provider of the chain.
+        chosen = getattr(self._session, "_credentials", None)
+        if chosen is not None:
+            self._method = getattr(chosen, "method", None) or "explicit"
+            return await _freeze(chosen)
         if self._resolver is None:
             self._resolver = self._session.get_component("credential_provider")
         try:
@@ -663,7 +705,7 @@ def build_cache(
     `CredentialCache.offer_region` (the database endpoint's region). `tuning` goes to every
     `CredentialCache` made.
     """
-    if session is None and (credentials is None or role is not None):
+    if session is None and (profile is not None or role is not None):
         session = _new_session(profile)
     if profile is not None:
         _check_profile(session, profile)

@@ -25,6 +25,7 @@ class DSN:
     query: dict[str, str] = dataclasses.field(default_factory=dict)
     """The query's settings; a setting given twice keeps its last value, as libpq does."""
     password: str | None = dataclasses.field(default=None, repr=False)
+    """The password in the user info, else the query's ``password=`` (None: neither)."""
 
 
 NO_DSN = DSN()
@@ -37,7 +38,9 @@ def parse_dsn(dsn: str | None) -> DSN:
     try:
         parts = urllib.parse.urlsplit(dsn)
         query = urllib.parse.parse_qs(parts.query)
-        password = parts.password
+        # libpq takes the password from the user info or the query (``?password=``, blank too).
+        in_query = urllib.parse.parse_qs(parts.query, keep_blank_values=True).get("password")
+        password = parts.password or (in_query[-1] if in_query else None)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(
             f"invalid dsn: {exc}; pass one like 'postgresql://user@host:5432/database'"

@@ -77,6 +77,21 @@ def is_dsql(auth: IAMAuth | None, hosts: Iterable[str]) -> bool:
     return any(is_dsql_host(host) for host in hosts)
 
 
+def root_chosen(
+    kwargs: Mapping[str, Any], dsn_query: Mapping[str, Any], env: Mapping[str, str]
+) -> bool:
+    """Tell whether the caller chose what verifies the server: a TLS context, a root
+    certificate or a service (arguments, DSN or environment)."""
+    return bool(
+        isinstance(kwargs.get("ssl"), ssl.SSLContext)
+        or kwargs.get("sslrootcert")
+        or {"sslrootcert", "service"} & dsn_query.keys()
+        or kwargs.get("service")
+        or env.get("PGSSLROOTCERT")
+        or env.get("PGSERVICE")
+    )
+
+
 def connect_defaults(
     dsn: DSN,
     connect_kwargs: Mapping[str, Any],
@@ -102,16 +117,7 @@ def connect_defaults(
     )
     if not named_database:
         kwargs["database"] = DEFAULT_DATABASE
-    chose_root = (
-        isinstance(kwargs.get("ssl"), ssl.SSLContext)
-        or kwargs.get("sslrootcert")
-        or {"sslrootcert", "service"} & dsn.query.keys()
-        or kwargs.get("service")
-        or environ.get("PGSSLROOTCERT")
-        or environ.get("PGSERVICE")
-        or environ.get(CA_BUNDLE_ENV)
-    )
-    if not chose_root:
+    if not (root_chosen(kwargs, dsn.query, environ) or environ.get(CA_BUNDLE_ENV)):
         kwargs["sslrootcert"] = "system"
     return True, kwargs
 

@@ -9,10 +9,13 @@
     ├── ConnectError (also OSError)           the server could not be reached or did not answer:
     │   │                                     host, port, the phase reached and a hint
     │   ├── ConnectTimeoutError               ... within the connect timeout (also TimeoutError)
+    │   ├── NoWriterError                     after a failover, no instance accepts writes
     │   └── TLSVerificationError              the server's certificate did not verify (also
     │                                         ssl.SSLCertVerificationError)
-    └── CommitOutcomeUnknownError             the connection broke during COMMIT: the
-                                              transaction may or may not have committed
+    ├── CommitOutcomeUnknownError             the connection broke during COMMIT: the
+    │                                         transaction may or may not have committed
+    └── SwitchoverTimeoutError                a blue/green switchover held a connect or
+                                              acquire for the hold's bound (also TimeoutError)
 
 Messages say what went wrong and what to do, and never carry a token, a secret key or a
 session token.
@@ -42,6 +45,8 @@ __all__ = [
     "CredentialsError",
     "IAMAuthenticationError",
     "IAMError",
+    "NoWriterError",
+    "SwitchoverTimeoutError",
     "TLSVerificationError",
     "in_cli_words",
     "is_iam_refusal",
@@ -63,6 +68,11 @@ class CommitOutcomeUnknownError(IAMError):
 
     The transaction may have committed or not: `run_transaction` never runs it again.
     """
+
+
+class SwitchoverTimeoutError(IAMError, asyncio.TimeoutError):
+    """A blue/green switchover held a new connect or an acquire for the hold's bound (30 s
+    by default) without completing; traffic is no longer held after it."""
 
 
 class CABundleError(IAMError):
@@ -202,7 +212,7 @@ def _no_tls(ctx: AuthFailureContext) -> list[Cause]:
         (
             "no_tls",
             "The connection was not encrypted: RDS accepts IAM logins only over TLS. Connect "
-            "with ssl='verify-full' (the default) or 'verify-ca'.",
+            "with ssl='verify-full' (the default), or 'verify-ca' with the RDS CA bundle.",
         )
     ]
 
@@ -429,7 +439,8 @@ class ConnectError(IAMError, OSError):
     """The server could not be reached, or stopped answering, before a login was attempted.
 
     `phase` is how far the connection got: ``"dns"``, ``"tcp"``, ``"tls"``, ``"startup"``
-    (TCP open, no answer to the TLS request) or ``"login"``; `hint` says what to check.
+    (TCP open, no answer to the TLS request), ``"login"``, or ``"silent"`` (not tried: the
+    host went silent and answered no health-check probe since); `hint` says what to check.
     Chained to the underlying error.
     """
 
@@ -452,6 +463,14 @@ class ConnectError(IAMError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NoWriterError(ConnectError):
+    """After a failover, the cluster's topology found no instance that accepts writes.
+
+    Raised at once to a pool that wants the writer (``phase`` is ``"topology"``) rather than
+    retrying for the whole connect timeout; the pool tries again on the next connect.
+    """
 
 
 class ConnectTimeoutError(ConnectError, asyncio.TimeoutError):

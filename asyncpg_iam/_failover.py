@@ -20,9 +20,10 @@ so the guard watches every connection the pool opens in two ways:
   ``57P01 admin_shutdown`` that precedes them, reach the guard through the termination
   listener, which tells them from the client's own closes.)
 
-Connect attempts are a third source: a new connection that lands on a read-only server
-(``in_hot_standby``/``default_transaction_read_only``, checked by asyncpg for
-``target_session_attrs``), ``57P03``, a refused connection or a ``08`` error at login.
+Connect attempts are a third source: ``57P03``, a refused connection or a ``08`` error at
+login. A new connection that lands on a read-only server (``in_hot_standby``/
+``default_transaction_read_only``, checked by asyncpg for ``target_session_attrs``) is not: by
+itself it says nothing of a failover.
 
 A log listener was considered and left out: asyncpg removes log listeners on every release
 (`Connection.reset`), and PostgreSQL reports a shutdown to an idle session as a FATAL error
@@ -39,13 +40,14 @@ failover makes every connection fail: signals from connections whose login began
 last event, and connect failures before the pool has opened a connection since, belong to the
 same event and are not counted again.
 
-**Landing on the right server.** With ``target_session_attrs`` ``read-write`` (the default for
-an IAM pool on one Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new
-connection that lands on a read-only server is closed and retried with backoff within the
-connect timeout; while the pool is recovering from an event (no connection opened since),
-connects that fail because the server is down or starting are retried the same way. Each retry
-is a new login: a fresh token, and a slot of the connect rate limit. Reader endpoints
-(``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
+**Landing on the right server.** While the pool is recovering from an event (no connection
+opened since), with ``target_session_attrs`` ``read-write`` (the default for an IAM pool on one
+Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new connection that
+lands on a read-only server is closed and retried with backoff within the connect timeout, and
+so are connects that fail because the server is down or starting. Outside a recovery such a
+login fails at once with asyncpg's error, as on asyncpg's pool (whose ``min_size`` upkeep then
+backs off). Each retry is a new login: a fresh token, and a slot of the connect rate limit.
+Reader endpoints (``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
 """
 
 from __future__ import annotations
@@ -64,14 +66,12 @@ from asyncpg.exceptions import (
     TargetServerAttributeNotMatched,
 )
 
-from . import _asyncpg_pool
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CredentialsError
 
 __all__ = [
     "FailoverGuard",
     "classify_error",
-    "retire_pool_connections",
 ]
 
 logger = logging.getLogger("asyncpg_iam.pool")
@@ -258,6 +258,11 @@ class FailoverGuard:
         """Connect attempts that landed on a read-only server and were retried."""
         self.connect_retries = 0
         """Connect attempts retried during recovery, read-only ones included."""
+        self.on_event: Callable[[str], None] | None = None
+        """Called with the cause when an event begins (the topology monitor refreshes)."""
+        self.on_lost: Callable[[Any], bool] | None = None
+        """Called with a connection the server or network dropped; True when that loss
+        concerns its host alone (a reader that left), so it is not a pool-wide event."""
 
     @property
     def epoch(self) -> int:
@@ -318,11 +323,17 @@ class FailoverGuard:
                 waited_from = self._clock.monotonic()
                 await self._clock.sleep(wait)
                 remaining -= self._clock.monotonic() - waited_from
+                if self._closing():
+                    # Nothing outlives close(): no retry starts once the pool is closing.
+                    raise asyncpg.InterfaceError("pool is closing") from exc
                 delay = min(delay * 2, _MAX_BACKOFF)
                 kwargs["timeout"] = max(remaining, 0.001)
             else:
-                # Signals from it belong to the epoch its login began in.
-                self._opened(con, started, epoch)
+                # Anything else (a connect= callback's mistake) goes to asyncpg's pool
+                # unwatched: it refuses it with its own error.
+                if isinstance(con, asyncpg.Connection):
+                    # Signals from it belong to the epoch its login began in.
+                    self._opened(con, started, epoch)
                 return con
 
     def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
@@ -333,14 +344,16 @@ class FailoverGuard:
             # The pool recovered while this attempt was in flight (it began before the
             # endpoint moved): part of the event it recovered from, retried, not a new one.
             return True
-        if kind != "read_only" and not self._recovering:
+        if kind == "read_only":
+            # Outside a failover a read-only server is no sign of one: fail at once, as
+            # asyncpg does (its min_size upkeep backs off and tries again).
+            return self._recovering
+        if not self._recovering:
             # A server that is down while the pool saw no failover: say so at once.
             if not self._opened_any:
                 return False
             self.report(f"connect_{kind}", epoch, connect=True)
             return self._recovering
-        if kind == "read_only":
-            self.report("connect_read_only", epoch, connect=True)
         return True
 
     def _count_retry(self, kind: str, exc: Exception, wait: float) -> None:
@@ -379,6 +392,8 @@ class FailoverGuard:
     def _on_terminated(self, epoch: int, con: Any) -> None:
         if con is None or _closed_by_client(con) is not False:
             return  # closed by the pool or the caller, or not a connection we can tell about
+        if self.on_lost is not None and self.on_lost(con):
+            return
         self.report("connection_lost", epoch)
 
     def _on_query(self, epoch: int, record: Any) -> None:
@@ -388,6 +403,10 @@ class FailoverGuard:
         kind = classify_error(exc, wants_writer=self.wants_writer)
         if kind is not None:
             self.report(kind, epoch)
+
+    def report_now(self, cause: str) -> bool:
+        """Handle a signal that is news whenever it comes (a silent host); see `report`."""
+        return self.report(cause, self._epoch)
 
     def report(self, cause: str, epoch: int, *, connect: bool = False) -> bool:
         """Handle a signal seen at `epoch`; return True when it starts a new event."""
@@ -406,22 +425,6 @@ class FailoverGuard:
             cause,
             retired,
         )
+        if self.on_event is not None:
+            self.on_event(cause)
         return True
-
-
-def retire_pool_connections(pool: Any, mark_retired: Callable[[Any], None]) -> int:
-    """Retire every open connection of an asyncpg `pool`; return how many.
-
-    `mark_retired(holder)` is called for each (the pool counts the close under its reason).
-    A stale generation per holder rather than expire_connections()'s bump of the pool's: a
-    holder that is connecting now keeps the pool's generation, so a connection that lands on
-    the new writer after retries is not thrown away on its first release. Idle ones are
-    terminated at once; asyncpg closes the ones in use when they are released.
-    """
-    retired = 0
-    for holder, con, idle in _asyncpg_pool.open_holders(pool):
-        retired += 1
-        mark_retired(holder)
-        if idle:
-            _asyncpg_pool.terminate_idle(holder, con)
-    return retired

@@ -1,8 +1,8 @@
 """Options validated once: the pool's and engine's own options, and the validators they share.
 
-One validator per kind of value (seconds, a fraction, a rate, a port, a host, a count, a
-pattern), each strict: it refuses ``bool`` (an ``int`` to Python), NaN, infinities, values out of
-its bounds and strings that only match up to a trailing newline, and raises
+One validator per kind of value (seconds, a timeout, a fraction, a rate, a port, a host, a
+count, a pattern), each strict: it refuses ``bool`` (an ``int`` to Python), NaN, infinities,
+values out of its bounds and strings that only match up to a trailing newline, and raises
 `ConfigurationError` naming the setting and what it takes. The bounds are the constants below.
 `PoolOptions` is the pool's and the engine's frozen options value, checked when it is made.
 """
@@ -19,6 +19,7 @@ from ._errors import ConfigurationError
 __all__ = [
     "MAX_RATE",
     "MAX_SECONDS",
+    "MAX_TIMEOUT",
     "MIN_RATE",
     "PoolOptions",
     "count",
@@ -29,14 +30,18 @@ __all__ = [
     "positive_seconds",
     "rate",
     "seconds",
+    "timeout",
 ]
 
 #: The longest duration any setting takes, in seconds (a year): longer is a mistake.
 MAX_SECONDS = 365 * 86400.0
+#: The longest connect or command timeout, in seconds (a day).
+MAX_TIMEOUT = 86400.0
 #: The fastest rate a setting takes (events per second).
 MAX_RATE = 1_000_000.0
-#: The slowest rate a setting takes (one event every 1000 s): slower would stall acquires.
-MIN_RATE = 0.001
+#: The slowest rate a setting takes (one event every 100 s): slower would wait past any
+#: timeout.
+MIN_RATE = 0.01
 
 
 def _number(value: Any) -> float | None:
@@ -50,12 +55,35 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _shown(value: Any) -> str:
+    """Return `value`'s repr for a message, cut to 40 characters (10**400 is 401 digits)."""
+    try:
+        shown = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "a number too large to print"
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
 def positive_seconds(name: str, value: Any, *, hint: str = "") -> float:
     """Return `value`, seconds in (0, `MAX_SECONDS`]; else raise naming `name`."""
     number = _number(value)
     if number is None or not 0 < number <= MAX_SECONDS:
         raise ConfigurationError(
-            f"{name} must be seconds > 0 and at most {MAX_SECONDS:g}{hint}, not {value!r}"
+            f"{name} must be seconds > 0 and at most {MAX_SECONDS:g}{hint}, not {_shown(value)}"
+        )
+    return number
+
+
+def timeout(name: str, value: Any) -> float | None:
+    """Return `value`, None (no limit) or seconds in (0, `MAX_TIMEOUT`]; else raise naming
+    `name`."""
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None or not 0 < number <= MAX_TIMEOUT:
+        raise ConfigurationError(
+            f"{name} must be seconds > 0 and at most {MAX_TIMEOUT:g} (a day), or None, "
+            f"not {_shown(value)}"
         )
     return number
 
@@ -65,7 +93,7 @@ def seconds(name: str, value: Any, *, hint: str = "") -> float:
     number = _number(value)
     if number is None or not 0 <= number <= MAX_SECONDS:
         raise ConfigurationError(
-            f"{name} must be seconds >= 0 and at most {MAX_SECONDS:g}{hint}, not {value!r}"
+            f"{name} must be seconds >= 0 and at most {MAX_SECONDS:g}{hint}, not {_shown(value)}"
         )
     return number
 
@@ -74,7 +102,7 @@ def fraction(name: str, value: Any, *, hint: str = "") -> float:
     """Return `value`, a fraction in [0, 1); else raise naming `name`."""
     number = _number(value)
     if number is None or not 0 <= number < 1:
-        raise ConfigurationError(f"{name} must be a fraction in [0, 1){hint}, not {value!r}")
+        raise ConfigurationError(f"{name} must be a fraction in [0, 1){hint}, not {_shown(value)}")
     return number
 
 
@@ -84,7 +112,7 @@ def rate(name: str, value: Any, *, what: str = "events", hint: str = "") -> floa
     if number is None or not MIN_RATE <= number <= MAX_RATE:
         raise ConfigurationError(
             f"{name} must be {what} per second from {MIN_RATE:g} to {MAX_RATE:g}{hint}, "
-            f"not {value!r}"
+            f"not {_shown(value)}"
         )
     return number
 
@@ -93,7 +121,7 @@ def count(name: str, value: Any, *, minimum: int = 0, maximum: int = 1_000_000) 
     """Return `value`, a whole number in [`minimum`, `maximum`]; else raise naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise ConfigurationError(
-            f"{name} must be a whole number from {minimum} to {maximum}, not {value!r}"
+            f"{name} must be a whole number from {minimum} to {maximum}, not {_shown(value)}"
         )
     return value
 
@@ -101,7 +129,7 @@ def count(name: str, value: Any, *, minimum: int = 0, maximum: int = 1_000_000) 
 def port(name: str, value: Any) -> int:
     """Return `value`, a TCP port from 1 to 65535; else raise naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigurationError(f"{name} must be a TCP port from 1 to 65535, not {value!r}")
+        raise ConfigurationError(f"{name} must be a TCP port from 1 to 65535, not {_shown(value)}")
     return value
 
 
@@ -110,15 +138,16 @@ def matches(pattern: re.Pattern[str], value: Any) -> bool:
     return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
-_BLANK_OR_CONTROL = re.compile(r"\s|[\x00-\x1f\x7f]")
-
-
 def host(name: str, value: Any) -> str:
     """Return `value`, a host name or address: a string, not blank, without whitespace or
-    control characters; else raise naming `name`."""
-    if not isinstance(value, str) or not value or _BLANK_OR_CONTROL.search(value):
+    characters that do not print (control, format, separators); else raise naming `name`."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or any(c.isspace() or not c.isprintable() for c in value)
+    ):
         raise ConfigurationError(
-            f"{name} must be a host name or address without spaces, not {value!r}"
+            f"{name} must be a host name or address without spaces, not {_shown(value)}"
         )
     return value
 

@@ -25,18 +25,27 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import asyncpg.pool
 
-from . import _asyncpg_pool
+from . import _asyncpg_pool, _proxy
 from ._acquire_times import AcquireTimes
 from ._asyncpg_pool import AsyncpgPool, holder_of, timed_release, waiting_acquires
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
+from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError
-from ._failover import FailoverGuard, retire_pool_connections
+from ._failover import FailoverGuard
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import Recycler
 from ._options import PoolOptions
 from ._retry import run_transaction
+from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
 
@@ -55,7 +64,17 @@ _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.
 _POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
-_POOL_KEYWORDS = ("iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "name", "clock")
+_POOL_KEYWORDS = (
+    "iam",
+    "max_lifetime",
+    "max_lifetime_jitter",
+    "max_connect_rate",
+    "name",
+    "clock",
+    "topology",
+    "blue_green",
+    "health_check",
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,8 +83,9 @@ class PoolStats:
 
     `connections_closed` counts closes by reason: ``"max_lifetime"`` (retired by the
     recycler, idle or on release), ``"discarded_on_acquire"`` (due when it was about to be
-    handed out), ``"failover"`` (retired when the pool detected a failover or restart) and
-    ``"other"`` (errors, asyncpg's idle timeout, ``max_queries``, pool close).
+    handed out), ``"failover"`` (retired when the pool detected a failover or restart),
+    ``"silent_host"`` (on a host that stopped answering, not the writer) and ``"other"``
+    (errors, asyncpg's idle timeout, ``max_queries``, pool close).
     """
 
     connections_opened: int
@@ -109,6 +129,14 @@ class PoolStats:
     """Acquires that timed out (their ``timeout`` ran out)."""
     waiting_acquires: int = 0
     """Acquires waiting for a free connection when the snapshot was taken."""
+    silent_hosts: int = 0
+    """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
+    health_probes: int = 0
+    """Health-check probes sent (a TCP connection each; no login, no token)."""
+    topology_refreshes: int = 0
+    """Aurora topology queries answered (0 when the pool connects through DNS only)."""
+    connections_by_instance: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Open connections per cluster instance the topology routed them to (by identifier)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,9 +211,13 @@ class Pool(AsyncpgPool):
         max_connect_rate: float | Unset | None = UNSET,
         name: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        topology: bool | AuroraTopology = True,
+        blue_green: bool | BlueGreenSettings | None = None,
+        health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
     ) -> None:
         auth = auth_from(iam)
+        health = check_health_option(health_check)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}
         check_keywords(kwargs, what="create_pool()", pool=_POOL_DEFAULTS, own=_POOL_KEYWORDS)
         user_connect = pool_kwargs.pop("connect") or asyncpg.connect
@@ -201,6 +233,8 @@ class Pool(AsyncpgPool):
             clock=clock,
             connect=user_connect,
         )
+        if self._connector.plan.rds_proxy:
+            _proxy.warn_session_state(self._connector.name, pool_kwargs)
         self._clock = clock
         self._counters = _Counters()
         self._max_lifetime = options.max_lifetime
@@ -218,6 +252,17 @@ class Pool(AsyncpgPool):
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
         self._start_upkeep(options)
+        self._topology_setting = topology
+        self._topology_start: asyncio.Task[None] | None = None
+        self._topology = self._start_topology(topology)
+        bg = blue_green_settings(blue_green, self._connector)
+        self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
+        if self._bluegreen is not None:
+            self._bluegreen.start()  # the first new connection checks for metadata
+            self._connector.stop_with(self._bluegreen.stop)
+        self._health = self._start_health(health)
+        if self._health is not None:
+            self._connector.stop_with(self._health.stop)
         self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -237,12 +282,77 @@ class Pool(AsyncpgPool):
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )
-        # The acquire check's two lookups, bound once (see _acquire_live).
+        # The acquire check's two lookups, bound once (see AsyncpgPool._acquire).
         self._deadline_of = self._recycler.deadlines.get
         # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
         clock = self._clock
         self._now = time.monotonic if type(clock) is SystemClock else clock.monotonic
         self._failover = _failover_guard(weakref.ref(self), self._connector, self._recycler, clock)
+
+    def _start_health(self, settings: HealthCheck | None) -> HealthMonitor | None:
+        """Make the silent-host monitor (it starts with the first connection)."""
+        if settings is None:
+            return None
+        ref = weakref.ref(self)
+        monitor = HealthMonitor(
+            settings,
+            hosts_in_use=functools.partial(_hosts_in_use, ref),
+            on_silent=functools.partial(_on_silent_host, ref),
+            name=self._name,
+            clock=self._clock,
+        )
+        self._connector.login_gate = monitor.login_gate
+        return monitor
+
+    @property
+    def health_check(self) -> HealthCheck | None:
+        """The silent-host detection settings (None: off)."""
+        return self._health.settings if self._health is not None else None
+
+    def _retire_host(self, host: Address) -> int:
+        """Terminate every connection on `host`: idle ones at once, so none is handed out;
+        queries in flight fail with `ConnectionDoesNotExistError`."""
+        health = self._health
+        assert health is not None
+        retired = 0
+        for holder, con, idle in _asyncpg_pool.open_holders(self):
+            if health.address_of(con) != host:
+                continue
+            retired += 1
+            self._recycler.retire_on_release(holder, "silent_host")
+            if idle:
+                _asyncpg_pool.terminate_idle(holder, con)
+            else:
+                con.terminate()  # the caller's query fails now; asyncpg cleans up on release
+        return retired
+
+    def _start_topology(self, setting: bool | AuroraTopology) -> TopologyMonitor | None:
+        """Route connects by the Aurora cluster's topology (see `_topology`), where it applies."""
+        monitor = topology_for(
+            self._connector,
+            setting,
+            retire=_bound_retire(weakref.ref(self)),
+            name=self._name,
+            clock=self._clock,
+        )
+        if monitor is not None:
+            monitor.follow(self._failover)
+        return monitor
+
+    def _replan_topology(self) -> None:
+        """Route by the new plan's cluster (or by DNS) after `set_connect_args`."""
+        old = self._topology
+        if old is not None:
+            old.close()
+            self._connector.router = None
+            self._failover.on_event = self._failover.on_lost = None
+        self._topology = self._start_topology(self._topology_setting)
+        if self._topology is not None and _asyncpg_pool.initialized(self):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: its router has no topology and connects go through DNS
+            self._topology_start = loop.create_task(self._topology.start())
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -301,6 +411,12 @@ class Pool(AsyncpgPool):
             credentials_expiry=cached.expiry if cached is not None else None,
             acquire_timeouts=self._acquire_timeouts,
             waiting_acquires=waiting_acquires(self) if _asyncpg_pool.initialized(self) else 0,
+            silent_hosts=self._health.silent_events if self._health is not None else 0,
+            health_probes=self._health.probes if self._health is not None else 0,
+            topology_refreshes=self._topology.refreshes if self._topology else 0,
+            connections_by_instance=(
+                dict(self._topology.router.connections_by_instance()) if self._topology else {}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -350,6 +466,7 @@ class Pool(AsyncpgPool):
         `expire_connections()` to replace them sooner.
         """
         self._connector.use_plan(plan_connect(dsn, connect_kwargs, auth=self._connector.auth))
+        self._replan_topology()
 
     # -- connecting ------------------------------------------------------------------------
 
@@ -379,6 +496,8 @@ class Pool(AsyncpgPool):
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
         self._recycler.track(con, started, also=lost)
+        if self._health is not None:
+            self._health.track(con)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
 
@@ -463,6 +582,8 @@ class Pool(AsyncpgPool):
         # asyncpg's _async__init__ (see _asyncpg_pool).
         starting = not _asyncpg_pool.initialized(self)
         try:
+            if starting and self._topology is not None:
+                await self._topology.start()  # the first connects already go by it
             result = await self.asyncpg_start()
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
@@ -484,9 +605,17 @@ class Pool(AsyncpgPool):
             )
         return result
 
+    def _stop_monitors(self) -> None:
+        """Stop connecting: no connect starts from now on, and the background monitors stop
+        (blue/green and health through the connector, which runs their stops; the topology)."""
+        self._connector.stop()
+        if self._topology is not None:
+            self._topology.close()
+
     async def close(self) -> None:
         """Wait for every connection to be released, close them all, then the pool."""
         self._recycler.cancel()
+        self._stop_monitors()
         try:
             await super().close()
         finally:
@@ -496,6 +625,7 @@ class Pool(AsyncpgPool):
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
         self._recycler.cancel()
+        self._stop_monitors()
         super().terminate()
         if self._refill_task is not None:
             self._refill_task.cancel()
@@ -509,6 +639,10 @@ class Pool(AsyncpgPool):
     async def _shutdown(self) -> None:
         if self._refill_task is not None:
             self._refill_task.cancel()
+        if self._topology is not None:
+            await self._topology.aclose()
+        if self._topology_start is not None:
+            self._topology_start.cancel()
         await self._connector.aclose()  # idempotent
 
 
@@ -526,7 +660,7 @@ def _failover_guard(
         pool = pool_ref()
         if pool is None:
             return 0
-        return retire_pool_connections(pool, mark_retired)
+        return _asyncpg_pool.retire_connections(pool, mark_retired)
 
     def closing() -> bool:
         pool = pool_ref()
@@ -548,6 +682,37 @@ def _failover_guard(
     )
 
 
+# What a blue/green switchover needs of the pool: retire every connection, and hold acquires
+# while the switch is in progress (`_asyncpg_pool.hold_acquires`: nothing more per acquire
+# without a switch).
+def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMonitor:
+    pool_ref = weakref.ref(pool)
+
+    def retire() -> int:
+        live = pool_ref()
+        if live is None:
+            return 0
+        before = live._failover.retired
+        live._failover.report("blue_green_switchover", live._failover._epoch)
+        return int(live._failover.retired - before)
+
+    def hold_acquires(gate: Callable[[], Awaitable[None]] | None) -> None:
+        live = pool_ref()
+        if live is not None:
+            _asyncpg_pool.hold_acquires(live, gate)
+
+    return BlueGreenMonitor(
+        pool,
+        connector=pool._connector,
+        retire=retire,
+        hold_acquires=hold_acquires,
+        hold=settings.hold,
+        resolver=settings.resolver,
+        clock=pool._clock,
+        name=pool._name,
+    )
+
+
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
     """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
 
@@ -561,6 +726,48 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         return pool._failover.open(pool._connector.open, extra)
 
     return connect
+
+
+def _bound_retire(
+    pool_ref: weakref.ref[Pool],
+) -> Callable[[Callable[[Any], bool], bool, int | None], int]:
+    """Return the topology monitor's retire callback, holding the pool weakly."""
+
+    def retire(where: Callable[[Any], bool], idle_only: bool, limit: int | None) -> int:
+        pool = pool_ref()
+        if pool is None or pool.is_closing() or not _asyncpg_pool.initialized(pool):
+            return 0
+        mark = functools.partial(pool._recycler.retire_on_release, reason="topology")
+        return _asyncpg_pool.retire_connections(pool, mark, where, idle_only=idle_only, limit=limit)
+
+    return retire
+
+
+def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:
+    """The health monitor's view of a pool: the hosts its connections in use are on."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        raise asyncpg.InterfaceError("the pool is closed")
+    health = pool._health
+    assert health is not None
+    hosts = set()
+    for _, con, idle in _asyncpg_pool.open_holders(pool):
+        if not idle and (host := health.address_of(con)) is not None:
+            hosts.add(host)
+    return hosts
+
+
+def _on_silent_host(pool_ref: weakref.ref[Pool], host: Address, label: str, cause: str) -> None:
+    """Retire what a silent host holds: on a writer pool, a failover (every connection)."""
+    pool = pool_ref()
+    if pool is None or pool.is_closing():
+        return
+    what = f"host {label} silent: {cause}"
+    if pool._failover.wants_writer and pool._failover.report_now(what):
+        pool._retire_host(host)  # those the failover left (connecting when it ran)
+        return
+    retired = pool._retire_host(host)
+    logger.warning("pool %s: %s; retired %d connection(s) to it", pool.name, what, retired)
 
 
 async def _refill(pool_ref: weakref.ref[Pool]) -> None:
@@ -610,6 +817,7 @@ def create_pool(
     max_lifetime: float | Unset | None = UNSET,
     max_lifetime_jitter: float = 0.1,
     max_connect_rate: float | Unset | None = UNSET,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     **asyncpg_kwargs: Any,
 ) -> Pool:
     """Create an IAM-authenticated connection pool; await it (or ``async with`` it).
@@ -633,6 +841,14 @@ def create_pool(
       interval waits a random part of one interval, so pools that lose their connections
       together reconnect out of step.
     - `name`: the pool's name in logs and its repr.
+    - `blue_green`: follow RDS Blue/Green switchovers (hold connects and acquires while one is
+      in progress, then send the blue name to green; see `BlueGreenSettings`). None (the
+      default) turns it on for an IAM pool on one RDS endpoint name, where it costs one
+      catalog query on the first new connection when the database has no blue/green
+      metadata; False turns it off.
+    - `health_check`: how hosts that stop answering without closing their connections are
+      found (`HealthCheck`: keepalive and ``TCP_USER_TIMEOUT`` on every socket, and a probe
+      each second of the hosts with connections in use; no login). None turns it off.
 
     - `sslrootcert`: the CA file that verifies the server (``"system"``: the system store).
 
@@ -653,5 +869,6 @@ def create_pool(
         max_lifetime=max_lifetime,
         max_lifetime_jitter=max_lifetime_jitter,
         max_connect_rate=max_connect_rate,
+        health_check=health_check,
         **asyncpg_kwargs,
     )

@@ -15,6 +15,14 @@ jittered exponential backoff, on exactly these errors:
 It never retries a transaction whose commit outcome is unknown (the connection broke while
 ``COMMIT`` was in flight): that raises `CommitOutcomeUnknownError`, since running it again could
 apply it twice.
+
+Retrying only helps where the server reports the conflicts: under PostgreSQL's default READ
+COMMITTED, two read-then-write transactions both commit and one update is lost, with nothing
+to retry. So with no `isolation` given, a transaction on PostgreSQL (RDS, Aurora) runs
+SERIALIZABLE; on a hot standby, which refuses SERIALIZABLE ("cannot use serializable mode in
+a hot standby") and takes no writes, REPEATABLE READ (a consistent snapshot, the most a
+standby offers); on Aurora DSQL, the server's own level (repeatable read with optimistic
+concurrency, conflicts reported at COMMIT).
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import asyncpg.pool
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import CommitOutcomeUnknownError, ConfigurationError
 from ._options import count, seconds
+from ._signing import is_dsql_host
 
-__all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "run_transaction"]
+__all__ = ["CONFLICT_SQLSTATES", "RETRYABLE_CONNECT_SQLSTATES", "in_recovery", "run_transaction"]
 
 logger = logging.getLogger("asyncpg_iam.retry")
 
@@ -76,8 +85,38 @@ def _outcome_unknown(what: str) -> CommitOutcomeUnknownError:
     )
 
 
-async def _attempt(connection: Any, fn: Callable[[Any], Awaitable[T]], isolation: str | None) -> T:
+async def in_recovery(con: Any) -> bool:
+    """Tell whether `con` is on a standby (the server's report, else pg_is_in_recovery())."""
+    reported = getattr(con.get_settings(), "in_hot_standby", None)
+    if reported is not None:
+        return bool(reported == "on")
+    return bool(await con.fetchval("SELECT pg_catalog.pg_is_in_recovery()"))
+
+
+async def _default_isolation(connection: Any, *, dsql: bool) -> str | None:
+    """Return the isolation level for a transaction that asked for none (see the module)."""
+    if dsql:
+        return None
+    if await in_recovery(connection):
+        return "repeatable_read"
+    return "serializable"
+
+
+def _on_dsql(target: Any) -> bool:
+    """Tell whether `target` (a pool of ours, or a connection) talks to Aurora DSQL."""
+    connector = getattr(target, "_connector", None)
+    if connector is not None:
+        return bool(connector.plan.dsql)  # the plan assembly decided it
+    address = getattr(target, "_addr", None)  # asyncpg's connection: the address it dialled
+    return isinstance(address, tuple) and is_dsql_host(str(address[0]))
+
+
+async def _attempt(
+    connection: Any, fn: Callable[[Any], Awaitable[T]], isolation: str | None, *, dsql: bool
+) -> T:
     """Run `fn` in one transaction on `connection`; translate an unknown commit outcome."""
+    if isolation is None:
+        isolation = await _default_isolation(connection, dsql=dsql)
     transaction = connection.transaction(isolation=isolation)
     await transaction.start()
     try:
@@ -121,12 +160,15 @@ async def run_transaction(
     on `clock`. `fn` may run several times: keep side effects outside the database out of it.
     When the last retry fails too, its error is raised; any other error is raised at once.
     A connection lost during ``COMMIT`` raises `CommitOutcomeUnknownError` and is never retried.
-    `isolation` is passed to ``Connection.transaction()``.
+    `isolation` is passed to ``Connection.transaction()``; None (the default) means
+    ``"serializable"`` on PostgreSQL, ``"repeatable_read"`` on a hot standby and the server's
+    own level on Aurora DSQL, so that a read-then-write cannot lose an update unretried.
     """
     _check(retries, backoff, max_backoff, isolation)
     if rng is None:
         rng = random.Random()
     is_pool = isinstance(target, asyncpg.pool.Pool)
+    dsql = _on_dsql(target)
     if not is_pool and target.is_in_transaction():
         raise ConfigurationError(
             "run_transaction needs a connection outside a transaction: a conflict aborts the "
@@ -144,11 +186,11 @@ async def run_transaction(
                     error: BaseException = exc
                 else:
                     try:
-                        return await _attempt(connection, fn, isolation)
+                        return await _attempt(connection, fn, isolation, dsql=dsql)
                     finally:
                         await target.release(connection)
             else:
-                return await _attempt(target, fn, isolation)
+                return await _attempt(target, fn, isolation, dsql=dsql)
         except asyncpg.PostgresError as exc:
             if _sqlstate(exc) not in CONFLICT_SQLSTATES:
                 raise

@@ -1,16 +1,21 @@
 """The TLS policy: where the RDS CA bundle lives, and the one decision of how to protect a login.
 
 An IAM token is a bearer credential valid for 15 minutes: it may only travel over TLS to a
-server whose certificate was verified. `decide_tls` reads every place a TLS setting can come
-from, once (the ``ssl`` argument, the DSN's ``sslmode``/``sslrootcert``/``sslcert``/``sslkey``,
-a ``pg_service.conf`` service, ``PGSSLMODE``, ``PGSSLROOTCERT``, ``PGSSLCERT``, ``PGSSLKEY``),
-and returns a `TLSPolicy` holding an explicit `ssl.SSLContext`. Every connect then hands asyncpg
-that context, so nothing in the environment can weaken TLS afterwards.
+server whose certificate was verified. `decide_tls` reads every libpq TLS parameter
+(`TLS_PARAMETERS`) from every place it can come from, once: a keyword argument (``ssl=`` for
+the sslmode), the DSN, a ``pg_service.conf`` service, the environment (``PGSSLMODE``,
+``PGSSLCRL``, ...). Each is applied to an explicit `ssl.SSLContext` or refused with a
+`ConfigurationError` naming it and its source; none is dropped. Every connect then hands
+asyncpg that context, so nothing in the environment can weaken TLS afterwards.
 
-With IAM, ``verify-full`` (the default) and ``verify-ca`` are accepted; ``disable``, ``allow``
-and ``prefer`` are refused (they can fall back to plaintext); ``require`` (and a context that
-does not verify certificates) is refused unless the caller opts in with
-``IAMAuth(insecure_unverified_tls=True)``, since it hands the token to anyone in the path.
+With IAM, ``verify-full`` (the default) is accepted, and ``verify-ca`` with a CA file (the
+system store trusts any public certificate for any name: libpq 16+ refuses verify-ca with
+``sslrootcert=system``, and so does this policy, whether the system store is named or used for
+want of a bundle); ``disable``, ``allow`` and ``prefer`` are refused (they can fall back to
+plaintext); ``require`` (and a context that does not verify certificates) is refused unless
+the caller opts in with ``IAMAuth(insecure_unverified_tls=True)``, since it hands the token to
+anyone in the path. A caller's context is used as given, so `TLSPolicy.check_unchanged`
+re-reads its ``verify_mode`` and ``check_hostname`` before each connect.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from typing import Any
 from ._dsn import DSN
 from ._errors import ConfigurationError
 
-__all__ = ["SSL_REQUEST", "TLSPolicy", "ca_bundle_path", "decide_tls", "default_ssl_context"]
+__all__ = [
+    "SSL_REQUEST",
+    "TLS_KEYWORDS",
+    "TLS_PARAMETERS",
+    "TLSPolicy",
+    "TLSSetting",
+    "ca_bundle_path",
+    "decide_tls",
+    "default_ssl_context",
+]
 
 #: PostgreSQL's SSLRequest: the first message of a connection that asks for TLS.
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
@@ -42,6 +56,44 @@ VERIFIED_MODES = frozenset({"verify-ca", "verify-full"})
 PLAINTEXT_MODES = frozenset({"disable", "allow", "prefer"})
 # The opt-in that lets an IAM login use TLS without certificate verification.
 UNVERIFIED_OPT_IN = "IAMAuth(insecure_unverified_tls=True)"
+
+#: Every TLS parameter libpq knows, and the environment variable libpq reads it from.
+TLS_PARAMETERS: Mapping[str, str | None] = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslpassword": None,
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+    "sslnegotiation": "PGSSLNEGOTIATION",
+    "sslcertmode": "PGSSLCERTMODE",
+}
+#: The TLS parameters a pool also takes as keyword arguments (sslmode is ``ssl=``).
+TLS_KEYWORDS = frozenset(TLS_PARAMETERS) - {"sslmode"}
+# Parameters whose value is a secret: named, never shown.
+_SECRET = frozenset({"sslpassword"})
+# Parameters that would have to change a caller's ssl.SSLContext.
+_CONTEXT_PARAMETERS = (
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+    "sslcrldir",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "sslcertmode",
+)
+_PROTOCOLS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
 
 
 def cache_dir() -> Path:
@@ -73,6 +125,15 @@ def default_ssl_context() -> ssl.SSLContext:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TLSSetting:
+    """One libpq TLS parameter the policy applied: its value and where it came from."""
+
+    name: str
+    value: str = dataclasses.field(repr=False)
+    source: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TLSPolicy:
     """How every login of one plan is protected, decided once.
 
@@ -81,6 +142,8 @@ class TLSPolicy:
     every connect passes to asyncpg (None only without IAM, for the plaintext-capable modes,
     which asyncpg then negotiates itself). `ca_file` is the CA file that verifies the server
     (None: the system store, or a context the caller built), `ca_source` describes it.
+    `settings` are the other libpq TLS parameters applied (`TLS_PARAMETERS`), `direct` says
+    whether TLS starts at once (``sslnegotiation=direct``).
     """
 
     mode: str
@@ -90,6 +153,11 @@ class TLSPolicy:
     ca_source: str
     cert_file: str | None = None
     key_file: str | None = None
+    settings: tuple[TLSSetting, ...] = ()
+    direct: bool = False
+    # What the decision rests on, read from the context when it was made (verify_mode,
+    # check_hostname); `check_unchanged` compares them before each connect.
+    _checked: tuple[ssl.VerifyMode, bool] | None = None
 
     @property
     def verified(self) -> bool:
@@ -102,11 +170,36 @@ class TLSPolicy:
             return self.context
         return False if self.mode == "disable" else self.mode
 
+    def setting(self, name: str) -> TLSSetting | None:
+        """Return the applied libpq parameter `name`, or None."""
+        return next((s for s in self.settings if s.name == name), None)
+
+    @property
+    def rechecked(self) -> bool:
+        """Whether each connect calls `check_unchanged` (a caller's context)."""
+        return self._checked is not None
+
+    def check_unchanged(self) -> None:
+        """Raise `ConfigurationError` when the context's verify_mode or check_hostname changed
+        since the decision (a caller's context is not copied: it could be changed later)."""
+        context, checked = self.context, self._checked
+        if checked is None or context is None:
+            return
+        if context.verify_mode != checked[0] or context.check_hostname != checked[1]:
+            raise ConfigurationError(
+                f"the ssl.SSLContext changed after the TLS decision (verify_mode "
+                f"{checked[0].name} -> {context.verify_mode.name}, check_hostname "
+                f"{checked[1]} -> {context.check_hostname}): no connect is made with it. "
+                "Build a new context and pass it to set_connect_args(), or create a new pool"
+            )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Setting:
     value: Any
     source: str
+    origin: str = ""
+    """Where from: ``"argument"``, ``"dsn"``, ``"service"`` or ``"environment"``."""
 
 
 def _mode_name(value: Any) -> str | None:
@@ -148,11 +241,12 @@ def _first(*settings: _Setting | None) -> _Setting | None:
     return next((s for s in settings if s is not None and s.value not in (None, "")), None)
 
 
-def _from(mapping: Mapping[str, Any], key: str, source: str) -> _Setting | None:
+def _from(mapping: Mapping[str, Any], key: str, source: str, origin: str) -> _Setting | None:
     value = mapping.get(key)
     if value is None or value == "":
         return None
-    return _Setting(value, source.format(key=key, value=value))
+    shown = "<hidden>" if key in _SECRET else value
+    return _Setting(value, source.format(key=key, value=shown), origin)
 
 
 def decide_tls(
@@ -162,19 +256,25 @@ def decide_tls(
     kwargs: Mapping[str, Any],
     iam: bool,
     allow_unverified: bool = False,
-    sslrootcert: str | None = None,
+    arguments: Mapping[str, Any] | None = None,
     environ: Mapping[str, str],
 ) -> TLSPolicy:
-    """Decide, once, how logins are protected; raise `ConfigurationError` for a refused mode.
+    """Decide, once, how logins are protected; raise `ConfigurationError` for a refused setting.
 
-    `sslrootcert` (the ``sslrootcert=`` keyword, or ``--ca``) outranks every other root
-    certificate setting. Without IAM the caller's choice is kept (asyncpg's ``prefer`` when
-    there is none), only frozen.
+    `arguments` are libpq TLS parameters given as keyword arguments (`TLS_KEYWORDS`, e.g.
+    ``sslrootcert=`` or ``--ca``): they outrank the DSN, the service and the environment.
+    Every parameter of `TLS_PARAMETERS` found anywhere is applied or refused, naming it and
+    its source. Without IAM the caller's choice is kept (asyncpg's ``prefer`` when there is
+    none), only frozen.
     """
     query = dsn.query
     service, service_settings = _service_settings(query, kwargs, environ)
     sources = _Sources(
-        query, service_settings, environ, f"{{key}}={{value}} in service {service!r}"
+        dict(arguments or {}),
+        query,
+        service_settings,
+        environ,
+        f"{{key}}={{value}} in service {service!r}",
     )
     mode_setting: _Setting | None
     caller_context: ssl.SSLContext | None
@@ -182,44 +282,207 @@ def decide_tls(
         mode_setting, caller_context = _mode_from_argument(ssl_arg)
     else:
         mode_setting, caller_context = _mode_from_settings(sources), None
+    found = {name: sources.find(name) for name in TLS_KEYWORDS}
+    root = found["sslrootcert"]
     if mode_setting is None:
-        mode_setting = _Setting("verify-full" if iam else "prefer", "the default")
+        # libpq 16+: sslrootcert=system makes verify-full the default.
+        upgrade = iam or (root is not None and root.value == "system")
+        mode_setting = _Setting("verify-full" if upgrade else "prefer", "the default")
     mode, mode_source = str(mode_setting.value), mode_setting.source
 
     if iam:
         _check_iam_mode(mode, mode_source, allow_unverified=allow_unverified)
+    _check_sni(found["sslsni"])
+    direct = _negotiation(found["sslnegotiation"])
     if caller_context is not None:
-        return TLSPolicy(mode, mode_source, caller_context, None, "the caller's ssl.SSLContext")
-    if mode in PLAINTEXT_MODES:
-        return TLSPolicy(mode, mode_source, None, None, "none")
+        _refuse_beside_context(found)
+        checked = (caller_context.verify_mode, caller_context.check_hostname)
+        return TLSPolicy(
+            mode,
+            mode_source,
+            caller_context,
+            None,
+            "the caller's ssl.SSLContext",
+            settings=_applied(found, ("sslsni", "sslnegotiation")),
+            direct=direct,
+            _checked=checked,
+        )
+    if mode in PLAINTEXT_MODES and not iam:
+        # asyncpg negotiates these modes itself, reading the DSN's, the service's and the
+        # environment's settings; it takes none of them as a keyword.
+        for setting in found.values():
+            if setting is not None and setting.origin == "argument":
+                raise ConfigurationError(
+                    f"{setting.source} needs TLS that this library sets up: with sslmode "
+                    f"{mode!r} ({mode_source}) asyncpg negotiates TLS itself and would not "
+                    "apply it. Pass ssl='verify-full' (or 'require'), or put it in the DSN"
+                )
+        return TLSPolicy(mode, mode_source, None, None, "none", direct=direct)
 
-    root = _first(
-        _Setting(sslrootcert, f"sslrootcert={sslrootcert}") if sslrootcert else None,
-        sources.find("sslrootcert", "PGSSLROOTCERT"),
-    )
     ca_file, ca_source = _ca_for(root, environ)
+    if mode == "verify-ca" and ca_file is None:
+        _refuse_public_verify_ca(mode_source, ca_source, iam=iam, explicit=root is not None)
     context = _build_context(mode, ca_file, ca_source)
+    _apply_revocation(context, found["sslcrl"], found["sslcrldir"])
+    _apply_protocols(context, found["ssl_min_protocol_version"], found["ssl_max_protocol_version"])
     cert_file, key_file = _load_client_cert(
-        context, sources.find("sslcert", "PGSSLCERT"), sources.find("sslkey", "PGSSLKEY")
+        context, found["sslcert"], found["sslkey"], found["sslpassword"], found["sslcertmode"]
     )
-    return TLSPolicy(mode, mode_source, context, ca_file, ca_source, cert_file, key_file)
+    return TLSPolicy(
+        mode,
+        mode_source,
+        context,
+        ca_file,
+        ca_source,
+        cert_file,
+        key_file,
+        settings=_applied(found, tuple(TLS_KEYWORDS)),
+        direct=direct,
+        _checked=(context.verify_mode, context.check_hostname),
+    )
+
+
+def _applied(
+    found: Mapping[str, _Setting | None], names: tuple[str, ...]
+) -> tuple[TLSSetting, ...]:
+    return tuple(
+        TLSSetting(name, str(setting.value), setting.source)
+        for name in sorted(names)
+        if (setting := found.get(name)) is not None
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Sources:
-    """Where libpq settings come from, in libpq's order: the DSN, the service, the environment."""
+    """Where libpq settings come from, in libpq's order: keyword arguments, the DSN, the
+    service, the environment."""
 
+    arguments: Mapping[str, Any]
     query: Mapping[str, str]
     service: Mapping[str, str]
     env: Mapping[str, str]
     in_service: str
 
-    def find(self, keyword: str, variable: str) -> _Setting | None:
-        """Return the first of the DSN's `keyword`, the service's, and `variable`."""
+    def find(self, keyword: str) -> _Setting | None:
+        """Return the first of the argument `keyword`, the DSN's, the service's, and its
+        environment variable."""
+        variable = TLS_PARAMETERS[keyword]
         return _first(
-            _from(self.query, keyword, "{key}={value} in the DSN"),
-            _from(self.service, keyword, self.in_service),
-            _from(self.env, variable, "{key}={value} in the environment"),
+            _from(self.arguments, keyword, "{key}={value!r}", "argument"),
+            _from(self.query, keyword, "{key}={value} in the DSN", "dsn"),
+            _from(self.service, keyword, self.in_service, "service"),
+            _from(self.env, variable, "{key}={value} in the environment", "environment")
+            if variable
+            else None,
+        )
+
+
+def _refuse_beside_context(found: Mapping[str, _Setting | None]) -> None:
+    """Refuse settings given for this connection that would have to change a caller's
+    context (it is used as given). A service's and the environment's are outranked by the
+    context, as libpq's explicit settings outrank them."""
+    for name in _CONTEXT_PARAMETERS:
+        setting = found.get(name)
+        if setting is not None and setting.origin in ("argument", "dsn"):
+            raise ConfigurationError(
+                f"{setting.source} cannot be applied to the ssl.SSLContext passed as ssl= "
+                f"(it is used as given, never changed): set {name} on the context yourself "
+                "and drop it here, or pass ssl='verify-full' instead of a context"
+                + _unset_hint(setting.source)
+            )
+
+
+def _check_sni(setting: _Setting | None) -> None:
+    """Accept sslsni=1 (asyncpg always sends the server name); refuse anything else."""
+    if setting is None or str(setting.value) == "1":
+        return
+    raise ConfigurationError(
+        f"{setting.source} is not supported: asyncpg always sends the server name (SNI) in "
+        "the TLS handshake. Drop it (or set it to 1)" + _unset_hint(setting.source)
+    )
+
+
+def _negotiation(setting: _Setting | None) -> bool:
+    """Return whether TLS starts without PostgreSQL's SSLRequest (sslnegotiation=direct)."""
+    if setting is None or str(setting.value) == "postgres":
+        return False
+    if str(setting.value) == "direct":
+        return True
+    raise ConfigurationError(
+        f"{setting.source} is not an sslnegotiation: use 'postgres' or 'direct'"
+        + _unset_hint(setting.source)
+    )
+
+
+def _refuse_public_verify_ca(
+    mode_source: str, ca_source: str, *, iam: bool, explicit: bool
+) -> None:
+    """Refuse verify-ca against the system store, which trusts any public certificate."""
+    if not (iam or explicit):
+        return
+    where = "" if mode_source == "the default" else f" (from {mode_source})"
+    raise ConfigurationError(
+        f"sslmode 'verify-ca'{where} with {ca_source} would accept any publicly trusted "
+        "certificate for any name, so the server would not be verified (libpq 16+ refuses "
+        "verify-ca with sslrootcert=system). Use 'verify-full', or 'verify-ca' with a "
+        "private CA file: run `asyncpg-iam ca-bundle` for the RDS CA bundle, or pass "
+        "sslrootcert='<PEM file>'" + _unset_hint(mode_source)
+    )
+
+
+def _apply_revocation(
+    context: ssl.SSLContext, crl: _Setting | None, crl_dir: _Setting | None
+) -> None:
+    """Load certificate revocation lists and check the chain against them, as libpq does."""
+    for setting, is_dir in ((crl, False), (crl_dir, True)):
+        if setting is None:
+            continue
+        path = str(setting.value)
+        exists = os.path.isdir(path) if is_dir else os.path.isfile(path)
+        if not exists:
+            kind = "directory" if is_dir else "file"
+            raise ConfigurationError(
+                f"the revocation list {kind} {path} ({setting.source}) does not exist: "
+                "point it at a PEM CRL (a hashed directory for sslcrldir), or drop it"
+                + _unset_hint(setting.source)
+            )
+        try:
+            if is_dir:
+                context.load_verify_locations(capath=path)
+            else:
+                context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"cannot load the revocation list ({setting.source}): "
+                f"{exc.__class__.__name__}: {exc}"
+            ) from exc
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def _apply_protocols(
+    context: ssl.SSLContext, lowest: _Setting | None, highest: _Setting | None
+) -> None:
+    """Set the lowest and highest TLS versions; never below libpq's default TLSv1.2 floor
+    unless asked."""
+    for setting, attribute in ((lowest, "minimum_version"), (highest, "maximum_version")):
+        if setting is None:
+            continue
+        version = _PROTOCOLS.get(str(setting.value))
+        if version is None:
+            raise ConfigurationError(
+                f"{setting.source} is not a TLS version: use one of {', '.join(_PROTOCOLS)}"
+                + _unset_hint(setting.source)
+            )
+        try:
+            setattr(context, attribute, version)
+        except (ValueError, ssl.SSLError) as exc:
+            raise ConfigurationError(
+                f"{setting.source} cannot be used here ({exc}): use one of "
+                f"{', '.join(_PROTOCOLS)}" + _unset_hint(setting.source)
+            ) from exc
+    if context.minimum_version > context.maximum_version != ssl.TLSVersion.MAXIMUM_SUPPORTED:
+        raise ConfigurationError(
+            "ssl_min_protocol_version is above ssl_max_protocol_version: no TLS version is left"
         )
 
 
@@ -242,7 +505,7 @@ def _mode_from_argument(ssl_arg: Any) -> tuple[_Setting, ssl.SSLContext | None]:
 
 def _mode_from_settings(sources: _Sources) -> _Setting | None:
     """The sslmode the DSN, the service or PGSSLMODE names (None: none does)."""
-    setting = sources.find("sslmode", "PGSSLMODE")
+    setting = sources.find("sslmode")
     if setting is None:
         return None
     name = _mode_name(str(setting.value))
@@ -254,19 +517,40 @@ def _mode_from_settings(sources: _Sources) -> _Setting | None:
 
 
 def _load_client_cert(
-    context: ssl.SSLContext, cert: _Setting | None, key: _Setting | None
+    context: ssl.SSLContext,
+    cert: _Setting | None,
+    key: _Setting | None,
+    password: _Setting | None,
+    certmode: _Setting | None,
 ) -> tuple[str | None, str | None]:
-    """Load the client certificate (and key) into `context`; return their files."""
+    """Load the client certificate (its key, the key's password) into `context`; return
+    the files. ``sslcertmode=disable`` sends none; ``require`` is refused."""
+    mode = "allow" if certmode is None else str(certmode.value)
+    if certmode is not None and mode not in ("disable", "allow"):
+        raise ConfigurationError(
+            f"{certmode.source} is not supported: use 'allow' (the default: the certificate "
+            "is sent when the server asks) or 'disable'" + _unset_hint(certmode.source)
+        )
+    if mode == "disable":
+        return None, None
     if cert is None:
+        for setting, what in ((key, "sslkey"), (password, "sslpassword")):
+            if setting is not None:
+                raise ConfigurationError(
+                    f"{setting.source} without sslcert: {what} belongs to a client "
+                    "certificate; pass sslcert=... too, or drop it" + _unset_hint(setting.source)
+                )
         return None, None
     cert_file = str(cert.value)
     key_file = str(key.value) if key is not None else None
+    secret = str(password.value) if password is not None else None
     try:
-        context.load_cert_chain(cert_file, keyfile=key_file)
+        context.load_cert_chain(cert_file, keyfile=key_file, password=secret)
     except (OSError, ssl.SSLError) as exc:
+        # The message of a wrong key password never carries the password itself.
         raise ConfigurationError(
             f"cannot load the client certificate ({cert.source}): {exc.__class__.__name__}: {exc}"
-        ) from exc
+        ) from None
     return cert_file, key_file
 
 
@@ -283,9 +567,10 @@ def _check_iam_mode(mode: str, source: str, *, allow_unverified: bool) -> None:
         raise ConfigurationError(
             f"sslmode 'require'{where} encrypts but does not verify the server's certificate: "
             "anyone in the path could present a certificate and receive the IAM token, valid "
-            "for 15 minutes. Use 'verify-full' (the default when nothing is set), or "
-            "'verify-ca' with IAMAuth(signing_host=...) for a CNAME, tunnel or IP address; "
-            f"run `asyncpg-iam ca-bundle` for the RDS CA bundle. To accept the risk, pass "
+            "for 15 minutes. Use 'verify-full' (the default when nothing is set), or for a "
+            "CNAME, tunnel or IP address 'verify-ca' with the RDS CA bundle (never the system "
+            "store) and IAMAuth(signing_host=...); run `asyncpg-iam ca-bundle` for the "
+            "bundle. To accept the risk, pass "
             f"{UNVERIFIED_OPT_IN}" + _unset_hint(source)
         )
 

@@ -29,8 +29,10 @@ fetches and their failures, refused logins by the diagnosed cause
 (``asyncpg_iam.auth.failure.cause``: ``missing_grant``, ``permission``, ``region_mismatch``,
 ``signing_host``, ``clock_skew``, ...), connections retired by reason
 (``asyncpg_iam.connection.close.reason``: ``max_lifetime``, ``discarded_on_acquire``,
-``failover``, ``other``), connects that waited for ``max_connect_rate``, and the seconds left
-before the cached AWS credentials expire.
+``failover``, ``topology``, ``silent_host``, ``other``), connects that waited for
+``max_connect_rate``, hosts found silent and the health check's probes, the seconds left before
+the cached AWS credentials expire, and on an Aurora cluster the topology refreshes and the open
+connections per instance (``asyncpg_iam.instance.id``).
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed through
@@ -68,8 +70,9 @@ POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 CLOSE_REASON = "asyncpg_iam.connection.close.reason"
 AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
+INSTANCE = "asyncpg_iam.instance.id"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
-CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other")
+CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "silent_host")
 #: Wait and use times kept per histogram between two collections (older ones are dropped).
 MAX_BUFFERED = 65_536
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
@@ -245,6 +248,24 @@ class PoolInstrumentation:
                 "Login attempts that waited for max_connect_rate.",
                 "connects_rate_limited",
             ),
+            (
+                "asyncpg_iam.topology.refreshes",
+                "{refresh}",
+                "Aurora topology queries answered (0 for a pool on DNS only).",
+                "topology_refreshes",
+            ),
+            (
+                "asyncpg_iam.hosts.silent",
+                "{host}",
+                "Hosts declared silent: no answer to the health check's probes.",
+                "silent_hosts",
+            ),
+            (
+                "asyncpg_iam.health.probes",
+                "{probe}",
+                "Health-check probes sent (a TCP connection each, no login).",
+                "health_probes",
+            ),
         )
         instruments: list[Any] = [
             meter.create_observable_counter(
@@ -271,7 +292,14 @@ class PoolInstrumentation:
                 [self._closed],
                 unit="{connection}",
                 description="Connections closed, by reason (max_lifetime: retired by the "
-                "recycler; failover; discarded_on_acquire; other).",
+                "recycler; failover; topology; discarded_on_acquire; silent_host; other).",
+            ),
+            meter.create_observable_up_down_counter(
+                "asyncpg_iam.connections.by_instance",
+                [self._by_instance],
+                unit="{connection}",
+                description="Open connections per Aurora instance the topology routed them to "
+                "(asyncpg_iam.instance.id).",
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",
@@ -291,6 +319,15 @@ class PoolInstrumentation:
         return [
             Observation(count, {**self._attributes, CLOSE_REASON: reason})
             for reason, count in sorted(closed.items())
+        ]
+
+    def _by_instance(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        counts = self.pool.stats().connections_by_instance
+        return [
+            Observation(count, {**self._attributes, INSTANCE: instance})
+            for instance, count in sorted(counts.items())
         ]
 
     def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:

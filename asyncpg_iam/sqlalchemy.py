@@ -28,15 +28,20 @@ failover handling: on an Aurora cluster endpoint the engine wants the writer
 (``target_session_attrs="read-write"`` unless chosen otherwise), a login that lands on a
 read-only server is retried within the connect timeout, and once any connection shows a
 failover (``25006`` on a writer engine, a shutdown, a dropped connection) every connection
-opened before it is discarded at checkout or closed at checkin. Needs the ``sqlalchemy`` extra.
+opened before it is discarded at checkout or closed at checkin. On an Aurora cluster or reader
+endpoint the engine follows the cluster's topology as the pool does (``topology=``): its first
+connect reads it, and each new connection goes to the writer's (or a reader's) instance endpoint.
+Needs the ``sqlalchemy`` extra.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 try:
@@ -57,8 +62,16 @@ from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError, IAMAuthenticationError
 from ._failover import FailoverGuard
+from ._health import (
+    DEFAULT_HEALTH_CHECK,
+    Address,
+    HealthCheck,
+    HealthMonitor,
+    check_health_option,
+)
 from ._lifetime import draw_lifetime
 from ._options import PoolOptions
+from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["create_async_engine"]
 
@@ -74,6 +87,20 @@ def _connect_kwargs(url: URL, connect_args: dict[str, Any] | None) -> dict[str, 
     """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
     check_keywords(connect_args or {}, what="connect_args")
     _args, params = url.get_dialect()().create_connect_args(url)
+    params = dict(params)
+    if "sslmode" in params:
+        # The dialect passes the URL's sslmode on as a keyword asyncpg.connect does not take
+        # (a TypeError at the first connect): it is the plan's ssl=, decided here.
+        mode = params.pop("sslmode")
+        if "ssl" in params or "ssl" in (connect_args or {}):
+            raise ConfigurationError(
+                f"sslmode={mode} in the URL and ssl= both choose the TLS mode: keep one"
+            )
+        params["ssl"] = mode
+    check_keywords(
+        {name: value for name, value in params.items() if name not in _DIALECT_ONLY},
+        what="the URL's query",
+    )
     for name in _DIALECT_ONLY:
         if name in params:
             raise ConfigurationError(
@@ -104,14 +131,23 @@ class _EngineFailover:
             name=connector.name,
         )
         self._open = connector.open
+        self.also_opened: Callable[[Any], None] | None = None
+        """Called with each connection opened (the health check tracks it)."""
+        self.first: Callable[[], Awaitable[None]] | None = None
+        """What connects wait for until it is done once (the topology's first read)."""
 
     async def connect(self) -> Any:
         """Open a connection (SQLAlchemy's ``async_creator``)."""
+        if self.first is not None:
+            await asyncio.shield(self.first())
+            self.first = None
         return await self.guard.open(self._open, {})
 
     def _opened(self, con: Any, _started: float, epoch: int) -> None:
         self.epochs[con] = epoch
         con.add_termination_listener(self.guard.watch(con, epoch))
+        if self.also_opened is not None:
+            self.also_opened(con)
 
     def _retire_all(self) -> int:
         return sum(1 for con in list(self.epochs) if not con.is_closed())
@@ -192,6 +228,106 @@ def _install_hooks(
             record.invalidate()
 
 
+def _install_health(
+    engine: AsyncEngine,
+    settings: HealthCheck | None,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> HealthMonitor | None:
+    """Find silent hosts as the pool does: probe the hosts of connections checked out; on
+    silence terminate that host's connections (idle ones are then refused on checkout), and
+    on a writer engine count a failover."""
+    if settings is None:
+        return None
+    sync_engine = engine.sync_engine
+    engine_ref = weakref.ref(sync_engine)
+    in_use: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def hosts_in_use() -> set[Address]:
+        if engine_ref() is None:
+            raise RuntimeError("the engine is gone: stop probing")
+        return {host for con in in_use if (host := monitor.address_of(con)) is not None}
+
+    def on_silent(host: Address, label: str, cause: str) -> None:
+        what = f"host {label} silent: {cause}"
+        writer = failover.guard.wants_writer and failover.guard.report_now(what)
+        retired = 0
+        for con in monitor.connections_on(host):
+            retired += 1
+            con.terminate()  # a query in flight fails with ConnectionDoesNotExistError
+        if writer:
+            return  # the failover's WARNING named the host
+        logger.warning(
+            "engine %s: host %s silent: %s; terminated %d connection(s) to it",
+            connector.name,
+            label,
+            cause,
+            retired,
+        )
+
+    monitor = HealthMonitor(
+        settings,
+        hosts_in_use=hosts_in_use,
+        on_silent=on_silent,
+        name=connector.name,
+    )
+    connector.login_gate = monitor.login_gate
+    failover.also_opened = monitor.track
+
+    @event.listens_for(sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        con = dbapi_connection.driver_connection
+        if con.is_closed():  # terminated on a silent host (or lost): never handed out
+            raise DisconnectionError("the connection's host went silent or it was lost")
+        in_use.add(con)
+
+    @event.listens_for(sync_engine, "checkin")
+    def _checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None:
+            in_use.discard(dbapi_connection.driver_connection)
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        monitor.stop()
+
+    return monitor
+
+
+def _install_topology(
+    engine: AsyncEngine,
+    setting: bool | AuroraTopology,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> TopologyMonitor | None:
+    """Route the engine's connects by the Aurora cluster's topology, as the pool does: read
+    on the first connect, refreshed in the background until the engine is disposed. The
+    engine retires connections by failover epoch only (nothing to rebalance idle ones)."""
+    monitor = topology_for(connector, setting, retire=None, name=connector.name)
+    if monitor is None:
+        return None
+    monitor.follow(failover.guard)
+    started: asyncio.Future[None] | None = None
+
+    def first() -> Awaitable[None]:
+        # One read for the connects that arrive together; they all wait for it.
+        nonlocal started
+        if started is None:
+            started = asyncio.ensure_future(monitor.start())
+        return started
+
+    failover.first = first
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        # Stop, and connect through DNS from now on (the last topology read goes stale).
+        monitor.close()
+        connector.router = None
+        failover.guard.on_event = failover.guard.on_lost = None
+        failover.first = None
+
+    return monitor
+
+
 def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
@@ -201,6 +337,8 @@ def create_async_engine(
     max_connect_rate: float | Unset | None = UNSET,
     connect_args: dict[str, Any] | None = None,
     name: str | None = None,
+    health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
+    topology: bool | AuroraTopology = True,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -209,13 +347,17 @@ def create_async_engine(
     (``postgresql://`` is taken as asyncpg). `connect_args` are further `asyncpg.connect`
     arguments (``ssl``, ``server_settings``, ``statement_cache_size``, ...) and override the
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
-    mean for `asyncpg_iam.create_pool`; `name` names the engine in log lines. Every other
-    keyword goes to SQLAlchemy's `create_async_engine` (``pool_size``, ``pool_pre_ping``,
-    ``echo``, ...); ``pool_recycle`` defaults to `max_lifetime`.
+    mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
+    are terminated and refused on checkout; on a writer engine it is a failover) and `topology`
+    (an Aurora cluster's instances, read on the first connect); `name` names
+    the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
+    (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
+    `max_lifetime`.
 
     Dispose of the engine (``await engine.dispose()``) to release the credential cache.
     """
     auth = auth_from(iam)
+    health = check_health_option(health_check)
     for reserved in ("creator", "async_creator"):
         if reserved in engine_kwargs:
             raise ConfigurationError(
@@ -247,4 +389,6 @@ def create_async_engine(
     failover = _EngineFailover(connector)
     engine = _sa_create_async_engine(parsed, async_creator=failover.connect, **engine_kwargs)
     _install_hooks(engine, options, connector, failover)
+    _install_health(engine, health, connector, failover)
+    _install_topology(engine, topology, connector, failover)
     return engine

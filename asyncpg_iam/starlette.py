@@ -17,6 +17,10 @@ instead of the first request. Handlers find the pool in the lifespan state
 (``request.state.pool``, typed by `PoolState`) and in ``app.state.pool``; `connection` hands a
 FastAPI handler a pooled connection. At shutdown the pool closes gracefully, waiting for
 connections in use for up to `close_timeout` seconds, then terminates what is left.
+
+On AWS Lambda, adapters such as Mangum run the lifespan around every invocation: there the
+pool is kept open at shutdown and the next startup in the same event loop reuses it, so an
+invocation does not open a pool (`keep_pool`).
 Needs the ``starlette`` extra.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypedDict, cast
@@ -68,6 +73,7 @@ def lifespan(
     close_timeout: float = 10.0,
     app_lifespan: AppLifespan | None = None,
     metrics: Any = False,
+    keep_pool: bool | None = None,
     **create_pool_kwargs: Any,
 ) -> Callable[[Any], AbstractAsyncContextManager[PoolState]]:
     """Return a lifespan for ``Starlette(lifespan=...)`` / ``FastAPI(lifespan=...)``.
@@ -78,12 +84,16 @@ def lifespan(
     ``app.state.pool``) and before the pool closes, and its state is merged into this one's.
     `metrics` reports the pool's OpenTelemetry metrics (`asyncpg_iam.otel`): True through the
     global MeterProvider, or a MeterProvider; needs the ``otel`` extra.
-    A new pool is created each time the application starts.
+    `keep_pool` leaves the pool open at shutdown and reuses it at the next startup in the same
+    event loop (a lifespan run per invocation, as Mangum does on AWS Lambda); None: on AWS
+    Lambda (``AWS_LAMBDA_FUNCTION_NAME`` is set), not elsewhere. Otherwise a new pool is
+    created each time the application starts.
     """
     seconds("close_timeout", close_timeout, hint=" to wait for connections in use at shutdown")
 
-    @contextlib.asynccontextmanager
-    async def run(app: Any) -> AsyncIterator[PoolState]:
+    kept = _KeptPool()
+
+    async def open_pool() -> tuple[Pool, Any]:
         # Created here, in the server's event loop: asyncpg pools belong to one loop.
         pool = create_pool(dsn, **create_pool_kwargs)
         instrumentation = None
@@ -97,6 +107,13 @@ def lifespan(
             if instrumentation is not None:
                 instrumentation.uninstrument()
             raise
+        return pool, instrumentation
+
+    @contextlib.asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[PoolState]:
+        keep = _on_lambda() if keep_pool is None else keep_pool
+        reused = kept.take()
+        pool, instrumentation = reused if reused is not None else await open_pool()
         app_state = getattr(app, "state", None)
         if app_state is not None:
             setattr(app_state, STATE_KEY, pool)
@@ -115,11 +132,46 @@ def lifespan(
         finally:
             if app_state is not None and getattr(app_state, STATE_KEY, None) is pool:
                 delattr(app_state, STATE_KEY)
-            await close_pool(pool, close_timeout)
-            if instrumentation is not None:
-                instrumentation.uninstrument()
+            if keep and not pool.is_closing():
+                kept.keep(pool, instrumentation)
+            else:
+                await close_pool(pool, close_timeout)
+                if instrumentation is not None:
+                    instrumentation.uninstrument()
 
     return run
+
+
+def _on_lambda() -> bool:
+    return bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
+
+
+class _KeptPool:
+    """The pool a lifespan left open at shutdown, for the next startup in the same loop."""
+
+    def __init__(self) -> None:
+        self._kept: tuple[Pool, Any, asyncio.AbstractEventLoop] | None = None
+
+    def keep(self, pool: Pool, instrumentation: Any) -> None:
+        self._kept = (pool, instrumentation, asyncio.get_running_loop())
+        logger.debug("pool %s: kept open for the next startup (keep_pool)", pool.name)
+
+    def take(self) -> tuple[Pool, Any] | None:
+        """Return the kept pool when it can serve this loop, else None (and forget it)."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            return None
+        pool, instrumentation, loop = kept
+        if loop is asyncio.get_running_loop() and not pool.is_closing():
+            logger.debug("pool %s: reused by this startup (keep_pool)", pool.name)
+            return pool, instrumentation
+        logger.warning(
+            "pool %s: kept from an event loop that is no longer running (asyncio.run() per "
+            "invocation?): opening a new pool. Run one event loop for the process's life so "
+            "that the pool and its connections are reused",
+            pool.name,
+        )
+        return None
 
 
 async def _start(pool: Pool, close_timeout: float) -> None:

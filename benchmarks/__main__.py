@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 from . import (
     _harness,
+    case_bluegreen,
+    case_cold_start,
     case_connect,
     case_dsql,
     case_failover,
@@ -33,6 +35,7 @@ from . import (
     case_memory,
     case_metrics,
     case_pool_overhead,
+    case_proxy,
     case_recycling,
     case_token,
 )
@@ -50,6 +53,9 @@ CASES: list[ModuleType] = [
     case_dsql,
     case_metrics,
     case_fleet,
+    case_bluegreen,
+    case_proxy,
+    case_cold_start,
     case_memory,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"

@@ -17,6 +17,22 @@ Figures: failed writes (and how many began before the primary stopped, or before
 the event), time from the promotion to the first write acknowledged afterwards, logins at the
 emulators from the stop on, and the ledger check on the new primary: every acknowledged id
 exactly once (0 lost, 0 applied twice).
+
+Two more scenarios run on `asyncpg_iam.testing.AuroraCluster` (instances with endpoint names
+of their own and ``aurora_replica_status()``), side by side for a plain ``asyncpg.Pool``, the
+DNS-only ``asyncpg_iam.Pool`` (``topology=False``, the last release's behaviour) and the
+topology-aware one:
+
+- **20 s DNS lag**: 16 writers on a pool of 10; the writer stops, the replica is promoted and
+  the cluster endpoint moves 20 s later. Figures: time from the promotion to the first write
+  acknowledged on the new writer, failed writes begun after the pool's first failover signal,
+  logins from the stop to that first write.
+- **a reader added**: a pool of 10 on the reader endpoint over two replicas, light read load;
+  a third replica is added. Figure: seconds until it holds 25 % of the pool's connections
+  (up to 60 s).
+
+``--quick`` is a smoke run: shorter load, a 3 s lag and a 10 s watch of the reader (with a 2 s
+topology refresh), figures not comparable with a full run.
 """
 
 from __future__ import annotations
@@ -34,9 +50,10 @@ import asyncpg
 
 import asyncpg_iam
 from asyncpg_iam import Credentials, build_auth_token
-from asyncpg_iam.testing import FailoverCluster
+from asyncpg_iam.testing import AuroraCluster, FailoverCluster
 
 from ._harness import CaseResult, isolated_aws, new_figure, patched_environ, save_figure
+from ._silent_writer import run_silent_writer
 
 NAME = "failover"
 TITLE = "7. Failover under load (64 workers, max_size 20, 5 s DNS lag)"
@@ -169,6 +186,134 @@ async def _variant(
     }
 
 
+# -- Aurora: DNS lag with three pools ---------------------------------------------------------
+
+AURORA_WRITERS = 16
+AURORA_POOL = 10
+AURORA_LAG = 20.0
+AURORA_KINDS = ("asyncpg", "dns_only", "topology")
+
+
+def _aurora_pool(kind: str, cluster: AuroraCluster, credentials: Credentials, **kw: Any) -> Any:
+    """Open the pool of `kind` on `cluster` (``reader=True`` for the reader endpoint)."""
+    reader = kw.pop("reader", False)
+    topology = kw.pop("topology", None)
+    if kind == "asyncpg":
+        kwargs = cluster.pool_kwargs(reader=reader, **kw)
+        del kwargs["iam"], kwargs["topology"]
+        signing = cluster.reader_endpoint if reader else cluster.endpoint
+
+        def password() -> str:
+            return build_auth_token(
+                host=signing, port=5432, user=cluster.user, region="us-east-1",
+                credentials=credentials,
+            )  # fmt: skip
+
+        return asyncpg.create_pool(**kwargs, password=password)
+    if kind == "dns_only":
+        return asyncpg_iam.create_pool(**cluster.pool_kwargs(reader=reader, topology=False, **kw))
+    return asyncpg_iam.create_pool(**cluster.pool_kwargs(reader=reader, topology=topology, **kw))
+
+
+async def _aurora_lag(kind: str, *, lag: float, warmup: float, credentials: Credentials) -> dict:
+    """One failover with a DNS lag of `lag` s under 16 writers; what the pool of `kind` saw."""
+    loop = asyncio.get_running_loop()
+    handler = _EventTimes()
+    async with AuroraCluster(replicas=1, lag=lag) as cluster:
+        cluster.register_key(credentials.access_key, credentials.secret_key)
+        size = {"min_size": AURORA_POOL, "max_size": AURORA_POOL}
+        pool = await _aurora_pool(kind, cluster, credentials, **size)
+        logging.getLogger("asyncpg_iam.pool").addHandler(handler)
+        acknowledged: list[float] = []
+        failed: list[float] = []
+        stop = asyncio.Event()
+        try:
+            await pool.execute("CREATE TABLE ledger (at timestamptz)")
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    began = loop.time()
+                    try:
+                        async with pool.acquire(timeout=30) as con:
+                            await con.execute("INSERT INTO ledger VALUES (now())")
+                    except Exception:
+                        failed.append(began)
+                        await asyncio.sleep(0.01)
+                    else:
+                        acknowledged.append(loop.time())
+
+            tasks = [asyncio.ensure_future(worker()) for _ in range(AURORA_WRITERS)]
+            await asyncio.sleep(warmup)
+            logins_before = cluster.logins()
+            failover = asyncio.ensure_future(cluster.failover(old_writer="read_only"))
+            promoted_by: float | None = None
+            logins_to_first: int | None = None
+            deadline = loop.time() + lag + 15.0
+            while logins_to_first is None and loop.time() < deadline:
+                if promoted_by is None and cluster.writer_instance.id != "instance-1":
+                    promoted_by = loop.time()
+                if promoted_by is not None and acknowledged and acknowledged[-1] > promoted_by:
+                    logins_to_first = cluster.logins() - logins_before
+                await asyncio.sleep(0.01)
+            timeline = await failover
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            logging.getLogger("asyncpg_iam.pool").removeHandler(handler)
+            await pool.close()
+    after = [at for at in acknowledged if at > timeline.promoted_at]
+    signal = handler.times[0] if handler.times else None
+    return {
+        "kind": kind,
+        "first_write_after_promotion_s": min(after) - timeline.promoted_at if after else None,
+        "failed": len(failed),
+        "failed_began_after_signal": (
+            None if signal is None else sum(1 for began in failed if began >= signal)
+        ),
+        "logins_stop_to_first_write": logins_to_first,
+        "acknowledged": len(acknowledged),
+    }
+
+
+async def _reader_added(kind: str, *, watch: float, quick: bool, credentials: Credentials) -> dict:
+    """A third replica joins a reader pool of 10; seconds until it holds 25 % (or None)."""
+    loop = asyncio.get_running_loop()
+    async with AuroraCluster(replicas=2, lag=0.0) as cluster:
+        cluster.register_key(credentials.access_key, credentials.secret_key)
+        extra: dict[str, Any] = {"min_size": AURORA_POOL, "max_size": AURORA_POOL}
+        if quick and kind == "topology":
+            extra["topology"] = asyncpg_iam.AuroraTopology(refresh_interval=2.0)
+        pool = await _aurora_pool(kind, cluster, credentials, reader=True, **extra)
+        stop = asyncio.Event()
+
+        async def reader() -> None:
+            while not stop.is_set():
+                async with pool.acquire(timeout=30) as con:
+                    await con.fetchval("SELECT pg_sleep(0.02)")
+                await asyncio.sleep(0.01)
+
+        try:
+            tasks = [asyncio.ensure_future(reader()) for _ in range(3)]
+            added = await cluster.add_replica()
+            began = loop.time()
+            reached: float | None = None
+            share = 0.0
+            while loop.time() - began < watch:
+                share = added.emulator.open_connections / max(
+                    sum(e.open_connections for e in cluster.emulators), 1
+                )
+                if share >= 0.25:
+                    reached = loop.time() - began
+                    break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            await pool.close()
+    return {"kind": kind, "seconds_to_25_percent": reached, "share_at_end": share}
+
+
 async def run(env: Any, quick: bool) -> CaseResult:
     """Run the failover once with each pool and compare."""
     warmup, after = (1.0, 2.0) if quick else (3.0, 5.0)
@@ -188,6 +333,16 @@ async def run(env: Any, quick: bool) -> CaseResult:
             variants[kind] = await _variant(
                 kind, warmup=warmup, after=after, credentials=credentials
             )
+        lag = 3.0 if quick else AURORA_LAG
+        aurora = {
+            kind: await _aurora_lag(kind, lag=lag, warmup=warmup, credentials=credentials)
+            for kind in AURORA_KINDS
+        }
+        watch = 10.0 if quick else 60.0
+        readers = {
+            kind: await _reader_added(kind, watch=watch, quick=quick, credentials=credentials)
+            for kind in AURORA_KINDS
+        }
     result.figures = {"lag_s": LAG, "workers": WORKERS, "pool_size": POOL_SIZE, **variants}
     ours, plain = variants["asyncpg_iam"], variants["asyncpg"]
     stats = ours["stats"] or {}
@@ -237,6 +392,7 @@ async def run(env: Any, quick: bool) -> CaseResult:
         "0 / 0",
         ours["lost"] == ours["applied_twice"] == plain["lost"] == plain["applied_twice"] == 0,
     )
+    _aurora_rows(result, aurora, readers, lag=lag, watch=watch)
     result.add("errors (asyncpg_iam.Pool)", _errors(ours["errors"]))
     result.add("errors (asyncpg.Pool)", _errors(plain["errors"]))
     result.notes.append(
@@ -250,7 +406,65 @@ async def run(env: Any, quick: bool) -> CaseResult:
         "so its writes keep failing with ReadOnlySQLTransactionError after the switch. "
         "Timings are from a 2-core machine shared with other work: noisy."
     )
+    await run_silent_writer(result, quick=quick)
     return result
+
+
+def _aurora_rows(
+    result: CaseResult,
+    aurora: dict[str, dict[str, Any]],
+    readers: dict[str, dict[str, Any]],
+    *,
+    lag: float,
+    watch: float,
+) -> None:
+    """Add the AuroraCluster scenarios' rows: asyncpg.Pool vs DNS-only vs topology-aware."""
+    result.figures["aurora_lag"] = {"lag_s": lag, **aurora}
+    result.figures["reader_added"] = {"watch_s": watch, **readers}
+    result.notes.append(
+        f"The Aurora rows run on AuroraCluster (one cluster per pool): 16 writers on a pool of "
+        f"10, the old writer back read-only, the cluster endpoint moving {lag:g} s after the "
+        "promotion; and a pool of 10 on the reader endpoint over two replicas under light "
+        "read load, a third added (its share counts the connections open at its emulator; "
+        "the topology-aware pool's own monitoring connection is one of the pool's 11). "
+        "DNS-only is asyncpg_iam.Pool with topology=False."
+    )
+
+    def three(table: dict[str, dict[str, Any]], key: str, fmt: str) -> str:
+        values = [table[kind][key] for kind in AURORA_KINDS]
+        return " / ".join("none" if v is None else fmt.format(v) for v in values)
+
+    topo = aurora["topology"]
+    first = topo["first_write_after_promotion_s"]
+    result.add(
+        f"Aurora, {lag:g} s DNS lag: first write after promotion "
+        "(asyncpg.Pool / DNS-only / topology)",
+        three(aurora, "first_write_after_promotion_s", "{:.2f} s"),
+        "<= 2 s (topology)",
+        first is not None and first <= 2.0,
+    )
+    late = topo["failed_began_after_signal"]
+    result.add(
+        "Aurora: failed writes begun after the pool's first failover signal (topology)",
+        "no signal seen" if late is None else str(late),
+        "0",
+        late == 0,
+    )
+    logins = topo["logins_stop_to_first_write"]
+    result.add(
+        "Aurora: logins from the stop to the first write (asyncpg.Pool / DNS-only / topology)",
+        three(aurora, "logins_stop_to_first_write", "{}"),
+        f"<= {2 * AURORA_POOL} (topology)",
+        logins is not None and logins <= 2 * AURORA_POOL,
+    )
+    reached = readers["topology"]["seconds_to_25_percent"]
+    result.add(
+        f"Aurora: a reader added holds 25 % of a pool of 10 after (asyncpg.Pool / DNS-only / "
+        f"topology; none: not within {watch:g} s)",
+        three(readers, "seconds_to_25_percent", "{:.1f} s"),
+        f"<= {watch:g} s (topology)",
+        reached is not None,
+    )
 
 
 def _errors(errors: dict[str, int]) -> str:

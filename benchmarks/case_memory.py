@@ -35,7 +35,7 @@ import asyncpg_iam
 from ._harness import CaseResult, Environment
 
 NAME = "memory"
-TITLE = "11. Memory (retained Python heap: per pool, per idle connection, per closed connection)"
+TITLE = "13. Memory (retained Python heap: per pool, per idle connection, per closed connection)"
 NEEDS_ENVIRONMENT = True
 POOLS = 20
 IDLE = 50

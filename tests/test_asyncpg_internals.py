@@ -147,3 +147,26 @@ def test_connection_queries_go_through_execute_and_executemany() -> None:
     assert "self._executemany(" in inspect.getsource(con.executemany)
     assert inspect.iscoroutinefunction(con._execute)
     assert inspect.iscoroutinefunction(con._executemany)
+
+
+def test_reset_query_and_jit_switch_for_rds_proxy() -> None:
+    """What `_proxy.adopt` changes: get_reset_query returns `_reset_query` once set, and the
+    type introspection sets jit only when `_server_caps.jit` says so."""
+    connection = asyncpg.connection.Connection
+    assert "_reset_query" in connection.__slots__
+    assert "_server_caps" in connection.__slots__
+    reset_source = inspect.getsource(connection.get_reset_query)
+    assert re.search(
+        r"if self\._reset_query is not None:\s+return self\._reset_query", reset_source
+    )
+    introspect = inspect.getsource(connection._introspect_types)
+    assert re.search(r"if self\._server_caps\.jit:", introspect)
+    assert "jit" in asyncpg.connection.ServerCapabilities._fields
+
+
+def test_connection_keeps_its_address_and_transport() -> None:
+    """Connections keep the dialled address in _addr and the transport in _transport (the
+    health check reads the peer address and the socket from them)."""
+    source = inspect.getsource(asyncpg.Connection.__init__)
+    assert "self._transport = transport" in source
+    assert "self._addr = addr" in source

@@ -150,3 +150,33 @@ def test_paired_ratio_interval_brackets_the_ratio_and_repeats() -> None:
     assert few_high - few_low > high - low
     with pytest.raises(ValueError, match="same length"):
         paired_ratio_interval(iam, fair[:-1])
+
+
+def test_quick_proxy_case_counts_no_pins_for_this_pool(tmp_path: Path) -> None:
+    """`--quick --only proxy` counts 0 sessions pinned by what this pool, its engine and its
+    Starlette app send on their own, and every session of plain asyncpg.Pool pinned."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "proxy",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    clients = json.loads((tmp_path / "results.json").read_text())["cases"]["proxy"]["figures"][
+        "clients"
+    ]
+    for name in ("ours", "sqlalchemy_ours", "starlette"):
+        assert clients[name]["sessions"] >= 1
+        assert clients[name]["pinned"] == 0, clients[name]
+    assert clients["asyncpg"]["pinned_by_cause"] == {"library": clients["asyncpg"]["sessions"]}

@@ -137,10 +137,18 @@ async def test_psql_runs_a_query(
 async def test_psql_keeps_the_token_out_of_argv(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
-    """psql gets the token in PGPASSWORD only, with sslmode=verify-full and the CA bundle."""
+    """psql gets the token in a scoped password file only (not argv, not PGPASSWORD), and a
+    connection string with sslmode=verify-full and the CA bundle as its last --dbname."""
     record = tmp_path / "record"
     fake = tmp_path / "psql"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}.argv\nenv > {record}.env\n')
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > {record}.argv\n'
+        f"env > {record}.env\n"
+        'for a in "$@"; do case "$a" in --dbname=*) '
+        "f=${a#*passfile=\\'}; f=${f%%\\'*}; "
+        f'cp "$f" {record}.pgpass;; esac; done\n'
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = {**os.environ, "PGSSLROOTCERT": iam_emulator.ca_path}
     code, out, err = await run_cli(
@@ -155,15 +163,21 @@ async def test_psql_keeps_the_token_out_of_argv(
     )
     assert code == 0, err
     argv = read_lines(Path(f"{record}.argv"))
-    assert argv == ["-c", "x"]
+    assert argv[:2] == ["-c", "x"]
+    assert len(argv) == 4
+    assert argv[2] == argv[3]
+    conninfo = argv[2]
+    assert "sslmode='verify-full'" in conninfo
+    assert f"sslrootcert='{iam_emulator.ca_path}'" in conninfo
+    assert f"host='{iam_emulator.host}'" in conninfo
+    assert "Action=connect" not in conninfo
     seen = dict(line.split("=", 1) for line in read_lines(Path(f"{record}.env")) if "=" in line)
-    assert seen["PGPASSWORD"].startswith(
-        f"{iam_emulator.endpoint}:{iam_emulator.port}/?Action=connect"
-    )
-    assert seen["PGSSLMODE"] == "verify-full"
-    assert seen["PGSSLROOTCERT"] == iam_emulator.ca_path
-    assert seen["PGHOST"] == iam_emulator.host
-    assert seen["PGPASSWORD"] not in out + err
+    assert "PGPASSWORD" not in seen
+    assert "PGSSLROOTCERT" not in seen
+    host, port, _database, user, token = read_lines(Path(f"{record}.pgpass"))[0].split(":", 4)
+    assert (host, port, user) == (iam_emulator.host, str(iam_emulator.port), postgres_server.user)
+    assert token.startswith(f"{iam_emulator.endpoint}\\:{iam_emulator.port}/?Action=connect")
+    assert token not in out + err
 
 
 async def test_psql_missing(iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer) -> None:

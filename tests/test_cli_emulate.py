@@ -207,3 +207,35 @@ async def test_quiet_rejections_prints_none() -> None:
             emulate.proc.kill()
             await emulate.proc.wait()
     assert "rejected login" not in rest
+
+
+async def test_emulate_proxy_prints_each_pin_and_the_summary() -> None:
+    """`emulate --proxy` stands in for an RDS Proxy: a SET prints the pinned session with the
+    proxy's reason, and the counts print on exit."""
+    emulate = await start_emulate("--proxy")
+    try:
+        assert "an RDS Proxy endpoint" in emulate.banner
+        assert ".proxy-" in emulate.endpoint
+        con = await emulate.connect("postgres", await emulate.token("postgres"))
+        try:
+            await con.execute("SET search_path = public")
+            line = await emulate.next_line()
+        finally:
+            await con.close()
+        rest = await emulate.stop()
+    finally:
+        if emulate.proc.returncode is None:
+            emulate.proc.kill()
+            await emulate.proc.wait()
+    assert line.startswith("pinned session (user): A SET statement was detected.")
+    assert "RDS Proxy: 1 of 1 sessions pinned (1 by user); 0 startups refused" in rest
+
+
+async def test_emulate_proxy_refuses_an_endpoint_that_is_no_proxy() -> None:
+    """--proxy with an instance endpoint name exits with one line saying what it needs."""
+    code, _out, err = await run_cli(
+        "emulate", "--proxy", "--endpoint", "db.abc.us-east-1.rds.amazonaws.com"
+    )
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert "--proxy needs an RDS Proxy endpoint name" in err

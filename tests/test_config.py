@@ -15,9 +15,9 @@ RDS = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_lifetime": -1}, "max_lifetime must be seconds > 0"),
-        ({"max_lifetime": 0}, "max_lifetime must be seconds > 0"),
-        ({"max_lifetime": float("nan")}, "max_lifetime must be seconds > 0"),
+        ({"max_lifetime": -1}, "max_lifetime must be seconds"),
+        ({"max_lifetime": 0}, "max_lifetime must be seconds"),
+        ({"max_lifetime": float("nan")}, "max_lifetime must be seconds"),
         ({"max_lifetime_jitter": 1.0}, r"max_lifetime_jitter must be a fraction in \[0, 1\)"),
         ({"max_lifetime_jitter": -0.1}, r"max_lifetime_jitter must be a fraction in \[0, 1\)"),
         ({"max_lifetime": True}, "max_lifetime must be seconds > 0"),

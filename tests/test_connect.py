@@ -300,3 +300,31 @@ async def test_an_unresolvable_host_names_the_host(monkeypatch: pytest.MonkeyPat
     assert caught.value.phase == "dns"
     assert "'db.nowhere.invalid'" in str(caught.value)
     assert "getent hosts" in caught.value.hint
+
+
+async def test_connector_stop_refuses_connects_and_stops_its_monitors() -> None:
+    """Connector.stop() runs every stop given to stop_with (the pool's blue/green and health
+    monitors) and refuses any later connect with "pool is closing"."""
+    from asyncpg_iam._connect import Connector, plan_connect
+
+    plan = plan_connect(None, {"host": "127.0.0.1", "port": 5432, "user": "app"}, auth=None)
+    connector = Connector(plan)
+    stopped: list[str] = []
+    connector.stop_with(lambda: stopped.append("bluegreen"))
+    connector.stop_with(lambda: stopped.append("health"))
+    connector.stop()
+    assert stopped == ["bluegreen", "health"]
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closing"):
+        connector.open()
+
+
+async def test_pool_terminate_stops_the_health_monitor(postgres_server: PostgresServer) -> None:
+    """pool.terminate() stops the silent-host monitor (through the connector's stop): its
+    probe task is gone and no connect starts afterwards."""
+    pool = await asyncpg_iam.create_pool(postgres_server.dsn, iam=False, min_size=1, max_size=1)
+    assert pool._health is not None
+    await wait_for(lambda: pool._health._task is not None)
+    pool.terminate()
+    assert pool._health._task is None
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closing"):
+        await pool._connector.open()

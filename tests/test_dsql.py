@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import asyncpg
@@ -586,3 +587,81 @@ async def test_doctor_checks_a_dsql_endpoint(
     assert "Aurora DSQL DbConnectAdmin token" in checks["token"]["detail"]
     assert "database postgres" in checks["login"]["detail"]
     assert dsql_emulator.records[-1].reason == "ok"
+
+
+# -- run_transaction's isolation outside DSQL (issue 27, class 10) ----------------------------
+
+
+async def _increment_four_times(target_for: Any, table: str) -> tuple[int, int]:
+    """Run 4 concurrent read-then-write increments; return (final count, attempts made).
+
+    Every first attempt reads before any writes (a barrier), the case READ COMMITTED loses.
+    """
+    barrier = asyncio.Barrier(4)
+    attempts = 0
+
+    async def increment(c: asyncpg.Connection) -> None:
+        nonlocal attempts
+        attempts += 1
+        first = attempts <= 4  # the four first attempts come before any retry
+        n = await c.fetchval(f"SELECT note::int FROM {table} WHERE id = 1")
+        if first:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.BrokenBarrierError):
+                await asyncio.wait_for(barrier.wait(), 10)
+        await c.execute(f"UPDATE {table} SET note = $1 WHERE id = 1", str(n + 1))
+
+    await asyncio.gather(
+        *(asyncpg_iam.run_transaction(target_for(i), increment, backoff=0.01) for i in range(4))
+    )
+    final = await target_for(0).fetchval(f"SELECT note::int FROM {table} WHERE id = 1")
+    return int(final), attempts
+
+
+@pytest.mark.parametrize("through", ["connections", "asyncpg pool", "IAM pool"])
+async def test_concurrent_increments_lose_no_update(
+    through: str, postgres_server: PostgresServer, table: str, sandbox: Any
+) -> None:
+    """Four concurrent read-then-write increments through run_transaction with no isolation
+    given end at 4 on PostgreSQL (serializable by default; READ COMMITTED ended at 1)."""
+    setup = await _direct(postgres_server)
+    await setup.execute(f"INSERT INTO {table} VALUES (1, '0')")
+    await setup.close()
+    if through == "connections":
+        conns = [await _direct(postgres_server) for _ in range(4)]
+        try:
+            final, attempts = await _increment_four_times(lambda i: conns[i], table)
+        finally:
+            for conn in conns:
+                await conn.close()
+    elif through == "asyncpg pool":
+        async with asyncpg.create_pool(
+            postgres_server.dsn, database="postgres", ssl=False, min_size=4, max_size=4
+        ) as pool:
+            final, attempts = await _increment_four_times(lambda i: pool, table)
+    else:
+        async with asyncpg_iam.create_pool(**sandbox.pool_kwargs(min_size=0, max_size=4)) as pool:
+            final, attempts = await _increment_four_times(lambda i: pool, table)
+    assert final == 4
+    assert attempts > 4, "the conflicts were retried"
+
+
+async def test_a_hot_standby_runs_repeatable_read() -> None:
+    """With no isolation given, run_transaction runs SERIALIZABLE on a primary and REPEATABLE
+    READ on a real hot standby (which refuses SERIALIZABLE); an explicit serializable on the
+    standby gets the server's refusal."""
+    from asyncpg_iam.testing._failover import FailoverCluster
+
+    def level(c: asyncpg.Connection) -> Awaitable[str]:
+        return c.fetchval("SHOW transaction_isolation")  # type: ignore[no-any-return]
+
+    async with FailoverCluster() as cluster:
+        primary, standby = cluster.servers
+        for server, expected in ((primary, "serializable"), (standby, "repeatable read")):
+            conn = await asyncpg.connect(server.dsn, ssl=False)
+            try:
+                assert await asyncpg_iam.run_transaction(conn, level) == expected
+                if server is standby:
+                    with pytest.raises(asyncpg.PostgresError, match="hot standby"):
+                        await asyncpg_iam.run_transaction(conn, level, isolation="serializable")
+            finally:
+                await conn.close()

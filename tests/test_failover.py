@@ -226,8 +226,7 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
             acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
             await wait_for(lambda: pool.stats().read_only_retries >= 2)
             assert not acquiring.done()
-            await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
-            await admin.execute("SELECT pg_reload_conf()")
+            await set_read_only(admin, postgres_server.dsn, on=False)
             assert await asyncio.wait_for(acquiring, 10) == 1
             stats = pool.stats()
             await pool.execute("INSERT INTO failover_ro VALUES (2)")
@@ -238,8 +237,7 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
         assert logins >= stats.read_only_retries - retries_before + 1
         assert stats.connect_retries >= stats.read_only_retries
     finally:
-        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
-        await admin.execute("SELECT pg_reload_conf()")
+        await set_read_only(admin, postgres_server.dsn, on=False)
         await admin.execute("DROP TABLE IF EXISTS failover_ro")
         await admin.close()
 
@@ -260,7 +258,12 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
     admin = await asyncpg.connect(postgres_server.dsn)
     try:
         async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await pool.execute("SELECT 1")  # one connection on the writer
             await set_read_only(admin, postgres_server.dsn, on=True)
+            # 25006 starts a failover: logins on the read-only server are retried from now on.
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await pool.execute("CREATE TABLE failover_clock (x int)")
+            await wait_for(lambda: pool.stats().failover_events == 1)
             acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
             await wait_for(lambda: pool.stats().read_only_retries == 1)
             logins = iam_emulator.logins_accepted
@@ -278,8 +281,35 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
         assert stats.read_only_retries == 2
         assert stats.failover_events == 1
     finally:
-        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
-        await admin.execute("SELECT pg_reload_conf()")
+        await set_read_only(admin, postgres_server.dsn, on=False)
+        await admin.close()
+
+
+async def test_read_only_login_outside_a_failover_fails_at_once(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """With no failover going on, a login on a read-only server fails at once, as asyncpg's."""
+    kwargs = pool_kwargs(
+        iam_emulator,
+        postgres_server,
+        min_size=1,
+        max_size=2,
+        target_session_attrs="read-write",
+        timeout=5,
+    )
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            await set_read_only(admin, postgres_server.dsn, on=True)
+            logins = iam_emulator.logins_accepted
+            async with pool.acquire():  # the open connection is busy: the next one logs in
+                with pytest.raises(asyncpg.TargetServerAttributeNotMatched):
+                    await pool.fetchval("SELECT 1")
+            stats = pool.stats()
+        assert iam_emulator.logins_accepted - logins == 1
+        assert (stats.failover_events, stats.read_only_retries, stats.connect_retries) == (0, 0, 0)
+    finally:
+        await set_read_only(admin, postgres_server.dsn, on=False)
         await admin.close()
 
 
@@ -299,8 +329,7 @@ async def test_any_pool_accepts_a_read_only_server(
             stats = pool.stats()
         assert (stats.failover_events, stats.read_only_retries) == (0, 0)
     finally:
-        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
-        await admin.execute("SELECT pg_reload_conf()")
+        await set_read_only(admin, postgres_server.dsn, on=False)
         await admin.close()
 
 
@@ -513,3 +542,49 @@ async def test_my_service_survives_a_failover(credential_server: CredentialServe
             await pool.execute("INSERT INTO t VALUES (1)")
             assert pool.stats().failover_events == 1
             assert await pool.fetchval("SELECT inet_server_port()") == cluster.primary.port
+
+
+@pytest.mark.parametrize("how", ["close", "terminate"])
+async def test_failover_retries_stop_when_the_pool_closes(
+    how: str, iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A caller in the failover retry loop gets "pool is closing" once the pool closes, and
+    no further login is made (issue 27, class 5: main kept dialling after close)."""
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    kwargs = pool_kwargs(
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=1,
+        target_session_attrs="read-write",
+        clock=clock,
+    )
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        pool = asyncpg_iam.create_pool(**kwargs)
+        await pool
+        await pool.execute("SELECT 1")  # one connection on the writer
+        await set_read_only(admin, postgres_server.dsn, on=True)
+        # 25006 starts a failover: logins on the read-only server are retried from now on.
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await pool.execute("CREATE TABLE failover_closing (x int)")
+        await wait_for(lambda: pool.stats().failover_events == 1)
+        acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
+        await wait_for(lambda: pool.stats().read_only_retries == 1)
+        logins = iam_emulator.logins_accepted
+        if how == "close":
+            closing = asyncio.ensure_future(pool.close())
+            await asyncio.sleep(0.1)
+        else:
+            pool.terminate()
+        await clock.advance(1.0)  # past the backoff: main retried here
+        with pytest.raises(asyncpg.InterfaceError, match="pool is closing"):
+            await asyncio.wait_for(acquiring, 10)
+        if how == "close":
+            await asyncio.wait_for(closing, 10)
+        await clock.advance(5.0)
+        await asyncio.sleep(0.3)
+        assert iam_emulator.logins_accepted == logins
+    finally:
+        await set_read_only(admin, postgres_server.dsn, on=False)
+        await admin.close()

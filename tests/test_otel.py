@@ -46,8 +46,11 @@ IAM = {
     "asyncpg_iam.credentials.fetch_failures": "{fetch}",
     "asyncpg_iam.auth.failures": "{login}",
     "asyncpg_iam.connects.rate_limited": "{connect}",
+    "asyncpg_iam.hosts.silent": "{host}",
+    "asyncpg_iam.health.probes": "{probe}",
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
+    "asyncpg_iam.topology.refreshes": "{refresh}",
 }
 
 

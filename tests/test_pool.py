@@ -448,6 +448,25 @@ async def test_setup_init_reset_and_record_class_pass_through(
     assert calls == ["init", "setup", "reset"]
 
 
+@pytest.mark.parametrize("max_lifetime", [None, 900])
+async def test_connect_callback_returning_no_connection_gets_asyncpgs_error(
+    postgres_server: PostgresServer, max_lifetime: float | None
+) -> None:
+    """A connect= callback that returns no connection gets asyncpg's own error, not ours."""
+
+    async def connect(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    with pytest.raises(
+        asyncpg.InterfaceError,
+        match="expected pool connect callback to return an instance of "
+        r"'asyncpg\.connection\.Connection', got 'int'",
+    ):
+        await asyncpg_iam.create_pool(
+            **direct_kwargs(postgres_server), connect=connect, max_lifetime=max_lifetime
+        )
+
+
 async def test_pool_logs_name_the_pool_and_never_the_token(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:

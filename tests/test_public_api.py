@@ -16,19 +16,24 @@ import asyncpg_iam
 
 PUBLIC = {
     "asyncpg_iam": [
+        "AuroraTopology",
+        "BlueGreenSettings",
         "CommitOutcomeUnknownError",
         "ConfigurationError",
         "ConnectError",
         "ConnectTimeoutError",
         "Credentials",
         "CredentialsError",
+        "HealthCheck",
         "IAMAuth",
         "IAMAuthenticationError",
         "IAMError",
+        "NoWriterError",
         "Pool",
         "PoolSettings",
         "PoolStats",
         "SigningTarget",
+        "SwitchoverTimeoutError",
         "TLSVerificationError",
         "__version__",
         "build_auth_token",
@@ -38,11 +43,17 @@ PUBLIC = {
         "run_transaction",
     ],
     "asyncpg_iam.testing": [
+        "DEFAULT_BLUE_ENDPOINT",
         "DEFAULT_CLUSTER_ENDPOINT",
         "DEFAULT_DSQL_ENDPOINT",
         "DEFAULT_ENDPOINT",
+        "DEFAULT_GREEN_ENDPOINT",
+        "DEFAULT_PROXY_ENDPOINT",
         "DEFAULT_READER_ENDPOINT",
         "AccessKey",
+        "AuroraCluster",
+        "AuroraInstance",
+        "BlueGreenDeployment",
         "ClusterEndpoint",
         "CredentialServer",
         "FailoverCluster",
@@ -50,13 +61,18 @@ PUBLIC = {
         "LoginRecord",
         "ManualClock",
         "MotoSTS",
+        "NetworkPartition",
+        "PinEvent",
+        "PinRules",
         "PostgresCluster",
         "PostgresNotFoundError",
         "PostgresServer",
+        "ProxyReport",
         "RDSIAMEmulator",
         "ReaderEndpoint",
         "RelayedConnection",
         "Sandbox",
+        "SwitchoverTimeline",
         "find_postgres_bin",
         "isolated_aws_environment",
     ],
@@ -67,7 +83,8 @@ PUBLIC = {
 
 SIGNATURES = {
     "asyncpg_iam.create_pool": [
-        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "asyncpg_kwargs"
+        "dsn", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "health_check",
+        "asyncpg_kwargs",
     ],
     "asyncpg_iam.IAMAuth": [
         "region", "profile", "role_arn", "role_session_name", "external_id", "role_duration",
@@ -89,11 +106,11 @@ SIGNATURES = {
     "asyncpg_iam.testing.isolated_aws_environment": ["region", "variables"],
     "asyncpg_iam.otel.instrument_pool": ["pool", "meter_provider", "histograms"],
     "asyncpg_iam.starlette.lifespan": [
-        "dsn", "close_timeout", "app_lifespan", "metrics", "create_pool_kwargs"
+        "dsn", "close_timeout", "app_lifespan", "metrics", "keep_pool", "create_pool_kwargs"
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "engine_kwargs",
+        "name", "health_check", "topology", "engine_kwargs",
     ],
 }  # fmt: skip
 
@@ -103,6 +120,7 @@ POOL_STATS = [
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
     "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
     "credential_fetch_failures", "credentials_expiry", "acquire_timeouts", "waiting_acquires",
+    "silent_hosts", "health_probes", "topology_refreshes", "connections_by_instance",
 ]  # fmt: skip
 
 

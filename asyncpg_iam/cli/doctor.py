@@ -538,7 +538,7 @@ async def check_tls(ctx: Context, checks: Mapping[str, Check]) -> Check:
             FAIL,
             f"{version}, but the certificate was NOT verified (sslmode {tls.mode} from "
             f"{tls.mode_source}): anyone in the path could receive the token",
-            "use sslmode verify-full (the default) or verify-ca",
+            "use sslmode verify-full (the default), or verify-ca with the RDS CA bundle (--ca)",
         )
     host = ctx.host
     verified = "certificate verified" + (f" for {host}" if tls.mode == "verify-full" else "")

@@ -16,9 +16,10 @@ import socket
 import sys
 from typing import Any
 
+from .._proxy import is_proxy_host
 from ._options import Commands, positive, require_testing, tcp_port
 
-__all__ = ["format_rejection", "register", "run"]
+__all__ = ["format_pin", "format_proxy_summary", "format_rejection", "register", "run"]
 
 
 def register(commands: Commands) -> None:
@@ -36,6 +37,13 @@ def register(commands: Commands) -> None:
         default=None,
         help="the RDS endpoint name tokens must be signed for "
         "(default mydb.abcdefghijkl.us-east-1.rds.amazonaws.com)",
+    )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="stand in for an RDS Proxy endpoint: print each pinned session with the proxy's "
+        "reason, refuse the options startup parameter (default endpoint "
+        "myproxy.proxy-abcdefghijkl.us-east-1.rds.amazonaws.com)",
     )
     parser.add_argument(
         "--credential-lifetime",
@@ -131,8 +139,9 @@ def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | N
     emu, cluster = sandbox.emulator, sandbox.cluster
     user, database = cluster.user, cluster.database
     host, port, endpoint = emu.host, emu.port, emu.endpoint
+    kind = "an RDS Proxy endpoint" if emu.proxy else "an RDS endpoint"
     lines = [
-        "asyncpg-iam emulate: an RDS endpoint with IAM authentication is running on loopback.",
+        f"asyncpg-iam emulate: {kind} with IAM authentication is running on loopback.",
         "",
         "Environment for another shell:",
         f"unset {' '.join(AWS_CREDENTIAL_VARIABLES[:6])}",
@@ -170,6 +179,8 @@ def _emulate_banner(sandbox: Any, *, rejections: bool = True, sts_error: str | N
         else "Rejected logins are not printed (--quiet-rejections).",
         "Running until Ctrl-C (SIGINT) or SIGTERM.",
     ]
+    if emu.proxy:
+        lines.insert(-1, "Pinned sessions are printed below with the reason RDS Proxy logs.")
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +223,28 @@ def format_rejection(record: Any) -> str:
     )
 
 
+def format_pin(event: Any) -> str:
+    """Return one line for a pinned session: the proxy's reason, who sent it, the statement."""
+    sql = " ".join(event.sql.split())
+    sql = sql if len(sql) <= 80 else sql[:77] + "..."
+    return f"pinned session ({event.cause}): {event.reason} [{sql}]"
+
+
+def _print_pin(event: Any) -> None:
+    sys.stdout.write(format_pin(event) + "\n")
+    sys.stdout.flush()
+
+
+def format_proxy_summary(report: Any) -> str:
+    """Return the RDS Proxy mode's counts in one line."""
+    causes = ", ".join(f"{n} by {cause}" for cause, n in sorted(report.pinned_by_cause.items()))
+    return (
+        f"RDS Proxy: {report.pinned_sessions} of {report.sessions} sessions pinned"
+        f"{f' ({causes})' if causes else ''}; {report.options_refused} startups refused for "
+        "options"
+    )
+
+
 def _print_rejections(record: Any) -> None:
     if not record.accepted:
         sys.stdout.write(format_rejection(record) + "\n")
@@ -222,9 +255,10 @@ async def _emulate(args: argparse.Namespace) -> int:
     stop = _stop_event()
     testing = require_testing()
     sts_error = None if args.no_sts else _moto_missing()
+    default_endpoint = testing.DEFAULT_PROXY_ENDPOINT if args.proxy else testing.DEFAULT_ENDPOINT
     sandbox = testing.Sandbox(
         port=args.port or 0,
-        endpoint=args.endpoint or testing.DEFAULT_ENDPOINT,
+        endpoint=args.endpoint or default_endpoint,
         credential_lifetime=args.credential_lifetime,
         sts=not args.no_sts and sts_error is None,
         iam_users=tuple(args.iam_user),
@@ -235,10 +269,14 @@ async def _emulate(args: argparse.Namespace) -> int:
         data_dir = sandbox.cluster.data_dir
         if not args.quiet_rejections:
             sandbox.emulator.on_login = _print_rejections
+        if sandbox.emulator.proxy:
+            sandbox.emulator.on_pin = _print_pin
         banner = _emulate_banner(sandbox, rejections=not args.quiet_rejections, sts_error=sts_error)
         sys.stdout.write(banner)
         sys.stdout.flush()
         await stop.wait()
+        if sandbox.emulator.proxy:
+            sys.stdout.write(format_proxy_summary(sandbox.emulator.proxy_report()) + "\n")
         sys.stdout.write("stopping...\n")
         sys.stdout.flush()
     finally:
@@ -249,7 +287,13 @@ async def _emulate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``asyncpg-iam emulate``."""
-    require_testing()
+    testing = require_testing()
+    if args.proxy and args.endpoint and not is_proxy_host(args.endpoint):
+        raise SystemExit(
+            f"asyncpg-iam emulate: --proxy needs an RDS Proxy endpoint name "
+            f"(<name>.proxy-<id>.<region>.rds.amazonaws.com), not {args.endpoint!r}; "
+            f"leave --endpoint out for {testing.DEFAULT_PROXY_ENDPOINT}"
+        )
     if args.port:
         _check_port_free("127.0.0.1", args.port)
     return asyncio.run(_emulate(args))

@@ -1,24 +1,40 @@
 """``asyncpg-iam psql``: run psql with a fresh token, verify-full TLS and the RDS CA bundle.
 
-The token goes to psql in its environment (never on its command line), and nothing of the
-caller's libpq settings that could redirect the connection or weaken its TLS is kept.
+Nothing here re-parses psql's arguments. Where psql connects is fixed by a connection string
+this command writes (host, port, user, database and every TLS setting of the plan), passed as
+psql's last ``--dbname``: psql keeps the last ``--dbname``, and libpq lets its settings
+override ``-h``, ``-p``, ``-U`` and positional names. It is passed twice, so that an option
+at the end of the caller's arguments that takes a value (``-c``) takes the first copy and
+not the second. The caller's ``--`` is refused (everything after it would be a name, our
+``--dbname`` included). The token travels in a password file scoped to that one host, port,
+database and user (mode 0600, removed when psql exits), never in argv or ``PGPASSWORD``: a
+psql pointed anywhere else has no password to send. The caller's libpq variables are dropped.
+
+What a user types inside psql (``\\connect`` with its own ``sslmode``, a script run with
+``\\i``) is not policed: a ``\\connect`` to the same host, port, database and user would find
+the token in the password file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 from .._connect import ConnectPlan
 from .._errors import ConfigurationError
 from ._options import EXIT_FAILED, Commands, add_aws, add_target, connector_from
 from .token import sign
 
-__all__ = ["check_psql_arguments", "psql_environment", "register"]
+__all__ = ["check_psql_arguments", "psql_command", "psql_environment", "register"]
 
 # libpq variables that cannot redirect a connection or weaken its TLS: kept for psql. Every
 # other PG* variable of the caller's environment (PGSERVICE, PGHOSTADDR, PGSSLMODE,
@@ -26,25 +42,11 @@ __all__ = ["check_psql_arguments", "psql_environment", "register"]
 _PSQL_KEPT = frozenset(
     {"PGAPPNAME", "PGCLIENTENCODING", "PGCONNECT_TIMEOUT", "PGDATESTYLE", "PGTZ", "PGGEQO"}
 )
-# psql's short options that choose where to connect: the plan decides that, so they are refused.
-_PSQL_CONNECTION_SHORT = frozenset("hpUd")
-_PSQL_CONNECTION_LONG = frozenset({"--host", "--port", "--username", "--dbname"})
-# psql's short options that take a value (attached, or as the next argument).
-_PSQL_VALUE_SHORT = frozenset("cfFLoPRTv")
-_PSQL_VALUE_LONG = frozenset(
-    {
-        "--command",
-        "--file",
-        "--field-separator",
-        "--log-file",
-        "--output",
-        "--pset",
-        "--record-separator",
-        "--table-attr",
-        "--set",
-        "--variable",
-    }
-)
+# TLS parameters at libpq's default value (left out of psql's connection string).
+_LIBPQ_DEFAULTS = {"sslsni": "1", "sslcertmode": "allow"}
+# Variables outside PG* that change how psql reads its arguments: POSIXLY_CORRECT stops
+# getopt at the first name, so our trailing --dbname would become a name.
+_DROPPED = frozenset({"POSIXLY_CORRECT"})
 
 
 def register(commands: Commands) -> None:
@@ -52,8 +54,10 @@ def register(commands: Commands) -> None:
     parser = commands.add_parser(
         "psql",
         help="run psql with a fresh token, verify-full TLS and the RDS CA bundle",
-        description="Run psql with the token in PGPASSWORD (never on the command line), "
-        "sslmode=verify-full and the CA bundle. Arguments after `--` go to psql.",
+        description="Run psql connected where these options say, with the token in a "
+        "password file scoped to that server (never on the command line), "
+        "sslmode=verify-full and the CA bundle. Arguments after `--` go to psql; any that "
+        "name another server, user or database are overridden.",
     )
     add_target(parser, database=True)
     add_aws(parser)
@@ -67,37 +71,26 @@ def register(commands: Commands) -> None:
 
 
 def check_psql_arguments(extra: Sequence[str]) -> None:
-    """Refuse psql arguments that would connect elsewhere than the plan (with the token)."""
-    refused: str | None = None
-    arguments = iter(extra)
-    for argument in arguments:
-        if argument.startswith("--"):
-            name = argument.split("=", 1)[0]
-            if name in _PSQL_CONNECTION_LONG:
-                refused = argument
-            elif name in _PSQL_VALUE_LONG and "=" not in argument:
-                next(arguments, None)
-        elif argument.startswith("-") and len(argument) > 1:
-            for index, option in enumerate(argument[1:], 1):
-                if option in _PSQL_CONNECTION_SHORT:
-                    refused = argument
-                    break
-                if option in _PSQL_VALUE_SHORT:
-                    if index == len(argument) - 1:
-                        next(arguments, None)  # the value is the next argument
-                    break  # the rest of this argument is the option's value
-        else:
-            refused = argument  # a database name, user name or connection string
-        if refused is not None:
-            raise ConfigurationError(
-                f"psql argument {refused!r} would choose the server, user or database, and "
-                "psql would send it the token: pass --host, --port, --user and --dbname to "
-                "asyncpg-iam instead"
-            )
+    """Refuse a ``--`` among psql's arguments: after it, our ``--dbname`` would be a name."""
+    if "--" in extra:
+        raise ConfigurationError(
+            "psql argument '--' would turn the connection string asyncpg-iam passes into a "
+            "database or user name: drop it (pass names with --dbname and --user to "
+            "asyncpg-iam)"
+        )
 
 
-def psql_environment(environ: Mapping[str, str], plan: ConnectPlan, token: str) -> dict[str, str]:
-    """Return psql's environment: the caller's without libpq settings, plus the plan's."""
+def _quote(value: str) -> str:
+    """Quote a libpq connection string value."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _passfile_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def connection_string(plan: ConnectPlan, passfile: str) -> str:
+    """Return the libpq connection string for `plan`: server, user, database and TLS."""
     tls = plan.tls
     if tls.ca_file is None:
         raise ConfigurationError(
@@ -105,29 +98,70 @@ def psql_environment(environ: Mapping[str, str], plan: ConnectPlan, token: str) 
             "ca-bundle` (downloads the RDS global bundle), or pass --ca PATH, or set "
             "PGSSLROOTCERT"
         )
+    key_password = tls.setting("sslpassword")
+    if key_password is not None:
+        raise ConfigurationError(
+            f"{key_password.source} cannot be handed to psql without showing it on its "
+            "command line: psql asks for the key's password itself; drop it"
+        )
     host, port = plan.endpoints[0]
-    env = {k: v for k, v in environ.items() if not k.startswith("PG") or k in _PSQL_KEPT}
-    # The token goes in the environment, never in argv (visible to every user in `ps`).
-    env.update(
-        PGHOST=host,
-        PGPORT=str(port),
-        PGUSER=plan.user,
-        PGDATABASE=plan.database,
-        PGPASSWORD=token,
-        PGSSLMODE=tls.mode,
-        PGSSLROOTCERT=tls.ca_file,
+    settings = {
+        "host": host,
+        "port": str(port),
+        "user": plan.user,
+        "dbname": plan.database,
+        "passfile": passfile,
+        "sslmode": tls.mode,
+        "sslrootcert": tls.ca_file,
         # GSSAPI encryption would replace TLS (and its certificate check) if a ticket exists.
-        PGGSSENCMODE="disable",
-    )
+        "gssencmode": "disable",
+    }
+    if plan.direct_tls:
+        settings["sslnegotiation"] = "direct"
+    for setting in tls.settings:
+        if setting.name in ("sslrootcert", "sslpassword", "sslnegotiation"):
+            continue
+        # libpq's own defaults are left out: an older psql may not know the parameter.
+        if _LIBPQ_DEFAULTS.get(setting.name) != setting.value:
+            settings[setting.name] = setting.value
     if tls.cert_file is not None:
-        env["PGSSLCERT"] = tls.cert_file
+        settings["sslcert"] = tls.cert_file
     if tls.key_file is not None:
-        env["PGSSLKEY"] = tls.key_file
-    return env
+        settings["sslkey"] = tls.key_file
+    return " ".join(f"{key}={_quote(value)}" for key, value in settings.items())
+
+
+def psql_command(program: str, extra: Sequence[str], conninfo: str) -> list[str]:
+    """Return psql's argv: the caller's arguments, then our connection string (twice)."""
+    check_psql_arguments(extra)
+    dbname = f"--dbname={conninfo}"
+    return [program, *extra, dbname, dbname]
+
+
+def psql_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return psql's environment: the caller's without libpq settings (no token in it)."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if (not k.startswith("PG") or k in _PSQL_KEPT) and k not in _DROPPED
+    }
+
+
+@contextlib.contextmanager
+def password_file(plan: ConnectPlan, token: str) -> Iterator[str]:
+    """Write the token to a password file for the plan's one server; remove it afterwards."""
+    host, port = plan.endpoints[0]
+    fields = (host, str(port), plan.database, plan.user, token)
+    with tempfile.TemporaryDirectory(prefix="asyncpg-iam-psql-") as directory:
+        path = Path(directory) / "pgpass"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(":".join(_passfile_field(field) for field in fields) + "\n")
+        yield str(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``asyncpg-iam psql``: replace this process with psql (arguments after ``--``)."""
+    """Run ``asyncpg-iam psql``: psql (arguments after ``--``) until it exits."""
     extra: list[str] = args.psql_arguments
     program = shutil.which(args.psql)
     if program is None:
@@ -140,9 +174,16 @@ def run(args: argparse.Namespace) -> int:
     check_psql_arguments(extra)
     connector = connector_from(args)
     # Refuse before signing: psql cannot use a plan without a CA file.
-    psql_environment({}, connector.plan, "")
+    connection_string(connector.plan, "")
     token = asyncio.run(sign(args, connector))
-    env = psql_environment(os.environ, connector.plan, token)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(program, [program, *extra], env)  # noqa: S606 - argv is a list, no shell
+    with password_file(connector.plan, token) as passfile:
+        argv = psql_command(program, extra, connection_string(connector.plan, passfile))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child = subprocess.Popen(argv, env=psql_environment(os.environ))
+        # psql handles Ctrl-C itself (it cancels the query); this process waits it out.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)

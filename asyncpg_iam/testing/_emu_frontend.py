@@ -3,7 +3,9 @@
 `Frontend.handle` negotiates TLS (refusing plaintext as RDS does), asks for a cleartext
 password, has the `LoginChecker` decide it (after the fault switches had their say), logs in
 to the backend, and relays. In DSQL mode the client's messages are read one by one so the
-commit faults can act on a ``COMMIT``. Every outcome is recorded in the `LoginLog`.
+commit faults can act on a ``COMMIT``; in RDS Proxy mode so that a `ProxySession` can see
+what pins the session (and a startup with ``options`` is refused as the proxy refuses it).
+Every outcome is recorded in the `LoginLog`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ._emu_faults import FaultSwitches
 from ._emu_login import Login, LoginChecker, decode_password
 from ._emu_records import LoginLog, RelayedConnection, refusal
 from ._emu_verify import Verdict
+from ._proxy import OPTIONS_REFUSED, ProxyLog, ProxySession
 from ._streams import relay, send_quietly, start_tls
 from ._wire import (
     CANCEL_REQUEST_CODE,
@@ -111,8 +114,10 @@ class Frontend:
         faults: FaultSwitches,
         log: LoginLog,
         clock: Clock,
+        proxy: ProxyLog | None = None,
     ) -> None:
         self._settings = settings
+        self._proxy = proxy
         self._checker = checker
         self._faults = faults
         self._log = log
@@ -138,6 +143,22 @@ class Frontend:
             conn.abort()
         if connections:
             logger.debug("dropped %d connections", len(connections))
+        return len(connections)
+
+    def silence_all_connections(self) -> int:
+        """Stop relaying on every open connection without closing it; return how many.
+
+        As after a NAT's idle drop or a frozen peer: no FIN, no RST, no answer; a client
+        notices only by a timeout. The sockets close when the emulator stops.
+        """
+        connections = list(self._connections)
+        for conn in connections:
+            for writer in (conn.client, conn.backend):
+                if writer is not None and not writer.transport.is_closing():
+                    # A socket or TLS transport, which reads as well (typed as a writer's).
+                    writer.transport.pause_reading()  # type: ignore[attr-defined]
+        if connections:
+            logger.debug("silenced %d connections", len(connections))
         return len(connections)
 
     # -- one connection -----------------------------------------------------------------------
@@ -193,6 +214,10 @@ class Frontend:
         database = params.get("database") or user
         if not tls:
             await self._refuse_plaintext(client, user, database)
+        if self._proxy is not None and "options" in params:
+            self._proxy.options_refused += 1
+            await send_quietly(client.writer, encode_error(OPTIONS_REFUSED, sqlstate="0A000"))
+            raise _Refused
         login = await self._login(client, user, database)
         session = await self._open_backend(client, params, login)
         client.conn.backend = session.writer
@@ -360,8 +385,11 @@ class Frontend:
 
     async def _relay(self, client: _Client, session: BackendSession) -> None:
         upstream = None
-        if self._settings.dsql:
-            upstream = self._pipe_messages(client.reader, client.writer, session.writer)
+        watch = None
+        if self._proxy is not None:
+            watch = self._proxy.session(client.peer_port, session.pid)
+        if self._settings.dsql or watch is not None:
+            upstream = self._pipe_messages(client.reader, client.writer, session.writer, watch)
         try:
             await relay(
                 client.reader, client.writer, session.reader, session.writer, upstream=upstream
@@ -374,8 +402,9 @@ class Frontend:
         source: asyncio.StreamReader,
         client_writer: asyncio.StreamWriter,
         sink: asyncio.StreamWriter,
+        watch: ProxySession | None,
     ) -> None:
-        """Relay the client's messages one by one, applying the COMMIT faults."""
+        """Relay the client's messages one by one: shown to `watch`, COMMIT faults applied."""
         while True:
             try:
                 header = await source.readexactly(5)
@@ -385,6 +414,8 @@ class Frontend:
             if length < 4:
                 raise ProtocolViolation(f"invalid message length {length}")
             body = await source.readexactly(length - 4)
+            if watch is not None:
+                watch.observe(header[:1], body)
             if header[:1] == b"Q" and self._faults.commit_faults_armed and _is_commit(body):
                 if self._faults.take_commit_fault() == "drop":
                     # The backend gets the COMMIT (and commits); the client never hears.

@@ -7,6 +7,7 @@ verified as RDS (or DSQL) would, or the ordinary password of a user outside ``rd
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class LoginChecker:
         endpoint: str,
         region: str,
         endpoint_port: Callable[[], int],
+        aliases: Iterable[str] = (),
         dsql: bool,
         accept_any_password: bool,
         max_clock_skew: float,
@@ -102,6 +104,7 @@ class LoginChecker:
         roles: RoleDirectory,
     ) -> None:
         self._endpoint = endpoint
+        self._aliases = tuple(aliases)
         self._region = region
         self._endpoint_port = endpoint_port
         self._dsql = dsql
@@ -116,6 +119,10 @@ class LoginChecker:
             self.iam_users.add("admin")
         for user in self.iam_users:
             roles.queue_grant(user)
+
+    def rename(self, endpoint: str) -> None:
+        """Accept tokens signed for `endpoint` (and no longer the old name)."""
+        self._endpoint = endpoint
 
     # -- keys and users -----------------------------------------------------------------------
 
@@ -173,16 +180,22 @@ class LoginChecker:
             info = await self._roles.lookup(user, with_verifier=not tokenish)
         if info is not None and not info.iam_member and not tokenish:
             return _check_ordinary_password(user, password, info, now)
-        verdict = verify_token(
-            password,
-            user=user,
-            endpoint=self._endpoint,
-            port=self._endpoint_port(),
-            region=self._region,
-            keys=self._keybook,
-            now=now,
-            max_clock_skew=self._max_clock_skew,
-        )
+        for endpoint in (self._endpoint, *self._aliases):
+            verdict = verify_token(
+                password,
+                user=user,
+                endpoint=endpoint,
+                port=self._endpoint_port(),
+                region=self._region,
+                keys=self._keybook,
+                now=now,
+                max_clock_skew=self._max_clock_skew,
+            )
+            if verdict.reason != "wrong_host":
+                if endpoint != self._endpoint:
+                    detail = f"signed for the alias {endpoint}; {verdict.detail}"
+                    verdict = dataclasses.replace(verdict, detail=detail)
+                break
         if info is not None and not info.iam_member:
             detail = (
                 f"user {user!r} is not a member of {RDS_IAM_ROLE} (GRANT {RDS_IAM_ROLE} TO "

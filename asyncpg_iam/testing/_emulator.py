@@ -17,6 +17,11 @@ get SQLSTATE 53400, and the client's queries are read message by message so that
 fail a ``COMMIT`` with SQLSTATE 40001 (optimistic-concurrency conflict) or drop the connection
 while a ``COMMIT`` is in flight.
 
+In RDS Proxy mode (an endpoint ``<name>.proxy-<id>.<region>.rds.amazonaws.com``, or
+``proxy=True`` or a `PinRules`) it applies RDS Proxy's pinning conditions for PostgreSQL to
+the messages it relays and counts pinned sessions by reason and cause (`proxy_report()`), and
+refuses a startup that carries ``options`` with the proxy's message (`_proxy.py`).
+
 `RDSIAMEmulator` is the facade over pieces with one concern each: `StreamListener` (accepting
 connections, `_streams.py`), `Frontend` (the protocol of one connection, `_emu_frontend.py`),
 `LoginChecker` (keys, IAM users and verdicts, `_emu_login.py`, over the independent SigV4
@@ -40,18 +45,21 @@ from typing import Any
 from .._auth import IAMAuth
 from .._clock import SYSTEM_CLOCK, Clock
 from .._errors import ConfigurationError
+from .._proxy import is_proxy_host
 from ._emu_faults import FaultSwitches
 from ._emu_frontend import Frontend, FrontendSettings
 from ._emu_login import LoginChecker
 from ._emu_records import LoginLog, LoginRecord, RelayedConnection
 from ._emu_roles import RoleDirectory
 from ._emu_verify import RegisteredKey
+from ._proxy import PinEvent, PinRules, ProxyLog, ProxyReport
 from ._service import AsyncService
 from ._streams import StreamListener
 
 __all__ = [
     "DEFAULT_DSQL_ENDPOINT",
     "DEFAULT_ENDPOINT",
+    "DEFAULT_PROXY_ENDPOINT",
     "AccessKey",
     "LoginRecord",
     "RDSIAMEmulator",
@@ -62,6 +70,7 @@ logger = logging.getLogger("asyncpg_iam.testing.emulator")
 
 DEFAULT_ENDPOINT = "mydb.abcdefghijkl.us-east-1.rds.amazonaws.com"
 DEFAULT_DSQL_ENDPOINT = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"
+DEFAULT_PROXY_ENDPOINT = "myproxy.proxy-abcdefghijkl.us-east-1.rds.amazonaws.com"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,10 @@ class RDSIAMEmulator(AsyncService):
     With `accept_any_password`, tokens are not checked (static-password mode for benchmarks)
     but TLS is still required. `dsql` stands in for Aurora DSQL instead of RDS (None: when
     `endpoint` is a DSQL name); the role ``admin`` is then enabled for IAM without being named.
+    `aliases` are further host names whose tokens it accepts (an Aurora instance is also
+    reached through the cluster and reader endpoints); its certificate names them too.
+    `proxy` stands in for an RDS Proxy endpoint (None: when `endpoint` is a proxy name; a
+    `PinRules` chooses the rules where AWS's documentation is silent).
     Start it with `await start()` or `async with`.
     """
 
@@ -135,20 +148,29 @@ class RDSIAMEmulator(AsyncService):
         max_password_length: int = 8192,
         login_timeout: float = 60.0,
         dsql: bool | None = None,
+        aliases: Iterable[str] = (),
+        proxy: bool | PinRules | None = None,
     ) -> None:
         region = _check_settings(
             endpoint, region, max_password_length, login_timeout, max_clock_skew
         )
         if dsql is None:
             dsql = _is_dsql_endpoint(endpoint.lower().rstrip(".").split("."))
+        if proxy is None:
+            proxy = is_proxy_host(endpoint)
+        rules = proxy if isinstance(proxy, PinRules) else PinRules() if proxy else None
+        self._proxy = ProxyLog(rules) if rules is not None else None
         self._endpoint = endpoint
+        self._aliases = tuple(aliases)
         self._region = region
         self._endpoint_port = endpoint_port
         self._dsql = dsql
         self._accept_any_password = accept_any_password
         self._backend_user = backend_user
         self._clock: Clock = clock or SYSTEM_CLOCK
-        self._ca_pem, server_ssl_context = _tls_setup(endpoint, server_ssl_context, ca)
+        self._ca_pem, server_ssl_context = _tls_setup(
+            (endpoint, *self._aliases), server_ssl_context, ca
+        )
         self._ca_path: str | None = None
         self._backend = FrontendSettings(
             backend_host=backend_host,
@@ -174,6 +196,7 @@ class RDSIAMEmulator(AsyncService):
         )
         self._checker = LoginChecker(
             endpoint=self._endpoint,
+            aliases=self._aliases,
             region=self._region,
             endpoint_port=lambda: self.endpoint_port,
             dsql=self._dsql,
@@ -185,7 +208,12 @@ class RDSIAMEmulator(AsyncService):
         self._faults = FaultSwitches(dsql=self._dsql)
         self._log = LoginLog(self._clock)
         self._frontend = Frontend(
-            backend, checker=self._checker, faults=self._faults, log=self._log, clock=self._clock
+            backend,
+            checker=self._checker,
+            faults=self._faults,
+            log=self._log,
+            clock=self._clock,
+            proxy=self._proxy,
         )
         self._listener = StreamListener(
             self._frontend.handle, host=listen_host, port=listen_port, name="emulator"
@@ -249,10 +277,45 @@ class RDSIAMEmulator(AsyncService):
         """The RDS (or DSQL) host name tokens must be signed for."""
         return self._endpoint
 
+    def rename(self, endpoint: str) -> None:
+        """Answer to `endpoint` from now on: only tokens signed for it are accepted (as RDS
+        renames endpoints at a blue/green switchover). The certificate is not changed."""
+        _check_settings(endpoint, self._region, 1, 1.0, 0.0)
+        self._endpoint = endpoint
+        self._checker.rename(endpoint)
+        logger.info("RDS IAM emulator now answers to %s", endpoint)
+
     @property
     def dsql(self) -> bool:
         """Whether it stands in for Aurora DSQL rather than RDS."""
         return self._dsql
+
+    @property
+    def proxy(self) -> bool:
+        """Whether it stands in for an RDS Proxy endpoint (see `proxy_report`)."""
+        return self._proxy is not None
+
+    def proxy_report(self) -> ProxyReport:
+        """Return the sessions, pinned sessions (by cause and rule) and refused startups."""
+        if self._proxy is None:
+            raise RuntimeError("the emulator is not in RDS Proxy mode: pass proxy=True")
+        return self._proxy.report()
+
+    @property
+    def on_pin(self) -> Callable[[PinEvent], None] | None:
+        """Called with each pinned session's `PinEvent` (`emulate --proxy` prints them)."""
+        return self._proxy.on_pin if self._proxy is not None else None
+
+    @on_pin.setter
+    def on_pin(self, callback: Callable[[PinEvent], None] | None) -> None:
+        if self._proxy is None:
+            raise RuntimeError("the emulator is not in RDS Proxy mode: pass proxy=True")
+        self._proxy.on_pin = callback
+
+    def reset_proxy_counts(self) -> None:
+        """Forget the RDS Proxy mode's counts (between the runs of a benchmark)."""
+        if self._proxy is not None:
+            self._proxy.reset()
 
     @property
     def endpoint_port(self) -> int:
@@ -471,6 +534,11 @@ class RDSIAMEmulator(AsyncService):
         """Abort every open client connection (and its backend); return how many."""
         return self._frontend.drop_all_connections()
 
+    def silence_all_connections(self) -> int:
+        """Stop relaying on every open connection without closing it (no FIN, no RST), as
+        after a NAT's idle drop; return how many. They close when the emulator stops."""
+        return self._frontend.silence_all_connections()
+
     def pause_accepting(self) -> None:
         """Hold new connections unanswered (as a saturated server does) until resumed."""
         self._faults.accepting.clear()
@@ -554,14 +622,14 @@ def _check_settings(
 
 
 def _tls_setup(
-    endpoint: str, server_ssl_context: ssl.SSLContext | None, ca: Any
+    names: tuple[str, ...], server_ssl_context: ssl.SSLContext | None, ca: Any
 ) -> tuple[str | None, ssl.SSLContext]:
     """Return the CA's PEM (when known) and the server context (a trustme one by default)."""
     if server_ssl_context is None:
         import trustme
 
         ca = ca if ca is not None else trustme.CA()
-        cert = ca.issue_cert("127.0.0.1", "localhost", "::1", endpoint)
+        cert = ca.issue_cert("127.0.0.1", "localhost", "::1", *names)
         server_ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(server_ssl_context)
     ca_pem = ca.cert_pem.bytes().decode("ascii") if ca is not None else None

@@ -79,6 +79,8 @@ class _Forwarder(AsyncService):
         self._writers: set[asyncio.StreamWriter] = set()
         self._by_backend: Counter[tuple[str, int]] = Counter()
         self._refused = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def _choose(self) -> tuple[str, int]:
         raise NotImplementedError
@@ -90,6 +92,22 @@ class _Forwarder(AsyncService):
     async def stop(self) -> None:
         """Stop listening and cut every relayed connection."""
         await self._listener.stop(cut=self._cut)
+
+    def silence(self) -> None:
+        """Go silent, as a hung server does: forward nothing either way, keep every socket
+        open (the kernel still acknowledges), accept new connections and hold them."""
+        self._flowing.clear()
+        logger.info("%r is silent", self)
+
+    def resume(self) -> None:
+        """End `silence()`: relay what waited, and connect the held connections."""
+        self._flowing.set()
+        logger.info("%r forwards again", self)
+
+    @property
+    def silent(self) -> bool:
+        """Whether it is silent (see `silence()`)."""
+        return not self._flowing.is_set()
 
     def _cut(self) -> None:
         for writer in list(self._writers):
@@ -126,17 +144,18 @@ class _Forwarder(AsyncService):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
-        target = self._choose()
-        self._by_backend[target] += 1
         backend_writer: asyncio.StreamWriter | None = None
         try:
+            await self._flowing.wait()  # silent: accepted, held
+            target = self._choose()
+            self._by_backend[target] += 1
             try:
                 backend_reader, backend_writer = await asyncio.open_connection(*target)
             except OSError:
                 self._refused += 1
                 return
             self._writers.add(backend_writer)
-            await relay(reader, writer, backend_reader, backend_writer)
+            await relay(reader, writer, backend_reader, backend_writer, flowing=self._flowing)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:

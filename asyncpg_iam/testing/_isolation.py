@@ -14,10 +14,28 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from ._aws import AWS_CREDENTIAL_VARIABLES
 
-__all__ = ["aws_isolation_variables", "isolated_aws_environment", "patched_environ"]
+
+class AccessKeyLike(Protocol):
+    """An access key with its secret and session token (`AccessKey`)."""
+
+    @property
+    def access_key(self) -> str: ...
+    @property
+    def secret_key(self) -> str: ...
+    @property
+    def session_token(self) -> str | None: ...
+
+
+__all__ = [
+    "aws_isolation_variables",
+    "isolated_aws_environment",
+    "lambda_environment",
+    "patched_environ",
+]
 
 
 def aws_isolation_variables(directory: Path, *, region: str) -> dict[str, str | None]:
@@ -30,6 +48,24 @@ def aws_isolation_variables(directory: Path, *, region: str) -> dict[str, str | 
         AWS_REGION=region,
     )
     return variables
+
+
+def lambda_environment(key: AccessKeyLike, *, region: str, home: Path) -> dict[str, str]:
+    """Return a whole process environment as AWS Lambda sets it: `key` (with its session
+    token), the region, a function name, ``PATH``; no config files, no metadata service."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "AWS_ACCESS_KEY_ID": key.access_key,
+        "AWS_SECRET_ACCESS_KEY": key.secret_key,
+        "AWS_SESSION_TOKEN": key.session_token or "",
+        "AWS_REGION": region,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_LAMBDA_FUNCTION_NAME": "app",
+        "AWS_CONFIG_FILE": str(home / "missing-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "missing-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 @contextlib.contextmanager

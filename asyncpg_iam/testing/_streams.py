@@ -96,10 +96,16 @@ class StreamListener:
                 self._tasks.discard(task)
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pipe(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, flowing: asyncio.Event | None = None
+) -> None:
     with contextlib.suppress(ConnectionError):
         while True:
+            if flowing is not None:
+                await flowing.wait()  # held: bytes wait in the socket buffers, still acked
             data = await source.read(RELAY_CHUNK)
+            if flowing is not None:
+                await flowing.wait()  # read just before the silence began: hold it too
             if not data:
                 return
             sink.write(data)
@@ -113,11 +119,17 @@ async def relay(
     backend_writer: asyncio.StreamWriter,
     *,
     upstream: Coroutine[Any, Any, None] | None = None,
+    flowing: asyncio.Event | None = None,
 ) -> None:
-    """Copy bytes both ways until one direction ends; `upstream` replaces client-to-backend."""
-    client_side = upstream if upstream is not None else _pipe(client_reader, backend_writer)
+    """Copy bytes both ways until one direction ends; `upstream` replaces client-to-backend.
+
+    While `flowing` is clear, nothing is copied (either way) and no end is noticed.
+    """
+    client_side = (
+        upstream if upstream is not None else _pipe(client_reader, backend_writer, flowing)
+    )
     up = asyncio.ensure_future(client_side)
-    down = asyncio.ensure_future(_pipe(backend_reader, client_writer))
+    down = asyncio.ensure_future(_pipe(backend_reader, client_writer, flowing))
     try:
         await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
     finally:

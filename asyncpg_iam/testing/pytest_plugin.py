@@ -16,6 +16,8 @@ Fixtures:
 - ``rds_access_key``: the `AccessKey` the emulator trusts (fresh secret each session).
 - ``rds_emulator``: a started `RDSIAMEmulator` in front of ``postgres_server``, with the
   backend's user enabled for IAM and ``rds_access_key`` registered.
+- ``rds_proxy_emulator``: the same in RDS Proxy mode: it counts pinned sessions by reason and
+  cause (``proxy_report()``) and refuses the ``options`` startup parameter.
 - ``credential_server`` and ``moto_sts``: see `asyncpg_iam.testing.CredentialServer`.
 - ``iam_emulator``: ``rds_emulator`` trusting every key ``credential_server`` issues, so a pool
   on the default AWS chain logs in; ``iam_emulator.pool_kwargs(user=...)`` gives its arguments.
@@ -40,7 +42,7 @@ import pytest_asyncio
 
 from ._aws import CredentialServer
 from ._aws_fixtures import credential_server, moto_sts  # noqa: F401
-from ._emulator import AccessKey, RDSIAMEmulator
+from ._emulator import DEFAULT_PROXY_ENDPOINT, AccessKey, RDSIAMEmulator
 from ._postgres import PostgresCluster, PostgresNotFoundError, PostgresServer, find_postgres_bin
 from ._sandbox import Sandbox
 
@@ -56,6 +58,7 @@ __all__ = [
     "postgres_server",
     "rds_access_key",
     "rds_emulator",
+    "rds_proxy_emulator",
     "sandbox",
     "select_backend",
 ]
@@ -290,6 +293,26 @@ async def rds_emulator(
         access_key=rds_access_key,
         credential_server=False,
         isolate_environment=False,
+    )
+    async with sandbox:
+        yield sandbox.emulator
+
+
+@pytest_asyncio.fixture
+async def rds_proxy_emulator(
+    postgres_server: PostgresServer, rds_access_key: AccessKey
+) -> AsyncIterator[RDSIAMEmulator]:
+    """Provide a started emulator in RDS Proxy mode (endpoint `DEFAULT_PROXY_ENDPOINT`).
+
+    As ``rds_emulator``; it also counts pinned sessions (``proxy_report()``) and refuses the
+    ``options`` startup parameter as RDS Proxy does.
+    """
+    sandbox = Sandbox(
+        server=postgres_server,
+        access_key=rds_access_key,
+        credential_server=False,
+        isolate_environment=False,
+        endpoint=DEFAULT_PROXY_ENDPOINT,
     )
     async with sandbox:
         yield sandbox.emulator

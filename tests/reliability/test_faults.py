@@ -123,7 +123,9 @@ async def test_postgres_restart_under_load() -> None:
 
     assert load.count("before", "ok") > 0
     assert load.failures("before") == 0
-    assert load.failures("during") > 0, "the restart was felt"
+    # Felt by the pool; callers may not see it (queries in flight at the crash count as
+    # "transition", and acquires wait out the restart within their timeout).
+    assert stats.failover_events >= 1, "the restart was felt"
     assert load.count("after", "ok") >= 20
     assert load.failures("after") == 0, load.outcomes
     assert load.wrong_answers == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -76,11 +77,22 @@ def _pool_against(port: int, **kwargs: Any) -> asyncpg_iam.Pool:
 
 @pytest.mark.parametrize(
     "ssl_option",
-    [{"ssl": "verify-ca"}, {"ssl": ssl.create_default_context()}, {}],
+    [
+        {"ssl": "verify-ca", "sslrootcert": "<a CA file>"},
+        {"ssl": ssl.create_default_context()},
+        {},
+    ],
     ids=["verify-ca", "verify-full-context", "default"],
 )
-async def test_server_declining_tls_never_gets_the_token(ssl_option: dict[str, Any]) -> None:
+async def test_server_declining_tls_never_gets_the_token(
+    ssl_option: dict[str, Any], tmp_path: Path
+) -> None:
     """A server answering "N" to SSLRequest and asking for a cleartext password gets no token."""
+    if "sslrootcert" in ssl_option:
+        # verify-ca needs a CA file: with the system store it is refused.
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(trustme.CA().cert_pem.bytes())
+        ssl_option = {**ssl_option, "sslrootcert": str(ca_file)}
     async with Trap() as trap, _pool_against(trap.port, **ssl_option) as pool:
         with pytest.raises((ConnectionError, asyncpg.PostgresError, OSError)):
             await no_hang(pool.fetchval("SELECT 1"))

@@ -1,0 +1,816 @@
+"""Blue/green switchovers: read the deployment's metadata, follow its phases, route connects.
+
+An RDS Blue/Green Deployment keeps a green copy replicating from blue; a switchover makes blue
+read-only, lets green catch up, promotes it and renames the endpoints so that the green
+instances answer to the blue names. A client that only follows DNS reaches the old blue
+instances for the DNS TTL; with IAM, which name a token must be signed for changes mid-switch.
+
+**The metadata.** Rows of ``version, endpoint, port, role, status`` from Aurora PostgreSQL's
+``pg_catalog.get_blue_green_fast_switchover_metadata('<driver>-<version>')`` or RDS
+PostgreSQL's ``rds_tools.show_topology('<driver>-<version>')`` (rds_tools 1.7 and later).
+Only version ``1.0`` rows are read. Statuses map to `Phase`; the deployment's phase is the most
+advanced one any row reports, and a phase lower than the last one seen is a rollback.
+
+**The routing** (`decide`, a pure function of what is known and the time):
+
+- before the switch (`Phase.CREATED`, `Phase.PREPARATION`) connects go where the plan says,
+  and the monitor learns the green endpoints and their addresses;
+- during it (`Phase.IN_PROGRESS`) new connects and acquires wait (`HOLD`), at most `hold`
+  seconds from the start of the switch; at the bound each waiter gets `SwitchoverTimeoutError`
+  and traffic flows again (a switch that never reports completion cannot hold a pool forever);
+- after it (`Phase.POST`, `Phase.COMPLETED`, or completion observed) new connects go to the
+  green address (`REROUTE`), signed for the green name first, then the blue name (the green
+  instances take the blue names mid-switch; the name that worked is tried first from then on),
+  and every connection opened before is retired (they are on blue). Once DNS gives the blue
+  name green's address, connects follow the plan again.
+
+**Completion the metadata never shows** (RDS PostgreSQL has been seen to stay "in progress"):
+while the switch is in progress the monitor polls *green* and ends the hold as soon as either
+(a) the blue name resolves to green's address, or (b) green, seen read-only earlier in this
+deployment, accepts writes (``pg_is_in_recovery()`` false and ``transaction_read_only`` off).
+Each is what a client can see of the switch having happened; neither needs the metadata.
+
+**The poller** (`BlueGreenMonitor`): one check on the pool's first new connection, before
+asyncpg gets it (one catalog query; no login, no pool slot of its own); on a database with
+neither metadata source (function missing, ``rds_tools`` missing or older than 1.7, no right
+to call it) nothing is polled again. With a source it polls every 60 s, every 1 s once a
+deployment exists, every 100 ms during a switchover, on one connection of its own opened
+through the pool's connector (so its IAM logins count against ``max_connect_rate``). It runs
+on the pool's clock, holds the pool weakly and stops when the pool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any
+
+from asyncpg.exceptions import InvalidAuthorizationSpecificationError, PostgresError
+
+from ._auth import SigningTarget
+from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import ConfigurationError, SwitchoverTimeoutError
+
+__all__ = [
+    "HOLD",
+    "PASS",
+    "REROUTE",
+    "BlueGreenMonitor",
+    "BlueGreenSettings",
+    "Deployment",
+    "Member",
+    "Phase",
+    "Tracker",
+    "blue_green_settings",
+    "blue_name_of",
+    "decide",
+    "parse_rows",
+    "poll_interval",
+]
+
+logger = logging.getLogger("asyncpg_iam.bluegreen")
+
+SOURCE_ROLE = "BLUE_GREEN_DEPLOYMENT_SOURCE"
+TARGET_ROLE = "BLUE_GREEN_DEPLOYMENT_TARGET"
+METADATA_VERSION = "1.0"
+AURORA_QUERY = (
+    "SELECT version, endpoint, port, role, status "
+    "FROM pg_catalog.get_blue_green_fast_switchover_metadata($1)"
+)
+RDS_QUERY = "SELECT version, endpoint, port, role, status FROM rds_tools.show_topology($1)"
+# One catalog look-up: which metadata source this server has (no privilege needed).
+SOURCE_PROBE = (
+    "SELECT to_regprocedure('pg_catalog.get_blue_green_fast_switchover_metadata(text)') "
+    "IS NOT NULL, to_regprocedure('rds_tools.show_topology(text)') IS NOT NULL"
+)
+GREEN_STATE = "SELECT pg_catalog.pg_is_in_recovery(), current_setting('transaction_read_only')"
+DEFAULT_HOLD = 30.0
+RDS_SUFFIXES = (".rds.amazonaws.com", ".rds.amazonaws.com.cn")
+# Green endpoint names are the blue ones with "-green-<random>" after the first part.
+_GREEN_SUFFIX = re.compile(r"-green-[a-z0-9]+(?=\.)", re.IGNORECASE)
+
+
+class Phase(enum.IntEnum):
+    """Where a deployment is; higher is further along the switchover."""
+
+    NOT_CREATED = 0
+    CREATED = 1
+    PREPARATION = 2
+    IN_PROGRESS = 3
+    POST = 4
+    COMPLETED = 5
+
+
+_STATUS_PHASES = {
+    "AVAILABLE": Phase.CREATED,
+    "SWITCHOVER_INITIATED": Phase.PREPARATION,
+    "SWITCHOVER_IN_PROGRESS": Phase.IN_PROGRESS,
+    "SWITCHOVER_IN_POST_PROCESSING": Phase.POST,
+    "SWITCHOVER_COMPLETED": Phase.COMPLETED,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Member:
+    """One endpoint of a deployment, as a metadata row names it."""
+
+    endpoint: str
+    port: int
+    green: bool
+    phase: Phase
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Deployment:
+    """What one poll of the metadata said: the phase and the endpoints."""
+
+    phase: Phase
+    members: tuple[Member, ...] = ()
+
+    def green_for(self, blue_endpoint: str) -> Member | None:
+        """Return the green member that takes `blue_endpoint`'s name at the switch."""
+        wanted = blue_endpoint.lower().rstrip(".")
+        for member in self.members:
+            if member.green and blue_name_of(member.endpoint) == wanted:
+                return member
+        return None
+
+
+NO_DEPLOYMENT = Deployment(Phase.NOT_CREATED)
+
+
+def blue_name_of(green_endpoint: str) -> str:
+    """Return the blue name a green endpoint takes at the switch (``app-green-x1.c..`` ->
+    ``app.c..``)."""
+    return _GREEN_SUFFIX.sub("", green_endpoint.lower().rstrip("."), count=1)
+
+
+def parse_rows(rows: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> Deployment:
+    """Read metadata rows (``version, endpoint, port, role, status``) into a `Deployment`.
+
+    Rows of another version or with an unknown role or status are skipped; no usable row
+    means no deployment.
+    """
+    members: list[Member] = []
+    for row in rows:
+        if isinstance(row, Mapping):
+            version, endpoint, port, role, status = (
+                row["version"],
+                row["endpoint"],
+                row["port"],
+                row["role"],
+                row["status"],
+            )
+        else:
+            version, endpoint, port, role, status = tuple(row)[:5]
+        phase = _STATUS_PHASES.get(str(status).upper())
+        if (
+            str(version) != METADATA_VERSION
+            or phase is None
+            or role
+            not in (
+                SOURCE_ROLE,
+                TARGET_ROLE,
+            )
+        ):
+            continue
+        members.append(Member(str(endpoint), int(port), role == TARGET_ROLE, phase))
+    if not members:
+        return NO_DEPLOYMENT
+    return Deployment(max(m.phase for m in members), tuple(members))
+
+
+# -- the decision -----------------------------------------------------------------------------
+
+PASS = "pass"
+"""Connect as the plan says."""
+HOLD = "hold"
+"""Wait for the switch to end (or the hold's bound)."""
+REROUTE = "reroute"
+"""Dial green's address, signed for the green name, then the blue one."""
+
+
+def decide(
+    phase: Phase,
+    *,
+    completed: bool,
+    held_since: float | None,
+    now: float,
+    hold: float,
+    green_known: bool,
+    dns_caught_up: bool,
+) -> str:
+    """Return what a new connect (or acquire) does now: `PASS`, `HOLD` or `REROUTE`.
+
+    `completed`: completion was observed without the metadata. `held_since`: when the
+    current switch began to hold traffic. `green_known`: green's address was learned.
+    `dns_caught_up`: the blue name resolves to green's address.
+    """
+    done = completed or phase >= Phase.POST
+    if done:
+        return REROUTE if green_known and not dns_caught_up else PASS
+    if phase == Phase.IN_PROGRESS and (held_since is None or now < held_since + hold):
+        return HOLD
+    return PASS
+
+
+def poll_interval(phase: Phase, *, switching: bool) -> float:
+    """Return seconds until the next poll: 60 without a deployment, 1 with one, 0.1 during
+    a switchover."""
+    if switching or phase in (Phase.PREPARATION, Phase.IN_PROGRESS, Phase.POST):
+        return 0.1
+    if phase == Phase.NOT_CREATED:
+        return 60.0
+    return 1.0
+
+
+@dataclasses.dataclass(slots=True)
+class Tracker:
+    """The deployment as polled so far: phase, rollbacks, the hold, completion observed.
+
+    Pure: `update` and `observe` take the time; the monitor acts on what they return.
+    """
+
+    hold: float = DEFAULT_HOLD
+    deployment: Deployment = NO_DEPLOYMENT
+    held_since: float | None = None
+    completed: bool = False
+    green_seen_read_only: bool = False
+    rollbacks: int = 0
+    switches: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        return self.deployment.phase
+
+    def update(self, deployment: Deployment, now: float) -> list[str]:
+        """Take a new poll; return the events it makes (``"rollback"``, ``"hold"``, ``"done"``)."""
+        events: list[str] = []
+        old = self.deployment.phase
+        new = deployment.phase
+        self.deployment = deployment
+        if new < old and not (old == Phase.COMPLETED and new == Phase.NOT_CREATED):
+            self.rollbacks += 1
+            events.append("rollback")
+            self.held_since, self.completed, self.green_seen_read_only = None, False, False
+        if new == Phase.IN_PROGRESS and self.held_since is None and not self.completed:
+            self.held_since = now
+            events.append("hold")
+        if new >= Phase.POST and old < Phase.POST and not self.completed:
+            self.completed = True
+            events.append("done")
+        if new == Phase.NOT_CREATED:
+            self.held_since, self.completed, self.green_seen_read_only = None, False, False
+        return events
+
+    def observe_green(self, *, writable: bool) -> bool:
+        """Note green's state; return True when it shows the switch has happened (a green
+        seen read-only in this deployment now takes writes)."""
+        if not writable:
+            self.green_seen_read_only = True
+            return False
+        return self._observed_done(self.green_seen_read_only)
+
+    def observe_dns(self, *, blue_on_green: bool) -> bool:
+        """Note where the blue name resolves; return True when that ends the switch."""
+        return self._observed_done(blue_on_green)
+
+    def _observed_done(self, signal: bool) -> bool:
+        if not signal or self.completed or self.phase < Phase.IN_PROGRESS:
+            return False
+        self.completed = True
+        return True
+
+    def action(self, now: float, *, green_known: bool, dns_caught_up: bool) -> str:
+        return decide(
+            self.phase,
+            completed=self.completed,
+            held_since=self.held_since,
+            now=now,
+            hold=self.hold,
+            green_known=green_known,
+            dns_caught_up=dns_caught_up,
+        )
+
+
+# -- TLS to an address, verified for a name ----------------------------------------------------
+
+
+class _PinnedNames(ssl.SSLObject):
+    """TLS objects that verify the name pinned for the address dialled (see `pin_name`)."""
+
+    names: dict[str, str] = {}  # noqa: RUF012 (each context gets its own subclass)
+
+    @classmethod
+    def _create(
+        cls,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> ssl.SSLObject:
+        if server_hostname is not None:
+            server_hostname = cls.names.get(server_hostname, server_hostname)
+        created: ssl.SSLObject = super()._create(  # type: ignore[misc]
+            incoming, outgoing, server_side, server_hostname, session, context
+        )
+        return created
+
+
+def pin_name(context: Any, address: str, name: str) -> None:
+    """Make `context`'s TLS connections to the IP `address` verify (and send SNI for) `name`.
+
+    asyncpg verifies the host it dials; green is dialled by address (DNS still gives the blue
+    name blue's), so the certificate is checked for the name the token is signed for. Only
+    for a verifying context and an IP address: a name dialled is verified as itself.
+    """
+    if not isinstance(context, ssl.SSLContext) or not context.check_hostname:
+        return
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return
+    found = context.__dict__.get("sslobject_class")
+    if isinstance(found, type) and issubclass(found, _PinnedNames):
+        pinned: type[_PinnedNames] = found
+    else:
+        pinned = type("PinnedNames", (_PinnedNames,), {"names": {}})
+        context.sslobject_class = pinned
+    pinned.names[address] = name
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BlueGreenSettings:
+    """How a pool follows a blue/green switchover (``create_pool(blue_green=...)``).
+
+    `hold`: seconds at most that new connects and acquires wait while a switch is in
+    progress (then `SwitchoverTimeoutError`, and traffic flows again). `resolver`: an async
+    ``(name, port) -> (address, port) | None`` used to learn green's address and to see the
+    blue name move (DNS by default; the test bed passes its own).
+    """
+
+    hold: float = DEFAULT_HOLD
+    resolver: Resolver | None = None
+
+    def __post_init__(self) -> None:
+        hold = self.hold
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 < hold < 3600:
+            raise ConfigurationError(
+                f"BlueGreenSettings(hold=...) must be seconds in (0, 3600) (default 30), "
+                f"not {hold!r}"
+            )
+
+
+def blue_green_settings(
+    setting: bool | BlueGreenSettings | None, connector: Any
+) -> BlueGreenSettings | None:
+    """Decide whether a pool follows switchovers: None (the default) means yes for an IAM
+    pool whose one endpoint signs for an RDS name (not DSQL, not RDS Proxy)."""
+    if isinstance(setting, BlueGreenSettings):
+        wanted = True
+    elif setting is None or isinstance(setting, bool):
+        wanted = setting is not False
+    else:
+        raise ConfigurationError(
+            f"blue_green must be True, False, None or a BlueGreenSettings, not {setting!r}"
+        )
+    targets = connector.targets
+    usable = connector.provider is not None and len(targets) == 1
+    if wanted and not usable and setting is not None:
+        raise ConfigurationError(
+            "blue_green needs an IAM pool with one endpoint (the blue cluster or instance name)"
+        )
+    if not wanted or not usable:
+        return None
+    target = targets[0]
+    name = target.signing_host.lower()
+    if setting is None and (
+        target.service != "rds" or not name.endswith(RDS_SUFFIXES) or ".proxy-" in name
+    ):
+        return None
+    return setting if isinstance(setting, BlueGreenSettings) else BlueGreenSettings()
+
+
+# -- the monitor ------------------------------------------------------------------------------
+
+Resolver = Callable[[str, int], Awaitable["tuple[str, int] | None"]]
+
+
+async def resolve_with_dns(name: str, port: int) -> tuple[str, int] | None:
+    """Return the first TCP address DNS gives for `name`, or None when it does not resolve."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
+
+
+def driver_tag() -> str:
+    """Return the ``<driver>-<version>`` argument the metadata functions take."""
+    from importlib import metadata
+
+    try:
+        return f"asyncpg_iam-{metadata.version('asyncpg-iam')}"
+    except metadata.PackageNotFoundError:
+        return "asyncpg_iam-0"
+
+
+class _Gate:
+    """Where held connects and acquires wait: released by the switch's end or the bound."""
+
+    def __init__(self, clock: Clock, deadline: float) -> None:
+        self._released = asyncio.get_running_loop().create_future()
+        self._clock = clock
+        self.deadline = deadline
+        self.timed_out = False
+
+    def release(self) -> None:
+        if not self._released.done():
+            self._released.set_result(None)
+
+    async def wait(self) -> None:
+        if self._released.done():
+            return
+        bound = asyncio.ensure_future(self._clock.sleep(self.deadline - self._clock.monotonic()))
+        try:
+            await asyncio.wait({self._released, bound}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            bound.cancel()
+        if not self._released.done():
+            self.timed_out = True
+            raise SwitchoverTimeoutError(
+                "a blue/green switchover held this connect or acquire for the hold's bound "
+                "without the switch completing: retry, or raise "
+                "BlueGreenSettings(hold=...) if your switchovers take longer"
+            )
+
+
+@dataclasses.dataclass(slots=True)
+class BlueGreenCounters:
+    """What the monitor did (the pool's stats read them)."""
+
+    polls: int = 0
+    switchovers: int = 0
+    rollbacks: int = 0
+    held: int = 0
+    hold_timeouts: int = 0
+    rerouted: int = 0
+    fallback_refusals: int = 0
+    """Logins refused while finding the name green accepts (the fallback's first tries)."""
+    retired: int = 0
+
+
+class BlueGreenMonitor:
+    """Follow a deployment for one pool and route its connects.
+
+    `connector` is the pool's `Connector` (the monitor installs its ``route`` only while a
+    switch needs one). `retire()` retires every open connection of the pool;
+    `hold_acquires(gate)` makes the pool's acquires await ``gate()`` first (None removes it).
+    `start()` makes the pool's next new connection carry the first check.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        connector: Any,
+        retire: Callable[[], int],
+        hold_acquires: Callable[[Callable[[], Awaitable[None]] | None], None],
+        hold: float = DEFAULT_HOLD,
+        resolver: Resolver | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        name: str = "",
+    ) -> None:
+        self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
+        self._connector = connector
+        self._retire = retire
+        self._hold_acquires = hold_acquires
+        self._resolve = resolver or resolve_with_dns
+        self._clock = clock
+        self._name = name
+        self.tracker = Tracker(hold=float(hold))
+        self.counters = BlueGreenCounters()
+        self.source: str | None = None
+        """``"aurora"``, ``"rds"``, or None (not checked yet, or neither exists)."""
+        self._task: asyncio.Task[None] | None = None
+        self._gate: _Gate | None = None
+        self._poll_con: Any = None
+        self._checked = False
+        self._con_on_green = False
+        self.first_hold_at: float | None = None
+        """When the monitor first held traffic for a switch (the clock's monotonic time)."""
+        self._green: tuple[Member, tuple[str, int]] | None = None
+        self._dns_caught_up = False
+        self._names: list[str] = []
+        self._confirmed: str | None = None
+        self._finding = asyncio.Lock()
+        self._routing = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the pool's next new connection for metadata before it is handed out."""
+        if not self._checked:
+            self._connector.route = self._first_connect
+
+    def _first_connect(self, extra: dict[str, Any]) -> Coroutine[Any, Any, tuple[Any, float]]:
+        if self._checked:  # connects that began together: only the first one checks
+            return self._connector.open_planned(extra)  # type: ignore[no-any-return]
+        self._checked = True
+        self._connector.route = None
+        return self._open_and_check(extra)
+
+    async def _open_and_check(self, extra: dict[str, Any]) -> tuple[Any, float]:
+        opened: tuple[Any, float] = await self._connector.open_planned(extra)
+        try:
+            found = await self.first_check(opened[0])
+        except BaseException as exc:
+            # The check must never cost the connect: the next new connection checks again.
+            self._checked = False
+            if self._connector.route is None:
+                self.start()
+            if not isinstance(exc, Exception):
+                opened[0].terminate()  # cancelled: asyncpg never gets it
+                raise
+            logger.debug("pool %s: blue/green check failed: %r", self._name, exc)
+            return opened
+        if found:
+            self._task = asyncio.get_running_loop().create_task(
+                _run(weakref.ref(self)), name=f"asyncpg_iam blue/green {self._name}"
+            )
+        return opened
+
+    def stop(self) -> None:
+        """Stop polling; release anything held; close the monitor's connection."""
+        if self._task is not None:
+            self._task.cancel()
+        self._set_gate(None)
+        self._connector.route = None
+        if self._poll_con is not None:
+            self._poll_con.terminate()
+            self._poll_con = None
+
+    @property
+    def base_target(self) -> SigningTarget:
+        return self._connector.targets[0]  # type: ignore[no-any-return]
+
+    # -- polling ------------------------------------------------------------------------------
+
+    async def first_check(self, con: Any) -> bool:
+        """Find the metadata source on `con` (new, not handed out yet); return whether there
+        is one that this user may read."""
+        try:
+            aurora, rds = await con.fetchrow(SOURCE_PROBE)
+            self.source = "aurora" if aurora else "rds" if rds else None
+            if self.source is not None:
+                await self._read(con)  # a right to call it, too
+        except PostgresError as exc:
+            logger.info(
+                "pool %s: blue/green metadata not readable (%s): switchovers are not followed",
+                self._name,
+                exc.sqlstate,
+            )
+            self.source = None
+        if self.source is None:
+            logger.debug("pool %s: no blue/green metadata on this database", self._name)
+        return self.source is not None
+
+    async def _read(self, con: Any) -> Deployment:
+        query = AURORA_QUERY if self.source == "aurora" else RDS_QUERY
+        return parse_rows(await con.fetch(query, driver_tag()))
+
+    async def poll(self) -> None:
+        """Read the metadata (and green's state during a switch) once; act on it."""
+        con = await self._connection()
+        deployment = await self._read(con)
+        self.counters.polls += 1
+        now = self._clock.monotonic()
+        for event in self.tracker.update(deployment, now):
+            self._on(event)
+        self._apply()  # hold at once: what follows awaits
+        if deployment.phase >= Phase.CREATED:
+            await self._learn(deployment)
+        if self.tracker.phase >= Phase.PREPARATION and self._green is not None:
+            in_recovery, read_only = (
+                await con.fetchrow(GREEN_STATE)
+                if self._on_green
+                else (
+                    None,
+                    None,
+                )
+            )
+            if in_recovery is not None and self.tracker.observe_green(
+                writable=not in_recovery and read_only == "off"
+            ):
+                self._on("done")
+            blue = await self._resolve(self.base_target.signing_host, self.base_target.port)
+            on_green = blue is not None and blue == self._green[1]
+            if self.tracker.observe_dns(blue_on_green=on_green):
+                self._on("done")
+            if on_green and self.tracker.completed and not self._dns_caught_up:
+                self._dns_caught_up = True
+                logger.info("pool %s: the blue name now resolves to green", self._name)
+        self._apply()
+
+    async def _learn(self, deployment: Deployment) -> None:
+        """Learn green's endpoint and address (before the switch renames them)."""
+        target = self.base_target
+        member = deployment.green_for(target.signing_host)
+        if member is None or (
+            self._green is not None and self._green[0].endpoint == member.endpoint
+        ):
+            return
+        address = await self._resolve(member.endpoint, member.port)
+        if address is None:
+            return
+        self._green = (member, address)
+        self._names = [member.endpoint, target.signing_host]
+        logger.info(
+            "pool %s: blue/green deployment found; green for %s is %s at %s:%s",
+            self._name,
+            target.signing_host,
+            member.endpoint,
+            *address,
+        )
+
+    @property
+    def _on_green(self) -> bool:
+        return self._poll_con is not None and self._con_on_green
+
+    async def _connection(self) -> Any:
+        con = self._poll_con
+        if con is not None and not con.is_closed():
+            if self._green is None or self._on_green or self._dns_caught_up:
+                return con
+            con.terminate()  # move the poller to green once it is known
+        self._poll_con = None
+        if self._green is not None and not self._dns_caught_up:
+            con, _ = await self._login_green(("any",))
+        else:
+            con, _ = await self._connector.open_planned({}, attrs="any")
+        self._poll_con = con
+        self._con_on_green = self._green is not None and not self._dns_caught_up
+        return con
+
+    # -- acting -------------------------------------------------------------------------------
+
+    def _on(self, event: str) -> None:
+        if event == "rollback":
+            self.counters.rollbacks += 1
+            logger.warning("pool %s: blue/green switchover rolled back", self._name)
+        elif event == "hold":
+            self.counters.switchovers += 1
+            if self.first_hold_at is None:
+                self.first_hold_at = self._clock.monotonic()
+            logger.warning("pool %s: blue/green switchover in progress: holding", self._name)
+        elif event == "done":
+            logger.warning("pool %s: blue/green switchover completed", self._name)
+            # Green takes the blue names at the switch: find which one it answers to now.
+            self._confirmed = None
+            self.counters.retired += self._retire()
+
+    def _apply(self) -> None:
+        """Install or remove the hold and the route as the tracker now decides."""
+        now = self._clock.monotonic()
+        action = self.tracker.action(
+            now, green_known=self._green is not None, dns_caught_up=self._dns_caught_up
+        )
+        if action == HOLD:
+            if self._gate is None:
+                held_since = self.tracker.held_since or now
+                self._set_gate(_Gate(self._clock, held_since + self.tracker.hold))
+        else:
+            self._set_gate(None)
+        reroute = action == REROUTE
+        if reroute != self._routing:
+            self._routing = reroute
+            logger.info(
+                "pool %s: new connections %s",
+                self._name,
+                "go to green" if reroute else "follow the plan",
+            )
+        self._connector.route = self._route if (reroute or self._gate is not None) else None
+
+    def _set_gate(self, gate: _Gate | None) -> None:
+        old, self._gate = self._gate, gate
+        if old is not None and old is not gate:
+            old.release()
+        self._hold_acquires(None if gate is None else self._wait)
+
+    async def _wait(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        self.counters.held += 1
+        try:
+            await gate.wait()
+        except SwitchoverTimeoutError:
+            self.counters.hold_timeouts += 1
+            if self._gate is gate:
+                self._set_gate(None)  # the bound: traffic flows again
+                self._apply()
+            raise
+
+    def _route(self, extra: dict[str, Any]) -> Coroutine[Any, Any, tuple[Any, float]]:
+        return self._routed(extra)
+
+    async def _routed(self, extra: dict[str, Any]) -> tuple[Any, float]:
+        await self._wait()
+        if self._routing and self._green is not None:
+            self.counters.rerouted += 1
+            return await self._login_green((), extra)
+        opened: tuple[Any, float] = await self._connector.open_planned(extra)
+        return opened
+
+    async def _login_green(
+        self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None = None
+    ) -> tuple[Any, float]:
+        """Log in at green's address: signed for the name that worked last, then the other.
+
+        Until a name is confirmed (after the switch: again), one login at a time finds it, so
+        a pool refilling at once costs one refused token, not one per connection.
+        """
+        if self._confirmed is None:
+            async with self._finding:
+                if self._confirmed is None:
+                    return await self._login_green_once(attrs, extra)
+        return await self._login_green_once(attrs, extra)
+
+    async def _login_green_once(
+        self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None
+    ) -> tuple[Any, float]:
+        assert self._green is not None
+        member, (host, port) = self._green
+        base = self.base_target
+        last: BaseException | None = None
+        for name in list(self._names):
+            target = dataclasses.replace(
+                base, host=host, port=port, signing_host=name, signing_port=member.port
+            )
+            pin_name(self._connector.plan.tls.context, host, name)
+            try:
+                opened = await self._connector.open_at(target, dict(extra or {}), *attrs)
+            except (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError) as exc:
+                self.counters.fallback_refusals += 1
+                if self._confirmed == name:
+                    self._confirmed = None  # renamed since: find the name again
+                last = exc
+                continue
+            if self._names[0] != name:
+                self._names.remove(name)
+                self._names.insert(0, name)
+                logger.info("pool %s: green accepts tokens signed for %s", self._name, name)
+            self._confirmed = name
+            return opened  # type: ignore[no-any-return]
+        assert last is not None
+        raise last
+
+
+async def _run(monitor_ref: weakref.ref[BlueGreenMonitor]) -> None:
+    """Poll at the phase's cadence until the pool goes away."""
+    monitor = monitor_ref()
+    if monitor is None:
+        return
+    clock = monitor._clock
+    name = monitor._name
+    del monitor
+    failures = 0
+    while True:
+        monitor = monitor_ref()
+        pool = None if monitor is None else monitor._pool_ref()
+        if monitor is None or pool is None or pool.is_closing():
+            return
+        del pool
+        try:
+            await monitor.poll()
+            failures = 0
+        except (OSError, asyncio.TimeoutError, PostgresError, ConnectionError) as exc:
+            failures += 1
+            if monitor._poll_con is not None:
+                monitor._poll_con.terminate()
+                monitor._poll_con = None
+            monitor._apply()  # the hold's bound still applies while polls fail
+            if failures == 1:
+                logger.info("pool %s: blue/green poll failed: %r", name, exc)
+        except Exception:
+            logger.exception("pool %s: blue/green poll failed", name)
+            failures += 1
+        wait = poll_interval(monitor.tracker.phase, switching=monitor._gate is not None)
+        if failures:
+            wait = min(wait, 0.1 if monitor.tracker.phase >= Phase.PREPARATION else wait)
+        del monitor
+        await clock.sleep(wait)
