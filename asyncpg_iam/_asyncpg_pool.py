@@ -9,22 +9,25 @@ minor versions: this module is where a new asyncpg is adapted, and
 ``tests/test_asyncpg_internals.py`` pins each of them. ``tests/test_architecture.py`` checks
 that no other module of the package names them.
 
-`AsyncpgPool` routes asyncpg's hooks to methods with our names (``_acquire_connection``,
-``_new_connection``, ``_start``) by assignment when a subclass is made, so asyncpg calls them
-without a layer in between; the subclass calls asyncpg's own through `asyncpg_acquire`,
-`asyncpg_new_connection` and `asyncpg_start`. Recycling and failover handling use the holder
+`AsyncpgPool` routes asyncpg's hooks to methods with our names (``_new_connection``,
+``_start``) by assignment when a subclass is made, so asyncpg calls them without a layer in
+between; the subclass calls asyncpg's own through `asyncpg_new_connection` and `asyncpg_start`.
+Its ``_acquire`` is asyncpg's acquire, rewritten as one coroutine with the lifetime check in it
+(asyncpg's is two, see `AsyncpgPool._acquire`). Recycling and failover handling use the holder
 functions below (retire on release, close an idle connection, retire them all).
 """
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import asyncpg
+import asyncpg.compat
 import asyncpg.pool
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "retire_on_release",
     "take_idle",
     "terminate_idle",
+    "timed_release",
+    "waiting_acquires",
 ]
 
 # A holder whose generation differs from its pool's is closed by asyncpg on release and replaced
@@ -53,7 +58,6 @@ __all__ = [
 _STALE_GENERATION = -1
 # asyncpg's hook -> the name of the subclass's method that replaces it.
 _HOOKS = {
-    "_acquire": "_acquire_connection",
     "_get_new_connection": "_new_connection",
     "_async__init__": "_start",
 }
@@ -92,46 +96,86 @@ connection_of: Callable[[Any], Any] = operator.attrgetter("_con")
 
 
 class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
-    """`asyncpg.Pool` with its private hooks under names of ours.
+    """`asyncpg.Pool` with its private hooks under names of ours, and a cheaper acquire.
 
-    A subclass defines ``_acquire_connection(timeout)``, ``_new_connection()`` and ``_start()``
-    to replace asyncpg's ``_acquire``, ``_get_new_connection`` and ``_async__init__``: asyncpg
-    then calls those very functions. `_acquire_live` is asyncpg's acquire with the lifetime
-    check, for the subclass's ``_acquire_connection``.
+    A subclass defines ``_new_connection()`` and ``_start()`` to replace asyncpg's
+    ``_get_new_connection`` and ``_async__init__``: asyncpg then calls those very functions.
+    For the lifetime check on acquire it sets `_deadline_of`, `_now` and `_retire_due`, and
+    `_acquire_times` while an observer records wait and use times.
     """
 
-    asyncpg_acquire = asyncpg.pool.Pool._acquire
-    """asyncpg's acquire (``_acquire(timeout)``), for the subclass to call."""
     asyncpg_new_connection = asyncpg.pool.Pool._get_new_connection
     """asyncpg's connect of a new pool connection (``_get_new_connection()``)."""
     asyncpg_start = asyncpg.pool.Pool._async__init__
     """asyncpg's pool start (``_async__init__()``)."""
 
+    # Set by the subclass: the recycler's deadline lookup by id() of an open connection, the
+    # clock's monotonic(), what to do with a due connection (True: it was retired, acquire
+    # another; False: hand it out), and where wait times go (None: nowhere).
+    _deadline_of: Callable[[int], float | None]
+    _now: Callable[[], float]
+    _retire_due: Callable[[Any, bool], Awaitable[bool]]
+    _acquire_times: Any  # an AcquireTimes (waits, acquired), or None
+    _acquire_timeouts: int
+
     def _check_init(self) -> None:
+        # Runs on every acquire and release: an open pool passes with one test, as in asyncpg.
+        if self._initialized and not self._closed:
+            return
         # asyncpg's own message for a pool used before it started says nothing of the
         # forgotten `await` that is almost always the cause.
         if not self._initialized and not self._initializing and not self._closed:
             raise asyncpg.InterfaceError(f"the pool was never started: {NOT_STARTED}")
         super()._check_init()
 
-    # Set by the subclass: the recycler's deadline lookup by id() of an open connection, the
-    # clock's monotonic(), and what replaces a due connection.
-    _deadline_of: Callable[[int], float | None]
-    _now: Callable[[], float]
-    _replace_due: Callable[[Any, float, float | None], Awaitable[Any]]
+    async def _acquire(self, timeout: float | None) -> Any:
+        """asyncpg's ``Pool._acquire``, that never hands out a connection past its deadline.
 
-    async def _acquire_live(self, timeout: float | None) -> Any:
-        """Acquire a connection that is within its lifetime (asyncpg's acquire, checked).
-
-        Here rather than in the pool because it reads the proxy's connection, and it runs on
-        every acquire: kept to two lookups and a clock read (the recycler's deadlines by id()
-        of the open connection, empty without max_lifetime), with no call in between.
+        asyncpg's runs a coroutine (``_acquire_impl``, a new closure each time) inside another;
+        this is one, with the lifetime check inline: two lookups and a clock read. A timeout
+        bounds the whole acquire, replacing due connections included, as asyncpg's
+        ``wait_for`` does; ``tests/test_asyncpg_internals.py`` pins the code it follows.
         """
-        started = time.monotonic()  # for elapsed times only, as asyncpg's timeouts are
-        proxy = await self.asyncpg_acquire(timeout)
-        deadline = self._deadline_of(id(proxy._con))
-        if deadline is not None and self._now() >= deadline:
-            proxy = await self._replace_due(proxy, started, timeout)
+        if timeout is not None:
+            try:
+                # AsyncpgPool's, not self's: blue/green's `hold_acquires` may shadow
+                # self._acquire, and its gate was already passed.
+                proxy = await asyncpg.compat.wait_for(
+                    AsyncpgPool._acquire(self, None), timeout=timeout
+                )
+            except asyncio.TimeoutError:
+                self._acquire_timeouts += 1
+                raise
+            # Recorded, as asyncpg does, as the default timeout of the release.
+            proxy._holder._timeout = timeout
+            return proxy
+        if self._closing:
+            raise asyncpg.InterfaceError("pool is closing")
+        self._check_init()
+        times = self._acquire_times
+        if times is not None:
+            started = self._now()
+        while True:
+            holder = await self._queue.get()
+            con = holder._con
+            try:
+                proxy = await holder.acquire()
+            except (Exception, asyncio.CancelledError):
+                self._queue.put_nowait(holder)
+                if REFILLS_MIN_SIZE:
+                    self._schedule_min_size_maintenance()
+                raise
+            holder._timeout = None
+            deadline = self._deadline_of(id(proxy._con))
+            if deadline is None or self._now() < deadline:
+                break
+            # Due: retired (try another), or opened by this very acquire (handed out once).
+            if not await self._retire_due(proxy, proxy._con is not con):
+                break
+        if times is not None:
+            now = self._now()
+            times.waits.append(now - started)
+            times.acquired[holder] = now
         return proxy
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -145,6 +189,36 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
 def initialized(pool: Any) -> bool:
     """Tell whether `pool` (an `asyncpg.Pool`) has started."""
     return bool(pool._initialized)
+
+
+def waiting_acquires(pool: Any) -> int:
+    """Return how many acquires of `pool` are waiting for a free connection."""
+    return sum(1 for waiter in pool._queue._getters if not waiter.done())
+
+
+def timed_release(
+    pool: AsyncpgPool, times: Any, now: Callable[[], float]
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Return a `release` for `pool` that records each connection's use time into `times`
+    (an `AcquireTimes`).
+
+    The pool sets it as an instance attribute while it records, so a pool that records
+    nothing runs asyncpg's release with no call around it. Holds the pool weakly (it is
+    stored on the pool).
+    """
+    pool_ref = weakref.ref(pool)
+    release = asyncpg.pool.Pool.release
+    acquired, uses = times.acquired, times.uses
+
+    def release_timed(
+        connection: Any, *, timeout: float | None = None
+    ) -> Coroutine[Any, Any, None]:
+        began = acquired.pop(getattr(connection, "_holder", None), None)
+        if began is not None:
+            uses.append(now() - began)
+        return release(pool_ref(), connection, timeout=timeout)  # type: ignore[no-any-return]
+
+    return release_timed
 
 
 def holder_of(proxy: Any) -> Any:

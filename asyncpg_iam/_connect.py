@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import inspect
 import logging
 import os
@@ -434,6 +433,26 @@ class ConnectCounters:
     """Refused logins by the most likely cause (`AUTH_CAUSES`)."""
 
 
+class _TokenPassword:
+    """The ``password`` callable of one login: a token for `target`, what was done noted in
+    `record`. asyncpg keeps it on the connection for the connection's life: one small
+    object (a partial of a bound method is three), whose record `forget` drops once the
+    login succeeded."""
+
+    __slots__ = ("provider", "record", "target")
+
+    def __init__(self, provider: TokenProvider, target: SigningTarget, record: TokenRecord) -> None:
+        self.provider = provider
+        self.target = target
+        self.record: TokenRecord | None = record
+
+    def __call__(self) -> Awaitable[str]:
+        return self.provider.token(self.target, self.record)
+
+    def forget(self) -> None:
+        self.record = None
+
+
 class Connector:
     """Open connections as a plan says: a token per host tried, within the rate limit.
 
@@ -715,12 +734,13 @@ class Connector:
             if self._bucket is not None:
                 await self._throttle(self._bucket, budget)
             record = TokenRecord()
+            password = _TokenPassword(provider, target, record)
             kwargs = {**self._kwargs, **extra}
             kwargs.update(
                 host=target.host,
                 port=target.port,
                 target_session_attrs=attrs,
-                password=functools.partial(provider.token, target, record),
+                password=password,
                 timeout=budget.for_connect(reserve=True),
             )
             gate = self.login_gate
@@ -730,6 +750,7 @@ class Connector:
             started = self._clock.monotonic()
             try:
                 con = await self._connect(**kwargs)
+                password.forget()
             except InvalidAuthorizationSpecificationError as exc:
                 if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise

@@ -5,20 +5,20 @@ to the DNS TTL new connections to the cluster endpoint can still reach the old w
 down or read-only. `FailoverGuard` watches one pool's connections for that and reacts.
 
 **Signals.** asyncpg's pool never sees what happens to a connection while a caller holds it,
-so the guard attaches two public asyncpg hooks to every connection the pool opens:
+so the guard watches every connection the pool opens in two ways:
 
 - a *termination listener* (`Connection.add_termination_listener`), which asyncpg calls when
   the connection closes for any reason. Connections are created from a subclass of the pool's
   ``connection_class`` whose `close()` and `terminate()` note that the client closed it, so
   the listener tells a server or network drop (idle or in use) from the pool's own closes
   (max lifetime, ``max_queries``, idle timeout, pool close);
-- on pools that want the writer, a *query logger* (`Connection.add_query_logger`, a few
-  microseconds a query), which sees the exception of every query on a connection that stays
-  open: ``25006 read_only_sql_transaction`` when the pool wants
-  the writer (the server was demoted), ``57P0x`` and class ``08`` errors. (asyncpg drops a
-  connection's query loggers when the connection is lost, before the failed query reports:
-  lost connections, and the FATAL ``57P01 admin_shutdown`` that precedes them, reach the
-  guard through the termination listener.)
+- on pools that want the writer, query error reports: the connection class also reports the
+  server error of every query that fails (`reporting_connection_class`; asyncpg's query
+  logger, which costs about 25 calls a query, only for a ``connect=`` that makes its own
+  connections): ``25006 read_only_sql_transaction`` when the pool wants the writer (the
+  server was demoted), ``57P0x`` and class ``08`` errors. (Lost connections, and the FATAL
+  ``57P01 admin_shutdown`` that precedes them, reach the guard through the termination
+  listener, which tells them from the client's own closes.)
 
 Connect attempts are a third source: ``57P03``, a refused connection or a ``08`` error at
 login. A new connection that lands on a read-only server (``in_hot_standby``/
@@ -56,7 +56,6 @@ import asyncio
 import functools
 import logging
 import random
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -120,6 +119,7 @@ def _connect_failure(exc: BaseException) -> str | None:
 
 
 _marked_classes: dict[type, type] = {}
+_reporting_classes: dict[type, type] = {}
 
 
 def marked_connection_class(base: type) -> type:
@@ -145,6 +145,51 @@ def marked_connection_class(base: type) -> type:
     return _Marked
 
 
+def reporting_connection_class(base: type) -> type:
+    """Return a marked subclass of `base` whose queries hand the server errors they raise to
+    ``con._asyncpg_iam_on_error(exc)`` once `FailoverGuard.watch` has set it.
+
+    It sees what asyncpg's query logger would (``execute``, and the ``_execute`` and
+    ``_executemany`` every fetch goes through) at a fraction of its cost: a logger makes
+    asyncpg time every query in a context manager, build a record and schedule a callback,
+    about 25 calls a query; this is one coroutine layer, and a call only when a query fails.
+    """
+    reporting = _reporting_classes.get(base)
+    if reporting is not None:
+        return reporting
+    marked = marked_connection_class(base)
+
+    class _Reporting(marked):  # type: ignore[valid-type,misc]
+        __slots__ = ("_asyncpg_iam_on_error",)
+
+        def execute(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+            if args:  # asyncpg runs it through _execute, which reports
+                return super().execute(query, *args, timeout=timeout)
+            return self._asyncpg_iam_reported(super().execute(query, timeout=timeout))
+
+        def _execute(self, *args: Any, **kwargs: Any) -> Any:
+            return self._asyncpg_iam_reported(super()._execute(*args, **kwargs))
+
+        def _executemany(self, *args: Any, **kwargs: Any) -> Any:
+            return self._asyncpg_iam_reported(super()._executemany(*args, **kwargs))
+
+        async def _asyncpg_iam_reported(self, query: Awaitable[Any]) -> Any:
+            try:
+                return await query
+            except asyncpg.PostgresError as exc:
+                # Server errors only: a lost connection reaches the termination listener,
+                # which tells the client's own closes apart.
+                on_error = getattr(self, "_asyncpg_iam_on_error", None)
+                if on_error is not None:
+                    on_error(exc)
+                raise
+
+    _Reporting.__name__ = _Reporting.__qualname__ = base.__name__
+    _Reporting.__module__ = base.__module__
+    _reporting_classes[base] = _marked_classes[_Reporting] = _Reporting
+    return _Reporting
+
+
 def _closed_by_client(con: Any) -> bool | None:
     """True if the client closed `con`, False if not, None if `con` is not marked."""
     if type(con) not in _marked_classes.values():
@@ -153,15 +198,18 @@ def _closed_by_client(con: Any) -> bool | None:
 
 
 class _Watched:
-    """One watched connection: its termination listener is `terminated`."""
+    """One watched connection: called with it (or None) when it terminates.
 
-    __slots__ = ("con_ref", "epoch", "guard")
+    Called itself rather than through a bound method: one object less per connection.
+    """
 
-    def __init__(self, guard: FailoverGuard, epoch: int, con_ref: weakref.ref[Any]) -> None:
-        self.guard, self.epoch, self.con_ref = guard, epoch, con_ref
+    __slots__ = ("epoch", "guard")
 
-    def terminated(self, _proxy: Any) -> None:
-        self.guard._on_terminated(self.epoch, self.con_ref())
+    def __init__(self, guard: FailoverGuard, epoch: int) -> None:
+        self.guard, self.epoch = guard, epoch
+
+    def __call__(self, con: Any) -> None:
+        self.guard._on_terminated(self.epoch, con)
 
 
 class FailoverGuard:
@@ -230,9 +278,11 @@ class FailoverGuard:
     # -- connecting ---------------------------------------------------------------------------
 
     def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Return connect arguments whose ``connection_class`` lets closes be told apart."""
+        """Return connect arguments whose ``connection_class`` lets closes be told apart (and,
+        on an owner that wants the writer, reports query errors)."""
         base = kwargs.get("connection_class") or asyncpg.Connection
-        return {**kwargs, "connection_class": marked_connection_class(base)}
+        make = reporting_connection_class if self.wants_writer else marked_connection_class
+        return {**kwargs, "connection_class": make(base)}
 
     async def open(
         self, open_once: Callable[..., Awaitable[tuple[Any, float]]], kwargs: dict[str, Any]
@@ -321,18 +371,21 @@ class FailoverGuard:
     def watch(self, con: Any, epoch: int) -> Callable[[Any], None]:
         """Watch a connection just opened, whose login began at `epoch`.
 
-        Returns the callable to run when it terminates (the pool's one termination listener
-        per connection calls it; one listener costs less than two on every connect).
+        Returns the callable to run with the connection itself (not a pool's proxy of it; None
+        if it is gone) when it terminates: the pool's one termination listener per connection
+        calls it (one listener costs less than two on every connect), and a SQLAlchemy engine
+        adds it as the listener (no proxies there).
         """
         self._opened_any = True
         if self._recovering:
             self._recovering = False
             self._recoveries += 1
         if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
-            con.add_query_logger(functools.partial(self._on_query, epoch))
-        # asyncpg passes listeners the pool's proxy while the connection is in use: bind the
-        # connection itself (weakly: the listener is stored on it).
-        return _Watched(self, epoch, weakref.ref(con)).terminated
+            if type(con) in _reporting_classes.values():
+                con._asyncpg_iam_on_error = functools.partial(self._on_query_error, epoch)
+            else:  # a `connect=` that made its own class: asyncpg's query logger
+                con.add_query_logger(functools.partial(self._on_query, epoch))
+        return _Watched(self, epoch)
 
     # -- signals ------------------------------------------------------------------------------
 
@@ -344,7 +397,10 @@ class FailoverGuard:
         self.report("connection_lost", epoch)
 
     def _on_query(self, epoch: int, record: Any) -> None:
-        kind = classify_error(record.exception, wants_writer=self.wants_writer)
+        self._on_query_error(epoch, record.exception)
+
+    def _on_query_error(self, epoch: int, exc: BaseException | None) -> None:
+        kind = classify_error(exc, wants_writer=self.wants_writer)
         if kind is not None:
             self.report(kind, epoch)
 

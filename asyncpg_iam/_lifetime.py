@@ -180,26 +180,30 @@ class _Tracked:
 
     __slots__ = ("also", "con_ref", "deadline", "due_at", "key", "opened", "reason", "recycler")
 
-    def __init__(self, recycler: Recycler, also: Callable[[Any], None] | None) -> None:
+    def __init__(
+        self, recycler: Recycler, key: int, con: Any, also: Callable[[Any], None] | None
+    ) -> None:
         self.recycler = recycler
         self.also = also
         self.opened = 0.0
         self.deadline: float | None = None
-        self.key: int | None = None
-        self.con_ref: weakref.ref[Any] | None = None
+        # id() of the open connection (None once it closed), the recycler's key for it.
+        self.key: int | None = key
+        self.con_ref: weakref.ref[Any] = weakref.ref(con)
         # When the recycler looks at it next (None: not scheduled, or closed).
         self.due_at: float | None = None
         self.reason: str | None = None
 
-    def terminated(self, con: Any) -> None:
+    def terminated(self, _con: Any) -> None:
         """The connection's termination listener (a bound method: asyncpg inspects listeners,
-        and a method is the cheap case); then `also`, if given."""
-        self.recycler._closed(self, con)
+        and a method is the cheap case); then `also`, if given, with the connection itself
+        (asyncpg passes its pool proxy while it is in use), or None if it is gone."""
+        self.recycler._closed(self)
         # Dropped once called: a closed connection's state may wait in the deadline heap
         # until a compaction, and should not keep what the failover guard attached.
         also, self.also = self.also, None
         if also is not None:
-            also(con)
+            also(self.con_ref())
 
 
 class Recycler:
@@ -228,7 +232,9 @@ class Recycler:
         self._now: Callable[[], float] = clock.monotonic
         self._rng = rng if rng is not None else random.Random()
         self._on_closed = on_closed
-        self._tracked: weakref.WeakKeyDictionary[Connection, _Tracked] = weakref.WeakKeyDictionary()
+        # State by id() of each open connection, removed when it closes (its termination
+        # listener): an int key costs less than a weak one, on every connect.
+        self._tracked: dict[int, _Tracked] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Deadlines by id() of the open connection, removed when it closes: the acquire check
         # reads them, and a dict lookup by int costs less than a weak one.
@@ -253,11 +259,12 @@ class Recycler:
     ) -> None:
         """Start the lifetime of a newly opened connection, counted from `started` (clock time).
 
-        `also` is called with asyncpg's argument when the connection terminates, from the same
-        termination listener.
+        `also` is called with the connection (None if it is gone) when it terminates, from
+        the same termination listener.
         """
-        state = _Tracked(self, also)
-        self._tracked[con] = state
+        key = id(con)  # one int object for both tables and the state
+        state = _Tracked(self, key, con, also)
+        self._tracked[key] = state
         con.add_termination_listener(state.terminated)
         now = self._now()
         start = now if started is None else started
@@ -270,9 +277,7 @@ class Recycler:
         state.deadline = spread_deadline(
             start + shortest, start + longest, self._deadlines.values(), self._rng
         )
-        state.key = id(con)
-        self._deadlines[state.key] = state.deadline
-        state.con_ref = weakref.ref(con)
+        self._deadlines[key] = state.deadline
         self._schedule(state, state.deadline)
 
     def _schedule(self, state: _Tracked, when: float) -> None:
@@ -322,7 +327,7 @@ class Recycler:
 
     def opened_at(self, con: Connection) -> float | None:
         """Return the clock time at which `con`'s login began, or None if it is not tracked."""
-        state = self._tracked.get(con)
+        state = self._tracked.get(id(con))
         return state.opened if state is not None else None
 
     def deadline(self, con: Connection) -> float | None:
@@ -346,7 +351,7 @@ class Recycler:
     def retire_on_release(self, holder: Any, reason: str = "max_lifetime") -> None:
         """Make asyncpg close the holder's connection when it is released."""
         con = _asyncpg_pool.retire_on_release(holder)
-        state = self._tracked.get(con) if con is not None else None
+        state = self._tracked.get(id(con)) if con is not None else None
         if state is not None and state.reason is None:
             state.reason = reason
 
@@ -372,11 +377,13 @@ class Recycler:
             return True
         return False
 
-    def _closed(self, state: _Tracked, _con: Any) -> None:
+    def _closed(self, state: _Tracked) -> None:
         if state.reason in ("max_lifetime", "discarded_on_acquire"):
             self._retired.append(self._now())
         if state.key is not None:
-            self._deadlines.pop(state.key, None)
+            if self._tracked.get(state.key) is state:  # not a newer connection of that id()
+                del self._tracked[state.key]
+                self._deadlines.pop(state.key, None)
             state.key = None
         if state.due_at is not None:
             state.due_at = None
@@ -387,7 +394,7 @@ class Recycler:
             on_closed(state.reason or "other")
 
     def _on_deadline(self, state: _Tracked) -> None:
-        con = state.con_ref() if state.con_ref is not None else None
+        con = state.con_ref()
         pool = self._pool_ref()
         if con is None or pool is None or pool.is_closing() or con.is_closed():
             return
@@ -406,7 +413,7 @@ class Recycler:
         task.add_done_callback(self._tasks.discard)
 
     async def _close_idle(self, pool: Any, holder: Any, con: Connection) -> None:
-        state = self._tracked.get(con)
+        state = self._tracked.get(id(con))
         if state is not None:
             state.reason = "max_lifetime"
         logger.debug("retiring an idle connection at its max lifetime")

@@ -9,6 +9,7 @@ that says what was signed for whom and what most likely went wrong.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
 import datetime
@@ -25,7 +26,8 @@ import asyncpg
 import asyncpg.pool
 
 from . import _asyncpg_pool, _proxy
-from ._asyncpg_pool import AsyncpgPool, connection_of, holder_of
+from ._acquire_times import AcquireTimes
+from ._asyncpg_pool import AsyncpgPool, holder_of, timed_release, waiting_acquires
 from ._auth import IAMAuth, SigningTarget, TokenProvider, auth_from
 from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -123,6 +125,10 @@ class PoolStats:
     """Fetches from the AWS credential source that failed."""
     credentials_expiry: datetime.datetime | None = None
     """When the cached AWS credentials expire (None: none cached, or they never expire)."""
+    acquire_timeouts: int = 0
+    """Acquires that timed out (their ``timeout`` ran out)."""
+    waiting_acquires: int = 0
+    """Acquires waiting for a free connection when the snapshot was taken."""
     silent_hosts: int = 0
     """Hosts declared silent (no answer to the health check's probes), see `HealthCheck`."""
     health_probes: int = 0
@@ -165,22 +171,17 @@ class PoolSettings:
 class PoolObserver(Protocol):
     """What a pool reports to an observer installed with `Pool.set_observer`.
 
-    Durations are seconds on the pool's clock. Holders identify pool slots across acquire
-    and release. Called on the event loop; must not block or raise.
+    Durations are seconds on the pool's clock. Called on the event loop; must not block or
+    raise. Acquires and releases call nothing: while `acquire_times` is not None the pool
+    appends each acquire's wait and each connection's use to it, for the observer to read
+    when it likes (see `AcquireTimes`).
     """
+
+    acquire_times: AcquireTimes | None
+    """Where the pool records wait and use times (None: it records none)."""
 
     def connection_created(self, seconds: float) -> None:
         """A new connection was opened (login, init) in `seconds`."""
-
-    def wait_started(self) -> None:
-        """An acquire began waiting."""
-
-    def wait_ended(self, seconds: float | None, *, holder: object | None) -> None:
-        """An acquire ended: with `holder` after `seconds`; timed out (`holder` None and
-        `seconds` set); or failed otherwise (both None)."""
-
-    def connection_released(self, holder: object) -> None:
-        """The connection of `holder` is being released."""
 
 
 class _Counters:
@@ -240,8 +241,11 @@ class Pool(AsyncpgPool):
         self._name = self._connector.name
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
-        # Login times of connections opened before an observer came: the first one gets them.
-        self._unobserved_creates: list[float] = []
+        self._acquire_times = None
+        self._acquire_timeouts = 0
+        # Login times of connections opened before an observer came: the first one gets them
+        # (8 bytes each, at most 1,024).
+        self._unobserved_creates = array.array("d")
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
             super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
@@ -278,7 +282,7 @@ class Pool(AsyncpgPool):
             on_closed=weakref.WeakMethod(self._on_connection_closed),
             clock=self._clock,
         )
-        # The acquire check's two lookups, bound once (see _acquire_live).
+        # The acquire check's two lookups, bound once (see AsyncpgPool._acquire).
         self._deadline_of = self._recycler.deadlines.get
         # The system clock's monotonic() is time.monotonic(): call that without the wrapper.
         clock = self._clock
@@ -405,6 +409,8 @@ class Pool(AsyncpgPool):
             auth_failures_by_cause=dict(connects.auth_failures_by_cause),
             credential_fetch_failures=provider.credentials.fetch_failures if provider else 0,
             credentials_expiry=cached.expiry if cached is not None else None,
+            acquire_timeouts=self._acquire_timeouts,
+            waiting_acquires=waiting_acquires(self) if _asyncpg_pool.initialized(self) else 0,
             silent_hosts=self._health.silent_events if self._health is not None else 0,
             health_probes=self._health.probes if self._health is not None else 0,
             topology_refreshes=self._topology.refreshes if self._topology else 0,
@@ -433,12 +439,21 @@ class Pool(AsyncpgPool):
     def set_observer(self, observer: PoolObserver | None) -> None:
         """Install `observer` (None removes it): a hook for metrics, see `asyncpg_iam.otel`.
 
-        Without one the acquire and connect paths do no extra work. An observer installed
-        after the pool opened connections is told their login times first (up to 1,024).
+        Without one, or with one that wants no acquire times, acquires and releases do no
+        extra work. An observer installed after the pool opened connections is told their
+        login times first (up to 1,024).
         """
         self._observer = observer
+        times = observer.acquire_times if observer is not None else None
+        self._acquire_times = times
+        if times is None:
+            self.__dict__.pop("release", None)
+        else:
+            # An instance attribute, not an override: a pool that records nothing runs
+            # asyncpg's release with no call around it.
+            self.__dict__["release"] = timed_release(self, times, self._now)
         if observer is not None:
-            history, self._unobserved_creates = self._unobserved_creates, []
+            history, self._unobserved_creates = self._unobserved_creates, array.array("d")
             for seconds in history:
                 observer.connection_created(seconds)
 
@@ -513,66 +528,24 @@ class Pool(AsyncpgPool):
 
     # -- lifetime --------------------------------------------------------------------------
 
-    def _acquire_connection(self, timeout: float | None) -> Coroutine[Any, Any, Any]:
-        # asyncpg's _acquire (see _asyncpg_pool). Runs on every acquire: dispatch without a
-        # coroutine of its own, so the path without an observer adds one coroutine around
-        # asyncpg's, not two.
-        observer = self._observer
-        if observer is None:
-            return self._acquire_live(timeout)
-        return self._acquire_observed(observer, timeout)
+    async def _retire_due(self, proxy: Any, opened_now: bool) -> bool:
+        """Deal with a due connection on acquire: True when it was retired (acquire another).
 
-    async def _acquire_observed(self, observer: PoolObserver, timeout: float | None) -> Any:
-        started = self._clock.monotonic()
-        observer.wait_started()
-        try:
-            proxy = await self._acquire_live(timeout)
-        except asyncio.TimeoutError:
-            observer.wait_ended(self._clock.monotonic() - started, holder=None)
-            raise
-        except BaseException:
-            observer.wait_ended(None, holder=None)
-            raise
-        observer.wait_ended(self._clock.monotonic() - started, holder=holder_of(proxy))
-        return proxy
-
-    def release(
-        self, connection: Any, *, timeout: float | None = None
-    ) -> Coroutine[Any, Any, None]:
-        """Return `connection` to the pool (asyncpg's `Pool.release`); await the result."""
-        observer = self._observer
-        if observer is not None:
-            holder = holder_of(connection)
-            if holder is not None:
-                observer.connection_released(holder)
-        # asyncpg's coroutine itself, not one around it: this runs on every release.
-        return super().release(connection, timeout=timeout)  # type: ignore[no-any-return]
-
-    async def _replace_due(self, proxy: Any, started: float, timeout: float | None) -> Any:
-        """Retire `proxy`'s due connection and acquire another (or hand it out once)."""
-        while self._recycler.is_due(connection_of(proxy)):
-            # Lifetimes are clock times: when did this acquire begin by the clock?
-            began = self._clock.monotonic() - (time.monotonic() - started)
-            opened = self._recycler.opened_at(connection_of(proxy))
-            if opened is not None and opened >= began:
-                # This acquire opened it, and it came due before it could be handed out (its
-                # connect, init or setup took that long): hand it out once rather than loop
-                # forever; it closes on release.
-                self._recycler.retire_on_release(holder_of(proxy))
-                self._note_due_on_handout()
-                break
-            # Due while it waited to be handed out: retire it and try again within the
-            # caller's timeout.
-            self._recycler.retire_on_release(holder_of(proxy), "discarded_on_acquire")
-            remaining = None if timeout is None else started + timeout - time.monotonic()
-            close_timeout = _DISCARD_CLOSE_TIMEOUT
-            if remaining is not None:
-                close_timeout = min(close_timeout, max(remaining, 0.1))
-            await super().release(proxy, timeout=close_timeout)
-            if timeout is not None:
-                remaining = max(0.0, started + timeout - time.monotonic())
-            proxy = await self.asyncpg_acquire(remaining)
-        return proxy
+        Called by the acquire (see `AsyncpgPool._acquire`) when `proxy`'s connection is past
+        its deadline; `opened_now` says whether this acquire opened it.
+        """
+        holder = holder_of(proxy)
+        if opened_now:
+            # It came due before it could be handed out (its connect, init or setup took
+            # that long): hand it out once rather than loop forever; it closes on release.
+            self._recycler.retire_on_release(holder)
+            self._note_due_on_handout()
+            return False
+        # Due while it waited to be handed out: retire it; the acquire tries again (within its
+        # timeout, if it has one: the close goes on in the background if that runs out).
+        self._recycler.retire_on_release(holder, "discarded_on_acquire")
+        await super().release(proxy, timeout=_DISCARD_CLOSE_TIMEOUT)
+        return True
 
     def _note_due_on_handout(self) -> None:
         self._counters.handed_out_due += 1

@@ -35,10 +35,11 @@ the cached AWS credentials expire, and on an Aurora cluster the topology refresh
 connections per instance (``asyncpg_iam.instance.id``).
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
-an instrumented pool does no extra work for them. The three histograms are fed by a
-`Pool.set_observer` hook: an uninstrumented pool pays one attribute check per acquire and per
-connect; an instrumented one buffers each wait and use time (at most `MAX_BUFFERED` between
-two collections) and records them into the histograms when the reader collects. Nothing
+an instrumented pool does no extra work for them. The three histograms are fed through
+`Pool.set_observer`: an uninstrumented pool, or one with ``histograms=False``, does no extra
+work per acquire; with the histograms, the pool appends each wait and use time to a buffer (at
+most `MAX_BUFFERED` between two collections; no call per acquire) and they are recorded into
+the histograms when the reader collects. Nothing
 recorded ever carries a token or a secret. Needs the ``otel`` extra
 (``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
 which works unchanged on connections from this pool.
@@ -46,7 +47,6 @@ which works unchanged on connections from this pool.
 
 from __future__ import annotations
 
-import collections
 import importlib.metadata
 import inspect
 from collections.abc import Iterable
@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "asyncpg_iam.otel needs the OpenTelemetry API: pip install 'asyncpg-iam[otel]'"
     ) from exc
 
+from ._acquire_times import AcquireTimes
 from ._errors import AUTH_CAUSES, ConfigurationError
 from ._pool import Pool
 
@@ -108,54 +109,31 @@ def _histograms(meter: Meter) -> tuple[Any, Any, Any]:
 
 
 class _Recorder:
-    """The pool observer: records the histograms and counts pending acquires and timeouts."""
+    """The pool observer: records connect times, and the wait and use times the pool buffers."""
 
     def __init__(self, meter: Meter, attributes: dict[str, str], *, histograms: bool) -> None:
         self._attributes = attributes
-        self._create = self._wait = self._use = None
+        self._create: Any = None
+        self._wait: Any = None
+        self._use: Any = None
+        self.acquire_times: AcquireTimes | None = None
         if histograms:
             self._create, self._wait, self._use = _histograms(meter)
-        self.pending = 0
-        self.timeouts = 0
-        self._acquired: dict[object, float] = {}
-        self._clock: Any = None
-        # Wait and use times wait here for the next collection: a deque append costs well
-        # under a microsecond, the SDK's record() tens of them, twice per acquire. The deques
-        # are thread-safe (the SDK may collect from its exporter thread).
-        self._waits: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
-        self._uses: collections.deque[float] = collections.deque(maxlen=MAX_BUFFERED)
-
-    def bind(self, pool: Pool) -> None:
-        self._clock = pool.clock
+            # The pool appends wait and use times here on each acquire and release (a deque
+            # append, where the SDK's record() costs tens of microseconds); they are recorded
+            # into the histograms when the reader collects.
+            self.acquire_times = AcquireTimes(MAX_BUFFERED)
 
     def connection_created(self, seconds: float) -> None:
         if self._create is not None:
             self._create.record(seconds, self._attributes)
 
-    def wait_started(self) -> None:
-        self.pending += 1
-
-    def wait_ended(self, seconds: float | None, *, holder: object | None) -> None:
-        self.pending -= 1
-        if holder is None:
-            if seconds is not None:
-                self.timeouts += 1
-            return
-        if self._wait is not None:
-            assert seconds is not None
-            self._waits.append(seconds)
-            self._acquired[holder] = self._clock.monotonic()
-
-    def connection_released(self, holder: object) -> None:
-        acquired = self._acquired.pop(holder, None)
-        if acquired is not None and self._use is not None:
-            self._uses.append(self._clock.monotonic() - acquired)
-
     def flush(self) -> None:
         """Record the buffered wait and use times into their histograms."""
-        for samples, histogram in ((self._waits, self._wait), (self._uses, self._use)):
-            if histogram is None:
-                continue
+        times = self.acquire_times
+        if times is None:
+            return
+        for samples, histogram in ((times.waits, self._wait), (times.uses, self._use)):
             record, pop, attributes = histogram.record, samples.popleft, self._attributes
             for _ in range(len(samples)):
                 record(pop(), attributes)
@@ -168,7 +146,6 @@ class PoolInstrumentation:
         self.pool = pool
         self._attributes = {POOL_NAME: pool.name}
         self._recorder = _Recorder(meter, self._attributes, histograms=histograms)
-        self._recorder.bind(pool)
         self._active = True
         self._instruments = [
             *self._pool_instruments(meter),
@@ -214,13 +191,13 @@ class PoolInstrumentation:
             ),
             meter.create_observable_up_down_counter(
                 "db.client.connection.pending_requests",
-                [self._gauge(lambda _p: self._recorder.pending)],
+                [self._gauge(lambda p: p.stats().waiting_acquires)],
                 unit="{request}",
                 description="The number of current pending requests for an open connection.",
             ),
             meter.create_observable_counter(
                 "db.client.connection.timeouts",
-                [self._gauge(lambda _p: self._recorder.timeouts)],
+                [self._gauge(_stat("acquire_timeouts"))],
                 unit="{timeout}",
                 description="The number of connection timeouts that have occurred trying to "
                 "obtain a connection from the pool.",

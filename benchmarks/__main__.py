@@ -3,7 +3,9 @@
 Writes ``results.json`` (raw figures), ``results.md`` (the table) and PNG plots to the output
 directory (``benchmarks/results/`` by default), recording the machine, versions and date.
 With ``--only``, the cases run replace their own entries in an existing ``results.json`` and
-the others are kept, each marked with the run that produced it.
+the others are kept, each marked with the run that produced it. With ``--loop uvloop`` the
+cases' figures are kept beside the asyncio run's (``NAME@uvloop``) and shown as a column of
+the same tables.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from . import (
     case_fetches,
     case_fleet,
     case_loop_lag,
+    case_memory,
     case_metrics,
     case_pool_overhead,
     case_proxy,
@@ -53,6 +56,7 @@ CASES: list[ModuleType] = [
     case_bluegreen,
     case_proxy,
     case_cold_start,
+    case_memory,
 ]
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 
@@ -159,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     results, head = _run(_run_cases(args), args.loop)
     head["loop"] = args.loop
     path = args.output / "results.json"
-    if args.only.strip() and path.exists():
+    if args.loop != "asyncio":
+        # Beside the asyncio run's figures: a column of their tables (see _harness.markdown).
+        for result in results:
+            result.name += _harness.LOOP_SEPARATOR + args.loop
+            result.run = {"date": head["date"], "command": head["command"], "quick": args.quick}
+    if (args.only.strip() or args.loop != "asyncio") and path.exists():
         head, results = _harness.merge_results(path, head, results, order=[c.NAME for c in CASES])
     _harness.write_json(path, head, results)
     (args.output / "results.md").write_text(_harness.markdown(head, results))

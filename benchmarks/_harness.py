@@ -459,8 +459,36 @@ def merge_results(
         }
         merged.append(kept)
     rank = {name: index for index, name in enumerate(order)}
-    merged.sort(key=lambda result: rank.get(result.name, len(rank)))
+    merged.sort(key=lambda result: (rank.get(base_name(result.name), len(rank)), result.name))
     return header, merged
+
+
+#: What a case run on another event loop than asyncio is named after: ``pool_overhead@uvloop``.
+LOOP_SEPARATOR = "@"
+
+
+def base_name(name: str) -> str:
+    """Return a case's name without its event loop (``connect@uvloop`` -> ``connect``)."""
+    return name.split(LOOP_SEPARATOR, 1)[0]
+
+
+def _loop_table(result: CaseResult, other: CaseResult, loop: str) -> list[str]:
+    """Return one table with a value column per event loop (rows matched by their figure)."""
+    theirs = {row.metric: row for row in other.rows}
+    lines = [f"| figure | asyncio | {loop} | target | |", "|---|---|---|---|---|"]
+    for row in result.rows:
+        twin = theirs.pop(row.metric, None)
+        status = " / ".join(
+            {"met": "met", "MISSED": "**missed**", "": ""}[r.status]
+            for r in (row, twin)
+            if r is not None and r.status
+        )
+        value = twin.value if twin is not None else ""
+        lines.append(f"| {row.metric} | {row.value} | {value} | {row.target} | {status} |")
+    for row in theirs.values():
+        status = {"met": "met", "MISSED": "**missed**", "": ""}[row.status]
+        lines.append(f"| {row.metric} |  | {row.value} | {row.target} | {status} |")
+    return lines
 
 
 def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str = "##") -> str:
@@ -480,8 +508,23 @@ def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str 
         f"Command: `{header['command']}`; event loop: {header.get('loop', 'asyncio')}.",
         "",
     ]
+    by_name = {result.name: result for result in results}
     for result in results:
-        lines += [f"{heading}# {result.title}", ""]
+        base, _, loop = result.name.partition(LOOP_SEPARATOR)
+        if loop and base in by_name:
+            continue  # shown as a column of the asyncio run's table
+        others = [
+            (name.partition(LOOP_SEPARATOR)[2], other)
+            for name, other in by_name.items()
+            if loop == "" and name.startswith(base + LOOP_SEPARATOR)
+        ]
+        lines += [f"{heading}# {result.title}" + (f" ({loop})" if loop else ""), ""]
+        for other_loop, other in others:
+            lines += [
+                f"The {other_loop} column: `{(other.run or header)['command']}`, "
+                f"{(other.run or header)['date']}.",
+                "",
+            ]
         if result.run:
             quick = " (quick run)" if result.run.get("quick") else ""
             lines += [
@@ -490,7 +533,10 @@ def markdown(header: dict[str, Any], results: list[CaseResult], *, heading: str 
             ]
         if result.error is not None:
             lines += [f"Failed: `{result.error}`", ""]
-        if result.rows:
+        if result.rows and others:
+            lines += _loop_table(result, others[0][1], others[0][0])
+            lines.append("")
+        elif result.rows:
             lines += ["| figure | value | target | |", "|---|---|---|---|"]
             for row in result.rows:
                 status = {"met": "met", "MISSED": "**missed**", "": ""}[row.status]

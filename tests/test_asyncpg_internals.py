@@ -35,14 +35,57 @@ def test_pool_methods_we_override_exist() -> None:
 
 
 def test_the_adapter_routes_asyncpg_hooks_to_the_pool_without_a_layer() -> None:
-    """asyncpg's _acquire, _get_new_connection and _async__init__ are the Pool's own methods, and
-    the adapter's asyncpg_* names are asyncpg's originals."""
+    """asyncpg's _get_new_connection and _async__init__ are the Pool's own methods, and the
+    adapter's asyncpg_* names are asyncpg's originals."""
     for hook, ours in _asyncpg_pool._HOOKS.items():
         assert callable(getattr(asyncpg.pool.Pool, hook))
         assert getattr(asyncpg_iam.Pool, hook) is getattr(asyncpg_iam.Pool, ours)
-    assert _asyncpg_pool.AsyncpgPool.asyncpg_acquire is asyncpg.pool.Pool._acquire
     assert _asyncpg_pool.AsyncpgPool.asyncpg_new_connection is asyncpg.pool.Pool._get_new_connection
     assert _asyncpg_pool.AsyncpgPool.asyncpg_start is asyncpg.pool.Pool._async__init__
+
+
+# asyncpg's Pool._acquire, comments and blank lines dropped: what AsyncpgPool._acquire rewrites
+# as one coroutine. 0.32 also schedules its min_size refill after a failed holder acquire.
+_ACQUIRE_SOURCE = """
+async def _acquire(self, timeout):
+async def _acquire_impl():
+ch = await self._queue.get()
+try:
+proxy = await ch.acquire()
+except (Exception, asyncio.CancelledError):
+self._queue.put_nowait(ch)
+self._schedule_min_size_maintenance()
+raise
+else:
+ch._timeout = timeout
+return proxy
+if self._closing:
+raise exceptions.InterfaceError('pool is closing')
+self._check_init()
+if timeout is None:
+return await _acquire_impl()
+else:
+return await compat.wait_for(
+_acquire_impl(), timeout=timeout)
+"""
+
+
+def test_pool_acquire_is_the_code_the_adapter_rewrites() -> None:
+    """asyncpg's Pool._acquire is, statement for statement, what AsyncpgPool._acquire follows."""
+    lines = [
+        line.split("#", 1)[0].strip()
+        for line in inspect.getsource(asyncpg.pool.Pool._acquire).splitlines()
+    ]
+    expected = _ACQUIRE_SOURCE.strip().splitlines()
+    if not _asyncpg_pool.REFILLS_MIN_SIZE:
+        expected.remove("self._schedule_min_size_maintenance()")
+    assert [line for line in lines if line] == expected
+
+
+def test_pool_queue_keeps_its_waiting_getters() -> None:
+    """An asyncio queue keeps the futures of waiting get() calls in _getters (waiting_acquires)."""
+    queue: asyncio.Queue[int] = asyncio.LifoQueue()
+    assert len(queue._getters) == 0  # type: ignore[attr-defined]
 
 
 def test_pool_connection_proxy_keeps_its_connection_and_holder() -> None:
@@ -92,6 +135,18 @@ def test_failover_hooks_exist() -> None:
     assert list(inspect.signature(asyncpg.Connection.terminate).parameters) == ["self"]
     assert "_maybe_cancel_inactive_callback" in dir(asyncpg.pool.PoolConnectionHolder)
     assert "_holders" in inspect.getsource(asyncpg.pool.Pool.__init__)
+
+
+def test_connection_queries_go_through_execute_and_executemany() -> None:
+    """Every fetch runs through Connection._execute and executemany through _executemany, the
+    methods the failover guard's reporting connection class wraps."""
+    con = asyncpg.Connection
+    for method in (con.fetch, con.fetchval, con.fetchrow):
+        assert "self._execute(" in inspect.getsource(method)
+    assert "self._execute(" in inspect.getsource(con.execute)
+    assert "self._executemany(" in inspect.getsource(con.executemany)
+    assert inspect.iscoroutinefunction(con._execute)
+    assert inspect.iscoroutinefunction(con._executemany)
 
 
 def test_reset_query_and_jit_switch_for_rds_proxy() -> None:

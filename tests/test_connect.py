@@ -80,9 +80,7 @@ async def test_setup_longer_than_max_lifetime_still_hands_out_once(
     caplog.set_level(logging.WARNING, logger="asyncpg_iam.pool")
 
     async def slow_setup(_con: asyncpg.Connection) -> None:
-        # Real time: the pool tells a connection opened by this acquire from one that waited
-        # by the real time the acquire took, so a manual clock cannot stand in here.
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # real time: asyncpg's setup knows no other clock
 
     kwargs = pool_kwargs(
         iam_emulator,

@@ -89,7 +89,7 @@ async def test_every_instrument_with_names_units_and_values(
     provider = MeterProvider(metric_readers=[reader])
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2, max_lifetime=60)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        instrumentation = instrument_pool(pool, provider)
+        instrument_pool(pool, provider)
         acquires = 0
         for _ in range(5):
             async with pool.acquire() as con:
@@ -99,7 +99,7 @@ async def test_every_instrument_with_names_units_and_values(
         async with pool.acquire(), pool.acquire():
             acquires += 2
             waiter = asyncio.ensure_future(pool.acquire(timeout=0.3))
-            await wait_for(lambda: instrumentation._recorder.pending == 1)
+            await wait_for(lambda: pool.stats().waiting_acquires == 1)
             metrics = collect(reader)
             assert value(metrics["db.client.connection.pending_requests"]) == 1
             assert (

@@ -119,8 +119,8 @@ POOL_STATS = [
     "auth_failures", "tokens_signed", "token_reuses", "credential_fetches",
     "connects_rate_limited", "handed_out_due", "open_connections", "failover_events",
     "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
-    "credential_fetch_failures", "credentials_expiry", "silent_hosts", "health_probes",
-    "topology_refreshes", "connections_by_instance",
+    "credential_fetch_failures", "credentials_expiry", "acquire_timeouts", "waiting_acquires",
+    "silent_hosts", "health_probes", "topology_refreshes", "connections_by_instance",
 ]  # fmt: skip
 
 

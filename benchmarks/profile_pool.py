@@ -1,0 +1,298 @@
+"""Where a pool's per-operation time goes, by measures that do not move with the machine's load.
+
+``python -m benchmarks.profile_pool [--ops N] [--loop uvloop] [--path direct,emulator]``
+
+Runs case 6's workload (min_size = max_size = 10, 20 workers looping acquire, ``SELECT 1``,
+release) a fixed number of operations on ``asyncpg.Pool`` and on ``asyncpg_iam.Pool``, in the
+same process, interleaved, and reports per operation:
+
+- **Python calls** (cProfile's count of function calls, C functions included), by function
+  where the two pools differ: exact and repeatable;
+- **instructions** executed by this process (valgrind's callgrind, only when run under it:
+  ``valgrind --tool=callgrind --collect-atstart=no python -m benchmarks.profile_pool
+  --callgrind``; the measured stretches are switched on and off through callgrind's client
+  requests, compiled into a small helper with the C compiler). The emulator runs in this
+  process, so on that path its relay work is counted too, alike for both pools;
+- **CPU microseconds** (``time.process_time``), which a loaded machine still moves a little.
+
+Instruction and call counts are properties of the code path, not of the machine's speed: they
+say what the pool adds, where a throughput ratio on a shared machine can only bound it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import ctypes
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+import asyncpg_iam
+
+from ._harness import Environment, percentile
+
+POOL_SIZE = 10
+WORKERS = 20
+
+_HELPER_SOURCE = r"""
+#include <valgrind/callgrind.h>
+void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void cg_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+void cg_zero(void) { CALLGRIND_ZERO_STATS; }
+"""
+
+
+class Callgrind:
+    """Switch callgrind's collection on and off around a stretch, and read what it counted."""
+
+    def __init__(self, out_dir: Path) -> None:
+        build = Path(tempfile.mkdtemp(prefix="cg_helper"))
+        (build / "cg.c").write_text(_HELPER_SOURCE)
+        subprocess.run(
+            ["cc", "-shared", "-fPIC", "-O1", "-o", str(build / "cg.so"), str(build / "cg.c")],
+            check=True,
+        )
+        self._lib = ctypes.CDLL(str(build / "cg.so"))
+        self._out_dir = out_dir
+        self._pid = os.getpid()
+
+    @staticmethod
+    def running() -> bool:
+        """Tell whether this process runs under valgrind."""
+        return "vgpreload" in os.environ.get("LD_PRELOAD", "")
+
+    def start(self) -> None:
+        self._lib.cg_zero()
+        self._lib.cg_toggle()
+
+    def stop(self, label: str) -> int:
+        """Stop collecting, dump the counts under `label`; return the instructions counted."""
+        self._lib.cg_toggle()
+        before = set(self._out_dir.glob(f"callgrind.out.{self._pid}*"))
+        self._lib.cg_dump(label.encode())
+        after = set(self._out_dir.glob(f"callgrind.out.{self._pid}*")) - before
+        for path in after:
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
+        raise RuntimeError("callgrind wrote no dump: run with --collect-atstart=no")
+
+
+async def _operations(pool: Any, count: int) -> None:
+    """Run `count` acquire + ``SELECT 1`` + release, spread over the workers (case 6's loop)."""
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+
+    share, extra = divmod(count, WORKERS)
+    await asyncio.gather(*(worker(share + (i < extra)) for i in range(WORKERS)))
+
+
+def _calls(stats: pstats.Stats) -> dict[str, int]:
+    """Return calls by function (``file:line(name)``, shortened) from cProfile's stats."""
+    found: dict[str, int] = {}
+    for (file, line, name), (_cc, calls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
+        short = file
+        for marker in ("site-packages/", "asyncpg_iam/", "lib/python3"):
+            if marker in file:
+                short = file[file.index(marker) :]
+                break
+        key = f"{short}:{line}({name})"
+        found[key] = found.get(key, 0) + calls
+    return found
+
+
+async def _profiled(pool: Any, count: int) -> dict[str, int]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    await _operations(pool, count)
+    profiler.disable()
+    return _calls(pstats.Stats(profiler))
+
+
+async def _measure_pair(
+    pools: dict[str, Any], ops: int, rounds: int, callgrind: Callgrind | None
+) -> dict[str, Any]:
+    """Count calls, instructions and CPU time per operation for each pool, interleaved."""
+    for pool in pools.values():
+        await _operations(pool, ops)  # warm: statement caches, codecs, the loop
+    calls = {name: await _profiled(pool, ops) for name, pool in pools.items()}
+    instructions: dict[str, list[float]] = {name: [] for name in pools}
+    cpu: dict[str, list[float]] = {name: [] for name in pools}
+    for index in range(rounds):
+        order = list(pools) if index % 2 == 0 else list(reversed(pools))
+        for name in order:
+            pool = pools[name]
+            if callgrind is not None:  # CPU time under valgrind says nothing
+                callgrind.start()
+                await _operations(pool, ops)
+                instructions[name].append(callgrind.stop(f"{name}-{index}") / ops)
+                continue
+            started = time.process_time()
+            await _operations(pool, ops)
+            cpu[name].append((time.process_time() - started) / ops * 1e6)
+    return {"calls": calls, "instructions": instructions, "cpu_us": cpu}
+
+
+def _report(path: str, ops: int, found: dict[str, Any], loop: str) -> list[str]:
+    calls = found["calls"]
+    lines = [f"## {path} ({loop}, {ops} operations a sample)", ""]
+    lines.append(
+        "| pool | Python calls / op | instructions / op, median (range) | CPU us / op (median) |"
+    )
+    lines.append("|---|---|---|---|")
+    for name, per_function in calls.items():
+        total = sum(per_function.values()) / ops
+        instr = found["instructions"][name]
+        instr_text = (
+            f"{percentile(instr, 50):,.0f} ({min(instr):,.0f}-{max(instr):,.0f})"
+            if instr
+            else "(not under callgrind)"
+        )
+        cpu = found["cpu_us"][name]
+        cpu_text = f"{percentile(cpu, 50):.1f}" if cpu else "(under callgrind)"
+        lines.append(f"| {name} | {total:.1f} | {instr_text} | {cpu_text} |")
+    lines.append("")
+    names = list(calls)
+    base, other = calls[names[0]], calls[names[-1]]
+    rows = []
+    for key in sorted(set(base) | set(other)):
+        delta = (other.get(key, 0) - base.get(key, 0)) / ops
+        if abs(delta) >= 0.05:
+            rows.append((delta, key))
+    if rows:
+        lines.append(f"Calls per operation that differ, {names[-1]} minus {names[0]}:")
+        lines.append("")
+        lines.append("| calls / op | function |")
+        lines.append("|---|---|")
+        for delta, key in sorted(rows, key=lambda r: (-abs(r[0]), r[1])):
+            lines.append(f"| {delta:+.2f} | `{key}` |")
+        lines.append("")
+    return lines
+
+
+async def _no_reset(_con: Any) -> None:
+    """A pool ``reset`` that does nothing (for --no-reset)."""
+
+
+#: The pools this tool can compare, by the name --pools takes.
+POOLS = {
+    "plain": "asyncpg.Pool",
+    "plain2": "asyncpg.Pool (again)",
+    "iam": "asyncpg_iam.Pool",
+    "otel": "asyncpg_iam.Pool, OpenTelemetry",
+    "otel_counters": "asyncpg_iam.Pool, OpenTelemetry histograms=False",
+    "writer": "asyncpg_iam.Pool, target_session_attrs=read-write (failover watches queries)",
+}
+
+
+async def _pools(
+    names: list[str],
+    plain_kwargs: dict[str, Any],
+    iam_kwargs: dict[str, Any],
+    iam: Any,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Create the pools named (keys of `POOLS`), in that order."""
+    pools: dict[str, Any] = {}
+    for name in names:
+        if name.startswith("plain"):
+            pools[POOLS[name]] = await asyncpg.create_pool(**plain_kwargs, **extra)
+            continue
+        writer = {"target_session_attrs": "read-write"} if name == "writer" else {}
+        pool = await asyncpg_iam.create_pool(**iam_kwargs, iam=iam, **extra, **writer)
+        if name.startswith("otel"):
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            from asyncpg_iam.otel import instrument_pool
+
+            provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+            instrument_pool(pool, provider, histograms=name == "otel")
+        pools[POOLS[name]] = pool
+    return pools
+
+
+async def _run(args: argparse.Namespace) -> list[str]:
+    callgrind = None
+    if args.callgrind:
+        if not Callgrind.running():
+            raise SystemExit(
+                "--callgrind: run under valgrind --tool=callgrind --collect-atstart=no"
+            )
+        callgrind = Callgrind(args.callgrind_dir)
+    lines: list[str] = []
+    extra: dict[str, Any] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+    if args.no_reset:
+        extra["reset"] = _no_reset
+    async with Environment() as env:
+        for path in args.path:
+            if path == "direct":
+                plain_kwargs, iam_kwargs = env.direct_kwargs(), env.direct_kwargs()
+            else:
+                plain_kwargs = {**env.any_kwargs(), "password": "static-password"}
+                iam_kwargs = env.iam_kwargs()
+            pools = await _pools(args.pools, plain_kwargs, iam_kwargs, env.iam_auth(), extra)
+            try:
+                found = await _measure_pair(pools, args.ops, args.rounds, callgrind)
+            finally:
+                for pool in pools.values():
+                    await pool.close()
+            lines += _report(path, args.ops, found, args.loop)
+    return lines
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_pool", description=__doc__)
+    parser.add_argument("--ops", type=int, default=2000, help="operations a sample")
+    parser.add_argument("--rounds", type=int, default=3, help="samples per pool")
+    parser.add_argument("--path", default="direct,emulator", help="direct, emulator or both")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions (valgrind)")
+    parser.add_argument(
+        "--callgrind-dir",
+        type=Path,
+        default=Path.cwd(),
+        help="the directory of valgrind's --callgrind-out-file (default: the current one)",
+    )
+    parser.add_argument(
+        "--pools",
+        default="plain,plain2,iam",
+        help=f"pools to compare, the first against the last ({', '.join(POOLS)})",
+    )
+    parser.add_argument("--no-reset", action="store_true", help="a no-op reset on every pool")
+    args = parser.parse_args(argv)
+    args.path = [p.strip() for p in args.path.split(",") if p.strip()]
+    args.pools = [p.strip() for p in args.pools.split(",") if p.strip()]
+    unknown = sorted(set(args.pools) - set(POOLS))
+    if unknown:
+        parser.error(f"unknown pools {', '.join(unknown)}: choose from {', '.join(POOLS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile both pools and print the tables (Markdown)."""
+    args = _parse(argv)
+    if args.loop == "uvloop":
+        import uvloop
+
+        lines = uvloop.run(_run(args))
+    else:
+        lines = asyncio.run(_run(args))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""What the pool adds to an acquire + query + release, counted in Python function calls.
+
+Counts, not times: the number of Python-level calls the pools' own code makes (asyncpg's pool
+module and asyncpg_iam's) does not move with the machine's load. ``benchmarks/profile_pool.py``
+counts every call and the instructions executed; see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Any
+
+import asyncpg
+import pytest
+
+import asyncpg_iam
+from asyncpg_iam.testing import PostgresServer
+from tests._support import direct_kwargs, wait_for
+
+pytest.importorskip("opentelemetry.sdk")
+
+
+def _in_pool_code(filename: str) -> bool:
+    return filename.endswith(("asyncpg/pool.py", "asyncpg\\pool.py")) or (
+        "asyncpg_iam" in filename and "testing" not in filename
+    )
+
+
+async def _pool_calls(pool: Any) -> int:
+    """Return the Python calls (coroutine resumptions included) made in pool code during one
+    acquire + ``SELECT 1`` + release on an idle, warm pool."""
+    async with pool.acquire() as con:  # warm: the statement cache, the codecs
+        await con.fetchval("SELECT 1")
+    calls = 0
+
+    def profile(frame: FrameType, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event == "call" and _in_pool_code(frame.f_code.co_filename):
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+async def test_acquire_and_release_cost_no_more_calls_than_asyncpg(
+    postgres_server: PostgresServer,
+) -> None:
+    """An acquire + release makes no more Python calls in pool code than asyncpg.Pool's, with
+    a lifetime on every connection; recording OpenTelemetry's wait and use times adds one."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from asyncpg_iam.otel import instrument_pool
+
+    kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1)
+    plain_kwargs = {k: v for k, v in kwargs.items() if k != "iam"}
+    async with (
+        asyncpg.create_pool(**plain_kwargs) as plain,
+        asyncpg_iam.create_pool(**kwargs, max_lifetime=900) as ours,
+    ):
+        assert ours._recycler.deadline(ours._holders[0]._con) is not None
+        plain_calls = await _pool_calls(plain)
+        our_calls = await _pool_calls(ours)
+        assert our_calls <= plain_calls, (our_calls, plain_calls)
+        instrumentation = instrument_pool(ours, MeterProvider())
+        observed_calls = await _pool_calls(ours)
+        assert observed_calls == our_calls + 1, (observed_calls, our_calls)
+        instrumentation.uninstrument()
+        assert await _pool_calls(ours) == our_calls
+
+
+async def test_release_is_asyncpgs_own_unless_times_are_recorded(
+    postgres_server: PostgresServer,
+) -> None:
+    """Without an observer that records times the pool's release is asyncpg's, with nothing
+    around it; while one records, each acquire's wait and use land in its buffer."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from asyncpg_iam.otel import instrument_pool
+
+    async with asyncpg_iam.create_pool(
+        **direct_kwargs(postgres_server, min_size=1, max_size=1)
+    ) as pool:
+        assert pool.release.__func__ is asyncpg.Pool.release
+        counters_only = instrument_pool(pool, MeterProvider(), histograms=False)
+        assert pool.release.__func__ is asyncpg.Pool.release
+        counters_only.uninstrument()
+        instrumentation = instrument_pool(pool, MeterProvider())
+        times = instrumentation._recorder.acquire_times
+        assert times is not None
+        for _ in range(3):
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+        assert len(times.waits) == len(times.uses) == 3
+        assert not times.acquired  # every acquired holder was released
+        instrumentation.uninstrument()
+        assert pool.release.__func__ is asyncpg.Pool.release
+
+
+async def test_writer_pool_reports_query_errors_without_a_query_logger(
+    postgres_server: PostgresServer,
+) -> None:
+    """A pool that wants the writer sees failed queries through its connection class, not
+    asyncpg's query logger (a context manager, a record and a callback per query)."""
+    kwargs = direct_kwargs(
+        postgres_server, min_size=1, max_size=1, target_session_attrs="read-write"
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        assert pool._failover.wants_writer
+        async with pool.acquire() as con:
+            raw = con._con
+            assert raw._asyncpg_iam_on_error is not None
+            assert not raw._query_loggers
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await con.execute("SET TRANSACTION READ ONLY; CREATE TEMP TABLE t (x int)")
+        await wait_for(lambda: pool.stats().failover_events == 1)
