@@ -337,6 +337,18 @@ async def _cli(
     return await run_cli(command, *target, *options, env=_cli_env(tmp_path, **variables))
 
 
+async def _doctor_refusing(tmp_path: Path, sslmode: str) -> str:
+    """Run the doctor with PGSSLMODE=`sslmode` at a TLS server; check it failed and sent no
+    password; return its output."""
+    async with Trap(tls=untrusted_server_context()) as trap:
+        code, out, _err = await _cli(
+            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE=sslmode
+        )
+    assert code == 1
+    assert trap.passwords == []
+    return out
+
+
 def _other_ca(tmp_path: Path) -> str:
     path = tmp_path / "other-ca.pem"
     path.write_bytes(trustme.CA().cert_pem.bytes())
@@ -536,13 +548,8 @@ async def test_doctor_sends_no_token_to_the_trap(trap: Trap, tmp_path: Path) -> 
 
 async def test_doctor_reports_a_refused_sslmode(tmp_path: Path) -> None:
     """PGSSLMODE=require makes the doctor's TLS check fail with the pool's own refusal."""
-    async with Trap(tls=untrusted_server_context()) as trap:
-        code, out, _err = await _cli(
-            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE="require"
-        )
-    assert code == 1
+    out = await _doctor_refusing(tmp_path, "require")
     assert "PGSSLMODE=require in the environment" in out
-    assert trap.passwords == []
 
 
 # -- every libpq TLS parameter, from every source (issue 27, class 1) -------------------------
@@ -900,14 +907,9 @@ async def test_verify_ca_with_a_ca_file_is_accepted(tmp_path: Path) -> None:
 
 async def test_doctor_refuses_verify_ca_with_the_system_store(tmp_path: Path) -> None:
     """The doctor reports the pool's refusal of verify-ca with no RDS bundle cached."""
-    async with Trap(tls=untrusted_server_context()) as trap:
-        code, out, _err = await _cli(
-            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE="verify-ca"
-        )
-    assert code == 1
+    out = await _doctor_refusing(tmp_path, "verify-ca")
     assert "system store" in out
     assert "PGSSLMODE=verify-ca in the environment" in out
-    assert trap.passwords == []
 
 
 # -- a caller's context cannot change under the pool (class 2) ---------------------------------
