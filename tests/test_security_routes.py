@@ -1136,6 +1136,28 @@ class _Web:
         self.httpd.server_close()
 
 
+def _download_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    """A CA for the HTTPS servers, and the file that makes ca-bundle trust it."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "download-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return ca, ca_file
+
+
+async def _ca_bundle(url: str, ca_file: Path, output: Path, tmp_path: Path) -> tuple[int, str, str]:
+    """Run ``ca-bundle --url URL`` trusting `ca_file`, writing `output`."""
+    return await run_cli(
+        "ca-bundle",
+        "--url",
+        url,
+        "--cafile",
+        str(ca_file),
+        "--output",
+        str(output),
+        env=_cli_env(tmp_path),
+    )
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 @pytest.mark.parametrize("hops", ["https->http", "https->https->http"])
 async def test_ca_bundle_refuses_a_hop_that_is_not_https(
@@ -1143,9 +1165,7 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
 ) -> None:
     """A redirect to http (directly or after an https hop) is refused; the cached bundle
     stays as it was and nothing claims the download came from https."""
-    ca = trustme.CA()
-    ca_file = tmp_path / "download-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca, ca_file = _download_ca(tmp_path)
     old = trustme.CA().cert_pem.bytes()
     served = trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes()
     plain = _Web({"/bundle.pem": served}, tls=None)
@@ -1159,16 +1179,7 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
     output = tmp_path / "bundle.pem"
     output.write_bytes(old)
     try:
-        code, out, err = await run_cli(
-            "ca-bundle",
-            "--url",
-            f"{secure.base}/start",
-            "--cafile",
-            str(ca_file),
-            "--output",
-            str(output),
-            env=_cli_env(tmp_path),
-        )
+        code, out, err = await _ca_bundle(f"{secure.base}/start", ca_file, output, tmp_path)
     finally:
         plain.close()
         secure.close()
@@ -1180,24 +1191,13 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
 
 async def test_ca_bundle_follows_https_redirects_and_names_the_source(tmp_path: Path) -> None:
     """Control: an https-to-https redirect is followed; the message names the final URL."""
-    ca = trustme.CA()
-    ca_file = tmp_path / "download-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca, ca_file = _download_ca(tmp_path)
     served = trustme.CA().cert_pem.bytes()
     secure = _Web({"/bundle.pem": served}, tls=ca)
     secure.routes["/start"] = (302, f"{secure.base}/bundle.pem")
     output = tmp_path / "bundle.pem"
     try:
-        code, _out, err = await run_cli(
-            "ca-bundle",
-            "--url",
-            f"{secure.base}/start",
-            "--cafile",
-            str(ca_file),
-            "--output",
-            str(output),
-            env=_cli_env(tmp_path),
-        )
+        code, _out, err = await _ca_bundle(f"{secure.base}/start", ca_file, output, tmp_path)
     finally:
         secure.close()
     assert code == 0, err
