@@ -376,9 +376,7 @@ async def _service_pointing_at_plaintext(
 
 async def test_psql_connects_only_where_the_plan_says(trap: Trap, tmp_path: Path) -> None:
     """psql gets verify-full and the plan's CA; PGSERVICE, PGHOSTADDR & co. are dropped."""
-    psql = shutil.which("psql")
-    if psql is None:
-        pytest.skip("psql is not installed")
+    psql = _psql_or_skip()
     async with _service_pointing_at_plaintext(tmp_path, None) as (elsewhere, variables):
         code, out, err = await _cli(
             "psql",
