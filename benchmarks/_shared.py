@@ -1,16 +1,67 @@
-"""Measuring helpers several cases use: timed connects, timed batches, latency CDF plots."""
+"""Measuring helpers several cases use: timed connects, timed batches, latency CDF plots,
+fresh AWS keys and "ours vs plain" figures."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from ._harness import new_figure, now, save_figure
+from asyncpg_iam import Credentials, build_auth_token
+from asyncpg_iam.testing._isolation import patched_environ
 
-__all__ = ["per_await", "per_call", "plot_cdfs", "timed_connect", "timed_pool_connect"]
+from ._harness import isolated_aws, new_figure, now, save_figure
+
+__all__ = [
+    "aws_keys",
+    "per_await",
+    "per_call",
+    "plot_cdfs",
+    "signer",
+    "timed_connect",
+    "timed_pool_connect",
+    "versus",
+]
+
+
+@contextlib.contextmanager
+def aws_keys(access_key: str) -> Iterator[Credentials]:
+    """Hide the host's AWS configuration and put fresh keys for `access_key` in the environment."""
+    credentials = Credentials(access_key, secrets.token_urlsafe(30))
+    with (
+        isolated_aws(),
+        patched_environ(
+            {
+                "AWS_ACCESS_KEY_ID": credentials.access_key,
+                "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
+            }
+        ),
+    ):
+        yield credentials
+
+
+def signer(host: str, port: int, user: str, credentials: Credentials) -> Callable[[], str]:
+    """Return a password callable for plain asyncpg: a new token for `host` (us-east-1) a call."""
+
+    def password() -> str:
+        return build_auth_token(
+            host=host, port=port, user=user, region="us-east-1", credentials=credentials
+        )
+
+    return password
+
+
+def versus(ours: Mapping[str, Any], plain: Mapping[str, Any], key: str, fmt: str = "{}") -> str:
+    """Format ``ours[key] vs plain[key]`` (``none`` for a missing value)."""
+
+    def one(value: Any) -> str:
+        return "none" if value is None else fmt.format(value)
+
+    return f"{one(ours[key])} vs {one(plain[key])}"
 
 
 async def timed_connect(kwargs: Mapping[str, Any]) -> float:

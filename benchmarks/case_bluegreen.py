@@ -20,17 +20,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-import secrets
 from collections import Counter
 from typing import Any
 
 import asyncpg
 
 import asyncpg_iam
-from asyncpg_iam import Credentials, build_auth_token
+from asyncpg_iam import Credentials
 from asyncpg_iam.testing import BlueGreenDeployment
 
-from ._harness import CaseResult, isolated_aws, patched_environ
+from ._harness import CaseResult
+from ._shared import aws_keys, signer, versus
 
 NAME = "bluegreen"
 TITLE = "11. Blue/green switchover under load (64 workers, 5 s switch, 60 s DNS lag)"
@@ -66,16 +66,7 @@ async def _variant(
         else:
             kwargs = bed.pool_kwargs(**common)
             del kwargs["iam"], kwargs["blue_green"]
-
-            def password() -> str:
-                return build_auth_token(
-                    host=bed.blue_endpoint,
-                    port=bed.signing_port,
-                    user=bed.user,
-                    region="us-east-1",
-                    credentials=credentials,
-                )
-
+            password = signer(bed.blue_endpoint, bed.signing_port, bed.user, credentials)
             pool = await asyncpg.create_pool(**kwargs, password=password)
         ids = itertools.count(1)
         acknowledged: list[int] = []
@@ -148,17 +139,8 @@ async def run(env: Any, quick: bool) -> CaseResult:
     # The smoke run: a 1 s switch and a 2 s DNS lag (the real run's lag outlasts it).
     warmup, after, duration, lag = (1.0, 3.0, 1.0, 2.0) if quick else (3.0, 5.0, DURATION, DNS_LAG)
     result = CaseResult(NAME, TITLE)
-    credentials = Credentials(ACCESS_KEY, secrets.token_urlsafe(30))
     variants: dict[str, dict[str, Any]] = {}
-    with (
-        isolated_aws(),
-        patched_environ(
-            {
-                "AWS_ACCESS_KEY_ID": credentials.access_key,
-                "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
-            }
-        ),
-    ):
+    with aws_keys(ACCESS_KEY) as credentials:
         for kind in ("asyncpg_iam", "asyncpg"):
             variants[kind] = await _variant(
                 kind,
@@ -172,10 +154,7 @@ async def run(env: Any, quick: bool) -> CaseResult:
     ours, plain = variants["asyncpg_iam"], variants["asyncpg"]
 
     def both(key: str, fmt: str = "{}") -> str:
-        def one(value: Any) -> str:
-            return "none" if value is None else fmt.format(value)
-
-        return f"{one(ours[key])} vs {one(plain[key])}"
+        return versus(ours, plain, key, fmt)
 
     result.add(
         "writes acknowledged (asyncpg_iam.Pool vs asyncpg.Pool)", both("acknowledged_writes")

@@ -41,7 +41,6 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
-import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,11 @@ from typing import Any
 import asyncpg
 
 import asyncpg_iam
-from asyncpg_iam import Credentials, build_auth_token
+from asyncpg_iam import Credentials
 from asyncpg_iam.testing import AuroraCluster, FailoverCluster
 
-from ._harness import CaseResult, isolated_aws, new_figure, patched_environ, save_figure
+from ._harness import CaseResult, new_figure, save_figure
+from ._shared import aws_keys, signer, versus
 from ._silent_writer import run_silent_writer
 
 NAME = "failover"
@@ -89,16 +89,7 @@ async def _variant(
         else:
             kwargs = cluster.pool_kwargs(**common)
             del kwargs["iam"]
-
-            def password() -> str:
-                return build_auth_token(
-                    host=cluster.endpoint,
-                    port=cluster.signing_port,
-                    user=cluster.user,
-                    region="us-east-1",
-                    credentials=credentials,
-                )
-
+            password = signer(cluster.endpoint, cluster.signing_port, cluster.user, credentials)
             pool = await asyncpg.create_pool(**kwargs, password=password)
         handler = _EventTimes()
         logging.getLogger("asyncpg_iam.pool").addHandler(handler)
@@ -202,13 +193,7 @@ def _aurora_pool(kind: str, cluster: AuroraCluster, credentials: Credentials, **
         kwargs = cluster.pool_kwargs(reader=reader, **kw)
         del kwargs["iam"], kwargs["topology"]
         signing = cluster.reader_endpoint if reader else cluster.endpoint
-
-        def password() -> str:
-            return build_auth_token(
-                host=signing, port=5432, user=cluster.user, region="us-east-1",
-                credentials=credentials,
-            )  # fmt: skip
-
+        password = signer(signing, 5432, cluster.user, credentials)
         return asyncpg.create_pool(**kwargs, password=password)
     if kind == "dns_only":
         return asyncpg_iam.create_pool(**cluster.pool_kwargs(reader=reader, topology=False, **kw))
@@ -318,17 +303,8 @@ async def run(env: Any, quick: bool) -> CaseResult:
     """Run the failover once with each pool and compare."""
     warmup, after = (1.0, 2.0) if quick else (3.0, 5.0)
     result = CaseResult(NAME, TITLE)
-    credentials = Credentials(ACCESS_KEY, secrets.token_urlsafe(30))
     variants: dict[str, dict[str, Any]] = {}
-    with (
-        isolated_aws(),
-        patched_environ(
-            {
-                "AWS_ACCESS_KEY_ID": credentials.access_key,
-                "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
-            }
-        ),
-    ):
+    with aws_keys(ACCESS_KEY) as credentials:
         for kind in ("asyncpg_iam", "asyncpg"):
             variants[kind] = await _variant(
                 kind, warmup=warmup, after=after, credentials=credentials
@@ -348,10 +324,7 @@ async def run(env: Any, quick: bool) -> CaseResult:
     stats = ours["stats"] or {}
 
     def both(key: str, fmt: str = "{}") -> str:
-        def one(value: Any) -> str:
-            return "none" if value is None else fmt.format(value)
-
-        return f"{one(ours[key])} vs {one(plain[key])}"
+        return versus(ours, plain, key, fmt)
 
     result.add("writes acknowledged (asyncpg_iam.Pool vs asyncpg.Pool)", both("acknowledged"))
     result.add(

@@ -130,37 +130,41 @@ async def _plain_asyncpg(env: Environment, emulator: RDSIAMEmulator, acquires: i
         await _pool_workload(pool, acquires)
 
 
-async def _sqlalchemy_ours(env: Environment, emulator: RDSIAMEmulator, acquires: int) -> None:
-    from asyncpg_iam.sqlalchemy import create_async_engine
-
+async def _engine_run(
+    create_async_engine: Callable[..., Any],
+    env: Environment,
+    emulator: RDSIAMEmulator,
+    acquires: int,
+    *,
+    connect_args: dict[str, Any],
+    **options: Any,
+) -> None:
+    """Run the engine workload on an engine `create_async_engine` makes for the emulator."""
     kwargs = emulator.connect_kwargs(user=env.user, database=env.database)
     url = f"postgresql+asyncpg://{env.user}@{kwargs['host']}:{kwargs['port']}/{env.database}"
     engine = create_async_engine(
-        url,
-        iam=IAMAuth(signing_host=emulator.endpoint, credentials=env.credentials),
-        connect_args={"ssl": kwargs["ssl"]},
-        pool_size=POOL_SIZE,
+        url, connect_args={"ssl": kwargs["ssl"], **connect_args}, pool_size=POOL_SIZE, **options
     )
     try:
         await _engine_workload(engine, acquires)
     finally:
         await engine.dispose()
+
+
+async def _sqlalchemy_ours(env: Environment, emulator: RDSIAMEmulator, acquires: int) -> None:
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    iam = IAMAuth(signing_host=emulator.endpoint, credentials=env.credentials)
+    await _engine_run(create_async_engine, env, emulator, acquires, connect_args={}, iam=iam)
 
 
 async def _sqlalchemy(env: Environment, emulator: RDSIAMEmulator, acquires: int) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    kwargs = emulator.connect_kwargs(user=env.user, database=env.database)
-    url = f"postgresql+asyncpg://{env.user}@{kwargs['host']}:{kwargs['port']}/{env.database}"
-    engine = create_async_engine(
-        url,
-        connect_args={"ssl": kwargs["ssl"], "password": _token_for(env, emulator)},
-        pool_size=POOL_SIZE,
+    password = _token_for(env, emulator)
+    await _engine_run(
+        create_async_engine, env, emulator, acquires, connect_args={"password": password}
     )
-    try:
-        await _engine_workload(engine, acquires)
-    finally:
-        await engine.dispose()
 
 
 async def _starlette(env: Environment, emulator: RDSIAMEmulator, acquires: int) -> None:

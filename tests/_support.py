@@ -26,6 +26,17 @@ def pool_kwargs(
     )
 
 
+def engine_on(kwargs: dict[str, Any], **options: Any) -> Any:
+    """Return an asyncpg_iam.sqlalchemy engine for the target of test-bed pool arguments
+    (`kwargs` from a bed's ``pool_kwargs()``): its URL, `iam` and TLS context, plus `options`."""
+    from asyncpg_iam.sqlalchemy import create_async_engine
+
+    url = f"postgresql+asyncpg://{kwargs['user']}@{kwargs['host']}:{kwargs['port']}/{kwargs['database']}"
+    return create_async_engine(
+        url, iam=kwargs["iam"], connect_args={"ssl": kwargs["ssl"]}, **options
+    )
+
+
 def direct_kwargs(server: PostgresServer, **overrides: Any) -> dict[str, Any]:
     """Return create_pool arguments for `server` itself, without IAM (a static-password pool)."""
     return {

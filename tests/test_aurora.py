@@ -19,6 +19,7 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam.testing import AuroraCluster, CredentialServer
+from tests._support import engine_on
 
 
 @pytest_asyncio.fixture
@@ -156,18 +157,8 @@ async def test_sqlalchemy_engine_follows_the_topology_through_a_failover(
     pytest.importorskip("sqlalchemy")
     from sqlalchemy import text
 
-    from asyncpg_iam.sqlalchemy import create_async_engine
-
     kwargs = cluster.pool_kwargs()
-    url = f"postgresql+asyncpg://{kwargs['user']}@{kwargs['host']}:{kwargs['port']}/{kwargs['database']}"
-    engine = create_async_engine(
-        url,
-        iam=kwargs["iam"],
-        topology=kwargs["topology"],
-        connect_args={"ssl": kwargs["ssl"]},
-        pool_size=2,
-        max_lifetime=None,
-    )
+    engine = engine_on(kwargs, topology=kwargs["topology"], pool_size=2, max_lifetime=None)
     query = text("SELECT aurora_db_instance_identifier()")
     try:
         async with engine.connect() as con:

@@ -6,31 +6,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_token_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -> None:
-    """`python -m benchmarks --quick --only token` writes results.json, results.md and a PNG."""
+def _run_quick(case: str, tmp_path: Path, *, timeout: float = 300) -> Any:
+    """Run ``python -m benchmarks --quick --only CASE`` into `tmp_path`; return results.json."""
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "token",
-            "--output",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", case, "--output", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    document = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_quick_token_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+    """`python -m benchmarks --quick --only token` writes results.json, results.md and a PNG."""
+    document = _run_quick("token", tmp_path, timeout=120)
     assert document["quick"] is True
     assert set(document["versions"]) >= {
         "python",
@@ -84,25 +81,7 @@ def test_quick_fleet_simulation_keeps_other_cases(tmp_path: Path) -> None:
         },
     }
     (tmp_path / "results.json").write_text(json.dumps(earlier))
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "fleet",
-            "--output",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    document = json.loads((tmp_path / "results.json").read_text())
+    document = _run_quick("fleet", tmp_path)
     assert set(document["cases"]) == {"token", "fleet"}
     assert document["cases"]["token"]["run"]["date"] == earlier["date"]
     fleet = document["cases"]["fleet"]
@@ -155,27 +134,7 @@ def test_paired_ratio_interval_brackets_the_ratio_and_repeats() -> None:
 def test_quick_proxy_case_counts_no_pins_for_this_pool(tmp_path: Path) -> None:
     """`--quick --only proxy` counts 0 sessions pinned by what this pool, its engine and its
     Starlette app send on their own, and every session of plain asyncpg.Pool pinned."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "proxy",
-            "--output",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-    clients = json.loads((tmp_path / "results.json").read_text())["cases"]["proxy"]["figures"][
-        "clients"
-    ]
+    clients = _run_quick("proxy", tmp_path)["cases"]["proxy"]["figures"]["clients"]
     for name in ("ours", "sqlalchemy_ours", "starlette"):
         assert clients[name]["sessions"] >= 1
         assert clients[name]["pinned"] == 0, clients[name]

@@ -33,7 +33,7 @@ from asyncpg_iam.testing import (
     RDSIAMEmulator,
     ReaderEndpoint,
 )
-from tests._support import pool_kwargs, wait_for
+from tests._support import engine_on, pool_kwargs, wait_for
 
 WRITER = DEFAULT_CLUSTER_ENDPOINT
 READER = DEFAULT_READER_ENDPOINT
@@ -242,10 +242,9 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
         await admin.close()
 
 
-async def test_connect_retry_backoff_waits_on_the_pool_clock(
+def _writer_kwargs_on_a_manual_clock(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
-) -> None:
-    """A connect retried after landing on a read-only server waits on the pool's clock."""
+) -> tuple[ManualClock, dict[str, Any]]:
     clock = ManualClock(dt.datetime.now(dt.timezone.utc))
     kwargs = pool_kwargs(
         iam_emulator,
@@ -255,17 +254,34 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
         target_session_attrs="read-write",
         clock=clock,
     )
+    return clock, kwargs
+
+
+async def _acquire_retrying(
+    pool: asyncpg_iam.Pool, admin: asyncpg.Connection, dsn: str, table: str
+) -> asyncio.Future[Any]:
+    """Make the server read-only under a write (a failover starts), then start an acquire
+    and return it once it waits in the read-only retry loop."""
+    await pool.execute("SELECT 1")  # one connection on the writer
+    await set_read_only(admin, dsn, on=True)
+    # 25006 starts a failover: logins on the read-only server are retried from now on.
+    with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+        await pool.execute(f"CREATE TABLE {table} (x int)")
+    await wait_for(lambda: pool.stats().failover_events == 1)
+    acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
+    await wait_for(lambda: pool.stats().read_only_retries == 1)
+    return acquiring
+
+
+async def test_connect_retry_backoff_waits_on_the_pool_clock(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connect retried after landing on a read-only server waits on the pool's clock."""
+    clock, kwargs = _writer_kwargs_on_a_manual_clock(iam_emulator, postgres_server)
     admin = await asyncpg.connect(postgres_server.dsn)
     try:
         async with asyncpg_iam.create_pool(**kwargs) as pool:
-            await pool.execute("SELECT 1")  # one connection on the writer
-            await set_read_only(admin, postgres_server.dsn, on=True)
-            # 25006 starts a failover: logins on the read-only server are retried from now on.
-            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-                await pool.execute("CREATE TABLE failover_clock (x int)")
-            await wait_for(lambda: pool.stats().failover_events == 1)
-            acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
-            await wait_for(lambda: pool.stats().read_only_retries == 1)
+            acquiring = await _acquire_retrying(pool, admin, postgres_server.dsn, "failover_clock")
             logins = iam_emulator.logins_accepted
             # The first backoff is at most 50 ms: in real time it would have retried by now.
             await asyncio.sleep(0.3)
@@ -415,17 +431,7 @@ async def test_sqlalchemy_engine_on_a_cluster_endpoint_writes_to_the_new_writer(
     pytest.importorskip("sqlalchemy")
     from sqlalchemy import text
 
-    from asyncpg_iam.sqlalchemy import create_async_engine
-
-    kwargs = cluster.pool_kwargs()
-    url = f"postgresql+asyncpg://{kwargs['user']}@{kwargs['host']}:{kwargs['port']}/{kwargs['database']}"
-    engine = create_async_engine(
-        url,
-        iam=kwargs["iam"],
-        connect_args={"ssl": kwargs["ssl"]},
-        pool_size=4,
-        max_lifetime=None,
-    )
+    engine = engine_on(cluster.pool_kwargs(), pool_size=4, max_lifetime=None)
     loop = asyncio.get_running_loop()
     results: list[tuple[float, int | None]] = []  # (loop time begun, port or None if it failed)
     stop = asyncio.Event()
@@ -550,27 +556,12 @@ async def test_failover_retries_stop_when_the_pool_closes(
 ) -> None:
     """A caller in the failover retry loop gets "pool is closing" once the pool closes, and
     no further login is made (issue 27, class 5: main kept dialling after close)."""
-    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
-    kwargs = pool_kwargs(
-        iam_emulator,
-        postgres_server,
-        min_size=0,
-        max_size=1,
-        target_session_attrs="read-write",
-        clock=clock,
-    )
+    clock, kwargs = _writer_kwargs_on_a_manual_clock(iam_emulator, postgres_server)
     admin = await asyncpg.connect(postgres_server.dsn)
     try:
         pool = asyncpg_iam.create_pool(**kwargs)
         await pool
-        await pool.execute("SELECT 1")  # one connection on the writer
-        await set_read_only(admin, postgres_server.dsn, on=True)
-        # 25006 starts a failover: logins on the read-only server are retried from now on.
-        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
-            await pool.execute("CREATE TABLE failover_closing (x int)")
-        await wait_for(lambda: pool.stats().failover_events == 1)
-        acquiring = asyncio.ensure_future(pool.fetchval("SELECT 1"))
-        await wait_for(lambda: pool.stats().read_only_retries == 1)
+        acquiring = await _acquire_retrying(pool, admin, postgres_server.dsn, "failover_closing")
         logins = iam_emulator.logins_accepted
         if how == "close":
             closing = asyncio.ensure_future(pool.close())

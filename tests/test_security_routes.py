@@ -337,6 +337,18 @@ async def _cli(
     return await run_cli(command, *target, *options, env=_cli_env(tmp_path, **variables))
 
 
+async def _doctor_refusing(tmp_path: Path, sslmode: str) -> str:
+    """Run the doctor with PGSSLMODE=`sslmode` at a TLS server; check it failed and sent no
+    password; return its output."""
+    async with Trap(tls=untrusted_server_context()) as trap:
+        code, out, _err = await _cli(
+            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE=sslmode
+        )
+    assert code == 1
+    assert trap.passwords == []
+    return out
+
+
 def _other_ca(tmp_path: Path) -> str:
     path = tmp_path / "other-ca.pem"
     path.write_bytes(trustme.CA().cert_pem.bytes())
@@ -364,9 +376,7 @@ async def _service_pointing_at_plaintext(
 
 async def test_psql_connects_only_where_the_plan_says(trap: Trap, tmp_path: Path) -> None:
     """psql gets verify-full and the plan's CA; PGSERVICE, PGHOSTADDR & co. are dropped."""
-    psql = shutil.which("psql")
-    if psql is None:
-        pytest.skip("psql is not installed")
+    psql = _psql_or_skip()
     async with _service_pointing_at_plaintext(tmp_path, None) as (elsewhere, variables):
         code, out, err = await _cli(
             "psql",
@@ -536,13 +546,8 @@ async def test_doctor_sends_no_token_to_the_trap(trap: Trap, tmp_path: Path) -> 
 
 async def test_doctor_reports_a_refused_sslmode(tmp_path: Path) -> None:
     """PGSSLMODE=require makes the doctor's TLS check fail with the pool's own refusal."""
-    async with Trap(tls=untrusted_server_context()) as trap:
-        code, out, _err = await _cli(
-            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE="require"
-        )
-    assert code == 1
+    out = await _doctor_refusing(tmp_path, "require")
     assert "PGSSLMODE=require in the environment" in out
-    assert trap.passwords == []
 
 
 # -- every libpq TLS parameter, from every source (issue 27, class 1) -------------------------
@@ -900,14 +905,9 @@ async def test_verify_ca_with_a_ca_file_is_accepted(tmp_path: Path) -> None:
 
 async def test_doctor_refuses_verify_ca_with_the_system_store(tmp_path: Path) -> None:
     """The doctor reports the pool's refusal of verify-ca with no RDS bundle cached."""
-    async with Trap(tls=untrusted_server_context()) as trap:
-        code, out, _err = await _cli(
-            "doctor", trap.port, tmp_path, "--timeout", "5", PGSSLMODE="verify-ca"
-        )
-    assert code == 1
+    out = await _doctor_refusing(tmp_path, "verify-ca")
     assert "system store" in out
     assert "PGSSLMODE=verify-ca in the environment" in out
-    assert trap.passwords == []
 
 
 # -- a caller's context cannot change under the pool (class 2) ---------------------------------
@@ -1134,6 +1134,28 @@ class _Web:
         self.httpd.server_close()
 
 
+def _download_ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    """A CA for the HTTPS servers, and the file that makes ca-bundle trust it."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "download-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return ca, ca_file
+
+
+async def _ca_bundle(url: str, ca_file: Path, output: Path, tmp_path: Path) -> tuple[int, str, str]:
+    """Run ``ca-bundle --url URL`` trusting `ca_file`, writing `output`."""
+    return await run_cli(
+        "ca-bundle",
+        "--url",
+        url,
+        "--cafile",
+        str(ca_file),
+        "--output",
+        str(output),
+        env=_cli_env(tmp_path),
+    )
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 @pytest.mark.parametrize("hops", ["https->http", "https->https->http"])
 async def test_ca_bundle_refuses_a_hop_that_is_not_https(
@@ -1141,9 +1163,7 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
 ) -> None:
     """A redirect to http (directly or after an https hop) is refused; the cached bundle
     stays as it was and nothing claims the download came from https."""
-    ca = trustme.CA()
-    ca_file = tmp_path / "download-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca, ca_file = _download_ca(tmp_path)
     old = trustme.CA().cert_pem.bytes()
     served = trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes()
     plain = _Web({"/bundle.pem": served}, tls=None)
@@ -1157,16 +1177,7 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
     output = tmp_path / "bundle.pem"
     output.write_bytes(old)
     try:
-        code, out, err = await run_cli(
-            "ca-bundle",
-            "--url",
-            f"{secure.base}/start",
-            "--cafile",
-            str(ca_file),
-            "--output",
-            str(output),
-            env=_cli_env(tmp_path),
-        )
+        code, out, err = await _ca_bundle(f"{secure.base}/start", ca_file, output, tmp_path)
     finally:
         plain.close()
         secure.close()
@@ -1178,24 +1189,13 @@ async def test_ca_bundle_refuses_a_hop_that_is_not_https(
 
 async def test_ca_bundle_follows_https_redirects_and_names_the_source(tmp_path: Path) -> None:
     """Control: an https-to-https redirect is followed; the message names the final URL."""
-    ca = trustme.CA()
-    ca_file = tmp_path / "download-ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca, ca_file = _download_ca(tmp_path)
     served = trustme.CA().cert_pem.bytes()
     secure = _Web({"/bundle.pem": served}, tls=ca)
     secure.routes["/start"] = (302, f"{secure.base}/bundle.pem")
     output = tmp_path / "bundle.pem"
     try:
-        code, _out, err = await run_cli(
-            "ca-bundle",
-            "--url",
-            f"{secure.base}/start",
-            "--cafile",
-            str(ca_file),
-            "--output",
-            str(output),
-            env=_cli_env(tmp_path),
-        )
+        code, _out, err = await _ca_bundle(f"{secure.base}/start", ca_file, output, tmp_path)
     finally:
         secure.close()
     assert code == 0, err

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from .._auth import IAMAuth
 from .._errors import ConfigurationError
 from .._topology import AuroraTopology, instance_host_pattern
+from ._admin import admin, emulator_for, set_synchronous_standbys
 from ._emulator import RDSIAMEmulator
 from ._failover import (
     DEFAULT_CLUSTER_ENDPOINT,
@@ -191,10 +192,9 @@ class AuroraCluster(AsyncService):
             settings=settings, standby_of=primary.server if primary is not None else None
         )
         await asyncio.to_thread(server.start)
-        emulator = RDSIAMEmulator(
-            backend_host=server.host,
-            backend_port=server.port,
-            backend_user=server.user,
+        emulator = emulator_for(
+            server,
+            self._keys,
             endpoint=name,
             aliases=(self._endpoint, self._reader_name),
             endpoint_port=self._signing_port,
@@ -202,8 +202,6 @@ class AuroraCluster(AsyncService):
             ca=self._ca,
             iam_users=self._iam_users or [server.user],
         )
-        for key in self._keys:
-            emulator.register_key(*key)
         instance = AuroraInstance(
             instance_id, name, server, emulator, "reader" if primary else "writer"
         )
@@ -349,28 +347,11 @@ class AuroraCluster(AsyncService):
     # -- the topology table -------------------------------------------------------------------
 
     async def _admin(self, instance: AuroraInstance, sql: str, *args: Any) -> Any:
-        """Run `sql` on `instance`'s server directly (read-write even on a read-only one)."""
-        import asyncpg
-
-        con = await asyncpg.connect(
-            instance.server.dsn,
-            ssl=False,
-            # local: an old writer back read-only still names standbys that never come.
-            server_settings={"default_transaction_read_only": "off", "synchronous_commit": "local"},
-        )
-        try:
-            if args:
-                return await con.fetch(sql, *args)
-            return await con.execute(sql)
-        finally:
-            await con.close()
+        # local: an old writer back read-only still names standbys that never come.
+        return await admin(instance.server, sql, *args, synchronous_commit="local")
 
     async def _synchronous(self, instance: AuroraInstance, names: str | None) -> None:
-        if names is None:
-            await self._admin(instance, "ALTER SYSTEM RESET synchronous_standby_names")
-        else:
-            await self._admin(instance, f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
-        await self._admin(instance, "SELECT pg_reload_conf()")
+        await set_synchronous_standbys(instance.server, names)
 
     async def _set_row(self, instance_id: str, *, is_writer: bool) -> None:
         await self._admin(

@@ -49,6 +49,14 @@ from typing import Any
 from .._auth import IAMAuth
 from .._bluegreen import SOURCE_ROLE, TARGET_ROLE, BlueGreenSettings
 from .._errors import ConfigurationError
+from ._admin import (
+    admin,
+    emulator_for,
+    set_synchronous_standbys,
+    start_server,
+    stop_servers,
+    wait_synchronous,
+)
 from ._emulator import RDSIAMEmulator
 from ._failover import ClusterEndpoint
 from ._postgres import PostgresCluster
@@ -136,29 +144,22 @@ class BlueGreenDeployment(AsyncService):
             raise RuntimeError("the deployment is already started")
         settings = {"synchronous_commit": "on"}
         try:
-            blue = PostgresCluster(settings=settings)
-            self._servers.append(blue)
-            await asyncio.to_thread(blue.start)
+            blue = await start_server(self._servers, settings)
             await self._install_metadata(blue)
-            green = PostgresCluster(settings=settings, standby_of=blue)
-            self._servers.append(green)
-            await asyncio.to_thread(green.start)
-            await self._admin(blue, "ALTER SYSTEM SET synchronous_standby_names = '*'")
-            await self._admin(blue, "SELECT pg_reload_conf()")
-            await self._wait_synchronous(blue)
+            green = await start_server(self._servers, settings, standby_of=blue)
+            await set_synchronous_standbys(blue, "*")
+            await wait_synchronous(blue, "green")
             self._ca = trustme.CA()
             users = self._iam_users or [blue.user]
             for server, name in ((blue, self.blue_endpoint), (green, self.green_endpoint)):
                 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 self._certify(context, name)
                 self._contexts.append(context)
-                emulator = RDSIAMEmulator(
+                emulator = emulator_for(
+                    server,
                     # Green on an address of its own that no certificate names: a pool that
                     # dials it must verify the name it signs for (as with RDS's addresses).
                     listen_host="127.0.0.1" if server is blue else "127.0.0.2",
-                    backend_host=server.host,
-                    backend_port=server.port,
-                    backend_user=server.user,
                     endpoint=name,
                     endpoint_port=self.signing_port,
                     server_ssl_context=context,
@@ -182,12 +183,7 @@ class BlueGreenDeployment(AsyncService):
         if self._blue_dns is not None:
             await self._blue_dns.stop()
             self._blue_dns = None
-        for emulator in self._emulators:
-            await emulator.stop()
-        self._emulators.clear()
-        for server in self._servers:
-            await asyncio.to_thread(server.stop)
-        self._servers.clear()
+        await stop_servers(self._emulators, self._servers)
 
     def __repr__(self) -> str:
         return (
@@ -269,17 +265,7 @@ class BlueGreenDeployment(AsyncService):
     # -- the metadata -------------------------------------------------------------------------
 
     async def _admin(self, server: PostgresCluster, sql: str, *args: Any) -> Any:
-        import asyncpg
-
-        con = await asyncpg.connect(server.dsn, ssl=False)
-        try:
-            await con.execute("SET default_transaction_read_only = off")
-            if not args:
-                await con.execute(sql)  # may hold several statements
-                return []
-            return await con.fetch(sql, *args)
-        finally:
-            await con.close()
+        return await admin(server, sql, *args)
 
     async def query(self, server: PostgresCluster, sql: str, *args: Any) -> list[Any]:
         """Run `sql` on `server` directly (no emulator), as its superuser; return the rows."""
@@ -290,16 +276,6 @@ class BlueGreenDeployment(AsyncService):
             return list(await con.fetch(sql, *args))
         finally:
             await con.close()
-
-    async def _wait_synchronous(self, blue: PostgresCluster) -> None:
-        for _ in range(500):
-            rows = await self.query(
-                blue, "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'"
-            )
-            if rows and rows[0][0] == "sync":
-                return
-            await asyncio.sleep(0.02)
-        raise RuntimeError("green did not start streaming synchronously within 10 s")
 
     async def _install_metadata(self, blue: PostgresCluster) -> None:
         await self._admin(
@@ -388,8 +364,7 @@ class BlueGreenDeployment(AsyncService):
         the blue name's DNS to green `dns_lag` s later (in the background)."""
         loop = asyncio.get_running_loop()
         # Blue takes no client writes now; its own (the metadata) must not wait for green.
-        await self._admin(self.blue, "ALTER SYSTEM SET synchronous_standby_names = ''")
-        await self._admin(self.blue, "SELECT pg_reload_conf()")
+        await set_synchronous_standbys(self.blue, "")
         await asyncio.to_thread(self.green.promote)
         self._promoted = True
         promoted = loop.time()

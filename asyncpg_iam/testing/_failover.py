@@ -32,6 +32,13 @@ from typing import Any, Literal, Protocol
 
 from .._auth import IAMAuth
 from .._errors import ConfigurationError
+from ._admin import (
+    emulator_for,
+    set_synchronous_standbys,
+    start_server,
+    stop_servers,
+    wait_synchronous,
+)
 from ._emulator import RDSIAMEmulator
 from ._postgres import PostgresCluster
 from ._service import AsyncService
@@ -308,28 +315,22 @@ class FailoverCluster(AsyncService):
         if self._servers:
             raise RuntimeError("the cluster is already started")
         try:
-            primary = PostgresCluster(settings=self._settings)
-            self._servers.append(primary)
-            await asyncio.to_thread(primary.start)
-            standby = PostgresCluster(settings=self._settings, standby_of=primary)
-            self._servers.append(standby)
-            await asyncio.to_thread(standby.start)
-            await self._make_synchronous(primary)
+            primary = await start_server(self._servers, self._settings)
+            standby = await start_server(self._servers, self._settings, standby_of=primary)
+            await set_synchronous_standbys(primary, "*")
+            await wait_synchronous(primary)
             ca = trustme.CA()
             users = self._iam_users or [primary.user]
             for server in (primary, standby):
-                emulator = RDSIAMEmulator(
-                    backend_host=server.host,
-                    backend_port=server.port,
-                    backend_user=server.user,
+                emulator = emulator_for(
+                    server,
+                    self._keys,
                     endpoint=self._endpoint,
                     endpoint_port=self._signing_port,
                     region=self._region,
                     ca=ca,
                     iam_users=users,
                 )
-                for key in self._keys:
-                    emulator.register_key(*key)
                 self._emulators.append(emulator)
                 await emulator.start()
             self._ssl = self._emulators[0].client_ssl_context()
@@ -340,35 +341,12 @@ class FailoverCluster(AsyncService):
             raise
         logger.info("failover cluster ready: %r", self)
 
-    async def _make_synchronous(self, primary: PostgresCluster) -> None:
-        import asyncpg
-
-        con = await asyncpg.connect(primary.dsn, ssl=False)
-        try:
-            await con.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            await con.execute("SELECT pg_reload_conf()")
-            for _ in range(500):
-                state = await con.fetchval(
-                    "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'"
-                )
-                if state == "sync":
-                    return
-                await asyncio.sleep(0.02)
-            raise RuntimeError("the standby did not start streaming synchronously within 10 s")
-        finally:
-            await con.close()
-
     async def stop(self) -> None:
         """Stop the endpoint, the emulators and both servers, and remove their data."""
         if self._writer is not None:
             await self._writer.stop()
             self._writer = None
-        for emulator in self._emulators:
-            await emulator.stop()
-        self._emulators.clear()
-        for server in self._servers:
-            await asyncio.to_thread(server.stop)
-        self._servers.clear()
+        await stop_servers(self._emulators, self._servers)
 
     def __repr__(self) -> str:
         if not self._emulators or self._writer is None:
