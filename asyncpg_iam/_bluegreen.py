@@ -465,10 +465,16 @@ class BlueGreenCounters:
 
     polls: int = 0
     switchovers: int = 0
+    """Switches that began to hold traffic (holds begun)."""
     rollbacks: int = 0
     held: int = 0
+    """Connects and acquires that waited for a hold."""
     hold_timeouts: int = 0
+    """Of those, the ones the hold's bound ended with `SwitchoverTimeoutError`."""
+    holds_timed_out: int = 0
+    """Holds ended by their bound rather than by the switch's end or a rollback."""
     rerouted: int = 0
+    """New connections sent to green's address."""
     fallback_refusals: int = 0
     """Logins refused while finding the name green accepts (the fallback's first tries)."""
     retired: int = 0
@@ -516,7 +522,8 @@ class BlueGreenMonitor:
         self._green: tuple[Member, tuple[str, int]] | None = None
         self._dns_caught_up = False
         self._names: list[str] = []
-        self._confirmed: str | None = None
+        self._settled: str | None = None
+        """The name green accepts, known to stay so for now (logins sign for it at once)."""
         self._finding = asyncio.Lock()
         self._routing = False
 
@@ -680,7 +687,7 @@ class BlueGreenMonitor:
         elif event == "done":
             logger.warning("pool %s: blue/green switchover completed", self._name)
             # Green takes the blue names at the switch: find which one it answers to now.
-            self._confirmed = None
+            self._settled = None
             self.counters.retired += self._retire()
 
     def _apply(self) -> None:
@@ -693,7 +700,9 @@ class BlueGreenMonitor:
             if self._gate is None:
                 held_since = self.tracker.held_since or now
                 self._set_gate(_Gate(self._clock, held_since + self.tracker.hold))
-        else:
+        elif self._gate is not None:
+            if now >= self._gate.deadline:
+                self.counters.holds_timed_out += 1
             self._set_gate(None)
         reroute = action == REROUTE
         if reroute != self._routing:
@@ -721,6 +730,7 @@ class BlueGreenMonitor:
         except SwitchoverTimeoutError:
             self.counters.hold_timeouts += 1
             if self._gate is gate:
+                self.counters.holds_timed_out += 1
                 self._set_gate(None)  # the bound: traffic flows again
                 self._apply()
             raise
@@ -739,45 +749,80 @@ class BlueGreenMonitor:
     async def _login_green(
         self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None = None
     ) -> tuple[Any, float]:
-        """Log in at green's address: signed for the name that worked last, then the other.
+        """Log in at green's address, signed for the name green accepts.
 
-        Until a name is confirmed (after the switch: again), one login at a time finds it, so
-        a pool refilling at once costs one refused token, not one per connection.
+        Once a name is settled, logins sign for it side by side. Until then (and again after
+        the switch, or once a settled name is refused) one login at a time finds it, the
+        green name first, then the blue one, while the other connects wait for that probe (at
+        most their connect timeout, then they try on their own): a pool costs at most one
+        refused login per switchover, however many connects race. A green name accepted after
+        the switch does not settle: the rename to the blue name is still to come, and logins
+        signed for it stay one at a time until green takes the blue name.
         """
-        if self._confirmed is None:
-            async with self._finding:
-                if self._confirmed is None:
-                    return await self._login_green_once(attrs, extra)
-        return await self._login_green_once(attrs, extra)
+        name = self._settled
+        if name is not None:
+            try:
+                return await self._login_as(name, attrs, extra)
+            except _REFUSED:
+                self.counters.fallback_refusals += 1
+                if self._settled == name:
+                    self._settled = None  # renamed since: find the name again
+        bound = self._connector.connect_timeout(extra or {})
+        try:
+            await asyncio.wait_for(self._finding.acquire(), bound)
+        except asyncio.TimeoutError:
+            return await self._find_name(attrs, extra)  # the probe takes too long: try alone
+        try:
+            if self._settled is not None:
+                try:
+                    return await self._login_as(self._settled, attrs, extra)
+                except _REFUSED:
+                    self.counters.fallback_refusals += 1
+                    self._settled = None
+            return await self._find_name(attrs, extra)
+        finally:
+            self._finding.release()
 
-    async def _login_green_once(
+    async def _find_name(
         self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None
     ) -> tuple[Any, float]:
+        """Log in signed for each name in turn (the one that worked last first)."""
         assert self._green is not None
-        member, (host, port) = self._green
-        base = self.base_target
         last: BaseException | None = None
         for name in list(self._names):
-            target = dataclasses.replace(
-                base, host=host, port=port, signing_host=name, signing_port=member.port
-            )
-            pin_name(self._connector.plan.tls.context, host, name)
             try:
-                opened = await self._connector.open_at(target, dict(extra or {}), *attrs)
-            except (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError) as exc:
+                opened = await self._login_as(name, attrs, extra)
+            except _REFUSED as exc:
                 self.counters.fallback_refusals += 1
-                if self._confirmed == name:
-                    self._confirmed = None  # renamed since: find the name again
                 last = exc
                 continue
             if self._names[0] != name:
                 self._names.remove(name)
                 self._names.insert(0, name)
                 logger.info("pool %s: green accepts tokens signed for %s", self._name, name)
-            self._confirmed = name
-            return opened  # type: ignore[no-any-return]
+            switched = self.tracker.completed or self.tracker.phase >= Phase.POST
+            if not (switched and name == self._green[0].endpoint):
+                self._settled = name
+            return opened
         assert last is not None
         raise last
+
+    async def _login_as(
+        self, name: str, attrs: tuple[str, ...], extra: Mapping[str, Any] | None
+    ) -> tuple[Any, float]:
+        """Log in at green's address with a token signed for `name`."""
+        assert self._green is not None
+        member, (host, port) = self._green
+        target = dataclasses.replace(
+            self.base_target, host=host, port=port, signing_host=name, signing_port=member.port
+        )
+        pin_name(self._connector.plan.tls.context, host, name)
+        opened: tuple[Any, float] = await self._connector.open_at(target, dict(extra or {}), *attrs)
+        return opened
+
+
+# A login green refuses for the name it was signed for (the token, or the certificate).
+_REFUSED = (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError)
 
 
 async def _run(monitor_ref: weakref.ref[BlueGreenMonitor]) -> None:

@@ -644,7 +644,7 @@ class Connector:
 
     async def _open_without_iam(self, extra: Mapping[str, Any]) -> tuple[Any, float]:
         try:
-            budget = _Budget.start(self._timeout(extra))
+            budget = _Budget.start(self.connect_timeout(extra))
             if self._bucket is not None:
                 await self._throttle(self._bucket, budget)
             kwargs = {**self._kwargs, **extra}
@@ -679,7 +679,7 @@ class Connector:
             raise ConfigurationError("this connection plan does not use IAM: there is no token")
         return await self.provider.token(target or self.targets[0])
 
-    def _timeout(self, extra: Mapping[str, Any]) -> float | None:
+    def connect_timeout(self, extra: Mapping[str, Any]) -> float | None:
         """The connect timeout of this attempt (seconds; None: none)."""
         timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
         return _CONNECT_DEFAULTS.get("timeout") if timeout is None else float(timeout)
@@ -730,7 +730,7 @@ class Connector:
         provider = self.provider
         assert provider is not None
         try:
-            budget = _Budget.start(self._timeout(extra))
+            budget = _Budget.start(self.connect_timeout(extra))
             if self._bucket is not None:
                 await self._throttle(self._bucket, budget)
             record = TokenRecord()

@@ -408,6 +408,13 @@ class FailoverGuard:
         """Handle a signal that is news whenever it comes (a silent host); see `report`."""
         return self.report(cause, self._epoch)
 
+    def retire_now(self, cause: str) -> int:
+        """Retire every connection opened so far, as an event of `cause` (a blue/green
+        switchover: they are all on blue); return how many were retired."""
+        before = self.retired
+        self.report_now(cause)
+        return self.retired - before
+
     def report(self, cause: str, epoch: int, *, connect: bool = False) -> bool:
         """Handle a signal seen at `epoch`; return True when it starts a new event."""
         if self._closing() or not self._started():

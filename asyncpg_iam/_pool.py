@@ -137,6 +137,19 @@ class PoolStats:
     """Aurora topology queries answered (0 when the pool connects through DNS only)."""
     connections_by_instance: Mapping[str, int] = dataclasses.field(default_factory=dict)
     """Open connections per cluster instance the topology routed them to (by identifier)."""
+    blue_green_phase: str | None = None
+    """The blue/green phase the pool saw last (``"not_created"``, ``"created"``,
+    ``"preparation"``, ``"in_progress"``, ``"post"``, ``"completed"``); None when the pool does
+    not follow switchovers or the database has no blue/green metadata."""
+    blue_green_holds: int = 0
+    """Switchovers that held new connects and acquires (holds begun)."""
+    blue_green_hold_timeouts: int = 0
+    """Holds ended by their bound (``BlueGreenSettings.hold``) before the switch ended."""
+    blue_green_reroutes: int = 0
+    """New connections sent to green's address after a switchover."""
+    blue_green_fallback_refusals: int = 0
+    """Logins green refused while the pool found the name it accepts (at most one a
+    switchover)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,6 +430,7 @@ class Pool(AsyncpgPool):
             connections_by_instance=(
                 dict(self._topology.router.connections_by_instance()) if self._topology else {}
             ),
+            **_blue_green_stats(self._bluegreen),
         )
 
     def __repr__(self) -> str:
@@ -692,9 +706,7 @@ def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMon
         live = pool_ref()
         if live is None:
             return 0
-        before = live._failover.retired
-        live._failover.report("blue_green_switchover", live._failover._epoch)
-        return int(live._failover.retired - before)
+        return live._failover.retire_now("blue_green_switchover")
 
     def hold_acquires(gate: Callable[[], Awaitable[None]] | None) -> None:
         live = pool_ref()
@@ -711,6 +723,20 @@ def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMon
         clock=pool._clock,
         name=pool._name,
     )
+
+
+def _blue_green_stats(monitor: BlueGreenMonitor | None) -> dict[str, Any]:
+    """Return the `PoolStats` fields of a pool's blue/green monitor (None: it has none)."""
+    if monitor is None:
+        return {}
+    counters = monitor.counters
+    return {
+        "blue_green_phase": monitor.tracker.phase.name.lower() if monitor.source else None,
+        "blue_green_holds": counters.switchovers,
+        "blue_green_hold_timeouts": counters.holds_timed_out,
+        "blue_green_reroutes": counters.rerouted,
+        "blue_green_fallback_refusals": counters.fallback_refusals,
+    }
 
 
 def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:

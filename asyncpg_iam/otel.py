@@ -32,7 +32,10 @@ fetches and their failures, refused logins by the diagnosed cause
 ``failover``, ``topology``, ``silent_host``, ``other``), connects that waited for
 ``max_connect_rate``, hosts found silent and the health check's probes, the seconds left before
 the cached AWS credentials expire, and on an Aurora cluster the topology refreshes and the open
-connections per instance (``asyncpg_iam.instance.id``).
+connections per instance (``asyncpg_iam.instance.id``), and on a database with a blue/green
+deployment the phase seen (``asyncpg_iam.bluegreen.phase``), the holds begun and those ended by
+their bound, the connections rerouted to green and the logins green refused while the pool
+found its name (``asyncpg_iam.bluegreen.*``).
 
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed through
@@ -255,6 +258,30 @@ class PoolInstrumentation:
                 "topology_refreshes",
             ),
             (
+                "asyncpg_iam.bluegreen.holds",
+                "{hold}",
+                "Blue/green switchovers that held new connects and acquires.",
+                "blue_green_holds",
+            ),
+            (
+                "asyncpg_iam.bluegreen.hold_timeouts",
+                "{hold}",
+                "Blue/green holds ended by their bound before the switch ended.",
+                "blue_green_hold_timeouts",
+            ),
+            (
+                "asyncpg_iam.bluegreen.reroutes",
+                "{connection}",
+                "New connections sent to green's address after a blue/green switchover.",
+                "blue_green_reroutes",
+            ),
+            (
+                "asyncpg_iam.bluegreen.fallback_refusals",
+                "{login}",
+                "Logins green refused while the pool found the name it accepts.",
+                "blue_green_fallback_refusals",
+            ),
+            (
                 "asyncpg_iam.hosts.silent",
                 "{host}",
                 "Hosts declared silent: no answer to the health check's probes.",
@@ -302,6 +329,14 @@ class PoolInstrumentation:
                 "(asyncpg_iam.instance.id).",
             ),
             meter.create_observable_gauge(
+                "asyncpg_iam.bluegreen.phase",
+                [self._phase],
+                unit="1",
+                description="The blue/green phase the pool saw last: 0 no deployment, 1 "
+                "created, 2 switchover initiated, 3 in progress, 4 post-processing, 5 "
+                "completed (absent when the pool does not follow switchovers).",
+            ),
+            meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",
                 [self._expiry],
                 unit="s",
@@ -340,6 +375,14 @@ class PoolInstrumentation:
             for cause, count in sorted(by_cause.items())
         ]
 
+    def _phase(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if not self._active:
+            return []
+        phase = self.pool.stats().blue_green_phase
+        if phase is None:
+            return []
+        return [Observation(BLUE_GREEN_PHASES.index(phase), self._attributes)]
+
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
         if not self._active:
             return []
@@ -348,6 +391,10 @@ class PoolInstrumentation:
             return []
         left = (expiry - self.pool.clock.now()).total_seconds()
         return [Observation(left, self._attributes)]
+
+
+# PoolStats.blue_green_phase's values, in the order of the switchover (the gauge's values).
+BLUE_GREEN_PHASES = ("not_created", "created", "preparation", "in_progress", "post", "completed")
 
 
 def _stat(field: str) -> Any:

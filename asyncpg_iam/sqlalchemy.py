@@ -31,6 +31,9 @@ failover (``25006`` on a writer engine, a shutdown, a dropped connection) every 
 opened before it is discarded at checkout or closed at checkin. On an Aurora cluster or reader
 endpoint the engine follows the cluster's topology as the pool does (``topology=``): its first
 connect reads it, and each new connection goes to the writer's (or a reader's) instance endpoint.
+On an RDS name it follows a blue/green switchover as the pool does (``blue_green=``): new
+connects and checkouts wait while the switch is in progress, then connections opened before
+it are discarded and new ones go to green, signed for the name green accepts.
 Needs the ``sqlalchemy`` extra.
 """
 
@@ -58,9 +61,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 
 from ._auth import IAMAuth, TokenProvider, auth_from
+from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
-from ._errors import ConfigurationError, IAMAuthenticationError
+from ._errors import ConfigurationError, IAMAuthenticationError, SwitchoverTimeoutError
 from ._failover import FailoverGuard
 from ._health import (
     DEFAULT_HEALTH_CHECK,
@@ -135,6 +139,12 @@ class _EngineFailover:
         """Called with each connection opened (the health check tracks it)."""
         self.first: Callable[[], Awaitable[None]] | None = None
         """What connects wait for until it is done once (the topology's first read)."""
+        self.disposed = False
+        """Set when the engine is disposed (the blue/green poller stops)."""
+
+    def is_closing(self) -> bool:
+        """Tell whether the engine was disposed (what the blue/green poller asks a pool)."""
+        return self.disposed
 
     async def connect(self) -> Any:
         """Open a connection (SQLAlchemy's ``async_creator``)."""
@@ -328,6 +338,58 @@ def _install_topology(
     return monitor
 
 
+def _install_blue_green(
+    engine: AsyncEngine,
+    setting: bool | BlueGreenSettings | None,
+    connector: Connector,
+    failover: _EngineFailover,
+) -> BlueGreenMonitor | None:
+    """Follow blue/green switchovers as the pool does, through the same `Connector.route`:
+    the first new connection checks for the metadata; during a switch new connects and
+    checkouts wait (bounded); after it every connection opened before is discarded at
+    checkout or closed at checkin, and new ones go to green."""
+    settings = blue_green_settings(setting, connector)
+    if settings is None:
+        return None
+    sync_engine = engine.sync_engine
+    gate: list[Callable[[], Awaitable[None]]] = []
+
+    def hold_checkouts(wait: Callable[[], Awaitable[None]] | None) -> None:
+        gate[:] = [] if wait is None else [wait]
+
+    monitor = BlueGreenMonitor(
+        failover,
+        connector=connector,
+        retire=lambda: failover.guard.retire_now("blue_green_switchover"),
+        hold_acquires=hold_checkouts,
+        hold=settings.hold,
+        resolver=settings.resolver,
+        name=connector.name,
+    )
+    monitor.start()
+    connector.stop_with(monitor.stop)
+
+    @event.listens_for(sync_engine, "checkout")
+    def _held(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if not gate:
+            return
+        try:
+            await_only(gate[0]())
+        except SwitchoverTimeoutError:
+            # SQLAlchemy's pool takes no other error from a checkout hook back: at the bound
+            # the checkout goes on (new connects get the error).
+            return
+        if failover.retired(dbapi_connection):  # the switch ended while it waited
+            raise DisconnectionError("connection opened before a blue/green switchover")
+
+    @event.listens_for(sync_engine, "engine_disposed")
+    def _disposed(_engine: Any) -> None:
+        failover.disposed = True
+        monitor.stop()
+
+    return monitor
+
+
 def create_async_engine(
     url: str | URL = "postgresql+asyncpg://",
     *,
@@ -339,6 +401,7 @@ def create_async_engine(
     name: str | None = None,
     health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
     topology: bool | AuroraTopology = True,
+    blue_green: bool | BlueGreenSettings | None = None,
     **engine_kwargs: Any,
 ) -> AsyncEngine:
     """Create an `AsyncEngine` that signs an IAM token for every new connection.
@@ -349,7 +412,9 @@ def create_async_engine(
     URL's. `iam`, `max_lifetime`, `max_lifetime_jitter` and `max_connect_rate` mean what they
     mean for `asyncpg_iam.create_pool`, and so does `health_check` (a silent host's connections
     are terminated and refused on checkout; on a writer engine it is a failover) and `topology`
-    (an Aurora cluster's instances, read on the first connect); `name` names
+    (an Aurora cluster's instances, read on the first connect) and `blue_green` (an RDS
+    blue/green switchover: connects and checkouts wait while it is in progress, then every
+    connection is replaced by one to green); `name` names
     the engine in log lines. Every other keyword goes to SQLAlchemy's `create_async_engine`
     (``pool_size``, ``pool_pre_ping``, ``echo``, ...); ``pool_recycle`` defaults to
     `max_lifetime`.
@@ -391,4 +456,5 @@ def create_async_engine(
     _install_hooks(engine, options, connector, failover)
     _install_health(engine, health, connector, failover)
     _install_topology(engine, topology, connector, failover)
+    _install_blue_green(engine, blue_green, connector, failover)
     return engine

@@ -11,9 +11,11 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import asyncpg_iam
-from asyncpg_iam import SwitchoverTimeoutError
+from asyncpg_iam import SwitchoverTimeoutError, _asyncpg_pool
 from asyncpg_iam._bluegreen import (
     HOLD,
     PASS,
@@ -30,14 +32,18 @@ from asyncpg_iam._bluegreen import (
     pin_name,
     poll_interval,
 )
+from asyncpg_iam.otel import instrument_pool
 from asyncpg_iam.testing import (
     DEFAULT_BLUE_ENDPOINT,
     DEFAULT_GREEN_ENDPOINT,
     BlueGreenDeployment,
     CredentialServer,
     ManualClock,
+    PostgresServer,
+    RDSIAMEmulator,
 )
-from tests._support import wait_for
+from tests._support import engine_on, pool_kwargs, wait_for
+from tests.test_otel import collect, value
 
 BLUE, GREEN = DEFAULT_BLUE_ENDPOINT, DEFAULT_GREEN_ENDPOINT
 
@@ -197,6 +203,32 @@ async def test_on_by_default_only_for_iam_pools_on_an_rds_name() -> None:
         asyncpg_iam.Pool(host=BLUE, blue_green="yes", **common)
 
 
+async def test_a_held_acquire_passes_the_gate_once(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """An acquire held by a switch awaits the gate once, with a timeout or without (the timed
+    acquire runs asyncpg's acquire under the gate, not the gated one again)."""
+    calls = 0
+
+    async def gate() -> None:
+        nonlocal calls
+        calls += 1
+
+    async with asyncpg_iam.create_pool(
+        **pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=1)
+    ) as pool:
+        _asyncpg_pool.hold_acquires(pool, gate)
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        assert calls == 1
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT 1") == 1
+        assert calls == 2
+        _asyncpg_pool.hold_acquires(pool, None)
+        assert await pool.fetchval("SELECT 1") == 1
+        assert calls == 2
+
+
 # -- on the test bed -----------------------------------------------------------------------------
 
 
@@ -277,6 +309,112 @@ async def test_switchover_loses_no_write_and_refuses_no_known_login(
     assert bed.blue_dns.target == (bed.blue_emulator.host, bed.blue_emulator.port)
 
 
+async def test_racing_connects_cost_one_refused_login_per_switchover(
+    bed: BlueGreenDeployment,
+) -> None:
+    """32 connects held by the switch, released when green takes writes before its rename:
+    logins signed for the green name go one at a time until green takes the blue name, so the
+    rename costs exactly one refused login, and every connect lands on green."""
+    racing = 32
+    async with asyncpg_iam.create_pool(
+        **bed.pool_kwargs(hold=60.0, min_size=1, max_size=racing)
+    ) as pool:
+        reader = InMemoryMetricReader()
+        instrument_pool(pool, MeterProvider(metric_readers=[reader]))
+        bg = pool._bluegreen
+        await _monitor_phase(pool, Phase.CREATED)
+        await wait_for(lambda: bg._green is not None, timeout=20)
+        await bed.begin_switchover(prepare=1.2)
+        await wait_for(lambda: bg._gate is not None, timeout=20)
+        release = asyncio.Event()
+
+        async def connect_and_hold() -> bool:
+            async with pool.acquire() as con:
+                in_recovery: bool = await con.fetchval("SELECT pg_is_in_recovery()")
+                await release.wait()
+                return in_recovery
+
+        held = [asyncio.ensure_future(connect_and_hold()) for _ in range(racing)]
+        await asyncio.sleep(0.3)
+        assert not any(task.done() for task in held)
+        accepted_before = bed.green_emulator.logins_accepted
+
+        def rename_after_two(record: Any) -> None:
+            if record.accepted and bed.green_emulator.logins_accepted >= accepted_before + 1:
+                bed.green_emulator.on_login = None
+                bed.rename_endpoints()  # between the second login and the next one
+
+        bed.green_emulator.on_login = rename_after_two
+        await bed.promote_green()  # the metadata stays "in progress": green taking writes ends it
+        await wait_for(lambda: bg.counters.rerouted >= racing, timeout=30)
+        await wait_for(lambda: pool.get_size() >= racing, timeout=30)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*held), 30) == [False] * racing
+        assert bed.green_emulator.endpoint == BLUE  # renamed while connects were still due
+        assert bg.counters.fallback_refusals == 1
+        assert bg._settled == BLUE
+        stats = pool.stats()
+        metrics = collect(reader)
+    assert stats.blue_green_phase == "in_progress"  # the metadata never said more
+    assert stats.blue_green_holds == 1
+    assert stats.blue_green_hold_timeouts == 0
+    assert stats.blue_green_reroutes == bg.counters.rerouted >= racing
+    assert stats.blue_green_fallback_refusals == 1
+    assert value(metrics["asyncpg_iam.bluegreen.phase"]) == 3
+    assert value(metrics["asyncpg_iam.bluegreen.holds"]) == 1
+    assert value(metrics["asyncpg_iam.bluegreen.hold_timeouts"]) == 0
+    assert value(metrics["asyncpg_iam.bluegreen.reroutes"]) == stats.blue_green_reroutes
+    assert value(metrics["asyncpg_iam.bluegreen.fallback_refusals"]) == 1
+
+
+async def test_sqlalchemy_engine_follows_a_switchover(bed: BlueGreenDeployment) -> None:
+    """The SQLAlchemy engine follows a switch through the same connector as the pool: no
+    write begun after the switch completed fails, and every acknowledged write is on green."""
+    from sqlalchemy import text
+
+    await bed._admin(bed.blue, "CREATE TABLE ledger (id int PRIMARY KEY)")
+    await bed._admin(bed.blue, "GRANT ALL ON ledger TO PUBLIC")
+    kwargs = bed.pool_kwargs()
+    engine = engine_on(
+        kwargs, blue_green=kwargs["blue_green"], pool_size=4, max_overflow=0, max_lifetime=None
+    )
+    loop = asyncio.get_running_loop()
+    acknowledged: list[tuple[float, int]] = []
+    failures: list[tuple[float, BaseException]] = []
+    stop = False
+    ids = iter(range(1, 1_000_000))
+
+    async def writer() -> None:
+        while not stop:
+            ident, began = next(ids), loop.time()
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(text("INSERT INTO ledger VALUES (:id)"), {"id": ident})
+                acknowledged.append((began, ident))
+            except Exception as exc:  # counted, the test judges them
+                failures.append((began, exc))
+            await asyncio.sleep(0.02)
+
+    try:
+        workers = [asyncio.ensure_future(writer()) for _ in range(4)]
+        await wait_for(lambda: len(acknowledged) > 0, timeout=20)
+        # The engine's poller moves to green once it has learned it: a login there.
+        await wait_for(lambda: bed.green_emulator.logins_accepted >= 1, timeout=20)
+        timeline = await bed.switchover(duration=1.0, dns_lag=60.0, prepare=1.5)
+        assert timeline.completed_at is not None
+        await asyncio.sleep(1.5)
+        stop = True
+        await asyncio.gather(*workers)
+    finally:
+        await engine.dispose()
+    late = [exc for began, exc in failures if began > timeline.completed_at]
+    assert late == [], late
+    assert any(began > timeline.completed_at for began, _ in acknowledged)
+    on_green = {r[0] for r in await bed.query(bed.green, "SELECT id FROM ledger")}
+    assert {ident for _, ident in acknowledged} <= on_green
+    assert bed.green_emulator.logins_accepted >= 2  # the poller, and the engine's connections
+
+
 @pytest.mark.parametrize("bed", [{"source": None}], indirect=True)
 async def test_no_metadata_means_one_check_and_nothing_polled(bed: BlueGreenDeployment) -> None:
     """On a database with neither metadata source the pool checks once and never polls."""
@@ -349,6 +487,9 @@ async def test_hold_bound_gives_a_clear_error(bed: BlueGreenDeployment) -> None:
         with pytest.raises(SwitchoverTimeoutError, match="hold"):
             await pool.fetchval("SELECT 1")
         assert pool._bluegreen.counters.hold_timeouts >= 1
+        stats = pool.stats()
+        assert stats.blue_green_holds == stats.blue_green_hold_timeouts == 1
+        assert stats.blue_green_phase == "in_progress"
         assert await pool.fetchval("SELECT 1") == 1  # not held again: reads reach blue
         with contextlib.suppress(asyncpg.PostgresError):
             await bed.rollback()

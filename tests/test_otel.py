@@ -51,6 +51,10 @@ IAM = {
     "asyncpg_iam.connections.closed": "{connection}",
     "asyncpg_iam.credentials.expiry": "s",
     "asyncpg_iam.topology.refreshes": "{refresh}",
+    "asyncpg_iam.bluegreen.holds": "{hold}",
+    "asyncpg_iam.bluegreen.hold_timeouts": "{hold}",
+    "asyncpg_iam.bluegreen.reroutes": "{connection}",
+    "asyncpg_iam.bluegreen.fallback_refusals": "{login}",
 }
 
 

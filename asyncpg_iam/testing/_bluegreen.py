@@ -21,7 +21,8 @@
   for ``<blue>-old1``), the certificates follow the names, and the metadata reports
   SWITCHOVER_IN_POST_PROCESSING then SWITCHOVER_COMPLETED (or stays in progress with
   ``report_completion=False``, as RDS PostgreSQL has been seen to). `begin_switchover()`,
-  `rollback()` and `complete_switchover()` are the steps one at a time.
+  `rollback()` and `complete_switchover()` are the steps one at a time (and the last one's
+  two halves, `promote_green()` and `rename_endpoints()`).
 
 **Certificates.** One CA signs every certificate; each names ``127.0.0.1`` and ``localhost``
 (where the blue name's forwarder listens) and the names the server answers to now; green's
@@ -363,15 +364,9 @@ class BlueGreenDeployment(AsyncService):
         """Promote green, rename the endpoints (and certificates), report completion; move
         the blue name's DNS to green `dns_lag` s later (in the background)."""
         loop = asyncio.get_running_loop()
-        # Blue takes no client writes now; its own (the metadata) must not wait for green.
-        await set_synchronous_standbys(self.blue, "")
-        await asyncio.to_thread(self.green.promote)
-        self._promoted = True
-        promoted = loop.time()
-        self.green_emulator.rename(self.blue_endpoint)
-        self._certify(self._contexts[1], self.blue_endpoint)
-        self.blue_emulator.rename(self.old_endpoint)
-        self._certify(self._contexts[0], self.old_endpoint)
+        promoted = await self.promote_green()
+        if self.green_emulator.endpoint != self.blue_endpoint:
+            self.rename_endpoints()
         renamed = loop.time()
         completed = None
         if report_completion:
@@ -384,6 +379,26 @@ class BlueGreenDeployment(AsyncService):
         self._dns_task = loop.create_task(self._move_dns(dns_lag))
         logger.info("switchover done: green answers to %s", self.blue_endpoint)
         return promoted, renamed, completed
+
+    async def promote_green(self) -> float:
+        """Promote green (it takes writes; the names stay until `rename_endpoints()`); return
+        when (event-loop time). `complete_switchover()` does both; apart, a test can act
+        between them."""
+        if not self._promoted:
+            # Blue takes no client writes now; its own (the metadata) must not wait for green.
+            await set_synchronous_standbys(self.blue, "")
+            await asyncio.to_thread(self.green.promote)
+            self._promoted = True
+        return asyncio.get_running_loop().time()
+
+    def rename_endpoints(self) -> None:
+        """Rename the endpoints and reissue their certificates: green answers to the blue name
+        only, blue to ``<blue>-old1`` (a plain function: an emulator's ``on_login`` may call
+        it, to rename between two logins)."""
+        self.green_emulator.rename(self.blue_endpoint)
+        self._certify(self._contexts[1], self.blue_endpoint)
+        self.blue_emulator.rename(self.old_endpoint)
+        self._certify(self._contexts[0], self.old_endpoint)
 
     async def _move_dns(self, lag: float) -> None:
         await self.blue_dns.switch(self.green_emulator, lag=lag)
