@@ -764,9 +764,7 @@ class BlueGreenMonitor:
             try:
                 return await self._login_as(name, attrs, extra)
             except _REFUSED:
-                self.counters.fallback_refusals += 1
-                if self._settled == name:
-                    self._settled = None  # renamed since: find the name again
+                self._unsettle(name)
         bound = self._connector.connect_timeout(extra or {})
         try:
             await asyncio.wait_for(self._finding.acquire(), bound)
@@ -774,14 +772,24 @@ class BlueGreenMonitor:
             return await self._find_name(attrs, extra)  # the probe takes too long: try alone
         try:
             if self._settled is not None:
+                name = self._settled
                 try:
-                    return await self._login_as(self._settled, attrs, extra)
+                    return await self._login_as(name, attrs, extra)
                 except _REFUSED:
-                    self.counters.fallback_refusals += 1
-                    self._settled = None
+                    self._unsettle(name)
             return await self._find_name(attrs, extra)
         finally:
             self._finding.release()
+
+    def _unsettle(self, name: str) -> None:
+        """Count a refused login for a settled name: green was renamed since; the other name
+        is tried first from now on."""
+        self.counters.fallback_refusals += 1
+        if self._settled == name:
+            self._settled = None
+        if name in self._names and self._names[-1] != name:
+            self._names.remove(name)
+            self._names.append(name)
 
     async def _find_name(
         self, attrs: tuple[str, ...], extra: Mapping[str, Any] | None
