@@ -110,7 +110,7 @@ SIGNATURES = {
     ],
     "asyncpg_iam.sqlalchemy.create_async_engine": [
         "url", "iam", "max_lifetime", "max_lifetime_jitter", "max_connect_rate", "connect_args",
-        "name", "health_check", "topology", "engine_kwargs",
+        "name", "health_check", "topology", "blue_green", "engine_kwargs",
     ],
 }  # fmt: skip
 
@@ -121,6 +121,8 @@ POOL_STATS = [
     "failover_retired", "read_only_retries", "connect_retries", "auth_failures_by_cause",
     "credential_fetch_failures", "credentials_expiry", "acquire_timeouts", "waiting_acquires",
     "silent_hosts", "health_probes", "topology_refreshes", "connections_by_instance",
+    "blue_green_phase", "blue_green_holds", "blue_green_hold_timeouts", "blue_green_reroutes",
+    "blue_green_fallback_refusals",
 ]  # fmt: skip
 
 
