@@ -160,7 +160,7 @@ _GSS_SETTINGS = ("krbsrvname", "gsslib")
 def _check_gss(dsn: DSN, kwargs: Mapping[str, Any]) -> None:
     """Refuse Kerberos settings given for an IAM login (argument or DSN): they would be unused."""
     for name in _GSS_SETTINGS:
-        source = f"{name}= in the DSN" if name in dsn.query else None
+        source = f"{name}= in {dsn.name}" if name in dsn.query else None
         if kwargs.get(name) is not None:
             source = f"{name}={kwargs[name]!r}"
         if source is not None:
@@ -276,6 +276,7 @@ def plan_connect(
     *,
     auth: IAMAuth | None,
     environ: Mapping[str, str] | None = None,
+    dsn_name: str = "the DSN",
 ) -> ConnectPlan:
     """Assemble the complete plan from `dsn` and `connect_kwargs` (`asyncpg.connect`'s).
 
@@ -283,14 +284,15 @@ def plan_connect(
     engine, the command line): the DSN parsed once, Aurora DSQL's defaults, the TLS policy and
     the writer default (``target_session_attrs="read-write"`` for IAM on one Aurora cluster
     endpoint when nothing chose the attributes). `environ` is the environment to read
-    (default: ``os.environ``, read here once). Also takes libpq's TLS parameters
+    (default: ``os.environ``, read here once); `dsn_name` is what messages call the DSN
+    (the engine's is "the URL"). Also takes libpq's TLS parameters
     (`TLS_KEYWORDS`: ``sslrootcert=`` (a CA file, or ``"system"``), ``sslcrl=``, ...) as
     keywords. Raises `ConfigurationError` for anything that could not connect, or that could
     send an IAM token in clear or to an unverified server. Callers check unknown keywords first
     (`check_keywords`), so that the message can name their own.
     """
     env = os.environ if environ is None else environ
-    parsed = parse_dsn(dsn)
+    parsed = parse_dsn(dsn, name=dsn_name)
     dsql, kwargs = connect_defaults(parsed, connect_kwargs, auth=auth, environ=env)
     rds_proxy, kwargs = _proxy.proxy_defaults(parsed, kwargs, auth=auth, environ=env)
     plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)

@@ -26,13 +26,16 @@ class DSN:
     """The query's settings; a setting given twice keeps its last value, as libpq does."""
     password: str | None = dataclasses.field(default=None, repr=False)
     """The password in the user info, else the query's ``password=`` (None: neither)."""
+    name: str = "the DSN"
+    """What messages call it (the SQLAlchemy engine's is "the URL")."""
 
 
 NO_DSN = DSN()
 
 
-def parse_dsn(dsn: str | None) -> DSN:
-    """Parse `dsn` (None: no DSN); raise `ConfigurationError` for one that cannot be split."""
+def parse_dsn(dsn: str | None, *, name: str = "the DSN") -> DSN:
+    """Parse `dsn` (None: no DSN), which messages call `name`; raise `ConfigurationError` for
+    one that cannot be split."""
     if not dsn:
         return NO_DSN
     try:
@@ -56,4 +59,5 @@ def parse_dsn(dsn: str | None) -> DSN:
         path=parts.path.lstrip("/"),
         query={key: values[-1] for key, values in query.items() if values},
         password=password,
+        name=name,
     )

@@ -275,6 +275,7 @@ def decide_tls(
         service_settings,
         environ,
         f"{{key}}={{value}} in service {service!r}",
+        f"{{key}}={{value}} in {dsn.name}",
     )
     mode_setting: _Setting | None
     caller_context: ssl.SSLContext | None
@@ -362,6 +363,7 @@ class _Sources:
     service: Mapping[str, str]
     env: Mapping[str, str]
     in_service: str
+    in_dsn: str = "{key}={value} in the DSN"
 
     def find(self, keyword: str) -> _Setting | None:
         """Return the first of the argument `keyword`, the DSN's, the service's, and its
@@ -369,7 +371,7 @@ class _Sources:
         variable = TLS_PARAMETERS[keyword]
         return _first(
             _from(self.arguments, keyword, "{key}={value!r}", "argument"),
-            _from(self.query, keyword, "{key}={value} in the DSN", "dsn"),
+            _from(self.query, keyword, self.in_dsn, "dsn"),
             _from(self.service, keyword, self.in_service, "service"),
             _from(self.env, variable, "{key}={value} in the environment", "environment")
             if variable

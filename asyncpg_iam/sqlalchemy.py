@@ -43,6 +43,7 @@ import asyncio
 import logging
 import random
 import time
+import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -75,6 +76,7 @@ from ._health import (
 )
 from ._lifetime import draw_lifetime
 from ._options import PoolOptions
+from ._tls import TLS_PARAMETERS
 from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
 __all__ = ["create_async_engine"]
@@ -87,20 +89,26 @@ _DEADLINE = "asyncpg_iam.deadline"
 _DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 
 
-def _connect_kwargs(url: URL, connect_args: dict[str, Any] | None) -> dict[str, Any]:
-    """Return asyncpg.connect() arguments: the URL's, as SQLAlchemy's dialect reads them."""
+def _last(value: Any) -> str:
+    """A URL query value given twice is a tuple: the last wins, as in a DSN."""
+    return str(value[-1] if isinstance(value, tuple) else value)
+
+
+def _plan_arguments(
+    url: URL, connect_args: dict[str, Any] | None
+) -> tuple[str | None, dict[str, Any]]:
+    """Return what `plan_connect` takes for `url` and `connect_args`: a DSN holding the URL's
+    libpq TLS parameters (``?sslmode=``, ``?sslrootcert=``, ...), which the plan's TLS policy
+    reads as it reads a pool's DSN, and `asyncpg.connect` arguments, the rest of the URL as
+    SQLAlchemy's dialect reads it."""
     check_keywords(connect_args or {}, what="connect_args")
     _args, params = url.get_dialect()().create_connect_args(url)
     params = dict(params)
-    if "sslmode" in params:
-        # The dialect passes the URL's sslmode on as a keyword asyncpg.connect does not take
-        # (a TypeError at the first connect): it is the plan's ssl=, decided here.
-        mode = params.pop("sslmode")
-        if "ssl" in params or "ssl" in (connect_args or {}):
-            raise ConfigurationError(
-                f"sslmode={mode} in the URL and ssl= both choose the TLS mode: keep one"
-            )
-        params["ssl"] = mode
+    tls = {name: _last(params.pop(name)) for name in TLS_PARAMETERS if name in params}
+    if "sslmode" in tls and ("ssl" in params or "ssl" in (connect_args or {})):
+        raise ConfigurationError(
+            f"sslmode={tls['sslmode']} in the URL and ssl= both choose the TLS mode: keep one"
+        )
     check_keywords(
         {name: value for name, value in params.items() if name not in _DIALECT_ONLY},
         what="the URL's query",
@@ -111,7 +119,9 @@ def _connect_kwargs(url: URL, connect_args: dict[str, Any] | None) -> dict[str, 
                 f"{name} in the URL is applied by SQLAlchemy's own connect, which IAM replaces: "
                 "drop it from the URL (asyncpg's statement_cache_size can go in connect_args)"
             )
-    return {**params, **(connect_args or {})}
+    # Host, port, user and database come as arguments; a DSN without them names none.
+    dsn = f"postgresql://?{urllib.parse.urlencode(tls)}" if tls else None
+    return dsn, {**params, **(connect_args or {})}
 
 
 class _EngineFailover:
@@ -439,7 +449,8 @@ def create_async_engine(
         )
     # The one plan assembly (DSQL and writer defaults, TLS), made once, here: the environment
     # read later changes nothing. Then the limits it implies.
-    plan = plan_connect(None, _connect_kwargs(parsed, connect_args), auth=auth)
+    dsn, connect_kwargs = _plan_arguments(parsed, connect_args)
+    plan = plan_connect(dsn, connect_kwargs, auth=auth, dsn_name="the URL")
     lifetime, rate = limits(plan.dsql, max_lifetime, max_connect_rate)
     options = PoolOptions(lifetime, max_lifetime_jitter, rate)
     if options.max_lifetime is not None:

@@ -31,6 +31,10 @@ topology-aware one:
   a third replica is added. Figure: seconds until it holds 25 % of the pool's connections
   (up to 60 s).
 
+One row times a connect to a silent port (accepts TCP, never answers) with ``timeout=3``
+through ``asyncpg_iam.Pool``: when the failing call ends, its failure diagnosis included (the
+tests check that nothing of it outlives the call; the time is measured here).
+
 ``--quick`` is a smoke run: shorter load, a 3 s lag and a 10 s watch of the reader (with a 2 s
 topology refresh), figures not comparable with a full run.
 """
@@ -38,9 +42,11 @@ topology refresh), figures not comparable with a full run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import logging
+import ssl
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -380,7 +386,65 @@ async def run(env: Any, quick: bool) -> CaseResult:
         "Timings are from a 2-core machine shared with other work: noisy."
     )
     await run_silent_writer(result, quick=quick)
+    with aws_keys(ACCESS_KEY) as credentials:
+        await _silent_connect(result, credentials)
     return result
+
+
+SILENT_CONNECT_TIMEOUT = 3.0
+# What a connect to a silent port may take beyond its `timeout`: the loop's own delays (the
+# diagnosis's probe runs within the timeout).
+SILENT_CONNECT_MARGIN = 0.5
+
+
+async def _silent_connect(result: CaseResult, credentials: Credentials) -> None:
+    """Time a pool's connect to a port that accepts TCP and never answers, diagnosis included."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            while await reader.read(4096):
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = int(server.sockets[0].getsockname()[1])
+    auth = asyncpg_iam.IAMAuth(
+        region="us-east-1",
+        signing_host="silent.abcdefghijkl.us-east-1.rds.amazonaws.com",
+        credentials=credentials,
+    )
+    loop = asyncio.get_running_loop()
+    error, began = "none", loop.time()
+    try:
+        async with asyncpg_iam.create_pool(
+            host="127.0.0.1",
+            port=port,
+            user="app",
+            iam=auth,
+            min_size=0,
+            timeout=SILENT_CONNECT_TIMEOUT,
+            ssl=ssl.create_default_context(),
+        ) as pool:
+            began = loop.time()
+            await pool.fetchval("SELECT 1")
+    except Exception as exc:
+        error = type(exc).__name__
+    elapsed = loop.time() - began
+    server.close()
+    await server.wait_closed()
+    bound = SILENT_CONNECT_TIMEOUT + SILENT_CONNECT_MARGIN
+    result.figures["silent_connect"] = {
+        "timeout_s": SILENT_CONNECT_TIMEOUT,
+        "elapsed_s": elapsed,
+        "error": error,
+    }
+    result.add(
+        f"connect to a silent port, timeout={SILENT_CONNECT_TIMEOUT:g}: the call ends after "
+        "(its failure diagnosis included), error",
+        f"{elapsed:.2f} s, {error}",
+        f"<= {bound:g} s (timeout + {SILENT_CONNECT_MARGIN:g} s)",
+        elapsed <= bound and error != "none",
+    )
 
 
 def _aurora_rows(

@@ -11,26 +11,15 @@ import dataclasses
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from ._emu_roles import RDS_IAM_ROLE, RoleDirectory, RoleInfo, password_matches
 from ._emu_verify import RegisteredKey, Verdict, verify_dsql_token, verify_token
+from ._keys import AccessKeyLike
 
 __all__ = ["KeySource", "Login", "LoginChecker", "decode_password", "looks_like_token"]
 
 
-class _Key(Protocol):
-    @property
-    def access_key(self) -> str: ...
-
-    @property
-    def secret_key(self) -> str: ...
-
-    @property
-    def session_token(self) -> str | None: ...
-
-
-KeySource = Callable[[str], "_Key | None"]
+KeySource = Callable[[str], "AccessKeyLike | None"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,21 +14,9 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
 
 from ._aws import AWS_CREDENTIAL_VARIABLES
-
-
-class AccessKeyLike(Protocol):
-    """An access key with its secret and session token (`AccessKey`)."""
-
-    @property
-    def access_key(self) -> str: ...
-    @property
-    def secret_key(self) -> str: ...
-    @property
-    def session_token(self) -> str | None: ...
-
+from ._keys import AccessKeyLike
 
 __all__ = [
     "aws_isolation_variables",
