@@ -44,8 +44,9 @@ __all__ = [
 logger = logging.getLogger("asyncpg_iam.connect")
 
 _REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
-_ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
-_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+# Compiled on first use (by re's cache): only a pool that assumes a role checks them.
+_ROLE_ARN = r"(?a)arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}"
+_SESSION_NAME = r"(?a)[\w+=,.@-]{2,64}"
 # RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
 # connect that presents it.
 MAX_TOKEN_REUSE = 840.0
@@ -205,14 +206,14 @@ class IAMAuth:
                     "<account>:role/<name>' or drop them"
                 )
             return
-        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.fullmatch(self.role_arn):
+        if not isinstance(self.role_arn, str) or not re.fullmatch(_ROLE_ARN, self.role_arn):
             raise ConfigurationError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN like "
                 "'arn:aws:iam::123456789012:role/app'"
             )
         if self.role_session_name is not None and (
             not isinstance(self.role_session_name, str)
-            or not _SESSION_NAME_RE.fullmatch(self.role_session_name)
+            or not re.fullmatch(_SESSION_NAME, self.role_session_name)
         ):
             raise ConfigurationError(
                 "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"

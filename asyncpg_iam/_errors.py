@@ -349,12 +349,12 @@ _CLI_WORDS = (
 
 # SQLSTATE 28000 errors that are not a refused token: the login itself was fine, the server
 # has no such role. They pass through as asyncpg raised them, without IAM hints.
-_NOT_A_REFUSAL = re.compile(r'role ".*" does not exist')
+_NOT_A_REFUSAL = r'role ".*" does not exist'  # compiled on the first refusal
 
 
 def is_iam_refusal(exc: InvalidAuthorizationSpecificationError) -> bool:
     """Tell a refused IAM login (RDS's PAM failure, DSQL's refusal, no TLS) from other 28000s."""
-    return not _NOT_A_REFUSAL.search(str(exc))
+    return not re.search(_NOT_A_REFUSAL, str(exc))
 
 
 def without_traceback(exc: BaseException) -> BaseException:

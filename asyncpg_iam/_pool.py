@@ -545,7 +545,8 @@ class Pool(AsyncpgPool):
             await super().close()
         finally:
             await self._shutdown()
-            logger.info("pool %s: closed; %s", self._name, self.stats())
+            if logger.isEnabledFor(logging.INFO):  # the snapshot only for a log that shows it
+                logger.info("pool %s: closed; %s", self._name, self.stats())
 
     def terminate(self) -> None:
         """Terminate every connection at once (no waiting for them to be released)."""
