@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._aws_env import FoundRegion, region_from_environment
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import AssumeRole, CredentialCache, build_cache, configured_region
-from ._errors import AuthFailureContext, ConfigurationError
+from ._errors import ConfigurationError
 from ._signing import (
     Credentials,
     build_auth_token,
@@ -30,6 +30,8 @@ from ._signing import (
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
+
+    from ._refusal import AuthFailureContext
 
 __all__ = [
     "IAMAuth",
@@ -535,6 +537,8 @@ def failure_context(
 
     `clock_skew` defaults to what the credential cache measured, if anything.
     """
+    from ._refusal import AuthFailureContext  # only a refused login needs it
+
     cached = credentials.peek()
     return AuthFailureContext(
         host=target.host,

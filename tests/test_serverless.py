@@ -40,6 +40,7 @@ _COLD_START_UNUSED = (
     "asyncpg_iam._topology",
     "asyncpg_iam._retry",
     "asyncpg_iam._pool_stats",
+    "asyncpg_iam._refusal",
     "asyncpg_iam.otel",
     "asyncpg_iam.sqlalchemy",
     "asyncpg_iam.starlette",
