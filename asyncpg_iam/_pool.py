@@ -239,11 +239,12 @@ class Pool(AsyncpgPool):
     def _start_topology(self, setting: bool | AuroraTopology) -> TopologyMonitor | None:
         """Route connects by the Aurora cluster's topology (see `_topology`), where it applies."""
         targets = self._connector.targets
-        if setting is True and not (
-            len(targets) == 1 and is_cluster_endpoint(targets[0].signing_host)
+        if setting is False or (
+            setting is True
+            and not (len(targets) == 1 and is_cluster_endpoint(targets[0].signing_host))
         ):
-            # No Aurora cluster name to route by (`topology_for` would keep DNS too): a pool on
-            # an instance endpoint, an IP address or without IAM never loads `_topology`.
+            # Off, or no Aurora cluster name to route by (`topology_for` would keep DNS too): a
+            # pool on an instance endpoint, an IP address or without IAM never loads `_topology`.
             return None
         from ._topology import topology_for
 
