@@ -108,3 +108,8 @@ class PoolSettings:
     """Seconds a connection lives at most (None: unlimited)."""
     max_connect_rate: float | None
     """New logins a second at most (None: unlimited)."""
+
+
+# A pool returns these before anyone may have read them from the package root (whose lazy
+# `__getattr__` sets the same): they report the public path from the start.
+PoolStats.__module__ = PoolSettings.__module__ = "asyncpg_iam"
