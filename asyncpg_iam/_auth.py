@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._aws_env import FoundRegion, region_from_environment
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import AssumeRole, CredentialCache, build_cache, configured_region
-from ._errors import AuthFailureContext, ConfigurationError
+from ._errors import ConfigurationError
 from ._signing import (
     Credentials,
     build_auth_token,
@@ -30,6 +30,8 @@ from ._signing import (
 
 if TYPE_CHECKING:
     from aiobotocore.session import AioSession
+
+    from ._refusal import AuthFailureContext
 
 __all__ = [
     "IAMAuth",
@@ -44,8 +46,9 @@ __all__ = [
 logger = logging.getLogger("asyncpg_iam.connect")
 
 _REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
-_ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
-_SESSION_NAME_RE = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
+# Compiled on first use (by re's cache): only a pool that assumes a role checks them.
+_ROLE_ARN = r"(?a)arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}"
+_SESSION_NAME = r"(?a)[\w+=,.@-]{2,64}"
 # RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
 # connect that presents it.
 MAX_TOKEN_REUSE = 840.0
@@ -205,14 +208,14 @@ class IAMAuth:
                     "<account>:role/<name>' or drop them"
                 )
             return
-        if not isinstance(self.role_arn, str) or not _ROLE_ARN_RE.fullmatch(self.role_arn):
+        if not isinstance(self.role_arn, str) or not re.fullmatch(_ROLE_ARN, self.role_arn):
             raise ConfigurationError(
                 f"role_arn {self.role_arn!r} is not an IAM role ARN like "
                 "'arn:aws:iam::123456789012:role/app'"
             )
         if self.role_session_name is not None and (
             not isinstance(self.role_session_name, str)
-            or not _SESSION_NAME_RE.fullmatch(self.role_session_name)
+            or not re.fullmatch(_SESSION_NAME, self.role_session_name)
         ):
             raise ConfigurationError(
                 "role_session_name must be 2 to 64 characters of letters, digits and =,.@-_+"
@@ -534,6 +537,8 @@ def failure_context(
 
     `clock_skew` defaults to what the credential cache measured, if anything.
     """
+    from ._refusal import AuthFailureContext  # only a refused login needs it
+
     cached = credentials.peek()
     return AuthFailureContext(
         host=target.host,

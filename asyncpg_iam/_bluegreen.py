@@ -95,7 +95,7 @@ GREEN_STATE = "SELECT pg_catalog.pg_is_in_recovery(), current_setting('transacti
 DEFAULT_HOLD = 30.0
 RDS_SUFFIXES = (".rds.amazonaws.com", ".rds.amazonaws.com.cn")
 # Green endpoint names are the blue ones with "-green-<random>" after the first part.
-_GREEN_SUFFIX = re.compile(r"-green-[a-z0-9]+(?=\.)", re.IGNORECASE)
+_GREEN_SUFFIX = r"-green-[a-z0-9]+(?=\.)"  # compiled on use (re's cache)
 
 
 class Phase(enum.IntEnum):
@@ -150,7 +150,7 @@ NO_DEPLOYMENT = Deployment(Phase.NOT_CREATED)
 def blue_name_of(green_endpoint: str) -> str:
     """Return the blue name a green endpoint takes at the switch (``app-green-x1.c..`` ->
     ``app.c..``)."""
-    return _GREEN_SUFFIX.sub("", green_endpoint.lower().rstrip("."), count=1)
+    return re.sub(_GREEN_SUFFIX, "", green_endpoint.lower().rstrip("."), count=1)
 
 
 def parse_rows(rows: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> Deployment:

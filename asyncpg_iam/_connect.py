@@ -54,7 +54,6 @@ from ._errors import (
     without_traceback,
 )
 from ._lifetime import TokenBucket
-from ._retry import in_recovery
 from ._signing import is_writer_endpoint
 from ._tls import SSL_REQUEST, TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
 
@@ -808,7 +807,11 @@ class Connector:
                 except (*_NEXT_HOST_ERRORS, TargetServerAttributeNotMatched) as exc:
                     last_error = exc
                     continue
-                if tsa != "prefer-standby" or await in_recovery(opened[0]):
+                if tsa != "prefer-standby":
+                    return opened
+                from ._retry import in_recovery  # only prefer-standby asks
+
+                if await in_recovery(opened[0]):
                     return opened
                 if fallback is None:
                     fallback = opened

@@ -517,7 +517,7 @@ class _ChainSource:
         pass
 
 
-_ARN_IN_MESSAGE = re.compile(r"(arn:aws[\w-]*:(?:iam|sts)::\d*:[^\s,]+?)(?:\s|,|$)")
+_ARN_IN_MESSAGE = r"(arn:aws[\w-]*:(?:iam|sts)::\d*:[^\s,]+?)(?:\s|,|$)"  # compiled on use
 
 
 class _AssumeRoleSource:
@@ -638,7 +638,7 @@ class _AssumeRoleSource:
         )
 
     async def _identity(self, client: Any, message: str) -> str:
-        match = _ARN_IN_MESSAGE.search(message)
+        match = re.search(_ARN_IN_MESSAGE, message)
         if match is not None and match.group(1) != self._role_arn:
             return match.group(1)
         try:

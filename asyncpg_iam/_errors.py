@@ -24,19 +24,21 @@ session token.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import re
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from asyncpg.exceptions import InvalidAuthorizationSpecificationError
 
 from ._aws_env import MAX_CLOCK_SKEW
 
+if TYPE_CHECKING:
+    from ._refusal import AuthFailureContext
+
 __all__ = [
     "AUTH_CAUSES",
-    "AuthFailureContext",
     "CABundleError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
@@ -89,38 +91,6 @@ class CredentialsError(IAMError):
     def __init__(self, message: str, *, source: str | None = None) -> None:
         super().__init__(message)
         self.source = source
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AuthFailureContext:
-    """What the library knew about a refused login; no secrets."""
-
-    host: str
-    port: int
-    user: str
-    database: str | None
-    signing_host: str
-    signing_port: int
-    region: str
-    region_source: str
-    endpoint_region: str | None
-    credential_source: str
-    credentials_expiry: dt.datetime | None
-    signed_at: dt.datetime | None
-    token_reused: bool
-    now: dt.datetime
-    server_message: str
-    clock_skew: float | None = None
-    """Seconds this host's clock is ahead of AWS's (negative: behind), when it was measured."""
-    service: str = "rds"
-    """``"rds"`` (RDS, Aurora, RDS Proxy) or ``"dsql"`` (Aurora DSQL)."""
-
-    @property
-    def token_age(self) -> float | None:
-        """Seconds between signing the token and the refusal, if a token was signed."""
-        if self.signed_at is None:
-            return None
-        return (self.now - self.signed_at).total_seconds()
 
 
 # A token signed with credentials that expire within this window may be refused by the time
@@ -349,12 +319,12 @@ _CLI_WORDS = (
 
 # SQLSTATE 28000 errors that are not a refused token: the login itself was fine, the server
 # has no such role. They pass through as asyncpg raised them, without IAM hints.
-_NOT_A_REFUSAL = re.compile(r'role ".*" does not exist')
+_NOT_A_REFUSAL = r'role ".*" does not exist'  # compiled on the first refusal
 
 
 def is_iam_refusal(exc: InvalidAuthorizationSpecificationError) -> bool:
     """Tell a refused IAM login (RDS's PAM failure, DSQL's refusal, no TLS) from other 28000s."""
-    return not _NOT_A_REFUSAL.search(str(exc))
+    return not re.search(_NOT_A_REFUSAL, str(exc))
 
 
 def without_traceback(exc: BaseException) -> BaseException:

@@ -288,8 +288,24 @@ def region_from_host(host: str) -> str | None:
 # <cluster>.cluster-<id>.<region>.rds.amazonaws.com[.cn]; readers are cluster-ro-, custom
 # endpoints cluster-custom- (either may point at readers).
 _CLUSTER = re.compile(
-    r"[^.]+\.cluster-(ro-|custom-)?[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com(\.cn)?\.?"
+    r"[^.]+\.cluster-(ro-|custom-)?(?P<suffix>[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com"
+    r"(?:\.cn)?)\.?"
 )
+
+
+def is_cluster_endpoint(host: str) -> bool:
+    """Tell whether `host` is an Aurora cluster, reader or custom endpoint name."""
+    return _CLUSTER.fullmatch(host.lower()) is not None
+
+
+def instance_host_pattern(cluster_host: str) -> str | None:
+    """Return the instance endpoint pattern of an Aurora cluster or reader endpoint name.
+
+    ``mydb.cluster-abc.us-east-1.rds.amazonaws.com`` gives ``?.abc.us-east-1.rds.amazonaws.com``;
+    any other name (an instance endpoint, a CNAME) gives None.
+    """
+    match = _CLUSTER.fullmatch(cluster_host.lower())
+    return None if match is None else f"?.{match.group('suffix')}"
 
 
 def is_writer_endpoint(host: str) -> bool:

@@ -44,6 +44,7 @@ from . import _options
 from ._auth import SigningTarget
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, NoWriterError
+from ._signing import instance_host_pattern
 
 __all__ = [
     "AuroraTopology",
@@ -76,13 +77,6 @@ _EXCLUDE_FOR = 10.0
 _REBALANCE_INTERVAL = 1.0
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
-# <cluster>.cluster-[ro-|custom-]<id>.<region>.rds.amazonaws.com[.cn]
-_CLUSTER_NAME = re.compile(
-    r"^[^.]+\.cluster-(?:ro-|custom-)?(?P<suffix>[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com"
-    r"(?:\.cn)?)\.?$",
-    re.IGNORECASE,
-)
-
 _AURORA_QUERY = (
     "SELECT server_id, session_id, replica_lag_in_msec, last_update_timestamp "
     "FROM aurora_replica_status()"
@@ -154,16 +148,6 @@ def _split_pattern(pattern: str) -> tuple[str, int | None]:
     if not (port.isascii() and port.isdigit()):
         raise ConfigurationError(f"the port of instance_host_pattern {pattern!r} is not a number")
     return host, _options.port("the port of instance_host_pattern", int(port))
-
-
-def instance_host_pattern(cluster_host: str) -> str | None:
-    """Return the instance endpoint pattern of an Aurora cluster or reader endpoint name.
-
-    ``mydb.cluster-abc.us-east-1.rds.amazonaws.com`` gives ``?.abc.us-east-1.rds.amazonaws.com``;
-    any other name (an instance endpoint, a CNAME) gives None.
-    """
-    match = _CLUSTER_NAME.match(cluster_host)
-    return None if match is None else f"?.{match.group('suffix').lower()}"
 
 
 # -- the pure core ---------------------------------------------------------------------------

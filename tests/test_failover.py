@@ -22,7 +22,7 @@ import trustme
 
 import asyncpg_iam
 from asyncpg_iam import IAMAuth
-from asyncpg_iam._signing import is_reader_endpoint, is_writer_endpoint
+from asyncpg_iam._signing import is_cluster_endpoint, is_reader_endpoint, is_writer_endpoint
 from asyncpg_iam.testing import (
     DEFAULT_CLUSTER_ENDPOINT,
     DEFAULT_READER_ENDPOINT,
@@ -70,7 +70,8 @@ async def set_read_only(admin: asyncpg.Connection, dsn: str, *, on: bool) -> Non
 
 
 def test_endpoint_names_are_classified() -> None:
-    """Cluster endpoints are writers, cluster-ro endpoints readers, anything else neither."""
+    """Cluster endpoints are writers, cluster-ro endpoints readers, anything else neither;
+    cluster, reader and custom endpoints are cluster names, instances and others not."""
     assert is_writer_endpoint(WRITER)
     assert not is_reader_endpoint(WRITER)
     assert is_reader_endpoint(READER)
@@ -81,6 +82,10 @@ def test_endpoint_names_are_classified() -> None:
         assert not is_writer_endpoint(host)
         assert not is_reader_endpoint(host)
     assert is_writer_endpoint("A.CLUSTER-X1.cn-north-1.rds.amazonaws.com.cn")
+    for host in (WRITER, READER, custom, "A.CLUSTER-X1.cn-north-1.rds.amazonaws.com.cn."):
+        assert is_cluster_endpoint(host), host
+    for host in (instance, "db.example.com", "127.0.0.1"):
+        assert not is_cluster_endpoint(host), host
 
 
 async def test_read_write_is_the_default_only_on_a_cluster_endpoint(

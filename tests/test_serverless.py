@@ -25,7 +25,30 @@ from tests._support import wait_for
 
 # -- cold start -----------------------------------------------------------------------------------
 
-_COLD_START = """
+# What a cold start (import, create_pool on an RDS instance endpoint, one query) must not import:
+# aiobotocore and what only failures, diagnosis and `__version__` need, and the package's own
+# modules that only other settings use (an Aurora cluster name, `run_transaction`, `stats()`,
+# `settings`, the integrations, the command line, the test beds). Each costs import time in
+# every new process, so loading one of them eagerly again fails here.
+_COLD_START_UNUSED = (
+    "aiobotocore",
+    "botocore",
+    "boto3",
+    "importlib.metadata",
+    "email.utils",
+    "difflib",
+    "asyncpg_iam._topology",
+    "asyncpg_iam._retry",
+    "asyncpg_iam._pool_stats",
+    "asyncpg_iam._refusal",
+    "asyncpg_iam.otel",
+    "asyncpg_iam.sqlalchemy",
+    "asyncpg_iam.starlette",
+    "asyncpg_iam.cli",
+    "asyncpg_iam.testing",
+)
+
+_COLD_START = f"""
 import asyncio, json, os, sys
 import asyncpg_iam
 
@@ -37,19 +60,50 @@ async def main():
     )
     value = await pool.fetchval("SELECT 41 + 1")
     await pool.close()
-    heavy = ("aiobotocore", "botocore", "boto3", "importlib.metadata", "email.utils", "difflib")
-    loaded = sorted(m for m in heavy if m in sys.modules)
-    print(json.dumps({"value": value, "loaded": loaded}))
+    loaded = sorted(m for m in {_COLD_START_UNUSED!r} if m in sys.modules)
+    print(json.dumps({{"value": value, "loaded": loaded}}))
 
 asyncio.run(main())
 """
+
+_IMPORT_AND_CONFIGURE = f"""
+import json, sys
+import asyncpg_iam
+pool = asyncpg_iam.Pool(
+    host="127.0.0.1", port=5432, user="app", database="app",
+    iam=asyncpg_iam.IAMAuth(signing_host="app.abcdefghijkl.us-east-1.rds.amazonaws.com"),
+    min_size=1,
+)
+loaded = sorted(m for m in {_COLD_START_UNUSED!r} if m in sys.modules)
+print(json.dumps({{"loaded": loaded}}))
+"""
+
+
+async def test_importing_and_configuring_a_pool_loads_only_what_the_cold_start_runs(
+    tmp_path: Path,
+) -> None:
+    """Importing the package and creating a pool (Lambda's variables, an RDS instance name, no
+    connect yet) imports none of the modules a cold start does not run."""
+    key = AccessKey("ASIALAMBDAEXAMPLE02", secrets.token_urlsafe(30), secrets.token_urlsafe(40))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _IMPORT_AND_CONFIGURE,
+        env=lambda_environment(key, region="us-east-1", home=tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out) == {"loaded": []}
 
 
 async def test_cold_start_with_keys_in_the_environment_never_imports_aiobotocore(
     rds_emulator: RDSIAMEmulator, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     """A new process with Lambda's variables signs, logs in and queries without importing
-    aiobotocore, botocore, or what only failures, diagnosis and `__version__` need."""
+    aiobotocore, botocore, what only failures, diagnosis and `__version__` need, or the
+    package's modules for other settings."""
     key = AccessKey("ASIALAMBDAEXAMPLE01", secrets.token_urlsafe(30), secrets.token_urlsafe(40))
     rds_emulator.register_key(key.access_key, key.secret_key, key.session_token)
     env = lambda_environment(key, region=rds_emulator.region, home=tmp_path)
