@@ -31,6 +31,11 @@ topology-aware one:
   a third replica is added. Figure: seconds until it holds 25 % of the pool's connections
   (up to 60 s).
 
+When a separate virtualenv has ``aws-advanced-python-wrapper`` (``.peer-venv/bin/python`` or
+``ASYNCPG_IAM_PEER_PYTHON``; `_peer_run`), the DNS-lag scenario also runs AWS's Python wrapper
+(async psycopg, plugins ``failover_v2,iam``) on an AuroraCluster of its own: one more row
+(otherwise it says "not installed").
+
 ``--quick`` is a smoke run: shorter load, a 3 s lag and a 10 s watch of the reader (with a 2 s
 topology refresh), figures not comparable with a full run.
 """
