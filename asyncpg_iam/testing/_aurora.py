@@ -9,8 +9,7 @@ the reader endpoint's; a `ClusterEndpoint` and a `ReaderEndpoint` (with DNS lag)
 Each server has the SQL functions ``aurora_replica_status()`` (server_id, session_id --
 ``'MASTER_SESSION_ID'`` for the writer --, cpu, replica_lag_in_msec, last_update_timestamp)
 and ``aurora_db_instance_identifier()``, in ``pg_catalog`` as on Aurora (clients that
-schema-qualify them, as AWS's wrappers do, find them), and the setting ``rds.extensions``
-naming ``aurora_stat_utils`` as Aurora PostgreSQL's does, backed by the table
+schema-qualify them, as AWS's wrappers do, find them), backed by the table
 ``aurora_testbed.instances`` that the test bed updates on `failover()`, `add_replica()` and
 `remove_replica()`. The table lives on the primary and replicates to the standbys, as
 Aurora's shared storage shows every instance the same topology. A row's
@@ -146,8 +145,6 @@ class AuroraCluster(AsyncService):
         self._settings = {
             "synchronous_commit": "on",
             "wal_keep_size": "'256MB'",
-            # What Aurora PostgreSQL lists (AWS's wrappers read it to tell Aurora from RDS).
-            "rds.extensions": "'aurora_stat_utils,pg_stat_statements'",
             **(settings or {}),
         }
         self._instances: dict[str, AuroraInstance] = {}
