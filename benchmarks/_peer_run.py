@@ -59,74 +59,21 @@ async def aurora_peer(
     """One failover with a DNS lag of `lag` s under the wrapper's writers; what they saw."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         return {"kind": "peer", "skipped": "needs root and unshare (a private /etc/hosts)"}
-    loop = asyncio.get_running_loop()
     async with AuroraCluster(replicas=1, lag=lag) as cluster:
         cluster.register_key(credentials.access_key, credentials.secret_key)
         await admin(cluster.writer_instance.server, "CREATE TABLE ledger (at timestamptz)")
-        forwarders = []
-        hosts = ["127.0.0.1 localhost", f"127.0.0.1 {cluster.endpoint}"]
-        # A loopback network of this run's own (two runs at once do not meet).
-        net = f"127.{os.getpid() % 200 + 20}.{secrets.randbelow(250) + 1}"
-        for number, instance in enumerate(cluster.instances.values(), start=1):
-            forwarder = ClusterEndpoint(instance.emulator, host=f"{net}.{number}", port=5432)
-            await forwarder.start()
-            forwarders.append(forwarder)
-            hosts.append(f"{net}.{number} {instance.name}")
-        with tempfile.TemporaryDirectory() as tmp:
-            hosts_file = Path(tmp) / "hosts"
-            hosts_file.write_text("\n".join(hosts) + "\n")
-            config = {
-                "host": cluster.endpoint,
-                "port": cluster.writer.port,
-                "user": cluster.user,
-                "dbname": cluster.database,
-                "region": "us-east-1",
-                "writers": writers,
-                "pool": pool,
-            }
-            process = await asyncio.create_subprocess_exec(
-                "unshare",
-                "--mount",
-                "sh",
-                "-c",
-                'mount --bind "$1" /etc/hosts && exec "$2" "$3" "$4"',
-                "sh",
-                str(hosts_file),
-                str(python),
-                str(SCRIPT),
-                json.dumps(config),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+        forwarders: list[ClusterEndpoint] = []
+        try:
+            out, err, returncode, stopped_wall, promoted_wall = await _run(
+                python, cluster, forwarders, lag=lag, warmup=warmup, writers=writers, pool=pool
             )
-            assert process.stdout is not None
-            try:
-                ready = await asyncio.wait_for(process.stdout.readline(), 120)
-                if ready.strip() != b"ready":
-                    _, err = await process.communicate()
-                    return {"kind": "peer", "skipped": _last_error(err)}
-                await asyncio.sleep(warmup)
-                stopped_wall = dt.datetime.now(dt.timezone.utc)
-                failover = asyncio.ensure_future(cluster.failover(old_writer="read_only"))
-                promoted_wall: float | None = None
-                deadline = loop.time() + lag + 15.0
-                while loop.time() < deadline and not failover.done():
-                    if promoted_wall is None and cluster.writer_instance.id != "instance-1":
-                        promoted_wall = time.time()
-                    await asyncio.sleep(0.01)
-                await failover
-                if promoted_wall is None:
-                    promoted_wall = time.time()
-                await asyncio.sleep(max(0.0, promoted_wall + lag + 5.0 - time.time()))
-                out, err = await asyncio.wait_for(process.communicate(b"stop\n"), 120)
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-                for forwarder in forwarders:
-                    await forwarder.stop()
+        except asyncio.TimeoutError:
+            return {"kind": "peer", "skipped": "the wrapper did not answer within 120 s"}
+        finally:
+            for forwarder in forwarders:
+                await forwarder.stop()
         lines = out.decode().strip().splitlines()
-        if process.returncode != 0 or not lines:
+        if returncode != 0 or not lines or stopped_wall is None or promoted_wall is None:
             return {"kind": "peer", "skipped": _last_error(err)}
         seen = json.loads(lines[-1])
         after = [at for at in seen["acknowledged"] if at > promoted_wall]
@@ -148,6 +95,84 @@ async def aurora_peer(
         "acknowledged": len(seen["acknowledged"]),
         "stuck": seen["stuck"],
     }
+
+
+async def _run(
+    python: Path,
+    cluster: AuroraCluster,
+    forwarders: list[ClusterEndpoint],
+    *,
+    lag: float,
+    warmup: float,
+    writers: int,
+    pool: int,
+) -> tuple[bytes, bytes, int | None, dt.datetime | None, float | None]:
+    """Start the forwarders and the wrapper, fail over under its writers, stop it.
+
+    Returns its output, its exit status, and when the writer stopped and the replica was
+    promoted (None for both if it never got ready).
+    """
+    loop = asyncio.get_running_loop()
+    hosts = ["127.0.0.1 localhost", f"127.0.0.1 {cluster.endpoint}"]
+    # A loopback network of this run's own (two runs at once do not meet).
+    net = f"127.{os.getpid() % 200 + 20}.{secrets.randbelow(250) + 1}"
+    for number, instance in enumerate(cluster.instances.values(), start=1):
+        forwarder = ClusterEndpoint(instance.emulator, host=f"{net}.{number}", port=5432)
+        await forwarder.start()
+        forwarders.append(forwarder)
+        hosts.append(f"{net}.{number} {instance.name}")
+    config = {
+        "host": cluster.endpoint,
+        "port": cluster.writer.port,
+        "user": cluster.user,
+        "dbname": cluster.database,
+        "region": "us-east-1",
+        "writers": writers,
+        "pool": pool,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        hosts_file = Path(tmp) / "hosts"
+        hosts_file.write_text("\n".join(hosts) + "\n")
+        process = await asyncio.create_subprocess_exec(
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount --bind "$1" /etc/hosts && exec "$2" "$3" "$4"',
+            "sh",
+            str(hosts_file),
+            str(python),
+            str(SCRIPT),
+            json.dumps(config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        try:
+            ready = await asyncio.wait_for(process.stdout.readline(), 120)
+            if ready.strip() != b"ready":
+                out, err = await asyncio.wait_for(process.communicate(), 120)
+                return out, err, process.returncode, None, None
+            await asyncio.sleep(warmup)
+            stopped_wall = dt.datetime.now(dt.timezone.utc)
+            failover = asyncio.ensure_future(cluster.failover(old_writer="read_only"))
+            promoted_wall: float | None = None
+            deadline = loop.time() + lag + 15.0
+            while loop.time() < deadline and not failover.done():
+                if promoted_wall is None and cluster.writer_instance.id != "instance-1":
+                    promoted_wall = time.time()
+                await asyncio.sleep(0.01)
+            await failover
+            if promoted_wall is None:
+                promoted_wall = time.time()
+            await asyncio.sleep(max(0.0, promoted_wall + lag + 5.0 - time.time()))
+            out, err = await asyncio.wait_for(process.communicate(b"stop\n"), 120)
+            return out, err, process.returncode, stopped_wall, promoted_wall
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
 
 def _last_error(stderr: bytes) -> str:

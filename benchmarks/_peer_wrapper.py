@@ -65,11 +65,12 @@ async def main(config: dict[str, Any]) -> None:
             except Exception as exc:  # every failure is a failed write here
                 failed.append(time.time())
                 errors[type(exc).__name__] += 1
-                await asyncio.sleep(0.01)
             else:
                 acknowledged.append(time.time())
+                continue
             finally:
                 connections.put_nowait(con)
+            await asyncio.sleep(0.01)  # after a failure, as the pools' writers do
 
     tasks = [asyncio.ensure_future(writer()) for _ in range(config["writers"])]
     print("ready", flush=True)

@@ -472,10 +472,11 @@ def _peer_row(result: CaseResult, peer: dict[str, Any], *, lag: float) -> None:
         result.add(metric, str(peer["skipped"]))
         return
     first = peer["first_write_after_promotion_s"]
+    stuck = f"; {peer['stuck']} writes still hanging at the end" if peer["stuck"] else ""
     result.add(
         metric,
         f"{'none' if first is None else f'{first:.2f} s'} / {peer['failed']} "
-        f"({_errors(peer['errors'])}) / {peer['logins_stop_to_first_write']}",
+        f"({_errors(peer['errors'])}) / {peer['logins_stop_to_first_write']}{stuck}",
     )
     result.notes.append(
         "The AWS Python wrapper row runs aws-advanced-python-wrapper in a separate virtualenv "
