@@ -35,6 +35,11 @@ One row times a connect to a silent port (accepts TCP, never answers) with ``tim
 through ``asyncpg_iam.Pool``: when the failing call ends, its failure diagnosis included (the
 tests check that nothing of it outlives the call; the time is measured here).
 
+When a separate virtualenv has ``aws-advanced-python-wrapper`` (``.peer-venv/bin/python`` or
+``ASYNCPG_IAM_PEER_PYTHON``; `_peer_run`), the DNS-lag scenario also runs AWS's Python wrapper
+(async psycopg, plugins ``failover_v2,iam``) on an AuroraCluster of its own: one more row
+(otherwise it says "not installed").
+
 ``--quick`` is a smoke run: shorter load, a 3 s lag and a 10 s watch of the reader (with a 2 s
 topology refresh), figures not comparable with a full run.
 """
@@ -58,6 +63,7 @@ from asyncpg_iam import Credentials
 from asyncpg_iam.testing import AuroraCluster, FailoverCluster
 
 from ._harness import CaseResult, new_figure, save_figure
+from ._peer_run import aurora_peer, peer_python, peer_version
 from ._shared import aws_keys, signer, versus
 from ._silent_writer import run_silent_writer
 
@@ -320,6 +326,18 @@ async def run(env: Any, quick: bool) -> CaseResult:
             kind: await _aurora_lag(kind, lag=lag, warmup=warmup, credentials=credentials)
             for kind in AURORA_KINDS
         }
+        python = peer_python()
+        peer: dict[str, Any] = {"kind": "peer", "skipped": "not installed"}
+        if python is not None:
+            peer = await aurora_peer(
+                python,
+                lag=lag,
+                warmup=warmup,
+                writers=AURORA_WRITERS,
+                pool=AURORA_POOL,
+                credentials=credentials,
+            )
+            peer["version"] = peer_version(python)
         watch = 10.0 if quick else 60.0
         readers = {
             kind: await _reader_added(kind, watch=watch, quick=quick, credentials=credentials)
@@ -372,6 +390,7 @@ async def run(env: Any, quick: bool) -> CaseResult:
         ours["lost"] == ours["applied_twice"] == plain["lost"] == plain["applied_twice"] == 0,
     )
     _aurora_rows(result, aurora, readers, lag=lag, watch=watch)
+    _peer_row(result, peer, lag=lag)
     result.add("errors (asyncpg_iam.Pool)", _errors(ours["errors"]))
     result.add("errors (asyncpg.Pool)", _errors(plain["errors"]))
     result.notes.append(
@@ -501,6 +520,37 @@ def _aurora_rows(
         three(readers, "seconds_to_25_percent", "{:.1f} s"),
         f"<= {watch:g} s (topology)",
         reached is not None,
+    )
+
+
+def _peer_row(result: CaseResult, peer: dict[str, Any], *, lag: float) -> None:
+    """Add AWS's Python wrapper's row for the DNS-lag scenario (or why it did not run)."""
+    result.figures["aurora_lag_peer"] = peer
+    version = peer.get("version", "")
+    metric = (
+        f"Aurora, {lag:g} s DNS lag, AWS Python wrapper {version} (async psycopg, failover_v2 + "
+        "iam): first write after promotion / failed writes / logins from the stop to the first "
+        "write"
+    )
+    if "skipped" in peer:
+        result.add(metric, str(peer["skipped"]))
+        return
+    first = peer["first_write_after_promotion_s"]
+    stuck = f"; {peer['stuck']} writes still hanging at the end" if peer["stuck"] else ""
+    result.add(
+        metric,
+        f"{'none' if first is None else f'{first:.2f} s'} / {peer['failed']} "
+        f"({_errors(peer['errors'])}) / {peer['logins_stop_to_first_write']}{stuck}",
+    )
+    result.notes.append(
+        "The AWS Python wrapper row runs aws-advanced-python-wrapper in a separate virtualenv "
+        "(benchmarks/_peer_wrapper.py; ASYNCPG_IAM_PEER_PYTHON or .peer-venv/bin/python) on its "
+        "own AuroraCluster: 16 writers share 10 wrapper connections (AsyncAwsWrapperConnection, "
+        "plugins failover_v2,iam, defaults otherwise), each write an autocommit INSERT. A write "
+        "that raises FailoverSuccessError (the wrapper's signal to retry on the new connection) "
+        "counts as failed. The wrapper resolves names through the OS and reaches instances at "
+        "port 5432, so it runs in a mount namespace with a private /etc/hosts mapping the "
+        "cluster's names to forwarders on loopback."
     )
 
 

@@ -200,6 +200,27 @@ async def _write_until_refused(pool: Any) -> None:
         await asyncio.sleep(0.1)
 
 
+async def test_the_topology_functions_answer_schema_qualified(
+    credential_server: CredentialServer,
+) -> None:
+    """The topology functions answer schema-qualified in pg_catalog, on the writer and a
+    replica, as AWS's wrappers query them."""
+    async with AuroraCluster(replicas=1) as aurora:
+        credential_server.add_emulator(aurora)
+        for instance in aurora.instances.values():
+            con = await asyncpg.connect(instance.server.dsn, ssl=False)
+            try:
+                rows = await con.fetch(
+                    "SELECT server_id, session_id = 'MASTER_SESSION_ID' AS writer "
+                    "FROM pg_catalog.aurora_replica_status() ORDER BY server_id"
+                )
+                on = await con.fetchval("SELECT pg_catalog.aurora_db_instance_identifier()")
+            finally:
+                await con.close()
+            assert [tuple(r) for r in rows] == [("instance-1", True), ("instance-2", False)]
+            assert on == instance.id
+
+
 async def test_a_cluster_left_without_a_writer_fails_fast(
     credential_server: CredentialServer,
 ) -> None:

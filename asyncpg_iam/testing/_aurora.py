@@ -8,7 +8,8 @@ the reader endpoint's; a `ClusterEndpoint` and a `ReaderEndpoint` (with DNS lag)
 
 Each server has the SQL functions ``aurora_replica_status()`` (server_id, session_id --
 ``'MASTER_SESSION_ID'`` for the writer --, cpu, replica_lag_in_msec, last_update_timestamp)
-and ``aurora_db_instance_identifier()``, on the search path, backed by the table
+and ``aurora_db_instance_identifier()``, in ``pg_catalog`` as on Aurora (clients that
+schema-qualify them, as AWS's wrappers do, find them), backed by the table
 ``aurora_testbed.instances`` that the test bed updates on `failover()`, `add_replica()` and
 `remove_replica()`. The table lives on the primary and replicates to the standbys, as
 Aurora's shared storage shows every instance the same topology. A row's
@@ -61,7 +62,8 @@ CREATE TABLE aurora_testbed.instances (
     replica_lag_in_msec double precision,
     last_update_timestamp timestamptz
 );
-CREATE FUNCTION public.aurora_replica_status() RETURNS TABLE (
+SET allow_system_table_mods = on;
+CREATE FUNCTION pg_catalog.aurora_replica_status() RETURNS TABLE (
     server_id text,
     session_id text,
     cpu double precision,
@@ -75,9 +77,10 @@ CREATE FUNCTION public.aurora_replica_status() RETURNS TABLE (
            coalesce(i.last_update_timestamp, now())
     FROM aurora_testbed.instances i ORDER BY i.server_id
 $$;
-CREATE FUNCTION public.aurora_db_instance_identifier() RETURNS text LANGUAGE sql STABLE AS $$
+CREATE FUNCTION pg_catalog.aurora_db_instance_identifier() RETURNS text LANGUAGE sql STABLE AS $$
     SELECT current_setting('aurora_testbed.instance_id', true)
 $$;
+RESET allow_system_table_mods;
 GRANT USAGE ON SCHEMA aurora_testbed TO PUBLIC;
 GRANT SELECT ON aurora_testbed.instances TO PUBLIC;
 """
