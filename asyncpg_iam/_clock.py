@@ -57,8 +57,8 @@ class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc)
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # time.monotonic itself, no Python frame around it: read on every connect and acquire.
+    monotonic = staticmethod(time.monotonic)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

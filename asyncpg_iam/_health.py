@@ -264,7 +264,9 @@ class HealthMonitor:
             self._dialled.setdefault(dialled, set()).add(peer)
         if tune_socket(sock, self._socket_options):
             self.sockets_tuned += 1
-        self.start()
+        task = self._task
+        if task is None or task.done():  # `start`, inline: this runs on every connect
+            self.start()
 
     def address_of(self, con: Any) -> Address | None:
         """Return the peer address a tracked connection is on."""
