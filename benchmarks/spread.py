@@ -64,6 +64,25 @@ RATIOS: tuple[Ratio, ...] = (
             ("ratio_of_medians", "ratio of medians"),
         )
     ),
+    *(
+        _at_least(
+            "pool_overhead_capabilities",
+            (variant, key),
+            f"pool overhead, {label}: {estimator}",
+            0.98,
+        )
+        for variant, label in (
+            ("topology", "topology on"),
+            ("health", "health checks on"),
+            ("blue_green_deployment", "blue/green on, a deployment"),
+            ("blue_green_none", "blue/green on, no deployment"),
+            ("rds_proxy", "RDS Proxy defaults"),
+        )
+        for key, estimator in (
+            ("ratio", "median of per-round ratios"),
+            ("ratio_of_medians", "ratio of medians"),
+        )
+    ),
     _at_least("metrics", ("on_ratio",), "OpenTelemetry, every instrument on / off", 0.98),
     _at_least(
         "metrics", ("on_counters_only_ratio",), "OpenTelemetry, histograms=False / off", 0.98
