@@ -42,7 +42,7 @@ BLOCKS = 4
 ROUNDS_PER_BLOCK = 20
 ROUND_SECONDS = 0.25
 ACCESS_KEY = "AKIABENCHCAPABILITY1"
-SIZES = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+SIZES: dict[str, Any] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
 
 Bed = Callable[
     [Environment], contextlib.AbstractAsyncContextManager[tuple[PoolFactory, PoolFactory]]
