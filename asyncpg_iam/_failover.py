@@ -264,6 +264,7 @@ class FailoverGuard:
         # (plan, base connection class, class to connect with, wants the writer) of the
         # last connect: read on every connect, worked out again only when either changes.
         self._classes: tuple[Any, Any, type, bool] = (None, None, object, False)
+        self._watched: _Watched | None = None
         self.on_lost: Callable[[Any], bool] | None = None
         """Called with a connection the server or network dropped; True when that loss
         concerns its host alone (a reader that left), so it is not a pool-wide event."""
@@ -314,8 +315,13 @@ class FailoverGuard:
         the clock time that passes while it waits.
         """
         loop = asyncio.get_running_loop()
-        kwargs = self.prepare(kwargs)
-        connect_class = kwargs["connection_class"]
+        # `prepare`, inline: this runs on every connect.
+        base = kwargs.get("connection_class")
+        classes = self._classes
+        if classes[0] is not self._connector.plan or classes[1] is not base:
+            classes = self._classes_for(base)
+        connect_class = classes[2]
+        kwargs = {**kwargs, "connection_class": connect_class}
         timeout = kwargs.get("timeout", self._connector.plan_timeout)
         remaining = _DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
         delay = _FIRST_BACKOFF
@@ -402,7 +408,11 @@ class FailoverGuard:
                 con._asyncpg_iam_on_error = functools.partial(self._on_query_error, epoch)
             else:  # a `connect=` that made its own class: asyncpg's query logger
                 con.add_query_logger(functools.partial(self._on_query, epoch))
-        return _Watched(self, epoch)
+        watched = self._watched
+        if watched is None or watched.epoch != epoch:
+            # One per epoch, shared by its connections (it holds nothing of them).
+            watched = self._watched = _Watched(self, epoch)
+        return watched
 
     # -- signals ------------------------------------------------------------------------------
 

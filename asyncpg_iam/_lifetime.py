@@ -284,13 +284,17 @@ class Recycler:
         earliest, latest = started + shortest, started + longest
         deadlines = self._deadlines
         if deadlines:
-            state.deadline = spread_deadline(earliest, latest, deadlines.values(), self._rng)
+            when = spread_deadline(earliest, latest, deadlines.values(), self._rng)
         elif earliest < latest:  # what rng.uniform(earliest, latest) computes
-            state.deadline = earliest + (latest - earliest) * self._rng.random()
+            when = earliest + (latest - earliest) * self._rng.random()
         else:
-            state.deadline = latest
-        self._deadlines[key] = state.deadline
-        self._schedule(state, state.deadline)
+            when = latest
+        state.deadline = deadlines[key] = when
+        # `_schedule` of a state not scheduled yet, inline.
+        state.due_at = when
+        heapq.heappush(self._due, (when, next(self._seq), state))
+        if when < self._timer_at:
+            self._arm(when)
 
     def _schedule(self, state: _Tracked, when: float) -> None:
         """Look at `state`'s connection at clock time `when` (replacing an earlier schedule)."""
