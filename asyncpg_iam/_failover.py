@@ -282,17 +282,10 @@ class FailoverGuard:
 
     # -- connecting ---------------------------------------------------------------------------
 
-    def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Return connect arguments whose ``connection_class`` lets closes be told apart (and,
-        on an owner that wants the writer, reports query errors)."""
-        base = kwargs.get("connection_class")
-        classes = self._classes
-        if classes[0] is not self._connector.plan or classes[1] is not base:
-            classes = self._classes_for(base)
-        return {**kwargs, "connection_class": classes[2]}
-
     def _classes_for(self, base: Any) -> tuple[Any, Any, type, bool]:
-        """Work out (and keep) `_classes` for the current plan and `base`."""
+        """Work out (and keep) `_classes` for the current plan and `base`: the class to
+        connect with lets closes be told apart (and, on an owner that wants the writer,
+        reports query errors)."""
         plan = self._connector.plan
         writer = str(plan.target_session_attrs) in WRITER_ATTRS
         make = reporting_connection_class if writer else marked_connection_class
@@ -315,7 +308,8 @@ class FailoverGuard:
         the clock time that passes while it waits.
         """
         loop = asyncio.get_running_loop()
-        # `prepare`, inline: this runs on every connect.
+        # A ``connection_class`` that tells closes apart (`_classes_for`), worked out again
+        # only when the plan or the caller's class changed: this runs on every connect.
         base = kwargs.get("connection_class")
         classes = self._classes
         if classes[0] is not self._connector.plan or classes[1] is not base:
