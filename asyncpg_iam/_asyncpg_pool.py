@@ -354,6 +354,13 @@ def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, i
     dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
     if transport is None:
         return dialled, None, None
-    peer = transport.get_extra_info("peername")
+    # Runs on every connect: one lookup through the (TLS) transport rather than two, and the
+    # socket inside asyncio's TransportSocket wrapper (whose methods only delegate to it).
+    sock = transport.get_extra_info("socket")
+    sock = getattr(sock, "_sock", sock)
+    try:
+        peer = sock.getpeername()
+    except (AttributeError, OSError):  # no socket, or closed already: what the loop noted
+        peer = transport.get_extra_info("peername")
     peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-    return dialled, peer_addr, transport.get_extra_info("socket")
+    return dialled, peer_addr, sock

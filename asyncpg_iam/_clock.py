@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import heapq
 import itertools
 import time
@@ -54,11 +55,11 @@ class SystemClock:
 
     __slots__ = ()
 
-    def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.timezone.utc)
+    # dt.datetime.now(dt.timezone.utc), no Python frame around it: read on every connect.
+    now = staticmethod(functools.partial(dt.datetime.now, dt.timezone.utc))
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    # time.monotonic itself, no Python frame around it: read on every connect and acquire.
+    monotonic = staticmethod(time.monotonic)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

@@ -390,7 +390,7 @@ def _resolve(
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _Budget:
     """The time one connect attempt may take, its failure diagnosis included (`timeout`)."""
 
@@ -416,6 +416,12 @@ class _Budget:
         if remaining is None or not reserve:
             return remaining
         return remaining - min(_DIAGNOSIS_RESERVE, remaining * _DIAGNOSIS_SHARE)
+
+
+# asyncpg's default connect timeout (None: none).
+_DEFAULT_TIMEOUT: float | None = _CONNECT_DEFAULTS.get("timeout")
+# The budget of a connect without a timeout.
+_NO_BUDGET = _Budget(None, None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -477,6 +483,7 @@ class Connector:
         if (plan.auth is None) != (provider is None):
             raise ConfigurationError("a plan with IAM needs a token provider, and only it")
         self._clock = clock
+        self._now = clock.monotonic
         self._connect = connect
         self.provider = provider
         self.counters = ConnectCounters()
@@ -543,6 +550,8 @@ class Connector:
         self.plan, self.targets = plan, targets
         # The connect arguments every login starts from (asyncpg only reads them).
         self._kwargs = plan.asyncpg_kwargs()
+        # The plan's connect timeout (None: asyncpg's default), read on every connect.
+        self.plan_timeout: Any = plan.connect_kwargs.get("timeout")
         # A caller's context is used as given: each connect re-checks it (None: nothing to).
         self._recheck = plan.tls.check_unchanged if plan.tls.rechecked else None
 
@@ -571,6 +580,8 @@ class Connector:
         route = self.route
         if route is not None:
             return route(extra)
+        if self.router is None and len(self.targets) == 1:  # `open_planned`, one call less
+            return self._login(self.targets[0], extra, self.plan.target_session_attrs)
         return self.open_planned(extra)
 
     def open_planned(
@@ -682,8 +693,8 @@ class Connector:
 
     def connect_timeout(self, extra: Mapping[str, Any]) -> float | None:
         """The connect timeout of this attempt (seconds; None: none)."""
-        timeout = extra.get("timeout", self.plan.connect_kwargs.get("timeout"))
-        return _CONNECT_DEFAULTS.get("timeout") if timeout is None else float(timeout)
+        timeout = extra.get("timeout", self.plan_timeout)
+        return _DEFAULT_TIMEOUT if timeout is None else float(timeout)
 
     async def _throttle(self, bucket: TokenBucket, budget: _Budget) -> None:
         """Take a slot of the connect rate limit within the attempt's budget; every login
@@ -731,9 +742,19 @@ class Connector:
         provider = self.provider
         assert provider is not None
         try:
-            budget = _Budget.start(self.connect_timeout(extra))
+            # Runs for every new connection: the budget's arithmetic is done here, not in
+            # its methods, when nothing was awaited since it started (no rate limit).
+            timeout = extra.get("timeout", self.plan_timeout)
+            timeout = _DEFAULT_TIMEOUT if timeout is None else float(timeout)
+            if timeout is None:
+                budget, for_connect = _NO_BUDGET, None
+            else:
+                budget = _Budget(timeout, asyncio.get_running_loop().time() + timeout)
+                left = timeout if timeout > 0.0 else 0.0  # `for_connect(reserve=True)`
+                for_connect = left - min(_DIAGNOSIS_RESERVE, left * _DIAGNOSIS_SHARE)
             if self._bucket is not None:
                 await self._throttle(self._bucket, budget)
+                for_connect = budget.for_connect(reserve=True)
             record = TokenRecord()
             password = _TokenPassword(provider, target, record)
             kwargs = {**self._kwargs, **extra}
@@ -742,16 +763,16 @@ class Connector:
                 port=target.port,
                 target_session_attrs=attrs,
                 password=password,
-                timeout=budget.for_connect(reserve=True),
+                timeout=for_connect,
             )
             gate = self.login_gate
             waiting = gate(target.host, target.port) if gate is not None else None
             if waiting is not None:
                 await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
-            started = self._clock.monotonic()
+            started = self._now()
             try:
                 con = await self._connect(**kwargs)
-                password.forget()
+                password.record = None  # what `forget` does, one call less per connect
             except InvalidAuthorizationSpecificationError as exc:
                 if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise

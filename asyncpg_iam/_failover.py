@@ -131,9 +131,10 @@ def marked_connection_class(base: type) -> type:
     class _Marked(base):  # type: ignore[misc]
         __slots__ = ("_asyncpg_iam_client_closed",)
 
-        async def close(self, *, timeout: float | None = None) -> None:
+        def close(self, *, timeout: float | None = None) -> Awaitable[None]:
+            # Returns asyncpg's coroutine rather than awaiting it in one more.
             self._asyncpg_iam_client_closed = True
-            await super().close(timeout=timeout)
+            return super().close(timeout=timeout)  # type: ignore[no-any-return]
 
         def terminate(self) -> None:
             self._asyncpg_iam_client_closed = True
@@ -260,6 +261,10 @@ class FailoverGuard:
         """Connect attempts retried during recovery, read-only ones included."""
         self.on_event: Callable[[str], None] | None = None
         """Called with the cause when an event begins (the topology monitor refreshes)."""
+        # (plan, base connection class, class to connect with, wants the writer) of the
+        # last connect: read on every connect, worked out again only when either changes.
+        self._classes: tuple[Any, Any, type, bool] = (None, None, object, False)
+        self._watched: _Watched | None = None
         self.on_lost: Callable[[Any], bool] | None = None
         """Called with a connection the server or network dropped; True when that loss
         concerns its host alone (a reader that left), so it is not a pool-wide event."""
@@ -277,12 +282,15 @@ class FailoverGuard:
 
     # -- connecting ---------------------------------------------------------------------------
 
-    def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Return connect arguments whose ``connection_class`` lets closes be told apart (and,
-        on an owner that wants the writer, reports query errors)."""
-        base = kwargs.get("connection_class") or asyncpg.Connection
-        make = reporting_connection_class if self.wants_writer else marked_connection_class
-        return {**kwargs, "connection_class": make(base)}
+    def _classes_for(self, base: Any) -> tuple[Any, Any, type, bool]:
+        """Work out (and keep) `_classes` for the current plan and `base`: the class to
+        connect with lets closes be told apart (and, on an owner that wants the writer,
+        reports query errors)."""
+        plan = self._connector.plan
+        writer = str(plan.target_session_attrs) in WRITER_ATTRS
+        make = reporting_connection_class if writer else marked_connection_class
+        self._classes = (plan, base, make(base or asyncpg.Connection), writer)
+        return self._classes
 
     async def open(
         self, open_once: Callable[..., Awaitable[tuple[Any, float]]], kwargs: dict[str, Any]
@@ -300,8 +308,15 @@ class FailoverGuard:
         the clock time that passes while it waits.
         """
         loop = asyncio.get_running_loop()
-        kwargs = self.prepare(kwargs)
-        timeout = kwargs.get("timeout", self._connector.plan.connect_kwargs.get("timeout"))
+        # A ``connection_class`` that tells closes apart (`_classes_for`), worked out again
+        # only when the plan or the caller's class changed: this runs on every connect.
+        base = kwargs.get("connection_class")
+        classes = self._classes
+        if classes[0] is not self._connector.plan or classes[1] is not base:
+            classes = self._classes_for(base)
+        connect_class = classes[2]
+        kwargs = {**kwargs, "connection_class": connect_class}
+        timeout = kwargs.get("timeout", self._connector.plan_timeout)
         remaining = _DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
         delay = _FIRST_BACKOFF
         while True:
@@ -331,7 +346,7 @@ class FailoverGuard:
             else:
                 # Anything else (a connect= callback's mistake) goes to asyncpg's pool
                 # unwatched: it refuses it with its own error.
-                if isinstance(con, asyncpg.Connection):
+                if type(con) is connect_class or isinstance(con, asyncpg.Connection):
                     # Signals from it belong to the epoch its login began in.
                     self._opened(con, started, epoch)
                 return con
@@ -380,12 +395,18 @@ class FailoverGuard:
         if self._recovering:
             self._recovering = False
             self._recoveries += 1
-        if self.wants_writer:  # its signal is 25006; other pools skip its per-query cost
+        classes = self._classes
+        writer = classes[3] if classes[0] is self._connector.plan else self.wants_writer
+        if writer:  # its signal is 25006; other pools skip its per-query cost
             if type(con) in _reporting_classes.values():
                 con._asyncpg_iam_on_error = functools.partial(self._on_query_error, epoch)
             else:  # a `connect=` that made its own class: asyncpg's query logger
                 con.add_query_logger(functools.partial(self._on_query, epoch))
-        return _Watched(self, epoch)
+        watched = self._watched
+        if watched is None or watched.epoch != epoch:
+            # One per epoch, shared by its connections (it holds nothing of them).
+            watched = self._watched = _Watched(self, epoch)
+        return watched
 
     # -- signals ------------------------------------------------------------------------------
 

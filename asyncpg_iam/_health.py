@@ -262,9 +262,18 @@ class HealthMonitor:
             self._labels[peer] = _label(dialled, peer)
         if dialled is not None:
             self._dialled.setdefault(dialled, set()).add(peer)
-        if tune_socket(sock, self._socket_options):
-            self.sockets_tuned += 1
-        self.start()
+        options = self._socket_options
+        if sock is not None and options:  # `tune_socket`, inline: this runs on every connect
+            try:
+                for level, option, value in options:
+                    sock.setsockopt(level, option, value)
+            except OSError:  # not a TCP socket (a Unix socket), or the platform refuses
+                pass
+            else:
+                self.sockets_tuned += 1
+        task = self._task
+        if task is None or task.done():  # `start`, inline: this runs on every connect
+            self.start()
 
     def address_of(self, con: Any) -> Address | None:
         """Return the peer address a tracked connection is on."""

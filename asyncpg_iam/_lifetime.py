@@ -228,6 +228,12 @@ class Recycler:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
         self._max_lifetime = max_lifetime
         self._jitter = jitter
+        # (shortest, longest) lifetime of a replacement [False] and of a first [True].
+        self._windows = {
+            first: lifetime_window(max_lifetime, jitter, first=first)
+            for first in (False, True)
+            if max_lifetime is not None
+        }
         self._clock = clock
         self._now: Callable[[], float] = clock.monotonic
         self._rng = rng if rng is not None else random.Random()
@@ -266,19 +272,29 @@ class Recycler:
         state = _Tracked(self, key, con, also)
         self._tracked[key] = state
         con.add_termination_listener(state.terminated)
-        now = self._now()
-        start = now if started is None else started
-        state.opened = start
+        if started is None:
+            started = self._now()
+        state.opened = started
         if self._max_lifetime is None:
             return
-        shortest, longest = lifetime_window(
-            self._max_lifetime, self._jitter, first=not self._takes_a_retired_place(now)
-        )
-        state.deadline = spread_deadline(
-            start + shortest, start + longest, self._deadlines.values(), self._rng
-        )
-        self._deadlines[key] = state.deadline
-        self._schedule(state, state.deadline)
+        # Runs on every connect: the two windows are worked out once, and with no deadline
+        # to keep away from (nothing else open) the draw is `spread_deadline`'s own.
+        first = not (self._retired and self._takes_a_retired_place(self._now()))
+        shortest, longest = self._windows[first]
+        earliest, latest = started + shortest, started + longest
+        deadlines = self._deadlines
+        if deadlines:
+            when = spread_deadline(earliest, latest, deadlines.values(), self._rng)
+        elif earliest < latest:  # what rng.uniform(earliest, latest) computes
+            when = earliest + (latest - earliest) * self._rng.random()
+        else:
+            when = latest
+        state.deadline = deadlines[key] = when
+        # `_schedule` of a state not scheduled yet, inline.
+        state.due_at = when
+        heapq.heappush(self._due, (when, next(self._seq), state))
+        if when < self._timer_at:
+            self._arm(when)
 
     def _schedule(self, state: _Tracked, when: float) -> None:
         """Look at `state`'s connection at clock time `when` (replacing an earlier schedule)."""
@@ -388,7 +404,8 @@ class Recycler:
         if state.due_at is not None:
             state.due_at = None
             self._stale += 1
-            self._compact()
+            if self._stale > _COMPACT_SLACK:  # `_compact`'s first test, one call less
+                self._compact()
         on_closed = self._on_closed()
         if on_closed is not None:
             on_closed(state.reason or "other")

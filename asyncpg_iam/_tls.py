@@ -185,7 +185,12 @@ class TLSPolicy:
         context, checked = self.context, self._checked
         if checked is None or context is None:
             return
-        if context.verify_mode != checked[0] or context.check_hostname != checked[1]:
+        # Runs on every connect: the C attribute's int, not the ssl module's property (which
+        # makes a VerifyMode enum of it, three Python calls).
+        if (
+            super(ssl.SSLContext, context).verify_mode != checked[0]
+            or context.check_hostname != checked[1]
+        ):
             raise ConfigurationError(
                 f"the ssl.SSLContext changed after the TLS decision (verify_mode "
                 f"{checked[0].name} -> {context.verify_mode.name}, check_hostname "

@@ -79,15 +79,28 @@ async def _throughput(pool: Any, duration: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+#: Makes a pool, created and filled (min_size = max_size = `POOL_SIZE`).
+PoolFactory = Callable[[], Awaitable[Any]]
+
+
+def pool_factories(
+    plain_kwargs: dict[str, Any], iam_kwargs: dict[str, Any], iam: Any
+) -> tuple[PoolFactory, PoolFactory]:
+    """Return the makers of the plain and the IAM pool of one path."""
+    sizes = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+    plain = functools.partial(asyncpg.create_pool, **plain_kwargs, **sizes)
+    ours = functools.partial(asyncpg_iam.create_pool, **iam_kwargs, iam=iam, **sizes)
+    return plain, ours
+
+
 async def _block(
-    plain_kwargs: dict[str, Any], iam_kwargs: dict[str, Any], iam: Any, rounds: int, seconds: float
+    make_plain: PoolFactory, make_iam: PoolFactory, rounds: int, seconds: float
 ) -> dict[str, list[float]]:
     """Run `rounds` rounds on a fresh set of pools, created, filled and warmed first."""
-    sizes = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
     pools = {
-        "plain": await asyncpg.create_pool(**plain_kwargs, **sizes),
-        "plain_control": await asyncpg.create_pool(**plain_kwargs, **sizes),
-        "asyncpg_iam": await asyncpg_iam.create_pool(**iam_kwargs, iam=iam, **sizes),
+        "plain": await make_plain(),
+        "plain_control": await make_plain(),
+        "asyncpg_iam": await make_iam(),
     }
     try:
         for pool in pools.values():
@@ -113,17 +126,14 @@ def estimators(numerators: list[float], denominators: list[float]) -> dict[str, 
     }
 
 
-async def _compare(
-    plain_kwargs: dict[str, Any],
-    iam_kwargs: dict[str, Any],
-    iam: Any,
-    blocks: int,
-    rounds: int,
-    seconds: float,
+async def compare(
+    make_plain: PoolFactory, make_iam: PoolFactory, blocks: int, rounds: int, seconds: float
 ) -> dict[str, Any]:
+    """Both estimators of asyncpg_iam's pool against asyncpg's, and of the A/A control, over
+    `blocks` fresh sets of pools of `rounds` interleaved rounds each."""
     samples: dict[str, list[float]] = {"plain": [], "plain_control": [], "asyncpg_iam": []}
     for _ in range(blocks):
-        block = await _block(plain_kwargs, iam_kwargs, iam, rounds, seconds)
+        block = await _block(make_plain, make_iam, rounds, seconds)
         for name, values in block.items():
             samples[name].extend(values)
     median = {name: percentile(values, 50) for name, values in samples.items()}
@@ -133,6 +143,25 @@ async def _compare(
         **estimators(samples["asyncpg_iam"], samples["plain"]),
         "control": estimators(samples["plain_control"], samples["plain"]),
     }
+
+
+def add_rows(result: CaseResult, name: str, figures: dict[str, Any]) -> None:
+    """The target row (>= 0.98 by both estimators) and the A/A control's row of one path."""
+    median = figures["median_ops_per_second"]
+    control = figures["control"]
+    result.add(
+        f"{name}: asyncpg_iam.Pool vs asyncpg.Pool (median ops/s); both estimators",
+        f"{median['asyncpg_iam']:.0f} vs {median['plain']:.0f}; {_estimates(figures)}",
+        ">= 0.98x by both",
+        figures["ratio"] >= 0.98 and figures["ratio_of_medians"] >= 0.98,
+    )
+    low, high = control["ratio_interval_95"]
+    result.add(
+        f"{name}: A/A control, asyncpg.Pool vs asyncpg.Pool (median ops/s); both estimators",
+        f"{median['plain_control']:.0f} vs {median['plain']:.0f}; {_estimates(control)}",
+        "the real ratio within the control's interval",
+        low <= figures["ratio"] <= high or figures["ratio"] >= 1.0,
+    )
 
 
 def _estimates(figures: dict[str, Any]) -> str:
@@ -187,16 +216,19 @@ async def run(env: Environment, quick: bool) -> CaseResult:
     blocks, rounds = (1, 2) if quick else (BLOCKS, ROUNDS_PER_BLOCK)
     seconds = ROUND_SECONDS
     result = CaseResult(NAME, TITLE)
-    through_emulator = await _compare(
-        {**env.any_kwargs(), "password": "static-password"},
-        env.iam_kwargs(),
-        env.iam_auth(),
+    through_emulator = await compare(
+        *pool_factories(
+            {**env.any_kwargs(), "password": "static-password"}, env.iam_kwargs(), env.iam_auth()
+        ),
         blocks,
         rounds,
         seconds,
     )
-    direct = await _compare(
-        env.direct_kwargs(), env.direct_kwargs(), env.iam_auth(), blocks, rounds, seconds
+    direct = await compare(
+        *pool_factories(env.direct_kwargs(), env.direct_kwargs(), env.iam_auth()),
+        blocks,
+        rounds,
+        seconds,
     )
     pool_path = await _pool_path(env, env.iam_auth(), 5 if quick else 31, 500 if quick else 3000)
     result.figures = {
@@ -210,21 +242,7 @@ async def run(env: Environment, quick: bool) -> CaseResult:
         "direct": direct,
     }
     for name, figures in (("through the emulator", through_emulator), ("direct", direct)):
-        median = figures["median_ops_per_second"]
-        control = figures["control"]
-        result.add(
-            f"{name}: asyncpg_iam.Pool vs asyncpg.Pool (median ops/s); both estimators",
-            f"{median['asyncpg_iam']:.0f} vs {median['plain']:.0f}; {_estimates(figures)}",
-            ">= 0.98x by both",
-            figures["ratio"] >= 0.98 and figures["ratio_of_medians"] >= 0.98,
-        )
-        low, high = control["ratio_interval_95"]
-        result.add(
-            f"{name}: A/A control, asyncpg.Pool vs asyncpg.Pool (median ops/s); both estimators",
-            f"{median['plain_control']:.0f} vs {median['plain']:.0f}; {_estimates(control)}",
-            "the real ratio within the control's interval",
-            low <= figures["ratio"] <= high or figures["ratio"] >= 1.0,
-        )
+        add_rows(result, name, figures)
     median = pool_path["median_us"]
     result.add(
         "pool code alone (no query, no reset): CPU us per acquire + release, asyncpg_iam vs "

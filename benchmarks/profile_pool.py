@@ -1,6 +1,7 @@
 """Where a pool's per-operation time goes, by measures that do not move with the machine's load.
 
 ``python -m benchmarks.profile_pool [--ops N] [--loop uvloop] [--path direct,emulator]``
+``python -m benchmarks.profile_pool --connect [--ops N]``
 
 Runs case 6's workload (min_size = max_size = 10, 20 workers looping acquire, ``SELECT 1``,
 release) a fixed number of operations on ``asyncpg.Pool`` and on ``asyncpg_iam.Pool``, in the
@@ -14,6 +15,11 @@ same process, interleaved, and reports per operation:
   requests, compiled into a small helper with the C compiler). The emulator runs in this
   process, so on that path its relay work is counted too, alike for both pools;
 - **CPU microseconds** (``time.process_time``), which a loaded machine still moves a little.
+
+With ``--connect`` it profiles case 1's connect pair instead: one new connection per acquire
+(max_size 1, the connection expired before release), through the verifying emulator, of
+``asyncpg.Pool`` with a token signed once as a static password (the fair floor, ``f_pool``) and
+of ``asyncpg_iam.Pool`` (``e_pool``); the figures are then per connect.
 
 Instruction and call counts are properties of the code path, not of the machine's speed: they
 say what the pool adds, where a throughput ratio on a shared machine can only bound it.
@@ -99,6 +105,14 @@ async def _operations(pool: Any, count: int) -> None:
     await asyncio.gather(*(worker(share + (i < extra)) for i in range(WORKERS)))
 
 
+async def _connects(pool: Any, count: int) -> None:
+    """Open `count` new connections through `pool` (case 1's pool sample, untimed)."""
+    for _ in range(count):
+        proxy = await pool.acquire()
+        await pool.expire_connections()
+        await pool.release(proxy)
+
+
 def _calls(stats: pstats.Stats) -> dict[str, int]:
     """Return calls by function (``file:line(name)``, shortened) from cProfile's stats."""
     found: dict[str, int] = {}
@@ -113,21 +127,26 @@ def _calls(stats: pstats.Stats) -> dict[str, int]:
     return found
 
 
-async def _profiled(pool: Any, count: int) -> dict[str, int]:
+async def _profiled(pool: Any, count: int, work: Any) -> dict[str, int]:
     profiler = cProfile.Profile()
     profiler.enable()
-    await _operations(pool, count)
+    await work(pool, count)
     profiler.disable()
     return _calls(pstats.Stats(profiler))
 
 
 async def _measure_pair(
-    pools: dict[str, Any], ops: int, rounds: int, callgrind: Callgrind | None
+    pools: dict[str, Any],
+    ops: int,
+    rounds: int,
+    callgrind: Callgrind | None,
+    work: Any = _operations,
 ) -> dict[str, Any]:
-    """Count calls, instructions and CPU time per operation for each pool, interleaved."""
+    """Count calls, instructions and CPU time per operation (`work` on a pool: case 6's
+    operations, or `_connects`) for each pool, interleaved."""
     for pool in pools.values():
-        await _operations(pool, ops)  # warm: statement caches, codecs, the loop
-    calls = {name: await _profiled(pool, ops) for name, pool in pools.items()}
+        await work(pool, ops)  # warm: statement caches, codecs, the loop
+    calls = {name: await _profiled(pool, ops, work) for name, pool in pools.items()}
     instructions: dict[str, list[float]] = {name: [] for name in pools}
     cpu: dict[str, list[float]] = {name: [] for name in pools}
     for index in range(rounds):
@@ -136,20 +155,22 @@ async def _measure_pair(
             pool = pools[name]
             if callgrind is not None:  # CPU time under valgrind says nothing
                 callgrind.start()
-                await _operations(pool, ops)
+                await work(pool, ops)
                 instructions[name].append(callgrind.stop(f"{name}-{index}") / ops)
                 continue
             started = time.process_time()
-            await _operations(pool, ops)
+            await work(pool, ops)
             cpu[name].append((time.process_time() - started) / ops * 1e6)
     return {"calls": calls, "instructions": instructions, "cpu_us": cpu}
 
 
-def _report(path: str, ops: int, found: dict[str, Any], loop: str) -> list[str]:
+def _report(path: str, ops: int, found: dict[str, Any], loop: str, unit: str = "op") -> list[str]:
     calls = found["calls"]
-    lines = [f"## {path} ({loop}, {ops} operations a sample)", ""]
+    what = "operations" if unit == "op" else "connects"
+    lines = [f"## {path} ({loop}, {ops} {what} a sample)", ""]
     lines.append(
-        "| pool | Python calls / op | instructions / op, median (range) | CPU us / op (median) |"
+        f"| pool | Python calls / {unit} | instructions / {unit}, median (range) "
+        f"| CPU us / {unit} (median) |"
     )
     lines.append("|---|---|---|---|")
     for name, per_function in calls.items():
@@ -172,9 +193,9 @@ def _report(path: str, ops: int, found: dict[str, Any], loop: str) -> list[str]:
         if abs(delta) >= 0.05:
             rows.append((delta, key))
     if rows:
-        lines.append(f"Calls per operation that differ, {names[-1]} minus {names[0]}:")
+        lines.append(f"Calls per {unit} that differ, {names[-1]} minus {names[0]}:")
         lines.append("")
-        lines.append("| calls / op | function |")
+        lines.append(f"| calls / {unit} | function |")
         lines.append("|---|---|")
         for delta, key in sorted(rows, key=lambda r: (-abs(r[0]), r[1])):
             lines.append(f"| {delta:+.2f} | `{key}` |")
@@ -237,6 +258,8 @@ async def _run(args: argparse.Namespace) -> list[str]:
     if args.no_reset:
         extra["reset"] = _no_reset
     async with Environment() as env:
+        if args.connect:
+            return await _run_connect(env, args, callgrind)
         for path in args.path:
             if path == "direct":
                 plain_kwargs, iam_kwargs = env.direct_kwargs(), env.direct_kwargs()
@@ -251,6 +274,34 @@ async def _run(args: argparse.Namespace) -> list[str]:
                     await pool.close()
             lines += _report(path, args.ops, found, args.loop)
     return lines
+
+
+async def _run_connect(
+    env: Environment, args: argparse.Namespace, callgrind: Callgrind | None
+) -> list[str]:
+    """Profile case 1's pool pair: the fair floor (f_pool) and asyncpg_iam.Pool (e_pool)."""
+    signed_once = asyncpg_iam.build_auth_token(
+        host=env.signing_host,
+        port=env.signing_port,
+        user=env.user,
+        region=env.region,
+        credentials=env.credentials,
+    )
+    one = {"min_size": 0, "max_size": 1}
+    pools = {
+        "f_pool (asyncpg.Pool, token signed once)": await asyncpg.create_pool(
+            **env.iam_kwargs(), password=signed_once, **one
+        ),
+        "e_pool (asyncpg_iam.Pool)": await asyncpg_iam.create_pool(
+            **env.iam_kwargs(), iam=env.iam_auth(), **one
+        ),
+    }
+    try:
+        found = await _measure_pair(pools, args.ops, args.rounds, callgrind, _connects)
+    finally:
+        for pool in pools.values():
+            await pool.close()
+    return _report("connect through the verifying emulator", args.ops, found, args.loop, "connect")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -272,6 +323,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"pools to compare, the first against the last ({', '.join(POOLS)})",
     )
     parser.add_argument("--no-reset", action="store_true", help="a no-op reset on every pool")
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="profile case 1's connect pair (f_pool, e_pool) per connect instead",
+    )
     args = parser.parse_args(argv)
     args.path = [p.strip() for p in args.path.split(",") if p.strip()]
     args.pools = [p.strip() for p in args.pools.split(",") if p.strip()]

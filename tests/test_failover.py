@@ -584,3 +584,24 @@ async def test_failover_retries_stop_when_the_pool_closes(
     finally:
         await set_read_only(admin, postgres_server.dsn, on=False)
         await admin.close()
+
+
+async def test_set_connect_args_to_a_writer_makes_new_connections_report_query_errors(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """The connection class a connect uses follows the plan: after set_connect_args asks for
+    the writer, new connections report their query errors; before, they only mark closes."""
+    from asyncpg_iam._failover import _marked_classes, _reporting_classes
+
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        async with pool.acquire() as con:
+            before = type(con._con)
+        del kwargs["iam"], kwargs["min_size"], kwargs["max_size"]
+        pool.set_connect_args(**kwargs, target_session_attrs="read-write")
+        await pool.expire_connections()
+        async with pool.acquire() as con:
+            after = type(con._con)
+    assert before in _marked_classes.values()
+    assert before not in _reporting_classes.values()
+    assert after in _reporting_classes.values()

@@ -1,0 +1,179 @@
+"""The run-to-run spread of the near-1 ratios over several runs of the suite.
+
+``python -m benchmarks.spread DIR1 DIR2 DIR3 [--output FILE]``
+
+Each DIR holds a ``results.json`` written by ``python -m benchmarks``. For every target ratio
+near 1 (`RATIOS`) that at least one run measured, under asyncio and under any other event loop
+the runs used (``case@uvloop``), the table gives each run's value, their min / median / max,
+the target, and whether every run that measured it met it. The Markdown goes to FILE (for
+docs/benchmarks.md, which includes it) or to standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import operator
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._harness import LOOP_SEPARATOR, base_name, percentile
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """One target ratio: where a case's figures keep it, and the bound it is held to."""
+
+    case: str
+    path: tuple[str | int, ...]
+    label: str
+    compare: Callable[[float, float], bool]
+    bound: float
+
+    @property
+    def target(self) -> str:
+        sign = ">=" if self.compare is operator.ge else "<="
+        return f"{sign} {self.bound:g}"
+
+
+def _at_least(case: str, path: tuple[str | int, ...], label: str, bound: float) -> Ratio:
+    return Ratio(case, path, label, operator.ge, bound)
+
+
+def _at_most(case: str, path: tuple[str | int, ...], label: str, bound: float) -> Ratio:
+    return Ratio(case, path, label, operator.le, bound)
+
+
+#: The near-1 target ratios of issue #28, by case (the asyncio name; ``@loop`` runs match too).
+RATIOS: tuple[Ratio, ...] = (
+    _at_most("connect", ("target_pairs", "ratio"), "IAM connect / fair floor (p50)", 1.01),
+    _at_most(
+        "connect",
+        ("target_pairs", "ratio_interval_95", 1),
+        "IAM connect / fair floor, 95 % interval's upper end",
+        1.02,
+    ),
+    *(
+        _at_least("pool_overhead", (path, key), f"pool overhead, {label}: {estimator}", 0.98)
+        for path, label in (("direct", "direct"), ("emulator", "through the emulator"))
+        for key, estimator in (
+            ("ratio", "median of per-round ratios"),
+            ("ratio_of_medians", "ratio of medians"),
+        )
+    ),
+    *(
+        _at_least(
+            "pool_overhead_capabilities",
+            (variant, key),
+            f"pool overhead, {label}: {estimator}",
+            0.98,
+        )
+        for variant, label in (
+            ("topology", "topology on"),
+            ("health", "health checks on"),
+            ("blue_green_deployment", "blue/green on, a deployment"),
+            ("blue_green_none", "blue/green on, no deployment"),
+            ("rds_proxy", "RDS Proxy defaults"),
+        )
+        for key, estimator in (
+            ("ratio", "median of per-round ratios"),
+            ("ratio_of_medians", "ratio of medians"),
+        )
+    ),
+    _at_least("metrics", ("on_ratio",), "OpenTelemetry, every instrument on / off", 0.98),
+    _at_least(
+        "metrics", ("on_counters_only_ratio",), "OpenTelemetry, histograms=False / off", 0.98
+    ),
+)
+
+
+def _value(figures: Any, path: Sequence[str | int]) -> float | None:
+    """The number at `path` in a case's figures, or None where the run has none."""
+    for key in path:
+        try:
+            figures = figures[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return float(figures) if isinstance(figures, (int, float)) else None
+
+
+def load(directory: Path) -> dict[str, Any]:
+    """Return the cases of the run in `directory` (its results.json) by name."""
+    document = json.loads((directory / "results.json").read_text())
+    cases: dict[str, Any] = document.get("cases", {})
+    return cases
+
+
+def rows(runs: Sequence[dict[str, Any]], ratios: Sequence[Ratio] = RATIOS) -> list[list[str]]:
+    """One row per ratio and event loop measured in any run: label, loop, each run's value,
+    min, median, max, target and whether every run that measured it met it."""
+    names = sorted({name for run in runs for name in run}, key=lambda n: (base_name(n), n))
+    table: list[list[str]] = []
+    for wanted in ratios:
+        for name in names:
+            if base_name(name) != wanted.case:
+                continue
+            values = [_value(run.get(name, {}).get("figures"), wanted.path) for run in runs]
+            measured = [v for v in values if v is not None]
+            if not measured:
+                continue
+            loop = name.split(LOOP_SEPARATOR, 1)[1] if LOOP_SEPARATOR in name else "asyncio"
+            met = all(wanted.compare(v, wanted.bound) for v in measured)
+            complete = len(measured) == len(runs)
+            verdict = ("met" if met else "MISSED") + ("" if complete else " (not in every run)")
+            table.append(
+                [
+                    wanted.label,
+                    loop,
+                    *("-" if v is None else f"{v:.3f}" for v in values),
+                    f"{min(measured):.3f}",
+                    f"{percentile(measured, 50):.3f}",
+                    f"{max(measured):.3f}",
+                    wanted.target,
+                    verdict,
+                ]
+            )
+    return table
+
+
+def markdown(directories: Sequence[Path], runs: Sequence[dict[str, Any]]) -> str:
+    """The spread table as Markdown, the runs named by their directories."""
+    header = [
+        "ratio",
+        "loop",
+        *(f"run {i} (`{d.name}`)" for i, d in enumerate(directories, 1)),
+        "min",
+        "median",
+        "max",
+        "target",
+        "all runs",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(runs)]
+    if len(lines) == 2:
+        lines.append("| no run measured a near-1 ratio |" + " |" * (len(header) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print (or write) the spread table of the runs given."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.spread", description=__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="directories with a results.json")
+    parser.add_argument("--output", type=Path, help="write the Markdown here")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.runs if not (d / "results.json").is_file()]
+    if missing:
+        parser.error(f"no results.json in {', '.join(missing)}")
+    text = markdown(args.runs, [load(d) for d in args.runs])
+    if args.output is not None:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
