@@ -277,9 +277,10 @@ async def test_disabled_user_gets_diagnosed_error_and_connections_retire(
     """After the user loses IAM, connects raise IAMAuthenticationError and old ones retire."""
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=2, max_size=2, max_lifetime=1.0)
     async with asyncpg_iam.create_pool(**kwargs) as pool:
-        assert iam_emulator.open_connections == 2
+        # Not `open_connections == 2`: on a loaded machine the first may already be retired.
+        assert pool.stats().connections_opened >= 2
         iam_emulator.disable_iam_user(postgres_server.user)
-        await wait_for(lambda: iam_emulator.open_connections == 0, timeout=5)
+        await wait_for(lambda: iam_emulator.open_connections == 0, timeout=30)
         with pytest.raises(asyncpg_iam.IAMAuthenticationError) as caught:
             await pool.fetchval("SELECT 1")
     error = caught.value
