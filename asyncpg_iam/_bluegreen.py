@@ -118,22 +118,29 @@ _STATUS_PHASES = {
 }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Member:
-    """One endpoint of a deployment, as a metadata row names it."""
+    """One endpoint of a deployment, as a metadata row names it.
 
-    endpoint: str
-    port: int
-    green: bool
-    phase: Phase
+    A plain slotted class (as `_tls.TLSSetting` says why), never changed once made.
+    """
+
+    __slots__ = ("endpoint", "green", "phase", "port")
+
+    def __init__(self, endpoint: str, port: int, green: bool, phase: Phase) -> None:
+        self.endpoint = endpoint
+        self.port = port
+        self.green = green
+        self.phase = phase
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Deployment:
-    """What one poll of the metadata said: the phase and the endpoints."""
+    """What one poll of the metadata said: the phase and the endpoints (never changed)."""
 
-    phase: Phase
-    members: tuple[Member, ...] = ()
+    __slots__ = ("members", "phase")
+
+    def __init__(self, phase: Phase, members: tuple[Member, ...] = ()) -> None:
+        self.phase = phase
+        self.members = members
 
     def green_for(self, blue_endpoint: str) -> Member | None:
         """Return the green member that takes `blue_endpoint`'s name at the switch."""
@@ -232,20 +239,30 @@ def poll_interval(phase: Phase, *, switching: bool) -> float:
     return 1.0
 
 
-@dataclasses.dataclass(slots=True)
 class Tracker:
     """The deployment as polled so far: phase, rollbacks, the hold, completion observed.
 
     Pure: `update` and `observe` take the time; the monitor acts on what they return.
     """
 
-    hold: float = DEFAULT_HOLD
-    deployment: Deployment = NO_DEPLOYMENT
-    held_since: float | None = None
-    completed: bool = False
-    green_seen_read_only: bool = False
-    rollbacks: int = 0
-    switches: int = 0
+    __slots__ = (
+        "completed",
+        "deployment",
+        "green_seen_read_only",
+        "held_since",
+        "hold",
+        "rollbacks",
+        "switches",
+    )
+
+    def __init__(self, hold: float = DEFAULT_HOLD) -> None:
+        self.hold = hold
+        self.deployment = NO_DEPLOYMENT
+        self.held_since: float | None = None
+        self.completed = False
+        self.green_seen_read_only = False
+        self.rollbacks = 0
+        self.switches = 0
 
     @property
     def phase(self) -> Phase:
@@ -459,25 +476,39 @@ class _Gate:
             )
 
 
-@dataclasses.dataclass(slots=True)
 class BlueGreenCounters:
-    """What the monitor did (the pool's stats read them)."""
+    """What the monitor did (the pool's stats read them).
 
-    polls: int = 0
-    switchovers: int = 0
-    """Switches that began to hold traffic (holds begun)."""
-    rollbacks: int = 0
-    held: int = 0
-    """Connects and acquires that waited for a hold."""
-    hold_timeouts: int = 0
-    """Of those, the ones the hold's bound ended with `SwitchoverTimeoutError`."""
-    holds_timed_out: int = 0
-    """Holds ended by their bound rather than by the switch's end or a rollback."""
-    rerouted: int = 0
-    """New connections sent to green's address."""
-    fallback_refusals: int = 0
-    """Logins refused while finding the name green accepts (the fallback's first tries)."""
-    retired: int = 0
+    `switchovers`: switches that began to hold traffic (holds begun); `held`: connects and
+    acquires that waited for a hold; `hold_timeouts`: of those, the ones the hold's bound
+    ended with `SwitchoverTimeoutError`; `holds_timed_out`: holds ended by their bound rather
+    than by the switch's end or a rollback; `rerouted`: new connections sent to green's
+    address; `fallback_refusals`: logins refused while finding the name green accepts (the
+    fallback's first tries).
+    """
+
+    __slots__ = (
+        "fallback_refusals",
+        "held",
+        "hold_timeouts",
+        "holds_timed_out",
+        "polls",
+        "rerouted",
+        "retired",
+        "rollbacks",
+        "switchovers",
+    )
+
+    def __init__(self) -> None:
+        self.polls = 0
+        self.switchovers = 0
+        self.rollbacks = 0
+        self.held = 0
+        self.hold_timeouts = 0
+        self.holds_timed_out = 0
+        self.rerouted = 0
+        self.fallback_refusals = 0
+        self.retired = 0
 
 
 class BlueGreenMonitor:
