@@ -16,6 +16,7 @@ from typing import Any
 from ._errors import ConfigurationError
 
 __all__ = [
+    "BLUE_GREEN_HOLD",
     "MAX_RATE",
     "MAX_SECONDS",
     "MAX_TIMEOUT",
@@ -41,6 +42,8 @@ MAX_RATE = 1_000_000.0
 #: The slowest rate a setting takes (one event every 100 s): slower would wait past any
 #: timeout.
 MIN_RATE = 0.01
+#: Seconds a blue/green switchover holds connects at most by default (`BlueGreenSettings`).
+BLUE_GREEN_HOLD = 30.0
 
 
 def _number(value: Any) -> float | None:
