@@ -93,7 +93,7 @@ def blue_green_settings(setting: object, connector: Any) -> tuple[float, Resolve
     if setting is None or isinstance(setting, bool):
         wanted = setting is not False
     else:
-        from ._switchover import BlueGreenSettings  # a caller's instance: already loaded
+        from ._switchover import BlueGreenSettings  # loaded already for a caller's instance
 
         if not isinstance(setting, BlueGreenSettings):
             raise ConfigurationError(

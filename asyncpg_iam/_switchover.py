@@ -202,7 +202,7 @@ def poll_interval(phase: Phase, *, switching: bool) -> float:
 class Tracker:
     """The deployment as polled so far: phase, rollbacks, the hold, completion observed.
 
-    Pure: `update` and `observe` take the time; the monitor acts on what they return.
+    Pure: `update` and `observe` take the time; the follower acts on what they return.
     """
 
     __slots__ = (
@@ -430,7 +430,7 @@ class Follower:
         self._poll_con: Any = None
         self._con_on_green = False
         self.first_hold_at: float | None = None
-        """When the monitor first held traffic for a switch (the clock's monotonic time)."""
+        """When the pool first held traffic for a switch (the clock's monotonic time)."""
         self._green: tuple[Member, tuple[str, int]] | None = None
         self._dns_caught_up = False
         self._names: list[str] = []
@@ -689,37 +689,37 @@ class Follower:
 _REFUSED = (InvalidAuthorizationSpecificationError, ssl.SSLCertVerificationError)
 
 
-async def run(monitor_ref: weakref.ref[Follower]) -> None:
+async def run(follower_ref: weakref.ref[Follower]) -> None:
     """Poll at the phase's cadence until the pool goes away."""
-    monitor = monitor_ref()
-    if monitor is None:
+    follower = follower_ref()
+    if follower is None:
         return
-    clock = monitor._clock
-    name = monitor._name
-    del monitor
+    clock = follower._clock
+    name = follower._name
+    del follower
     failures = 0
     while True:
-        monitor = monitor_ref()
-        pool = None if monitor is None else monitor._pool_ref()
-        if monitor is None or pool is None or pool.is_closing():
+        follower = follower_ref()
+        pool = None if follower is None else follower._pool_ref()
+        if follower is None or pool is None or pool.is_closing():
             return
         del pool
         try:
-            await monitor.poll()
+            await follower.poll()
             failures = 0
         except (OSError, asyncio.TimeoutError, PostgresError, ConnectionError) as exc:
             failures += 1
-            if monitor._poll_con is not None:
-                monitor._poll_con.terminate()
-                monitor._poll_con = None
-            monitor._apply()  # the hold's bound still applies while polls fail
+            if follower._poll_con is not None:
+                follower._poll_con.terminate()
+                follower._poll_con = None
+            follower._apply()  # the hold's bound still applies while polls fail
             if failures == 1:
                 logger.info("pool %s: blue/green poll failed: %r", name, exc)
         except Exception:
             logger.exception("pool %s: blue/green poll failed", name)
             failures += 1
-        wait = poll_interval(monitor.tracker.phase, switching=monitor._gate is not None)
+        wait = poll_interval(follower.tracker.phase, switching=follower._gate is not None)
         if failures:
-            wait = min(wait, 0.1 if monitor.tracker.phase >= Phase.PREPARATION else wait)
-        del monitor
+            wait = min(wait, 0.1 if follower.tracker.phase >= Phase.PREPARATION else wait)
+        del follower
         await clock.sleep(wait)
