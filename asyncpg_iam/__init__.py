@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._auth import IAMAuth, SigningTarget
-from ._bluegreen import BlueGreenSettings
 from ._errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -31,6 +30,7 @@ from ._signing import Credentials, build_auth_token, build_dsql_token, region_fr
 if TYPE_CHECKING:
     from ._pool_stats import PoolSettings, PoolStats
     from ._retry import run_transaction
+    from ._switchover import BlueGreenSettings
     from ._topology import AuroraTopology
 
 __all__ = [
@@ -68,6 +68,7 @@ __version__ = "0.1.0"
 # start (AWS Lambda) pays for no module it does not run. tests/test_serverless.py pins it.
 _LAZY = {
     "AuroraTopology": "._topology",
+    "BlueGreenSettings": "._switchover",
     "PoolSettings": "._pool_stats",
     "PoolStats": "._pool_stats",
     "run_transaction": "._retry",

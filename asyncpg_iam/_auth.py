@@ -335,13 +335,18 @@ class SigningTarget:
     admin: bool = False
 
 
-@dataclasses.dataclass(slots=True)
 class TokenRecord:
-    """What the provider did for one connect attempt (for diagnosing a refused login)."""
+    """What the provider did for one connect attempt (for diagnosing a refused login).
 
-    signed_at: dt.datetime | None = None
-    credentials_expiry: dt.datetime | None = None
-    reused: bool = False
+    A plain slotted class (as `_tls.TLSSetting` says why).
+    """
+
+    __slots__ = ("credentials_expiry", "reused", "signed_at")
+
+    def __init__(self) -> None:
+        self.signed_at: dt.datetime | None = None
+        self.credentials_expiry: dt.datetime | None = None
+        self.reused = False
 
 
 def _warn_if_ip(signing_host: str, *, dsql: bool) -> None:

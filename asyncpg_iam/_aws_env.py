@@ -8,7 +8,6 @@ so they can never disagree about whether a proxy captures a credential request.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import ipaddress
 import os
@@ -42,12 +41,17 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY")
 REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class FoundRegion:
-    """An AWS region and where it was found, in the words a message names it with."""
+    """An AWS region and where it was found, in the words a message names it with.
 
-    name: str
-    source: str
+    A plain slotted class (as `_tls.TLSSetting` says why), never changed once made.
+    """
+
+    __slots__ = ("name", "source")
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
 
 
 def region_from_environment() -> FoundRegion | None:
@@ -121,15 +125,22 @@ def credential_endpoints() -> list[tuple[str, str]]:
     return endpoints
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ProxyProblem:
-    """An HTTP(S) proxy that requests to some AWS endpoints would go through."""
+    """An HTTP(S) proxy that requests to some AWS endpoints would go through.
 
-    proxies: tuple[str, ...]
-    missing: tuple[tuple[str, str], ...]
-    """(host, what it serves) of each endpoint NO_PROXY does not cover."""
-    fix: str
-    """The NO_PROXY to export, keeping the entries already there."""
+    `missing` holds (host, what it serves) of each endpoint NO_PROXY does not cover, `fix` the
+    NO_PROXY to export, keeping the entries already there. A plain slotted class (as
+    `_tls.TLSSetting` says why), never changed once made.
+    """
+
+    __slots__ = ("fix", "missing", "proxies")
+
+    def __init__(
+        self, proxies: tuple[str, ...], missing: tuple[tuple[str, str], ...], fix: str
+    ) -> None:
+        self.proxies = proxies
+        self.missing = missing
+        self.fix = fix
 
     def describe(self) -> str:
         """Say what goes wrong, in one sentence."""

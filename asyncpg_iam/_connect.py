@@ -16,7 +16,6 @@ gets its own connect call with a token signed for it, at most one login per host
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import os
@@ -109,29 +108,66 @@ _NAME_MISMATCH = frozenset({62, 64})
 _NEXT_HOST_ERRORS = (OSError, asyncio.TimeoutError, CannotConnectNowError)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ConnectPlan:
     """Where and how to connect, decided once from the arguments and the environment.
 
     `endpoints` are TCP (host, port) pairs, or a Unix socket path with port 0 (only without
     IAM). `connect_kwargs` are the remaining `asyncpg.connect` arguments, passed unchanged.
+    `dsql` says whether the plan is for Aurora DSQL (its tokens, defaults and limits);
+    `rds_proxy` that the endpoint is an RDS Proxy (connections are adopted so they never pin,
+    `_proxy`); `password` is the static password of a plan without IAM (a string or a
+    callable), never printed. A plain slotted class (as `_tls.TLSSetting` says why), never
+    changed once made: `replace` makes a changed copy.
     """
 
-    endpoints: tuple[tuple[str, int], ...]
-    user: str
-    database: str
-    tls: TLSPolicy
-    target_session_attrs: str
-    server_settings: Mapping[str, str] | None
-    connect_kwargs: Mapping[str, Any]
-    auth: IAMAuth | None
-    direct_tls: bool = False
-    dsql: bool = False
-    """Whether the plan is for Aurora DSQL (its tokens, defaults and limits)."""
-    rds_proxy: bool = False
-    """The endpoint is an RDS Proxy: connections are adopted so they never pin (`_proxy`)."""
-    password: Any = dataclasses.field(default=None, repr=False)
-    """The static password of a plan without IAM (a string or a callable), never printed."""
+    __slots__ = (
+        "auth",
+        "connect_kwargs",
+        "database",
+        "direct_tls",
+        "dsql",
+        "endpoints",
+        "password",
+        "rds_proxy",
+        "server_settings",
+        "target_session_attrs",
+        "tls",
+        "user",
+    )
+
+    def __init__(
+        self,
+        *,
+        endpoints: tuple[tuple[str, int], ...],
+        user: str,
+        database: str,
+        tls: TLSPolicy,
+        target_session_attrs: str,
+        server_settings: Mapping[str, str] | None,
+        connect_kwargs: Mapping[str, Any],
+        auth: IAMAuth | None,
+        direct_tls: bool = False,
+        dsql: bool = False,
+        rds_proxy: bool = False,
+        password: Any = None,
+    ) -> None:
+        self.endpoints = endpoints
+        self.user = user
+        self.database = database
+        self.tls = tls
+        self.target_session_attrs = target_session_attrs
+        self.server_settings = server_settings
+        self.connect_kwargs = connect_kwargs
+        self.auth = auth
+        self.direct_tls = direct_tls
+        self.dsql = dsql
+        self.rds_proxy = rds_proxy
+        self.password = password
+
+    def replace(self, **changes: Any) -> ConnectPlan:
+        """Return a copy with `changes` applied."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        return ConnectPlan(**{**fields, **changes})
 
     def asyncpg_kwargs(self) -> dict[str, Any]:
         """Return explicit `asyncpg.connect` arguments for every endpoint (no DSN, no env)."""
@@ -297,9 +333,7 @@ def plan_connect(
     plan = _resolve(dsn, parsed, kwargs, auth=auth, environ=env, rds_proxy=rds_proxy)
     attrs = _writer_default(plan, parsed, kwargs, env)
     if dsql or (attrs is not None and attrs != plan.target_session_attrs):
-        plan = dataclasses.replace(
-            plan, dsql=dsql, target_session_attrs=attrs or plan.target_session_attrs
-        )
+        plan = plan.replace(dsql=dsql, target_session_attrs=attrs or plan.target_session_attrs)
     return plan
 
 
@@ -390,12 +424,14 @@ def _resolve(
     )
 
 
-@dataclasses.dataclass(slots=True)
 class _Budget:
     """The time one connect attempt may take, its failure diagnosis included (`timeout`)."""
 
-    timeout: float | None
-    deadline: float | None
+    __slots__ = ("deadline", "timeout")
+
+    def __init__(self, timeout: float | None, deadline: float | None) -> None:
+        self.timeout = timeout
+        self.deadline = deadline
 
     @classmethod
     def start(cls, timeout: float | None) -> _Budget:
@@ -424,20 +460,23 @@ _DEFAULT_TIMEOUT: float | None = _CONNECT_DEFAULTS.get("timeout")
 _NO_BUDGET = _Budget(None, None)
 
 
-@dataclasses.dataclass(slots=True)
 class ConnectCounters:
-    """What a connector has done (the pool's stats read them)."""
+    """What a connector has done (the pool's stats read them).
 
-    attempts: int = 0
-    """Calls to open a connection (each may try several hosts)."""
-    failures: int = 0
-    """Attempts that raised, refused logins included."""
-    auth_failures: int = 0
-    """Logins the server refused."""
-    rate_limited: int = 0
-    """Login attempts that waited for the connect rate limit."""
-    auth_failures_by_cause: Counter[str] = dataclasses.field(default_factory=Counter)
-    """Refused logins by the most likely cause (`AUTH_CAUSES`)."""
+    `attempts`: calls to open a connection (each may try several hosts); `failures`: attempts
+    that raised, refused logins included; `auth_failures`: logins the server refused;
+    `rate_limited`: login attempts that waited for the connect rate limit;
+    `auth_failures_by_cause`: refused logins by the most likely cause (`AUTH_CAUSES`).
+    """
+
+    __slots__ = ("attempts", "auth_failures", "auth_failures_by_cause", "failures", "rate_limited")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.failures = 0
+        self.auth_failures = 0
+        self.rate_limited = 0
+        self.auth_failures_by_cause: Counter[str] = Counter()
 
 
 class _TokenPassword:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import datetime as dt
 import logging
 import math
@@ -727,11 +726,23 @@ def build_cache(
     return CredentialCache(source, **tuning)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AssumeRole:
-    """An explicit AssumeRole, as `IAMAuth` validated it."""
+    """An explicit AssumeRole, as `IAMAuth` validated it.
 
-    role_arn: str
-    session_name: str | None = None
-    external_id: str | None = None
-    duration: int | None = None
+    A plain slotted class (as `_tls.TLSSetting` says why), never changed once made.
+    """
+
+    __slots__ = ("duration", "external_id", "role_arn", "session_name")
+
+    def __init__(
+        self,
+        *,
+        role_arn: str,
+        session_name: str | None = None,
+        external_id: str | None = None,
+        duration: int | None = None,
+    ) -> None:
+        self.role_arn = role_arn
+        self.session_name = session_name
+        self.external_id = external_id
+        self.duration = duration

@@ -7,7 +7,6 @@ looks into a DSN (the TLS decision, Aurora DSQL's defaults, the writer default, 
 
 from __future__ import annotations
 
-import dataclasses
 import urllib.parse
 
 from ._errors import ConfigurationError
@@ -15,19 +14,32 @@ from ._errors import ConfigurationError
 __all__ = ["DSN", "parse_dsn"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class DSN:
-    """The parts of a ``postgresql://`` DSN our defaults read (empty for no DSN)."""
+    """The parts of a ``postgresql://`` DSN our defaults read (empty for no DSN).
 
-    hosts: tuple[str, ...] = ()
-    path: str = ""
-    """The database named in the path (``/app``), without the slash."""
-    query: dict[str, str] = dataclasses.field(default_factory=dict)
-    """The query's settings; a setting given twice keeps its last value, as libpq does."""
-    password: str | None = dataclasses.field(default=None, repr=False)
-    """The password in the user info, else the query's ``password=`` (None: neither)."""
-    name: str = "the DSN"
-    """What messages call it (the SQLAlchemy engine's is "the URL")."""
+    `path` is the database named in the path (``/app``), without the slash; `query` the
+    query's settings (a setting given twice keeps its last value, as libpq does); `password`
+    the password in the user info, else the query's ``password=`` (None: neither); `name`
+    what messages call it (the SQLAlchemy engine's is "the URL"). A plain slotted class (as
+    `_tls.TLSSetting` says why), never changed once made, with no repr (the password).
+    """
+
+    __slots__ = ("hosts", "name", "password", "path", "query")
+
+    def __init__(
+        self,
+        *,
+        hosts: tuple[str, ...] = (),
+        path: str = "",
+        query: dict[str, str] | None = None,
+        password: str | None = None,
+        name: str = "the DSN",
+    ) -> None:
+        self.hosts = hosts
+        self.path = path
+        self.query: dict[str, str] = {} if query is None else query
+        self.password = password
+        self.name = name
 
 
 NO_DSN = DSN()

@@ -187,20 +187,30 @@ def tune_socket(sock: Any, options: tuple[tuple[int, int, int], ...]) -> bool:
 # -- the monitor ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(slots=True)
 class HostState:
-    """What the monitor knows about one host."""
+    """What the monitor knows about one host.
 
-    label: str
-    failures: int = 0
-    """Probes in a row that got no answer."""
-    silent_since: float | None = None
-    """Clock time it was declared silent, None while it answers."""
-    last_cause: str = ""
-    answered: asyncio.Event | None = None
-    """Set when a silent host answers again (logins to it wait for it)."""
-    cleared: set[Address] = dataclasses.field(default_factory=set)
-    """Dialled names that led here and have answered since (DNS moved them): not held."""
+    `failures`: probes in a row that got no answer; `silent_since`: clock time it was
+    declared silent, None while it answers; `answered`: set when a silent host answers again
+    (logins to it wait for it); `cleared`: dialled names that led here and have answered since
+    (DNS moved them), not held. A plain slotted class (as `_tls.TLSSetting` says why).
+    """
+
+    __slots__ = ("answered", "cleared", "failures", "label", "last_cause", "silent_since")
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        silent_since: float | None = None,
+        answered: asyncio.Event | None = None,
+    ) -> None:
+        self.label = label
+        self.failures = 0
+        self.silent_since = silent_since
+        self.last_cause = ""
+        self.answered = answered
+        self.cleared: set[Address] = set()
 
 
 Probe = Callable[[str, int, float], Awaitable[str | None]]

@@ -9,7 +9,6 @@ values out of its bounds and strings that only match up to a trailing newline, a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from ._errors import ConfigurationError
 
 __all__ = [
+    "BLUE_GREEN_HOLD",
     "MAX_RATE",
     "MAX_SECONDS",
     "MAX_TIMEOUT",
@@ -42,6 +42,8 @@ MAX_RATE = 1_000_000.0
 #: The slowest rate a setting takes (one event every 100 s): slower would wait past any
 #: timeout.
 MIN_RATE = 0.01
+#: Seconds a blue/green switchover holds connects at most by default (`BlueGreenSettings`).
+BLUE_GREEN_HOLD = 30.0
 
 
 def _number(value: Any) -> float | None:
@@ -152,19 +154,30 @@ def host(name: str, value: Any) -> str:
     return value
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PoolOptions:
     """The pool's (and the engine's) own options, checked when made; defaults already applied
-    (`_dsql.limits`)."""
+    (`_dsql.limits`).
 
-    max_lifetime: float | None
-    """Seconds a connection lives at most (None: forever)."""
-    max_lifetime_jitter: float
-    """The fraction of `max_lifetime` a replacement's lifetime is spread over."""
-    max_connect_rate: float | None
-    """New connections a second at most (None: no limit)."""
+    `max_lifetime`: seconds a connection lives at most (None: forever);
+    `max_lifetime_jitter`: the fraction of `max_lifetime` a replacement's lifetime is spread
+    over; `max_connect_rate`: new connections a second at most (None: no limit). A plain
+    slotted class (as `_tls.TLSSetting` says why), never changed once made.
+    """
 
-    def __post_init__(self) -> None:
+    __slots__ = ("max_connect_rate", "max_lifetime", "max_lifetime_jitter")
+
+    def __init__(
+        self,
+        max_lifetime: float | None,
+        max_lifetime_jitter: float,
+        max_connect_rate: float | None,
+    ) -> None:
+        self.max_lifetime = max_lifetime
+        self.max_lifetime_jitter = max_lifetime_jitter
+        self.max_connect_rate = max_connect_rate
+        self._check()
+
+    def _check(self) -> None:
         if self.max_lifetime is not None:
             positive_seconds(
                 "max_lifetime",

@@ -27,7 +27,7 @@ from . import _asyncpg_pool, _proxy
 from ._acquire_times import AcquireTimes
 from ._asyncpg_pool import AsyncpgPool, holder_of, timed_release, waiting_acquires
 from ._auth import IAMAuth, TokenProvider, auth_from
-from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
+from ._bluegreen import BlueGreenMonitor, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
@@ -46,6 +46,7 @@ from ._signing import is_cluster_endpoint
 
 if TYPE_CHECKING:
     from ._pool_stats import PoolSettings, PoolStats
+    from ._switchover import BlueGreenSettings, Resolver
     from ._topology import AuroraTopology, TopologyMonitor
 
 __all__ = ["Pool", "PoolObserver", "PoolSettings", "PoolStats", "create_pool"]
@@ -613,7 +614,7 @@ def _failover_guard(
 # What a blue/green switchover needs of the pool: retire every connection, and hold acquires
 # while the switch is in progress (`_asyncpg_pool.hold_acquires`: nothing more per acquire
 # without a switch).
-def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMonitor:
+def _blue_green_monitor(pool: Pool, settings: tuple[float, Resolver | None]) -> BlueGreenMonitor:
     pool_ref = weakref.ref(pool)
 
     def retire() -> int:
@@ -632,8 +633,8 @@ def _blue_green_monitor(pool: Pool, settings: BlueGreenSettings) -> BlueGreenMon
         connector=pool._connector,
         retire=retire,
         hold_acquires=hold_acquires,
-        hold=settings.hold,
-        resolver=settings.resolver,
+        hold=settings[0],
+        resolver=settings[1],
         clock=pool._clock,
         name=pool._name,
     )
@@ -645,7 +646,7 @@ def _blue_green_stats(monitor: BlueGreenMonitor | None) -> dict[str, Any]:
         return {}
     counters = monitor.counters
     return {
-        "blue_green_phase": monitor.tracker.phase.name.lower() if monitor.source else None,
+        "blue_green_phase": monitor.phase_name(),
         "blue_green_holds": counters.switchovers,
         "blue_green_hold_timeouts": counters.holds_timed_out,
         "blue_green_reroutes": counters.rerouted,

@@ -21,7 +21,6 @@ re-reads its ``verify_mode`` and ``check_hostname`` before each connect.
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import os
 import ssl
 import struct
@@ -124,16 +123,22 @@ def default_ssl_context() -> ssl.SSLContext:
     return context
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class TLSSetting:
-    """One libpq TLS parameter the policy applied: its value and where it came from."""
+    """One libpq TLS parameter the policy applied: its value and where it came from.
 
-    name: str
-    value: str = dataclasses.field(repr=False)
-    source: str
+    Internal records on every pool's start are plain slotted classes, not dataclasses (whose
+    class creation costs a cold start about half a millisecond each); none is ever changed
+    after it is made.
+    """
+
+    __slots__ = ("name", "source", "value")
+
+    def __init__(self, name: str, value: str, source: str) -> None:
+        self.name = name
+        self.value = value
+        self.source = source
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class TLSPolicy:
     """How every login of one plan is protected, decided once.
 
@@ -146,18 +151,45 @@ class TLSPolicy:
     whether TLS starts at once (``sslnegotiation=direct``).
     """
 
-    mode: str
-    mode_source: str
-    context: ssl.SSLContext | None
-    ca_file: str | None
-    ca_source: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    settings: tuple[TLSSetting, ...] = ()
-    direct: bool = False
-    # What the decision rests on, read from the context when it was made (verify_mode,
-    # check_hostname); `check_unchanged` compares them before each connect.
-    _checked: tuple[ssl.VerifyMode, bool] | None = None
+    __slots__ = (
+        "_checked",
+        "ca_file",
+        "ca_source",
+        "cert_file",
+        "context",
+        "direct",
+        "key_file",
+        "mode",
+        "mode_source",
+        "settings",
+    )
+
+    def __init__(
+        self,
+        mode: str,
+        mode_source: str,
+        context: ssl.SSLContext | None,
+        ca_file: str | None,
+        ca_source: str,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        *,
+        settings: tuple[TLSSetting, ...] = (),
+        direct: bool = False,
+        checked: tuple[ssl.VerifyMode, bool] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.mode_source = mode_source
+        self.context = context
+        self.ca_file = ca_file
+        self.ca_source = ca_source
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.settings = settings
+        self.direct = direct
+        # What the decision rests on, read from the context when it was made (verify_mode,
+        # check_hostname); `check_unchanged` compares them before each connect.
+        self._checked = checked
 
     @property
     def verified(self) -> bool:
@@ -199,12 +231,14 @@ class TLSPolicy:
             )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Setting:
-    value: Any
-    source: str
-    origin: str = ""
-    """Where from: ``"argument"``, ``"dsn"``, ``"service"`` or ``"environment"``."""
+    __slots__ = ("origin", "source", "value")
+
+    def __init__(self, value: Any, source: str, origin: str = "") -> None:
+        self.value = value
+        self.source = source
+        self.origin = origin
+        """Where from: ``"argument"``, ``"dsn"``, ``"service"`` or ``"environment"``."""
 
 
 def _mode_name(value: Any) -> str | None:
@@ -311,7 +345,7 @@ def decide_tls(
             "the caller's ssl.SSLContext",
             settings=_applied(found, ("sslsni", "sslnegotiation")),
             direct=direct,
-            _checked=checked,
+            checked=checked,
         )
     if mode in PLAINTEXT_MODES and not iam:
         # asyncpg negotiates these modes itself, reading the DSN's, the service's and the
@@ -344,7 +378,7 @@ def decide_tls(
         key_file,
         settings=_applied(found, tuple(TLS_KEYWORDS)),
         direct=direct,
-        _checked=(context.verify_mode, context.check_hostname),
+        checked=(context.verify_mode, context.check_hostname),
     )
 
 
@@ -358,17 +392,27 @@ def _applied(
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Sources:
     """Where libpq settings come from, in libpq's order: keyword arguments, the DSN, the
     service, the environment."""
 
-    arguments: Mapping[str, Any]
-    query: Mapping[str, str]
-    service: Mapping[str, str]
-    env: Mapping[str, str]
-    in_service: str
-    in_dsn: str = "{key}={value} in the DSN"
+    __slots__ = ("arguments", "env", "in_dsn", "in_service", "query", "service")
+
+    def __init__(
+        self,
+        arguments: Mapping[str, Any],
+        query: Mapping[str, str],
+        service: Mapping[str, str],
+        env: Mapping[str, str],
+        in_service: str,
+        in_dsn: str = "{key}={value} in the DSN",
+    ) -> None:
+        self.arguments = arguments
+        self.query = query
+        self.service = service
+        self.env = env
+        self.in_service = in_service
+        self.in_dsn = in_dsn
 
     def find(self, keyword: str) -> _Setting | None:
         """Return the first of the argument `keyword`, the DSN's, the service's, and its

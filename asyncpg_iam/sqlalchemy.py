@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 
 from ._auth import IAMAuth, TokenProvider, auth_from
-from ._bluegreen import BlueGreenMonitor, BlueGreenSettings, blue_green_settings
+from ._bluegreen import BlueGreenMonitor, blue_green_settings
 from ._connect import Connector, check_keywords, plan_connect
 from ._dsql import UNSET, Unset, limits
 from ._errors import ConfigurationError, IAMAuthenticationError, SwitchoverTimeoutError
@@ -76,6 +76,7 @@ from ._health import (
 )
 from ._lifetime import draw_lifetime
 from ._options import PoolOptions
+from ._switchover import BlueGreenSettings
 from ._tls import TLS_PARAMETERS
 from ._topology import AuroraTopology, TopologyMonitor, topology_for
 
@@ -372,8 +373,8 @@ def _install_blue_green(
         connector=connector,
         retire=lambda: failover.guard.retire_now("blue_green_switchover"),
         hold_acquires=hold_checkouts,
-        hold=settings.hold,
-        resolver=settings.resolver,
+        hold=settings[0],
+        resolver=settings[1],
         name=connector.name,
     )
     monitor.start()

@@ -100,7 +100,8 @@ async def _variant(
             await asyncio.gather(*tasks)
             counters = pool._bluegreen.counters if kind == "asyncpg_iam" else None
             # When the pool began to hold (its clock is the loop's monotonic one).
-            seen = pool._bluegreen.first_hold_at if counters is not None else None
+            follower = pool._bluegreen.follower if counters is not None else None
+            seen = follower.first_hold_at if follower is not None else None
         finally:
             await pool.close()
         on_green = {r[0] for r in await bed.query(bed.green, "SELECT id FROM ledger")}

@@ -16,7 +16,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import asyncpg_iam
 from asyncpg_iam import SwitchoverTimeoutError, _asyncpg_pool
-from asyncpg_iam._bluegreen import (
+from asyncpg_iam._switchover import (
     HOLD,
     PASS,
     REROUTE,
@@ -243,6 +243,11 @@ async def bed(
         yield started
 
 
+def _holding(pool: Any) -> bool:
+    follower = pool._bluegreen.follower
+    return follower is not None and follower._gate is not None
+
+
 async def _monitor_phase(pool: Any, phase: Phase) -> None:
     await wait_for(lambda: pool._bluegreen.tracker.phase == phase, timeout=20)
 
@@ -322,9 +327,11 @@ async def test_racing_connects_cost_one_refused_login_per_switchover(
         instrument_pool(pool, MeterProvider(metric_readers=[reader]))
         bg = pool._bluegreen
         await _monitor_phase(pool, Phase.CREATED)
-        await wait_for(lambda: bg._green is not None, timeout=20)
+        follower = bg.follower
+        assert follower is not None
+        await wait_for(lambda: follower._green is not None, timeout=20)
         await bed.begin_switchover(prepare=1.2)
-        await wait_for(lambda: bg._gate is not None, timeout=20)
+        await wait_for(lambda: follower._gate is not None, timeout=20)
         release = asyncio.Event()
 
         async def connect_and_hold() -> bool:
@@ -351,7 +358,7 @@ async def test_racing_connects_cost_one_refused_login_per_switchover(
         assert await asyncio.wait_for(asyncio.gather(*held), 30) == [False] * racing
         assert bed.green_emulator.endpoint == BLUE  # renamed while connects were still due
         assert bg.counters.fallback_refusals == 1
-        assert bg._settled == BLUE
+        assert follower._settled == BLUE
         stats = pool.stats()
         metrics = collect(reader)
     assert stats.blue_green_phase == "in_progress"  # the metadata never said more
@@ -423,6 +430,7 @@ async def test_no_metadata_means_one_check_and_nothing_polled(bed: BlueGreenDepl
         await asyncio.sleep(0.5)
         assert monitor.source is None
         assert monitor._task is None  # no poller
+        assert monitor.follower is None  # nothing of the switchover's following loaded
         assert monitor.counters.polls == 0
         assert pool._connector.route is None
         logins = bed.blue_emulator.logins_accepted
@@ -437,7 +445,7 @@ async def test_rollback_releases_the_hold(bed: BlueGreenDeployment) -> None:
         await _monitor_phase(pool, Phase.CREATED)
         assert pool._bluegreen.source == "rds"
         await bed.begin_switchover(prepare=1.2)
-        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
+        await wait_for(lambda: _holding(pool), timeout=20)
         held = asyncio.ensure_future(pool.fetchval("SELECT 1"))
         await asyncio.sleep(0.3)
         assert not held.done()
@@ -451,7 +459,8 @@ async def test_rollback_releases_the_hold(bed: BlueGreenDeployment) -> None:
     assert monitor._task is not None
     await asyncio.sleep(0)
     assert monitor._task.done()  # the poller stops when the pool closes
-    assert monitor._poll_con is None
+    assert monitor.follower is not None
+    assert monitor.follower._poll_con is None
 
 
 async def test_completion_the_metadata_never_shows_releases_traffic(
@@ -464,7 +473,7 @@ async def test_completion_the_metadata_never_shows_releases_traffic(
     ) as pool:
         await _monitor_phase(pool, Phase.CREATED)
         await bed.begin_switchover(prepare=1.2)
-        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
+        await wait_for(lambda: _holding(pool), timeout=20)
         held = asyncio.ensure_future(pool.fetchval("SELECT pg_is_in_recovery()"))
         await asyncio.sleep(0.5)
         await bed.complete_switchover(dns_lag=600.0, report_completion=False)
@@ -482,7 +491,7 @@ async def test_hold_bound_gives_a_clear_error(bed: BlueGreenDeployment) -> None:
     async with asyncpg_iam.create_pool(**bed.pool_kwargs(hold=8.0, min_size=1, max_size=2)) as pool:
         await _monitor_phase(pool, Phase.CREATED)
         await bed.begin_switchover(prepare=1.2)
-        await wait_for(lambda: pool._bluegreen._gate is not None, timeout=20)
+        await wait_for(lambda: _holding(pool), timeout=20)
         with pytest.raises(SwitchoverTimeoutError, match="hold"):
             await pool.fetchval("SELECT 1")
         assert pool._bluegreen.counters.hold_timeouts >= 1

@@ -28,8 +28,9 @@ from tests._support import wait_for
 # What a cold start (import, create_pool on an RDS instance endpoint, one query) must not import:
 # aiobotocore and what only failures, diagnosis and `__version__` need, and the package's own
 # modules that only other settings use (an Aurora cluster name, `run_transaction`, `stats()`,
-# `settings`, the integrations, the command line, the test beds). Each costs import time in
-# every new process, so loading one of them eagerly again fails here.
+# `settings`, a blue/green deployment found, the integrations, the command line, the test
+# beds). Each costs import time in every new process, so loading one of them eagerly again
+# fails here.
 _COLD_START_UNUSED = (
     "aiobotocore",
     "botocore",
@@ -41,6 +42,7 @@ _COLD_START_UNUSED = (
     "asyncpg_iam._retry",
     "asyncpg_iam._pool_stats",
     "asyncpg_iam._refusal",
+    "asyncpg_iam._switchover",
     "asyncpg_iam.otel",
     "asyncpg_iam.sqlalchemy",
     "asyncpg_iam.starlette",

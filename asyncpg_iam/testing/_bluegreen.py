@@ -48,8 +48,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._auth import IAMAuth
-from .._bluegreen import SOURCE_ROLE, TARGET_ROLE, BlueGreenSettings
 from .._errors import ConfigurationError
+from .._switchover import SOURCE_ROLE, TARGET_ROLE, BlueGreenSettings
 from ._admin import (
     admin,
     emulator_for,
