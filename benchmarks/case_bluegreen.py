@@ -33,7 +33,7 @@ from ._harness import CaseResult
 from ._shared import aws_keys, signer, versus
 
 NAME = "bluegreen"
-TITLE = "11. Blue/green switchover under load (64 workers, 5 s switch, 60 s DNS lag)"
+TITLE = "14. Blue/green switchover under load (64 workers, 5 s switch, 60 s DNS lag)"
 NEEDS_ENVIRONMENT = False
 WORKERS = 64
 POOL_SIZE = 20

@@ -47,7 +47,8 @@ def _at_most(case: str, path: tuple[str | int, ...], label: str, bound: float) -
     return Ratio(case, path, label, operator.le, bound)
 
 
-#: The near-1 target ratios of issue #28, by case (the asyncio name; ``@loop`` runs match too).
+#: The near-1 target ratios (issue #28; the cold start: #30), by case (the asyncio name;
+#: ``@loop`` runs match too).
 RATIOS: tuple[Ratio, ...] = (
     _at_most("connect", ("target_pairs", "ratio"), "IAM connect / fair floor (p50)", 1.01),
     _at_most(
@@ -87,6 +88,7 @@ RATIOS: tuple[Ratio, ...] = (
     _at_least(
         "metrics", ("on_counters_only_ratio",), "OpenTelemetry, histograms=False / off", 0.98
     ),
+    _at_most("cold_start", ("ours_vs_floor",), "cold start / floor (ratio of medians)", 1.1),
 )
 
 
