@@ -75,10 +75,14 @@ AURORA_QUERY = (
     "FROM pg_catalog.get_blue_green_fast_switchover_metadata($1)"
 )
 RDS_QUERY = "SELECT version, endpoint, port, role, status FROM rds_tools.show_topology($1)"
-# One catalog look-up: which metadata source this server has (no privilege needed).
+# One catalog look-up: which metadata source this server has (no privilege needed). The
+# answer is the command tag's row count, 1 for Aurora's function plus 2 for rds_tools': a
+# simple-protocol query is one round trip and prepares no statement on a connection that has
+# just logged in (a cold start's first query would otherwise wait for two).
 SOURCE_PROBE = (
-    "SELECT to_regprocedure('pg_catalog.get_blue_green_fast_switchover_metadata(text)') "
-    "IS NOT NULL, to_regprocedure('rds_tools.show_topology(text)') IS NOT NULL"
+    "SELECT FROM generate_series(1, "
+    "(to_regprocedure('pg_catalog.get_blue_green_fast_switchover_metadata(text)') IS NOT NULL)"
+    "::int + 2 * (to_regprocedure('rds_tools.show_topology(text)') IS NOT NULL)::int)"
 )
 RDS_SUFFIXES = (".rds.amazonaws.com", ".rds.amazonaws.com.cn")
 
@@ -281,8 +285,8 @@ class BlueGreenMonitor:
         """Find the metadata source on `con` (new, not handed out yet); return whether there
         is one that this user may read."""
         try:
-            aurora, rds = await con.fetchrow(SOURCE_PROBE)
-            self.source = "aurora" if aurora else "rds" if rds else None
+            found = int((await con.execute(SOURCE_PROBE)).rpartition(" ")[2])  # "SELECT n"
+            self.source = "aurora" if found & 1 else "rds" if found & 2 else None
             if self.source is not None:  # a right to call it, too
                 await con.fetch(metadata_query(self.source), driver_tag())
         except PostgresError as exc:

@@ -362,9 +362,11 @@ class HealthMonitor:
                 state.answered.set()
 
     async def _run(self) -> None:
+        # The first tick waits one interval: the monitor starts on a connect, which has just
+        # shown that the host answers (a probe at once would only slow the first query).
         while True:
-            self.tick()
             await self._clock.sleep(self.settings.interval)
+            self.tick()
 
     def tick(self) -> None:
         """Find the hosts to probe (in use, or silent) and start a watcher for each new one."""

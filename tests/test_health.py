@@ -127,13 +127,16 @@ def _monitor(
 
 
 async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None:
-    """Three unanswered probes in a row declare the host silent, once; fewer do not."""
+    """The first probe waits one interval; three unanswered probes in a row declare the host
+    silent, once; fewer do not."""
     clock, probe = ManualClock(), _Scripted()
     events: list[Any] = []
     monitor = _monitor(clock, probe, {HOST}, events)
     monitor._labels[HOST] = "db:5432"  # as track() records it
     monitor.start()
     try:
+        await clock.advance(0.5, step=0.5)
+        assert probe.calls == []  # the connect that started it has just been answered
         await clock.advance(3.0, step=0.5)
         assert len(probe.calls) >= 3
         assert events == []
