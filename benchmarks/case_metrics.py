@@ -12,12 +12,11 @@ PostgreSQL, created anew for each block:
 - ``off_control``: a second uninstrumented pool, the A/A control (the same code against
   itself, interleaved the same way, so every run shows its own noise).
 
-Each instrumented pool has its own ``MeterProvider`` and reader (one provider serves one
-instrumentation of a name), and after every round the readers collect, as an exporter does
-every interval. Both estimators are quoted for on / off, counters-only / off and the A/A
-control, each with its 95 % interval: the median of per-round ratios and the ratio of the
-medians (see case 6). The target holds both instrumented pools to >= 0.98 by both estimators,
-and their ratios to the A/A control's spread.
+Both instrumented pools report through one ``MeterProvider`` of the block, and after every
+round its reader collects, as an exporter does every interval. Both estimators are quoted for
+on / off, counters-only / off and the A/A control, each with its 95 % interval: the median of
+per-round ratios and the ratio of the medians (see case 6). The target holds both instrumented
+pools to >= 0.98 by both estimators, and their ratios to the A/A control's spread.
 
 The collection is not timed in the ratios (an exporter collects on its own thread, once an
 interval), yet with the histograms on it is where their cost went: the pool only buffers each
@@ -83,8 +82,8 @@ def _block_setup(env: Environment) -> tuple[BlockSetup, dict[str, list[float]]]:
 
     @contextlib.asynccontextmanager
     async def setup() -> AsyncIterator[tuple[dict[str, PoolFactory], Measure]]:
-        readers: list[Any] = []
-        providers: list[Any] = []
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
         names: dict[int, str] = {}
 
         def named(name: str, make: PoolFactory) -> PoolFactory:
@@ -98,10 +97,6 @@ def _block_setup(env: Environment) -> tuple[BlockSetup, dict[str, list[float]]]:
         def instrumented(histograms: bool) -> PoolFactory:
             async def make() -> Any:
                 pool = await make_off()
-                reader = InMemoryMetricReader()
-                provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-                providers.append(provider)
-                readers.append(reader)
                 instrument_pool(pool, provider, histograms=histograms)
                 return pool
 
@@ -112,8 +107,7 @@ def _block_setup(env: Environment) -> tuple[BlockSetup, dict[str, list[float]]]:
             # What an exporter does every interval, untimed: the histograms' samples, buffered
             # by the pool, are recorded now. Its CPU is kept apart.
             started = time.process_time()
-            for reader in readers:
-                reader.get_metrics_data()
+            reader.get_metrics_data()
             spent = time.process_time() - started
             collect_us.setdefault(names[id(pool)], []).append(spent * 1e6 / (ops * seconds))
             return ops
@@ -124,8 +118,7 @@ def _block_setup(env: Environment) -> tuple[BlockSetup, dict[str, list[float]]]:
         try:
             yield factories, measure
         finally:
-            for provider in providers:
-                provider.shutdown()
+            provider.shutdown()
 
     return setup, collect_us
 
