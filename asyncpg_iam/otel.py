@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 try:
@@ -114,14 +115,14 @@ def _histograms(meter: Meter) -> tuple[Any, Any, Any]:
 class _Recorder:
     """The pool observer: records connect times, and the wait and use times the pool buffers."""
 
-    def __init__(self, meter: Meter, attributes: dict[str, str], *, histograms: bool) -> None:
+    def __init__(self, histograms: tuple[Any, Any, Any] | None, attributes: dict[str, str]) -> None:
         self._attributes = attributes
         self._create: Any = None
         self._wait: Any = None
         self._use: Any = None
         self.acquire_times: AcquireTimes | None = None
-        if histograms:
-            self._create, self._wait, self._use = _histograms(meter)
+        if histograms is not None:
+            self._create, self._wait, self._use = histograms
             # The pool appends wait and use times here on each acquire and release (a deque
             # append, where the SDK's record() costs tens of microseconds); they are recorded
             # into the histograms when the reader collects.
@@ -142,93 +143,79 @@ class _Recorder:
                 record(pop(), attributes)
 
 
-class PoolInstrumentation:
-    """The instruments of one pool; `uninstrument()` stops recording and reporting."""
+#: What a pool reports to one instrument: ``report(instrumentation, options)``.
+Report = Callable[["PoolInstrumentation", CallbackOptions], Iterable[Observation]]
 
-    def __init__(self, pool: Pool, meter: Meter, *, histograms: bool = True) -> None:
-        self.pool = pool
-        self._attributes = {POOL_NAME: pool.name}
-        self._recorder = _Recorder(meter, self._attributes, histograms=histograms)
-        self._active = True
-        self._instruments = [
-            *self._pool_instruments(meter),
-            *self._iam_instruments(meter),
-        ]
-        pool.set_observer(self._recorder)
 
-    def uninstrument(self) -> None:
-        """Stop recording: the pool's observer is removed and callbacks report nothing."""
-        self._active = False
-        self._recorder.flush()
-        if self.pool.observer is self._recorder:
-            self.pool.set_observer(None)
+class _SharedInstruments:
+    """The instruments of one meter, shared by every pool instrumented on it.
 
-    # -- the conventions' pool instruments ---------------------------------------------------
+    OpenTelemetry's SDK registers each instrument name once per meter: a second pool's
+    callbacks under the same names would be dropped (with a warning), its gauges never read
+    and its buffered times never recorded. So each instrument is created once per meter, and
+    its callback reports every pool instrumented there, each under its own pool name.
+    """
+
+    def __init__(self, meter: Meter) -> None:
+        self.members: tuple[PoolInstrumentation, ...] = ()
+        self._histograms: tuple[Any, Any, Any] | None = None
+        self.instruments = [*self._pool_instruments(meter), *self._iam_instruments(meter)]
+
+    def histograms(self, meter: Meter) -> tuple[Any, Any, Any]:
+        """The create, wait and use time histograms, created on first use."""
+        if self._histograms is None:
+            self._histograms = _histograms(meter)
+        return self._histograms
+
+    def _each(self, report: Report) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            # `members` is replaced, never changed in place: an exporter's thread reads a
+            # consistent tuple.
+            return [found for member in self.members for found in report(member, options)]
+
+        return callback
 
     def _pool_instruments(self, meter: Meter) -> list[Any]:
         return [
             meter.create_observable_up_down_counter(
                 "db.client.connection.count",
-                [self._count],
+                [self._each(PoolInstrumentation._count)],
                 unit="{connection}",
                 description="The number of connections that are currently in state described "
                 "by the state attribute.",
             ),
             meter.create_observable_up_down_counter(
                 "db.client.connection.idle.max",
-                [self._gauge(lambda p: p.get_max_size())],
+                [self._each(_gauge(lambda p: p.get_max_size()))],
                 unit="{connection}",
                 description="The maximum number of idle open connections allowed.",
             ),
             meter.create_observable_up_down_counter(
                 "db.client.connection.idle.min",
-                [self._gauge(lambda p: p.get_min_size())],
+                [self._each(_gauge(lambda p: p.get_min_size()))],
                 unit="{connection}",
                 description="The minimum number of idle open connections allowed.",
             ),
             meter.create_observable_up_down_counter(
                 "db.client.connection.max",
-                [self._gauge(lambda p: p.get_max_size())],
+                [self._each(_gauge(lambda p: p.get_max_size()))],
                 unit="{connection}",
                 description="The maximum number of open connections allowed.",
             ),
             meter.create_observable_up_down_counter(
                 "db.client.connection.pending_requests",
-                [self._gauge(lambda p: p.stats().waiting_acquires)],
+                [self._each(_gauge(lambda p: p.stats().waiting_acquires))],
                 unit="{request}",
                 description="The number of current pending requests for an open connection.",
             ),
             meter.create_observable_counter(
                 "db.client.connection.timeouts",
-                [self._gauge(_stat("acquire_timeouts"))],
+                [self._each(_gauge(_stat("acquire_timeouts")))],
                 unit="{timeout}",
                 description="The number of connection timeouts that have occurred trying to "
                 "obtain a connection from the pool.",
             ),
         ]
-
-    def _count(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
-        # A collection has begun (the SDK runs callbacks before it reads the histograms):
-        # hand the buffered samples over first.
-        self._recorder.flush()
-        pool = self.pool
-        size, idle = pool.get_size(), pool.get_idle_size()
-        return [
-            Observation(idle, {**self._attributes, STATE: "idle"}),
-            Observation(max(size - idle, 0), {**self._attributes, STATE: "used"}),
-        ]
-
-    def _gauge(self, read: Any) -> Any:
-        def callback(_options: CallbackOptions) -> Iterable[Observation]:
-            if not self._active:
-                return []
-            return [Observation(read(self.pool), self._attributes)]
-
-        return callback
-
-    # -- what only an IAM pool knows ---------------------------------------------------------
 
     def _iam_instruments(self, meter: Meter) -> list[Any]:
         counters = (
@@ -296,41 +283,41 @@ class PoolInstrumentation:
         )
         instruments: list[Any] = [
             meter.create_observable_counter(
-                name, [self._gauge(_stat(field))], unit=unit, description=description
+                name, [self._each(_gauge(_stat(field)))], unit=unit, description=description
             )
             for name, unit, description, field in counters
         ]
         instruments += [
             meter.create_observable_counter(
                 "asyncpg_iam.credentials.fetch_failures",
-                [self._gauge(_stat("credential_fetch_failures"))],
+                [self._each(_gauge(_stat("credential_fetch_failures")))],
                 unit="{fetch}",
                 description="Fetches from the AWS credential source that failed.",
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.auth.failures",
-                [self._refused],
+                [self._each(PoolInstrumentation._refused)],
                 unit="{login}",
                 description="Logins the database refused (IAMAuthenticationError), by the most "
                 "likely cause the diagnosis names.",
             ),
             meter.create_observable_counter(
                 "asyncpg_iam.connections.closed",
-                [self._closed],
+                [self._each(PoolInstrumentation._closed)],
                 unit="{connection}",
                 description="Connections closed, by reason (max_lifetime: retired by the "
                 "recycler; failover; topology; discarded_on_acquire; silent_host; other).",
             ),
             meter.create_observable_up_down_counter(
                 "asyncpg_iam.connections.by_instance",
-                [self._by_instance],
+                [self._each(PoolInstrumentation._by_instance)],
                 unit="{connection}",
                 description="Open connections per Aurora instance the topology routed them to "
                 "(asyncpg_iam.instance.id).",
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.bluegreen.phase",
-                [self._phase],
+                [self._each(PoolInstrumentation._phase)],
                 unit="1",
                 description="The blue/green phase the pool saw last: 0 no deployment, 1 "
                 "created, 2 switchover initiated, 3 in progress, 4 post-processing, 5 "
@@ -338,7 +325,7 @@ class PoolInstrumentation:
             ),
             meter.create_observable_gauge(
                 "asyncpg_iam.credentials.expiry",
-                [self._expiry],
+                [self._each(PoolInstrumentation._expiry)],
                 unit="s",
                 description="Seconds until the cached AWS credentials expire (absent for "
                 "credentials that never expire).",
@@ -346,9 +333,45 @@ class PoolInstrumentation:
         ]
         return instruments
 
+
+class PoolInstrumentation:
+    """The instruments of one pool; `uninstrument()` stops recording and reporting."""
+
+    def __init__(self, pool: Pool, meter: Meter, *, histograms: bool = True) -> None:
+        self.pool = pool
+        self._attributes = {POOL_NAME: pool.name}
+        shared = _SHARED.get(meter)
+        if shared is None:
+            shared = _SHARED[meter] = _SharedInstruments(meter)
+        self._shared = shared
+        self._recorder = _Recorder(
+            shared.histograms(meter) if histograms else None, self._attributes
+        )
+        pool.set_observer(self._recorder)
+        shared.members = (*shared.members, self)
+
+    def uninstrument(self) -> None:
+        """Stop recording: the pool's observer is removed and callbacks report nothing."""
+        shared = self._shared
+        shared.members = tuple(member for member in shared.members if member is not self)
+        self._recorder.flush()
+        if self.pool.observer is self._recorder:
+            self.pool.set_observer(None)
+
+    # -- what this pool reports to each shared instrument ------------------------------------
+
+    def _count(self, _options: CallbackOptions) -> Iterable[Observation]:
+        # A collection has begun (the SDK runs callbacks before it reads the histograms):
+        # hand the buffered samples over first.
+        self._recorder.flush()
+        pool = self.pool
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return [
+            Observation(idle, {**self._attributes, STATE: "idle"}),
+            Observation(max(size - idle, 0), {**self._attributes, STATE: "used"}),
+        ]
+
     def _closed(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         closed = {reason: 0 for reason in CLOSE_REASONS}
         closed.update(self.pool.stats().connections_closed)
         return [
@@ -357,8 +380,6 @@ class PoolInstrumentation:
         ]
 
     def _by_instance(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         counts = self.pool.stats().connections_by_instance
         return [
             Observation(count, {**self._attributes, INSTANCE: instance})
@@ -366,8 +387,6 @@ class PoolInstrumentation:
         ]
 
     def _refused(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         by_cause = dict.fromkeys(AUTH_CAUSES, 0)
         by_cause.update(self.pool.stats().auth_failures_by_cause)
         return [
@@ -376,16 +395,12 @@ class PoolInstrumentation:
         ]
 
     def _phase(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         phase = self.pool.stats().blue_green_phase
         if phase is None:
             return []
         return [Observation(BLUE_GREEN_PHASES.index(phase), self._attributes)]
 
     def _expiry(self, _options: CallbackOptions) -> Iterable[Observation]:
-        if not self._active:
-            return []
         expiry = self.pool.stats().credentials_expiry
         if expiry is None:
             return []
@@ -399,6 +414,19 @@ BLUE_GREEN_PHASES = ("not_created", "created", "preparation", "in_progress", "po
 
 def _stat(field: str) -> Any:
     return lambda pool: getattr(pool.stats(), field)
+
+
+def _gauge(read: Callable[[Pool], Any]) -> Report:
+    def report(member: PoolInstrumentation, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(read(member.pool), member._attributes)]
+
+    return report
+
+
+#: The instruments of each meter, and the meter of each provider (a proxy provider, the global
+#: one before an SDK is set, makes a new meter on every call): held weakly.
+_SHARED: weakref.WeakKeyDictionary[Any, _SharedInstruments] = weakref.WeakKeyDictionary()
+_METERS: weakref.WeakKeyDictionary[Any, Meter] = weakref.WeakKeyDictionary()
 
 
 def instrument_pool(
@@ -420,5 +448,7 @@ def instrument_pool(
         version = importlib.metadata.version("asyncpg-iam")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout
         version = None
-    meter = provider.get_meter("asyncpg_iam", version)
+    meter = _METERS.get(provider)
+    if meter is None:
+        meter = _METERS[provider] = provider.get_meter("asyncpg_iam", version)
     return PoolInstrumentation(pool, meter, histograms=histograms)

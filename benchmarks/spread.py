@@ -84,9 +84,16 @@ RATIOS: tuple[Ratio, ...] = (
             ("ratio_of_medians", "ratio of medians"),
         )
     ),
-    _at_least("metrics", ("on_ratio",), "OpenTelemetry, every instrument on / off", 0.98),
-    _at_least(
-        "metrics", ("on_counters_only_ratio",), "OpenTelemetry, histograms=False / off", 0.98
+    *(
+        _at_least("metrics", (variant, key), f"OpenTelemetry, {label} / off: {estimator}", 0.98)
+        for variant, label in (
+            ("on", "every instrument on"),
+            ("on_counters_only", "histograms=False"),
+        )
+        for key, estimator in (
+            ("ratio", "median of per-round ratios"),
+            ("ratio_of_medians", "ratio of medians"),
+        )
     ),
     _at_most("cold_start", ("ours_vs_floor",), "cold start / floor (ratio of medians)", 1.1),
 )

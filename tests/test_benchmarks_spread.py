@@ -73,8 +73,9 @@ def test_other_loops_get_their_own_rows_and_upper_bounds_hold_from_above() -> No
 
 def test_a_run_without_the_case_is_shown_and_not_counted_as_met() -> None:
     """A run that did not measure a ratio shows "-" and the verdict says not every run did."""
-    runs = [{"metrics": {"figures": {"on_ratio": 0.99}}}, {}]
-    row = _row(spread.rows(runs), "OpenTelemetry, every instrument on / off", "asyncio")
+    runs = [{"metrics": {"figures": {"on": {"ratio": 0.99}}}}, {}]
+    label = "OpenTelemetry, every instrument on / off: median of per-round ratios"
+    row = _row(spread.rows(runs), label, "asyncio")
     assert row[2:4] == ["0.990", "-"]
     assert row[-1] == "met (not in every run)"
 

@@ -270,3 +270,36 @@ async def test_without_histograms_the_counters_remain(
         metrics = collect(reader)
     timed = {name for name, unit in CONVENTIONS.items() if unit == "s"}
     assert set(metrics) == (set(CONVENTIONS) - timed) | set(IAM)
+
+
+async def test_two_pools_on_one_provider_both_report(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """Two pools instrumented on one MeterProvider each report every instrument, their own
+    histogram counts included, and uninstrumenting one leaves the other reporting."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2)
+    async with (
+        asyncpg_iam.create_pool(**kwargs, name="first") as first,
+        asyncpg_iam.create_pool(**kwargs, name="second") as second,
+    ):
+        instrument_pool(first, provider)
+        second_instrumentation = instrument_pool(second, provider)
+        for pool, acquires in ((first, 2), (second, 3)):
+            for _ in range(acquires):
+                await pool.fetchval("SELECT 1")
+        metrics = collect(reader)
+        for pool, acquires in ((first, 2), (second, 3)):
+            name = {POOL_NAME: pool.name}
+            assert value(metrics["db.client.connection.wait_time"], **name) == acquires
+            assert value(metrics["db.client.connection.use_time"], **name) == acquires
+            assert value(metrics["db.client.connection.max"], **name) == 2
+            signed = value(metrics["asyncpg_iam.tokens.signed"], **name)
+            assert signed == pool.stats().tokens_signed
+        second_instrumentation.uninstrument()
+        await first.fetchval("SELECT 1")
+        metrics = collect(reader)
+    maxima = points(metrics["db.client.connection.max"])
+    assert [p.attributes[POOL_NAME] for p in maxima] == [first.name]
+    assert value(metrics["db.client.connection.wait_time"], **{POOL_NAME: first.name}) == 3
