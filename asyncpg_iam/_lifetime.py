@@ -271,7 +271,7 @@ class Recycler:
         key = id(con)  # one int object for both tables and the state
         state = _Tracked(self, key, con, also)
         self._tracked[key] = state
-        con.add_termination_listener(state.terminated)
+        _asyncpg_pool.add_termination_listener(con, state.terminated)
         if started is None:
             started = self._now()
         state.opened = started

@@ -667,7 +667,7 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         for key in _POOL_CONNECT_EXTRAS:  # a loop, not a comprehension: one call less
             if key in kwargs:
                 extra[key] = kwargs[key]
-        return pool._failover.open(pool._connector.open, extra)
+        return pool._failover.open(extra)
 
     return connect
 
