@@ -28,12 +28,14 @@ from typing import Any
 
 import asyncpg
 import asyncpg.compat
+import asyncpg.connection
 import asyncpg.pool
 
 __all__ = [
     "REFILLS_MIN_SIZE",
     "SUPPORTED_ASYNCPG",
     "AsyncpgPool",
+    "add_termination_listener",
     "asyncpg_version",
     "connection_endpoints",
     "connection_of",
@@ -344,6 +346,12 @@ def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None
         return await own(live, timeout)
 
     pool._acquire = held
+
+
+def add_termination_listener(con: Any, listener: Callable[[Any], None]) -> None:
+    """``con.add_termination_listener(listener)`` for a plain (not async) callable, without
+    asyncpg's look at what kind of callable it is (six calls, on every connect)."""
+    con._termination_listeners.add(asyncpg.connection._Callback(listener, False))
 
 
 def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Any]:

@@ -55,6 +55,8 @@ MAX_TOKEN_REUSE = 840.0
 # A reused token must outlive its signing credentials by at least this much.
 _REUSE_EXPIRY_MARGIN = dt.timedelta(seconds=30)
 _REUSE_CACHE_SIZE = 64
+_ONE_SECOND = dt.timedelta(seconds=1)
+_NEVER = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
 
 _HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
@@ -384,13 +386,11 @@ class TokenProvider:
         self.token_reuses = 0
         self._reusable: OrderedDict[tuple[Any, ...], tuple[str, dt.datetime, dt.datetime | None]]
         self._reusable = OrderedDict()
-        # The last token signed: (target, credentials, whole second, token).
-        self._last_signed: tuple[SigningTarget | None, Credentials | None, int, str] = (
-            None,
-            None,
-            -1,
-            "",
-        )
+        # The last token signed: (target, credentials, the whole second it was signed in as
+        # [start, end), token).
+        self._last_signed: tuple[
+            SigningTarget | None, Credentials | None, dt.datetime, dt.datetime, str
+        ] = (None, None, _NEVER, _NEVER, "")
 
     def target(self, host: str, port: int, user: str) -> SigningTarget:
         """Resolve what to sign for when dialling `host`:`port` as `user`.
@@ -459,11 +459,12 @@ class TokenProvider:
         same bytes without computing them again. It counts as signed: it is the token signing
         now would produce.
         """
-        second = int(now.timestamp())
         last = self._last_signed
-        if last[0] is target and last[1] is credentials and last[2] == second:
-            token = last[3]
-        elif target.service == "dsql":
+        # Two comparisons of `now`, not a conversion of it, on every connect.
+        if last[0] is target and last[1] is credentials and last[2] <= now < last[3]:
+            self.tokens_signed += 1
+            return last[4]
+        if target.service == "dsql":
             token = build_dsql_token(
                 host=target.signing_host,
                 region=target.region,
@@ -480,7 +481,8 @@ class TokenProvider:
                 credentials=credentials,
                 now=now,
             )
-        self._last_signed = (target, credentials, second, token)
+        second = now.replace(microsecond=0)
+        self._last_signed = (target, credentials, second, second + _ONE_SECOND, token)
         self.tokens_signed += 1
         return token
 

@@ -25,7 +25,7 @@ import ssl
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import asyncpg
 import asyncpg.connect_utils
@@ -57,6 +57,7 @@ from ._signing import is_writer_endpoint
 from ._tls import SSL_REQUEST, TLS_KEYWORDS, TLS_PARAMETERS, TLSPolicy, decide_tls
 
 if TYPE_CHECKING:
+    from ._failover import FailoverGuard
     from ._topology import Router
 
 __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
@@ -439,6 +440,13 @@ class _Budget:
             return cls(None, None)
         return cls(timeout, asyncio.get_running_loop().time() + timeout)
 
+    @classmethod
+    def since(cls, began: float, timeout: float | None) -> _Budget:
+        """The budget of an attempt that began at loop time `began`."""
+        if timeout is None:
+            return cls(None, None)
+        return cls(timeout, began + timeout)
+
     def remaining(self) -> float | None:
         """Seconds left (None: no limit)."""
         if self.deadline is None:
@@ -456,8 +464,6 @@ class _Budget:
 
 # asyncpg's default connect timeout (None: none).
 _DEFAULT_TIMEOUT: float | None = _CONNECT_DEFAULTS.get("timeout")
-# The budget of a connect without a timeout.
-_NO_BUDGET = _Budget(None, None)
 
 
 class ConnectCounters:
@@ -479,24 +485,26 @@ class ConnectCounters:
         self.auth_failures_by_cause: Counter[str] = Counter()
 
 
-class _TokenPassword:
+class _TokenPassword(TokenRecord):
     """The ``password`` callable of one login: a token for `target`, what was done noted in
-    `record`. asyncpg keeps it on the connection for the connection's life: one small
-    object (a partial of a bound method is three), whose record `forget` drops once the
-    login succeeded."""
+    itself (a `TokenRecord`: one object per connect, not two). asyncpg keeps it on the
+    connection for the connection's life: one small object (a partial of a bound method is
+    three), whose record `forget` drops once the login succeeded."""
 
-    __slots__ = ("provider", "record", "target")
+    __slots__ = ("provider", "target")
 
-    def __init__(self, provider: TokenProvider, target: SigningTarget, record: TokenRecord) -> None:
+    def __init__(self, provider: TokenProvider, target: SigningTarget) -> None:
         self.provider = provider
         self.target = target
-        self.record: TokenRecord | None = record
+        # `TokenRecord`'s fields, set here rather than in a call to its __init__.
+        self.signed_at = self.credentials_expiry = None
+        self.reused = False
 
     def __call__(self) -> Awaitable[str]:
-        return self.provider.token(self.target, self.record)
+        return self.provider.token(self.target, self)
 
     def forget(self) -> None:
-        self.record = None
+        self.signed_at = self.credentials_expiry = None
 
 
 class Connector:
@@ -607,9 +615,18 @@ class Connector:
         `extra` are further `connect` arguments (the pool's ``loop``, ``connection_class``,
         ``record_class``; a ``timeout`` overrides the plan's).
         """
+        return self.open_watched(extra, None)
+
+    def open_watched(
+        self, extra: dict[str, Any], guard: FailoverGuard | None
+    ) -> Coroutine[Any, Any, Any]:
+        """`open`, watched by the owner's failover `guard` when given (`FailoverGuard.open`):
+        the awaitable then returns the connection alone, handed to the guard, and a failure a
+        failover explains is retried."""
         # Runs for every new connection: it returns the coroutine that does the work rather
         # than awaiting it in one more, since every await inside a connect resumes each
-        # coroutine of the chain.
+        # coroutine of the chain. A login to the plan's one endpoint does the guard's part
+        # itself, for the same reason.
         if self._stopped:
             raise asyncpg.InterfaceError("pool is closing")
         recheck = self._recheck
@@ -618,10 +635,12 @@ class Connector:
         self.counters.attempts += 1
         route = self.route
         if route is not None:
-            return route(extra)
-        if self.router is None and len(self.targets) == 1:  # `open_planned`, one call less
-            return self._login(self.targets[0], extra, self.plan.target_session_attrs)
-        return self.open_planned(extra)
+            attempt = route(extra)
+        elif self.router is None and len(self.targets) == 1:  # `open_planned`, one call less
+            return self._login(self.targets[0], extra, self.plan.target_session_attrs, guard=guard)
+        else:
+            attempt = self.open_planned(extra)
+        return attempt if guard is None else guard.first_attempt(attempt, extra)
 
     def open_planned(
         self, extra: Mapping[str, Any], attrs: str | None = None
@@ -771,64 +790,107 @@ class Connector:
         if self._stopped:
             raise asyncpg.InterfaceError("pool is closing")
 
+    @overload
     async def _login(
         self, target: SigningTarget, extra: Mapping[str, Any], attrs: str, *, one: bool = True
-    ) -> tuple[Any, float]:
-        """Log in to one endpoint with a token signed for it.
+    ) -> tuple[Any, float]: ...
+
+    @overload
+    async def _login(
+        self,
+        target: SigningTarget,
+        extra: dict[str, Any],
+        attrs: str,
+        *,
+        guard: FailoverGuard | None,
+    ) -> Any: ...
+
+    async def _login(
+        self,
+        target: SigningTarget,
+        extra: Any,
+        attrs: str,
+        *,
+        one: bool = True,
+        guard: FailoverGuard | None = None,
+    ) -> Any:
+        """Log in to one endpoint with a token signed for it; return the connection and the
+        clock time the login began.
 
         `one`: this is the whole attempt (a failure counts), not one host of several.
+        `guard`: the owner's failover guard, when this login is the first attempt of its
+        `FailoverGuard.open`: the login does the guard's part (`first_opened`, `first_failed`)
+        and returns the connection alone.
         """
         provider = self.provider
         assert provider is not None
+        if guard is not None:
+            epoch, recoveries = guard.epoch, guard.recoveries
+        began = asyncio.get_running_loop().time()
         try:
             # Runs for every new connection: the budget's arithmetic is done here, not in
             # its methods, when nothing was awaited since it started (no rate limit).
+            # The attempt's `_Budget` is made only when something needs it (the rate limit,
+            # a silent host, a failure's diagnosis).
             timeout = extra.get("timeout", self.plan_timeout)
             timeout = _DEFAULT_TIMEOUT if timeout is None else float(timeout)
             if timeout is None:
-                budget, for_connect = _NO_BUDGET, None
+                for_connect = None
             else:
-                budget = _Budget(timeout, asyncio.get_running_loop().time() + timeout)
                 left = timeout if timeout > 0.0 else 0.0  # `for_connect(reserve=True)`
                 for_connect = left - min(_DIAGNOSIS_RESERVE, left * _DIAGNOSIS_SHARE)
             if self._bucket is not None:
+                budget = _Budget.since(began, timeout)
                 await self._throttle(self._bucket, budget)
                 for_connect = budget.for_connect(reserve=True)
-            record = TokenRecord()
-            password = _TokenPassword(provider, target, record)
-            kwargs = {**self._kwargs, **extra}
-            kwargs.update(
-                host=target.host,
-                port=target.port,
-                target_session_attrs=attrs,
-                password=password,
-                timeout=for_connect,
-            )
+            password = _TokenPassword(provider, target)
+            kwargs = {
+                **self._kwargs,
+                **extra,
+                "host": target.host,
+                "port": target.port,
+                "target_session_attrs": attrs,
+                "password": password,
+                "timeout": for_connect,
+            }
             gate = self.login_gate
             waiting = gate(target.host, target.port) if gate is not None else None
             if waiting is not None:
+                budget = _Budget.since(began, timeout)
                 await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._now()
             try:
                 con = await self._connect(**kwargs)
-                password.record = None  # what `forget` does, one call less per connect
+                password.signed_at = password.credentials_expiry = None  # `forget`, inline
             except InvalidAuthorizationSpecificationError as exc:
                 if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
                     raise
                 self.counters.auth_failures += 1
-                raise self.explain(exc, target, record) from without_traceback(exc)
+                raise self.explain(exc, target, password) from without_traceback(exc)
             except (OSError, asyncio.TimeoutError) as exc:
+                budget = _Budget.since(began, timeout)
                 error = await self._explain_connect(exc, target.host, target.port, budget)
                 if error is None:
                     raise
                 raise error from without_traceback(exc)
+        except Exception as exc:
+            if one:
+                self.counters.failures += 1
+            if guard is None:
+                raise
+            failure = exc
         except BaseException:
             if one:
                 self.counters.failures += 1
             raise
-        if self.plan.rds_proxy:
-            _proxy.adopt(con)
-        return con, started
+        else:
+            if self.plan.rds_proxy:
+                _proxy.adopt(con)
+            if guard is None:
+                return con, started
+            return guard.first_opened(con, started, epoch)
+        # Outside the handler: a retry's own failure does not chain this one.
+        return await guard.first_failed(failure, epoch, recoveries, began, extra)
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
         """Log in to the first endpoint that answers and has the wanted role (one attempt)."""

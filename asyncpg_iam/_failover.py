@@ -56,7 +56,7 @@ import asyncio
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -246,9 +246,12 @@ class FailoverGuard:
         self._name = name
         self._rng = rng or random.Random()
         self._clock = clock
-        self._epoch = 0
-        # Recoveries so far: a connect that began before the last one fails as part of it.
-        self._recoveries = 0
+        self.epoch = 0
+        """Events handled so far: a connection whose login began at an earlier epoch is
+        retired (read-only for others)."""
+        self.recoveries = 0
+        """Recoveries so far: a connect that began before the last one fails as part of it
+        (read-only for others)."""
         self._recovering = False
         self._opened_any = False
         self.events = 0
@@ -270,12 +273,6 @@ class FailoverGuard:
         concerns its host alone (a reader that left), so it is not a pool-wide event."""
 
     @property
-    def epoch(self) -> int:
-        """Events handled so far: a connection whose login began at an earlier epoch is
-        retired."""
-        return self._epoch
-
-    @property
     def wants_writer(self) -> bool:
         """Whether the pool's connections must be on a server that takes writes."""
         return str(self._connector.plan.target_session_attrs) in WRITER_ATTRS
@@ -292,14 +289,12 @@ class FailoverGuard:
         self._classes = (plan, base, make(base or asyncpg.Connection), writer)
         return self._classes
 
-    async def open(
-        self, open_once: Callable[..., Awaitable[tuple[Any, float]]], kwargs: dict[str, Any]
-    ) -> Any:
-        """Open a connection with ``open_once(**kwargs)``, retrying what a failover explains.
+    def open(self, kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
+        """Open a connection through the connector, retrying what a failover explains.
 
-        `open_once` returns the connection and the clock time its login began. The opened
-        connection is handed to `opened` (which calls `watch`) before it is returned; a
-        `CredentialsError` while the owner closes becomes asyncpg's "pool is closing".
+        `kwargs` are further connect arguments (the guard's to change). The opened connection
+        is handed to `opened` (which calls `watch`) before it is returned; a `CredentialsError`
+        while the owner closes becomes asyncpg's "pool is closing".
 
         Retries pass what is left of the connect timeout as ``timeout``. The timeout is one
         budget spent two ways: connect attempts in real time (asyncpg bounds its own waits by
@@ -307,55 +302,109 @@ class FailoverGuard:
         With the system clock the two are the same time; with a manual one, backoff spends only
         the clock time that passes while it waits.
         """
-        loop = asyncio.get_running_loop()
         # A ``connection_class`` that tells closes apart (`_classes_for`), worked out again
         # only when the plan or the caller's class changed: this runs on every connect.
         base = kwargs.get("connection_class")
         classes = self._classes
         if classes[0] is not self._connector.plan or classes[1] is not base:
             classes = self._classes_for(base)
-        connect_class = classes[2]
-        kwargs = {**kwargs, "connection_class": connect_class}
+        kwargs["connection_class"] = classes[2]
+        # The first attempt is the connector's (`Connector.open_watched`): a login to one
+        # endpoint does the guard's part itself (`first_opened`, `first_failed`), so one
+        # coroutine, not two, is resumed at every await inside asyncpg's connect.
+        opening: Coroutine[Any, Any, Any] = self._connector.open_watched(kwargs, self)
+        return opening
+
+    async def first_attempt(
+        self, attempt: Awaitable[tuple[Any, float]], kwargs: dict[str, Any]
+    ) -> Any:
+        """Await `attempt`, the first connect attempt of `open` (for the connects that do not
+        do the guard's part themselves), and return its connection."""
+        epoch, recoveries = self.epoch, self.recoveries
+        began = asyncio.get_running_loop().time()
+        try:
+            con, started = await attempt
+        except Exception as exc:
+            failure = exc
+        else:
+            return self.first_opened(con, started, epoch)
+        return await self.first_failed(failure, epoch, recoveries, began, kwargs)
+
+    def first_opened(self, con: Any, started: float, epoch: int) -> Any:
+        """Hand `con`, opened by a login that began at clock time `started` and at `epoch`,
+        to the owner; return it."""
+        # Anything else (a connect= callback's mistake) goes to asyncpg's pool unwatched: it
+        # refuses it with its own error.
+        if type(con) is self._classes[2] or isinstance(con, asyncpg.Connection):
+            # Signals from it belong to the epoch its login began in.
+            self._opened(con, started, epoch)
+        return con
+
+    def first_failed(
+        self,
+        exc: Exception,
+        epoch: int,
+        recoveries: int,
+        began: float,
+        kwargs: dict[str, Any],
+    ) -> Coroutine[Any, Any, Any]:
+        """Raise `exc`, the failure of `open`'s first attempt (begun at `epoch`, after
+        `recoveries`, at loop time `began`), or return the retries to await when a failover
+        explains it."""
         timeout = kwargs.get("timeout", self._connector.plan_timeout)
         remaining = _DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
+        remaining -= asyncio.get_running_loop().time() - began
+        wait = self._retry_wait(exc, epoch, recoveries, remaining, _FIRST_BACKOFF)
+        return self._retry(exc, wait, remaining, kwargs)
+
+    async def _retry(
+        self, exc: Exception, wait: float, remaining: float, kwargs: dict[str, Any]
+    ) -> Any:
+        """Retry a connect that failed with `exc` after `wait` seconds, with backoff, within
+        `remaining` seconds of its timeout."""
+        loop = asyncio.get_running_loop()
         delay = _FIRST_BACKOFF
         while True:
-            epoch, recoveries = self._epoch, self._recoveries
+            waited_from = self._clock.monotonic()
+            await self._clock.sleep(wait)
+            remaining -= self._clock.monotonic() - waited_from
+            if self._closing():
+                # Nothing outlives close(): no retry starts once the pool is closing.
+                raise asyncpg.InterfaceError("pool is closing") from exc
+            delay = min(delay * 2, _MAX_BACKOFF)
+            kwargs["timeout"] = max(remaining, 0.001)
+            epoch, recoveries = self.epoch, self.recoveries
             attempt_began = loop.time()  # real time: asyncpg's waits are real
             try:
-                con, started = await open_once(**kwargs)
-            except Exception as exc:
-                kind = _connect_failure(exc)
-                if kind is None or not self._is_retryable(kind, epoch, recoveries):
-                    if isinstance(exc, CredentialsError) and self._closing():
-                        raise asyncpg.InterfaceError("pool is closing") from exc
-                    raise
-                wait = delay * (0.5 + self._rng.random() / 2)
+                con, started = await self._connector.open(**kwargs)
+            except Exception as failure:
                 remaining -= loop.time() - attempt_began
-                if remaining <= wait:
-                    raise
-                self._count_retry(kind, exc, wait)
-                waited_from = self._clock.monotonic()
-                await self._clock.sleep(wait)
-                remaining -= self._clock.monotonic() - waited_from
-                if self._closing():
-                    # Nothing outlives close(): no retry starts once the pool is closing.
-                    raise asyncpg.InterfaceError("pool is closing") from exc
-                delay = min(delay * 2, _MAX_BACKOFF)
-                kwargs["timeout"] = max(remaining, 0.001)
+                wait = self._retry_wait(failure, epoch, recoveries, remaining, delay)
+                exc = failure
             else:
-                # Anything else (a connect= callback's mistake) goes to asyncpg's pool
-                # unwatched: it refuses it with its own error.
-                if type(con) is connect_class or isinstance(con, asyncpg.Connection):
-                    # Signals from it belong to the epoch its login began in.
-                    self._opened(con, started, epoch)
-                return con
+                return self.first_opened(con, started, epoch)
+
+    def _retry_wait(
+        self, exc: Exception, epoch: int, recoveries: int, remaining: float, delay: float
+    ) -> float:
+        """Return the backoff before retrying a connect that failed with `exc`, with
+        `remaining` seconds of its timeout left; raise `exc` when it is not retried."""
+        kind = _connect_failure(exc)
+        if kind is None or not self._is_retryable(kind, epoch, recoveries):
+            if isinstance(exc, CredentialsError) and self._closing():
+                raise asyncpg.InterfaceError("pool is closing") from exc
+            raise exc
+        wait = delay * (0.5 + self._rng.random() / 2)
+        if remaining <= wait:
+            raise exc
+        self._count_retry(kind, exc, wait)
+        return wait
 
     def _is_retryable(self, kind: str, epoch: int, recoveries: int) -> bool:
         """Tell whether a connect that failed as `kind` is retried as part of a failover."""
         if kind == "read_only" and not self.wants_writer:
             return False
-        if self._recoveries != recoveries:
+        if self.recoveries != recoveries:
             # The pool recovered while this attempt was in flight (it began before the
             # endpoint moved): part of the event it recovered from, retried, not a new one.
             return True
@@ -394,7 +443,7 @@ class FailoverGuard:
         self._opened_any = True
         if self._recovering:
             self._recovering = False
-            self._recoveries += 1
+            self.recoveries += 1
         classes = self._classes
         writer = classes[3] if classes[0] is self._connector.plan else self.wants_writer
         if writer:  # its signal is 25006; other pools skip its per-query cost
@@ -427,7 +476,7 @@ class FailoverGuard:
 
     def report_now(self, cause: str) -> bool:
         """Handle a signal that is news whenever it comes (a silent host); see `report`."""
-        return self.report(cause, self._epoch)
+        return self.report(cause, self.epoch)
 
     def retire_now(self, cause: str) -> int:
         """Retire every connection opened so far, as an event of `cause` (a blue/green
@@ -440,9 +489,9 @@ class FailoverGuard:
         """Handle a signal seen at `epoch`; return True when it starts a new event."""
         if self._closing() or not self._started():
             return False
-        if epoch < self._epoch or (connect and self._recovering):
+        if epoch < self.epoch or (connect and self._recovering):
             return False  # part of an event already handled
-        self._epoch += 1
+        self.epoch += 1
         self._recovering = True
         self.events += 1
         retired = self._retire_all()

@@ -271,7 +271,10 @@ class HealthMonitor:
         if peer not in self._labels:
             self._labels[peer] = _label(dialled, peer)
         if dialled is not None:
-            self._dialled.setdefault(dialled, set()).add(peer)
+            peers = self._dialled.get(dialled)
+            if peers is None:  # not `setdefault`: no set made on every connect
+                peers = self._dialled[dialled] = set()
+            peers.add(peer)
         options = self._socket_options
         if sock is not None and options:  # `tune_socket`, inline: this runs on every connect
             try:

@@ -210,9 +210,10 @@ class Recycler:
     """Keep every connection of one asyncpg pool within its lifetime.
 
     Holds its pool weakly, so scheduled deadlines never keep an abandoned pool alive.
-    `on_closed` is called with the reason each connection closed: ``"max_lifetime"``, the
-    reason given to `retire_on_release()`, or ``"other"``. Deadlines are times of `clock`'s
-    ``monotonic()``, and its ``call_at()`` schedules them.
+    `closed` counts the connections closed by reason: ``"max_lifetime"``, the reason given to
+    `retire_on_release()`, or ``"other"``; `on_closed`, if given, is called with each reason
+    too. Deadlines are times of `clock`'s ``monotonic()``, and its ``call_at()`` schedules
+    them.
     """
 
     def __init__(
@@ -221,7 +222,7 @@ class Recycler:
         *,
         max_lifetime: float | None,
         jitter: float,
-        on_closed: weakref.WeakMethod[Callable[[str], None]],
+        on_closed: weakref.WeakMethod[Callable[[str], None]] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
@@ -238,6 +239,8 @@ class Recycler:
         self._now: Callable[[], float] = clock.monotonic
         self._rng = rng if rng is not None else random.Random()
         self._on_closed = on_closed
+        self.closed: collections.Counter[str] = collections.Counter()
+        """Connections closed, by reason."""
         # State by id() of each open connection, removed when it closes (its termination
         # listener): an int key costs less than a weak one, on every connect.
         self._tracked: dict[int, _Tracked] = {}
@@ -271,7 +274,7 @@ class Recycler:
         key = id(con)  # one int object for both tables and the state
         state = _Tracked(self, key, con, also)
         self._tracked[key] = state
-        con.add_termination_listener(state.terminated)
+        _asyncpg_pool.add_termination_listener(con, state.terminated)
         if started is None:
             started = self._now()
         state.opened = started
@@ -406,9 +409,12 @@ class Recycler:
             self._stale += 1
             if self._stale > _COMPACT_SLACK:  # `_compact`'s first test, one call less
                 self._compact()
-        on_closed = self._on_closed()
-        if on_closed is not None:
-            on_closed(state.reason or "other")
+        reason = state.reason or "other"
+        self.closed[reason] += 1
+        if self._on_closed is not None:
+            on_closed = self._on_closed()
+            if on_closed is not None:
+                on_closed(reason)
 
     def _on_deadline(self, state: _Tracked) -> None:
         con = state.con_ref()

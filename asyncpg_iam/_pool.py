@@ -16,7 +16,6 @@ import inspect
 import logging
 import time
 import weakref
-from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -96,11 +95,10 @@ class PoolObserver(Protocol):
 
 
 class _Counters:
-    __slots__ = ("closed", "handed_out_due", "opened")
+    __slots__ = ("handed_out_due", "opened")
 
     def __init__(self) -> None:
         self.opened = 0
-        self.closed: Counter[str] = Counter()
         self.handed_out_due = 0
 
 
@@ -174,7 +172,6 @@ class Pool(AsyncpgPool):
         self._health = self._start_health(health)
         if self._health is not None:
             self._connector.stop_with(self._health.stop)
-        self._own_refill = not _asyncpg_pool.REFILLS_MIN_SIZE
         self._refill_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
 
@@ -190,7 +187,13 @@ class Pool(AsyncpgPool):
             self,
             max_lifetime=options.max_lifetime,
             jitter=options.max_lifetime_jitter,
-            on_closed=weakref.WeakMethod(self._on_connection_closed),
+            # The recycler counts closes; the pool hears of them only to refill (asyncpg
+            # < 0.32): nothing more on every connect.
+            on_closed=(
+                None
+                if _asyncpg_pool.REFILLS_MIN_SIZE
+                else weakref.WeakMethod(self._on_connection_closed)
+            ),
             clock=self._clock,
         )
         # The acquire check's two lookups, bound once (see AsyncpgPool._acquire).
@@ -317,7 +320,7 @@ class Pool(AsyncpgPool):
         cached = provider.credentials.peek() if provider is not None else None
         return PoolStats(
             connections_opened=counters.opened,
-            connections_closed=dict(counters.closed),
+            connections_closed=dict(self._recycler.closed),
             connect_attempts=connects.attempts,
             connect_failures=connects.failures,
             auth_failures=connects.auth_failures,
@@ -487,10 +490,8 @@ class Pool(AsyncpgPool):
                 self._max_lifetime,
             )
 
-    def _on_connection_closed(self, reason: str) -> None:
-        self._counters.closed[reason] += 1
-        if self._own_refill:
-            self._schedule_refill()
+    def _on_connection_closed(self, _reason: str) -> None:
+        self._schedule_refill()
 
     def _schedule_refill(self) -> None:
         if (
@@ -667,7 +668,7 @@ def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
         for key in _POOL_CONNECT_EXTRAS:  # a loop, not a comprehension: one call less
             if key in kwargs:
                 extra[key] = kwargs[key]
-        return pool._failover.open(pool._connector.open, extra)
+        return pool._failover.open(extra)
 
     return connect
 

@@ -145,7 +145,6 @@ class _EngineFailover:
             started=lambda: True,
             name=connector.name,
         )
-        self._open = connector.open
         self.also_opened: Callable[[Any], None] | None = None
         """Called with each connection opened (the health check tracks it)."""
         self.first: Callable[[], Awaitable[None]] | None = None
@@ -162,7 +161,7 @@ class _EngineFailover:
         if self.first is not None:
             await asyncio.shield(self.first())
             self.first = None
-        return await self.guard.open(self._open, {})
+        return await self.guard.open({})
 
     def _opened(self, con: Any, _started: float, epoch: int) -> None:
         self.epochs[con] = epoch

@@ -119,6 +119,23 @@ def test_connection_supports_weakrefs_and_termination_listeners() -> None:
     assert callable(asyncpg.Connection.add_termination_listener)
 
 
+def test_termination_listeners_are_a_set_of_callbacks_with_an_async_flag() -> None:
+    """A listener added as asyncpg's ``_Callback(cb, False)`` is the one its public method adds."""
+    import asyncpg.connection
+
+    def listener(con: object) -> None:
+        return None
+
+    assert asyncpg.connection._Callback.from_callable(listener) == asyncpg.connection._Callback(
+        listener, False
+    )
+    source = inspect.getsource(asyncpg.Connection.add_termination_listener)
+    assert "self._termination_listeners.add(" in source
+    source = inspect.getsource(asyncpg.Connection._call_termination_listeners)
+    assert "self._termination_listeners" in source
+    assert "cb.is_async" in source
+
+
 def test_parse_connect_arguments_takes_connect_keywords() -> None:
     """_parse_connect_arguments's parameters are all keywords that asyncpg.connect takes."""
     parse = inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters

@@ -328,3 +328,34 @@ async def test_pool_terminate_stops_the_health_monitor(postgres_server: Postgres
     assert pool._health._task is None
     with pytest.raises(asyncpg.InterfaceError, match="pool is closing"):
         await pool._connector.open()
+
+
+async def test_a_pool_connect_runs_in_one_coroutine_of_the_library(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """While asyncpg connects a new pool connection, one coroutine of the library waits on it
+    (the connector's login, which does the failover guard's first attempt), not one a layer
+    (the first connect also runs the blue/green check)."""
+    import sys
+
+    chains: list[list[str]] = []
+
+    async def connect(**kwargs: Any) -> Any:
+        frame = sys._getframe(1)
+        chain = []
+        while frame is not None:
+            path = frame.f_code.co_filename.replace("\\", "/")
+            if "/asyncpg_iam/" in path and "/testing/" not in path:
+                chain.append(frame.f_code.co_name)  # co_qualname is 3.11+
+            frame = frame.f_back
+        chains.append(chain)
+        return await asyncpg.connect(**kwargs)
+
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=1, connect=connect)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        for _ in range(2):
+            assert await pool.fetchval("SELECT 1") == 1
+            await pool.expire_connections()
+        assert pool.stats().connections_opened == 2
+    assert len(chains) == 2
+    assert chains[1] == ["_login", "_acquire"]  # Connector._login, AsyncpgPool._acquire
