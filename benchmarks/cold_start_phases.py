@@ -16,15 +16,13 @@ import asyncio
 import random
 import secrets
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from asyncpg_iam.testing import AccessKey
 
 from ._harness import Environment
-from .case_cold_start import _environment
+from .case_cold_start import _environment, spawn
 
 _PHASES = """
     print(v, flush=True)
@@ -76,22 +74,8 @@ asyncio.run(main())
 
 async def _spawn(script: str, env: dict[str, str]) -> tuple[float, list[float]]:
     """Run `script`; return the seconds from spawn to its first line and its phases (ms)."""
-    start = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        script,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 120)
-    elapsed = time.perf_counter() - start
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    if line.strip() != b"42" or proc.returncode != 0:
-        raise RuntimeError(f"cold start script failed: {err.decode()[-2000:]}")
-    return elapsed, [float(x) for x in out.decode().split()]
+    elapsed, rest = await spawn(script, env)
+    return elapsed, [float(x) for x in rest.split()]
 
 
 async def main(rounds: int) -> None:
