@@ -8,7 +8,6 @@ and access key, never past the signing credentials' expiry.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -20,6 +19,7 @@ from ._aws_env import FoundRegion, region_from_environment
 from ._clock import SYSTEM_CLOCK, Clock
 from ._credentials import AssumeRole, CredentialCache, build_cache, configured_region
 from ._errors import ConfigurationError
+from ._record import Record
 from ._signing import (
     Credentials,
     build_auth_token,
@@ -45,8 +45,9 @@ __all__ = [
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
-_REGION_RE = re.compile(r"[a-z]{2,}(-[a-z]+)+-\d{1,2}", re.ASCII)
-# Compiled on first use (by re's cache): only a pool that assumes a role checks them.
+# Compiled on first use (by re's cache): only a pool given a region checks the first, only one
+# that assumes a role the others.
+_REGION = r"(?a)[a-z]{2,}(-[a-z]+)+-\d{1,2}"
 _ROLE_ARN = r"(?a)arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}"
 _SESSION_NAME = r"(?a)[\w+=,.@-]{2,64}"
 # RDS keeps a token for 900 s; reusing one for longer than 840 s leaves no margin for the
@@ -77,14 +78,13 @@ def _is_host_name(value: object) -> bool:
 
 
 def _check_region(region: str, what: str) -> None:
-    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
+    if not isinstance(region, str) or not re.fullmatch(_REGION, region):
         raise ConfigurationError(
             f"{what} {region!r} is not an AWS region name: pass one like 'us-east-1' or 'eu-west-2'"
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class IAMAuth:
+class IAMAuth(Record):
     """How to obtain credentials and sign tokens; pass as ``create_pool(iam=IAMAuth(...))``.
 
     Credentials come from `credentials` (static), else `profile`, else the default chain
@@ -108,22 +108,74 @@ class IAMAuth:
     present a certificate and receive the token. Off by default; logged as a WARNING per pool.
     """
 
-    region: str | None = None
-    profile: str | None = None
-    role_arn: str | None = None
-    role_session_name: str | None = None
-    external_id: str | None = None
-    role_duration: int | None = None
-    credentials: Credentials | None = None
-    session: AioSession | None = dataclasses.field(default=None, compare=False)
-    signing_host: str | None = None
-    signing_port: int | None = None
-    token_reuse: float = 0.0
-    insecure_unverified_tls: bool = False
-    service: Literal["rds", "dsql"] | None = None
-    dsql_admin: bool | None = None
+    _fields = (
+        "region",
+        "profile",
+        "role_arn",
+        "role_session_name",
+        "external_id",
+        "role_duration",
+        "credentials",
+        "session",
+        "signing_host",
+        "signing_port",
+        "token_reuse",
+        "insecure_unverified_tls",
+        "service",
+        "dsql_admin",
+    )
+    __slots__ = _fields
+    _uncompared = frozenset({"session"})
 
-    def __post_init__(self) -> None:
+    region: str | None
+    profile: str | None
+    role_arn: str | None
+    role_session_name: str | None
+    external_id: str | None
+    role_duration: int | None
+    credentials: Credentials | None
+    session: AioSession | None
+    signing_host: str | None
+    signing_port: int | None
+    token_reuse: float
+    insecure_unverified_tls: bool
+    service: Literal["rds", "dsql"] | None
+    dsql_admin: bool | None
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        profile: str | None = None,
+        role_arn: str | None = None,
+        role_session_name: str | None = None,
+        external_id: str | None = None,
+        role_duration: int | None = None,
+        credentials: Credentials | None = None,
+        session: AioSession | None = None,
+        signing_host: str | None = None,
+        signing_port: int | None = None,
+        token_reuse: float = 0.0,
+        insecure_unverified_tls: bool = False,
+        service: Literal["rds", "dsql"] | None = None,
+        dsql_admin: bool | None = None,
+    ) -> None:
+        self._assign(
+            region,
+            profile,
+            role_arn,
+            role_session_name,
+            external_id,
+            role_duration,
+            credentials,
+            session,
+            signing_host,
+            signing_port,
+            token_reuse,
+            insecure_unverified_tls,
+            service,
+            dsql_admin,
+        )
         self._check_modes()
         self._check_source()
         self._check_role()
@@ -317,13 +369,26 @@ def auth_from(iam: object) -> IAMAuth | None:
     )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SigningTarget:
+class SigningTarget(Record):
     """What a token is signed for: the endpoint RDS knows, the user and the region.
 
     `service` is ``"dsql"`` for Aurora DSQL (whose tokens name no port), with `admin` choosing
     ``DbConnectAdmin`` over ``DbConnect``; ``"rds"`` otherwise.
     """
+
+    _fields = (
+        "host",
+        "port",
+        "signing_host",
+        "signing_port",
+        "user",
+        "region",
+        "region_source",
+        "endpoint_region",
+        "service",
+        "admin",
+    )
+    __slots__ = _fields
 
     host: str
     port: int
@@ -333,8 +398,34 @@ class SigningTarget:
     region: str
     region_source: str
     endpoint_region: str | None
-    service: str = "rds"
-    admin: bool = False
+    service: str
+    admin: bool
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        signing_host: str,
+        signing_port: int,
+        user: str,
+        region: str,
+        region_source: str,
+        endpoint_region: str | None,
+        service: str = "rds",
+        admin: bool = False,
+    ) -> None:
+        self._assign(
+            host,
+            port,
+            signing_host,
+            signing_port,
+            user,
+            region,
+            region_source,
+            endpoint_region,
+            service,
+            admin,
+        )
 
 
 class TokenRecord:

@@ -9,7 +9,6 @@ plan (`_connect.plan_connect` calls it) and `limits` its lifetime and rate limit
 
 from __future__ import annotations
 
-import enum
 import ssl
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -46,13 +45,19 @@ DEFAULT_DATABASE = "postgres"
 RDS_MAX_LIFETIME = 900.0
 
 
-class Unset(enum.Enum):
-    """The type of `UNSET`: a keyword argument the caller did not pass."""
+class Unset:
+    """The type of `UNSET`: a keyword argument the caller did not pass.
 
-    UNSET = "UNSET"
+    A plain class, not an enum: building an enum class costs every cold start 0.15 ms.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
 
 
-UNSET = Unset.UNSET
+UNSET = Unset()
 
 
 def _hosts(dsn: DSN, connect_kwargs: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
@@ -132,10 +137,10 @@ def limits(
     """
     if not dsql:
         return (
-            RDS_MAX_LIFETIME if max_lifetime is UNSET else max_lifetime,
-            None if max_connect_rate is UNSET else max_connect_rate,
+            RDS_MAX_LIFETIME if isinstance(max_lifetime, Unset) else max_lifetime,
+            None if isinstance(max_connect_rate, Unset) else max_connect_rate,
         )
-    if max_lifetime is UNSET:
+    if isinstance(max_lifetime, Unset):
         max_lifetime = DEFAULT_MAX_LIFETIME
     elif max_lifetime is None or (
         isinstance(max_lifetime, (int, float))
@@ -146,6 +151,6 @@ def limits(
             f"max_lifetime must be at most {MAX_LIFETIME:g} s for Aurora DSQL, which ends every "
             f"connection after one hour (default {DEFAULT_MAX_LIFETIME:g}), not {max_lifetime!r}"
         )
-    if max_connect_rate is UNSET:
+    if isinstance(max_connect_rate, Unset):
         max_connect_rate = DEFAULT_CONNECT_RATE
     return max_lifetime, max_connect_rate

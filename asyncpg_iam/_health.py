@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import struct
@@ -42,7 +41,9 @@ from typing import Any
 from ._asyncpg_pool import connection_endpoints
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError
-from ._options import count, positive_seconds
+from ._options import count as check_count
+from ._options import positive_seconds
+from ._record import Record
 
 __all__ = [
     "DEFAULT_HEALTH_CHECK",
@@ -64,8 +65,7 @@ _GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)
 _FORGET_AFTER = 300.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class HealthCheck:
+class HealthCheck(Record):
     """How a pool finds hosts that went silent (see the guide "Silent hosts").
 
     A host with connections in use is probed every `interval` seconds (a TCP connect and an
@@ -76,15 +76,26 @@ class HealthCheck:
     default, about 15 minutes); keepalives start after half of it idle.
     """
 
-    interval: float = 1.0
-    timeout: float = 1.0
-    count: int = 3
-    tcp_user_timeout: float | None = 10.0
+    _fields = ("interval", "timeout", "count", "tcp_user_timeout")
+    __slots__ = _fields
 
-    def __post_init__(self) -> None:
+    interval: float
+    timeout: float
+    count: int
+    tcp_user_timeout: float | None
+
+    def __init__(
+        self,
+        *,
+        interval: float = 1.0,
+        timeout: float = 1.0,
+        count: int = 3,
+        tcp_user_timeout: float | None = 10.0,
+    ) -> None:
+        self._assign(interval, timeout, count, tcp_user_timeout)
         positive_seconds("HealthCheck(interval=...)", self.interval)
         positive_seconds("HealthCheck(timeout=...)", self.timeout)
-        count("HealthCheck(count=...)", self.count, minimum=1, maximum=1000)
+        check_count("HealthCheck(count=...)", self.count, minimum=1, maximum=1000)
         if self.tcp_user_timeout is not None:
             positive_seconds(
                 "HealthCheck(tcp_user_timeout=...)",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 import asyncio
 import functools
-import inspect
 import logging
 import time
 import weakref
@@ -55,11 +54,9 @@ logger = logging.getLogger("asyncpg_iam.pool")
 
 T = TypeVar("T")
 
-_POOL_DEFAULTS = {
-    name: param.default
-    for name, param in inspect.signature(asyncpg.create_pool).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY
-}
+# asyncpg.create_pool's keyword-only parameters and their defaults (as `_connect`'s
+# `_CONNECT_DEFAULTS` says why not from `inspect.signature`).
+_POOL_DEFAULTS: dict[str, Any] = dict(asyncpg.create_pool.__kwdefaults__ or {})
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
 # What asyncpg's pool passes its connect callable besides connection arguments.

@@ -12,7 +12,6 @@ once a day per secret key, region and service).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -21,6 +20,7 @@ from functools import lru_cache
 from urllib.parse import quote
 
 from ._errors import ConfigurationError
+from ._record import Record
 
 __all__ = [
     "DSQL_MAX_EXPIRES",
@@ -42,8 +42,7 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SAFE = "-_.~"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(Record):
     """AWS credentials frozen at one point in time.
 
     `expiry` is when temporary credentials stop working (timezone-aware), None for long-term
@@ -51,12 +50,22 @@ class Credentials:
     session token.
     """
 
-    access_key: str
-    secret_key: str = dataclasses.field(repr=False)
-    token: str | None = dataclasses.field(default=None, repr=False)
-    expiry: dt.datetime | None = None
+    _fields = ("access_key", "secret_key", "token", "expiry")
+    __slots__ = _fields
 
-    def __post_init__(self) -> None:
+    access_key: str
+    secret_key: str
+    token: str | None
+    expiry: dt.datetime | None
+
+    def __init__(
+        self,
+        access_key: str,
+        secret_key: str,
+        token: str | None = None,
+        expiry: dt.datetime | None = None,
+    ) -> None:
+        self._assign(access_key, secret_key, token, expiry)
         if not self.access_key or not self.secret_key:
             raise ConfigurationError("Credentials need a non-empty access_key and secret_key")
         if self.expiry is not None and self.expiry.tzinfo is None:
@@ -258,8 +267,11 @@ _RDS_HOST = re.compile(
     rf"(?:{_LABEL}\.)+(?:{_REGION}\.rds\.amazonaws\.com(?:\.cn)?"
     rf"|rds\.(?P<region2>[a-z]{{2}}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?)"
 )
-# <cluster-id>.dsql[-suffix].<region>.on.aws (AWS's own connector allows the suffix)
-_DSQL_HOST = re.compile(rf"(?:{_LABEL}\.)+dsql(?:-[a-z0-9]+)*\.{_REGION}\.on\.aws")
+# <cluster-id>.dsql[-suffix].<region>.on.aws (AWS's own connector allows the suffix). This and
+# `_CLUSTER` are compiled on first use (by re's cache), for a name that may match only: a cold
+# start on any other endpoint saves their compiling.
+_DSQL_HOST = rf"(?:{_LABEL}\.)+dsql(?:-[a-z0-9]+)*\.{_REGION}\.on\.aws"
+_DSQL_SUFFIX = ".on.aws"
 
 
 def _normalize(host: str) -> str:
@@ -268,7 +280,8 @@ def _normalize(host: str) -> str:
 
 def is_dsql_host(host: str) -> bool:
     """Tell whether `host` is an Aurora DSQL endpoint name (``<id>.dsql.<region>.on.aws``)."""
-    return _DSQL_HOST.fullmatch(_normalize(host)) is not None
+    name = _normalize(host)
+    return name.endswith(_DSQL_SUFFIX) and re.fullmatch(_DSQL_HOST, name) is not None
 
 
 def region_from_host(host: str) -> str | None:
@@ -281,21 +294,26 @@ def region_from_host(host: str) -> str | None:
     match = _RDS_HOST.fullmatch(name)
     if match is not None:
         return match.group("region") or match.group("region2")
-    match = _DSQL_HOST.fullmatch(name)
+    match = re.fullmatch(_DSQL_HOST, name) if name.endswith(_DSQL_SUFFIX) else None
     return None if match is None else match.group("region")
 
 
 # <cluster>.cluster-<id>.<region>.rds.amazonaws.com[.cn]; readers are cluster-ro-, custom
 # endpoints cluster-custom- (either may point at readers).
-_CLUSTER = re.compile(
+_CLUSTER = (
     r"[^.]+\.cluster-(ro-|custom-)?(?P<suffix>[a-z0-9]+\.[a-z0-9-]+\.rds\.amazonaws\.com"
     r"(?:\.cn)?)\.?"
 )
 
 
+def _cluster_match(host: str) -> re.Match[str] | None:
+    name = host.lower()
+    return re.fullmatch(_CLUSTER, name) if ".cluster-" in name else None
+
+
 def is_cluster_endpoint(host: str) -> bool:
     """Tell whether `host` is an Aurora cluster, reader or custom endpoint name."""
-    return _CLUSTER.fullmatch(host.lower()) is not None
+    return _cluster_match(host) is not None
 
 
 def instance_host_pattern(cluster_host: str) -> str | None:
@@ -304,17 +322,17 @@ def instance_host_pattern(cluster_host: str) -> str | None:
     ``mydb.cluster-abc.us-east-1.rds.amazonaws.com`` gives ``?.abc.us-east-1.rds.amazonaws.com``;
     any other name (an instance endpoint, a CNAME) gives None.
     """
-    match = _CLUSTER.fullmatch(cluster_host.lower())
+    match = _cluster_match(cluster_host)
     return None if match is None else f"?.{match.group('suffix')}"
 
 
 def is_writer_endpoint(host: str) -> bool:
     """Tell whether `host` is an Aurora cluster (writer) endpoint name."""
-    match = _CLUSTER.fullmatch(host.lower())
+    match = _cluster_match(host)
     return match is not None and match.group(1) is None
 
 
 def is_reader_endpoint(host: str) -> bool:
     """Tell whether `host` is an Aurora reader endpoint name (``*.cluster-ro-*``)."""
-    match = _CLUSTER.fullmatch(host.lower())
+    match = _cluster_match(host)
     return match is not None and match.group(1) == "ro-"

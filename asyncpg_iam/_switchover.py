@@ -677,8 +677,8 @@ class Follower:
         """Log in at green's address with a token signed for `name`."""
         assert self._green is not None
         member, (host, port) = self._green
-        target = dataclasses.replace(
-            self.base_target, host=host, port=port, signing_host=name, signing_port=member.port
+        target = self.base_target.replace(
+            host=host, port=port, signing_host=name, signing_port=member.port
         )
         pin_name(self._connector.plan.tls.context, host, name)
         opened: tuple[Any, float] = await self._connector.open_at(target, dict(extra or {}), *attrs)

@@ -322,8 +322,7 @@ class Router:
         host, port = (
             resolve(instance.host, instance.port) if resolve else (instance.host, instance.port)
         )
-        return dataclasses.replace(
-            self.base,
+        return self.base.replace(
             host=host,
             port=port,
             signing_host=instance.host,

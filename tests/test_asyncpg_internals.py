@@ -145,6 +145,25 @@ def test_parse_connect_arguments_takes_connect_keywords() -> None:
     assert "ssl" in parse
 
 
+def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signatures() -> None:
+    """The defaults the plan and the pool read from __kwdefaults__ are the signatures' own."""
+    from asyncpg_iam import _connect, _pool
+
+    connect = inspect.signature(asyncpg.connect).parameters
+    assert {
+        name: param.default
+        for name, param in connect.items()
+        if param.default is not inspect.Parameter.empty
+    } == _connect._CONNECT_DEFAULTS
+    pool = inspect.signature(asyncpg.create_pool).parameters
+    assert {
+        name: param.default
+        for name, param in pool.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    } == _pool._POOL_DEFAULTS
+    assert _pool._POOL_DEFAULTS  # asyncpg's keywords are keyword-only
+
+
 def test_failover_hooks_exist() -> None:
     """Query loggers, close(timeout=) and terminate() exist; holders keep the idle-timer hook."""
     assert callable(asyncpg.Connection.add_query_logger)

@@ -6,9 +6,13 @@ deliberately, with a CHANGELOG entry.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import importlib
 import inspect
+import pickle
+from typing import Any
 
 import pytest
 
@@ -185,7 +189,69 @@ def test_pool_stats_fields_are_pinned() -> None:
 )
 def test_settings_fields_are_pinned(cls: str, fields: list[str]) -> None:
     """PoolSettings and SigningTarget have exactly the pinned fields, in order."""
-    assert [field.name for field in dataclasses.fields(getattr(asyncpg_iam, cls))] == fields
+    value = getattr(asyncpg_iam, cls)
+    if dataclasses.is_dataclass(value):
+        assert [field.name for field in dataclasses.fields(value)] == fields
+    else:
+        assert list(value._fields) == fields
+        assert list(inspect.signature(value).parameters) == fields
+
+
+def _values() -> list[tuple[object, dict[str, object]]]:
+    """One value of each public settings class, and a valid change to it."""
+    expiry = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    return [
+        (asyncpg_iam.IAMAuth(region="eu-west-1", token_reuse=60.0), {"region": "us-east-1"}),
+        (asyncpg_iam.Credentials("AKIAEXAMPLEKEY123456", "s3cr3t", "t0", expiry), {"token": None}),
+        (asyncpg_iam.HealthCheck(interval=2.0), {"count": 5}),
+        (
+            asyncpg_iam.SigningTarget("h", 5432, "h.x.eu-west-1.rds.amazonaws.com", 5432, "u",
+                                      "eu-west-1", "the RDS endpoint name", "eu-west-1"),
+            {"port": 6432},
+        ),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "change"), _values(), ids=lambda v: type(v).__name__)
+def test_settings_values_are_frozen_comparable_and_replaceable(
+    value: Any, change: dict[str, object]
+) -> None:
+    """IAMAuth, Credentials, HealthCheck and SigningTarget are immutable values: equal field by
+    field, hashable, replaced into checked copies, pickled and copied whole."""
+    fields = type(value)._fields
+    same = type(value)(**{name: getattr(value, name) for name in fields})
+    assert same == value
+    assert hash(same) == hash(value)
+    assert same is not value
+    with pytest.raises(AttributeError, match="immutable"):
+        value.port = 1
+    changed = value.replace(**change)
+    assert changed != value
+    assert [getattr(changed, name) for name in change] == list(change.values())
+    assert all(getattr(changed, n) == getattr(value, n) for n in fields if n not in change)
+    with pytest.raises(TypeError, match="no field nonsense"):
+        value.replace(nonsense=1)
+    assert pickle.loads(pickle.dumps(value)) == value
+    assert copy.copy(value) == value
+    assert copy.deepcopy(value) == value
+    assert not hasattr(value, "__dict__")
+
+
+def test_settings_values_check_their_fields_again_when_replaced() -> None:
+    """A replaced value is checked as a new one: a bad change raises ConfigurationError."""
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="region"):
+        asyncpg_iam.IAMAuth().replace(region="nowhere")
+    with pytest.raises(asyncpg_iam.ConfigurationError, match="interval"):
+        asyncpg_iam.HealthCheck().replace(interval=-1)
+
+
+def test_iam_auth_equality_ignores_the_session_and_credentials_reprs_hide_secrets() -> None:
+    """Two IAMAuth differing only in `session` are equal; a Credentials repr shows no secret."""
+    assert asyncpg_iam.IAMAuth(session=object()) == asyncpg_iam.IAMAuth()  # type: ignore[arg-type]
+    credentials = asyncpg_iam.Credentials("AKIAEXAMPLEKEY123456", "s3cr3t", "t0ken")
+    assert "s3cr3t" not in repr(credentials)
+    assert "t0ken" not in repr(credentials)
+    assert "s3cr3t" not in repr(asyncpg_iam.IAMAuth(credentials=credentials))
 
 
 def test_version_comes_from_the_installed_metadata() -> None:

@@ -29,9 +29,10 @@ from tests._support import wait_for
 # aiobotocore and what only failures, diagnosis and `__version__` need, and the package's own
 # modules that only other settings use (an Aurora cluster name, `run_transaction`, `stats()`,
 # `settings`, a blue/green deployment found, the integrations, the command line, the test
-# beds). Each costs import time in every new process, so loading one of them eagerly again
-# fails here.
+# beds), and `dataclasses` (the settings classes are plain, see `_record`). Each costs import
+# time in every new process, so loading one of them eagerly again fails here.
 _COLD_START_UNUSED = (
+    "dataclasses",
     "aiobotocore",
     "botocore",
     "boto3",

@@ -232,8 +232,8 @@ def _hook_constructors() -> None:
         REGISTRY.add_credentials(credentials)
         _track(credentials)
 
-    _wrap_init(_signing.Credentials, on_credentials, "__post_init__")
-    _wrap_init(_auth.IAMAuth, _track, "__post_init__")
+    _wrap_init(_signing.Credentials, on_credentials)
+    _wrap_init(_auth.IAMAuth, _track)
     _wrap_init(_emulator.AccessKey, REGISTRY.add_credentials)
     _wrap_init(_pool.Pool, _track)
     _wrap_init(_credentials.CredentialCache, _track)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -306,7 +305,7 @@ class Sandbox:
         """Return the `IAMAuth` that signs for the emulator's endpoint; `overrides` add to it."""
         # The emulator knows which of signing_host, signing_port and region it needs.
         signing: IAMAuth = self.emulator.pool_kwargs(user=self.user)["iam"]
-        return dataclasses.replace(signing, **overrides) if overrides else signing
+        return signing.replace(**overrides) if overrides else signing
 
     def connect_kwargs(self, *, user: str | None = None) -> dict[str, Any]:
         """Return `asyncpg.connect()` arguments for the emulator (no password)."""
