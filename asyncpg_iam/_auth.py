@@ -60,7 +60,15 @@ _ONE_SECOND = dt.timedelta(seconds=1)
 _NEVER = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
 
 
-_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_HOST_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _is_host_label(label: str) -> bool:
+    return (
+        0 < len(label) <= 63
+        and "-" not in (label[0], label[-1])
+        and _HOST_LABEL_CHARS.issuperset(label)
+    )
 
 
 def _is_host_name(value: object) -> bool:
@@ -74,7 +82,7 @@ def _is_host_name(value: object) -> bool:
     else:
         return True
     labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
-    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+    return all(map(_is_host_label, labels))
 
 
 def _check_region(region: str, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from unittest import mock
 
 import botocore.session
@@ -11,7 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asyncpg_iam._errors import ConfigurationError
-from asyncpg_iam._signing import Credentials, _signing_key, build_auth_token, region_from_host
+from asyncpg_iam._signing import (
+    Credentials,
+    _rds_region,
+    _signing_key,
+    build_auth_token,
+    region_from_host,
+)
 
 UTC = dt.timezone.utc
 _BOTOCORE = botocore.session.get_session()
@@ -216,3 +223,42 @@ def test_credentials_reject_naive_expiry() -> None:
 def test_region_from_host(host: str, region: str | None) -> None:
     """The region is read from RDS, Aurora, Proxy, China and GovCloud names, None otherwise."""
     assert region_from_host(host) == region
+
+
+# The expression the endpoint names were once read with: `_rds_region` reads them label by label
+# (no compiling on a cold start) and must agree with it on every name.
+_RDS_HOST_REFERENCE = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+"
+    r"(?:(?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\.rds\.amazonaws\.com(?:\.cn)?"
+    r"|rds\.(?P<region2>[a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com(?:\.cn)?)"
+)
+_NAME_PARTS = st.sampled_from(
+    [
+        "mydb", "c9akciq32", "cluster-c9", "cluster-ro-c9", "proxy-c9", "a", "0", "a-b", "-a",
+        "a-", "", "a_b", "é", "rds", "amazonaws", "com", "cn", "on", "aws", "dsql",
+        "us-east-1", "us-gov-west-1", "cn-north-1", "u-east-1", "us-1", "us-east-", "us--1",
+        "us-east-1a", "use-east-1", "us-east-\u0661", "us-east-\u00b2", "us-e4st-1",
+    ]
+)  # fmt: skip
+
+
+@given(
+    st.lists(_NAME_PARTS, min_size=1, max_size=7),
+    st.sampled_from(["", ".rds.amazonaws.com", ".amazonaws.com", ".amazonaws.com.cn"]),
+    st.sampled_from(["", ".", " "]),
+    st.booleans(),
+)
+@settings(max_examples=3000, deadline=None)
+def test_rds_names_read_label_by_label_agree_with_the_expression(
+    parts: list[str], suffix: str, trailing: str, upper: bool
+) -> None:
+    """region_from_host reads the region of exactly the RDS names the expression matches."""
+    host = ".".join(parts) + suffix + trailing
+    host = host.upper() if upper else host
+    normalized = host.strip().lower().rstrip(".")
+    match = _RDS_HOST_REFERENCE.fullmatch(normalized)
+    expected = None if match is None else match.group("region") or match.group("region2")
+    if expected is None and normalized.endswith(".on.aws"):
+        return  # a DSQL name: read by its own expression
+    assert _rds_region(normalized) == expected
+    assert region_from_host(host) == expected
