@@ -16,7 +16,6 @@ gets its own connect call with a token signed for it, at most one login per host
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import re
@@ -64,12 +63,14 @@ __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
-# asyncpg.connect(dsn=None, *, ...): its defaults, read without `inspect.signature` (a quarter
-# of a millisecond of every cold start); tests/test_asyncpg_internals.py checks they agree.
+# asyncpg.connect(dsn=None, *, ...)'s defaults and the parameter names of its argument parser,
+# read without `inspect.signature` (a third of a millisecond of every cold start);
+# tests/test_asyncpg_internals.py checks they agree.
 _CONNECT_DEFAULTS = {"dsn": None, **(asyncpg.connect.__kwdefaults__ or {})}
-_PARSE_PARAMETERS = tuple(
-    inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
-)
+_PARSE_CODE = asyncpg.connect_utils._parse_connect_arguments.__code__
+_PARSE_PARAMETERS = _PARSE_CODE.co_varnames[
+    : _PARSE_CODE.co_argcount + _PARSE_CODE.co_kwonlyargcount
+]
 # Settings the plan resolves itself; each connect passes the resolved values explicitly.
 _RESOLVED = frozenset(
     {

@@ -146,7 +146,8 @@ def test_parse_connect_arguments_takes_connect_keywords() -> None:
 
 
 def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signatures() -> None:
-    """The defaults the plan and the pool read from __kwdefaults__ are the signatures' own."""
+    """The defaults and parameter names the plan and the pool read without inspect are the
+    signatures' own."""
     from asyncpg_iam import _connect, _pool
 
     connect = inspect.signature(asyncpg.connect).parameters
@@ -162,6 +163,8 @@ def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signa
         if param.kind is inspect.Parameter.KEYWORD_ONLY
     } == _pool._POOL_DEFAULTS
     assert _pool._POOL_DEFAULTS  # asyncpg's keywords are keyword-only
+    parse = inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
+    assert tuple(parse) == _connect._PARSE_PARAMETERS
 
 
 def test_failover_hooks_exist() -> None:
