@@ -22,7 +22,6 @@ import asyncpg
 import asyncpg.pool
 
 from . import _asyncpg_pool, _proxy
-from ._acquire_times import AcquireTimes
 from ._asyncpg_pool import AsyncpgPool, holder_of, timed_release, waiting_acquires
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._bluegreen import BlueGreenMonitor, blue_green_settings
@@ -43,6 +42,7 @@ from ._options import PoolOptions
 from ._signing import is_cluster_endpoint
 
 if TYPE_CHECKING:
+    from ._acquire_times import AcquireTimes  # made by an observer (otel) only
     from ._pool_stats import PoolSettings, PoolStats
     from ._switchover import BlueGreenSettings, Resolver
     from ._topology import AuroraTopology, TopologyMonitor

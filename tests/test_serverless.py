@@ -27,10 +27,11 @@ from tests._support import wait_for
 
 # What a cold start (import, create_pool on an RDS instance endpoint, one query) must not import:
 # aiobotocore and what only failures, diagnosis and `__version__` need, and the package's own
-# modules that only other settings use (an Aurora cluster name, `run_transaction`, `stats()`,
-# `settings`, a blue/green deployment found, the integrations, the command line, the test
-# beds), and `dataclasses` (the settings classes are plain, see `_record`). Each costs import
-# time in every new process, so loading one of them eagerly again fails here.
+# modules that only other settings use (an observer's wait and use times, an Aurora cluster
+# name, `run_transaction`, `stats()`, `settings`, a blue/green deployment found, the
+# integrations, the command line, the test beds), and `dataclasses` (the settings classes are
+# plain, see `_record`). Each costs import time in every new process, so loading one of them
+# eagerly again fails here.
 _COLD_START_UNUSED = (
     "dataclasses",
     "aiobotocore",
@@ -39,6 +40,7 @@ _COLD_START_UNUSED = (
     "importlib.metadata",
     "email.utils",
     "difflib",
+    "asyncpg_iam._acquire_times",
     "asyncpg_iam._topology",
     "asyncpg_iam._retry",
     "asyncpg_iam._pool_stats",
