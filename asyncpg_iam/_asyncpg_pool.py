@@ -47,6 +47,7 @@ __all__ = [
     "open_holders",
     "put_back",
     "reconnect",
+    "reset_once",
     "retire_connections",
     "retire_on_release",
     "take_idle",
@@ -221,6 +222,26 @@ def timed_release(
         return release(pool_ref(), connection, timeout=timeout)  # type: ignore[no-any-return]
 
     return release_timed
+
+
+def reset_once(pool: Any, check: Callable[[Any, Any], Awaitable[None]]) -> None:
+    """Make the next release of any of `pool`'s connections reset it through
+    ``check(connection, reset)``; later releases reset as before.
+
+    `reset` is the pool's ``reset=`` callable, or None for asyncpg's own (the connection's
+    `get_reset_query`). asyncpg (0.30+) awaits a pool's ``_reset`` after the connection's
+    ``_reset`` (the rollback, the listeners), within the release's timeout, and terminates the
+    connection when it fails.
+    """
+    reset, pool_ref = pool._reset, weakref.ref(pool)
+
+    async def reset_first(con: Any) -> None:
+        live = pool_ref()
+        if live is not None:
+            live._reset = reset
+        await check(con, reset)
+
+    pool._reset = reset_first
 
 
 def holder_of(proxy: Any) -> Any:

@@ -30,8 +30,10 @@ while the switch is in progress the monitor polls *green* and ends the hold as s
 deployment, accepts writes (``pg_is_in_recovery()`` false and ``transaction_read_only`` off).
 Each is what a client can see of the switch having happened; neither needs the metadata.
 
-**The poller** (`BlueGreenMonitor`): one check on the pool's first new connection, before
-asyncpg gets it (one catalog query; no login, no pool slot of its own); on a database with
+**The poller** (`BlueGreenMonitor`): one check, a catalog query sent with the reset query of
+the first connection the pool gets back (no round trip, login or pool slot of its own; the
+SQLAlchemy engine, with no such reset, sends it on its first new connection before handing it
+out); on a database with
 neither metadata source (function missing, ``rds_tools`` missing or older than 1.7, no right
 to call it) nothing is polled again. With a source it polls every 60 s, every 1 s once a
 deployment exists, every 100 ms during a switchover, on one connection of its own opened
@@ -61,6 +63,11 @@ from ._options import BLUE_GREEN_HOLD
 
 if TYPE_CHECKING:
     from ._switchover import Follower, Resolver, Tracker
+
+#: What a pool runs to reset a released connection (asyncpg's ``reset=``).
+ResetHook = Callable[[Any], Awaitable[None]]
+#: What resets a released connection in its pool's stead: ``check(connection, reset)``.
+ResetCheck = Callable[[Any, "ResetHook | None"], Awaitable[None]]
 
 __all__ = [
     "BlueGreenCounters",
@@ -172,9 +179,10 @@ class BlueGreenMonitor:
     `connector` is the pool's `Connector` (the monitor installs its ``route`` for the first
     check, and the follower while a switch needs one). `retire()` retires every open
     connection of the pool; `hold_acquires(gate)` makes the pool's acquires await ``gate()``
-    first (None removes it). `start()` makes the pool's next new connection carry the first
-    check. `follower` (`_switchover.Follower`) exists once the metadata was found: it holds
-    the tracker, the hold and the routing.
+    first (None removes it). `start()` arms the first check: in the reset of the first
+    connection released (`arm_reset(check)` installs it), else on the next new connection.
+    `follower` (`_switchover.Follower`) exists once the metadata was found: it holds the
+    tracker, the hold and the routing.
     """
 
     def __init__(
@@ -188,6 +196,7 @@ class BlueGreenMonitor:
         resolver: Resolver | None = None,
         clock: Clock = SYSTEM_CLOCK,
         name: str = "",
+        arm_reset: Callable[[ResetCheck], None] | None = None,
     ) -> None:
         self._pool_ref: weakref.ref[Any] = weakref.ref(pool)
         self._connector = connector
@@ -203,6 +212,8 @@ class BlueGreenMonitor:
         self.follower: Follower | None = None
         self._task: asyncio.Task[None] | None = None
         self._checked = False
+        self._stopped = False
+        self._arm = arm_reset
 
     @property
     def tracker(self) -> Tracker:
@@ -222,9 +233,42 @@ class BlueGreenMonitor:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Check the pool's next new connection for metadata before it is handed out."""
-        if not self._checked:
+        """Check the database for metadata once.
+
+        With `arm_reset` (a pool's: it makes the next release of a connection reset it through
+        the check it is given, `_asyncpg_pool.reset_once`) the probe follows the reset query of
+        the first connection released, in the same round trip. Without it (the SQLAlchemy
+        engine) the next new connection carries the check before it is handed out.
+        """
+        if self._checked or self._stopped:
+            return
+        if self._arm is not None:
+            self._arm(self._reset_and_check)
+        else:
             self._connector.route = self._first_connect
+
+    async def _reset_and_check(self, con: Any, reset: ResetHook | None) -> None:
+        """Reset `con` as its pool would (`reset`, or the connection's reset query) and check
+        for metadata in the same round trip."""
+        if self._checked or self._stopped:
+            await (reset(con) if reset is not None else _reset_query(con))
+            return
+        self._checked = True
+        try:
+            if reset is not None:
+                await reset(con)
+                found = await self.first_check(con)
+            else:
+                found = await self.first_check(con, before=con.get_reset_query())
+        except BaseException as exc:
+            # asyncpg terminates a connection whose reset failed; the next release checks again.
+            self._checked = False
+            if isinstance(exc, Exception):
+                logger.debug("pool %s: blue/green check failed: %r", self._name, exc)
+            self.start()
+            raise
+        if found and not self._stopped:
+            self._follow()
 
     def _first_connect(self, extra: dict[str, Any]) -> Coroutine[Any, Any, tuple[Any, float]]:
         if self._checked:  # connects that began together: only the first one checks
@@ -275,17 +319,25 @@ class BlueGreenMonitor:
 
     def stop(self) -> None:
         """Stop polling; release anything held; close the follower's connection."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
         if self.follower is not None:
             self.follower.stop()
         self._connector.route = None
 
-    async def first_check(self, con: Any) -> bool:
-        """Find the metadata source on `con` (new, not handed out yet); return whether there
-        is one that this user may read."""
+    async def first_check(self, con: Any, *, before: str = "") -> bool:
+        """Find the metadata source on `con` (new, or being reset: `before` is its reset
+        query, sent with the probe in one round trip); return whether there is one that this
+        user may read."""
         try:
-            found = int((await con.execute(SOURCE_PROBE)).rpartition(" ")[2])  # "SELECT n"
+            try:
+                tag = await con.execute(f"{before}\n{SOURCE_PROBE}" if before else SOURCE_PROBE)
+            except PostgresError:
+                if before:  # the probe failed and took the reset with it: reset alone
+                    await con.execute(before)
+                raise
+            found = int(tag.rpartition(" ")[2])  # "SELECT n"
             self.source = "aurora" if found & 1 else "rds" if found & 2 else None
             if self.source is not None:  # a right to call it, too
                 await con.fetch(metadata_query(self.source), driver_tag())
@@ -299,6 +351,12 @@ class BlueGreenMonitor:
         if self.source is None:
             logger.debug("pool %s: no blue/green metadata on this database", self._name)
         return self.source is not None
+
+
+async def _reset_query(con: Any) -> None:
+    query = con.get_reset_query()
+    if query:
+        await con.execute(query)
 
 
 def metadata_query(source: str) -> str:

@@ -164,7 +164,7 @@ class Pool(AsyncpgPool):
         bg = blue_green_settings(blue_green, self._connector)
         self._bluegreen = None if bg is None else _blue_green_monitor(self, bg)
         if self._bluegreen is not None:
-            self._bluegreen.start()  # the first new connection checks for metadata
+            self._bluegreen.start()  # the first connection released checks for metadata
             self._connector.stop_with(self._bluegreen.stop)
         self._health = self._start_health(health)
         if self._health is not None:
@@ -626,11 +626,17 @@ def _blue_green_monitor(pool: Pool, settings: tuple[float, Resolver | None]) -> 
         if live is not None:
             _asyncpg_pool.hold_acquires(live, gate)
 
+    def arm_reset(check: Callable[[Any, Any], Awaitable[None]]) -> None:
+        live = pool_ref()
+        if live is not None:  # the check rides on the reset's round trip
+            _asyncpg_pool.reset_once(live, check)
+
     return BlueGreenMonitor(
         pool,
         connector=pool._connector,
         retire=retire,
         hold_acquires=hold_acquires,
+        arm_reset=arm_reset,
         hold=settings[0],
         resolver=settings[1],
         clock=pool._clock,

@@ -167,6 +167,17 @@ def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signa
     assert tuple(parse) == _connect._PARSE_PARAMETERS
 
 
+def test_release_resets_through_the_pools_reset_hook() -> None:
+    """A release awaits the pool's `_reset` (after the connection's `_reset`) when set, else
+    `Connection.reset`, which sends `get_reset_query()` (what `reset_once` relies on)."""
+    source = inspect.getsource(asyncpg.pool.PoolConnectionHolder.release)
+    assert "self._pool._reset is not None" in source
+    assert "await self._con._reset()" in source
+    assert "await self._pool._reset(self._con)" in source
+    assert "reset" in inspect.signature(asyncpg.pool.Pool).parameters
+    assert "self.get_reset_query()" in inspect.getsource(asyncpg.Connection.reset)
+
+
 def test_failover_hooks_exist() -> None:
     """Query loggers, close(timeout=) and terminate() exist; holders keep the idle-timer hook."""
     assert callable(asyncpg.Connection.add_query_logger)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -191,7 +192,8 @@ async def test_on_by_default_only_for_iam_pools_on_an_rds_name() -> None:
     common = {"user": "app", "database": "app", "min_size": 0}
     on_rds = asyncpg_iam.Pool(host=BLUE, **common)
     assert on_rds._bluegreen is not None
-    assert on_rds._connector.route is not None  # the first connection will check
+    assert on_rds._connector.route is None  # no connect waits for the check
+    assert on_rds._reset is not None  # the first connection released will check
     assert asyncpg_iam.Pool(host=BLUE, blue_green=False, **common)._bluegreen is None
     proxy = "app.proxy-abc123.us-east-1.rds.amazonaws.com"
     assert asyncpg_iam.Pool(host=proxy, **common)._bluegreen is None
@@ -249,6 +251,8 @@ def _holding(pool: Any) -> bool:
 
 
 async def _monitor_phase(pool: Any, phase: Phase) -> None:
+    if not pool._bluegreen._checked:
+        await pool.fetchval("SELECT 1")  # the first connection released checks for metadata
     await wait_for(lambda: pool._bluegreen.tracker.phase == phase, timeout=20)
 
 
@@ -423,10 +427,19 @@ async def test_sqlalchemy_engine_follows_a_switchover(bed: BlueGreenDeployment) 
 
 @pytest.mark.parametrize("bed", [{"source": None}], indirect=True)
 async def test_no_metadata_means_one_check_and_nothing_polled(bed: BlueGreenDeployment) -> None:
-    """On a database with neither metadata source the pool checks once and never polls."""
+    """On a database with neither metadata source the pool checks once, in the reset of the
+    first connection released (no round trip of its own), and never polls."""
     async with asyncpg_iam.create_pool(**bed.pool_kwargs(min_size=1, max_size=2)) as pool:
         monitor = pool._bluegreen
+        assert not monitor._checked  # nothing waited for it
+        async with pool.acquire() as con:
+            await con.execute("SET search_path = nowhere")
+            raw = con._con
         assert monitor._checked
+        # The SET, then the reset with the probe in one message: asyncpg counts two queries.
+        assert raw._protocol.queries_count == 2
+        assert await pool.fetchval("SHOW search_path") != "nowhere"  # the reset ran too
+        assert raw._protocol.queries_count == 4  # later resets: the reset query alone
         await asyncio.sleep(0.5)
         assert monitor.source is None
         assert monitor._task is None  # no poller
@@ -501,6 +514,32 @@ async def test_hold_bound_gives_a_clear_error(bed: BlueGreenDeployment) -> None:
         assert await pool.fetchval("SELECT 1") == 1  # not held again: reads reach blue
         with contextlib.suppress(asyncpg.PostgresError):
             await bed.rollback()
+
+
+@pytest.mark.parametrize("bed", [{"source": None}], indirect=True)
+async def test_a_check_that_fails_in_the_reset_still_resets_and_keeps_the_connection(
+    bed: BlueGreenDeployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the probe sent with the first reset fails, the reset is sent again alone: the
+    connection is reset and kept, and nothing is polled."""
+    await bed.query(bed.blue, "CREATE ROLE app LOGIN")
+    await bed.query(bed.blue, "GRANT rds_iam TO app")
+    await bed.query(bed.blue, "REVOKE EXECUTE ON FUNCTION to_regprocedure(text) FROM PUBLIC")
+    caplog.set_level(logging.INFO, logger="asyncpg_iam.bluegreen")
+    kwargs = bed.pool_kwargs(user="app", min_size=1, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        async with pool.acquire() as con:
+            await con.execute("SET search_path = nowhere")
+            raw = con._con
+        monitor = pool._bluegreen
+        assert monitor._checked
+        assert monitor.source is None
+        assert "metadata not readable (42501)" in caplog.text  # the probe was refused
+        assert monitor._task is None
+        async with pool.acquire() as con:
+            assert con._con is raw  # not terminated
+            assert await con.fetchval("SHOW search_path") != "nowhere"
+    assert pool.stats().connections_opened == 1
 
 
 @pytest.mark.parametrize("bed", [{"source": "rds"}], indirect=True)
