@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -375,21 +376,50 @@ def add_termination_listener(con: Any, listener: Callable[[Any], None]) -> None:
     con._termination_listeners.add(asyncpg.connection._Callback(listener, False))
 
 
-def connection_endpoints(con: Any) -> tuple[tuple[str, int] | None, tuple[str, int] | None, Any]:
-    """Return a connection's dialled (host, port), its peer address and its socket (the
-    health check's view: asyncpg keeps the transport and the address private)."""
+def connection_endpoints(
+    con: Any, options: tuple[tuple[int, int, int], ...] = ()
+) -> tuple[tuple[str, int] | None, tuple[str, int] | None, bool]:
+    """Return a connection's dialled (host, port) and its peer address, and set the socket
+    `options` ((level, option, value) triples) on it when it is a TCP connection; the last item
+    says whether they were set (the health check's view: asyncpg keeps the transport and the
+    address private)."""
     transport = getattr(con, "_transport", None)
     addr = getattr(con, "_addr", None)
     dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
     if transport is None:
-        return dialled, None, None
+        return dialled, None, False
     # Runs on every connect: one lookup through the (TLS) transport rather than two, and the
     # socket inside asyncio's TransportSocket wrapper (whose methods only delegate to it).
     sock = transport.get_extra_info("socket")
     sock = getattr(sock, "_sock", sock)
+    borrowed = None
+    if sock is not None and not isinstance(sock, socket.socket):
+        # uvloop's PseudoSocket makes a socket object for each call and detaches it: one
+        # object for the address and every option. It is detached below, never closed: the
+        # file descriptor stays the transport's.
+        try:
+            borrowed = socket.socket(fileno=sock.fileno())
+        except (AttributeError, OSError, ValueError):  # closed already: the object's own calls
+            borrowed = None
+        else:
+            sock = borrowed
     try:
-        peer = sock.getpeername()
-    except (AttributeError, OSError):  # no socket, or closed already: what the loop noted
-        peer = transport.get_extra_info("peername")
-    peer_addr = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
-    return dialled, peer_addr, sock
+        try:
+            peer = sock.getpeername()
+        except (AttributeError, OSError):  # no socket, or closed already: what the loop noted
+            peer = transport.get_extra_info("peername")
+        if not isinstance(peer, tuple):
+            return dialled, None, False  # a Unix socket
+        tuned = False
+        if options and sock is not None:
+            try:
+                for level, option, value in options:
+                    sock.setsockopt(level, option, value)
+            except OSError:  # closed already, or the platform refuses
+                pass
+            else:
+                tuned = True
+        return dialled, (str(peer[0]), int(peer[1])), tuned
+    finally:
+        if borrowed is not None:
+            borrowed.detach()

@@ -6,7 +6,7 @@ kernel's retransmission limit (minutes), an idle connection looks fine until it 
 and asyncpg's ``command_timeout`` sends its cancel request into the same hole. Two mechanisms
 bound that, each covering what the other cannot:
 
-- **The kernel** (`tune_socket`): TCP keepalive and ``TCP_USER_TIMEOUT`` on every connection's
+- **The kernel** (`socket_options`): TCP keepalive and ``TCP_USER_TIMEOUT`` on every connection's
   socket. Data or keepalives left unacknowledged for ``tcp_user_timeout`` seconds make the
   kernel drop the connection, idle or in use, at no cost to the client or the server. It cannot
   see a server that is hung while its kernel still acknowledges (a stopped process, a full
@@ -51,7 +51,6 @@ __all__ = [
     "HealthMonitor",
     "probe_host",
     "socket_options",
-    "tune_socket",
 ]
 
 logger = logging.getLogger("asyncpg_iam.pool")
@@ -162,7 +161,8 @@ async def probe_host(host: str, port: int, timeout: float) -> str | None:
 
 
 def socket_options(settings: HealthCheck) -> tuple[tuple[int, int, int], ...]:
-    """Return the (level, option, value) triples `tune_socket` sets (those the platform has)."""
+    """Return the (level, option, value) triples set on each connection's socket (those the
+    platform has)."""
     user_timeout = settings.tcp_user_timeout
     if user_timeout is None:
         return ()
@@ -180,19 +180,6 @@ def socket_options(settings: HealthCheck) -> tuple[tuple[int, int, int], ...]:
         keepcnt = max(1, round(user_timeout / 2 / max(1, int(settings.interval))))
         options.append((socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepcnt))
     return tuple(options)
-
-
-def tune_socket(sock: Any, options: tuple[tuple[int, int, int], ...]) -> bool:
-    """Set keepalive and ``TCP_USER_TIMEOUT`` (`socket_options`) on a connection's socket;
-    return whether they were set."""
-    if sock is None or not options:
-        return False
-    try:
-        for level, option, value in options:
-            sock.setsockopt(level, option, value)
-    except OSError:  # not a TCP socket (a Unix socket), or the platform refuses
-        return False
-    return True
 
 
 # -- the monitor ----------------------------------------------------------------------------
@@ -275,9 +262,11 @@ class HealthMonitor:
 
     def track(self, con: Any) -> None:
         """Note the host a connection just opened is on, and tune its socket."""
-        dialled, peer, sock = connection_endpoints(con)
+        dialled, peer, tuned = connection_endpoints(con, self._socket_options)
         if peer is None:
             return  # a Unix socket: nothing to probe
+        if tuned:
+            self.sockets_tuned += 1
         self._connections[con] = peer
         if peer not in self._labels:
             self._labels[peer] = _label(dialled, peer)
@@ -286,15 +275,6 @@ class HealthMonitor:
             if peers is None:  # not `setdefault`: no set made on every connect
                 peers = self._dialled[dialled] = set()
             peers.add(peer)
-        options = self._socket_options
-        if sock is not None and options:  # `tune_socket`, inline: this runs on every connect
-            try:
-                for level, option, value in options:
-                    sock.setsockopt(level, option, value)
-            except OSError:  # not a TCP socket (a Unix socket), or the platform refuses
-                pass
-            else:
-                self.sockets_tuned += 1
         task = self._task
         if task is None or task.done():  # `start`, inline: this runs on every connect
             self.start()

@@ -1,7 +1,7 @@
 """Where a pool's per-operation time goes, by measures that do not move with the machine's load.
 
 ``python -m benchmarks.profile_pool [--ops N] [--loop uvloop] [--path direct,emulator]``
-``python -m benchmarks.profile_pool --connect [--ops N]``
+``python -m benchmarks.profile_pool --connect [--ops N] [--syscalls]``
 
 Runs case 6's workload (min_size = max_size = 10, 20 workers looping acquire, ``SELECT 1``,
 release) a fixed number of operations on ``asyncpg.Pool`` and on ``asyncpg_iam.Pool``, in the
@@ -14,7 +14,9 @@ same process, interleaved, and reports per operation:
   --callgrind``; the measured stretches are switched on and off through callgrind's client
   requests, compiled into a small helper with the C compiler). The emulator runs in this
   process, so on that path its relay work is counted too, alike for both pools;
-- **CPU microseconds** (``time.process_time``), which a loaded machine still moves a little.
+- **CPU microseconds** (``time.process_time``), which a loaded machine still moves a little;
+- with ``--syscalls``, **system calls** by name (``strace -c`` attached to this process, every
+  thread, over one more sample per pool): the kernel work callgrind does not see.
 
 With ``--connect`` it profiles case 1's connect pair instead: one new connection per acquire
 (max_size 1, the connection expired before release), through the verifying emulator, of
@@ -33,6 +35,8 @@ import cProfile
 import ctypes
 import os
 import pstats
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,6 +97,61 @@ class Callgrind:
         raise RuntimeError("callgrind wrote no dump: run with --collect-atstart=no")
 
 
+class Strace:
+    """Count this process's system calls (every thread) over a stretch, with ``strace -c``."""
+
+    def __init__(self) -> None:
+        if shutil.which("strace") is None:
+            raise SystemExit("--syscalls: strace is not installed")
+
+    async def count(self, work: Any, pool: Any, ops: int) -> dict[str, int]:
+        """Run ``work(pool, ops)`` under strace; return the system calls made, by name."""
+        tracer, out = self._attach()
+        try:
+            said = ""
+            while "attached" not in said:  # the stretch starts once every thread is traced
+                if tracer.poll() is not None:
+                    raise RuntimeError(f"strace could not attach: {said.strip()}")
+                await asyncio.sleep(0.05)
+                said += tracer.stderr.read() or ""  # type: ignore[union-attr]
+            await work(pool, ops)
+        finally:
+            counts = self._detach(tracer, out)
+        return counts
+
+    @staticmethod
+    def _attach() -> tuple[subprocess.Popen[str], Path]:
+        handle, name = tempfile.mkstemp(prefix="strace", suffix=".txt")
+        os.close(handle)
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-o", name, "-p", str(os.getpid())],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert tracer.stderr is not None
+        os.set_blocking(tracer.stderr.fileno(), False)
+        return tracer, Path(name)
+
+    @staticmethod
+    def _detach(tracer: subprocess.Popen[str], out: Path) -> dict[str, int]:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait()
+        counts = strace_counts(out.read_text())
+        out.unlink()
+        return counts
+
+
+def strace_counts(summary: str) -> dict[str, int]:
+    """Return the calls by system call name from ``strace -c``'s summary table."""
+    counts: dict[str, int] = {}
+    for line in summary.splitlines():
+        # "% time  seconds  usecs/call  calls  [errors]  syscall": the errors column may be blank.
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
 async def _operations(pool: Any, count: int) -> None:
     """Run `count` acquire + ``SELECT 1`` + release, spread over the workers (case 6's loop)."""
 
@@ -141,12 +200,16 @@ async def _measure_pair(
     rounds: int,
     callgrind: Callgrind | None,
     work: Any = _operations,
+    strace: Strace | None = None,
 ) -> dict[str, Any]:
     """Count calls, instructions and CPU time per operation (`work` on a pool: case 6's
-    operations, or `_connects`) for each pool, interleaved."""
+    operations, or `_connects`) for each pool, interleaved; system calls too with `strace`."""
     for pool in pools.values():
         await work(pool, ops)  # warm: statement caches, codecs, the loop
     calls = {name: await _profiled(pool, ops, work) for name, pool in pools.items()}
+    syscalls = {}
+    if strace is not None:
+        syscalls = {name: await strace.count(work, pool, ops) for name, pool in pools.items()}
     instructions: dict[str, list[float]] = {name: [] for name in pools}
     cpu: dict[str, list[float]] = {name: [] for name in pools}
     for index in range(rounds):
@@ -161,7 +224,7 @@ async def _measure_pair(
             started = time.process_time()
             await work(pool, ops)
             cpu[name].append((time.process_time() - started) / ops * 1e6)
-    return {"calls": calls, "instructions": instructions, "cpu_us": cpu}
+    return {"calls": calls, "instructions": instructions, "cpu_us": cpu, "syscalls": syscalls}
 
 
 def _report(path: str, ops: int, found: dict[str, Any], loop: str, unit: str = "op") -> list[str]:
@@ -200,6 +263,33 @@ def _report(path: str, ops: int, found: dict[str, Any], loop: str, unit: str = "
         for delta, key in sorted(rows, key=lambda r: (-abs(r[0]), r[1])):
             lines.append(f"| {delta:+.2f} | `{key}` |")
         lines.append("")
+    if found.get("syscalls"):
+        lines += _syscall_rows(found["syscalls"], ops, unit)
+    return lines
+
+
+def _syscall_rows(syscalls: dict[str, dict[str, int]], ops: int, unit: str) -> list[str]:
+    """The system calls per `unit` of each pool, by name, where the first and last differ."""
+    names = list(syscalls)
+    base, other = syscalls[names[0]], syscalls[names[-1]]
+    keys = sorted(
+        (
+            key
+            for key in set(base) | set(other)
+            if abs(other.get(key, 0) - base.get(key, 0)) >= 0.05 * ops
+        ),
+        key=lambda key: (-abs(other.get(key, 0) - base.get(key, 0)), key),
+    )
+    lines = [f"System calls per {unit} (strace -c, every thread), where they differ:", ""]
+    lines.append("| system call | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for key in [*keys, "all"]:
+        cells = [
+            sum(counts.values()) / ops if key == "all" else counts.get(key, 0) / ops
+            for counts in syscalls.values()
+        ]
+        lines.append(f"| {key} | " + " | ".join(f"{cell:.2f}" for cell in cells) + " |")
+    lines.append("")
     return lines
 
 
@@ -268,7 +358,9 @@ async def _run(args: argparse.Namespace) -> list[str]:
                 iam_kwargs = env.iam_kwargs()
             pools = await _pools(args.pools, plain_kwargs, iam_kwargs, env.iam_auth(), extra)
             try:
-                found = await _measure_pair(pools, args.ops, args.rounds, callgrind)
+                found = await _measure_pair(
+                    pools, args.ops, args.rounds, callgrind, strace=_strace(args)
+                )
             finally:
                 for pool in pools.values():
                     await pool.close()
@@ -297,11 +389,17 @@ async def _run_connect(
         ),
     }
     try:
-        found = await _measure_pair(pools, args.ops, args.rounds, callgrind, _connects)
+        found = await _measure_pair(
+            pools, args.ops, args.rounds, callgrind, _connects, strace=_strace(args)
+        )
     finally:
         for pool in pools.values():
             await pool.close()
     return _report("connect through the verifying emulator", args.ops, found, args.loop, "connect")
+
+
+def _strace(args: argparse.Namespace) -> Strace | None:
+    return Strace() if args.syscalls else None
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -323,6 +421,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"pools to compare, the first against the last ({', '.join(POOLS)})",
     )
     parser.add_argument("--no-reset", action="store_true", help="a no-op reset on every pool")
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="count system calls by name (strace -c, one more sample per pool)",
+    )
     parser.add_argument(
         "--connect",
         action="store_true",

@@ -22,7 +22,6 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam import ConfigurationError, HealthCheck
-from asyncpg_iam._asyncpg_pool import connection_endpoints
 from asyncpg_iam._health import (
     HealthMonitor,
     probe_host,
@@ -88,13 +87,58 @@ async def test_each_connection_socket_gets_keepalive_and_a_user_timeout(
     (10 s); with it off, the kernel's defaults."""
     kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1, health_check=health_check)
     async with asyncpg_iam.create_pool(**kwargs) as pool, pool.acquire() as con:
-        _, _, sock = connection_endpoints(con._con)
+        sock = con._con._transport.get_extra_info("socket")
         user_timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
         keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
     if health_check is None:
         assert (user_timeout, keepalive) == (0, 0)
     else:
         assert (user_timeout, keepalive) == (10_000, 1)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket option")
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_connect_makes_at_most_one_socket_object_for_its_options(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, loop_name: str
+) -> None:
+    """Reading a new connection's peer and setting its socket options make at most one socket
+    object, on asyncio and on uvloop (whose transport socket makes one per call), and leave the
+    connection's socket open and tuned."""
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    made: list[object] = []
+    init = socket.socket.__init__
+
+    def counted(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    async def per_connect(health_check: HealthCheck | None) -> tuple[int, tuple[int, int]]:
+        kwargs = direct_kwargs(postgres_server, min_size=0, max_size=1, health_check=health_check)
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            with monkeypatch.context() as patch:
+                patch.setattr(socket.socket, "__init__", counted)
+                made.clear()
+                async with pool.acquire() as con:
+                    objects = len(made)
+                    assert await con.fetchval("SELECT 1") == 1  # its socket is still open
+                    sock = con._con._transport.get_extra_info("socket")
+                    options = (
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    )
+        return objects, options
+
+    try:
+        checked, tuned = loop.run_until_complete(per_connect(HealthCheck()))
+        unchecked, untuned = loop.run_until_complete(per_connect(None))
+    finally:
+        loop.close()
+    assert (tuned, untuned) == ((10_000, 1), (0, 0))
+    assert checked - unchecked <= 1
 
 
 # -- the monitor, on a manual clock -------------------------------------------------------------
