@@ -332,7 +332,9 @@ class BlueGreenMonitor:
         user may read."""
         try:
             try:
-                tag = await con.execute(f"{before}\n{SOURCE_PROBE}" if before else SOURCE_PROBE)
+                # "\n;" ends the reset query whatever it ends with (a reset query of a
+                # connection class's own may lack the semicolon, or end in a comment).
+                tag = await con.execute(f"{before}\n;{SOURCE_PROBE}" if before else SOURCE_PROBE)
             except PostgresError:
                 if before:  # the probe failed and took the reset with it: reset alone
                     await con.execute(before)
