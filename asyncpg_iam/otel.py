@@ -88,8 +88,9 @@ CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "s
 #: time (fewer wait for the reader's collection, which records whatever is buffered).
 DRAIN_AT = 4_096
 #: The most use times a pool buffers (and waits: as many, plus one per connection in use). At
-#: that size, reached only while the event loop does not run the drain (a task that never
-#: yields), each release that finds it so records a chunk itself: nothing is ever dropped.
+#: that size, reached only while releases outpace the drain (more than `CHUNK` in each turn of
+#: the event loop, for long), each release that finds it so records a chunk itself: nothing
+#: is ever dropped.
 MAX_BUFFERED = 16_384
 #: Wait times and use times recorded per step of the drain, each step one callback on the
 #: event loop: 2 x 64 calls of the SDK's ``record()`` (about 6.5 us each) hold it under a
@@ -175,8 +176,8 @@ class _Recorder:
         times = self.acquire_times
         assert times is not None
         if self._draining:
-            # MAX_BUFFERED reached: the loop has not run the drain meanwhile (a task that never
-            # yields). Record a chunk here, as the drain would have.
+            # MAX_BUFFERED reached: releases outpace the drain (more than CHUNK a turn of the
+            # loop). Record a chunk here, as the drain would have.
             self._record(times, CHUNK)
             return
         try:
