@@ -390,7 +390,8 @@ async def test_without_a_reader_the_buffer_is_drained(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, small_buffer: None
 ) -> None:
     """On a MeterProvider that no reader collects, the buffered times are still recorded
-    (into the SDK, which keeps nothing for them): the buffer empties instead of filling."""
+    (into the SDK, which keeps nothing for them): the buffer empties instead of filling, and
+    the drain then ends (it does not keep the loop busy)."""
     import asyncpg_iam.otel
 
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2)
@@ -400,4 +401,6 @@ async def test_without_a_reader_the_buffer_is_drained(
         assert times is not None
         await acquire(pool, 100)
         assert len(times.uses) < asyncpg_iam.otel.MAX_BUFFERED
-        await wait_for(lambda: not times.uses and not times.waits)
+    recorder = instrumentation._recorder
+    await wait_for(lambda: not times.uses and not times.waits and not recorder._draining)
+    assert times.spill_at == asyncpg_iam.otel.DRAIN_AT
