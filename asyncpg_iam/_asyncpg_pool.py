@@ -204,11 +204,12 @@ def timed_release(
     pool: AsyncpgPool, times: Any, now: Callable[[], float]
 ) -> Callable[..., Coroutine[Any, Any, None]]:
     """Return a `release` for `pool` that records each connection's use time into `times`
-    (an `AcquireTimes`).
+    (an `AcquireTimes`), and calls ``times.spill()`` once ``times.spill_at`` are buffered.
 
     The pool sets it as an instance attribute while it records, so a pool that records
     nothing runs asyncpg's release with no call around it. Holds the pool weakly (it is
-    stored on the pool).
+    stored on the pool). Only releases check the buffer's size: each use follows its wait,
+    so the waits buffered exceed the uses by at most the connections in use.
     """
     pool_ref = weakref.ref(pool)
     release = asyncpg.pool.Pool.release
@@ -220,6 +221,8 @@ def timed_release(
         began = acquired.pop(getattr(connection, "_holder", None), None)
         if began is not None:
             uses.append(now() - began)
+            if len(uses) >= times.spill_at:
+                times.spill()
         return release(pool_ref(), connection, timeout=timeout)  # type: ignore[no-any-return]
 
     return release_timed

@@ -40,9 +40,15 @@ found its name (``asyncpg_iam.bluegreen.*``).
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed through
 `Pool.set_observer`: an uninstrumented pool, or one with ``histograms=False``, does no extra
-work per acquire; with the histograms, the pool appends each wait and use time to a buffer (at
-most `MAX_BUFFERED` between two collections; no call per acquire) and they are recorded into
-the histograms when the reader collects. Nothing
+work per acquire; with the histograms, the pool appends each wait and use time to a buffer
+(no call per acquire: the SDK's ``record()`` costs several microseconds, twice per acquire),
+and they are recorded into the histograms when the reader collects. At high rates (more than
+`DRAIN_AT` acquires between two collections: OpenTelemetry's default exporter collects once a
+minute) the buffered times are recorded sooner, on the pool's event loop, `CHUNK` at a time in
+callbacks of their own, so the loop is never held for more than about a millisecond. No sample
+is ever dropped, at any acquire rate or collection interval, and the buffer stays bounded
+(`MAX_BUFFERED`) even on a ``MeterProvider`` without a reader, which then discards what is
+recorded (the SDK keeps nothing for an instrument nobody reads). Nothing
 recorded ever carries a token or a secret. Needs the ``otel`` extra
 (``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
 which works unchanged on connections from this pool.
@@ -50,6 +56,7 @@ which works unchanged on connections from this pool.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import inspect
 import weakref
@@ -77,8 +84,18 @@ AUTH_CAUSE = "asyncpg_iam.auth.failure.cause"
 INSTANCE = "asyncpg_iam.instance.id"
 # The reasons reported even before any connection closed for them (zeros, for dashboards).
 CLOSE_REASONS = ("discarded_on_acquire", "failover", "max_lifetime", "other", "silent_host")
-#: Wait and use times kept per histogram between two collections (older ones are dropped).
-MAX_BUFFERED = 65_536
+#: Use times a pool buffers before their recording starts on its event loop, `CHUNK` at a
+#: time (fewer wait for the reader's collection, which records whatever is buffered).
+DRAIN_AT = 4_096
+#: The most use times a pool buffers (and waits: as many, plus one per connection in use). At
+#: that size, reached only while releases outpace the drain (more than `CHUNK` in each turn of
+#: the event loop, for long), each release that finds it so records a chunk itself: nothing
+#: is ever dropped.
+MAX_BUFFERED = 16_384
+#: Wait times and use times recorded per step of the drain, each step one callback on the
+#: event loop: 2 x 64 calls of the SDK's ``record()`` (about 6.5 us each) hold it under a
+#: millisecond.
+CHUNK = 64
 # Bucket boundaries (seconds) for connect, wait and use times: 0.5 ms to a minute.
 _SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -113,34 +130,74 @@ def _histograms(meter: Meter) -> tuple[Any, Any, Any]:
 
 
 class _Recorder:
-    """The pool observer: records connect times, and the wait and use times the pool buffers."""
+    """The pool observer: records connect times, and the wait and use times the pool buffers.
+
+    The pool appends each wait and use time to `acquire_times` (a deque append, where the
+    SDK's ``record()`` costs several microseconds, twice per acquire); they are recorded when
+    the reader collects, or sooner, once `DRAIN_AT` are buffered, by a drain on the pool's
+    event loop, `CHUNK` at a time (one callback each, so the loop is never held long), until
+    the buffer is empty. Nothing is dropped at any acquire rate or collection interval, and
+    memory stays bounded even when nothing collects (see `MAX_BUFFERED`).
+    """
 
     def __init__(self, histograms: tuple[Any, Any, Any] | None, attributes: dict[str, str]) -> None:
         self._attributes = attributes
         self._create: Any = None
         self._wait: Any = None
         self._use: Any = None
+        self._draining = False
         self.acquire_times: AcquireTimes | None = None
         if histograms is not None:
             self._create, self._wait, self._use = histograms
-            # The pool appends wait and use times here on each acquire and release (a deque
-            # append, where the SDK's record() costs tens of microseconds); they are recorded
-            # into the histograms when the reader collects.
-            self.acquire_times = AcquireTimes(MAX_BUFFERED)
+            self.acquire_times = AcquireTimes(self._spill, DRAIN_AT)
 
     def connection_created(self, seconds: float) -> None:
         if self._create is not None:
             self._create.record(seconds, self._attributes)
 
     def flush(self) -> None:
-        """Record the buffered wait and use times into their histograms."""
-        times = self.acquire_times
-        if times is None:
-            return
+        """Record every buffered wait and use time into their histograms."""
+        if self.acquire_times is not None:
+            self._record(self.acquire_times, None)
+
+    def _record(self, times: AcquireTimes, most: int | None) -> None:
+        """Record the oldest `most` wait and use times buffered (None: all of them)."""
         for samples, histogram in ((times.waits, self._wait), (times.uses, self._use)):
             record, pop, attributes = histogram.record, samples.popleft, self._attributes
-            for _ in range(len(samples)):
-                record(pop(), attributes)
+            count = len(samples) if most is None else min(most, len(samples))
+            try:
+                for _ in range(count):
+                    record(pop(), attributes)
+            except IndexError:  # a collection on the exporter's thread took the rest
+                pass
+
+    def _spill(self) -> None:
+        # Called by the pool's release once `spill_at` use times are buffered.
+        times = self.acquire_times
+        assert times is not None
+        if self._draining:
+            # MAX_BUFFERED reached: releases outpace the drain (more than CHUNK a turn of the
+            # loop). Record a chunk here, as the drain would have.
+            self._record(times, CHUNK)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # released off the event loop: nowhere to drain
+            self._record(times, CHUNK)
+            return
+        self._draining = True
+        times.spill_at = MAX_BUFFERED
+        loop.call_soon(self._drain, loop)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        times = self.acquire_times
+        assert times is not None
+        self._record(times, CHUNK)
+        if times.waits or times.uses:
+            loop.call_soon(self._drain, loop)
+            return
+        self._draining = False
+        times.spill_at = DRAIN_AT
 
 
 #: What a pool reports to one instrument: ``report(instrumentation, options)``.

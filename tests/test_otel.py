@@ -85,6 +85,32 @@ def value(metric: Any, **attributes: str) -> Any:
     return point.count if hasattr(point, "bucket_counts") else point.value
 
 
+@pytest.fixture
+def small_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffer bounds small enough for a test to cross them many times over."""
+    import asyncpg_iam.otel
+
+    monkeypatch.setattr(asyncpg_iam.otel, "MAX_BUFFERED", 8)
+    monkeypatch.setattr(asyncpg_iam.otel, "DRAIN_AT", 4, raising=False)
+    monkeypatch.setattr(asyncpg_iam.otel, "CHUNK", 2, raising=False)
+
+
+async def acquire(pool: Any, times: int) -> None:
+    """Run `times` queries on `pool`, one after another (an acquire and a release each)."""
+    for _ in range(times):
+        await pool.fetchval("SELECT 1")
+
+
+def histogram_counts(reader: InMemoryMetricReader, pool: Any) -> tuple[int, int]:
+    """Return the wait_time and use_time histograms' counts of `pool`."""
+    metrics = collect(reader)
+    name = {POOL_NAME: pool.name}
+    return (
+        value(metrics["db.client.connection.wait_time"], **name),
+        value(metrics["db.client.connection.use_time"], **name),
+    )
+
+
 async def test_every_instrument_with_names_units_and_values(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
@@ -273,10 +299,11 @@ async def test_without_histograms_the_counters_remain(
 
 
 async def test_two_pools_on_one_provider_both_report(
-    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, small_buffer: None
 ) -> None:
     """Two pools instrumented on one MeterProvider each report every instrument, their own
-    histogram counts included, and uninstrumenting one leaves the other reporting."""
+    histogram counts included (exact, each far beyond the buffer's bound), and
+    uninstrumenting one leaves the other reporting."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2)
@@ -286,11 +313,9 @@ async def test_two_pools_on_one_provider_both_report(
     ):
         instrument_pool(first, provider)
         second_instrumentation = instrument_pool(second, provider)
-        for pool, acquires in ((first, 2), (second, 3)):
-            for _ in range(acquires):
-                await pool.fetchval("SELECT 1")
+        await asyncio.gather(*(acquire(pool, n) for pool, n in ((first, 40), (second, 60))))
         metrics = collect(reader)
-        for pool, acquires in ((first, 2), (second, 3)):
+        for pool, acquires in ((first, 40), (second, 60)):
             name = {POOL_NAME: pool.name}
             assert value(metrics["db.client.connection.wait_time"], **name) == acquires
             assert value(metrics["db.client.connection.use_time"], **name) == acquires
@@ -302,4 +327,80 @@ async def test_two_pools_on_one_provider_both_report(
         metrics = collect(reader)
     maxima = points(metrics["db.client.connection.max"])
     assert [p.attributes[POOL_NAME] for p in maxima] == [first.name]
-    assert value(metrics["db.client.connection.wait_time"], **{POOL_NAME: first.name}) == 3
+    assert value(metrics["db.client.connection.wait_time"], **{POOL_NAME: first.name}) == 41
+
+
+async def test_histograms_count_every_acquire_far_above_the_buffer(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, small_buffer: None
+) -> None:
+    """Between two collections, acquires far beyond the buffer's bound are each counted once
+    in the wait and use histograms, and the buffer never holds more than its bound."""
+    import asyncpg_iam.otel
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        instrumentation = instrument_pool(pool, provider)
+        times = instrumentation._recorder.acquire_times
+        assert times is not None
+        largest = 0
+        for acquires in (100, 200):
+            for _ in range(100):
+                await pool.fetchval("SELECT 1")
+                largest = max(largest, len(times.uses), len(times.waits))
+            assert histogram_counts(reader, pool) == (acquires, acquires)
+        assert largest <= asyncpg_iam.otel.MAX_BUFFERED
+        await acquire(pool, 50)
+        # Uninstrumented while the drain may be under way: each sample still recorded once.
+        instrumentation.uninstrument()
+        assert histogram_counts(reader, pool) == (250, 250)
+        await pool.fetchval("SELECT 1")
+        assert histogram_counts(reader, pool) == (250, 250)
+
+
+async def test_releases_record_a_chunk_while_the_loop_cannot_drain(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, small_buffer: None
+) -> None:
+    """When releases outrun the drain (none of its callbacks can run between them), the
+    releases themselves record, so the buffer stays within its bound and every acquire counts."""
+    import asyncpg_iam.otel
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    bound = asyncpg_iam.otel.MAX_BUFFERED
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=12, max_size=12)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        instrumentation = instrument_pool(pool, provider)
+        times = instrumentation._recorder.acquire_times
+        assert times is not None
+        largest = 0
+        for _ in range(10):
+            connections = [await pool.acquire() for _ in range(12)]
+            # Each release's bookkeeping runs when it is called: twelve in a row, no callback
+            # of the loop's in between.
+            releases = [pool.release(con) for con in connections]
+            largest = max(largest, len(times.uses))
+            await asyncio.gather(*releases)
+        assert largest <= bound
+        assert histogram_counts(reader, pool) == (120, 120)
+
+
+async def test_without_a_reader_the_buffer_is_drained(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, small_buffer: None
+) -> None:
+    """On a MeterProvider that no reader collects, the buffered times are still recorded
+    (into the SDK, which keeps nothing for them): the buffer empties instead of filling, and
+    the drain then ends (it does not keep the loop busy)."""
+    import asyncpg_iam.otel
+
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=2)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        instrumentation = instrument_pool(pool, MeterProvider())
+        times = instrumentation._recorder.acquire_times
+        assert times is not None
+        await acquire(pool, 100)
+        assert len(times.uses) < asyncpg_iam.otel.MAX_BUFFERED
+    recorder = instrumentation._recorder
+    await wait_for(lambda: not times.uses and not times.waits and not recorder._draining)
+    assert times.spill_at == asyncpg_iam.otel.DRAIN_AT
