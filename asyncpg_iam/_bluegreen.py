@@ -251,7 +251,7 @@ class BlueGreenMonitor:
         """Reset `con` as its pool would (`reset`, or the connection's reset query) and check
         for metadata in the same round trip."""
         if self._checked or self._stopped:
-            await (reset(con) if reset is not None else _reset_query(con))
+            await (reset(con) if reset is not None else con.reset())
             return
         self._checked = True
         try:
@@ -353,12 +353,6 @@ class BlueGreenMonitor:
         if self.source is None:
             logger.debug("pool %s: no blue/green metadata on this database", self._name)
         return self.source is not None
-
-
-async def _reset_query(con: Any) -> None:
-    query = con.get_reset_query()
-    if query:
-        await con.execute(query)
 
 
 def metadata_query(source: str) -> str:

@@ -312,10 +312,13 @@ def _normalize(host: str) -> str:
     return host.strip().lower().rstrip(".")
 
 
+def _dsql_match(name: str) -> re.Match[str] | None:
+    return re.fullmatch(_DSQL_HOST, name) if name.endswith(_DSQL_SUFFIX) else None
+
+
 def is_dsql_host(host: str) -> bool:
     """Tell whether `host` is an Aurora DSQL endpoint name (``<id>.dsql.<region>.on.aws``)."""
-    name = _normalize(host)
-    return name.endswith(_DSQL_SUFFIX) and re.fullmatch(_DSQL_HOST, name) is not None
+    return _dsql_match(_normalize(host)) is not None
 
 
 def region_from_host(host: str) -> str | None:
@@ -328,7 +331,7 @@ def region_from_host(host: str) -> str | None:
     region = _rds_region(name)
     if region is not None:
         return region
-    match = re.fullmatch(_DSQL_HOST, name) if name.endswith(_DSQL_SUFFIX) else None
+    match = _dsql_match(name)
     return None if match is None else match.group("region")
 
 

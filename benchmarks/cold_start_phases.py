@@ -24,51 +24,44 @@ from asyncpg_iam.testing import AccessKey
 from ._harness import Environment
 from .case_cold_start import _environment, spawn
 
-_PHASES = """
-    print(v, flush=True)
-    print(f"{(t1 - t0) * 1e3:.2f} {(t2 - t1) * 1e3:.2f} {(t3 - t2) * 1e3:.2f}", flush=True)
-"""
-FLOOR = (
-    """
+_SCRIPT = """
 import time; t0 = time.perf_counter()
-import asyncio, os, ssl
-import asyncpg
+IMPORTS
 t1 = time.perf_counter()
 async def main():
-    con = await asyncpg.connect(
+    OPENED
+    t2 = time.perf_counter()
+    v = await NAME.fetchval("SELECT 42")
+    t3 = time.perf_counter()
+    print(v, flush=True)
+    print(f"{(t1 - t0) * 1e3:.2f} {(t2 - t1) * 1e3:.2f} {(t3 - t2) * 1e3:.2f}", flush=True)
+    await NAME.close()
+asyncio.run(main())
+"""
+
+
+def _script(imports: str, name: str, opened: str) -> str:
+    """A process that times its `imports`, `opened` (which binds `name`) and the first query."""
+    return _SCRIPT.replace("IMPORTS", imports).replace("OPENED", opened).replace("NAME", name)
+
+
+FLOOR = _script(
+    "import asyncio, os, ssl\nimport asyncpg",
+    "con",
+    """con = await asyncpg.connect(
         host="127.0.0.1", port=int(os.environ["BENCH_PORT"]), user=os.environ["BENCH_USER"],
         database=os.environ["BENCH_DATABASE"], password="static",
         ssl=ssl.create_default_context(cafile=os.environ["BENCH_CA"]),
-    )
-    t2 = time.perf_counter()
-    v = await con.fetchval("SELECT 42")
-    t3 = time.perf_counter()
-"""
-    + _PHASES
-    + """    await con.close()
-asyncio.run(main())
-"""
+    )""",
 )
-POOL = (
-    """
-import time; t0 = time.perf_counter()
-import asyncio, os
-import asyncpg_iam
-t1 = time.perf_counter()
-async def main():
-    pool = await asyncpg_iam.create_pool(
+POOL = _script(
+    "import asyncio, os\nimport asyncpg_iam",
+    "pool",
+    """pool = await asyncpg_iam.create_pool(
         host="127.0.0.1", port=int(os.environ["BENCH_PORT"]), user=os.environ["BENCH_USER"],
         database=os.environ["BENCH_DATABASE"], sslrootcert=os.environ["BENCH_CA"],
         iam=asyncpg_iam.IAMAuth(signing_host=os.environ["BENCH_ENDPOINT"]), min_size=1, EXTRA
-    )
-    t2 = time.perf_counter()
-    v = await pool.fetchval("SELECT 42")
-    t3 = time.perf_counter()
-"""
-    + _PHASES
-    + """    await pool.close()
-asyncio.run(main())
-"""
+    )""",
 )
 
 
