@@ -9,9 +9,10 @@ minor versions: this module is where a new asyncpg is adapted, and
 ``tests/test_asyncpg_internals.py`` pins each of them. ``tests/test_architecture.py`` checks
 that no other module of the package names them.
 
-`AsyncpgPool` routes asyncpg's hooks to methods with our names (``_new_connection``,
-``_start``) by assignment when a subclass is made, so asyncpg calls them without a layer in
-between; the subclass calls asyncpg's own through `asyncpg_new_connection` and `asyncpg_start`.
+`AsyncpgPool` routes asyncpg's pool start to a method with our name (``_start``) by
+assignment when a subclass is made, so asyncpg calls it without a layer in between; the
+subclass calls asyncpg's own through `asyncpg_start`. New connections are asyncpg's own
+(``_get_new_connection``, no call around it) unless `observe_new_connections` puts one there.
 Its ``_acquire`` is asyncpg's acquire, rewritten as one coroutine with the lifetime check in it
 (asyncpg's is two, see `AsyncpgPool._acquire`). Recycling and failover handling use the holder
 functions below (retire on release, close an idle connection, retire them all).
@@ -38,13 +39,16 @@ __all__ = [
     "AsyncpgPool",
     "add_termination_listener",
     "asyncpg_version",
+    "call_termination_listeners",
     "connection_endpoints",
     "connection_of",
     "empty_idle_holder",
     "find_holder",
+    "handed_out",
     "hold_acquires",
     "holder_of",
     "initialized",
+    "observe_new_connections",
     "open_holders",
     "put_back",
     "reconnect",
@@ -62,7 +66,6 @@ __all__ = [
 _STALE_GENERATION = -1
 # asyncpg's hook -> the name of the subclass's method that replaces it.
 _HOOKS = {
-    "_get_new_connection": "_new_connection",
     "_async__init__": "_start",
 }
 
@@ -102,8 +105,8 @@ connection_of: Callable[[Any], Any] = operator.attrgetter("_con")
 class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
     """`asyncpg.Pool` with its private hooks under names of ours, and a cheaper acquire.
 
-    A subclass defines ``_new_connection()`` and ``_start()`` to replace asyncpg's
-    ``_get_new_connection`` and ``_async__init__``: asyncpg then calls those very functions.
+    A subclass defines ``_start()`` to replace asyncpg's ``_async__init__``: asyncpg then
+    calls that very function.
     For the lifetime check on acquire it sets `_deadline_of`, `_now` and `_retire_due`, and
     `_acquire_times` while an observer records wait and use times.
     """
@@ -198,6 +201,20 @@ def initialized(pool: Any) -> bool:
 def waiting_acquires(pool: Any) -> int:
     """Return how many acquires of `pool` are waiting for a free connection."""
     return sum(1 for waiter in pool._queue._getters if not waiter.done())
+
+
+def observe_new_connections(
+    pool: AsyncpgPool, new_connection: Callable[[], Coroutine[Any, Any, Any]] | None
+) -> None:
+    """Make asyncpg open `pool`'s new connections through `new_connection` (which calls
+    `AsyncpgPool.asyncpg_new_connection`); None: asyncpg's own, with no call around it.
+
+    An instance attribute, like `timed_release`: it should hold the pool weakly.
+    """
+    if new_connection is None:
+        pool.__dict__.pop("_get_new_connection", None)
+    else:
+        pool.__dict__["_get_new_connection"] = new_connection
 
 
 def timed_release(
@@ -377,6 +394,18 @@ def add_termination_listener(con: Any, listener: Callable[[Any], None]) -> None:
     """``con.add_termination_listener(listener)`` for a plain (not async) callable, without
     asyncpg's look at what kind of callable it is (six calls, on every connect)."""
     con._termination_listeners.add(asyncpg.connection._Callback(listener, False))
+
+
+def call_termination_listeners(con: Any) -> None:
+    """Have asyncpg call (in the loop's next iteration) and drop the termination listeners of
+    a connection that closed before they were added: it called those it had when it closed."""
+    con._call_termination_listeners()
+
+
+def handed_out(holder: Any) -> bool:
+    """Tell whether a holder's connection was handed out (its acquire, setup included, is
+    done) and not yet released."""
+    return holder._in_use is not None
 
 
 def connection_endpoints(

@@ -541,6 +541,24 @@ class TokenProvider:
         if credentials is None:
             credentials = await self.credentials.get()
             now = self._clock.now()
+        return self._token(target, credentials, now, record)
+
+    def token_now(self, target: SigningTarget, record: TokenRecord | None = None) -> str | None:
+        """`token` without waiting: the token, or None when the credentials must be fetched
+        first (then await `token`)."""
+        now = self._clock.now()
+        credentials = self.credentials.fresh(now)
+        if credentials is None:
+            return None
+        return self._token(target, credentials, now, record)
+
+    def _token(
+        self,
+        target: SigningTarget,
+        credentials: Credentials,
+        now: dt.datetime,
+        record: TokenRecord | None,
+    ) -> str:
         if record is not None:
             record.credentials_expiry = credentials.expiry
         if self.auth.token_reuse > 0:

@@ -488,7 +488,9 @@ class _TokenPassword(TokenRecord):
     """The ``password`` callable of one login: a token for `target`, what was done noted in
     itself (a `TokenRecord`: one object per connect, not two). asyncpg keeps it on the
     connection for the connection's life: one small object (a partial of a bound method is
-    three), whose record `forget` drops once the login succeeded."""
+    three), whose record `forget` drops once the login succeeded. When the token can be had
+    without waiting (`TokenProvider.token_now`), asyncpg gets the token itself and this is
+    only the record."""
 
     __slots__ = ("provider", "target")
 
@@ -858,6 +860,11 @@ class Connector:
                 budget = _Budget.since(began, timeout)
                 await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._now()
+            # The token now, when the credentials need no fetch (nearly always): asyncpg then
+            # gets a string, not a callable it calls and awaits inside the connect.
+            token = provider.token_now(target, password)
+            if token is not None:
+                kwargs["password"] = token
             try:
                 con = await self._connect(**kwargs)
                 password.signed_at = password.credentials_expiry = None  # `forget`, inline

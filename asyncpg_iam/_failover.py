@@ -86,6 +86,10 @@ _MAX_BACKOFF = 1.0
 _DEFAULT_CONNECT_TIMEOUT = 60.0  # asyncpg.connect's default
 
 
+# What asyncpg's pool passes to its ``connect=`` of its own (see `FailoverGuard.open`).
+_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
+
+
 def classify_error(exc: BaseException | None, *, wants_writer: bool) -> str | None:
     """Name the failover signal `exc` carries (``"shutdown"``, ``"read_only"``,
     ``"connection_lost"``), or None when it is an ordinary error."""
@@ -289,12 +293,15 @@ class FailoverGuard:
         self._classes = (plan, base, make(base or asyncpg.Connection), writer)
         return self._classes
 
-    def open(self, kwargs: dict[str, Any]) -> Coroutine[Any, Any, Any]:
+    def open(self, *_args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """Open a connection through the connector, retrying what a failover explains.
 
-        `kwargs` are further connect arguments (the guard's to change). The opened connection
-        is handed to `opened` (which calls `watch`) before it is returned; a `CredentialsError`
-        while the owner closes becomes asyncpg's "pool is closing".
+        A pool's ``connect=`` callable: asyncpg calls it with its own connect arguments, of
+        which only ``loop``, ``connection_class`` and ``record_class`` are kept (connection
+        arguments set on the asyncpg side, by ``asyncpg.Pool.set_connect_args`` called on the
+        pool, never reach the connect: the plan's are used). The opened connection is handed
+        to `opened` (which calls `watch`) before it is returned; a `CredentialsError` while
+        the owner closes becomes asyncpg's "pool is closing".
 
         Retries pass what is left of the connect timeout as ``timeout``. The timeout is one
         budget spent two ways: connect attempts in real time (asyncpg bounds its own waits by
@@ -302,17 +309,21 @@ class FailoverGuard:
         With the system clock the two are the same time; with a manual one, backoff spends only
         the clock time that passes while it waits.
         """
+        extra = {}
+        for key in _POOL_CONNECT_EXTRAS:  # a loop, not a comprehension: one call less
+            if key in kwargs:
+                extra[key] = kwargs[key]
         # A ``connection_class`` that tells closes apart (`_classes_for`), worked out again
         # only when the plan or the caller's class changed: this runs on every connect.
-        base = kwargs.get("connection_class")
+        base = extra.get("connection_class")
         classes = self._classes
         if classes[0] is not self._connector.plan or classes[1] is not base:
             classes = self._classes_for(base)
-        kwargs["connection_class"] = classes[2]
+        extra["connection_class"] = classes[2]
         # The first attempt is the connector's (`Connector.open_watched`): a login to one
         # endpoint does the guard's part itself (`first_opened`, `first_failed`), so one
         # coroutine, not two, is resumed at every await inside asyncpg's connect.
-        opening: Coroutine[Any, Any, Any] = self._connector.open_watched(kwargs, self)
+        opening: Coroutine[Any, Any, Any] = self._connector.open_watched(extra, self)
         return opening
 
     async def first_attempt(

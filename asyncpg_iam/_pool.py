@@ -59,8 +59,6 @@ T = TypeVar("T")
 _POOL_DEFAULTS: dict[str, Any] = dict(asyncpg.create_pool.__kwdefaults__ or {})
 # How long closing a connection found due on acquire may take before it is terminated.
 _DISCARD_CLOSE_TIMEOUT = 5.0
-# What asyncpg's pool passes its connect callable besides connection arguments.
-_POOL_CONNECT_EXTRAS = ("loop", "connection_class", "record_class")
 # The keywords Pool takes besides asyncpg's.
 _POOL_KEYWORDS = (
     "iam",
@@ -152,12 +150,14 @@ class Pool(AsyncpgPool):
         # Login times of connections opened before an observer came: the first one gets them
         # (8 bytes each, at most 1,024).
         self._unobserved_creates = array.array("d")
+        self._start_upkeep(options)
         try:
             # The connection arguments live in the connector; asyncpg's own are never used.
-            super().__init__(connect=_bound_connect(weakref.ref(self)), **pool_kwargs)
+            # asyncpg calls the failover guard's `open` for each new connection (it holds the
+            # pool weakly: no reference cycle).
+            super().__init__(connect=self._failover.open, **pool_kwargs)
         except (ValueError, TypeError) as exc:  # asyncpg's checks of min_size, max_size, ...
             raise ConfigurationError(f"invalid pool settings: {exc}") from exc
-        self._start_upkeep(options)
         self._topology_setting = topology
         self._topology_start: asyncio.Task[None] | None = None
         self._topology = self._start_topology(topology)
@@ -378,6 +378,9 @@ class Pool(AsyncpgPool):
             # An instance attribute, not an override: a pool that records nothing runs
             # asyncpg's release with no call around it.
             self.__dict__["release"] = timed_release(self, times, self._now)
+        _asyncpg_pool.observe_new_connections(
+            self, None if observer is None else _observed_connect(weakref.ref(self), observer)
+        )
         if observer is not None:
             history, self._unobserved_creates = self._unobserved_creates, array.array("d")
             for seconds in history:
@@ -396,32 +399,48 @@ class Pool(AsyncpgPool):
 
     # -- connecting ------------------------------------------------------------------------
 
-    def _new_connection(self) -> Coroutine[Any, Any, Any]:
-        # asyncpg's _get_new_connection (see _asyncpg_pool). Runs for every new connection:
-        # without an observer, asyncpg's own coroutine (each coroutine around a connect is
-        # resumed at every await inside it).
-        observer = self._observer
-        if observer is None:
-            return self.asyncpg_new_connection()  # type: ignore[no-any-return]
-        return self._new_connection_observed(observer)
-
-    async def _new_connection_observed(self, observer: PoolObserver) -> Any:
-        started = self._clock.monotonic()
-        con = await self.asyncpg_new_connection()
-        observer.connection_created(self._clock.monotonic() - started)
-        return con
-
     def _connection_opened(self, con: Any, started: float, epoch: int) -> None:
-        """Count, watch and track a connection whose login succeeded.
+        """Count a connection whose login succeeded; `_adopt` watches and tracks it in the
+        event loop's next iteration.
 
         `started` is the clock time the login began, `epoch` the failover guard's epoch then.
+        The connection is handed out first: its bookkeeping (about 50 us of CPU, run cold
+        between two TLS handshakes) then runs while the caller's first query is in flight,
+        not before the caller gets the connection. Nothing is lost in between: every server
+        reply is read after it (the loop runs what was scheduled before what arrived), and
+        `_adopt` closes the books of a connection that closed before it ran.
         """
         self._counters.opened += 1
-        if self._observer is None and len(self._unobserved_creates) < 1024:
-            self._unobserved_creates.append(self._clock.monotonic() - started)
+        # The login's end, for the observer's history (an observer times its own logins).
+        ended = self._now() if self._observer is None else None
+        asyncio.get_running_loop().call_soon(self._adopt, con, started, epoch, ended)
+
+    def _adopt(self, con: Any, started: float, epoch: int, ended: float | None) -> None:
+        """Watch and track a connection opened by the pool (see `_connection_opened`), whose
+        login began at clock time `started`; `ended`, when no observer timed the login, is
+        when it ended."""
+        if ended is not None:
+            observer = self._observer
+            if observer is not None:  # installed since: it has had the history already
+                observer.connection_created(ended - started)
+            elif len(self._unobserved_creates) < 1024:
+                self._unobserved_creates.append(ended - started)
         lost = self._failover.watch(con, epoch)
         # The lifetime starts at the login, so connect and init time count against it.
-        self._recycler.track(con, started, also=lost)
+        recycler = self._recycler
+        recycler.track(con, started, also=lost)
+        if con.is_closed():
+            # Closed (by its user, the server or the pool) before this ran: asyncpg has called
+            # its termination listeners, so the listener just added is called here.
+            _asyncpg_pool.call_termination_listeners(con)
+            return
+        if recycler.is_due(con):
+            # Due already: it came due during its own login. Handed out before its deadline
+            # was known (otherwise the acquire's check sees it), it is used once: the
+            # recycler's timer retires it on release.
+            holder = _asyncpg_pool.find_holder(self, con)
+            if holder is not None and _asyncpg_pool.handed_out(holder):
+                self._note_due_on_handout()
         if self._health is not None:
             self._health.track(con)
         if logger.isEnabledFor(logging.DEBUG):
@@ -511,6 +530,10 @@ class Pool(AsyncpgPool):
             if starting and self._topology is not None:
                 await self._topology.start()  # the first connects already go by it
             result = await self.asyncpg_start()
+            if starting:
+                # The first connections' bookkeeping (`_adopt`, scheduled as each login
+                # finished) is done before the pool is handed over.
+                await asyncio.sleep(0)
         except BaseException:
             # The caller never gets the pool: release the credential cache now.
             self._recycler.cancel()
@@ -658,22 +681,23 @@ def _blue_green_stats(monitor: BlueGreenMonitor | None) -> dict[str, Any]:
     }
 
 
-def _bound_connect(pool_ref: weakref.ref[Pool]) -> Callable[..., Any]:
-    """Return asyncpg's ``connect=`` callable, holding the pool weakly (no reference cycle)."""
+def _observed_connect(
+    pool_ref: weakref.ref[Pool], observer: PoolObserver
+) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """Return asyncpg's new-connection hook while `observer` is installed: each login timed
+    for it. Holds the pool weakly (it is stored on the pool)."""
 
-    def connect(*_args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+    async def new_connection() -> Any:
         pool = pool_ref()
         if pool is None:
             raise asyncpg.InterfaceError("the pool was garbage-collected")
-        # Only what asyncpg's pool adds of its own: connection arguments set on the asyncpg
-        # side (asyncpg.Pool.set_connect_args called on this pool) never reach the connect.
-        extra = {}
-        for key in _POOL_CONNECT_EXTRAS:  # a loop, not a comprehension: one call less
-            if key in kwargs:
-                extra[key] = kwargs[key]
-        return pool._failover.open(extra)
+        clock = pool._clock
+        started = clock.monotonic()
+        con = await pool.asyncpg_new_connection()
+        observer.connection_created(clock.monotonic() - started)
+        return con
 
-    return connect
+    return new_connection
 
 
 def _bound_retire(

@@ -161,7 +161,7 @@ class _EngineFailover:
         if self.first is not None:
             await asyncio.shield(self.first())
             self.first = None
-        return await self.guard.open({})
+        return await self.guard.open()
 
     def _opened(self, con: Any, _started: float, epoch: int) -> None:
         self.epochs[con] = epoch

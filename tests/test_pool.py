@@ -345,10 +345,10 @@ async def test_max_connect_rate_caps_logins_per_second(postgres_server: Postgres
                 nonlocal holding, finished
                 try:
                     async with pool.acquire(timeout=30) as con:
+                        await con.fetchval("SELECT 1")  # the pool tracks it meanwhile
                         began = pool._recycler.opened_at(con._con)
                         assert began is not None
                         logins_began.append(began)
-                        await con.fetchval("SELECT 1")
                         holding += 1
                         await clock.sleep(12)
                 finally:

@@ -12,7 +12,7 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator, _leak_guard
-from tests._support import direct_kwargs
+from tests._support import direct_kwargs, wait_for
 
 
 async def test_abandoned_pool_is_garbage_collected(postgres_server: PostgresServer) -> None:
@@ -112,3 +112,46 @@ async def test_connection_due_during_release_is_retired_once_idle(
             await asyncio.sleep(0.02)
         assert pid not in {c.backend_pid for c in iam_emulator.relayed_connections()}
         assert pool.stats().connections_closed.get("max_lifetime") == 1
+
+
+async def test_new_connection_is_tracked_after_the_handout_and_its_first_error_is_seen(
+    postgres_server: PostgresServer,
+) -> None:
+    """A new connection is handed out before the pool watches and tracks it (the loop's next
+    iteration); a server error on its very first query still reaches the failover guard."""
+    kwargs = direct_kwargs(
+        postgres_server, min_size=0, max_size=1, target_session_attrs="read-write"
+    )
+    async with asyncpg_iam.create_pool(**kwargs, max_lifetime=60) as pool:
+        async with pool.acquire() as con:
+            raw = con._con
+            assert pool.stats().connections_opened == 1
+            # Handed out first: the bookkeeping has not run yet.
+            assert pool._recycler.deadline(raw) is None
+            assert getattr(raw, "_asyncpg_iam_on_error", None) is None
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await con.execute("SET TRANSACTION READ ONLY; CREATE TEMP TABLE t (x int)")
+            assert pool._recycler.deadline(raw) is not None
+        await wait_for(lambda: pool.stats().failover_events == 1)
+
+
+async def test_connection_closed_before_it_is_tracked_leaves_nothing_behind(
+    postgres_server: PostgresServer,
+) -> None:
+    """A connection terminated by its user before the pool tracked it is counted as closed,
+    is no failover event, and leaves no lifetime state."""
+    kwargs = direct_kwargs(postgres_server, min_size=0, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs, max_lifetime=60) as pool:
+        con = await pool.acquire()
+        raw = con._con
+        assert pool._recycler.deadline(raw) is None
+        raw.terminate()  # before the loop's next iteration
+        await pool.release(con)
+        await wait_for(lambda: sum(pool.stats().connections_closed.values()) == 1)
+        stats = pool.stats()
+        assert stats.connections_closed == {"other": 1}
+        assert stats.failover_events == 0
+        assert not pool._recycler._tracked
+        assert not pool._recycler.deadlines
+        assert all(entry[2].due_at is None for entry in pool._recycler._due)
+        assert await pool.fetchval("SELECT 1") == 1  # a new connection replaces it
