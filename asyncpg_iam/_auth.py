@@ -563,24 +563,24 @@ class TokenProvider:
             record.credentials_expiry = credentials.expiry
         if self.auth.token_reuse > 0:
             return self._reused_or_signed(target, credentials, now, record)
-        token = self._signed(target, credentials, now)
+        # A token is a function of the target, the credentials and the whole second it is
+        # signed in: a second connect in the same second (a pool filling up, a reconnect wave)
+        # gets the same bytes without computing them again. It counts as signed: it is the
+        # token signing now would produce. Two comparisons of `now`, not a conversion of it,
+        # on every connect.
+        last = self._last_signed
+        if last[0] is target and last[1] is credentials and last[2] <= now < last[3]:
+            self.tokens_signed += 1
+            token = last[4]
+        else:
+            token = self._sign(target, credentials, now)
         if record is not None:
             record.signed_at, record.reused = now, False
         return token
 
-    def _signed(self, target: SigningTarget, credentials: Credentials, now: dt.datetime) -> str:
-        """Return the token for `target` signed with `credentials` at `now`'s whole second.
-
-        A token is a function of the target, the credentials and the whole second it is signed
-        in: a second connect in the same second (a pool filling up, a reconnect wave) gets the
-        same bytes without computing them again. It counts as signed: it is the token signing
-        now would produce.
-        """
-        last = self._last_signed
-        # Two comparisons of `now`, not a conversion of it, on every connect.
-        if last[0] is target and last[1] is credentials and last[2] <= now < last[3]:
-            self.tokens_signed += 1
-            return last[4]
+    def _sign(self, target: SigningTarget, credentials: Credentials, now: dt.datetime) -> str:
+        """Sign the token for `target` with `credentials` at `now`, and keep it as the token
+        of `now`'s whole second (see `_token`)."""
         if target.service == "dsql":
             token = build_dsql_token(
                 host=target.signing_host,
@@ -630,7 +630,7 @@ class TokenProvider:
                     record.signed_at, record.reused = signed_at, True
                     record.credentials_expiry = expiry
                 return token
-        token = self._signed(target, credentials, now)
+        token = self._sign(target, credentials, now)
         if record is not None:
             record.signed_at, record.reused = now, False
         self._reusable[key] = (token, now, credentials.expiry)

@@ -465,6 +465,16 @@ class _Budget:
 _DEFAULT_TIMEOUT: float | None = _CONNECT_DEFAULTS.get("timeout")
 
 
+def _login_budget(timeout: Any) -> tuple[float | None, float | None]:
+    """Return a login's timeout (asyncpg's default for None) and the share of it its connect
+    may spend (`_Budget.for_connect` with the reserve, before anything was awaited)."""
+    timeout = _DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    if timeout is None:
+        return None, None
+    left = timeout if timeout > 0.0 else 0.0
+    return timeout, left - min(_DIAGNOSIS_RESERVE, left * _DIAGNOSIS_SHARE)
+
+
 class ConnectCounters:
     """What a connector has done (the pool's stats read them).
 
@@ -600,6 +610,8 @@ class Connector:
         self._kwargs = plan.asyncpg_kwargs()
         # The plan's connect timeout (None: asyncpg's default), read on every connect.
         self.plan_timeout: Any = plan.connect_kwargs.get("timeout")
+        # (timeout, the connect's own share of it) of a login given no timeout of its own.
+        self._plan_budget = _login_budget(self.plan_timeout)
         # A caller's context is used as given: each connect re-checks it (None: nothing to).
         self._recheck = plan.tls.check_unchanged if plan.tls.rechecked else None
 
@@ -829,17 +841,14 @@ class Connector:
             epoch, recoveries = guard.epoch, guard.recoveries
         began = asyncio.get_running_loop().time()
         try:
-            # Runs for every new connection: the budget's arithmetic is done here, not in
-            # its methods, when nothing was awaited since it started (no rate limit).
+            # Runs for every new connection: the budget's arithmetic is `_login_budget`'s (once
+            # per plan), not `_Budget`'s methods, when nothing was awaited (no rate limit).
             # The attempt's `_Budget` is made only when something needs it (the rate limit,
             # a silent host, a failure's diagnosis).
-            timeout = extra.get("timeout", self.plan_timeout)
-            timeout = _DEFAULT_TIMEOUT if timeout is None else float(timeout)
-            if timeout is None:
-                for_connect = None
-            else:
-                left = timeout if timeout > 0.0 else 0.0  # `for_connect(reserve=True)`
-                for_connect = left - min(_DIAGNOSIS_RESERVE, left * _DIAGNOSIS_SHARE)
+            if "timeout" in extra:
+                timeout, for_connect = _login_budget(extra["timeout"])
+            else:  # worked out once per plan
+                timeout, for_connect = self._plan_budget
             if self._bucket is not None:
                 budget = _Budget.since(began, timeout)
                 await self._throttle(self._bucket, budget)
