@@ -498,9 +498,11 @@ class _TokenPassword(TokenRecord):
     """The ``password`` callable of one login: a token for `target`, what was done noted in
     itself (a `TokenRecord`: one object per connect, not two). asyncpg keeps it on the
     connection for the connection's life: one small object (a partial of a bound method is
-    three), whose record `forget` drops once the login succeeded. When the token can be had
-    without waiting (`TokenProvider.token_now`), asyncpg gets the token itself and this is
-    only the record."""
+    three), whose record `forget` drops once the login succeeded. asyncpg keeps what it was
+    given as ``password``, never what a callable returned (its query loggers get it too), so
+    the token itself is never passed: this callable returns it without waiting when the
+    credentials need no fetch (`TokenProvider.token_now`), and asyncpg then has nothing to
+    await."""
 
     __slots__ = ("provider", "target")
 
@@ -511,8 +513,11 @@ class _TokenPassword(TokenRecord):
         self.signed_at = self.credentials_expiry = None
         self.reused = False
 
-    def __call__(self) -> Awaitable[str]:
-        return self.provider.token(self.target, self)
+    def __call__(self) -> str | Awaitable[str]:
+        token = self.provider.token_now(self.target, self)
+        if token is None:  # the credentials must be fetched first
+            return self.provider.token(self.target, self)
+        return token
 
     def forget(self) -> None:
         self.signed_at = self.credentials_expiry = None
@@ -869,11 +874,6 @@ class Connector:
                 budget = _Budget.since(began, timeout)
                 await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._now()
-            # The token now, when the credentials need no fetch (nearly always): asyncpg then
-            # gets a string, not a callable it calls and awaits inside the connect.
-            token = provider.token_now(target, password)
-            if token is not None:
-                kwargs["password"] = token
             try:
                 con = await self._connect(**kwargs)
                 password.signed_at = password.credentials_expiry = None  # `forget`, inline

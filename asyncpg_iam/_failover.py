@@ -41,13 +41,14 @@ last event, and connect failures before the pool has opened a connection since, 
 same event and are not counted again.
 
 **Landing on the right server.** While the pool is recovering from an event (no connection
-opened since), with ``target_session_attrs`` ``read-write`` (the default for an IAM pool on one
-Aurora cluster endpoint, see `_connect.plan_connect`) or ``primary``, a new connection that
-lands on a read-only server is closed and retried with backoff within the connect timeout, and
-so are connects that fail because the server is down or starting. Outside a recovery such a
-login fails at once with asyncpg's error, as on asyncpg's pool (whose ``min_size`` upkeep then
-backs off). Each retry is a new login: a fresh token, and a slot of the connect rate limit.
-Reader endpoints (``*.cluster-ro-*``) and ``any``/``read-only`` pools accept any server.
+whose login began since has opened), with ``target_session_attrs`` ``read-write`` (the
+default for an IAM pool on one Aurora cluster endpoint, see `_connect.plan_connect`) or
+``primary``, a new connection that lands on a read-only server is closed and retried with
+backoff within the connect timeout, and so are connects that fail because the server is down
+or starting. Outside a recovery such a login fails at once with asyncpg's error, as on
+asyncpg's pool (whose ``min_size`` upkeep then backs off). Each retry is a new login: a
+fresh token, and a slot of the connect rate limit. Reader endpoints (``*.cluster-ro-*``) and
+``any``/``read-only`` pools accept any server.
 """
 
 from __future__ import annotations
@@ -452,7 +453,9 @@ class FailoverGuard:
         adds it as the listener (no proxies there).
         """
         self._opened_any = True
-        if self._recovering:
+        if self._recovering and epoch == self.epoch:
+            # A login begun since the event ends its recovery; one begun before it may have
+            # reached the old server (and a pool watches a connection after handing it out).
             self._recovering = False
             self.recoveries += 1
         classes = self._classes

@@ -382,6 +382,9 @@ class Recycler:
         for state in list(self._tracked.values()):
             state.due_at = None
         self._due.clear()
+        # A connection tracked from now on (its login ended as the pool closed) gets no
+        # deadline: nothing arms the timer again.
+        self._max_lifetime = None
         self._stale = 0
         for task in list(self._tasks):
             task.cancel()

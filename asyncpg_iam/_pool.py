@@ -419,32 +419,36 @@ class Pool(AsyncpgPool):
         """Watch and track a connection opened by the pool (see `_connection_opened`), whose
         login began at clock time `started`; `ended`, when no observer timed the login, is
         when it ended."""
-        if ended is not None:
-            observer = self._observer
-            if observer is not None:  # installed since: it has had the history already
-                observer.connection_created(ended - started)
-            elif len(self._unobserved_creates) < 1024:
-                self._unobserved_creates.append(ended - started)
         lost = self._failover.watch(con, epoch)
-        # The lifetime starts at the login, so connect and init time count against it.
+        # The lifetime starts at the login, so connect and init time count against it (with
+        # none once the pool is closing: `Recycler.cancel`).
         recycler = self._recycler
         recycler.track(con, started, also=lost)
         if con.is_closed():
             # Closed (by its user, the server or the pool) before this ran: asyncpg has called
             # its termination listeners, so the listener just added is called here.
             _asyncpg_pool.call_termination_listeners(con)
-            return
-        if recycler.is_due(con):
-            # Due already: it came due during its own login. Handed out before its deadline
-            # was known (otherwise the acquire's check sees it), it is used once: the
-            # recycler's timer retires it on release.
-            holder = _asyncpg_pool.find_holder(self, con)
-            if holder is not None and _asyncpg_pool.handed_out(holder):
-                self._note_due_on_handout()
-        if self._health is not None:
-            self._health.track(con)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("pool %s: opened connection (pid %s)", self._name, con.get_server_pid())
+        else:
+            if recycler.is_due(con):
+                # Due already: it came due during its own login. Handed out before its
+                # deadline was known (otherwise the acquire's check sees it), it is used once
+                # and closed on release, as `_retire_due` does.
+                holder = _asyncpg_pool.find_holder(self, con)
+                if holder is not None and _asyncpg_pool.handed_out(holder):
+                    recycler.retire_on_release(holder)
+                    self._note_due_on_handout()
+            if self._health is not None and not self.is_closing():
+                self._health.track(con)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "pool %s: opened connection (pid %s)", self._name, con.get_server_pid()
+                )
+        if ended is not None:  # last: an observer that raises leaves the rest done
+            observer = self._observer
+            if observer is not None:  # installed since: it has had the history already
+                observer.connection_created(ended - started)
+            elif len(self._unobserved_creates) < 1024:
+                self._unobserved_creates.append(ended - started)
 
     async def run_transaction(
         self,

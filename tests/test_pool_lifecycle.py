@@ -12,7 +12,7 @@ import pytest
 
 import asyncpg_iam
 from asyncpg_iam.testing import ManualClock, PostgresServer, RDSIAMEmulator, _leak_guard
-from tests._support import direct_kwargs, wait_for
+from tests._support import direct_kwargs, pool_kwargs, wait_for
 
 
 async def test_abandoned_pool_is_garbage_collected(postgres_server: PostgresServer) -> None:
@@ -155,3 +155,72 @@ async def test_connection_closed_before_it_is_tracked_leaves_nothing_behind(
         assert not pool._recycler.deadlines
         assert all(entry[2].due_at is None for entry in pool._recycler._due)
         assert await pool.fetchval("SELECT 1") == 1  # a new connection replaces it
+
+
+async def test_a_login_begun_before_a_failover_event_does_not_end_its_recovery(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """The pool watches a new connection after handing it out, so an event can come in
+    between: that connection's login began before the event (it may have reached the old
+    writer) and does not end the recovery; the next login does."""
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        guard = pool._failover
+        async with pool.acquire() as con:  # a new connection, not watched yet
+            assert guard.report_now("test")  # an event before it is watched
+            await asyncio.sleep(0)  # it is watched now, with the epoch its login began in
+            assert guard._recovering
+            assert guard.recoveries == 0
+            await con.fetchval("SELECT 1")
+        # The event retired it on release: this is a new login, begun after the event.
+        assert await pool.fetchval("SELECT 1") == 1
+        assert not guard._recovering
+        assert guard.recoveries == 1
+        assert pool.stats().failover_events == 1
+
+
+async def test_a_connection_opened_as_the_pool_terminates_arms_no_lifetime_timer(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """The pool's bookkeeping of a connection that runs after the pool began to close starts
+    no lifetime deadline (nothing would cancel its timer again) and counts the close."""
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=1, max_lifetime=60)
+    pool = await asyncpg_iam.create_pool(**kwargs)
+    await pool.acquire()  # a new connection, not tracked yet
+    pool.terminate()
+    # Its bookkeeping runs, then its termination listener.
+    await wait_for(lambda: sum(pool.stats().connections_closed.values()) == 1)
+    assert pool._recycler._timer is None
+    assert not pool._recycler._due
+    assert not pool._recycler._tracked
+
+
+async def test_a_connection_due_at_its_handout_is_closed_on_release(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A connection whose lifetime ran out during its own login (no setup: the acquire's check
+    ran before its deadline was known) is used once and closed on release, on any clock."""
+    clock = ManualClock(dt.datetime.now(dt.timezone.utc))
+    kwargs = pool_kwargs(
+        iam_emulator,
+        postgres_server,
+        min_size=0,
+        max_size=1,
+        max_lifetime=0.5,
+        max_lifetime_jitter=0,
+        clock=clock,
+    )
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        iam_emulator.pause_accepting()  # the login waits for the server
+        acquiring = asyncio.ensure_future(pool.acquire())
+        try:
+            await wait_for(lambda: pool._connector.counters.attempts == 1)
+            await asyncio.sleep(0.05)
+            await clock.advance(0.6)  # past the lifetime, during the login
+        finally:
+            iam_emulator.resume_accepting()
+        con = await asyncio.wait_for(acquiring, 10)
+        assert await con.fetchval("SELECT 1") == 1  # used once
+        await pool.release(con)
+        await wait_for(lambda: pool.stats().connections_closed.get("max_lifetime") == 1)
+        assert pool.stats().handed_out_due == 1
