@@ -485,17 +485,20 @@ async def test_no_token_kept_on_the_connection_or_given_to_query_loggers(
     iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
 ) -> None:
     """asyncpg keeps the ``password`` it was given on the connection and hands it to every
-    query logger (``LoggedQuery.conn_params``): that is the pool's callable, never a token."""
+    query logger (``LoggedQuery.conn_params``): that is the pool's callable, never a token,
+    also when the credentials are at hand and the token is had without waiting."""
     logged: list[Any] = []
-    kwargs = pool_kwargs(iam_emulator, postgres_server)
-    async with asyncpg_iam.create_pool(**kwargs) as pool, pool.acquire() as con:
-        con.add_query_logger(logged.append)
-        await con.fetchval("SELECT 1")
-        con.remove_query_logger(logged.append)
-        kept = con._con._params  # the pool's proxy wraps the connection asyncpg made
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=1, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        await pool.expire_connections()  # the next login finds the credentials cached
+        async with pool.acquire() as con:
+            con.add_query_logger(logged.append)
+            await con.fetchval("SELECT 1")
+            con.remove_query_logger(logged.append)
+            kept = con._con._params  # the pool's proxy wraps the connection asyncpg made
+    assert iam_emulator.logins_accepted == 2
     assert logged
     assert logged[0].conn_params is kept
-    assert iam_emulator.logins_accepted >= 1
     assert callable(kept.password)
     for text in (repr(kept), repr(logged[0]), repr(kept.password)):
         assert "X-Amz-Signature" not in text
