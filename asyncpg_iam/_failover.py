@@ -85,6 +85,8 @@ WRITER_ATTRS = frozenset({"read-write", "primary"})
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
 _DEFAULT_CONNECT_TIMEOUT = 60.0  # asyncpg.connect's default
+# A retry that times out with less than this left of the connect timeout spent all of it.
+_SPENT = 0.01
 
 
 # What asyncpg's pool passes to its ``connect=`` of its own (see `FailoverGuard.open`).
@@ -391,6 +393,10 @@ class FailoverGuard:
                 con, started = await self._connector.open(**kwargs)
             except Exception as failure:
                 remaining -= loop.time() - attempt_began
+                if isinstance(failure, asyncio.TimeoutError) and remaining < _SPENT:
+                    # The attempt had only what was left of the timeout, and ran out of it:
+                    # the caller gets the failure that was being retried, not the timeout.
+                    raise exc from failure
                 wait = self._retry_wait(failure, epoch, recoveries, remaining, delay)
                 exc = failure
             else:
