@@ -535,13 +535,11 @@ class TokenProvider:
 
     async def token(self, target: SigningTarget, record: TokenRecord | None = None) -> str:
         """Return a token for `target`, signed now or (with token_reuse) recently."""
-        # One clock read serves the credential check and the signing.
-        now = self._clock.now()
-        credentials = self.credentials.fresh(now)
-        if credentials is None:
-            credentials = await self.credentials.get()
-            now = self._clock.now()
-        return self._token(target, credentials, now, record)
+        token = self.token_now(target, record)
+        if token is not None:
+            return token
+        credentials = await self.credentials.get()
+        return self._token(target, credentials, self._clock.now(), record)
 
     def token_now(self, target: SigningTarget, record: TokenRecord | None = None) -> str | None:
         """`token` without waiting: the token, or None when the credentials must be fetched

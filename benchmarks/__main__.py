@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -83,6 +84,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="event loop to run every case on (default: %(default)s)",
     )
     parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not give this process and PostgreSQL their own CPUs in the cases that do "
+        "(connect, pool_overhead, metrics; see Environment.pinned)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=DEFAULT_OUTPUT,
@@ -100,13 +108,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 async def _run_cases(args: argparse.Namespace) -> tuple[list[_harness.CaseResult], dict]:
     needs_env = any(case.NEEDS_ENVIRONMENT for case in args.cases)
     results: list[_harness.CaseResult] = []
-    async with _maybe_environment(needs_env) as env:
+    async with _maybe_environment(needs_env, pin_cpus=args.pin) as env:
         for case in args.cases:
             print(f"-- {case.TITLE} ...", flush=True)
             gc.collect()
             started = time.perf_counter()
+            pinning: contextlib.AbstractContextManager[dict[str, list[int]] | None]
+            if env is not None and getattr(case, "PIN_CPUS", False):
+                pinning = env.pinned()
+            else:
+                pinning = contextlib.nullcontext()
             try:
-                result = await case.run(env, args.quick)
+                with pinning as cpus:
+                    result = await case.run(env, args.quick)
+                if cpus is not None:
+                    result.figures["cpus"] = cpus
+                    result.notes.append(
+                        f"This process ran on CPU {_cpus(cpus['client'])} and PostgreSQL on "
+                        f"CPU {_cpus(cpus['postgres'])} (see `Environment.pinned`)."
+                    )
             except Exception as exc:
                 traceback.print_exc()
                 result = _harness.CaseResult(case.NAME, case.TITLE)
@@ -128,11 +148,15 @@ async def _run_cases(args: argparse.Namespace) -> tuple[list[_harness.CaseResult
     return results, head
 
 
+def _cpus(cpus: list[int]) -> str:
+    return ", ".join(map(str, cpus))
+
+
 class _maybe_environment:
     """An `Environment` when some case needs one, else None."""
 
-    def __init__(self, needed: bool) -> None:
-        self._env = _harness.Environment() if needed else None
+    def __init__(self, needed: bool, *, pin_cpus: bool) -> None:
+        self._env = _harness.Environment(pin_cpus=pin_cpus) if needed else None
 
     async def __aenter__(self) -> _harness.Environment | None:
         if self._env is not None:

@@ -69,6 +69,8 @@ from ._shared import per_await, per_call, plot_cdfs, timed_connect, timed_pool_c
 NAME = "connect"
 TITLE = "1. Connect latency (new TLS connection through the emulator)"
 NEEDS_ENVIRONMENT = True
+# This process and PostgreSQL on their own CPUs (`Environment.pinned`).
+PIN_CPUS = True
 
 LABELS = {
     "a": "a) static password, accept-any emulator",

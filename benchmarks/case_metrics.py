@@ -54,6 +54,8 @@ from .case_pool_overhead import (
 NAME = "metrics"
 TITLE = "8. OpenTelemetry metrics overhead (acquire + SELECT 1 + release)"
 NEEDS_ENVIRONMENT = True
+# This process and PostgreSQL on their own CPUs (`Environment.pinned`).
+PIN_CPUS = True
 #: The instrumented pools, by the name their figures are kept under: (row label, histograms).
 INSTRUMENTED = {
     "on": ("every instrument on", True),

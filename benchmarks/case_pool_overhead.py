@@ -18,10 +18,11 @@ drift cancels; a distribution-free interval) and the ratio of the medians (drift
 cancel, so it moves about twice as much; a bootstrap interval over rounds). The target holds
 both to >= 0.98, and the A/A control's interval says how far from 1.0 noise alone reaches.
 
-The rounds are many and short: on a 2-CPU machine the client and PostgreSQL's backends share
-the CPUs, and one run's throughput (and its client CPU per query) moves by about 12 % (standard
-deviation) from the next, whatever its length, so the resolution comes from the number of
-rounds. They run in blocks, each with a fresh set of pools:
+The rounds are many and short: one run's throughput (and its client CPU per query) moves by
+about 12 % (standard deviation) from the next, whatever its length, so the resolution comes from
+the number of rounds. The client and PostgreSQL run on CPUs of their own (`Environment.pinned`):
+when they shared a 2-CPU machine's two, a round's throughput ranged over a factor of two and
+the interquartile range of the per-round ratios was twice as wide. They run in blocks, each with a fresh set of pools:
 a pool's particular connections can make it a little faster or slower than another's for its
 whole life.
 
@@ -57,6 +58,8 @@ from ._harness import (
 NAME = "pool_overhead"
 TITLE = "6. Pool overhead (acquire + SELECT 1 + release)"
 NEEDS_ENVIRONMENT = True
+# This process and PostgreSQL on their own CPUs (`Environment.pinned`).
+PIN_CPUS = True
 POOL_SIZE = 10
 WORKERS = 20
 BLOCKS = 8  # fresh sets of pools

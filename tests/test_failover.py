@@ -248,7 +248,7 @@ async def test_read_only_error_on_a_writer_pool_retires_and_retries(
 
 
 def _writer_kwargs_on_a_manual_clock(
-    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, **extra: Any
 ) -> tuple[ManualClock, dict[str, Any]]:
     clock = ManualClock(dt.datetime.now(dt.timezone.utc))
     kwargs = pool_kwargs(
@@ -258,6 +258,7 @@ def _writer_kwargs_on_a_manual_clock(
         max_size=1,
         target_session_attrs="read-write",
         clock=clock,
+        **extra,
     )
     return clock, kwargs
 
@@ -302,6 +303,31 @@ async def test_connect_retry_backoff_waits_on_the_pool_clock(
         assert stats.read_only_retries == 2
         assert stats.failover_events == 1
     finally:
+        await set_read_only(admin, postgres_server.dsn, on=False)
+        await admin.close()
+
+
+async def test_a_retry_that_runs_out_of_the_connect_timeout_raises_what_it_retried(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """The last retry gets what is left of the connect timeout; when it times out, the caller
+    gets the failure that was being retried (the server is read-only), not a TimeoutError."""
+    clock, kwargs = _writer_kwargs_on_a_manual_clock(iam_emulator, postgres_server, timeout=3)
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            acquiring = await _acquire_retrying(pool, admin, postgres_server.dsn, "failover_spent")
+            # Every login from now on outlasts what is left: the retry's own timeout fires.
+            iam_emulator.latency = 30.0
+            # The backoff ends late, with at most 0.1 s of the 3 s left for the retry.
+            await clock.jump(2.9)
+            with pytest.raises(asyncpg.TargetServerAttributeNotMatched):
+                await asyncio.wait_for(acquiring, 10)
+            stats = pool.stats()
+        assert stats.read_only_retries == 1
+        assert stats.failover_events == 1
+    finally:
+        iam_emulator.latency = 0.0
         await set_read_only(admin, postgres_server.dsn, on=False)
         await admin.close()
 
