@@ -408,7 +408,13 @@ class PoolInstrumentation:
         shared.members = (*shared.members, self)
 
     def uninstrument(self) -> None:
-        """Stop recording: the pool's observer is removed and callbacks report nothing."""
+        """Stop recording: the pool's observer is removed and callbacks report nothing.
+
+        The wait and use times still buffered are recorded first, at once: fewer than
+        `DRAIN_AT` pairs (about 50 ms of CPU at the SDK's 6.5 us a sample) unless releases
+        outpace the drain, and never more than `MAX_BUFFERED`. Call it where such a pause of
+        the event loop does no harm, at shutdown for instance.
+        """
         shared = self._shared
         shared.members = tuple(member for member in shared.members if member is not self)
         self._recorder.flush()

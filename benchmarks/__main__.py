@@ -124,8 +124,8 @@ async def _run_cases(args: argparse.Namespace) -> tuple[list[_harness.CaseResult
                 if cpus is not None:
                     result.figures["cpus"] = cpus
                     result.notes.append(
-                        f"This process ran on CPU {_cpus(cpus['client'])} and PostgreSQL on "
-                        f"CPU {_cpus(cpus['postgres'])} (see `Environment.pinned`)."
+                        f"This process ran on {_cpus(cpus['client'])} and PostgreSQL on "
+                        f"{_cpus(cpus['postgres'])} (see `Environment.pinned`)."
                     )
             except Exception as exc:
                 traceback.print_exc()
@@ -149,7 +149,7 @@ async def _run_cases(args: argparse.Namespace) -> tuple[list[_harness.CaseResult
 
 
 def _cpus(cpus: list[int]) -> str:
-    return ", ".join(map(str, cpus))
+    return ("CPU " if len(cpus) == 1 else "CPUs ") + ", ".join(map(str, cpus))
 
 
 class _maybe_environment:

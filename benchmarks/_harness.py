@@ -378,11 +378,12 @@ class Environment:
         the split, or None where there is nothing to split (one CPU, no `sched_setaffinity`,
         or ``--no-pin``).
 
-        On a 2-CPU machine the client and PostgreSQL's backends otherwise compete for the same
-        CPUs, and where the scheduler puts them moves a 0.25 s round's throughput by up to a
-        factor of two; on their own CPUs, as a client and its database server are in
-        production, the per-round spread is about half as wide. Cases that start servers of
-        their own do not use it: those would inherit this process's half.
+        On a 2-CPU machine the client and PostgreSQL's backends otherwise compete for both
+        CPUs, and where the scheduler puts them moves a round's throughput. On CPUs of their
+        own, as a client and its database server are in production, the client's CPU bounds a
+        pool's throughput, so what the pool adds per operation shows in full (see
+        docs/benchmarks.md for what it did to the spread). Cases that start servers of their
+        own do not use it: those would inherit this process's half.
         """
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
         if not self.pin_cpus or len(mine) < 2 or self.cluster is None:

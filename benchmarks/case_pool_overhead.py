@@ -20,11 +20,10 @@ both to >= 0.98, and the A/A control's interval says how far from 1.0 noise alon
 
 The rounds are many and short: one run's throughput (and its client CPU per query) moves by
 about 12 % (standard deviation) from the next, whatever its length, so the resolution comes from
-the number of rounds. The client and PostgreSQL run on CPUs of their own (`Environment.pinned`):
-when they shared a 2-CPU machine's two, a round's throughput ranged over a factor of two and
-the interquartile range of the per-round ratios was twice as wide. They run in blocks, each with a fresh set of pools:
-a pool's particular connections can make it a little faster or slower than another's for its
-whole life.
+the number of rounds. The client and PostgreSQL run on CPUs of their own (`Environment.pinned`),
+so the client's CPU bounds the throughput and what a pool adds per operation shows in full.
+They run in blocks, each with a fresh set of pools: a pool's particular connections can make
+it a little faster or slower than another's for its whole life.
 
 A third measurement isolates the pools' own code: one connection, a no-op ``reset`` (so a
 release sends nothing to the server), one task looping acquire + release, timed in CPU seconds

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+import pytest
+
+from benchmarks._harness import Environment, _postmaster_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,3 +145,36 @@ def test_quick_proxy_case_counts_no_pins_for_this_pool(tmp_path: Path) -> None:
         assert clients[name]["sessions"] >= 1
         assert clients[name]["pinned"] == 0, clients[name]
     assert clients["asyncpg"]["pinned_by_cause"] == {"library": clients["asyncpg"]["sessions"]}
+
+
+async def test_pinned_gives_this_process_and_postgresql_cpus_of_their_own() -> None:
+    """`Environment.pinned` splits the CPUs: this process on one part, PostgreSQL (the
+    postmaster and every backend forked meanwhile) on the other; both get them all back."""
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        pytest.skip("one CPU: nothing to split")
+    async with Environment(max_connections=20) as env:
+        assert env.cluster is not None
+        postmaster = _postmaster_pid(env.cluster.data_dir)
+        with env.pinned() as cpus:
+            assert cpus is not None
+            client, server = set(cpus["client"]), set(cpus["postgres"])
+            assert client
+            assert server
+            assert not client & server
+            assert client | server == mine
+            assert os.sched_getaffinity(0) == client
+            assert os.sched_getaffinity(postmaster) == server
+            con = await asyncpg.connect(**env.direct_kwargs())
+            try:
+                backend = await con.fetchval("SELECT pg_backend_pid()")
+                assert os.sched_getaffinity(backend) == server
+            finally:
+                await con.close()
+        assert os.sched_getaffinity(0) == mine
+        assert os.sched_getaffinity(postmaster) == mine
+    unpinned = Environment(pin_cpus=False)
+    unpinned.cluster = env.cluster  # started or not, --no-pin splits nothing
+    with unpinned.pinned() as cpus:
+        assert cpus is None
+        assert os.sched_getaffinity(0) == mine
