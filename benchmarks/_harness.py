@@ -41,6 +41,7 @@ from asyncpg_iam.testing import (
     isolated_aws_environment,
 )
 from asyncpg_iam.testing._isolation import patched_environ
+from asyncpg_iam.testing._postgres import postmaster_pid
 
 __all__ = [
     "CaseResult",
@@ -392,7 +393,7 @@ class Environment:
         half = len(mine) // 2
         client, server = mine[:half], mine[half:]
         try:
-            postmaster = _postmaster_pid(self.cluster.data_dir)
+            postmaster = postmaster_pid(self.cluster.data_dir)
             _set_affinity([postmaster, *_children_of(postmaster)], server)
         except PermissionError:  # PostgreSQL runs as another user, and this one may not
             yield None
@@ -416,10 +417,6 @@ class Environment:
         env.update(server.env())
         with patched_environ(env):
             yield
-
-
-def _postmaster_pid(data_dir: Path) -> int:
-    return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
 
 
 def _children_of(pid: int) -> list[int]:

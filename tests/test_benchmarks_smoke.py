@@ -12,7 +12,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from benchmarks._harness import Environment, _postmaster_pid
+from asyncpg_iam.testing._postgres import postmaster_pid
+from benchmarks._harness import Environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +156,7 @@ async def test_pinned_gives_this_process_and_postgresql_cpus_of_their_own() -> N
         pytest.skip("one CPU: nothing to split")
     async with Environment(max_connections=20) as env:
         assert env.cluster is not None
-        postmaster = _postmaster_pid(env.cluster.data_dir)
+        postmaster = postmaster_pid(env.cluster.data_dir)
         with env.pinned() as cpus:
             assert cpus is not None
             client, server = set(cpus["client"]), set(cpus["postgres"])

@@ -93,6 +93,11 @@ def find_postgres_bin(*, search_root: str | os.PathLike[str] = "/usr/lib/postgre
     raise PostgresNotFoundError(f"no initdb on PATH or in {search_root}/*/bin: {_INSTALL_HINT}")
 
 
+def postmaster_pid(data_dir: Path) -> int:
+    """The process id of the postmaster running on `data_dir` (from its ``postmaster.pid``)."""
+    return int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
@@ -543,9 +548,8 @@ class PostgresCluster:
         )
 
     def _kill_postmaster(self, data: Path) -> None:
-        pid_file = data / "postmaster.pid"
         with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int(pid_file.read_text().splitlines()[0])
+            pid = postmaster_pid(data)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
