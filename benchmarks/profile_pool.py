@@ -1,7 +1,7 @@
 """Where a pool's per-operation time goes, by measures that do not move with the machine's load.
 
 ``python -m benchmarks.profile_pool [--ops N] [--loop uvloop] [--path direct,emulator]``
-``python -m benchmarks.profile_pool --connect [--ops N] [--syscalls]``
+``python -m benchmarks.profile_pool --connect [--ops N] [--syscalls | --until-handout]``
 
 Runs case 6's workload (min_size = max_size = 10, 20 workers looping acquire, ``SELECT 1``,
 release) a fixed number of operations on ``asyncpg.Pool`` and on ``asyncpg_iam.Pool``, in the
@@ -21,7 +21,10 @@ same process, interleaved, and reports per operation:
 With ``--connect`` it profiles case 1's connect pair instead: one new connection per acquire
 (max_size 1, the connection expired before release), through the verifying emulator, of
 ``asyncpg.Pool`` with a token signed once as a static password (the fair floor, ``f_pool``) and
-of ``asyncpg_iam.Pool`` (``e_pool``); the figures are then per connect.
+of ``asyncpg_iam.Pool`` (``e_pool``); the figures are then per connect. With
+``--until-handout`` they count only the stretch case 1 times, from the call of ``acquire()`` to
+the handout (`Window`): the pool defers its bookkeeping of a new connection until after it,
+so a whole connect's count holds work that costs CPU but no connect latency.
 
 Instruction and call counts are properties of the code path, not of the machine's speed: they
 say what the pool adds, where a throughput ratio on a shared machine can only bound it.
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +88,21 @@ class Callgrind:
         self._lib.cg_zero()
         self._lib.cg_toggle()
 
+    def zero(self) -> None:
+        """Forget what was counted so far (collection stays as it is)."""
+        self._lib.cg_zero()
+
+    def toggle(self) -> None:
+        """Switch collection on if it is off, off if it is on."""
+        self._lib.cg_toggle()
+
     def stop(self, label: str) -> int:
         """Stop collecting, dump the counts under `label`; return the instructions counted."""
         self._lib.cg_toggle()
+        return self.dump(label)
+
+    def dump(self, label: str) -> int:
+        """Dump the counts under `label`; return the instructions counted."""
         before = set(self._out_dir.glob(f"callgrind.out.{self._pid}*"))
         self._lib.cg_dump(label.encode())
         after = set(self._out_dir.glob(f"callgrind.out.{self._pid}*")) - before
@@ -164,10 +180,16 @@ async def _operations(pool: Any, count: int) -> None:
     await asyncio.gather(*(worker(share + (i < extra)) for i in range(WORKERS)))
 
 
-async def _connects(pool: Any, count: int) -> None:
-    """Open `count` new connections through `pool` (case 1's pool sample, untimed)."""
+async def _connects(pool: Any, count: int, window: Window | None = None) -> None:
+    """Open `count` new connections through `pool` (case 1's pool sample, untimed); with a
+    `window`, its ``begin()`` and ``end()`` are called around each acquire."""
     for _ in range(count):
-        proxy = await pool.acquire()
+        if window is not None:
+            window.begin()
+            proxy = await pool.acquire()
+            window.end()
+        else:
+            proxy = await pool.acquire()
         await pool.expire_connections()
         await pool.release(proxy)
 
@@ -186,11 +208,42 @@ def _calls(stats: pstats.Stats) -> dict[str, int]:
     return found
 
 
-async def _profiled(pool: Any, count: int, work: Any) -> dict[str, int]:
+class Window:
+    """The stretch measured of each connect with ``--until-handout``: from the call of
+    ``acquire()`` to the connection's handout, the stretch case 1 times.
+
+    Work the pool defers until after the handout (watching and tracking the connection, the
+    close) is left out; it costs CPU, not connect latency.
+    """
+
+    def __init__(self, begin: Callable[[], object], end: Callable[[], object]) -> None:
+        self.begin = begin
+        self.end = end
+
+
+class _CPUWindow(Window):
+    """Adds up the thread's CPU time inside the window."""
+
+    def __init__(self) -> None:
+        super().__init__(self._begin, self._end)
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def _begin(self) -> None:
+        self._started = time.thread_time()
+
+    def _end(self) -> None:
+        self.seconds += time.thread_time() - self._started
+
+
+async def _profiled(pool: Any, count: int, work: Any, windowed: bool = False) -> dict[str, int]:
     profiler = cProfile.Profile()
-    profiler.enable()
-    await work(pool, count)
-    profiler.disable()
+    if windowed:
+        await work(pool, count, Window(profiler.enable, profiler.disable))
+    else:
+        profiler.enable()
+        await work(pool, count)
+        profiler.disable()
     return _calls(pstats.Stats(profiler))
 
 
@@ -201,12 +254,16 @@ async def _measure_pair(
     callgrind: Callgrind | None,
     work: Any = _operations,
     strace: Strace | None = None,
+    windowed: bool = False,
 ) -> dict[str, Any]:
     """Count calls, instructions and CPU time per operation (`work` on a pool: case 6's
-    operations, or `_connects`) for each pool, interleaved; system calls too with `strace`."""
+    operations, or `_connects`) for each pool, interleaved; system calls too with `strace`.
+
+    `windowed` (`_connects` only): count inside each connect's `Window` alone.
+    """
     for pool in pools.values():
         await work(pool, ops)  # warm: statement caches, codecs, the loop
-    calls = {name: await _profiled(pool, ops, work) for name, pool in pools.items()}
+    calls = {name: await _profiled(pool, ops, work, windowed) for name, pool in pools.items()}
     syscalls = {}
     if strace is not None:
         syscalls = {name: await strace.count(work, pool, ops) for name, pool in pools.items()}
@@ -216,10 +273,20 @@ async def _measure_pair(
         order = list(pools) if index % 2 == 0 else list(reversed(pools))
         for name in order:
             pool = pools[name]
+            if callgrind is not None and windowed:
+                callgrind.zero()
+                await work(pool, ops, Window(callgrind.toggle, callgrind.toggle))
+                instructions[name].append(callgrind.dump(f"{name}-{index}") / ops)
+                continue
             if callgrind is not None:  # CPU time under valgrind says nothing
                 callgrind.start()
                 await work(pool, ops)
                 instructions[name].append(callgrind.stop(f"{name}-{index}") / ops)
+                continue
+            if windowed:
+                window = _CPUWindow()
+                await work(pool, ops, window)
+                cpu[name].append(window.seconds / ops * 1e6)
                 continue
             started = time.process_time()
             await work(pool, ops)
@@ -390,12 +457,21 @@ async def _run_connect(
     }
     try:
         found = await _measure_pair(
-            pools, args.ops, args.rounds, callgrind, _connects, strace=_strace(args)
+            pools,
+            args.ops,
+            args.rounds,
+            callgrind,
+            _connects,
+            strace=_strace(args),
+            windowed=args.until_handout,
         )
     finally:
         for pool in pools.values():
             await pool.close()
-    return _report("connect through the verifying emulator", args.ops, found, args.loop, "connect")
+    what = "connect through the verifying emulator"
+    if args.until_handout:
+        what += ", until the handout (CPU: this thread's)"
+    return _report(what, args.ops, found, args.loop, "connect")
 
 
 def _strace(args: argparse.Namespace) -> Strace | None:
@@ -431,7 +507,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="profile case 1's connect pair (f_pool, e_pool) per connect instead",
     )
+    parser.add_argument(
+        "--until-handout",
+        action="store_true",
+        help="with --connect: count only from each acquire's call to its handout",
+    )
     args = parser.parse_args(argv)
+    if args.until_handout and not args.connect:
+        parser.error("--until-handout goes with --connect")
+    if args.until_handout and args.syscalls:
+        parser.error("--syscalls counts whole connects: run it without --until-handout")
     args.path = [p.strip() for p in args.path.split(",") if p.strip()]
     args.pools = [p.strip() for p in args.pools.split(",") if p.strip()]
     unknown = sorted(set(args.pools) - set(POOLS))

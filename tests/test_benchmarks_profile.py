@@ -1,4 +1,4 @@
-"""benchmarks.profile_pool's system call counts: strace's summary read right, and a real count."""
+"""benchmarks.profile_pool: strace's summary read right, a real count, the handout window."""
 
 from __future__ import annotations
 
@@ -47,3 +47,35 @@ async def test_strace_counts_the_system_calls_of_a_stretch() -> None:
     finally:
         sock.close()
     assert counts.get("setsockopt", 0) >= 50
+
+
+async def test_until_handout_counts_each_acquire_alone() -> None:
+    """``--until-handout`` profiles only from each acquire's call to its handout: the pool's
+    bookkeeping of a new connection, which runs after the handout (`Pool._adopt`), is in a
+    whole connect's calls and not in the window's, while each login is in both."""
+    import asyncpg_iam
+    from benchmarks._harness import Environment
+
+    async with Environment(max_connections=20) as env:
+        pool = await asyncpg_iam.create_pool(
+            **env.iam_kwargs(), iam=env.iam_auth(), min_size=0, max_size=1
+        )
+        try:
+            pools = {"e_pool": pool}
+            window = await profile_pool._measure_pair(
+                pools, 5, 1, None, profile_pool._connects, windowed=True
+            )
+            whole = await profile_pool._measure_pair(pools, 5, 1, None, profile_pool._connects)
+        finally:
+            await pool.close()
+
+    def calls(found: dict[str, object], function: str) -> int:
+        by_function = found["calls"]["e_pool"]  # type: ignore[index]
+        return sum(n for key, n in by_function.items() if key.endswith(f"({function})"))
+
+    assert calls(whole, "_adopt") == 5
+    assert calls(window, "_adopt") == 0
+    assert calls(window, "_login") >= 5
+    assert calls(whole, "_login") == calls(window, "_login")
+    [cpu] = window["cpu_us"]["e_pool"]
+    assert cpu > 0
