@@ -85,8 +85,9 @@ class Callgrind:
         return "vgpreload" in os.environ.get("LD_PRELOAD", "")
 
     def start(self) -> None:
-        self._lib.cg_zero()
-        self._lib.cg_toggle()
+        """Count from zero, collecting from now."""
+        self.zero()
+        self.toggle()
 
     def zero(self) -> None:
         """Forget what was counted so far (collection stays as it is)."""
