@@ -14,8 +14,10 @@ assignment when a subclass is made, so asyncpg calls it without a layer in betwe
 subclass calls asyncpg's own through `asyncpg_start`. New connections are asyncpg's own
 (``_get_new_connection``, no call around it) unless `observe_new_connections` puts one there.
 Its ``_acquire`` is asyncpg's acquire, rewritten as one coroutine with the lifetime check in it
-(asyncpg's is two, see `AsyncpgPool._acquire`). Recycling and failover handling use the holder
-functions below (retire on release, close an idle connection, retire them all).
+(asyncpg's is two, see `AsyncpgPool._acquire`); its ``acquire`` hands out asyncpg's acquire
+context, or `TimedAcquireContext` while wait and use times are recorded. Recycling and failover
+handling use the holder functions below (retire on release, close an idle connection, retire
+them all).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "REFILLS_MIN_SIZE",
     "SUPPORTED_ASYNCPG",
     "AsyncpgPool",
+    "TimedAcquireContext",
     "add_termination_listener",
     "asyncpg_version",
     "call_termination_listeners",
@@ -159,9 +162,6 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
         if self._closing:
             raise asyncpg.InterfaceError("pool is closing")
         self._check_init()
-        times = self._acquire_times
-        if times is not None:
-            started = self._now()
         while True:
             holder = await self._queue.get()
             con = holder._con
@@ -179,11 +179,21 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
             # Due: retired (try another), or opened by this very acquire (handed out once).
             if not await self._retire_due(proxy, proxy._con is not con):
                 break
-        if times is not None:
-            now = self._now()
-            times.waits.append(now - started)
-            times.acquired[holder] = now
         return proxy
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        """Acquire a connection: ``async with pool.acquire() as con:``, or
+        ``con = await pool.acquire()`` and then ``await pool.release(con)``.
+
+        `timeout` bounds the wait for a free connection, a new connection's login included
+        (asyncpg's `asyncpg.Pool.acquire`). While wait and use times are recorded (an observer
+        installed with `asyncpg_iam.Pool.set_observer` that wants them), the context records
+        them itself.
+        """
+        times = self._acquire_times
+        if times is None:
+            return asyncpg.pool.PoolAcquireContext(self, timeout)
+        return TimedAcquireContext(self, timeout, times)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,6 +201,63 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
             method = cls.__dict__.get(ours)
             if method is not None:
                 setattr(cls, hook, method)
+
+
+class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc]
+    """asyncpg's acquire context, for a pool that records wait and use times into `times` (an
+    `AcquireTimes`).
+
+    ``async with pool.acquire()``, the common use, keeps its handout's clock time in the
+    context and releases through asyncpg's own ``release``: no lookup by holder, no call
+    around the release. ``await pool.acquire()`` records the handout's time by holder, where
+    the pool's `timed_release` finds it. Both record the wait time.
+    """
+
+    # Added to asyncpg's (pool, timeout, connection, done), which mypy does not see as slots.
+    __slots__ = ("_began", "_times")
+    connection: Any
+
+    def __init__(self, pool: AsyncpgPool, timeout: float | None, times: Any) -> None:
+        # asyncpg's __init__, inline: one frame a context, not two.
+        self.pool = pool  # type: ignore[misc]  # asyncpg's slots, as below
+        self.timeout = timeout  # type: ignore[misc]
+        self.connection = None
+        self.done = False  # type: ignore[misc]
+        self._times = times
+
+    async def __aenter__(self) -> Any:
+        if self.connection is not None or self.done:
+            raise asyncpg.InterfaceError("a connection is already acquired")
+        pool = self.pool
+        started = pool._now()
+        self.connection = proxy = await pool._acquire(self.timeout)
+        self._began = began = pool._now()
+        self._times.waits.append(began - started)
+        return proxy
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.done = True  # type: ignore[misc]
+        proxy, self.connection = self.connection, None
+        pool, times = self.pool, self._times
+        uses = times.uses
+        uses.append(pool._now() - self._began)
+        if len(uses) >= times.spill_at:
+            times.spill()
+        await asyncpg.pool.Pool.release(pool, proxy)
+
+    def __await__(self) -> Any:
+        self.done = True  # type: ignore[misc]
+        return _acquire_timed(self.pool, self.timeout, self._times).__await__()
+
+
+async def _acquire_timed(pool: AsyncpgPool, timeout: float | None, times: Any) -> Any:
+    # ``await pool.acquire()``: the handout's time goes by holder to the pool's `timed_release`.
+    started = pool._now()
+    proxy = await pool._acquire(timeout)
+    now = pool._now()
+    times.waits.append(now - started)
+    times.acquired[proxy._holder] = now
+    return proxy
 
 
 def initialized(pool: Any) -> bool:

@@ -82,6 +82,19 @@ def test_pool_acquire_is_the_code_the_adapter_rewrites() -> None:
     assert [line for line in lines if line] == expected
 
 
+def test_acquire_context_is_what_the_timed_context_follows() -> None:
+    """asyncpg's acquire context has the four slots `TimedAcquireContext` sets itself, and
+    enters, leaves and awaits the way it rewrites."""
+    context = asyncpg.pool.PoolAcquireContext
+    assert set(context.__slots__) == {"pool", "timeout", "connection", "done"}
+    assert "return PoolAcquireContext(self, timeout)" in inspect.getsource(
+        asyncpg.pool.Pool.acquire
+    )
+    assert "await self.pool._acquire(self.timeout)" in inspect.getsource(context.__aenter__)
+    assert "await self.pool.release(con)" in inspect.getsource(context.__aexit__)
+    assert "self.pool._acquire(self.timeout).__await__()" in inspect.getsource(context.__await__)
+
+
 def test_pool_queue_keeps_its_waiting_getters() -> None:
     """An asyncio queue keeps the futures of waiting get() calls in _getters (waiting_acquires)."""
     queue: asyncio.Queue[int] = asyncio.LifoQueue()
