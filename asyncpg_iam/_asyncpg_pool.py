@@ -1,4 +1,5 @@
-"""asyncpg's private pool internals, behind one adapter: the only module that names them.
+"""asyncpg's private internals (pool, connect), behind one adapter: the only module that names
+them.
 
 `Pool` subclasses `asyncpg.Pool` and relies on what asyncpg does not publish: the hooks it
 overrides (``_acquire``, ``_get_new_connection``, ``_async__init__``), the pool's holders
@@ -17,7 +18,8 @@ Its ``_acquire`` is asyncpg's acquire, rewritten as one coroutine with the lifet
 (asyncpg's is two, see `AsyncpgPool._acquire`); its ``acquire`` hands out asyncpg's acquire
 context, or `TimedAcquireContext` while wait and use times are recorded. Recycling and failover
 handling use the holder functions below (retire on release, close an idle connection, retire
-them all).
+them all). `parse_connect` and `connect_parsed` split ``asyncpg.connect`` in two: its argument
+parsing, which a connector does once per endpoint, and its connect to one address.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from typing import Any
 
 import asyncpg
 import asyncpg.compat
+import asyncpg.connect_utils
 import asyncpg.connection
 import asyncpg.pool
 
 __all__ = [
+    "PARSE_PARAMETERS",
     "REFILLS_MIN_SIZE",
     "SUPPORTED_ASYNCPG",
     "AsyncpgPool",
@@ -43,6 +47,7 @@ __all__ = [
     "add_termination_listener",
     "asyncpg_version",
     "call_termination_listeners",
+    "connect_parsed",
     "connection_endpoints",
     "connection_of",
     "empty_idle_holder",
@@ -53,6 +58,8 @@ __all__ = [
     "initialized",
     "observe_new_connections",
     "open_holders",
+    "parse_connect",
+    "parse_connect_arguments",
     "put_back",
     "reconnect",
     "reset_once",
@@ -258,6 +265,99 @@ async def _acquire_timed(pool: AsyncpgPool, timeout: float | None, times: Any) -
     times.waits.append(now - started)
     times.acquired[proxy._holder] = now
     return proxy
+
+
+#: asyncpg's connect arguments for one address, parsed (`parse_connect`): (addr, params, config).
+ParsedConnect = tuple[Any, Any, Any]
+
+# The parameter names of asyncpg's argument parser, read without `inspect.signature` (a third of
+# a millisecond of every cold start); tests/test_asyncpg_internals.py checks they agree.
+_PARSE_CODE = asyncpg.connect_utils._parse_connect_arguments.__code__
+#: The parameters of asyncpg's argument parser: asyncpg.connect's keywords but ``loop``,
+#: ``timeout``, ``connection_class`` and ``record_class``.
+PARSE_PARAMETERS: tuple[str, ...] = _PARSE_CODE.co_varnames[
+    : _PARSE_CODE.co_argcount + _PARSE_CODE.co_kwonlyargcount
+]
+
+_SESSION_ANY = asyncpg.connect_utils.SessionAttribute.any
+# Where the password sits in asyncpg's connection parameters (a named tuple): a login's is put
+# there with slices and one C call, not the tuple's `_replace` (two Python calls, each connect).
+_PASSWORD_AT = asyncpg.connect_utils._ConnectionParameters._fields.index("password")
+# asyncpg 0.32 signals a server that cannot accept connections yet (tried next, if any).
+_NEXT_HOST: tuple[type[BaseException], ...] = tuple(
+    getattr(asyncpg.connect_utils, name)
+    for name in ("_NextHostSignal",)
+    if hasattr(asyncpg.connect_utils, name)
+)
+
+
+def parse_connect_arguments(arguments: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Parse `arguments` (each of `PARSE_PARAMETERS`, as ``asyncpg.connect`` passes them) as
+    ``asyncpg.connect`` does on each call: (addresses, params, config). Raises what asyncpg
+    raises for bad ones."""
+    addrs, params, config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
+    return addrs, params, config
+
+
+def parse_connect(arguments: dict[str, Any]) -> ParsedConnect | None:
+    """`parse_connect_arguments` for `connect_parsed`; None when `arguments` name more than
+    one address (``asyncpg.connect`` then tries each)."""
+    addrs, params, config = parse_connect_arguments(arguments)
+    if len(addrs) != 1:
+        return None
+    return addrs[0], params, config
+
+
+async def connect_parsed(parsed: ParsedConnect, password: Any, kwargs: dict[str, Any]) -> Any:
+    """``asyncpg.connect(**kwargs)``, whose parse is `parsed`, with `password`: asyncpg's
+    connect to one address without parsing its arguments again, in one coroutine (asyncpg's
+    are two, each resumed at every await of a login).
+
+    Kept from asyncpg: the checks of ``connection_class`` and ``record_class`` (read from
+    `kwargs`, with ``loop`` and ``timeout``), the timeout over the whole connect, the check of
+    ``target_session_attrs`` (a connection that fails it is terminated) and the errors;
+    ``tests/test_asyncpg_internals.py`` pins the code this follows.
+    """
+    addr, params, config = parsed
+    connection_class = kwargs.get("connection_class", asyncpg.Connection)
+    if not issubclass(connection_class, asyncpg.Connection):
+        raise asyncpg.InterfaceError(
+            "connection_class is expected to be a subclass of "
+            f"asyncpg.Connection, got {connection_class!r}"
+        )
+    record_class = kwargs.get("record_class", asyncpg.Record)
+    if record_class is not asyncpg.Record:
+        asyncpg.connection._check_record_class(record_class)
+    loop = kwargs.get("loop") or asyncio.get_running_loop()
+    async with asyncpg.compat.timeout(kwargs.get("timeout", 60)):
+        try:
+            con = await asyncpg.connect_utils._connect_addr(
+                addr=addr,
+                loop=loop,
+                params=tuple.__new__(
+                    type(params), (*params[:_PASSWORD_AT], password, *params[_PASSWORD_AT + 1 :])
+                ),
+                config=config,
+                connection_class=connection_class,
+                record_class=record_class,
+            )
+        except _NEXT_HOST as signal:
+            if signal.__cause__ is None:
+                raise
+            raise signal.__cause__ from None  # what asyncpg raises when no host is left
+        attrs = params.target_session_attrs
+        if attrs is not _SESSION_ANY:
+            try:
+                usable = await asyncpg.connect_utils._can_use_connection(con, attrs)
+            except BaseException:
+                con.terminate()
+                raise
+            if not usable:
+                con.terminate()
+                raise asyncpg.TargetServerAttributeNotMatched(
+                    f"None of the hosts match the target attribute requirement {attrs!r}"
+                )
+    return con
 
 
 def initialized(pool: Any) -> bool:

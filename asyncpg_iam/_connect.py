@@ -36,6 +36,13 @@ from asyncpg.exceptions import (
 )
 
 from . import _options, _proxy
+from ._asyncpg_pool import (
+    PARSE_PARAMETERS,
+    ParsedConnect,
+    connect_parsed,
+    parse_connect,
+    parse_connect_arguments,
+)
 from ._auth import IAMAuth, SigningTarget, TokenProvider, TokenRecord, failure_context
 from ._clock import SYSTEM_CLOCK, Clock
 from ._dsn import DSN, parse_dsn
@@ -63,14 +70,9 @@ __all__ = ["ConnectCounters", "ConnectPlan", "Connector", "plan_connect"]
 
 logger = logging.getLogger("asyncpg_iam.connect")
 
-# asyncpg.connect(dsn=None, *, ...)'s defaults and the parameter names of its argument parser,
-# read without `inspect.signature` (a third of a millisecond of every cold start);
-# tests/test_asyncpg_internals.py checks they agree.
+# asyncpg.connect(dsn=None, *, ...)'s defaults, read without `inspect.signature` (a third of a
+# millisecond of every cold start); tests/test_asyncpg_internals.py checks they agree.
 _CONNECT_DEFAULTS = {"dsn": None, **(asyncpg.connect.__kwdefaults__ or {})}
-_PARSE_CODE = asyncpg.connect_utils._parse_connect_arguments.__code__
-_PARSE_PARAMETERS = _PARSE_CODE.co_varnames[
-    : _PARSE_CODE.co_argcount + _PARSE_CODE.co_kwonlyargcount
-]
 # Settings the plan resolves itself; each connect passes the resolved values explicitly.
 _RESOLVED = frozenset(
     {
@@ -92,6 +94,11 @@ _RESOLVED = frozenset(
     }
 )
 _SESSION_ATTRS = tuple(a.value for a in asyncpg.connect_utils.SessionAttribute)
+# asyncpg.connect's keywords that its argument parser does not take: read on each connect.
+_PER_CONNECT = frozenset({"loop", "timeout", "connection_class", "record_class"})
+_CONNECT_KEYWORDS = frozenset(PARSE_PARAMETERS) | _PER_CONNECT
+# Endpoints (host, port, target_session_attrs) whose parsed arguments a connector keeps.
+_MAX_PARSED = 64
 # Keywords a plan takes besides asyncpg.connect's: libpq's TLS parameters (sslrootcert, ...)
 # and RDS Proxy's.
 _PLAN_KEYWORDS = TLS_KEYWORDS | {_proxy.KEYWORD}
@@ -229,12 +236,17 @@ def _check_session_attrs(value: Any) -> None:
         )
 
 
+def _parse_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Return what asyncpg.connect(**kwargs) passes its argument parser."""
+    return {name: kwargs.get(name, _CONNECT_DEFAULTS.get(name)) for name in PARSE_PARAMETERS}
+
+
 def _parse(dsn: str | None, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
     """Parse connection settings exactly as asyncpg will, without connecting."""
-    arguments = {name: kwargs.get(name, _CONNECT_DEFAULTS.get(name)) for name in _PARSE_PARAMETERS}
+    arguments = _parse_arguments(kwargs)
     arguments["dsn"] = dsn
     try:
-        addrs, params, _config = asyncpg.connect_utils._parse_connect_arguments(**arguments)
+        addrs, params, _config = parse_connect_arguments(arguments)
     except (
         ClientConfigurationError,
         ValueError,
@@ -548,6 +560,8 @@ class Connector:
         self._clock = clock
         self._now = clock.monotonic
         self._connect = connect
+        # asyncpg.connect itself: a login then parses its arguments once per endpoint.
+        self._direct = connect is asyncpg.connect
         self.provider = provider
         self.counters = ConnectCounters()
         self._bucket = (
@@ -613,6 +627,9 @@ class Connector:
         self.plan, self.targets = plan, targets
         # The connect arguments every login starts from (asyncpg only reads them).
         self._kwargs = plan.asyncpg_kwargs()
+        # asyncpg's parse of them, by (host, port, target_session_attrs); () where
+        # asyncpg.connect must parse them itself (`_parse_endpoint`).
+        self._parsed: dict[tuple[str, int, str | None], ParsedConnect | tuple[()]] = {}
         # The plan's connect timeout (None: asyncpg's default), read on every connect.
         self.plan_timeout: Any = plan.connect_kwargs.get("timeout")
         # (timeout, the connect's own share of it) of a login given no timeout of its own.
@@ -875,7 +892,15 @@ class Connector:
                 await _wait_at_gate(waiting, target.host, target.port, budget, kwargs, reserve=True)
             started = self._now()
             try:
-                con = await self._connect(**kwargs)
+                parsed: ParsedConnect | tuple[()] | None = ()
+                if self._direct and extra.keys() <= _PER_CONNECT:
+                    parsed = self._parsed.get((target.host, target.port, attrs))
+                    if parsed is None:
+                        parsed = self._parse_endpoint(target, attrs)
+                if parsed:
+                    con = await connect_parsed(parsed, password, kwargs)
+                else:
+                    con = await self._connect(**kwargs)
                 password.signed_at = password.credentials_expiry = None  # `forget`, inline
             except InvalidAuthorizationSpecificationError as exc:
                 if isinstance(exc, IAMAuthenticationError) or not is_iam_refusal(exc):
@@ -906,6 +931,31 @@ class Connector:
             return guard.first_opened(con, started, epoch)
         # Outside the handler: a retry's own failure does not chain this one.
         return await guard.first_failed(failure, epoch, recoveries, began, extra)
+
+    def _parse_endpoint(
+        self, target: SigningTarget, attrs: str | None
+    ) -> ParsedConnect | tuple[()]:
+        """Parse the arguments of a login to `target` as asyncpg.connect does on every call,
+        once per plan, endpoint and `attrs`; () when asyncpg.connect must (an argument it
+        refuses, which it then raises where it always did, or more than one address).
+
+        Environment variables asyncpg reads for what the plan leaves unset are read here.
+        """
+        parsed: ParsedConnect | tuple[()] = ()
+        if self._kwargs.keys() <= _CONNECT_KEYWORDS:
+            arguments = _parse_arguments(self._kwargs)
+            # The login's own; the password is each login's (`connect_parsed`), and one given
+            # here keeps asyncpg from looking for another.
+            arguments.update(host=target.host, port=target.port, target_session_attrs=attrs)
+            arguments["password"] = ""
+            try:
+                parsed = parse_connect(arguments) or ()
+            except Exception:  # asyncpg.connect raises it
+                parsed = ()
+        if len(self._parsed) >= _MAX_PARSED:
+            self._parsed.clear()
+        self._parsed[(target.host, target.port, attrs)] = parsed
+        return parsed
 
     async def _login_any(self, extra: Mapping[str, Any], tsa: str) -> tuple[Any, float]:
         """Log in to the first endpoint that answers and has the wanted role (one attempt)."""

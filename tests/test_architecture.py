@@ -134,13 +134,17 @@ def test_the_command_line_imports_testing_only_when_emulate_or_demo_runs() -> No
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
-# asyncpg's private pool names (pool, holder, proxy): only the adapter may reach them.
+# asyncpg's private names (pool, holder, proxy, connect): only the adapter may reach them.
 ADAPTER = f"{PACKAGE}._asyncpg_pool"
 ASYNCPG_PRIVATE = frozenset(
     {
         "_acquire",
         "_async__init__",
+        "_can_use_connection",
         "_check_init",
+        "_check_record_class",
+        "_connect_addr",
+        "_ConnectionParameters",
         "_con",
         "_generation",
         "_get_new_connection",
@@ -152,6 +156,8 @@ ASYNCPG_PRIVATE = frozenset(
         "_maybe_cancel_inactive_callback",
         "_minsize",
         "_maxsize",
+        "_NextHostSignal",
+        "_parse_connect_arguments",
         "_queue",
         "_schedule_min_size_maintenance",
     }

@@ -158,6 +158,42 @@ def test_parse_connect_arguments_takes_connect_keywords() -> None:
     assert "ssl" in parse
 
 
+def test_connect_is_what_connect_parsed_follows() -> None:
+    """asyncpg.connect checks its classes and bounds the whole connect by its timeout; its
+    _connect parses the arguments, connects each address with _connect_addr and checks
+    target_session_attrs: `connect_parsed` does the same for one address, with asyncpg's
+    error. _connect_addr calls a callable password itself ("any" accepts every server)."""
+    utils = asyncpg.connect_utils
+    connect = inspect.getsource(asyncpg.connect)
+    for line in (
+        "if not issubclass(connection_class, Connection):",
+        "if record_class is not protocol.Record:",
+        "_check_record_class(record_class)",
+        "async with compat.timeout(timeout):",
+    ):
+        assert line in connect
+    inner = inspect.getsource(utils._connect)
+    for line in (
+        "addrs, params, config = _parse_connect_arguments(**kwargs)",
+        "target_attr = params.target_session_attrs",
+        "if await _can_use_connection(conn, target_attr):",
+        "'None of the hosts match the target attribute requirement '",
+    ):
+        assert line in inner
+    assert list(inspect.signature(utils._connect_addr).parameters) == [
+        "addr",
+        "loop",
+        "params",
+        "config",
+        "connection_class",
+        "record_class",
+    ]
+    assert "if callable(params.password):" in inspect.getsource(utils._connect_addr)
+    assert utils.target_attrs_check[utils.SessionAttribute.any] is utils._accept_any
+    assert "password" in utils._ConnectionParameters._fields
+    assert asyncpg.Record is asyncpg.protocol.Record
+
+
 def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signatures() -> None:
     """The defaults and parameter names the plan and the pool read without inspect are the
     signatures' own."""
@@ -177,7 +213,7 @@ def test_connect_and_create_pool_defaults_read_without_inspect_match_their_signa
     } == _pool._POOL_DEFAULTS
     assert _pool._POOL_DEFAULTS  # asyncpg's keywords are keyword-only
     parse = inspect.signature(asyncpg.connect_utils._parse_connect_arguments).parameters
-    assert tuple(parse) == _connect._PARSE_PARAMETERS
+    assert tuple(parse) == _asyncpg_pool.PARSE_PARAMETERS
 
 
 def test_release_resets_through_the_pools_reset_hook() -> None:

@@ -359,3 +359,72 @@ async def test_a_pool_connect_runs_in_one_coroutine_of_the_library(
         assert pool.stats().connections_opened == 2
     assert len(chains) == 2
     assert chains[1] == ["_login", "_acquire"]  # Connector._login, AsyncpgPool._acquire
+
+
+async def test_a_pool_parses_each_endpoints_connect_arguments_once(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's argument parsing runs once per endpoint and target_session_attrs, not on every
+    login: five connects of a pool parse each endpoint once, and a new plan parses again."""
+    import asyncpg.connect_utils
+
+    parsed: list[tuple[Any, Any, Any]] = []
+    parse = asyncpg.connect_utils._parse_connect_arguments
+
+    def counting(**arguments: Any) -> Any:
+        parsed.append((arguments["host"], arguments["port"], arguments["target_session_attrs"]))
+        return parse(**arguments)
+
+    kwargs = pool_kwargs(iam_emulator, postgres_server, min_size=0, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        monkeypatch.setattr(asyncpg.connect_utils, "_parse_connect_arguments", counting)
+        for _ in range(5):
+            assert await pool.fetchval("SELECT 1") == 1
+            await pool.expire_connections()
+        assert pool.stats().connections_opened == 5
+        assert parsed
+        assert len(parsed) == len(set(parsed)), parsed  # each endpoint once
+        first = len(parsed)
+        pool.set_connect_args(
+            **{key: kwargs[key] for key in ("host", "port", "user", "database", "ssl")}
+        )
+        assert await pool.fetchval("SELECT 1") == 1
+        # The new plan's check parses once, and its first login once more.
+        assert len(parsed) == first + 2
+
+
+async def test_a_server_that_fails_target_session_attrs_is_refused_as_asyncpg_refuses(
+    iam_emulator: RDSIAMEmulator, postgres_server: PostgresServer
+) -> None:
+    """A login to a primary with target_session_attrs="standby" raises asyncpg's
+    TargetServerAttributeNotMatched, as asyncpg.connect does, and leaves no backend behind."""
+    admin = await asyncpg.connect(postgres_server.dsn)
+
+    async def backends() -> int:
+        return int(
+            await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            )
+        )
+
+    try:
+        before = await backends()
+        kwargs = pool_kwargs(
+            iam_emulator, postgres_server, min_size=0, max_size=1, target_session_attrs="standby"
+        )
+        accepted = iam_emulator.logins_accepted
+        async with asyncpg_iam.create_pool(**kwargs) as pool:
+            for _ in range(2):  # the first login parses, the second reuses the parse
+                with pytest.raises(
+                    asyncpg.TargetServerAttributeNotMatched, match="target attribute requirement"
+                ):
+                    await pool.fetchval("SELECT 1")
+        assert iam_emulator.logins_accepted - accepted >= 2
+        for _ in range(200):  # the terminated backends exit
+            if await backends() <= before:
+                break
+            await asyncio.sleep(0.05)
+        assert await backends() <= before
+    finally:
+        await admin.close()
