@@ -215,9 +215,10 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
     `AcquireTimes`).
 
     ``async with pool.acquire()``, the common use, keeps its handout's clock time in the
-    context and releases through asyncpg's own ``release``: no lookup by holder, no call
-    around the release. ``await pool.acquire()`` records the handout's time by holder, where
-    the pool's `timed_release` finds it. Both record the wait time.
+    context and releases through the pool class's ``release`` (asyncpg's, unless a subclass
+    overrides it): no lookup by holder, no call around the release. ``await pool.acquire()``
+    records the handout's time by holder, where the pool's `timed_release` finds it. Both
+    record the wait time.
     """
 
     # Added to asyncpg's (pool, timeout, connection, done), which mypy does not see as slots.
@@ -250,7 +251,8 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
         uses.append(pool._now() - self._began)
         if len(uses) >= times.spill_at:
             times.spill()
-        await asyncpg.pool.Pool.release(pool, proxy)
+        # The class's release (a subclass's override included), not the instance's timed one.
+        await type(pool).release(pool, proxy)
 
     def __await__(self) -> Any:
         self.done = True  # type: ignore[misc]
@@ -396,7 +398,7 @@ def timed_release(
     so the waits buffered exceed the uses by at most the connections in use.
     """
     pool_ref = weakref.ref(pool)
-    release = asyncpg.pool.Pool.release
+    release = type(pool).release  # a subclass's override included
     acquired, uses = times.acquired, times.uses
 
     def release_timed(

@@ -5,7 +5,9 @@
 Each DIR holds a ``results.json`` written by ``python -m benchmarks``. For every target ratio
 near 1 (`RATIOS`) that at least one run measured, under asyncio and under any other event loop
 the runs used (``case@uvloop``), the table gives each run's value, their min / median / max,
-the target, and whether every run that measured it met it. The Markdown goes to FILE (for
+the target, and whether every run that measured it met it. Rows for the A/A controls
+(`CONTROLS`) follow: each run's real ratios and the control's interval, and whether every run
+held them within it, as the case's own control row checks. The Markdown goes to FILE (for
 docs/benchmarks.md, which includes it) or to standard output.
 """
 
@@ -99,6 +101,38 @@ RATIOS: tuple[Ratio, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlCheck:
+    """The A/A control's target, as the case's own control row checks it: each real ratio
+    (median of per-round ratios) within the control's 95 % interval, or at or above 1."""
+
+    case: str
+    ratios: tuple[tuple[str | int, ...], ...]
+    control: tuple[str | int, ...]
+    label: str
+    target = "each real ratio within the A/A control's 95 % interval, or >= 1"
+
+
+#: The A/A controls' targets (issue #28), by case.
+CONTROLS: tuple[ControlCheck, ...] = (
+    *(
+        ControlCheck(
+            "pool_overhead",
+            ((path, "ratio"),),
+            (path, "control", "ratio_interval_95"),
+            f"pool overhead, {label}: within the A/A control",
+        )
+        for path, label in (("direct", "direct"), ("emulator", "through the emulator"))
+    ),
+    ControlCheck(
+        "metrics",
+        (("on", "ratio"), ("on_counters_only", "ratio")),
+        ("control", "ratio_interval_95"),
+        "OpenTelemetry, both instrumented pools: within the A/A control",
+    ),
+)
+
+
 def _value(figures: Any, path: Sequence[str | int]) -> float | None:
     """The number at `path` in a case's figures, or None where the run has none."""
     for key in path:
@@ -107,6 +141,53 @@ def _value(figures: Any, path: Sequence[str | int]) -> float | None:
         except (KeyError, IndexError, TypeError):
             return None
     return float(figures) if isinstance(figures, (int, float)) else None
+
+
+def _control_cell(figures: Any, check: ControlCheck) -> tuple[str, bool] | None:
+    """One run's cell of a control check (its real ratios and the control's interval) and
+    whether it held; None where the run has no such figures."""
+    low, high = (_value(figures, (*check.control, end)) for end in (0, 1))
+    ratios = [_value(figures, path) for path in check.ratios]
+    if low is None or high is None or None in ratios:
+        return None
+    held = all(low <= r <= high or r >= 1.0 for r in ratios if r is not None)
+    shown = ", ".join(f"{r:.3f}" for r in ratios if r is not None)
+    return f"{shown} in {low:.3f}-{high:.3f}", held
+
+
+def control_rows(
+    runs: Sequence[dict[str, Any]], checks: Sequence[ControlCheck] = CONTROLS
+) -> list[list[str]]:
+    """One row per control check and event loop measured in any run: label, loop, each run's
+    real ratios and the control's interval, no min / median / max, the target, and whether
+    every run that measured it held."""
+    names = sorted({name for run in runs for name in run}, key=lambda n: (base_name(n), n))
+    table: list[list[str]] = []
+    for check in checks:
+        for name in names:
+            if base_name(name) != check.case:
+                continue
+            cells = [_control_cell(run.get(name, {}).get("figures"), check) for run in runs]
+            measured = [cell for cell in cells if cell is not None]
+            if not measured:
+                continue
+            loop = name.split(LOOP_SEPARATOR, 1)[1] if LOOP_SEPARATOR in name else "asyncio"
+            met = all(held for _shown, held in measured)
+            complete = len(measured) == len(runs)
+            verdict = ("met" if met else "MISSED") + ("" if complete else " (not in every run)")
+            table.append(
+                [
+                    check.label,
+                    loop,
+                    *("-" if cell is None else cell[0] for cell in cells),
+                    "-",
+                    "-",
+                    "-",
+                    check.target,
+                    verdict,
+                ]
+            )
+    return table
 
 
 def load(directory: Path) -> dict[str, Any]:
@@ -161,7 +242,7 @@ def markdown(directories: Sequence[Path], runs: Sequence[dict[str, Any]]) -> str
         "all runs",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(runs)]
+    lines += ["| " + " | ".join(row) + " |" for row in [*rows(runs), *control_rows(runs)]]
     if len(lines) == 2:
         lines.append("| no run measured a near-1 ratio |" + " |" * (len(header) - 1))
     return "\n".join(lines) + "\n"

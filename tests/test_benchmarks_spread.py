@@ -107,3 +107,29 @@ def test_a_directory_without_results_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exited:
         spread.main([str(tmp_path)])
     assert exited.value.code == 2
+
+
+def test_control_rows_hold_each_real_ratio_to_the_controls_interval() -> None:
+    """A control check shows each run's real ratios and the control's interval, and is met
+    only when in every run each real ratio is inside the interval or at or above 1."""
+
+    def overhead(real: float, low: float, high: float) -> dict[str, Any]:
+        control = {"ratio_interval_95": [low, high]}
+        figures = {
+            "direct": {"ratio": real, "control": control},
+            "emulator": {"ratio": 1.02, "control": {"ratio_interval_95": [1.03, 1.04]}},
+        }
+        return {"figures": figures}
+
+    runs = [
+        {"pool_overhead": overhead(0.99, 0.985, 1.01)},
+        {"pool_overhead": overhead(0.993, 1.0, 1.014)},
+    ]
+    table = spread.control_rows(runs)
+    direct = _row(table, "pool overhead, direct: within the A/A control", "asyncio")
+    assert direct[2:4] == ["0.990 in 0.985-1.010", "0.993 in 1.000-1.014"]
+    assert direct[-1] == "MISSED"
+    # Above 1 counts as held even outside the interval.
+    emulator = _row(table, "pool overhead, through the emulator: within the A/A control", "asyncio")
+    assert emulator[-1] == "met"
+    assert "within the A/A control" in spread.markdown([Path("a"), Path("b")], runs)

@@ -140,3 +140,34 @@ async def test_writer_pool_reports_query_errors_without_a_query_logger(
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await con.execute("SET TRANSACTION READ ONLY; CREATE TEMP TABLE t (x int)")
         await wait_for(lambda: pool.stats().failover_events == 1)
+
+
+async def test_a_subclass_release_runs_while_times_are_recorded(
+    postgres_server: PostgresServer,
+) -> None:
+    """While wait and use times are recorded, a subclass's ``release`` still runs on both
+    paths: ``async with pool.acquire()`` and ``pool.release()``."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from asyncpg_iam.otel import instrument_pool
+
+    released: list[Any] = []
+
+    class Counting(asyncpg_iam.Pool):
+        async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+            released.append(connection)
+            await super().release(connection, timeout=timeout)
+
+    pool = await Counting(**direct_kwargs(postgres_server, min_size=1, max_size=1))
+    try:
+        instrumentation = instrument_pool(pool, MeterProvider())
+        times = instrumentation._recorder.acquire_times
+        assert times is not None
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+        con = await pool.acquire()
+        await pool.release(con)
+        assert len(released) == 2
+        assert len(times.uses) == 2
+    finally:
+        await pool.close()
