@@ -372,12 +372,11 @@ class Pool(AsyncpgPool):
         self._observer = observer
         times = observer.acquire_times if observer is not None else None
         self._acquire_times = times
-        if times is None:
-            self.__dict__.pop("release", None)
-        else:
-            # An instance attribute, not an override: a pool that records nothing runs
-            # asyncpg's release with no call around it.
-            self.__dict__["release"] = timed_release(self, times, self._now)
+        # An instance attribute, not an override: a pool that records nothing runs asyncpg's
+        # release with no call around it.
+        _asyncpg_pool.shadow(
+            self, "release", None if times is None else timed_release(self, times, self._now)
+        )
         _asyncpg_pool.observe_new_connections(
             self, None if observer is None else _observed_connect(weakref.ref(self), observer)
         )
