@@ -63,6 +63,7 @@ __all__ = [
     "parse_connect_arguments",
     "put_back",
     "reconnect",
+    "reserve_hooks",
     "reset_once",
     "retire_connections",
     "retire_on_release",
@@ -383,6 +384,23 @@ def observe_new_connections(
     An instance attribute, like `timed_release`: it should hold the pool weakly.
     """
     shadow(pool, "_get_new_connection", new_connection)
+
+
+#: The instance attributes `shadow` sets on a pool, in the order `reserve_hooks` places them.
+_HOOKS_SHADOWED = ("release", "_get_new_connection", "_acquire")
+
+
+def reserve_hooks(pool: Any) -> None:
+    """Place each attribute `shadow` may set in `pool`'s inline attribute storage, in one order
+    for every pool, and leave it unset (the class's is used). Call it first in ``__init__``.
+
+    CPython 3.11 lays out the inline attributes of a class's instances alike; a pool that later
+    adds one in another place than the first pool that added one moves its attributes into a
+    dictionary, with the cost `shadow` describes.
+    """
+    for name in _HOOKS_SHADOWED:
+        setattr(pool, name, None)
+        delattr(pool, name)
 
 
 def shadow(pool: Any, name: str, value: Any) -> None:

@@ -120,6 +120,7 @@ class Pool(AsyncpgPool):
         health_check: HealthCheck | None = DEFAULT_HEALTH_CHECK,
         **kwargs: Any,
     ) -> None:
+        _asyncpg_pool.reserve_hooks(self)  # first: see `_asyncpg_pool.shadow`
         auth = auth_from(iam)
         health = check_health_option(health_check)
         pool_kwargs = {k: kwargs.pop(k, default) for k, default in _POOL_DEFAULTS.items()}

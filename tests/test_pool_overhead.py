@@ -190,14 +190,26 @@ async def test_instrumenting_keeps_the_pools_attributes_inline(
     postgres_server: PostgresServer,
 ) -> None:
     """Installing and removing an observer (its release and new-connection hooks) leaves the
-    pool's attributes where its acquires and releases read them fastest."""
+    pool's attributes where its acquires and releases read them fastest, also after another
+    pool set a hook of its own first (blue/green's hold on acquires) and attributes of a
+    caller's own filled the room CPython 3.11 keeps for a class's instance attributes."""
     from opentelemetry.sdk.metrics import MeterProvider
 
+    from asyncpg_iam import _asyncpg_pool
     from asyncpg_iam.otel import instrument_pool
 
-    async with asyncpg_iam.create_pool(
-        **direct_kwargs(postgres_server, min_size=1, max_size=1)
-    ) as pool:
+    kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as other:
+
+        async def gate() -> None:
+            return None
+
+        _asyncpg_pool.hold_acquires(other, gate)
+        _asyncpg_pool.hold_acquires(other, None)
+        # Attributes of a caller's own (monitoring, tests) take what room is left.
+        for index in range(12):
+            setattr(other, f"_caller_{index}", index)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
         assert _attributes_inline(pool)
         for histograms in (True, False):
             instrumentation = instrument_pool(pool, MeterProvider(), histograms=histograms)
