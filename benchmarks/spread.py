@@ -143,6 +143,22 @@ def _value(figures: Any, path: Sequence[str | int]) -> float | None:
     return float(figures) if isinstance(figures, (int, float)) else None
 
 
+def _runs_of(runs: Sequence[dict[str, Any]], case: str) -> list[tuple[str, str]]:
+    """The names `case` ran under in any of `runs` (``case``, ``case@uvloop``, ...), each with
+    its event loop, in table order."""
+    names = sorted({name for run in runs for name in run}, key=lambda n: (base_name(n), n))
+    return [
+        (name, name.split(LOOP_SEPARATOR, 1)[1] if LOOP_SEPARATOR in name else "asyncio")
+        for name in names
+        if base_name(name) == case
+    ]
+
+
+def _verdict(met: bool, measured: int, runs: int) -> str:
+    """A row's last cell: met or MISSED, and whether a run did not measure it."""
+    return ("met" if met else "MISSED") + ("" if measured == runs else " (not in every run)")
+
+
 def _control_cell(figures: Any, check: ControlCheck) -> tuple[str, bool] | None:
     """One run's cell of a control check (its real ratios and the control's interval) and
     whether it held; None where the run has no such figures."""
@@ -161,20 +177,15 @@ def control_rows(
     """One row per control check and event loop measured in any run: label, loop, each run's
     real ratios and the control's interval, no min / median / max, the target, and whether
     every run that measured it held."""
-    names = sorted({name for run in runs for name in run}, key=lambda n: (base_name(n), n))
     table: list[list[str]] = []
     for check in checks:
-        for name in names:
-            if base_name(name) != check.case:
-                continue
+        for name, loop in _runs_of(runs, check.case):
             cells = [_control_cell(run.get(name, {}).get("figures"), check) for run in runs]
             measured = [cell for cell in cells if cell is not None]
             if not measured:
                 continue
-            loop = name.split(LOOP_SEPARATOR, 1)[1] if LOOP_SEPARATOR in name else "asyncio"
             met = all(held for _shown, held in measured)
-            complete = len(measured) == len(runs)
-            verdict = ("met" if met else "MISSED") + ("" if complete else " (not in every run)")
+            verdict = _verdict(met, len(measured), len(runs))
             table.append(
                 [
                     check.label,
@@ -200,20 +211,15 @@ def load(directory: Path) -> dict[str, Any]:
 def rows(runs: Sequence[dict[str, Any]], ratios: Sequence[Ratio] = RATIOS) -> list[list[str]]:
     """One row per ratio and event loop measured in any run: label, loop, each run's value,
     min, median, max, target and whether every run that measured it met it."""
-    names = sorted({name for run in runs for name in run}, key=lambda n: (base_name(n), n))
     table: list[list[str]] = []
     for wanted in ratios:
-        for name in names:
-            if base_name(name) != wanted.case:
-                continue
+        for name, loop in _runs_of(runs, wanted.case):
             values = [_value(run.get(name, {}).get("figures"), wanted.path) for run in runs]
             measured = [v for v in values if v is not None]
             if not measured:
                 continue
-            loop = name.split(LOOP_SEPARATOR, 1)[1] if LOOP_SEPARATOR in name else "asyncio"
             met = all(wanted.compare(v, wanted.bound) for v in measured)
-            complete = len(measured) == len(runs)
-            verdict = ("met" if met else "MISSED") + ("" if complete else " (not in every run)")
+            verdict = _verdict(met, len(measured), len(runs))
             table.append(
                 [
                     wanted.label,
