@@ -47,6 +47,7 @@ __all__ = [
     "CaseResult",
     "Environment",
     "Row",
+    "balanced_orders",
     "interleave",
     "machine_info",
     "median_interval",
@@ -187,23 +188,48 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
+def balanced_orders(count: int) -> list[list[int]]:
+    """A Williams design for `count` variants: orders of ``range(count)`` in which each variant
+    takes each position, and follows each other variant, equally often.
+
+    `count` orders when `count` is even, ``2 * count`` (each also reversed) when it is odd. Row
+    ``k`` is the first row ``0, 1, n-1, 2, n-2, ...`` with ``k`` added to every entry, mod ``n``.
+    """
+    if count < 1:
+        raise ValueError(f"a design needs at least one variant, not {count}")
+    first = [0]
+    low, high = 1, count - 1
+    while low <= high:
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    rows = [[(entry + shift) % count for entry in first] for shift in range(count)]
+    if count % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 async def interleave(
-    variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
+    variants: dict[str, Callable[[], Awaitable[float]]], rounds: int, first_round: int = 0
 ) -> dict[str, list[float]]:
-    """Run each variant once per round, in a fresh random order each round, and collect.
+    """Run each variant once per round, in the orders of a balanced design, and collect.
 
     Each callable measures one sample and returns it; machine drift over the run hits every
-    variant alike. The order is shuffled (seeded, so runs are repeatable) rather than rotated:
-    a rotation keeps each variant's predecessor fixed, and what ran just before (creating a
-    boto3 client, say) measurably slows the next connect.
+    variant alike. Round ``r`` runs in order ``r`` (mod its length) of `balanced_orders`, so
+    over every full cycle of the design each variant runs at each position, and right after
+    each other variant, equally often: what ran just before (creating a boto3 client, say)
+    measurably slows the next connect, and in the pool cases the first pool of a round ran up
+    to 2 % faster than the last. A caller that measures in blocks passes the block's
+    `first_round` so that the blocks continue the design rather than each restart it.
     """
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    order_rng = random.Random(20261128)
+    orders = balanced_orders(len(names))
     for index in range(rounds):
-        order = names[:]
-        order_rng.shuffle(order)
-        for name in order:
+        for position in orders[(first_round + index) % len(orders)]:
+            name = names[position]
             samples[name].append(await variants[name]())
         if index % 50 == 49:
             gc.collect()

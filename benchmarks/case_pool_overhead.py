@@ -103,9 +103,14 @@ def pool_factories(
 
 
 async def _block(
-    factories: dict[str, PoolFactory], measure: Measure, rounds: int, seconds: float
+    factories: dict[str, PoolFactory],
+    measure: Measure,
+    rounds: int,
+    seconds: float,
+    first_round: int,
 ) -> dict[str, list[float]]:
-    """Run `rounds` rounds on a fresh set of pools, created, filled and warmed first."""
+    """Run `rounds` rounds on a fresh set of pools, created, filled and warmed first, in the
+    orders of the balanced design from its `first_round` on."""
     pools: dict[str, Any] = {}
     try:
         for name, make in factories.items():
@@ -115,6 +120,7 @@ async def _block(
         return await interleave(
             {name: functools.partial(measure, pool, seconds) for name, pool in pools.items()},
             rounds,
+            first_round,
         )
     finally:
         for pool in pools.values():
@@ -125,11 +131,13 @@ async def run_blocks(
     setup: BlockSetup, blocks: int, rounds: int, seconds: float
 ) -> dict[str, list[float]]:
     """Each pool's per-round throughputs over `blocks` blocks of `rounds` interleaved rounds,
-    each block on a fresh set of pools from `setup`."""
+    each block on a fresh set of pools from `setup`. The blocks continue one balanced order
+    design (`interleave`), so each pool runs at each position of a round equally often over
+    the whole run, not only within a block."""
     samples: dict[str, list[float]] = {}
-    for _ in range(blocks):
+    for index in range(blocks):
         async with setup() as (factories, measure):
-            block = await _block(factories, measure, rounds, seconds)
+            block = await _block(factories, measure, rounds, seconds, index * rounds)
         for name, values in block.items():
             samples.setdefault(name, []).extend(values)
     return samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -113,6 +114,56 @@ def test_median_interval_is_the_binomial_order_statistics() -> None:
     # Too few values for 95 %: the whole range.
     assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
     assert median_interval([0.5]) == (0.5, 0.5)
+
+
+def test_balanced_orders_put_each_variant_at_each_place_and_after_each_other_alike() -> None:
+    """The Williams design: every order a permutation, each variant at each position equally
+    often, each ordered pair of different variants adjacent equally often."""
+    from collections import Counter
+
+    from benchmarks._harness import balanced_orders
+
+    for count in range(1, 8):
+        orders = balanced_orders(count)
+        assert len(orders) == (count if count % 2 == 0 else 2 * count)
+        assert all(sorted(order) == list(range(count)) for order in orders)
+        places = Counter(
+            (variant, place) for order in orders for place, variant in enumerate(order)
+        )
+        assert set(places.values()) == {len(orders) // count}
+        assert len(places) == count * count
+        pairs = Counter(pair for order in orders for pair in itertools.pairwise(order))
+        if count > 1:
+            assert len(pairs) == count * (count - 1)
+            assert set(pairs.values()) == {len(orders) // count}
+    with pytest.raises(ValueError, match="at least one variant"):
+        balanced_orders(0)
+
+
+async def test_interleaved_blocks_continue_the_design() -> None:
+    """Blocks that pass their first round run the orders one call of all their rounds runs,
+    and over a cycle of the design each variant opens a round equally often."""
+    from collections import Counter
+
+    from benchmarks._harness import interleave
+
+    def recorder(ran: list[str]) -> dict[str, Any]:
+        def variant(name: str) -> Any:
+            async def measure() -> float:
+                ran.append(name)
+                return float(len(ran))
+
+            return measure
+
+        return {name: variant(name) for name in ("a", "b", "c")}
+
+    whole: list[str] = []
+    await interleave(recorder(whole), 12)
+    blocks: list[str] = []
+    for first in (0, 4, 8):
+        await interleave(recorder(blocks), 4, first_round=first)
+    assert blocks == whole
+    assert Counter(whole[::3][:6]) == {"a": 2, "b": 2, "c": 2}
 
 
 def test_paired_ratio_interval_brackets_the_ratio_and_repeats() -> None:
