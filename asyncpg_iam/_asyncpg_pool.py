@@ -70,7 +70,6 @@ __all__ = [
     "shadow",
     "take_idle",
     "terminate_idle",
-    "timed_release",
     "waiting_acquires",
 ]
 
@@ -120,8 +119,12 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
 
     A subclass defines ``_start()`` to replace asyncpg's ``_async__init__``: asyncpg then
     calls that very function.
-    For the lifetime check on acquire it sets `_deadline_of`, `_now` and `_retire_due`, and
-    `_acquire_times` while an observer records wait and use times.
+    For the lifetime check on acquire it sets `_deadline_of`, `_now` and `_retire_due`,
+    `_acquire_times` while an observer records wait and use times, and `_acquire_gate` while
+    acquires are held (`hold_acquires`).
+
+    No method of the acquire and release path is ever shadowed by an instance attribute (see
+    `reserve_hooks`): its hooks are data attributes that these methods read.
     """
 
     asyncpg_new_connection = asyncpg.pool.Pool._get_new_connection
@@ -136,6 +139,7 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
     _now: Callable[[], float]
     _retire_due: Callable[[Any, bool], Awaitable[bool]]
     _acquire_times: Any  # an AcquireTimes (waits, acquired), or None
+    _acquire_gate: Callable[[], Awaitable[None]] | None
     _acquire_timeouts: int
 
     def _check_init(self) -> None:
@@ -148,20 +152,23 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
             raise asyncpg.InterfaceError(f"the pool was never started: {NOT_STARTED}")
         super()._check_init()
 
-    async def _acquire(self, timeout: float | None) -> Any:
+    async def _acquire(self, timeout: float | None, gate_passed: bool = False) -> Any:
         """asyncpg's ``Pool._acquire``, that never hands out a connection past its deadline.
 
         asyncpg's runs a coroutine (``_acquire_impl``, a new closure each time) inside another;
         this is one, with the lifetime check inline: two lookups and a clock read. A timeout
         bounds the whole acquire, replacing due connections included, as asyncpg's
-        ``wait_for`` does; ``tests/test_asyncpg_internals.py`` pins the code it follows.
+        ``wait_for`` does; ``tests/test_asyncpg_internals.py`` pins the code it follows. While
+        acquires are held (`hold_acquires`), each waits for the gate first, once.
         """
+        gate = self._acquire_gate
+        if gate is not None and not gate_passed:
+            timeout = await _through_gate(gate, timeout)
         if timeout is not None:
             try:
-                # AsyncpgPool's, not self's: blue/green's `hold_acquires` may shadow
-                # self._acquire, and its gate was already passed.
+                # AsyncpgPool's, not self's: a subclass's override runs once, outside.
                 proxy = await asyncpg.compat.wait_for(
-                    AsyncpgPool._acquire(self, None), timeout=timeout
+                    AsyncpgPool._acquire(self, None, True), timeout=timeout
                 )
             except asyncio.TimeoutError:
                 self._acquire_timeouts += 1
@@ -172,6 +179,9 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
         if self._closing:
             raise asyncpg.InterfaceError("pool is closing")
         self._check_init()
+        # Read, then called: ``self._now()`` would be a method load of an instance attribute,
+        # which CPython 3.11 does not specialize (nor cache), on every acquire.
+        deadline_of, now = self._deadline_of, self._now
         while True:
             holder = await self._queue.get()
             con = holder._con
@@ -183,8 +193,8 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
                     self._schedule_min_size_maintenance()
                 raise
             holder._timeout = None
-            deadline = self._deadline_of(id(proxy._con))
-            if deadline is None or self._now() < deadline:
+            deadline = deadline_of(id(proxy._con))
+            if deadline is None or now() < deadline:
                 break
             # Due: retired (try another), or opened by this very acquire (handed out once).
             if not await self._retire_due(proxy, proxy._con is not con):
@@ -205,6 +215,17 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
             return asyncpg.pool.PoolAcquireContext(self, timeout)
         return TimedAcquireContext(self, timeout, times)
 
+    def release(self, connection: Any, *, timeout: float | None = None) -> Any:
+        """Release a connection back to the pool: asyncpg's `asyncpg.Pool.release` (await it).
+
+        While wait and use times are recorded, a connection from ``await pool.acquire()``
+        gets its use time recorded first (``async with pool.acquire()`` records its own).
+        """
+        times = self._acquire_times
+        if times is not None and times.acquired:
+            _record_use(times, connection, self._now)
+        return _ASYNCPG_RELEASE(self, connection, timeout=timeout)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for hook, ours in _HOOKS.items():
@@ -218,10 +239,9 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
     `AcquireTimes`).
 
     ``async with pool.acquire()``, the common use, keeps its handout's clock time in the
-    context and releases through the pool class's ``release`` (asyncpg's, unless a subclass
-    overrides it): no lookup by holder, no call around the release. ``await pool.acquire()``
-    records the handout's time by holder, where the pool's `timed_release` finds it. Both
-    record the wait time.
+    context and records the use time itself: no lookup by holder. ``await pool.acquire()``
+    records the handout's time by holder, where the pool's `AsyncpgPool.release` finds it.
+    Both record the wait time.
     """
 
     # Added to asyncpg's (pool, timeout, connection, done), which mypy does not see as slots.
@@ -240,9 +260,10 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
         if self.connection is not None or self.done:
             raise asyncpg.InterfaceError("a connection is already acquired")
         pool = self.pool
-        started = pool._now()
+        now = pool._now  # read, then called (see AsyncpgPool._acquire)
+        started = now()
         self.connection = proxy = await pool._acquire(self.timeout)
-        self._began = began = pool._now()
+        self._began = began = now()
         self._times.waits.append(began - started)
         return proxy
 
@@ -250,12 +271,12 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
         self.done = True  # type: ignore[misc]
         proxy, self.connection = self.connection, None
         pool, times = self.pool, self._times
+        now = pool._now
         uses = times.uses
-        uses.append(pool._now() - self._began)
+        uses.append(now() - self._began)
         if len(uses) >= times.spill_at:
             times.spill()
-        # The class's release (a subclass's override included), not the instance's timed one.
-        await type(pool).release(pool, proxy)
+        await pool.release(proxy)
 
     def __await__(self) -> Any:
         self.done = True  # type: ignore[misc]
@@ -263,13 +284,37 @@ class TimedAcquireContext(asyncpg.pool.PoolAcquireContext):  # type: ignore[misc
 
 
 async def _acquire_timed(pool: AsyncpgPool, timeout: float | None, times: Any) -> Any:
-    # ``await pool.acquire()``: the handout's time goes by holder to the pool's `timed_release`.
-    started = pool._now()
+    # ``await pool.acquire()``: the handout's time goes by holder to the pool's `release`.
+    now = pool._now
+    started = now()
     proxy = await pool._acquire(timeout)
-    now = pool._now()
-    times.waits.append(now - started)
-    times.acquired[proxy._holder] = now
+    began = now()
+    times.waits.append(began - started)
+    times.acquired[proxy._holder] = began
     return proxy
+
+
+def _record_use(times: Any, connection: Any, now: Callable[[], float]) -> None:
+    # A release of a connection from ``await pool.acquire()``, while times are recorded.
+    began = times.acquired.pop(getattr(connection, "_holder", None), None)
+    if began is not None:
+        uses = times.uses
+        uses.append(now() - began)
+        if len(uses) >= times.spill_at:
+            times.spill()
+
+
+async def _through_gate(gate: Callable[[], Awaitable[None]], timeout: float | None) -> float | None:
+    # An acquire while acquires are held: wait for the gate, then what is left of `timeout`.
+    started = time.monotonic()
+    await gate()
+    if timeout is None:
+        return None
+    return max(0.001, timeout - (time.monotonic() - started))
+
+
+#: asyncpg's release, what `AsyncpgPool.release` returns.
+_ASYNCPG_RELEASE = asyncpg.pool.Pool.release
 
 
 #: asyncpg's connect arguments for one address, parsed (`parse_connect`): (addr, params, config).
@@ -381,13 +426,14 @@ def observe_new_connections(
     """Make asyncpg open `pool`'s new connections through `new_connection` (which calls
     `AsyncpgPool.asyncpg_new_connection`); None: asyncpg's own, with no call around it.
 
-    An instance attribute, like `timed_release`: it should hold the pool weakly.
+    An instance attribute (`shadow`): it should hold the pool weakly. Only connects look it up.
     """
     shadow(pool, "_get_new_connection", new_connection)
 
 
-#: The instance attributes `shadow` sets on a pool, in the order `reserve_hooks` places them.
-_HOOKS_SHADOWED = ("release", "_get_new_connection", "_acquire")
+#: The instance attributes `shadow` sets on a pool, in the order `reserve_hooks` places them:
+#: only what connects look up (see `reserve_hooks`).
+_HOOKS_SHADOWED = ("_get_new_connection",)
 
 
 def reserve_hooks(pool: Any) -> None:
@@ -397,6 +443,12 @@ def reserve_hooks(pool: Any) -> None:
     CPython 3.11 lays out the inline attributes of a class's instances alike; a pool that later
     adds one in another place than the first pool that added one moves its attributes into a
     dictionary, with the cost `shadow` describes.
+
+    The price: a method whose name is placed there can be shadowed in any pool of the class,
+    so CPython no longer specializes a call of it, ``pool.release(con)`` say, for any of them
+    (about 10 ns more a call, and more mispredicted branches in the interpreter). Placed here
+    are only names that connects look up; the acquire and release path reads data attributes
+    instead (`AsyncpgPool`).
     """
     for name in _HOOKS_SHADOWED:
         setattr(pool, name, None)
@@ -417,34 +469,6 @@ def shadow(pool: Any, name: str, value: Any) -> None:
         return
     with contextlib.suppress(AttributeError):  # none set: the class's is in use
         delattr(pool, name)
-
-
-def timed_release(
-    pool: AsyncpgPool, times: Any, now: Callable[[], float]
-) -> Callable[..., Coroutine[Any, Any, None]]:
-    """Return a `release` for `pool` that records each connection's use time into `times`
-    (an `AcquireTimes`), and calls ``times.spill()`` once ``times.spill_at`` are buffered.
-
-    The pool sets it as an instance attribute while it records, so a pool that records
-    nothing runs asyncpg's release with no call around it. Holds the pool weakly (it is
-    stored on the pool). Only releases check the buffer's size: each use follows its wait,
-    so the waits buffered exceed the uses by at most the connections in use.
-    """
-    pool_ref = weakref.ref(pool)
-    release = type(pool).release  # a subclass's override included
-    acquired, uses = times.acquired, times.uses
-
-    def release_timed(
-        connection: Any, *, timeout: float | None = None
-    ) -> Coroutine[Any, Any, None]:
-        began = acquired.pop(getattr(connection, "_holder", None), None)
-        if began is not None:
-            uses.append(now() - began)
-            if len(uses) >= times.spill_at:
-                times.spill()
-        return release(pool_ref(), connection, timeout=timeout)  # type: ignore[no-any-return]
-
-    return release_timed
 
 
 def reset_once(pool: Any, check: Callable[[Any, Any], Awaitable[None]]) -> None:
@@ -568,28 +592,12 @@ async def reconnect(holder: Any) -> None:
 
 
 def hold_acquires(pool: Any, gate: Callable[[], Awaitable[None]] | None) -> None:
-    """Make every acquire of `pool` wait for ``gate()`` first, within its timeout (None: stop).
+    """Make every acquire of `pool` wait for ``gate()`` first (None: stop); what it waits is
+    taken from its timeout.
 
-    An instance attribute shadows asyncpg's ``_acquire`` only while a gate is set, so acquires
-    cost nothing more without one.
+    A data attribute that `AsyncpgPool._acquire` reads: one test per acquire without a gate.
     """
-    if gate is None:
-        shadow(pool, "_acquire", None)
-        return
-    own = type(pool)._acquire
-    pool_ref = weakref.ref(pool)
-
-    async def held(timeout: float | None) -> Any:
-        started = time.monotonic()
-        await gate()
-        if timeout is not None:
-            timeout = max(0.001, timeout - (time.monotonic() - started))
-        live = pool_ref()
-        if live is None:
-            raise asyncpg.InterfaceError("the pool was garbage-collected")
-        return await own(live, timeout)
-
-    shadow(pool, "_acquire", held)
+    pool._acquire_gate = gate
 
 
 def add_termination_listener(con: Any, listener: Callable[[Any], None]) -> None:

@@ -22,7 +22,7 @@ import asyncpg
 import asyncpg.pool
 
 from . import _asyncpg_pool, _proxy
-from ._asyncpg_pool import AsyncpgPool, holder_of, timed_release, waiting_acquires
+from ._asyncpg_pool import AsyncpgPool, holder_of, waiting_acquires
 from ._auth import IAMAuth, TokenProvider, auth_from
 from ._bluegreen import BlueGreenMonitor, blue_green_settings
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -147,6 +147,7 @@ class Pool(AsyncpgPool):
         self._warned_due_on_handout = False
         self._observer: PoolObserver | None = None
         self._acquire_times = None
+        self._acquire_gate = None
         self._acquire_timeouts = 0
         # Login times of connections opened before an observer came: the first one gets them
         # (8 bytes each, at most 1,024).
@@ -372,12 +373,7 @@ class Pool(AsyncpgPool):
         """
         self._observer = observer
         times = observer.acquire_times if observer is not None else None
-        self._acquire_times = times
-        # An instance attribute, not an override: a pool that records nothing runs asyncpg's
-        # release with no call around it.
-        _asyncpg_pool.shadow(
-            self, "release", None if times is None else timed_release(self, times, self._now)
-        )
+        self._acquire_times = times  # read by acquire() and release()
         _asyncpg_pool.observe_new_connections(
             self, None if observer is None else _observed_connect(weakref.ref(self), observer)
         )
@@ -637,8 +633,8 @@ def _failover_guard(
 
 
 # What a blue/green switchover needs of the pool: retire every connection, and hold acquires
-# while the switch is in progress (`_asyncpg_pool.hold_acquires`: nothing more per acquire
-# without a switch).
+# while the switch is in progress (`_asyncpg_pool.hold_acquires`: one test per acquire without
+# a switch).
 def _blue_green_monitor(pool: Pool, settings: tuple[float, Resolver | None]) -> BlueGreenMonitor:
     pool_ref = weakref.ref(pool)
 

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 import asyncpg_iam
+from asyncpg_iam._asyncpg_pool import AsyncpgPool
 from asyncpg_iam.testing import PostgresServer
 from tests._support import direct_kwargs, wait_for
 
@@ -75,11 +76,11 @@ async def test_acquire_and_release_cost_no_more_calls_than_asyncpg(
         assert await _pool_calls(ours) == our_calls
 
 
-async def test_release_is_asyncpgs_own_unless_times_are_recorded(
+async def test_release_records_use_times_only_while_they_are_recorded(
     postgres_server: PostgresServer,
 ) -> None:
-    """Without an observer that records times the pool's release is asyncpg's, with nothing
-    around it; while one records, each acquire's wait and use land in its buffer."""
+    """Nothing shadows the pool's release, with or without an observer; while one records,
+    each acquire's wait and use land in its buffer."""
     from opentelemetry.sdk.metrics import MeterProvider
 
     from asyncpg_iam.otel import instrument_pool
@@ -87,11 +88,12 @@ async def test_release_is_asyncpgs_own_unless_times_are_recorded(
     async with asyncpg_iam.create_pool(
         **direct_kwargs(postgres_server, min_size=1, max_size=1)
     ) as pool:
-        assert pool.release.__func__ is asyncpg.Pool.release
+        assert pool.release.__func__ is AsyncpgPool.release
         counters_only = instrument_pool(pool, MeterProvider(), histograms=False)
-        assert pool.release.__func__ is asyncpg.Pool.release
+        assert pool.release.__func__ is AsyncpgPool.release
         counters_only.uninstrument()
         instrumentation = instrument_pool(pool, MeterProvider())
+        assert pool.release.__func__ is AsyncpgPool.release
         times = instrumentation._recorder.acquire_times
         assert times is not None
         for _ in range(3):
@@ -119,7 +121,7 @@ async def test_release_is_asyncpgs_own_unless_times_are_recorded(
             assert not times.uses
         assert len(times.uses) == 1
         assert con._con is None  # released
-        assert pool.release.__func__ is asyncpg.Pool.release
+        assert pool.release.__func__ is AsyncpgPool.release
         assert type(pool.acquire()) is asyncpg.pool.PoolAcquireContext
 
 
@@ -173,6 +175,60 @@ async def test_a_subclass_release_runs_while_times_are_recorded(
         await pool.close()
 
 
+def _method_loads_specialize(pool: Any, name: str, args: str = "None") -> bool:
+    """Whether CPython specializes the method load of ``pool.<name>(<args>)``, a coroutine
+    function (3.11+): it does
+    not when the name can be an instance attribute of the class's pools (placed in their
+    inline attribute storage), and every such call then takes the slow path."""
+    import dis
+
+    namespace: dict[str, Any] = {}
+    exec(f"def call(pool):\n    return pool.{name}({args})\n", namespace)
+    call = namespace["call"]
+    for _ in range(64):
+        call(pool).close()  # a coroutine, never started
+    loads = [
+        op.opname
+        for op in dis.get_instructions(call, adaptive=True)  # type: ignore[call-arg]
+        if op.opname.startswith(("LOAD_METHOD", "LOAD_ATTR"))
+    ]
+    assert loads, "no method load compiled"
+    return any("METHOD_" in op and "ADAPTIVE" not in op for op in loads)
+
+
+@pytest.mark.skipif(
+    sys.implementation.name != "cpython" or sys.version_info < (3, 11),
+    reason="the specializing interpreter is CPython 3.11+'s",
+)
+async def test_the_acquire_and_release_methods_stay_specializable(
+    postgres_server: PostgresServer,
+) -> None:
+    """No hook ever shadows a method of the acquire and release path, so CPython keeps its
+    fast method loads for them: also after an observer, blue/green's hold on acquires and a
+    caller's own attributes came and went."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from asyncpg_iam import _asyncpg_pool
+    from asyncpg_iam.otel import instrument_pool
+
+    kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+
+        async def gate() -> None:
+            return None
+
+        _asyncpg_pool.hold_acquires(pool, gate)
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+        _asyncpg_pool.hold_acquires(pool, None)
+        instrument_pool(pool, MeterProvider()).uninstrument()
+        for name in ("_acquire", "release"):
+            assert _method_loads_specialize(pool, name), name
+        # The check sees it: a name placed as an instance attribute, as hooks used to be.
+        _asyncpg_pool.shadow(pool, "_get_new_connection", None)
+        assert not _method_loads_specialize(pool, "_get_new_connection", args="")
+
+
 def _attributes_inline(pool: Any) -> bool:
     """Whether `pool`'s instance attributes are still in their inline storage (CPython 3.11+),
     not moved into a dictionary, which makes every attribute read about twice as slow."""
@@ -218,6 +274,6 @@ async def test_instrumenting_keeps_the_pools_attributes_inline(
             assert _attributes_inline(pool)
             instrumentation.uninstrument()
             assert _attributes_inline(pool)
-            assert pool.release.__func__ is asyncpg.Pool.release
+            assert pool.release.__func__ is AsyncpgPool.release
         pool.__dict__  # noqa: B018  # what the pool must never do itself
         assert not _attributes_inline(pool)  # the check sees it
