@@ -40,18 +40,18 @@ found its name (``asyncpg_iam.bluegreen.*``).
 Counters and gauges are observable: they read the pool's counters when the reader collects, so
 an instrumented pool does no extra work for them. The three histograms are fed through
 `Pool.set_observer`: an uninstrumented pool, or one with ``histograms=False``, does no extra
-work per acquire; with the histograms, the pool appends each wait and use time to a buffer
-(no call per acquire: the SDK's ``record()`` costs several microseconds, twice per acquire),
-and they are recorded into the histograms when the reader collects. At high rates (more than
-`DRAIN_AT` acquires between two collections: OpenTelemetry's default exporter collects once a
-minute) the buffered times are recorded sooner, on the pool's event loop, `CHUNK` at a time in
-callbacks of their own, so the loop is never held for more than about a millisecond. No sample
-is ever dropped, at any acquire rate or collection interval, and the buffer stays bounded
-(`MAX_BUFFERED`) even on a ``MeterProvider`` without a reader, which then discards what is
-recorded (the SDK keeps nothing for an instrument nobody reads). Nothing
-recorded ever carries a token or a secret. Needs the ``otel`` extra
-(``opentelemetry-api``); traces of queries come from ``opentelemetry-instrumentation-asyncpg``,
-which works unchanged on connections from this pool.
+work per acquire but one attribute check in its acquire and its release; with the histograms,
+the pool appends each wait and use time to a buffer (no call per acquire: the SDK's
+``record()`` costs several microseconds, twice per acquire), and they are recorded into the
+histograms when the reader collects. At high rates (more than `DRAIN_AT` acquires between two
+collections: OpenTelemetry's default exporter collects once a minute) the buffered times are
+recorded sooner, on the pool's event loop, `CHUNK` at a time in callbacks of their own, so the
+loop is never held for more than about a millisecond. No sample is ever dropped, at any acquire
+rate or collection interval, and the buffer stays bounded (`MAX_BUFFERED`) even on a
+``MeterProvider`` without a reader, which then discards what is recorded (the SDK keeps nothing
+for an instrument nobody reads). Nothing recorded ever carries a token or a secret. Needs the
+``otel`` extra (``opentelemetry-api``); traces of queries come from
+``opentelemetry-instrumentation-asyncpg``, which works unchanged on connections from this pool.
 """
 
 from __future__ import annotations
