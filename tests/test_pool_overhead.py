@@ -175,6 +175,14 @@ async def test_a_subclass_release_runs_while_times_are_recorded(
         await pool.close()
 
 
+#: What the two checks below read (quickened bytecode, inline attribute storage) is CPython
+#: 3.11+'s.
+cpython_311 = pytest.mark.skipif(
+    sys.implementation.name != "cpython" or sys.version_info < (3, 11),
+    reason="the specializing interpreter and inline attribute storage are CPython 3.11+'s",
+)
+
+
 def _method_loads_specialize(pool: Any, name: str, args: str = "None") -> bool:
     """Whether CPython specializes the method load of ``pool.<name>(<args>)``, a coroutine
     function (3.11+): it does
@@ -196,10 +204,7 @@ def _method_loads_specialize(pool: Any, name: str, args: str = "None") -> bool:
     return any("METHOD_" in op and "ADAPTIVE" not in op for op in loads)
 
 
-@pytest.mark.skipif(
-    sys.implementation.name != "cpython" or sys.version_info < (3, 11),
-    reason="the specializing interpreter is CPython 3.11+'s",
-)
+@cpython_311
 async def test_the_acquire_and_release_methods_stay_specializable(
     postgres_server: PostgresServer,
 ) -> None:
@@ -238,14 +243,11 @@ def _attributes_inline(pool: Any) -> bool:
     return any(referent is counters for referent in gc.get_referents(pool))
 
 
-@pytest.mark.skipif(
-    sys.implementation.name != "cpython" or sys.version_info < (3, 11),
-    reason="inline attribute storage is CPython 3.11+'s",
-)
+@cpython_311
 async def test_instrumenting_keeps_the_pools_attributes_inline(
     postgres_server: PostgresServer,
 ) -> None:
-    """Installing and removing an observer (its release and new-connection hooks) leaves the
+    """Installing and removing an observer (its acquire times and new-connection hook) leaves the
     pool's attributes where its acquires and releases read them fastest, also after another
     pool set a hook of its own first (blue/green's hold on acquires) and attributes of a
     caller's own filled the room CPython 3.11 keeps for a class's instance attributes."""
