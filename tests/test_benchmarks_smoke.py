@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -13,8 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from asyncpg_iam.testing import PostgresServer
 from asyncpg_iam.testing._postgres import postmaster_pid
 from benchmarks._harness import Environment
+from tests._support import direct_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,6 +143,47 @@ def test_balanced_orders_put_each_variant_at_each_place_and_after_each_other_ali
         balanced_orders(0)
 
 
+def test_balanced_orders_chain_so_no_variant_runs_right_after_itself() -> None:
+    """From three variants on, the orders run back to back (and round again) never put a
+    variant right after itself, and no two orders meet on the same pair; with three, each
+    ordered pair of different variants is adjacent exactly three times a cycle."""
+    from collections import Counter
+
+    from benchmarks._harness import balanced_orders
+
+    for count in range(3, 9):
+        orders = balanced_orders(count)
+        joins = [
+            (before[-1], after[0])
+            for before, after in zip(orders, orders[1:] + orders[:1], strict=True)
+        ]
+        assert all(last != first for last, first in joins), (count, orders)
+        assert len(set(joins)) == len(joins)
+    sequence = [variant for order in balanced_orders(3) for variant in order]
+    adjacent = Counter(zip(sequence, sequence[1:] + sequence[:1], strict=True))
+    assert adjacent == {(a, b): 3 for a in range(3) for b in range(3) if a != b}
+
+
+def test_block_median_interval_resamples_whole_blocks() -> None:
+    """Blocks that differ widen the interval over blocks beyond the interval over rounds,
+    which treats every round as independent; it holds the median, repeats, and refuses
+    blocks of unequal length."""
+    import random
+
+    from benchmarks._harness import block_median_interval, median_interval, percentile
+
+    rng = random.Random(11)
+    offsets = [rng.gauss(0, 0.01) for _ in range(9)]
+    values = [1.0 + offset + rng.gauss(0, 0.004) for offset in offsets for _ in range(20)]
+    low, high = block_median_interval(values, 9, resamples=300)
+    assert low <= percentile(values, 50) <= high
+    round_low, round_high = median_interval(values)
+    assert high - low > 1.5 * (round_high - round_low)
+    assert block_median_interval(values, 9, resamples=300) == (low, high)
+    with pytest.raises(ValueError, match="blocks of equal length"):
+        block_median_interval(values[:-1], 9)
+
+
 async def test_interleaved_blocks_continue_the_design() -> None:
     """Blocks that pass their first round run the orders one call of all their rounds runs,
     and over a cycle of the design each variant opens a round equally often."""
@@ -164,6 +208,42 @@ async def test_interleaved_blocks_continue_the_design() -> None:
         await interleave(recorder(blocks), 4, first_round=first)
     assert blocks == whole
     assert Counter(whole[::3][:6]) == {"a": 2, "b": 2, "c": 2}
+
+
+async def test_blocks_turn_the_order_their_pools_are_made_in(
+    postgres_server: PostgresServer,
+) -> None:
+    """Each block makes its pools in the order of the last block's turned by one, so over a
+    multiple of their number of blocks each pool is made at each place equally often; the
+    rounds still run in the design's orders and every pool is measured in every round."""
+    from collections import Counter
+
+    from benchmarks.case_pool_overhead import run_blocks
+
+    made: list[str] = []
+
+    def factory(name: str) -> Any:
+        async def make() -> Any:
+            made.append(name)
+            kwargs = direct_kwargs(postgres_server)
+            del kwargs["iam"]
+            return await asyncpg.create_pool(**kwargs, min_size=1, max_size=1)
+
+        return make
+
+    async def measure(pool: Any, _seconds: float) -> float:
+        return float(await pool.fetchval("SELECT 1"))
+
+    @contextlib.asynccontextmanager
+    async def setup() -> Any:
+        yield {name: factory(name) for name in ("a", "b", "c")}, measure
+
+    samples = await run_blocks(setup, 6, 2, 0.01)
+    assert made[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert Counter(zip(made, itertools.cycle(range(3)))) == {
+        (name, place): 2 for name in "abc" for place in range(3)
+    }
+    assert samples == {name: [1.0] * 12 for name in "abc"}
 
 
 def test_paired_ratio_interval_brackets_the_ratio_and_repeats() -> None:
