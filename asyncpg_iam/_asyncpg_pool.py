@@ -28,6 +28,8 @@ import asyncio
 import contextlib
 import operator
 import socket
+import struct
+import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -62,6 +64,7 @@ __all__ = [
     "parse_connect",
     "parse_connect_arguments",
     "put_back",
+    "received_within",
     "reconnect",
     "reserve_hooks",
     "reset_once",
@@ -618,6 +621,52 @@ def handed_out(holder: Any) -> bool:
     return holder._in_use is not None
 
 
+def _socket_of(transport: Any) -> tuple[Any, socket.socket | None]:
+    """Return a transport's socket, and the socket object borrowed for it (the caller detaches
+    it, never closes it: the file descriptor stays the transport's) or None."""
+    # Runs on every connect: one lookup through the (TLS) transport rather than two, and the
+    # socket inside asyncio's TransportSocket wrapper (whose methods only delegate to it).
+    sock = transport.get_extra_info("socket")
+    sock = getattr(sock, "_sock", sock)
+    if sock is None or isinstance(sock, socket.socket):
+        return sock, None
+    # uvloop's PseudoSocket makes a socket object for each call and detaches it: one object
+    # for the address and every option.
+    try:
+        borrowed = socket.socket(fileno=sock.fileno())
+    except (AttributeError, OSError, ValueError):  # closed already: the object's own calls
+        return sock, None
+    return borrowed, borrowed
+
+
+# Linux's TCP_INFO: milliseconds since the socket last received data (struct tcp_info's
+# tcpi_last_data_recv, a native u32 after 8 bytes of flags and 11 u32 fields).
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_LAST_DATA_RECV = struct.Struct("=I")
+_LAST_DATA_RECV_AT = 52
+
+
+def received_within(con: Any, seconds: float) -> bool:
+    """Tell whether a connection's socket received data within the last `seconds`, by the
+    kernel's count (Linux's ``TCP_INFO``); False where that cannot be told (another platform,
+    a closed or Unix socket)."""
+    transport = getattr(con, "_transport", None)
+    if _TCP_INFO is None or transport is None or transport.is_closing():
+        return False
+    sock, borrowed = _socket_of(transport)
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except (AttributeError, OSError):  # no socket, closed, or not TCP
+        return False
+    finally:
+        if borrowed is not None:
+            borrowed.detach()
+    if len(info) < _LAST_DATA_RECV_AT + _LAST_DATA_RECV.size:
+        return False
+    (idle_ms,) = _LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_AT)
+    return bool(idle_ms < seconds * 1000.0)
+
+
 def connection_endpoints(
     con: Any, options: tuple[tuple[int, int, int], ...] = ()
 ) -> tuple[tuple[str, int] | None, tuple[str, int] | None, bool]:
@@ -630,21 +679,7 @@ def connection_endpoints(
     dialled = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else None
     if transport is None:
         return dialled, None, False
-    # Runs on every connect: one lookup through the (TLS) transport rather than two, and the
-    # socket inside asyncio's TransportSocket wrapper (whose methods only delegate to it).
-    sock = transport.get_extra_info("socket")
-    sock = getattr(sock, "_sock", sock)
-    borrowed = None
-    if sock is not None and not isinstance(sock, socket.socket):
-        # uvloop's PseudoSocket makes a socket object for each call and detaches it: one
-        # object for the address and every option. It is detached below, never closed: the
-        # file descriptor stays the transport's.
-        try:
-            borrowed = socket.socket(fileno=sock.fileno())
-        except (AttributeError, OSError, ValueError):  # closed already: the object's own calls
-            borrowed = None
-        else:
-            sock = borrowed
+    sock, borrowed = _socket_of(transport)
     try:
         try:
             peer = sock.getpeername()

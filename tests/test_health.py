@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest_asyncio
 
 import asyncpg_iam
 from asyncpg_iam import ConfigurationError, HealthCheck
+from asyncpg_iam._asyncpg_pool import received_within
 from asyncpg_iam._health import (
     HealthMonitor,
     probe_host,
@@ -37,7 +39,7 @@ from asyncpg_iam.testing import (
     PostgresServer,
     find_postgres_bin,
 )
-from tests._support import direct_kwargs
+from tests._support import direct_kwargs, wait_for
 
 HOST = ("10.0.0.1", 5432)  # only a key here: nothing dials it
 # Generous bounds for real waits on a loaded machine; the benchmark measures the real figures.
@@ -75,7 +77,7 @@ def test_pool_refuses_a_health_check_that_is_not_one() -> None:
 def test_default_detection_time_is_within_the_target() -> None:
     """On defaults a silent host with connections in use is found within 5 s."""
     assert HealthCheck().detection_time <= 5.0
-    assert HealthCheck(interval=2, timeout=3, count=2).detection_time == 8.0
+    assert HealthCheck(interval=2, timeout=3, count=2).detection_time == 9.0
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket option")
@@ -158,7 +160,11 @@ class _Scripted:
 
 
 def _monitor(
-    clock: ManualClock, probe: _Scripted, in_use: set[tuple[str, int]], events: list[Any]
+    clock: ManualClock,
+    probe: _Scripted,
+    in_use: set[tuple[str, int]],
+    events: list[Any],
+    heard: set[tuple[str, int]] | None = None,
 ) -> HealthMonitor:
     return HealthMonitor(
         HealthCheck(interval=1.0, timeout=1.0, count=3),
@@ -167,6 +173,7 @@ def _monitor(
         on_answering=lambda host, label: events.append(("answering", host)),
         clock=clock,
         probe=probe,
+        heard_from=None if heard is None else (lambda host, seconds: host in heard),
     )
 
 
@@ -206,6 +213,31 @@ async def test_a_host_is_silent_after_count_unanswered_probes_in_a_row() -> None
         assert len(events) == 1
         assert monitor.silent_events == 1
         assert monitor.silent_hosts == ["db:5432"]
+    finally:
+        monitor.stop()
+
+
+async def test_a_host_heard_from_gets_no_probe_until_it_falls_quiet() -> None:
+    """While a connection on a host in use receives data, the host counts as answered and
+    gets no probe, whatever a probe would say; once nothing comes, probes resume and three
+    unanswered ones declare it silent."""
+    clock, probe = ManualClock(), _Scripted()
+    events: list[Any] = []
+    heard = {HOST}
+    monitor = _monitor(clock, probe, {HOST}, events, heard)
+    monitor._labels[HOST] = "db:5432"
+    monitor.start()
+    try:
+        probe.answer = "no TCP connection within 1 s"
+        await clock.advance(6.0, step=0.5)
+        assert probe.calls == []
+        assert monitor.probes == 0
+        assert monitor.probes_skipped >= 4
+        assert events == []
+        heard.clear()
+        await clock.advance(4.0, step=0.5)
+        assert len(probe.calls) >= 3
+        assert [e[0] for e in events] == ["silent"]
     finally:
         monitor.stop()
 
@@ -539,6 +571,55 @@ async def test_a_login_to_a_host_still_silent_fails_at_the_connect_timeout(
             assert caught.value.phase == "silent"  # held at the gate, never dialled
             endpoint.resume()
             assert await asyncio.wait_for(pool.fetchval("SELECT 1"), DETECTED_WITHIN) == 1
+
+
+# -- a host heard from on its connections gets no probe ------------------------------------------
+
+
+async def test_a_connection_tells_how_recently_it_received_data(
+    postgres_server: PostgresServer,
+) -> None:
+    """The kernel's count of a connection's last received data, on a real socket: just after
+    a query it is recent; after a pause longer than the window asked, it is not."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("TCP_INFO's last received data is Linux's")
+    async with asyncpg_iam.create_pool(**direct_kwargs(postgres_server, min_size=1)) as pool:
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+            assert received_within(con, 5.0)
+            await asyncio.sleep(0.3)
+            assert not received_within(con, 0.1)
+            await con.fetchval("SELECT 1")
+            assert received_within(con, 5.0)
+        assert not received_within(object(), 5.0)  # no transport: cannot tell
+
+
+async def test_a_busy_pool_sends_no_probe_and_an_idle_handout_does(
+    postgres_server: PostgresServer,
+) -> None:
+    """Connections in use that keep receiving data spare their host the probes (not one in
+    several intervals); a connection held in use with nothing on the wire gets them again."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("TCP_INFO's last received data is Linux's")
+    settings = HealthCheck(interval=0.2, timeout=1.0)
+    kwargs = direct_kwargs(postgres_server, min_size=2, max_size=2, health_check=settings)
+    async with asyncpg_iam.create_pool(**kwargs) as pool:
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + 8 * settings.interval
+
+        async def busy() -> None:
+            while loop.time() < stop:
+                async with pool.acquire() as con:
+                    await con.fetchval("SELECT 1")
+
+        await asyncio.gather(busy(), busy())
+        busy_stats = pool.stats()
+        assert busy_stats.health_probes == 0
+        assert pool._health is not None
+        assert pool._health.probes_skipped >= 3
+        async with pool.acquire():
+            await wait_for(lambda: pool.stats().health_probes >= 2, timeout=10)
+        assert pool.stats().silent_hosts == 0
 
 
 # -- a saturated server is not a silent one -----------------------------------------------------
