@@ -211,7 +211,10 @@ class Pool(AsyncpgPool):
             settings,
             hosts_in_use=functools.partial(_hosts_in_use, ref),
             on_silent=functools.partial(_on_silent_host, ref),
-            heard_from=functools.partial(_heard_from, ref),
+            # The kernel counts real time: on another clock every probe is sent.
+            heard_from=(
+                functools.partial(_heard_from, ref) if type(self._clock) is SystemClock else None
+            ),
             name=self._name,
             clock=self._clock,
         )

@@ -27,7 +27,7 @@ so the client's CPU bounds the throughput and what a pool adds per operation sho
 They run in blocks, each with a fresh set of pools: a pool's particular connections can make
 it a little faster or slower than another's for its whole life, and so can the order the pools
 were made in (the second of two ``asyncpg.Pool`` made one after the other ran 0.2 to 1.2 %
-faster in 10 of 12 runs). Each block makes its pools in an order turned by one from the last
+faster in 10 of 12 figures). Each block makes its pools in an order turned by one from the last
 block's, so each pool is made first, second and third equally often over the run's 9 blocks.
 
 A third measurement isolates the pools' own code: one connection, a no-op ``reset`` (so a

@@ -620,6 +620,10 @@ async def test_a_busy_pool_sends_no_probe_and_an_idle_handout_does(
         async with pool.acquire():
             await wait_for(lambda: pool.stats().health_probes >= 2, timeout=10)
         assert pool.stats().silent_hosts == 0
+    # On a clock of its own the pool's seconds are not the kernel's: every probe is sent.
+    async with asyncpg_iam.create_pool(**kwargs, clock=ManualClock()) as manual:
+        assert manual._health is not None
+        assert manual._health._heard_from is None
 
 
 # -- a saturated server is not a silent one -----------------------------------------------------
