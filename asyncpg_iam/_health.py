@@ -41,8 +41,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ._asyncpg_pool import connection_endpoints
-from ._clock import SYSTEM_CLOCK, Clock
+from ._asyncpg_pool import connection_endpoints, received_within
+from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._errors import ConfigurationError
 from ._options import count as check_count
 from ._options import positive_seconds
@@ -225,9 +225,11 @@ class HealthMonitor:
     `hosts_in_use()` returns the peer addresses of the connections in use now; `on_silent(
     host, label, cause)` is called once when a host is declared silent (the pool retires its
     connections); `on_answering(host, label)` when it answers again. `heard_from(host,
-    seconds)`, when given, tells whether a connection on `host` received data within the last
-    `seconds`: a host heard from within half an interval counts as answered without a probe,
-    so a busy host costs its server no connection a second. The monitor holds the pool only
+    seconds)` tells whether a connection on `host` received data within the last `seconds`: a
+    host heard from within half an interval counts as answered without a probe, so a busy
+    host costs its server no connection a second. By default it asks the kernel about the
+    tracked connections (`received_within`), on the system clock only: the kernel counts real
+    time, so on another clock every probe is sent. The monitor holds the pool only
     through those callables (the pool passes weak ones), runs on `clock`, and never on the
     acquire path. `probe` is `probe_host` unless a test passes its own.
     """
@@ -245,6 +247,8 @@ class HealthMonitor:
         heard_from: Callable[[Address, float], bool] | None = None,
     ) -> None:
         self.settings = settings
+        if heard_from is None and type(clock) is SystemClock:
+            heard_from = self._heard_lately
         self._heard_from = heard_from
         self._socket_options = socket_options(settings)
         self._hosts_in_use = hosts_in_use
@@ -305,6 +309,10 @@ class HealthMonitor:
             for con, peer in list(self._connections.items())
             if peer == host and not con.is_closed()
         ]
+
+    def _heard_lately(self, host: Address, seconds: float) -> bool:
+        """Whether a tracked connection on `host` received data within the last `seconds`."""
+        return any(received_within(con, seconds) for con in self.connections_on(host))
 
     def is_silent(self, host: Address) -> bool:
         """Tell whether `host` (a peer address) is silent now."""

@@ -211,10 +211,6 @@ class Pool(AsyncpgPool):
             settings,
             hosts_in_use=functools.partial(_hosts_in_use, ref),
             on_silent=functools.partial(_on_silent_host, ref),
-            # The kernel counts real time: on another clock every probe is sent.
-            heard_from=(
-                functools.partial(_heard_from, ref) if type(self._clock) is SystemClock else None
-            ),
             name=self._name,
             clock=self._clock,
         )
@@ -717,19 +713,6 @@ def _bound_retire(
         return _asyncpg_pool.retire_connections(pool, mark, where, idle_only=idle_only, limit=limit)
 
     return retire
-
-
-def _heard_from(pool_ref: weakref.ref[Pool], host: Address, seconds: float) -> bool:
-    """The health monitor's view of a pool: whether a connection on `host` received data
-    within the last `seconds`."""
-    pool = pool_ref()
-    if pool is None or pool._health is None:
-        return False
-    address_of = pool._health.address_of
-    return any(
-        address_of(con) == host and _asyncpg_pool.received_within(con, seconds)
-        for _, con, _idle in _asyncpg_pool.open_holders(pool)
-    )
 
 
 def _hosts_in_use(pool_ref: weakref.ref[Pool]) -> set[Address]:
