@@ -82,6 +82,40 @@ def test_pool_acquire_is_the_code_the_adapter_rewrites() -> None:
     assert [line for line in lines if line] == expected
 
 
+# asyncpg's Pool.release, docstring, comments and blank lines dropped: what AsyncpgPool.release
+# follows, with `_shielded` for asyncio.shield.
+_RELEASE_SOURCE = """
+async def release(self, connection, *, timeout=None):
+if (type(connection) is not PoolConnectionProxy or
+connection._holder._pool is not self):
+raise exceptions.InterfaceError(
+'Pool.release() received invalid connection: '
+'{connection!r} is not a member of this pool'.format(
+connection=connection))
+if connection._con is None:
+return
+self._check_init()
+connection._con._on_release()
+ch = connection._holder
+if timeout is None:
+timeout = ch._timeout
+return await asyncio.shield(ch.release(timeout))
+"""
+
+
+def test_pool_release_is_the_code_the_adapter_follows() -> None:
+    """asyncpg's Pool.release is, statement for statement, what AsyncpgPool.release follows."""
+    lines, in_docstring = [], False
+    for line in inspect.getsource(asyncpg.pool.Pool.release).splitlines():
+        statement = line.split("#", 1)[0].strip()
+        if statement.startswith('"""') or in_docstring:
+            in_docstring = not (statement.endswith('"""') and (in_docstring or len(statement) > 3))
+        elif statement:
+            lines.append(statement)
+    assert lines == _RELEASE_SOURCE.strip().splitlines()
+    assert asyncpg.pool.PoolConnectionProxy is _asyncpg_pool._PROXY
+
+
 def test_acquire_context_is_what_the_timed_context_follows() -> None:
     """asyncpg's acquire context has the four slots `TimedAcquireContext` sets itself, and
     enters, leaves and awaits the way it rewrites."""

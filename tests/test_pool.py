@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 import asyncpg_iam
-from asyncpg_iam import IAMAuth
+from asyncpg_iam import IAMAuth, _asyncpg_pool
 from asyncpg_iam.testing import (
     AccessKey,
     CredentialServer,
@@ -447,6 +447,126 @@ async def test_setup_init_reset_and_record_class_pass_through(
         assert isinstance(row, Row)
         assert row["app"] == "iam-test"
     assert calls == ["init", "setup", "reset"]
+
+
+async def test_a_cancelled_release_still_resets_and_returns_the_connection(
+    postgres_server: PostgresServer,
+) -> None:
+    """A caller cancelled while its release resets the connection leaves the reset running:
+    the same connection comes back to the pool, reset, and nothing is logged."""
+    resetting, finish = asyncio.Event(), asyncio.Event()
+    resets: list[int] = []
+
+    async def reset(con: asyncpg.Connection) -> None:
+        resetting.set()
+        await finish.wait()
+        await con.execute("RESET ALL")
+        resets.append(await con.fetchval("SELECT pg_backend_pid()"))
+
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    async with asyncpg_iam.create_pool(
+        **direct_kwargs(postgres_server), reset=reset, min_size=1, max_size=1
+    ) as pool:
+        finish.set()
+        pid = await pool.fetchval("SELECT pg_backend_pid()")
+        finish.clear()
+        resetting.clear()
+
+        async def use() -> None:
+            async with pool.acquire() as con:
+                await con.execute("SET application_name = 'dirty'")
+
+        caller = asyncio.create_task(use())
+        await resetting.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert pool.get_idle_size() == 0  # still resetting
+        finish.set()
+        await wait_for(lambda: pool.get_idle_size() == 1)
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT pg_backend_pid()") == pid
+            assert await con.fetchval("SHOW application_name") != "dirty"
+        assert resets == [pid, pid, pid]  # the first use's, the cancelled one's, this one's
+        assert pool.stats().connections_opened == 1
+        assert not _asyncpg_pool._RELEASING  # nothing kept once the releases ended
+    assert errors == []
+
+
+async def test_a_failed_reset_reaches_the_releaser_and_replaces_the_connection(
+    postgres_server: PostgresServer,
+) -> None:
+    """An error in the release's reset is raised to the caller, as asyncpg does, and the
+    connection is closed and replaced; once the caller is cancelled, it is dropped unlogged."""
+    failing = asyncio.Event()
+    resetting = asyncio.Event()
+
+    async def reset(con: asyncpg.Connection) -> None:
+        if failing.is_set():
+            resetting.set()
+            await asyncio.sleep(0.05)
+            raise RuntimeError("reset failed")
+
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    async with asyncpg_iam.create_pool(
+        **direct_kwargs(postgres_server), reset=reset, min_size=1, max_size=1
+    ) as pool:
+        first = await pool.fetchval("SELECT pg_backend_pid()")
+        failing.set()
+        con = await pool.acquire()
+        with pytest.raises(RuntimeError, match="reset failed"):
+            await pool.release(con)
+        resetting.clear()
+        caller = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await resetting.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        failing.clear()
+        await wait_for(lambda: pool.stats().connections_closed.get("other", 0) >= 2)
+        assert await pool.fetchval("SELECT pg_backend_pid()") != first
+        assert pool.stats().connections_opened == 3
+    assert errors == []
+
+
+async def test_release_checks_the_connection_as_asyncpg_does(
+    postgres_server: PostgresServer,
+) -> None:
+    """A release of another pool's connection is refused with asyncpg's message; releasing
+    one twice does nothing the second time."""
+    kwargs = direct_kwargs(postgres_server, min_size=1, max_size=1)
+    async with (
+        asyncpg_iam.create_pool(**kwargs) as pool,
+        asyncpg_iam.create_pool(**kwargs) as other,
+    ):
+        con = await other.acquire()
+        with pytest.raises(asyncpg.InterfaceError, match="is not a member of this pool"):
+            await pool.release(con)
+        await other.release(con)
+        await other.release(con)
+        assert other.get_idle_size() == 1
+        assert await other.fetchval("SELECT 1") == 1
+
+
+async def test_a_shielded_release_cancelled_itself_cancels_its_caller() -> None:
+    """When the release's own task is cancelled (as a loop's shutdown does), the caller's
+    await is cancelled too, as with asyncio.shield."""
+    started = asyncio.Event()
+
+    async def release() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    outcome = _asyncpg_pool._shielded(release())
+    await started.wait()
+    (task,) = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_settle"]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outcome
+    assert task.cancelled()
+    assert outcome not in _asyncpg_pool._RELEASING
 
 
 @pytest.mark.parametrize("max_lifetime", [None, 900])
