@@ -246,7 +246,7 @@ class AsyncpgPool(asyncpg.Pool):  # type: ignore[misc]
         holder = connection._holder
         if timeout is None:
             timeout = holder._timeout
-        await _shielded(holder.release(timeout))
+        await _shielded(holder.release, timeout)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -339,9 +339,11 @@ async def _through_gate(gate: Callable[[], Awaitable[None]], timeout: float | No
 _PROXY = asyncpg.pool.PoolConnectionProxy
 
 
-def _shielded(release: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
-    """Run `release` in a task of its own; return a future of its outcome that a cancelled
-    caller cancels without cancelling the task: ``asyncio.shield(release)``, cheaper.
+def _shielded(
+    release: Callable[[float | None], Coroutine[Any, Any, None]], timeout: float | None
+) -> asyncio.Future[None]:
+    """Run ``release(timeout)`` in a task of its own; return a future of its outcome that a
+    cancelled caller cancels without cancelling the task: ``asyncio.shield``, cheaper.
 
     ``asyncio.shield`` makes its task, then an outer future, and passes the task's outcome on
     through a done-callback, which the loop runs one iteration after the task ends, with
@@ -349,20 +351,22 @@ def _shielded(release: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     """
     loop = asyncio.get_running_loop()
     outcome = loop.create_future()
-    # Held until it ends: the loop holds tasks weakly, and a cancelled caller lets go.
-    _RELEASING[outcome] = loop.create_task(_settle(release, outcome))
+    # Not kept: what the release awaits holds the task, as with asyncio.shield's own task.
+    loop.create_task(_settle(release, timeout, outcome))  # noqa: RUF006
     return outcome
 
 
-#: The tasks of `_shielded` still running, by their outcome future.
-_RELEASING: dict[asyncio.Future[None], asyncio.Task[None]] = {}
-
-
-async def _settle(release: Coroutine[Any, Any, None], outcome: asyncio.Future[None]) -> None:
+async def _settle(
+    release: Callable[[float | None], Coroutine[Any, Any, None]],
+    timeout: float | None,
+    outcome: asyncio.Future[None],
+) -> None:
     # The task of `_shielded`. Once the caller has gone (`outcome` cancelled) the result, or
-    # error, is dropped, as asyncio.shield drops it; a cancelled task cancels `outcome`.
+    # error, is dropped, as asyncio.shield drops it; a cancelled task cancels `outcome`. The
+    # release's coroutine is made here: a task cancelled before it starts (a loop's shutdown)
+    # leaves none unawaited.
     try:
-        await release
+        await release(timeout)
     except asyncio.CancelledError:
         outcome.cancel()
         raise
@@ -372,8 +376,6 @@ async def _settle(release: Coroutine[Any, Any, None], outcome: asyncio.Future[No
     else:
         if not outcome.done():
             outcome.set_result(None)
-    finally:
-        del _RELEASING[outcome]
 
 
 #: asyncpg's connect arguments for one address, parsed (`parse_connect`): (addr, params, config).

@@ -490,7 +490,6 @@ async def test_a_cancelled_release_still_resets_and_returns_the_connection(
             assert await con.fetchval("SHOW application_name") != "dirty"
         assert resets == [pid, pid, pid]  # the first use's, the cancelled one's, this one's
         assert pool.stats().connections_opened == 1
-        assert not _asyncpg_pool._RELEASING  # nothing kept once the releases ended
     assert errors == []
 
 
@@ -552,21 +551,34 @@ async def test_release_checks_the_connection_as_asyncpg_does(
 
 async def test_a_shielded_release_cancelled_itself_cancels_its_caller() -> None:
     """When the release's own task is cancelled (as a loop's shutdown does), the caller's
-    await is cancelled too, as with asyncio.shield."""
+    await is cancelled too, as with asyncio.shield; cancelled before it starts, it calls
+    nothing."""
     started = asyncio.Event()
+    calls: list[float | None] = []
 
-    async def release() -> None:
+    async def release(timeout: float | None) -> None:
+        calls.append(timeout)
         started.set()
         await asyncio.Event().wait()
 
-    outcome = _asyncpg_pool._shielded(release())
+    def settle_tasks() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_settle"]
+
+    outcome = _asyncpg_pool._shielded(release, 5.0)
     await started.wait()
-    (task,) = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "_settle"]
+    (task,) = settle_tasks()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await outcome
     assert task.cancelled()
-    assert outcome not in _asyncpg_pool._RELEASING
+    assert calls == [5.0]
+
+    _asyncpg_pool._shielded(release, None)
+    (unstarted,) = settle_tasks()
+    unstarted.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unstarted
+    assert calls == [5.0]  # never called, so no coroutine left unawaited
 
 
 @pytest.mark.parametrize("max_lifetime", [None, 900])
